@@ -1,0 +1,11 @@
+//! The pure core of KeenVPN Edge.
+//!
+//! Nothing in here touches `worker::`, a clock, a random source or the network:
+//! time and random bytes come in as arguments and decisions come out as values.
+//! That keeps every rule unit-testable with plain `cargo test` on the host, and
+//! lets the same logic run unchanged inside workerd.
+
+pub mod catalogue;
+pub mod problem;
+pub mod readiness;
+pub mod request_id;

@@ -1,0 +1,69 @@
+//! Request ids: every response carries one so a client report can be matched
+//! to our logs.
+//!
+//! At the edge Cloudflare already names each request with its `cf-ray` header;
+//! we reuse it when it is well formed so our id and Cloudflare's agree. Locally
+//! (no `cf-ray`) the shell passes 16 random bytes and we hex-encode them.
+
+/// The longest incoming id we accept verbatim; anything longer is replaced.
+pub const MAX_LEN: usize = 64;
+
+/// Chooses the request id: a well-formed `cf-ray` if there is one, else the
+/// hex encoding of `random`.
+pub fn choose(cf_ray: Option<&str>, random: [u8; 16]) -> String {
+    match cf_ray {
+        Some(ray) if is_well_formed(ray) => ray.to_owned(),
+        _ => hex(&random),
+    }
+}
+
+fn is_well_formed(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0x0f) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_well_formed_cf_ray_is_reused() {
+        assert_eq!(
+            choose(Some("8a1b2c3d4e5f6789-FRA"), [0; 16]),
+            "8a1b2c3d4e5f6789-FRA"
+        );
+    }
+
+    #[test]
+    fn without_cf_ray_the_random_bytes_are_hex_encoded() {
+        let mut random = [0u8; 16];
+        random[0] = 0xab;
+        random[15] = 0x01;
+        assert_eq!(choose(None, random), "ab000000000000000000000000000001");
+    }
+
+    #[test]
+    fn a_malformed_or_oversized_cf_ray_is_replaced() {
+        let random = [0x11; 16];
+        let fresh = "11".repeat(16);
+        assert_eq!(choose(Some(""), random), fresh);
+        assert_eq!(choose(Some("abc\r\nx-evil: 1"), random), fresh);
+        assert_eq!(choose(Some("a b"), random), fresh);
+        assert_eq!(choose(Some(&"a".repeat(MAX_LEN + 1)), random), fresh);
+        assert_eq!(
+            choose(Some(&"a".repeat(MAX_LEN)), random),
+            "a".repeat(MAX_LEN)
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! The HTTP layer: routing, responses and errors, independent of the runtime.
+//!
+//! The Worker shell (`edge`) turns a `worker::Request` into a method and a path,
+//! asks [`route`] what to do, runs the handler, and turns the [`Reply`] it gets
+//! back into a `worker::Response`. Keeping this layer free of `worker::` types
+//! means routing and the problem+json format are tested natively.
+
+mod error;
+mod reply;
+mod routes;
+
+pub use error::ApiError;
+pub use reply::{Reply, finish};
+pub use routes::{Route, Routed, route};

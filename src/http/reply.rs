@@ -1,0 +1,132 @@
+//! `Reply`: a response as plain data, converted to a `worker::Response` by the
+//! shell. [`finish`] adds what every response carries.
+
+use super::ApiError;
+use serde::Serialize;
+
+pub const JSON: &str = "application/json";
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// A response before it meets the runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A JSON body with the given status.
+    pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
+        match serde_json::to_vec(value) {
+            Ok(body) => Reply {
+                status,
+                headers: vec![("content-type", JSON.into())],
+                body,
+            },
+            // Our own types always serialise; if one ever does not, say so plainly.
+            Err(_) => Reply::problem(&ApiError::internal(), ""),
+        }
+    }
+
+    /// A problem+json body for `err`, with its `Retry-After` and `Allow` headers.
+    pub fn problem(err: &ApiError, request_id: &str) -> Reply {
+        let body = serde_json::to_vec(&err.to_body(request_id)).unwrap_or_default();
+        let mut headers = vec![("content-type", PROBLEM_JSON.to_owned())];
+        if let Some(secs) = err.retry_after {
+            headers.push(("retry-after", secs.to_string()));
+        }
+        if let Some(allow) = err.allow {
+            headers.push(("allow", allow.to_owned()));
+        }
+        Reply {
+            status: err.code.status(),
+            headers,
+            body,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Adds the headers every response carries: the request id, and defaults that
+/// keep API responses out of shared caches and browsers' content sniffing.
+pub fn finish(mut reply: Reply, request_id: &str) -> Reply {
+    reply.headers.push(("x-request-id", request_id.to_owned()));
+    if reply.header("cache-control").is_none() {
+        reply.headers.push(("cache-control", "no-store".into()));
+    }
+    reply
+        .headers
+        .push(("x-content-type-options", "nosniff".into()));
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::problem::ProblemCode;
+    use serde_json::Value;
+
+    fn body(reply: &Reply) -> Value {
+        serde_json::from_slice(&reply.body).unwrap()
+    }
+
+    #[test]
+    fn a_problem_has_the_rfc_9457_members_and_our_code() {
+        let r = Reply::problem(&ApiError::not_found(), "req-1");
+        assert_eq!(r.status, 404);
+        assert_eq!(r.header("content-type"), Some(PROBLEM_JSON));
+        let b = body(&r);
+        assert_eq!(b["type"], "urn:keenvpn:problem:not_found");
+        assert_eq!(b["title"], "Not found");
+        assert_eq!(b["status"], 404);
+        assert_eq!(b["code"], "not_found");
+        assert_eq!(b["request_id"], "req-1");
+        assert!(b["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+
+    #[test]
+    fn a_503_carries_retry_after_and_a_405_carries_allow() {
+        let r = Reply::problem(&ApiError::new(ProblemCode::NotReady, "x"), "r");
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("retry-after"), Some("5"));
+        let r = Reply::problem(&ApiError::method_not_allowed("GET"), "r");
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), Some("GET"));
+        assert_eq!(r.header("retry-after"), None);
+    }
+
+    #[test]
+    fn extensions_are_added_but_never_override_standard_members() {
+        let e = ApiError::not_found()
+            .with("status", Value::from(200))
+            .with("components", serde_json::json!([1]));
+        let b = body(&Reply::problem(&e, "r"));
+        assert_eq!(b["status"], 404);
+        assert_eq!(b["components"], serde_json::json!([1]));
+    }
+
+    #[test]
+    fn every_finished_reply_has_a_request_id_and_no_store() {
+        let r = finish(Reply::json(200, &serde_json::json!({"ok": true})), "abc");
+        assert_eq!(r.header("x-request-id"), Some("abc"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(r.header("content-type"), Some(JSON));
+    }
+
+    #[test]
+    fn finish_keeps_a_handler_chosen_cache_control() {
+        let mut r = Reply::json(200, &1);
+        r.headers
+            .push(("cache-control", "public, max-age=30".into()));
+        let r = finish(r, "abc");
+        assert_eq!(r.header("cache-control"), Some("public, max-age=30"));
+    }
+}
