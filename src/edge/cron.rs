@@ -1,0 +1,69 @@
+//! The cron trigger: republishes the region catalogue snapshot to KV.
+//!
+//! Reads go through the cached Hyperdrive binding (the catalogue tolerates a
+//! minute of staleness; changes made through the admin API republish at once).
+//! The KV write is skipped when the content hash is unchanged, which keeps
+//! within KV's one-write-per-second-per-key limit and costs nothing.
+
+use super::{bindings, pg};
+use crate::domain::catalogue::{self, Region, Snapshot};
+use worker::{Env, ScheduleContext, ScheduledEvent, event};
+
+/// One query builds the whole document as JSON inside PostgreSQL.
+const CATALOGUE_SQL: &str = "\
+SELECT coalesce(json_agg(json_build_object(
+    'id', r.id, 'name', r.name, 'country', r.country,
+    'latitude', r.latitude, 'longitude', r.longitude,
+    'tier', r.tier, 'health', r.health, 'admission_rate', r.admission_rate,
+    'servers', coalesce((
+        SELECT json_agg(json_build_object(
+            'id', s.id, 'hostname', s.hostname, 'port', s.port,
+            'public_key', s.public_key, 'capacity', s.capacity, 'load', s.load) ORDER BY s.id)
+        FROM servers s WHERE s.region_id = r.id AND s.enabled), '[]'::json)
+) ORDER BY r.id), '[]'::json)::text FROM regions r";
+
+#[event(scheduled)]
+async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
+    match publish(&env, bindings::DB_CACHED).await {
+        Ok((etag, written)) => worker::console_log!(
+            "{}",
+            serde_json::json!({"level": "info", "msg": "catalogue published", "etag": etag, "written": written})
+        ),
+        Err(e) => worker::console_error!(
+            "{}",
+            serde_json::json!({"level": "error", "msg": "catalogue publish failed", "error": e})
+        ),
+    }
+}
+
+/// Reads the catalogue through `binding` and stores it in KV when it changed.
+/// Returns the snapshot's etag and whether KV was written.
+pub async fn publish(env: &Env, binding: &str) -> Result<(String, bool), String> {
+    let client = pg::connect(env, binding).await?;
+    let rows = client
+        .simple_query(CATALOGUE_SQL)
+        .await
+        .map_err(|e| format!("query: {e}"))?;
+    let json = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or("catalogue query returned no row")?;
+    let regions: Vec<Region> =
+        serde_json::from_str(&json).map_err(|e| format!("catalogue rows: {e}"))?;
+    let snapshot = Snapshot::new(regions);
+
+    let kv = env.kv(bindings::KV).map_err(|e| e.to_string())?;
+    let current: Option<Snapshot> = kv.get(catalogue::KV_KEY).json().await.ok().flatten();
+    if current.is_some_and(|c| c.etag == snapshot.etag) {
+        return Ok((snapshot.etag, false));
+    }
+    kv.put(catalogue::KV_KEY, &snapshot)
+        .map_err(|e| e.to_string())?
+        .execute()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((snapshot.etag, true))
+}

@@ -1,0 +1,158 @@
+//! `GET /readyz`: proves, from inside the worker, every real component it needs.
+//!
+//! The three probes run concurrently, each bounded by [`PROBE_TIMEOUT_MS`], so a
+//! hung dependency costs at most that long. Failures are reported as stable
+//! codes; the underlying error is logged with the request id.
+
+use super::{bindings, log, pg, time};
+use crate::domain::problem::ProblemCode;
+use crate::domain::readiness::{Component, Failure, Probe, Report};
+use crate::http::{ApiError, Reply};
+use worker::{Env, Headers, Method, Request, RequestInit};
+
+/// Time budget of each probe.
+pub const PROBE_TIMEOUT_MS: u64 = 2_000;
+/// The Durable Object name used only by readiness probes.
+const PROBE_OBJECT: &str = "__readyz";
+/// KV's minimum TTL; probe keys expire by themselves.
+const KV_PROBE_TTL_SECS: u64 = 60;
+
+pub async fn handle(env: &Env, request_id: &str) -> Reply {
+    let (kv, durable, db) = futures::join!(
+        probe(Component::Kv, request_id, kv_probe(env, request_id)),
+        probe(
+            Component::DurableObject,
+            request_id,
+            durable_probe(env, request_id)
+        ),
+        probe(Component::Database, request_id, db_probe(env)),
+    );
+    let report = Report::new(vec![kv, durable, db]);
+    if report.is_ready() {
+        return Reply::json(
+            200,
+            &serde_json::json!({"status": "ready", "components": report.components}),
+        );
+    }
+    let down: Vec<&str> = report.down().map(Component::as_str).collect();
+    let err = ApiError::new(
+        ProblemCode::NotReady,
+        format!("Unavailable: {}.", down.join(", ")),
+    )
+    .with(
+        "components",
+        serde_json::to_value(&report.components).unwrap_or_default(),
+    );
+    Reply::problem(&err, request_id)
+}
+
+/// Times one probe and maps its outcome, logging the cause of a failure.
+async fn probe(
+    component: Component,
+    request_id: &str,
+    fut: impl std::future::Future<Output = Result<(), (Failure, String)>>,
+) -> Probe {
+    let started = time::now_ms();
+    let outcome = time::timeout(PROBE_TIMEOUT_MS, fut).await;
+    let latency = time::now_ms().saturating_sub(started);
+    match outcome {
+        Some(Ok(())) => Probe::up(component, latency),
+        Some(Err((failure, cause))) => {
+            log::error(
+                request_id,
+                &format!("readyz: {} down", component.as_str()),
+                &cause,
+            );
+            Probe::down(component, latency, failure)
+        }
+        None => {
+            log::error(
+                request_id,
+                &format!("readyz: {} timed out", component.as_str()),
+                &PROBE_TIMEOUT_MS,
+            );
+            Probe::down(component, latency, Failure::Timeout)
+        }
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> (Failure, String) {
+    (Failure::Error, e.to_string())
+}
+
+/// Writes a key unique to this request and reads it back.
+async fn kv_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> {
+    let kv = env.kv(bindings::KV).map_err(err)?;
+    let key = format!("readyz/{request_id}");
+    kv.put(&key, request_id)
+        .map_err(err)?
+        .expiration_ttl(KV_PROBE_TTL_SECS)
+        .execute()
+        .await
+        .map_err(err)?;
+    match kv.get(&key).text().await.map_err(err)? {
+        Some(v) if v == request_id => Ok(()),
+        other => Err((Failure::WrongAnswer, format!("read back {other:?}"))),
+    }
+}
+
+/// Calls a probe object of each Durable Object class; each writes and reads back its storage.
+async fn durable_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> {
+    let (a, b) = futures::join!(
+        ping_object(env, bindings::USER_SESSIONS, request_id),
+        ping_object(env, bindings::REGION_GATES, request_id)
+    );
+    a.and(b)
+}
+
+async fn ping_object(
+    env: &Env,
+    namespace: &str,
+    request_id: &str,
+) -> Result<(), (Failure, String)> {
+    let stub = env
+        .durable_object(namespace)
+        .and_then(|ns| ns.get_by_name(PROBE_OBJECT))
+        .map_err(err)?;
+    let headers = Headers::new();
+    headers.set("x-ping-nonce", request_id).map_err(err)?;
+    let req = Request::new_with_init(
+        "https://durable-object/ping",
+        RequestInit::new()
+            .with_method(Method::Get)
+            .with_headers(headers),
+    )
+    .map_err(err)?;
+    let mut resp = stub.fetch_with_request(req).await.map_err(err)?;
+    if resp.status_code() != 200 {
+        return Err((
+            Failure::WrongAnswer,
+            format!("status {}", resp.status_code()),
+        ));
+    }
+    let body: serde_json::Value = resp.json().await.map_err(err)?;
+    if body["nonce"] == request_id {
+        Ok(())
+    } else {
+        Err((
+            Failure::WrongAnswer,
+            format!("{namespace}: nonce {}", body["nonce"]),
+        ))
+    }
+}
+
+/// `SELECT 1` through the uncached Hyperdrive binding.
+async fn db_probe(env: &Env) -> Result<(), (Failure, String)> {
+    let client = pg::connect(env, bindings::DB)
+        .await
+        .map_err(|e| (Failure::Error, e))?;
+    let rows = client.simple_query("SELECT 1").await.map_err(err)?;
+    let one = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    });
+    match one.as_deref() {
+        Some("1") => Ok(()),
+        other => Err((Failure::WrongAnswer, format!("SELECT 1 returned {other:?}"))),
+    }
+}

@@ -1,0 +1,23 @@
+//! Time in the shell. `std::time::Instant` panics on wasm32; workerd's `Date.now()`
+//! is the clock. It does not advance during pure computation (a Spectre
+//! mitigation) but does across I/O, which is what probe latencies measure.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::{Either, select};
+use worker::Delay;
+
+pub fn now_ms() -> u64 {
+    worker::Date::now().as_millis()
+}
+
+/// Runs `fut` for at most `ms` milliseconds; `None` on timeout.
+pub async fn timeout<T>(ms: u64, fut: impl Future<Output = T>) -> Option<T> {
+    let fut = Box::pin(fut);
+    let delay = Box::pin(Delay::from(Duration::from_millis(ms)));
+    match select(fut, delay).await {
+        Either::Left((value, _)) => Some(value),
+        Either::Right(_) => None,
+    }
+}
