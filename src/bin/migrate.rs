@@ -1,0 +1,63 @@
+//! `migrate`: applies the PostgreSQL migrations (and, for development, the demo
+//! seed) to the database named by `--database-url` or `DATABASE_URL`.
+//!
+//! ```text
+//! cargo run --bin migrate -- --database-url postgres://user:pass@host:5432/db [--seed]
+//! ```
+
+#[cfg(not(target_arch = "wasm32"))]
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
+
+    let mut url = std::env::var("DATABASE_URL").ok();
+    let mut seed = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--database-url" => url = args.next(),
+            "--seed" => seed = true,
+            "-h" | "--help" => {
+                println!(
+                    "usage: migrate [--database-url URL] [--seed]\n\nApplies migrations/ (and with --seed, seeds/dev.sql).\nThe URL defaults to $DATABASE_URL."
+                );
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("migrate: unknown argument {other:?} (try --help)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(url) = url else {
+        eprintln!("migrate: no database: pass --database-url or set DATABASE_URL");
+        return ExitCode::from(2);
+    };
+
+    let mut client = match keenvpn_edge::db::connect(&url).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("migrate: cannot connect to the database: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match keenvpn_edge::db::migrate(&mut client).await {
+        Ok(applied) if applied.is_empty() => println!("migrate: schema up to date"),
+        Ok(applied) => println!("migrate: applied versions {applied:?}"),
+        Err(e) => {
+            eprintln!("migrate: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if seed {
+        if let Err(e) = keenvpn_edge::db::seed_dev(&mut client).await {
+            eprintln!("migrate: seeding failed: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("migrate: dev seed applied");
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(target_arch = "wasm32")]
+fn main() {}
