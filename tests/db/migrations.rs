@@ -1,0 +1,149 @@
+//! Migrations and the dev seed against a real PostgreSQL: each test gets a fresh database.
+
+use crate::support::Postgres;
+use futures::future::BoxFuture;
+use keenvpn_edge::db;
+use libtest_mimic::Failed;
+
+type Test = fn(&Postgres) -> BoxFuture<'_, Result<(), Failed>>;
+
+pub const TESTS: &[(&str, Test)] = &[
+    ("migrations::apply_cleanly_to_an_empty_database", |pg| {
+        Box::pin(apply_cleanly(pg))
+    }),
+    ("migrations::applying_twice_is_a_no_op", |pg| {
+        Box::pin(applying_twice_is_a_no_op(pg))
+    }),
+    (
+        "migrations::the_dev_seed_is_idempotent_and_complete",
+        |pg| Box::pin(dev_seed(pg)),
+    ),
+    ("migrations::constraints_reject_malformed_rows", |pg| {
+        Box::pin(constraints(pg))
+    }),
+];
+
+async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
+    let name = pg.create_database("mig");
+    Ok(db::connect(&pg.url(&name)).await?)
+}
+
+async fn apply_cleanly(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    let applied = db::migrate(&mut client).await?;
+    assert_eq!(applied.len(), db::migration_count());
+    assert!(db::migration_count() >= 2);
+    let tables: Vec<String> = client
+        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for t in [
+        "devices",
+        "plans",
+        "regions",
+        "servers",
+        "subscriptions",
+        "users",
+    ] {
+        assert!(
+            tables.iter().any(|x| x == t),
+            "table {t} missing from {tables:?}"
+        );
+    }
+    let plans: Vec<(String, i32)> = client
+        .query(
+            "SELECT id, max_devices FROM plans ORDER BY max_devices",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        plans,
+        [
+            ("free".into(), 1),
+            ("plus".into(), 5),
+            ("family".into(), 10)
+        ]
+    );
+    Ok(())
+}
+
+async fn applying_twice_is_a_no_op(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    let again = db::migrate(&mut client).await?;
+    assert!(again.is_empty(), "second run applied {again:?}");
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM plans", &[])
+        .await?
+        .get(0);
+    assert_eq!(n, 3, "reference data not duplicated");
+    Ok(())
+}
+
+async fn dev_seed(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    db::seed_dev(&mut client).await?;
+    db::seed_dev(&mut client).await?;
+    let regions: i64 = client
+        .query_one("SELECT count(*) FROM regions", &[])
+        .await?
+        .get(0);
+    assert!(regions >= 6, "{regions} regions");
+    // Several continents: the seed spans both hemispheres and both sides of Greenwich.
+    let spread = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE latitude < 0), count(*) FILTER (WHERE longitude < -30),
+                    count(*) FILTER (WHERE longitude > 60), count(DISTINCT country) FROM regions",
+            &[],
+        )
+        .await?;
+    let (south, americas, asia, countries): (i64, i64, i64, i64) =
+        (spread.get(0), spread.get(1), spread.get(2), spread.get(3));
+    assert!(
+        south >= 1 && americas >= 1 && asia >= 1 && countries >= 6,
+        "{south} {americas} {asia} {countries}"
+    );
+    let thin: i64 = client
+        .query_one(
+            "SELECT count(*) FROM regions r WHERE (SELECT count(*) FROM servers s WHERE s.region_id = r.id) < 2",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(thin, 0, "every region has at least two servers");
+    let keys: i64 = client
+        .query_one(
+            "SELECT count(*) FROM servers WHERE length(decode(public_key, 'base64')) <> 32",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(keys, 0, "every server key is 32 bytes");
+    Ok(())
+}
+
+async fn constraints(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    db::seed_dev(&mut client)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let bad = [
+        "INSERT INTO users (email, password_hash) VALUES ('Mixed@Example.com', '$argon2id$x')",
+        "INSERT INTO users (email, password_hash) VALUES ('a@example.com', 'plaintext')",
+        "INSERT INTO regions (id, name, country, latitude, longitude, tier) VALUES ('xx-1', 'X', 'XX', 91, 0, 'free')",
+        "INSERT INTO regions (id, name, country, latitude, longitude, tier, health) VALUES ('xx-2', 'X', 'XX', 0, 0, 'free', 'sideways')",
+        "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-x', 'eu-central', 'h', 70000, 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', 1)",
+        "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-y', 'eu-central', 'h', 51820, 'not-a-key', 1)",
+    ];
+    for sql in bad {
+        assert!(client.batch_execute(sql).await.is_err(), "accepted: {sql}");
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! `/healthz`, `/readyz`, routing errors and the headers every response carries.
+
+use crate::harness::{Ctx, Test};
+use crate::support::{Stack, eventually};
+use libtest_mimic::Failed;
+use serde_json::Value;
+use std::time::Duration;
+
+pub const TESTS: &[(&str, Test)] = &[
+    (
+        "health::healthz_answers_200_without_io",
+        healthz_answers_200_without_io,
+    ),
+    (
+        "health::readyz_is_200_with_every_component_up",
+        readyz_is_200_with_every_component_up,
+    ),
+    (
+        "health::unknown_paths_are_problem_json_404_with_a_request_id",
+        unknown_paths_are_404,
+    ),
+    (
+        "health::a_wrong_method_is_405_with_allow",
+        a_wrong_method_is_405_with_allow,
+    ),
+    (
+        "health::cf_ray_becomes_the_request_id",
+        cf_ray_becomes_the_request_id,
+    ),
+    (
+        "health::readyz_names_the_database_when_postgres_stops_and_recovers",
+        readyz_names_the_database_when_postgres_stops_and_recovers,
+    ),
+];
+
+fn healthz_answers_200_without_io(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let resp = ctx.http.get(ctx.url("/healthz")).send().await?;
+        assert_eq!(resp.status(), 200);
+        let id = resp
+            .headers()
+            .get("x-request-id")
+            .expect("request id")
+            .to_str()?
+            .to_owned();
+        assert_eq!(id.len(), 32, "a fresh id is 16 random bytes in hex: {id}");
+        assert_eq!(resp.headers()["cache-control"], "no-store");
+        let body: Value = resp.json().await?;
+        assert_eq!(body, serde_json::json!({"status": "ok"}));
+        Ok(())
+    })
+}
+
+fn readyz_is_200_with_every_component_up(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let resp = ctx.http.get(ctx.url("/readyz")).send().await?;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body: Value = resp.json().await?;
+        assert_eq!(body["status"], "ready");
+        let components = body["components"].as_array().expect("components array");
+        let names: Vec<&str> = components
+            .iter()
+            .map(|c| c["component"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["kv", "durable_object", "database"]);
+        for c in components {
+            assert_eq!(c["status"], "up", "{c}");
+            assert!(c["latency_ms"].is_u64(), "{c}");
+            assert!(c.get("failure").is_none(), "{c}");
+        }
+        Ok(())
+    })
+}
+
+fn unknown_paths_are_404(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        for path in ["/", "/nope", "/healthz/", "/v1/does-not-exist"] {
+            let resp = ctx.http.get(ctx.url(path)).send().await?;
+            assert_eq!(resp.status(), 404, "{path}");
+            assert_eq!(resp.headers()["content-type"], "application/problem+json");
+            let id = resp.headers()["x-request-id"].to_str()?.to_owned();
+            let body: Value = resp.json().await?;
+            assert_eq!(body["code"], "not_found");
+            assert_eq!(body["status"], 404);
+            assert_eq!(body["type"], "urn:keenvpn:problem:not_found");
+            assert_eq!(body["request_id"], id.as_str());
+        }
+        Ok(())
+    })
+}
+
+fn a_wrong_method_is_405_with_allow(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let resp = ctx.http.post(ctx.url("/readyz")).body("{}").send().await?;
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers()["allow"], "GET");
+        let body: Value = resp.json().await?;
+        assert_eq!(body["code"], "method_not_allowed");
+        Ok(())
+    })
+}
+
+fn cf_ray_becomes_the_request_id(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let resp = ctx
+            .http
+            .get(ctx.url("/healthz"))
+            .header("cf-ray", "8f00aa11bb22cc33-AMS")
+            .send()
+            .await?;
+        assert_eq!(resp.headers()["x-request-id"], "8f00aa11bb22cc33-AMS");
+        // A header that could smuggle characters into logs is not reused.
+        let resp = ctx
+            .http
+            .get(ctx.url("/healthz"))
+            .header("cf-ray", "x y")
+            .send()
+            .await?;
+        assert_ne!(resp.headers()["x-request-id"], "x y");
+        Ok(())
+    })
+}
+
+/// Its own stack: stopping PostgreSQL must not disturb the other tests.
+fn readyz_names_the_database_when_postgres_stops_and_recovers(ctx: &Ctx) -> Result<(), Failed> {
+    let mut stack = Stack::start();
+    let readyz = stack.url("/readyz");
+    ctx.rt.block_on(async {
+        let resp = ctx.http.get(&readyz).send().await?;
+        assert_eq!(resp.status(), 200, "ready before the fault");
+        Ok::<_, Failed>(())
+    })?;
+
+    stack.pg.stop_server();
+    let started = std::time::Instant::now();
+    let body: Value = ctx.rt.block_on(eventually(
+        Duration::from_secs(30),
+        "readyz 503",
+        || async {
+            let resp = ctx.http.get(&readyz).send().await.ok()?;
+            (resp.status() == 503).then_some(())?;
+            assert!(
+                resp.headers().contains_key("retry-after"),
+                "a 503 carries Retry-After"
+            );
+            resp.json::<Value>().await.ok()
+        },
+    ));
+    // Each probe is bounded, so a down database never hangs the check.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(body["code"], "not_ready");
+    assert!(
+        body["detail"].as_str().unwrap().contains("database"),
+        "{body}"
+    );
+    let db = body["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["component"] == "database")
+        .unwrap();
+    assert_eq!(db["status"], "down");
+    for c in body["components"].as_array().unwrap() {
+        if c["component"] != "database" {
+            assert_eq!(c["status"], "up", "only the database is down: {c}");
+        }
+    }
+
+    stack.pg.start_server();
+    ctx.rt.block_on(eventually(
+        Duration::from_secs(30),
+        "readyz 200 after restart",
+        || async {
+            let resp = ctx.http.get(&readyz).send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        },
+    ));
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! End-to-end tests: the real worker under `wrangler dev` (workerd, local KV and
+//! Durable Objects), real PostgreSQL behind the Hyperdrive bindings, driven over HTTP.
+//!
+//! A custom harness (libtest-mimic) so that one stack is started lazily for all
+//! tests that share it and is stopped when they finish, pass or fail. Tests that
+//! break a component start a stack of their own.
+
+#[cfg(not(target_arch = "wasm32"))]
+#[path = "../support/mod.rs"]
+mod support;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod cron;
+#[cfg(not(target_arch = "wasm32"))]
+mod health;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod harness {
+    use crate::support::{self, Prerequisite, Stack};
+    use std::sync::{Arc, OnceLock};
+
+    /// What every test gets: a runtime, an HTTP client and the shared stack.
+    pub struct Ctx {
+        pub rt: tokio::runtime::Runtime,
+        pub http: reqwest::Client,
+        shared: OnceLock<Stack>,
+    }
+
+    impl Ctx {
+        /// The stack shared by non-destructive tests, started on first use.
+        pub fn stack(&self) -> &Stack {
+            self.shared.get_or_init(Stack::start)
+        }
+
+        pub fn url(&self, path: &str) -> String {
+            self.stack().url(path)
+        }
+    }
+
+    pub type Test = fn(&Ctx) -> Result<(), libtest_mimic::Failed>;
+
+    pub fn main() -> std::process::ExitCode {
+        let args = libtest_mimic::Arguments::from_args();
+        support::require(&[
+            Prerequisite::PostgresBinaries,
+            Prerequisite::Wrangler,
+            Prerequisite::WorkerBuild,
+        ]);
+        let ctx = Arc::new(Ctx {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime"),
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            shared: OnceLock::new(),
+        });
+        let trials = [crate::health::TESTS, crate::cron::TESTS]
+            .concat()
+            .into_iter()
+            .map(|(name, test)| {
+                let ctx = Arc::clone(&ctx);
+                libtest_mimic::Trial::test(name, move || test(&ctx))
+            })
+            .collect();
+        let conclusion = libtest_mimic::run(&args, trials);
+        // Stops the shared stack (if one was started) before reporting.
+        drop(ctx);
+        conclusion.exit_code()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() -> std::process::ExitCode {
+    harness::main()
+}
+
+#[cfg(target_arch = "wasm32")]
+fn main() {}

@@ -1,0 +1,645 @@
+//! Test harness shared by the `db` and `e2e` test binaries.
+//!
+//! It owns the real components a test needs and stops them when dropped:
+//! - [`Postgres`]: a throwaway PostgreSQL cluster (initdb + postgres) in a
+//!   directory of its own under `target/test-stacks/`, on a free port, with
+//!   password (SCRAM) authentication like a real deployment.
+//! - [`Wrangler`]: `wrangler dev` (workerd, with local KV and Durable Objects) on
+//!   a free port, its Hyperdrive bindings pointed at that cluster.
+//!
+//! Children are started with a parent-death signal, so even a harness killed
+//! outright does not leave them behind; on a normal exit or a failed test they
+//! are stopped by `Drop`.
+//!
+//! Without the prerequisites (`make test` installs them) a test binary says so
+//! and exits at once instead of hanging.
+
+#![allow(dead_code)] // each test binary uses part of this module
+
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const DB_USER: &str = "keenvpn";
+pub const DB_PASSWORD: &str = "keenvpn-test";
+pub const DB_NAME: &str = "keenvpn";
+
+/// The repository root (where Cargo.toml is).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Fails fast, naming `make test`, when something the tests need is missing.
+pub fn require(what: &[Prerequisite]) {
+    let missing: Vec<String> = what.iter().filter_map(|p| p.missing()).collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "\nThese tests need the local toolchain and stack, which are missing:\n  - {}\n\n\
+             Run `make test` from the repository root: it installs everything and runs all tests.\n",
+            missing.join("\n  - ")
+        );
+        std::process::exit(2);
+    }
+}
+
+#[derive(Clone, Copy)]
+pub enum Prerequisite {
+    PostgresBinaries,
+    Wrangler,
+    WorkerBuild,
+}
+
+impl Prerequisite {
+    fn missing(self) -> Option<String> {
+        match self {
+            Prerequisite::PostgresBinaries => postgres_bindir()
+                .is_none()
+                .then(|| "PostgreSQL server binaries (initdb, postgres)".into()),
+            Prerequisite::Wrangler => (!root().join("node_modules/.bin/wrangler").exists())
+                .then(|| "wrangler (npm packages: node_modules/)".into()),
+            Prerequisite::WorkerBuild => ["worker-build", "wasm-bindgen"]
+                .iter()
+                .find(|t| which(t).is_none())
+                .map(|t| format!("{t} (a cargo-installed tool)")),
+        }
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|p| p.join("bin"));
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(cargo_bin)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Where initdb/postgres live: $PG_BINDIR, else the newest /usr/lib/postgresql/*/bin.
+pub fn postgres_bindir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BINDIR").map(PathBuf::from) {
+        return dir.join("initdb").is_file().then_some(dir);
+    }
+    let mut dirs: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|d| d.join("initdb").is_file() && d.join("postgres").is_file())
+        .collect();
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop()
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A fresh directory for one stack, removed when the stack is dropped.
+fn stack_dir(kind: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = root().join("target/test-stacks").join(format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create stack dir");
+    dir
+}
+
+/// Arranges for `signal` to reach the child if this process (thread) dies.
+fn die_with_parent(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Spawns `cmd` from one long-lived thread. Linux delivers the parent-death signal
+/// when the *thread* that forked the child exits, and test threads are short-lived;
+/// this thread lives as long as the process.
+fn spawn_owned(cmd: Command) -> Child {
+    type Job = (Command, std::sync::mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("child-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+                // The sender lives in a static, so this loop never ends.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    spawner
+        .lock()
+        .expect("spawner")
+        .send((cmd, reply_tx))
+        .expect("spawner alive");
+    reply_rx
+        .recv()
+        .expect("spawner replied")
+        .expect("spawn child process")
+}
+
+/// PostgreSQL refuses to run as root; when we are root, run it as `postgres`.
+fn postgres_account() -> Option<(u32, u32)> {
+    // SAFETY: getuid and getpwnam are called on this thread only, before any fork.
+    unsafe {
+        if libc::getuid() != 0 {
+            return None;
+        }
+        let pw = libc::getpwnam(c"postgres".as_ptr());
+        assert!(
+            !pw.is_null(),
+            "running as root needs a 'postgres' user to run PostgreSQL as"
+        );
+        Some(((*pw).pw_uid, (*pw).pw_gid))
+    }
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(path)
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "chown {}",
+        path.display()
+    );
+}
+
+/// A throwaway PostgreSQL cluster.
+pub struct Postgres {
+    pub port: u16,
+    dir: PathBuf,
+    data: PathBuf,
+    bindir: PathBuf,
+    account: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    /// initdb + start, on a free port; the database `keenvpn` exists, empty.
+    pub fn start() -> Postgres {
+        let bindir = postgres_bindir().expect("PostgreSQL binaries (see `make test`)");
+        let dir = stack_dir("pg");
+        let data = dir.join("data");
+        let account = postgres_account();
+        let pwfile = dir.join("pwfile");
+        fs::write(&pwfile, DB_PASSWORD).expect("write pwfile");
+        if let Some((uid, gid)) = account {
+            chown_tree(&dir, uid, gid);
+        }
+        let mut initdb = Command::new(bindir.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                DB_USER,
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = account {
+            initdb.uid(uid).gid(gid);
+        }
+        let out = initdb.output().expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let mut pg = Postgres {
+            port: free_port(),
+            dir,
+            data,
+            bindir,
+            account,
+            child: None,
+        };
+        pg.start_server();
+        pg.psql_admin(&format!("CREATE DATABASE {DB_NAME}"));
+        pg
+    }
+
+    /// The URL the application uses (password auth over TCP).
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{}/{db}",
+            self.port
+        )
+    }
+
+    /// (Re)starts the server on the same port and data directory; waits until it accepts connections.
+    pub fn start_server(&mut self) {
+        assert!(self.child.is_none(), "postgres already running");
+        let log = fs::File::create(self.dir.join("postgres.log")).expect("postgres log");
+        if let Some((uid, gid)) = self.account {
+            chown_tree(&self.dir.join("postgres.log"), uid, gid);
+        }
+        let mut cmd = Command::new(self.bindir.join("postgres"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.display()))
+            // Test clusters trade crash safety of the OS for speed; a killed
+            // postgres process still loses nothing it acknowledged.
+            .args(["-c", "fsync=off", "-c", "max_connections=200"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log);
+        if let Some((uid, gid)) = self.account {
+            cmd.uid(uid).gid(gid);
+        }
+        // SIGINT is PostgreSQL's "fast shutdown".
+        die_with_parent(&mut cmd, libc::SIGINT);
+        self.child = Some(spawn_owned(cmd));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start; see {}",
+                self.dir.join("postgres.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Accepting TCP is not yet accepting queries; wait for that too.
+        while !self.psql_ok("SELECT 1") {
+            assert!(Instant::now() < deadline, "postgres did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server (fast shutdown, then kill); the data directory is kept.
+    pub fn stop_server(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child, libc::SIGINT, Duration::from_secs(15), false);
+        }
+    }
+
+    /// Kills the server outright (SIGKILL), as a crash would.
+    pub fn kill_server(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child, libc::SIGKILL, Duration::from_secs(15), false);
+        }
+    }
+
+    fn psql_cmd(&self, sql: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join("psql"));
+        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                DB_USER,
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ]);
+        if let Some((uid, gid)) = self.account {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    fn psql_ok(&self, sql: &str) -> bool {
+        self.psql_cmd(sql)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Runs SQL as the cluster owner on the `postgres` database (for CREATE DATABASE).
+    pub fn psql_admin(&self, sql: &str) {
+        let out = self.psql_cmd(sql).output().expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates an empty database with a unique name and returns its name.
+    pub fn create_database(&self, prefix: &str) -> String {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("{prefix}_{}", N.fetch_add(1, Ordering::SeqCst));
+        self.psql_admin(&format!("CREATE DATABASE {name}"));
+        name
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop_server();
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Sends `signal` (to the process group when `group`), waits up to `grace`, then SIGKILLs.
+fn stop_child(mut child: Child, signal: libc::c_int, grace: Duration, group: bool) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) with a pid (or process group) we spawned.
+    unsafe {
+        libc::kill(if group { -pid } else { pid }, signal);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                // SAFETY: as above.
+                unsafe {
+                    libc::kill(if group { -pid } else { pid }, libc::SIGKILL);
+                }
+                let _ = child.wait();
+                break;
+            }
+        }
+    }
+    if group {
+        // Anything left in the group (workerd) goes too.
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Builds the worker once per test process (worker-build skips when up to date).
+pub fn build_worker() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let out = Command::new("sh")
+            .arg(root().join("scripts/build-worker.sh"))
+            .output()
+            .expect("run build-worker.sh");
+        assert!(
+            out.status.success(),
+            "building the worker failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// `wrangler dev` serving the worker, with its Hyperdrive bindings pointed at `db_url`.
+pub struct Wrangler {
+    pub port: u16,
+    pub base_url: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Wrangler {
+    pub fn start(db_url: &str) -> Wrangler {
+        build_worker();
+        let dir = stack_dir("wrangler");
+        let port = free_port();
+        let log_path = dir.join("wrangler.log");
+        let log = fs::File::create(&log_path).expect("wrangler log");
+        let bin = root().join("node_modules/.bin");
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut cmd = Command::new(bin.join("wrangler"));
+        cmd.current_dir(root())
+            .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--inspector-port", &free_port().to_string()])
+            .arg("--persist-to")
+            .arg(dir.join("state"))
+            .args([
+                "--show-interactive-dev-session=false",
+                "--log-level",
+                "log",
+                "--test-scheduled",
+            ])
+            .env("PATH", path)
+            .env(
+                "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE",
+                db_url,
+            )
+            .env(
+                "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE_CACHED",
+                db_url,
+            )
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("WRANGLER_LOG_PATH", dir.join("wrangler-logs"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            // Own process group: stopping it stops node and its workerd children.
+            .process_group(0);
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let child = spawn_owned(cmd);
+        let w = Wrangler {
+            port,
+            base_url: format!("http://127.0.0.1:{port}"),
+            dir,
+            child: Some(child),
+        };
+        w.wait_healthy(Duration::from_secs(120));
+        w
+    }
+
+    fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let url = format!("{}/healthz", self.base_url);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let req = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+                if s.write_all(req.as_bytes()).is_ok() {
+                    let mut buf = [0u8; 16];
+                    if std::io::Read::read(&mut s, &mut buf).is_ok_and(|n| n >= 12)
+                        && &buf[9..12] == b"200"
+                    {
+                        return;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "wrangler dev did not serve {url} in {within:?}:\n{}",
+                    self.log_tail(4000)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Reads a key from the worker's local KV namespace (binding `KV`) with the
+    /// wrangler CLI, as an operator would.
+    pub fn kv_get(&self, key: &str) -> Option<String> {
+        let bin = root().join("node_modules/.bin");
+        let out = Command::new(bin.join("wrangler"))
+            .current_dir(root())
+            .args([
+                "kv",
+                "key",
+                "get",
+                key,
+                "--binding",
+                "KV",
+                "--local",
+                "--text",
+                "--persist-to",
+            ])
+            .arg(self.dir.join("state"))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("WRANGLER_SEND_METRICS", "false")
+            .output()
+            .expect("run wrangler kv key get");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !text.is_empty() && text != "Value not found").then_some(text)
+    }
+
+    /// Everything wrangler and the worker printed so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("wrangler.log")).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, bytes: usize) -> String {
+        let log = self.log();
+        let start = log.len().saturating_sub(bytes);
+        let start = (start..log.len())
+            .find(|i| log.is_char_boundary(*i))
+            .unwrap_or(log.len());
+        log[start..].to_string()
+    }
+}
+
+impl Drop for Wrangler {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child, libc::SIGTERM, Duration::from_secs(10), true);
+        }
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Applies the migrations and the dev seed to `url`.
+pub async fn migrate_and_seed(url: &str) {
+    let mut client = keenvpn_edge::db::connect(url)
+        .await
+        .expect("connect for migrations");
+    keenvpn_edge::db::migrate(&mut client)
+        .await
+        .expect("migrations apply");
+    keenvpn_edge::db::seed_dev(&mut client)
+        .await
+        .expect("dev seed applies");
+}
+
+/// A database plus the worker in front of it: what an end-to-end test talks to.
+pub struct Stack {
+    // Field order is drop order: stop the worker before its database.
+    pub wrangler: Wrangler,
+    pub pg: Postgres,
+}
+
+impl Stack {
+    /// Starts PostgreSQL (migrated and seeded) and the worker. Safe to call from
+    /// inside or outside an async context: it blocks on a runtime of its own.
+    pub fn start() -> Stack {
+        let pg = Postgres::start();
+        let url = pg.url(DB_NAME);
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(migrate_and_seed(&url))
+        })
+        .join()
+        .expect("migrations and seed");
+        let wrangler = Wrangler::start(&pg.url(DB_NAME));
+        Stack { wrangler, pg }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.wrangler.base_url)
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
