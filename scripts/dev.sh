@@ -1,0 +1,77 @@
+#!/bin/bash
+# Starts the whole local stack: PostgreSQL (a throwaway cluster under .local/pg,
+# migrated and seeded with demo data) and the worker under `wrangler dev`.
+# Ctrl-C stops both. Data survives restarts; `make clean-dev` wipes it.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+PG_PORT=${DEV_PG_PORT:-54329}
+WORKER_PORT=${DEV_PORT:-8787}
+DB_USER=keenvpn
+DB_PASSWORD=keenvpn-dev   # dev-only; matches localConnectionString in wrangler.toml
+DB_NAME=keenvpn
+PGDIR="$ROOT/.local/pg"
+DB_URL="postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:$PG_PORT/$DB_NAME"
+
+sh scripts/setup.sh
+bindir=$(pg_bindir)
+
+# Run PostgreSQL tools as 'postgres' when we are root (initdb refuses root).
+pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+step "PostgreSQL cluster in .local/pg (port $PG_PORT)"
+mkdir -p "$PGDIR"
+[ "$(id -u)" = 0 ] && chown postgres: "$PGDIR"
+if [ ! -f "$PGDIR/data/PG_VERSION" ]; then
+  pwfile=$(mktemp)
+  printf '%s' "$DB_PASSWORD" > "$pwfile"
+  chmod 644 "$pwfile"
+  pg "$bindir/initdb" -D "$PGDIR/data" -U "$DB_USER" --auth-local=trust --auth-host=scram-sha-256 \
+    -E UTF8 --pwfile="$pwfile" >/dev/null || die "initdb failed"
+  rm -f "$pwfile"
+  note "initialised"
+fi
+if pg "$bindir/pg_ctl" -D "$PGDIR/data" status >/dev/null 2>&1; then
+  note "already running"
+else
+  pg "$bindir/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 30 \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PGDIR'" start >/dev/null \
+    || die "PostgreSQL did not start; see .local/pg/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
+  note "started"
+fi
+stop_pg() {
+  step "stopping PostgreSQL"
+  pg "$bindir/pg_ctl" -D "$PGDIR/data" -m fast stop >/dev/null 2>&1 || true
+}
+trap stop_pg EXIT
+
+if ! pg "$bindir/psql" -X -h "$PGDIR" -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc \
+     "SELECT 1 FROM pg_database WHERE datname = '$DB_NAME'" | grep -q 1; then
+  pg "$bindir/createdb" -h "$PGDIR" -p "$PG_PORT" -U "$DB_USER" "$DB_NAME"
+fi
+
+step "migrations and demo seed"
+cargo run --quiet --locked --bin migrate -- --database-url "$DB_URL" --seed
+
+step "building the worker"
+sh scripts/build-worker.sh
+
+cat <<INFO
+
+  KeenVPN Edge is starting at http://127.0.0.1:$WORKER_PORT
+    curl -s http://127.0.0.1:$WORKER_PORT/healthz
+    curl -s http://127.0.0.1:$WORKER_PORT/readyz
+  PostgreSQL: $DB_URL
+    psql '$DB_URL'
+  Ctrl-C stops the worker and the database.
+
+INFO
+
+export CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE="$DB_URL"
+export CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE_CACHED="$DB_URL"
+export WRANGLER_SEND_METRICS=false
+step "wrangler dev"
+wrangler dev --ip 127.0.0.1 --port "$WORKER_PORT" --persist-to "$ROOT/.local/wrangler" "$@"

@@ -1,0 +1,76 @@
+#!/bin/sh
+# Installs everything a fresh machine lacks to build, run and test KeenVPN Edge.
+# Idempotent: each step checks first and is skipped when already satisfied.
+set -eu
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+started=$(date +%s)
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup first"
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || die "node and npm not found: install Node.js (>= 20) first"
+
+step "Rust target wasm32-unknown-unknown"
+if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+  note "present"
+else
+  rustup target add wasm32-unknown-unknown || die "could not add the wasm32-unknown-unknown target"
+fi
+
+step "wasm-bindgen-cli (must equal wasm-bindgen in Cargo.lock)"
+want=$(locked_version wasm-bindgen)
+[ -n "$want" ] || die "wasm-bindgen not found in Cargo.lock"
+have=$(wasm-bindgen --version 2>/dev/null | awk '{print $2}' || true)
+if [ "$have" = "$want" ]; then
+  note "wasm-bindgen $have"
+else
+  note "installing wasm-bindgen-cli $want (have: ${have:-none}); this compiles for a few minutes, once"
+  # --locked first; if a locked dependency is not on the registry, resolve afresh.
+  cargo install --locked wasm-bindgen-cli --version "=$want" \
+    || cargo install wasm-bindgen-cli --version "=$want" \
+    || die "could not install wasm-bindgen-cli $want"
+fi
+
+step "worker-build (must equal worker in Cargo.lock)"
+want=$(locked_version worker)
+have=$(worker-build --version 2>/dev/null | awk '{print $NF}' || true)
+if [ "$have" = "$want" ]; then
+  note "worker-build $have"
+else
+  note "installing worker-build $want (have: ${have:-none})"
+  cargo install --locked worker-build --version "=$want" \
+    || cargo install worker-build --version "=$want" \
+    || die "could not install worker-build $want"
+fi
+
+step "npm packages (wrangler, workerd, Node 22, binaryen, esbuild)"
+if [ -f node_modules/.package-lock.json ] && [ ! package-lock.json -nt node_modules/.package-lock.json ] \
+   && [ -x node_modules/.bin/wrangler ]; then
+  note "node_modules up to date"
+else
+  npm ci --no-audit --no-fund || die "npm ci failed"
+fi
+node_version=$(node_modules/.bin/node --version 2>/dev/null || true)
+case "$node_version" in
+  v22.*) note "node $node_version (wrangler runs on it)" ;;
+  *) die "node_modules/.bin/node is not Node 22 (got '${node_version:-nothing}'); delete node_modules and rerun" ;;
+esac
+
+step "PostgreSQL server binaries"
+bindir=$(pg_bindir)
+if [ -n "$bindir" ]; then
+  note "$bindir"
+else
+  note "installing postgresql from the Debian packages"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+    || die "apt-get install postgresql failed"
+  bindir=$(pg_bindir)
+  [ -n "$bindir" ] || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
+  note "$bindir"
+fi
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  # PostgreSQL refuses to run as root; the scripts and tests run it as 'postgres'.
+  useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres || die "could not create the postgres user"
+fi
+
+step "setup done in $(( $(date +%s) - started ))s"
