@@ -4,6 +4,7 @@
 //! Layout (a functional core with an imperative shell):
 //! - [`domain`]: pure rules. No runtime, clock, randomness or I/O; unit-tested natively.
 //! - [`http`]: routing, replies and problem+json errors, also runtime-free.
+//! - [`sql`]: quoting for PostgreSQL's simple query protocol.
 //! - `edge` (wasm32 only): the one place `worker::` appears. Bindings (KV, the
 //!   `UserSession` and `RegionGate` Durable Objects, the two Hyperdrive bindings),
 //!   adapters, and the `#[durable_object]` shims.
@@ -15,6 +16,7 @@
 
 pub mod domain;
 pub mod http;
+pub mod sql;
 
 #[cfg(target_arch = "wasm32")]
 mod edge;

@@ -5,7 +5,13 @@
 //! That keeps every rule unit-testable with plain `cargo test` on the host, and
 //! lets the same logic run unchanged inside workerd.
 
+pub mod account;
 pub mod catalogue;
+pub mod entitlement;
+pub mod password;
 pub mod problem;
 pub mod readiness;
 pub mod request_id;
+pub mod session;
+pub mod throttle;
+pub mod token;

@@ -6,57 +6,229 @@
 /// Every failure the API can report, with the HTTP status it maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProblemCode {
+    // --- request shape ---
+    /// 400: the body is not valid JSON or not the expected shape.
+    MalformedJson,
+    /// 413: the body is larger than the route accepts.
+    PayloadTooLarge,
+    /// 415: the body is not `application/json`.
+    UnsupportedMediaType,
+    /// 422: the body parsed but a field is invalid (`errors` names which).
+    ValidationFailed,
     /// 404: no route matches the path.
     NotFound,
     /// 405: the path exists but not for this method.
     MethodNotAllowed,
+    // --- accounts ---
+    /// 409: an account with this email already exists.
+    EmailTaken,
+    /// 401: unknown email or wrong password (deliberately indistinguishable).
+    InvalidCredentials,
+    /// 429: too many failed sign-ins for this account or client.
+    TooManyAttempts,
+    // --- access tokens (all 401, with `WWW-Authenticate: Bearer`) ---
+    TokenMissing,
+    TokenTooLarge,
+    TokenMalformed,
+    TokenAlgorithmNotAllowed,
+    TokenUnknownKey,
+    TokenBadSignature,
+    TokenWrongType,
+    TokenWrongIssuer,
+    TokenWrongAudience,
+    TokenLifetimeTooLong,
+    TokenNotYetValid,
+    TokenExpired,
+    /// 401: the token's session was logged out or revoked.
+    SessionRevoked,
+    // --- refresh tokens (all 401) ---
+    RefreshTokenMalformed,
+    RefreshTokenInvalid,
+    RefreshTokenRevoked,
+    RefreshTokenExpired,
+    RefreshTokenReused,
+    // --- the service ---
     /// 503: a dependency the service needs (KV, Durable Objects, PostgreSQL) is down.
     NotReady,
     /// 503: a dependency failed or timed out while serving the request.
     ServiceUnavailable,
+    /// 500: the deployment lacks a required secret (e.g. signing keys).
+    NotConfigured,
     /// 500: a bug or an unexpected condition; details go to the log only.
     Internal,
 }
 
 impl ProblemCode {
     /// All codes, for documentation and exhaustive tests.
-    pub const ALL: [ProblemCode; 5] = [
+    pub const ALL: [ProblemCode; 31] = [
+        ProblemCode::MalformedJson,
+        ProblemCode::PayloadTooLarge,
+        ProblemCode::UnsupportedMediaType,
+        ProblemCode::ValidationFailed,
         ProblemCode::NotFound,
         ProblemCode::MethodNotAllowed,
+        ProblemCode::EmailTaken,
+        ProblemCode::InvalidCredentials,
+        ProblemCode::TooManyAttempts,
+        ProblemCode::TokenMissing,
+        ProblemCode::TokenTooLarge,
+        ProblemCode::TokenMalformed,
+        ProblemCode::TokenAlgorithmNotAllowed,
+        ProblemCode::TokenUnknownKey,
+        ProblemCode::TokenBadSignature,
+        ProblemCode::TokenWrongType,
+        ProblemCode::TokenWrongIssuer,
+        ProblemCode::TokenWrongAudience,
+        ProblemCode::TokenLifetimeTooLong,
+        ProblemCode::TokenNotYetValid,
+        ProblemCode::TokenExpired,
+        ProblemCode::SessionRevoked,
+        ProblemCode::RefreshTokenMalformed,
+        ProblemCode::RefreshTokenInvalid,
+        ProblemCode::RefreshTokenRevoked,
+        ProblemCode::RefreshTokenExpired,
+        ProblemCode::RefreshTokenReused,
         ProblemCode::NotReady,
         ProblemCode::ServiceUnavailable,
+        ProblemCode::NotConfigured,
         ProblemCode::Internal,
     ];
 
     /// The stable snake_case code sent as the `code` member.
     pub const fn as_str(self) -> &'static str {
+        use ProblemCode::*;
         match self {
-            ProblemCode::NotFound => "not_found",
-            ProblemCode::MethodNotAllowed => "method_not_allowed",
-            ProblemCode::NotReady => "not_ready",
-            ProblemCode::ServiceUnavailable => "service_unavailable",
-            ProblemCode::Internal => "internal_error",
+            MalformedJson => "malformed_json",
+            PayloadTooLarge => "payload_too_large",
+            UnsupportedMediaType => "unsupported_media_type",
+            ValidationFailed => "validation_failed",
+            NotFound => "not_found",
+            MethodNotAllowed => "method_not_allowed",
+            EmailTaken => "email_taken",
+            InvalidCredentials => "invalid_credentials",
+            TooManyAttempts => "too_many_attempts",
+            TokenMissing => "token_missing",
+            TokenTooLarge => "token_too_large",
+            TokenMalformed => "token_malformed",
+            TokenAlgorithmNotAllowed => "token_algorithm_not_allowed",
+            TokenUnknownKey => "token_unknown_key",
+            TokenBadSignature => "token_bad_signature",
+            TokenWrongType => "token_wrong_type",
+            TokenWrongIssuer => "token_wrong_issuer",
+            TokenWrongAudience => "token_wrong_audience",
+            TokenLifetimeTooLong => "token_lifetime_too_long",
+            TokenNotYetValid => "token_not_yet_valid",
+            TokenExpired => "token_expired",
+            SessionRevoked => "session_revoked",
+            RefreshTokenMalformed => "refresh_token_malformed",
+            RefreshTokenInvalid => "refresh_token_invalid",
+            RefreshTokenRevoked => "refresh_token_revoked",
+            RefreshTokenExpired => "refresh_token_expired",
+            RefreshTokenReused => "refresh_token_reused",
+            NotReady => "not_ready",
+            ServiceUnavailable => "service_unavailable",
+            NotConfigured => "not_configured",
+            Internal => "internal_error",
         }
+    }
+
+    /// Looks a code up by its wire name (used to map the token and session
+    /// modules' own codes onto this enum).
+    pub fn from_code(code: &str) -> Option<ProblemCode> {
+        ProblemCode::ALL.into_iter().find(|c| c.as_str() == code)
     }
 
     /// The HTTP status this code is always sent with.
     pub const fn status(self) -> u16 {
+        use ProblemCode::*;
         match self {
-            ProblemCode::NotFound => 404,
-            ProblemCode::MethodNotAllowed => 405,
-            ProblemCode::NotReady | ProblemCode::ServiceUnavailable => 503,
-            ProblemCode::Internal => 500,
+            MalformedJson => 400,
+            InvalidCredentials
+            | TokenMissing
+            | TokenTooLarge
+            | TokenMalformed
+            | TokenAlgorithmNotAllowed
+            | TokenUnknownKey
+            | TokenBadSignature
+            | TokenWrongType
+            | TokenWrongIssuer
+            | TokenWrongAudience
+            | TokenLifetimeTooLong
+            | TokenNotYetValid
+            | TokenExpired
+            | SessionRevoked
+            | RefreshTokenMalformed
+            | RefreshTokenInvalid
+            | RefreshTokenRevoked
+            | RefreshTokenExpired
+            | RefreshTokenReused => 401,
+            NotFound => 404,
+            MethodNotAllowed => 405,
+            EmailTaken => 409,
+            PayloadTooLarge => 413,
+            UnsupportedMediaType => 415,
+            ValidationFailed => 422,
+            TooManyAttempts => 429,
+            NotConfigured | Internal => 500,
+            NotReady | ServiceUnavailable => 503,
         }
+    }
+
+    /// Whether this is an access-token failure (answered with `WWW-Authenticate`).
+    pub const fn is_bearer_failure(self) -> bool {
+        use ProblemCode::*;
+        matches!(
+            self,
+            TokenMissing
+                | TokenTooLarge
+                | TokenMalformed
+                | TokenAlgorithmNotAllowed
+                | TokenUnknownKey
+                | TokenBadSignature
+                | TokenWrongType
+                | TokenWrongIssuer
+                | TokenWrongAudience
+                | TokenLifetimeTooLong
+                | TokenNotYetValid
+                | TokenExpired
+                | SessionRevoked
+        )
     }
 
     /// A short human summary; constant per code, as RFC 9457 asks of `title`.
     pub const fn title(self) -> &'static str {
+        use ProblemCode::*;
         match self {
-            ProblemCode::NotFound => "Not found",
-            ProblemCode::MethodNotAllowed => "Method not allowed",
-            ProblemCode::NotReady => "Service not ready",
-            ProblemCode::ServiceUnavailable => "Service temporarily unavailable",
-            ProblemCode::Internal => "Internal error",
+            MalformedJson => "Malformed JSON body",
+            PayloadTooLarge => "Request body too large",
+            UnsupportedMediaType => "Unsupported media type",
+            ValidationFailed => "Validation failed",
+            NotFound => "Not found",
+            MethodNotAllowed => "Method not allowed",
+            EmailTaken => "Email already registered",
+            InvalidCredentials => "Invalid email or password",
+            TooManyAttempts => "Too many attempts",
+            TokenMissing => "Access token missing",
+            TokenTooLarge
+            | TokenMalformed
+            | TokenAlgorithmNotAllowed
+            | TokenUnknownKey
+            | TokenBadSignature
+            | TokenWrongType
+            | TokenWrongIssuer
+            | TokenWrongAudience
+            | TokenLifetimeTooLong
+            | TokenNotYetValid => "Invalid access token",
+            TokenExpired => "Access token expired",
+            SessionRevoked => "Session revoked",
+            RefreshTokenMalformed | RefreshTokenInvalid => "Invalid refresh token",
+            RefreshTokenRevoked => "Refresh token revoked",
+            RefreshTokenExpired => "Refresh token expired",
+            RefreshTokenReused => "Refresh token reused",
+            NotReady => "Service not ready",
+            ServiceUnavailable => "Service temporarily unavailable",
+            NotConfigured => "Service not configured",
+            Internal => "Internal error",
         }
     }
 
@@ -84,6 +256,18 @@ mod tests {
             assert!((400..600).contains(&code.status()), "{s}");
             assert!(!code.title().is_empty());
             assert_eq!(code.type_uri(), format!("urn:keenvpn:problem:{s}"));
+            assert_eq!(ProblemCode::from_code(s), Some(code));
+        }
+        assert_eq!(ProblemCode::from_code("no_such_code"), None);
+    }
+
+    #[test]
+    fn bearer_failures_are_exactly_the_401s_about_access_tokens() {
+        for code in ProblemCode::ALL {
+            if code.is_bearer_failure() {
+                assert_eq!(code.status(), 401, "{code:?}");
+                assert!(code.as_str().starts_with("token_") || code == ProblemCode::SessionRevoked);
+            }
         }
     }
 }

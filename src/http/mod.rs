@@ -5,6 +5,7 @@
 //! back into a `worker::Response`. Keeping this layer free of `worker::` types
 //! means routing and the problem+json format are tested natively.
 
+pub mod body;
 mod error;
 mod reply;
 mod routes;

@@ -39,6 +39,18 @@ impl Reply {
         if let Some(allow) = err.allow {
             headers.push(("allow", allow.to_owned()));
         }
+        if err.code.is_bearer_failure() {
+            // RFC 6750 section 3: no error attribute when no credentials were sent.
+            let value = if err.code == crate::domain::problem::ProblemCode::TokenMissing {
+                r#"Bearer realm="keenvpn""#.to_owned()
+            } else {
+                format!(
+                    r#"Bearer realm="keenvpn", error="invalid_token", error_description="{}""#,
+                    err.code.as_str()
+                )
+            };
+            headers.push(("www-authenticate", value));
+        }
         Reply {
             status: err.code.status(),
             headers,
@@ -100,6 +112,24 @@ mod tests {
         assert_eq!(r.status, 405);
         assert_eq!(r.header("allow"), Some("GET"));
         assert_eq!(r.header("retry-after"), None);
+    }
+
+    #[test]
+    fn a_401_about_an_access_token_carries_www_authenticate() {
+        let r = Reply::problem(&ApiError::new(ProblemCode::TokenExpired, "x"), "r");
+        assert_eq!(r.status, 401);
+        let h = r.header("www-authenticate").unwrap();
+        assert!(
+            h.starts_with("Bearer ") && h.contains(r#"error="invalid_token""#),
+            "{h}"
+        );
+        let r = Reply::problem(&ApiError::new(ProblemCode::TokenMissing, "x"), "r");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="keenvpn""#)
+        );
+        let r = Reply::problem(&ApiError::new(ProblemCode::InvalidCredentials, "x"), "r");
+        assert_eq!(r.header("www-authenticate"), None);
     }
 
     #[test]

@@ -8,6 +8,20 @@ pub enum Route {
     Healthz,
     /// `GET /readyz`: proves KV, a Durable Object and PostgreSQL.
     Readyz,
+    /// `GET /.well-known/jwks.json`: the public keys that verify access tokens.
+    Jwks,
+    /// `POST /v1/auth/signup`
+    Signup,
+    /// `POST /v1/auth/login`
+    Login,
+    /// `POST /v1/auth/refresh`
+    Refresh,
+    /// `POST /v1/auth/logout`: ends the session of the presented access token.
+    Logout,
+    /// `POST /v1/auth/logout-all`: ends every session of the user.
+    LogoutAll,
+    /// `GET /v1/me`
+    Me,
 }
 
 /// What the router decided for a method and path.
@@ -26,6 +40,13 @@ pub fn route(method: &str, path: &str) -> Routed {
     let (allow, found) = match path {
         "/healthz" => ("GET", Route::Healthz),
         "/readyz" => ("GET", Route::Readyz),
+        "/.well-known/jwks.json" => ("GET", Route::Jwks),
+        "/v1/auth/signup" => ("POST", Route::Signup),
+        "/v1/auth/login" => ("POST", Route::Login),
+        "/v1/auth/refresh" => ("POST", Route::Refresh),
+        "/v1/auth/logout" => ("POST", Route::Logout),
+        "/v1/auth/logout-all" => ("POST", Route::LogoutAll),
+        "/v1/me" => ("GET", Route::Me),
         _ => return Routed::NotFound,
     };
     if allow.split(", ").any(|m| m == method) {
@@ -43,6 +64,32 @@ mod tests {
     fn known_paths_route_by_method() {
         assert_eq!(route("GET", "/healthz"), Routed::Found(Route::Healthz));
         assert_eq!(route("GET", "/readyz"), Routed::Found(Route::Readyz));
+        assert_eq!(
+            route("GET", "/.well-known/jwks.json"),
+            Routed::Found(Route::Jwks)
+        );
+        assert_eq!(
+            route("POST", "/v1/auth/signup"),
+            Routed::Found(Route::Signup)
+        );
+        assert_eq!(route("POST", "/v1/auth/login"), Routed::Found(Route::Login));
+        assert_eq!(
+            route("POST", "/v1/auth/refresh"),
+            Routed::Found(Route::Refresh)
+        );
+        assert_eq!(
+            route("POST", "/v1/auth/logout"),
+            Routed::Found(Route::Logout)
+        );
+        assert_eq!(
+            route("POST", "/v1/auth/logout-all"),
+            Routed::Found(Route::LogoutAll)
+        );
+        assert_eq!(route("GET", "/v1/me"), Routed::Found(Route::Me));
+        assert_eq!(
+            route("GET", "/v1/auth/login"),
+            Routed::MethodNotAllowed { allow: "POST" }
+        );
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! Account input, parsed rather than validated: an [`Email`] or a [`Password`]
+//! value is correct by construction, so nothing downstream re-checks it.
+
+use std::fmt;
+
+/// The longest address SMTP allows (RFC 5321 path limit).
+pub const MAX_EMAIL_LEN: usize = 254;
+pub const MIN_PASSWORD_CHARS: usize = 8;
+pub const MAX_PASSWORD_CHARS: usize = 128;
+
+/// Why an input was refused; `field` and `reason` go into a 422 problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: &'static str,
+    pub reason: &'static str,
+}
+
+/// A normalised email address: trimmed, lower-cased, one `@`, a dotted domain.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Email, Invalid> {
+        let bad = |reason| Invalid {
+            field: "email",
+            reason,
+        };
+        let email = raw.trim().to_lowercase();
+        if email.is_empty() {
+            return Err(bad("is empty"));
+        }
+        if email.len() > MAX_EMAIL_LEN {
+            return Err(bad("is longer than 254 bytes"));
+        }
+        if email.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(bad("contains spaces or control characters"));
+        }
+        let Some((local, domain)) = email.split_once('@') else {
+            return Err(bad("has no @"));
+        };
+        if local.is_empty() || local.len() > 64 || domain.contains('@') {
+            return Err(bad("is not a valid address"));
+        }
+        let labels_ok = domain
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'));
+        if !domain.contains('.') || !labels_ok {
+            return Err(bad("has an invalid domain"));
+        }
+        Ok(Email(email))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Email {
+    // Addresses are personal data: keep them out of debug output and logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Email(..)")
+    }
+}
+
+/// A password that meets the length rules. Never printed.
+#[derive(Clone)]
+pub struct Password(String);
+
+impl Password {
+    /// 8..=128 characters; NUL is refused (it truncates in many C-based tools).
+    pub fn parse(raw: &str) -> Result<Password, Invalid> {
+        let bad = |reason| Invalid {
+            field: "password",
+            reason,
+        };
+        if raw.contains('\0') {
+            return Err(bad("contains a NUL character"));
+        }
+        let n = raw.chars().count();
+        if n < MIN_PASSWORD_CHARS {
+            return Err(bad("is shorter than 8 characters"));
+        }
+        if n > MAX_PASSWORD_CHARS {
+            return Err(bad("is longer than 128 characters"));
+        }
+        Ok(Password(raw.to_owned()))
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_trimmed_and_lower_cased() {
+        assert_eq!(
+            Email::parse("  Alice@Example.COM ").unwrap().as_str(),
+            "alice@example.com"
+        );
+    }
+
+    #[test]
+    fn malformed_emails_are_refused_with_a_reason() {
+        for raw in [
+            "",
+            "   ",
+            "alice",
+            "@example.com",
+            "alice@",
+            "alice@localhost",
+            "a@b@c.com",
+            "al ice@example.com",
+            "alice@exa..mple.com",
+            "alice@-example.com",
+            "a\0b@example.com",
+        ] {
+            let err = Email::parse(raw).unwrap_err();
+            assert_eq!(err.field, "email", "{raw:?}");
+        }
+        let long = format!("{}@example.com", "a".repeat(250));
+        assert!(Email::parse(&long).is_err());
+    }
+
+    #[test]
+    fn passwords_must_be_8_to_128_characters_without_nul() {
+        assert!(Password::parse("1234567").is_err());
+        assert!(Password::parse("12345678").is_ok());
+        assert!(Password::parse(&"x".repeat(128)).is_ok());
+        assert!(Password::parse(&"x".repeat(129)).is_err());
+        assert!(Password::parse("abcd\0efgh").is_err());
+        // Characters, not bytes: 8 multi-byte characters are enough.
+        assert!(Password::parse("éééééééé").is_ok());
+    }
+
+    #[test]
+    fn debug_output_hides_personal_data_and_secrets() {
+        let e = Email::parse("alice@example.com").unwrap();
+        let p = Password::parse("correct horse").unwrap();
+        assert!(!format!("{e:?}{p:?}").contains("alice") && !format!("{p:?}").contains("horse"));
+    }
+}

@@ -1,0 +1,147 @@
+//! Password hashing: argon2id with at least OWASP's minimum cost
+//! (m = 19 MiB, t = 2, p = 1), stored as a PHC string.
+//!
+//! Verification refuses a stored hash whose algorithm or parameters are below
+//! that minimum, so a weak hash planted in (or left over in) the database cannot
+//! become a cheap way in. The salt is an argument: the shell supplies 16 random
+//! bytes, which keeps this module pure.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+
+/// OWASP's minimum for argon2id.
+pub const MIN_M_KIB: u32 = 19 * 1024;
+pub const MIN_T: u32 = 2;
+pub const MIN_P: u32 = 1;
+
+/// A hash computed when the account does not exist, so that an unknown email
+/// costs the same as a wrong password (no timing oracle for account existence).
+/// Its output bytes are arbitrary, so no password matches it (finding one would
+/// be a preimage attack on argon2); its parameters are the standard ones.
+pub const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$yEaYd5kbRx0pY1pAzKU4qDNFIS2Hf1PWeK9bsBVI8J8";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyError {
+    /// The password does not match.
+    Mismatch,
+    /// The stored hash is not a PHC string we can read.
+    Unreadable,
+    /// The stored hash is not argon2id with at least the minimum parameters.
+    TooWeak,
+}
+
+fn hasher() -> Argon2<'static> {
+    let params = Params::new(MIN_M_KIB, MIN_T, MIN_P, None).expect("valid argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+/// Hashes `password` with a 16-byte `salt`; returns the PHC string.
+pub fn hash(password: &[u8], salt: [u8; 16]) -> String {
+    let salt = SaltString::encode_b64(&salt).expect("16 bytes is a valid salt length");
+    hasher()
+        .hash_password(password, &salt)
+        .expect("argon2 with valid parameters")
+        .to_string()
+}
+
+/// Checks `password` against a stored PHC string, refusing weak parameters.
+pub fn verify(password: &[u8], phc: &str) -> Result<(), VerifyError> {
+    let parsed = PasswordHash::new(phc).map_err(|_| VerifyError::Unreadable)?;
+    if parsed.algorithm != argon2::ARGON2ID_IDENT {
+        return Err(VerifyError::TooWeak);
+    }
+    let params = Params::try_from(&parsed).map_err(|_| VerifyError::Unreadable)?;
+    if params.m_cost() < MIN_M_KIB || params.t_cost() < MIN_T || params.p_cost() < MIN_P {
+        return Err(VerifyError::TooWeak);
+    }
+    // Verify with the stored parameters (they may be stronger than today's minimum).
+    Argon2::default()
+        .verify_password(password, &parsed)
+        .map_err(|e| match e {
+            argon2::password_hash::Error::Password => VerifyError::Mismatch,
+            _ => VerifyError::Unreadable,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_verifies_its_password_and_nothing_else() {
+        let phc = hash(b"correct horse battery", [7; 16]);
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        assert_eq!(verify(b"correct horse battery", &phc), Ok(()));
+        assert_eq!(
+            verify(b"correct horse batterx", &phc),
+            Err(VerifyError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn the_same_password_with_another_salt_hashes_differently() {
+        assert_ne!(hash(b"password1", [1; 16]), hash(b"password1", [2; 16]));
+    }
+
+    #[test]
+    fn hashes_below_the_minimum_cost_are_refused_even_with_the_right_password() {
+        let weak = |m, t, p, alg| {
+            let params = Params::new(m, t, p, None).unwrap();
+            let salt = SaltString::encode_b64(&[3; 16]).unwrap();
+            Argon2::new(alg, Version::V0x13, params)
+                .hash_password(b"password1", &salt)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            verify(b"password1", &weak(8 * 1024, 2, 1, Algorithm::Argon2id)),
+            Err(VerifyError::TooWeak)
+        );
+        assert_eq!(
+            verify(b"password1", &weak(MIN_M_KIB, 1, 1, Algorithm::Argon2id)),
+            Err(VerifyError::TooWeak)
+        );
+        assert_eq!(
+            verify(b"password1", &weak(MIN_M_KIB, 2, 1, Algorithm::Argon2i)),
+            Err(VerifyError::TooWeak)
+        );
+        // Stronger than the minimum is fine.
+        assert_eq!(
+            verify(
+                b"password1",
+                &weak(MIN_M_KIB + 1024, 3, 1, Algorithm::Argon2id)
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn unreadable_hashes_are_reported_as_such() {
+        for phc in [
+            "",
+            "plaintext",
+            "$argon2id$garbage",
+            "$2b$12$abcdefghijklmnopqrstuv",
+        ] {
+            assert!(verify(b"password1", phc).is_err(), "{phc:?}");
+        }
+    }
+
+    #[test]
+    fn the_demo_account_in_the_dev_seed_has_the_documented_password() {
+        let seed = include_str!("../../seeds/dev.sql");
+        let phc = seed
+            .split('\'')
+            .find(|s| s.starts_with("$argon2id$"))
+            .expect("demo hash in seed");
+        assert_eq!(verify(b"keenvpn-demo-2026", phc), Ok(()));
+    }
+
+    #[test]
+    fn the_dummy_hash_is_well_formed_with_standard_cost() {
+        assert_eq!(
+            verify(b"anything at all", DUMMY_HASH),
+            Err(VerifyError::Mismatch)
+        );
+    }
+}

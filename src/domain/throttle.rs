@@ -1,0 +1,344 @@
+//! Login throttling: a pure failure counter with escalating lockouts.
+//!
+//! The shell keeps one [`Throttle`] per account, in a Durable Object keyed by
+//! the normalised email (so an unknown email is throttled exactly like a known
+//! one and the answers reveal nothing about which accounts exist), and one per
+//! client IP with the looser [`CLIENT_IP`] policy.
+//!
+//! # Counting in advance
+//!
+//! Verifying a password (argon2id) takes a while, and a Durable Object may
+//! interleave other requests while the shell awaits. If attempts were counted
+//! only after verification fails, a burst of concurrent guesses would all pass
+//! the check before any failure was recorded. So [`Throttle::attempt`] counts
+//! every admitted attempt as a failure *before* the verification, and
+//! [`Throttle::succeeded`] takes it back when the password turns out right:
+//! at most `max_failures` guesses get through per window, however they race.
+//!
+//! # Windows and locks
+//!
+//! Failures are counted over a sliding window (their timestamps are kept, at
+//! most `max_failures` of them), so old failures drop out individually and
+//! there is no window boundary to burst across. Reaching `max_failures` locks
+//! the throttle for `min(base_lock_secs * 2^lockouts, max_lock_secs)`, where
+//! `lockouts` is how many locks came before; the failures are then cleared so
+//! the window after the lock starts fresh. Attempts refused while locked change
+//! nothing (they neither count nor extend the lock), so hammering a locked
+//! account gains and costs nothing. Each full window that passes with no
+//! attempt and no lock takes one off `lockouts`, so an account that was
+//! attacked once returns to short locks after a quiet while.
+//!
+//! Nothing here reads a clock: `now` (unix seconds) is an argument.
+
+use serde::{Deserialize, Serialize};
+
+/// How hard to throttle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Failures within `window_secs` that trigger a lock (at least 1).
+    pub max_failures: u32,
+    /// The length of the sliding window, and of the quiet period that takes
+    /// one lockout off the escalation.
+    pub window_secs: i64,
+    /// The first lock's duration; each further lock doubles it...
+    pub base_lock_secs: i64,
+    /// ...up to this.
+    pub max_lock_secs: i64,
+}
+
+/// Per account (normalised email): a handful of guesses, then locks from 30 s
+/// doubling to 15 min.
+pub const ACCOUNT: Policy = Policy {
+    max_failures: 5,
+    window_secs: 900,
+    base_lock_secs: 30,
+    max_lock_secs: 900,
+};
+
+/// Per client IP: looser, since many users may share an address (NAT, CGNAT),
+/// but it bounds one client spraying guesses across many accounts.
+pub const CLIENT_IP: Policy = Policy {
+    max_failures: 30,
+    window_secs: 900,
+    base_lock_secs: 60,
+    max_lock_secs: 900,
+};
+
+/// The throttle state, stored as JSON in its Durable Object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Throttle {
+    /// When each failure still in the window was counted, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    failures: Vec<i64>,
+    /// Locked while `now < locked_until`; kept after the lock ends, as the
+    /// start of the quiet period that decays `lockouts`. 0 = never locked.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    locked_until: i64,
+    /// How many locks the next lock's duration escalates over.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    lockouts: u32,
+    /// The last admitted attempt (0 = none), the other end of quiet periods.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    last_attempt_at: i64,
+}
+
+impl Throttle {
+    /// Atomically: if locked, `Err(seconds until the lock ends)` (at least 1)
+    /// and nothing changes. Otherwise counts this attempt as a failure in
+    /// advance (see the module docs) and returns `Ok`; if that makes
+    /// `max_failures` within the window, the throttle locks for
+    /// `min(base_lock_secs * 2^lockouts, max_lock_secs)`. The attempt that
+    /// reaches the limit is itself admitted: the limit is on guesses verified.
+    pub fn attempt(&mut self, policy: &Policy, now: i64) -> Result<(), u64> {
+        if let Some(wait) = self.retry_after(now) {
+            return Err(wait);
+        }
+        // Guard against a misconfigured zero window (division, and a window
+        // that could never hold a failure).
+        let window = policy.window_secs.max(1);
+
+        if self.lockouts > 0 {
+            let quiet_since = self.last_attempt_at.max(self.locked_until);
+            let quiet_windows = now.saturating_sub(quiet_since) / window;
+            let decay = u32::try_from(quiet_windows.max(0)).unwrap_or(u32::MAX);
+            self.lockouts = self.lockouts.saturating_sub(decay);
+        }
+
+        self.failures.retain(|&at| now.saturating_sub(at) < window);
+        self.failures.push(now);
+        self.last_attempt_at = now;
+
+        if self.failures.len() >= policy.max_failures as usize {
+            let duration = lock_duration(policy, self.lockouts);
+            self.locked_until = now.saturating_add(duration);
+            self.failures.clear();
+            // Stop escalating once the cap is reached, so the quiet time
+            // needed to decay back down stays bounded too.
+            if duration < policy.max_lock_secs {
+                self.lockouts += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The attempt turned out to be a success: forget the failures, including
+    /// the one counted in advance, and lift the current lock if there is one.
+    /// Attempts are refused while locked, so such a lock was set by the last
+    /// admitted attempt, whose verification may still have been in flight;
+    /// the password is now proven, so the lock protects nothing. The lockout
+    /// count stays, so a later lock still escalates.
+    ///
+    /// For the per-IP throttle the shell may prefer not to call this: one
+    /// valid account would otherwise let a client reset its IP's budget.
+    pub fn succeeded(&mut self) {
+        self.failures.clear();
+        self.locked_until = self.locked_until.min(self.last_attempt_at);
+    }
+
+    /// Seconds until the lock ends (at least 1), or `None` if not locked.
+    pub fn retry_after(&self, now: i64) -> Option<u64> {
+        let wait = self.locked_until.saturating_sub(now);
+        (wait > 0).then(|| u64::try_from(wait).unwrap_or(u64::MAX))
+    }
+}
+
+/// `min(base * 2^lockouts, max)` without overflow.
+fn lock_duration(policy: &Policy, lockouts: u32) -> i64 {
+    let factor = 1i64.checked_shl(lockouts).filter(|f| *f > 0);
+    factor
+        .and_then(|f| policy.base_lock_secs.checked_mul(f))
+        .map_or(policy.max_lock_secs, |d| d.min(policy.max_lock_secs))
+        .max(1)
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_000_000;
+
+    /// Fails `n` admitted attempts at `now`, asserting each is admitted.
+    fn fail(t: &mut Throttle, policy: &Policy, n: u32, now: i64) {
+        for i in 0..n {
+            assert_eq!(t.attempt(policy, now), Ok(()), "attempt {i} at {now}");
+        }
+    }
+
+    /// Triggers one lock at `now`; returns its duration.
+    fn lock(t: &mut Throttle, policy: &Policy, now: i64) -> u64 {
+        fail(t, policy, policy.max_failures, now);
+        t.retry_after(now).expect("locked")
+    }
+
+    #[test]
+    fn fewer_failures_than_the_limit_do_not_lock() {
+        for policy in [ACCOUNT, CLIENT_IP] {
+            let mut t = Throttle::default();
+            fail(&mut t, &policy, policy.max_failures - 1, T0);
+            assert_eq!(t.retry_after(T0), None);
+            assert_eq!(t.attempt(&policy, T0 + 1), Ok(()));
+        }
+    }
+
+    #[test]
+    fn the_attempt_reaching_the_limit_is_admitted_and_locks() {
+        let mut t = Throttle::default();
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0);
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 10), Ok(()));
+        assert_eq!(t.retry_after(T0 + 10), Some(30));
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 10), Err(30));
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 39), Err(1));
+    }
+
+    #[test]
+    fn refused_attempts_do_not_extend_the_lock_or_change_anything() {
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0);
+        let before = t.clone();
+        for now in T0..T0 + 30 {
+            assert_eq!(t.attempt(&ACCOUNT, now), Err((T0 + 30 - now) as u64));
+        }
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn the_lock_ends_exactly_on_time_and_the_next_window_starts_fresh() {
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0);
+        assert_eq!(t.retry_after(T0 + 29), Some(1));
+        assert_eq!(t.retry_after(T0 + 30), None);
+        // The failures before the lock are gone: a full budget again.
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0 + 30);
+        assert_eq!(t.retry_after(T0 + 30), None);
+    }
+
+    #[test]
+    fn lock_durations_escalate_and_are_capped() {
+        let mut t = Throttle::default();
+        let mut now = T0;
+        let mut durations = Vec::new();
+        for _ in 0..8 {
+            let d = lock(&mut t, &ACCOUNT, now);
+            durations.push(d);
+            now += d as i64;
+        }
+        assert_eq!(durations, [30, 60, 120, 240, 480, 900, 900, 900]);
+
+        let mut t = Throttle::default();
+        let mut now = T0;
+        let mut durations = Vec::new();
+        for _ in 0..6 {
+            let d = lock(&mut t, &CLIENT_IP, now);
+            durations.push(d);
+            now += d as i64;
+        }
+        assert_eq!(durations, [60, 120, 240, 480, 900, 900]);
+    }
+
+    #[test]
+    fn lockouts_decay_one_per_quiet_window() {
+        let mut t = Throttle::default();
+        let mut now = T0;
+        for _ in 0..3 {
+            now += lock(&mut t, &ACCOUNT, now) as i64;
+        }
+        // The next lock would be 240 s; one quiet window after the last lock
+        // ended brings it back to 120 s, two more to the base.
+        now += ACCOUNT.window_secs;
+        assert_eq!(lock(&mut t, &ACCOUNT, now), 120);
+        now += 120 + 3 * ACCOUNT.window_secs;
+        assert_eq!(lock(&mut t, &ACCOUNT, now), 30);
+        // A window that is not quiet (an attempt in it) does not decay.
+        now += 30 + ACCOUNT.window_secs - 1;
+        fail(&mut t, &ACCOUNT, 1, now);
+        now += ACCOUNT.window_secs - 1;
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, now);
+        assert_eq!(t.retry_after(now), Some(60));
+    }
+
+    #[test]
+    fn success_forgets_the_failures_and_lifts_the_current_lock() {
+        let mut t = Throttle::default();
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0);
+        t.succeeded();
+        // A full budget again: the failures (and the success's own advance
+        // count) are forgotten.
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0 + 1);
+        assert_eq!(t.retry_after(T0 + 1), None);
+
+        // The attempt that reached the limit turned out to be right.
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0);
+        t.succeeded();
+        assert_eq!(t.retry_after(T0), None);
+        assert_eq!(t.attempt(&ACCOUNT, T0), Ok(()));
+        t.succeeded();
+        // The lock history stays: the next lock escalates.
+        assert_eq!(lock(&mut t, &ACCOUNT, T0 + 1), 60);
+    }
+
+    #[test]
+    fn failures_older_than_the_window_do_not_count() {
+        let mut t = Throttle::default();
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0);
+        // At exactly one window later those have dropped out.
+        fail(
+            &mut t,
+            &ACCOUNT,
+            ACCOUNT.max_failures - 1,
+            T0 + ACCOUNT.window_secs,
+        );
+        assert_eq!(t.retry_after(T0 + ACCOUNT.window_secs), None);
+        // The window slides: one second before it ends, they still count.
+        let mut t = Throttle::default();
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0);
+        let now = T0 + ACCOUNT.window_secs - 1;
+        fail(&mut t, &ACCOUNT, 1, now);
+        assert_eq!(t.retry_after(now), Some(30));
+    }
+
+    #[test]
+    fn the_state_round_trips_through_json() {
+        let mut t = Throttle::default();
+        assert_eq!(serde_json::to_string(&t).unwrap(), "{}");
+        lock(&mut t, &ACCOUNT, T0);
+        fail(&mut t, &ACCOUNT, 2, T0 + 30);
+        let json = serde_json::to_string(&t).unwrap();
+        let back: Throttle = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(
+            serde_json::from_str::<Throttle>("{}").unwrap(),
+            Throttle::default()
+        );
+    }
+
+    #[test]
+    fn extreme_policies_and_times_do_not_overflow() {
+        let policy = Policy {
+            max_failures: 1,
+            window_secs: 0,
+            base_lock_secs: i64::MAX / 2,
+            max_lock_secs: i64::MAX,
+        };
+        let mut t = Throttle::default();
+        for _ in 0..70 {
+            assert_eq!(t.attempt(&policy, 0), Ok(()));
+            assert!(
+                t.retry_after(0)
+                    .is_some_and(|wait| wait >= (i64::MAX / 2) as u64)
+            );
+            t.locked_until = 0;
+        }
+        assert_eq!(lock_duration(&policy, 200), i64::MAX);
+        assert_eq!(lock_duration(&ACCOUNT, 63), 900);
+        assert_eq!(t.attempt(&ACCOUNT, i64::MAX), Ok(()));
+    }
+}

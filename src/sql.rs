@@ -1,0 +1,81 @@
+//! SQL text for PostgreSQL's simple query protocol.
+//!
+//! Behind Hyperdrive's transaction-mode pooling the extended protocol (prepared
+//! or typed statements) has known failure modes, so the worker sends plain
+//! query strings. Every value that comes from outside is quoted here, the way
+//! libpq's `PQescapeLiteral` does: an `E'...'` literal with backslashes and
+//! quotes doubled, which is correct whatever `standard_conforming_strings` says.
+//! NUL cannot be represented in a PostgreSQL text value and is refused.
+
+/// A NUL byte was found in a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NulInValue;
+
+/// Quotes `value` as a string literal.
+pub fn literal(value: &str) -> Result<String, NulInValue> {
+    if value.contains('\0') {
+        return Err(NulInValue);
+    }
+    let mut out = String::with_capacity(value.len() + 4);
+    out.push_str("E'");
+    for c in value.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    Ok(out)
+}
+
+/// A UUID literal, after checking the canonical lowercase hyphenated shape, so
+/// it can be used without quoting concerns.
+pub fn uuid(value: &str) -> Option<String> {
+    let b = value.as_bytes();
+    let shape_ok = b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+        });
+    shape_ok.then(|| format!("'{value}'::uuid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_and_backslashes_are_escaped() {
+        assert_eq!(literal("plain").unwrap(), "E'plain'");
+        assert_eq!(literal("o'brien").unwrap(), "E'o''brien'");
+        assert_eq!(literal(r"a\b").unwrap(), r"E'a\\b'");
+        assert_eq!(
+            literal(r"\'; DROP TABLE users; --").unwrap(),
+            r"E'\\''; DROP TABLE users; --'"
+        );
+        assert_eq!(literal("").unwrap(), "E''");
+        assert_eq!(literal("émoji 🙂").unwrap(), "E'émoji 🙂'");
+    }
+
+    #[test]
+    fn nul_is_refused() {
+        assert_eq!(literal("a\0b"), Err(NulInValue));
+    }
+
+    #[test]
+    fn only_canonical_uuids_are_accepted() {
+        assert_eq!(
+            uuid("0b0e7a4e-2f3c-4d5e-8f90-123456789abc").unwrap(),
+            "'0b0e7a4e-2f3c-4d5e-8f90-123456789abc'::uuid"
+        );
+        for bad in [
+            "",
+            "0B0E7A4E-2F3C-4D5E-8F90-123456789ABC",
+            "0b0e7a4e2f3c4d5e8f90123456789abc",
+            "0b0e7a4e-2f3c-4d5e-8f90-123456789ab'",
+        ] {
+            assert_eq!(uuid(bad), None, "{bad}");
+        }
+    }
+}
