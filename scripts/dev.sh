@@ -66,6 +66,13 @@ cat <<INFO
     curl -s http://127.0.0.1:$WORKER_PORT/readyz
   PostgreSQL: $DB_URL
     psql '$DB_URL'
+
+  Demo account: demo@keenvpn.test / keenvpn-demo-2026 (Plus plan)
+    curl -s -X POST http://127.0.0.1:$WORKER_PORT/v1/auth/login \\
+      -H 'content-type: application/json' \\
+      -d '{"email":"demo@keenvpn.test","password":"keenvpn-demo-2026"}'
+    then: curl -s http://127.0.0.1:$WORKER_PORT/v1/me -H "authorization: Bearer <access_token>"
+
   Ctrl-C stops the worker and the database.
 
 INFO

@@ -73,4 +73,12 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres || die "could not create the postgres user"
 fi
 
+step "development secrets (.dev.vars)"
+if [ -f .dev.vars ]; then
+  note "present"
+else
+  cp .dev.vars.example .dev.vars
+  note "created from .dev.vars.example (development-only keys)"
+fi
+
 step "setup done in $(( $(date +%s) - started ))s"

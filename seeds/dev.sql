@@ -24,3 +24,14 @@ SELECT r.id || '-' || n,
        CASE n WHEN 1 THEN 100 WHEN 2 THEN 100 ELSE 50 END
 FROM regions r CROSS JOIN generate_series(1, 3) AS n
 ON CONFLICT (id) DO NOTHING;
+
+-- The demo account (`make dev` prints these credentials): a Plus subscriber.
+-- Password: keenvpn-demo-2026 (argon2id, OWASP minimum cost).
+INSERT INTO users (id, email, password_hash) VALUES
+    ('00000000-0000-4000-8000-00000000d001', 'demo@keenvpn.test',
+     '$argon2id$v=19$m=19456,t=2,p=1$saiuB2GWep4XioGTXq5TqQ$PRETOG8IguBL1X5DmL1gtwbgxS+88v8w94UWQT/7juQ')
+ON CONFLICT (id) DO NOTHING;
+
+INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, provider_customer_id, provider_subscription_id)
+VALUES ('00000000-0000-4000-8000-00000000d001', 'plus', 'active', '2099-01-01T00:00:00Z', 'cus_demo', 'sub_demo')
+ON CONFLICT (user_id) DO NOTHING;

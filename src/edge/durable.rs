@@ -1,21 +1,29 @@
-//! The Durable Object classes, as thin shims.
+//! Durable Object plumbing shared by the classes, and the `RegionGate` class.
 //!
-//! - `UserSession`: one object per user. The authority for that user's sessions,
-//!   refresh-token families, device-limit reservations and login throttle: it is
-//!   single-threaded, so check-and-set on them is race-free by construction.
-//! - `RegionGate`: admission control for reconnects into a VPN region, sharded
-//!   so that no one object serves more than a few hundred requests per second.
+//! The classes are thin shims over pure state machines in `domain`:
+//! - `UserSession` (one per user, `user_session.rs`): sessions, refresh-token
+//!   families, and (later) device-limit reservations.
+//! - `LoginThrottle` (one per account email and one per client IP,
+//!   `login_throttle.rs`): failed sign-in counting.
+//! - `RegionGate` (here): admission control for reconnects into a region.
 //!
-//! Both answer the internal `GET /ping`, which writes and reads back their
-//! transactional storage: `/readyz` uses it to prove Durable Objects work end to end.
-//! Their state machines live in `domain` as they grow; these stay shims.
+//! Every class answers the internal `GET /ping`, which writes and reads back its
+//! transactional storage: `/readyz` uses it to prove Durable Objects end to end.
+//! Callers talk to objects with JSON over internal `fetch` via [`call`].
 
-use worker::{DurableObject, Env, Request, Response, Result, State, durable_object};
+use super::{Fail, time};
+use serde::Serialize;
+use worker::{
+    DurableObject, Env, Headers, Method, Request, RequestInit, Response, Result, State,
+    durable_object,
+};
 
 /// The storage key `ping` writes; never used for anything else.
 const PING_KEY: &str = "__ping";
+/// A Durable Object call that takes longer than this is treated as failed.
+pub const CALL_TIMEOUT_MS: u64 = 5_000;
 
-async fn ping(state: &State, req: &Request) -> Result<Response> {
+pub async fn ping(state: &State, req: &Request) -> Result<Response> {
     let nonce = req.headers().get("x-ping-nonce")?.unwrap_or_default();
     let storage = state.storage();
     storage.put(PING_KEY, &nonce).await?;
@@ -23,25 +31,66 @@ async fn ping(state: &State, req: &Request) -> Result<Response> {
     Response::from_json(&serde_json::json!({ "nonce": read }))
 }
 
-async fn dispatch(state: &State, req: Request) -> Result<Response> {
-    match (req.method(), req.path().as_str()) {
-        (worker::Method::Get, "/ping") => ping(state, &req).await,
-        _ => Response::error("unknown durable object route", 404),
+/// An error answer from an object: its HTTP status and our problem code.
+pub fn refuse(status: u16, code: &str, retry_after: Option<u64>) -> Result<Response> {
+    Ok(
+        Response::from_json(&serde_json::json!({ "code": code, "retry_after": retry_after }))?
+            .with_status(status),
+    )
+}
+
+/// POSTs `body` as JSON to `path` of the object `name` in `namespace`.
+/// Returns the status and JSON body; transport failures and timeouts are 503s.
+pub async fn call<B: Serialize>(
+    env: &Env,
+    namespace: &str,
+    name: &str,
+    path: &str,
+    body: &B,
+) -> std::result::Result<(u16, serde_json::Value), Fail> {
+    let unavailable =
+        |e: String| Fail::unavailable(format!("durable object {namespace}{path}: {e}"));
+    let stub = env
+        .durable_object(namespace)
+        .and_then(|ns| ns.get_by_name(name))
+        .map_err(|e| unavailable(e.to_string()))?;
+    let headers = Headers::new();
+    headers
+        .set("content-type", "application/json")
+        .map_err(|e| unavailable(e.to_string()))?;
+    let payload = serde_json::to_string(body).map_err(|e| Fail::internal(e.to_string()))?;
+    let req = Request::new_with_init(
+        &format!("https://durable-object{path}"),
+        RequestInit::new()
+            .with_method(Method::Post)
+            .with_headers(headers)
+            .with_body(Some(payload.into())),
+    )
+    .map_err(|e| unavailable(e.to_string()))?;
+    let fut = async {
+        let mut resp = stub.fetch_with_request(req).await?;
+        let status = resp.status_code();
+        let json: serde_json::Value = resp.json().await?;
+        Ok::<_, worker::Error>((status, json))
+    };
+    match time::timeout(CALL_TIMEOUT_MS, fut).await {
+        Some(Ok((status, json))) if status < 500 => Ok((status, json)),
+        Some(Ok((status, json))) => Err(unavailable(format!("status {status}: {json}"))),
+        Some(Err(e)) => Err(unavailable(e.to_string())),
+        None => Err(unavailable("timed out".into())),
     }
 }
 
-#[durable_object]
-pub struct UserSession {
-    state: State,
-}
-
-impl DurableObject for UserSession {
-    fn new(state: State, _env: Env) -> Self {
-        UserSession { state }
-    }
-
-    async fn fetch(&self, req: Request) -> Result<Response> {
-        dispatch(&self.state, req).await
+/// Parses a JSON request body inside an object; malformed input is a 400.
+pub async fn body<T: serde::de::DeserializeOwned>(
+    req: &mut Request,
+) -> std::result::Result<T, Response> {
+    match req.json::<T>().await {
+        Ok(v) => Ok(v),
+        Err(e) => Err(
+            Response::error(format!("bad request to durable object: {e}"), 400)
+                .unwrap_or_else(|_| Response::empty().unwrap()),
+        ),
     }
 }
 
@@ -56,6 +105,9 @@ impl DurableObject for RegionGate {
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
-        dispatch(&self.state, req).await
+        match (req.method(), req.path().as_str()) {
+            (Method::Get, "/ping") => ping(&self.state, &req).await,
+            _ => Response::error("unknown durable object route", 404),
+        }
     }
 }

@@ -2,15 +2,23 @@
 //!
 //! A request flows: request id → [`crate::http::route`] → handler → `Reply` →
 //! `worker::Response`. Handlers get every request-scoped value (request id,
-//! bindings) as arguments; nothing request-scoped is ever stored in a static.
+//! client address, bindings) as arguments; nothing request-scoped is ever stored
+//! in a static. Statics hold only per-isolate immutable config (`secrets`).
 
+mod auth;
 mod cron;
 mod durable;
 mod log;
+mod login_throttle;
 mod pg;
+mod random;
 mod readyz;
+mod secrets;
+mod store;
 mod time;
+mod user_session;
 
+use crate::domain::problem::ProblemCode;
 use crate::domain::request_id;
 use crate::http::{self, ApiError, Reply, Route, Routed};
 use worker::{Context, Env, Headers, Request, Response, event};
@@ -24,25 +32,79 @@ pub mod bindings {
     pub const KV: &str = "KV";
     pub const USER_SESSIONS: &str = "USER_SESSIONS";
     pub const REGION_GATES: &str = "REGION_GATES";
+    pub const LOGIN_THROTTLES: &str = "LOGIN_THROTTLES";
+}
+
+/// A handler's failure: what the client is told, and (for the log only) why.
+#[derive(Debug)]
+pub struct Fail {
+    pub api: ApiError,
+    pub cause: Option<String>,
+}
+
+impl Fail {
+    pub fn new(api: ApiError, cause: String) -> Fail {
+        Fail {
+            api,
+            cause: Some(cause),
+        }
+    }
+
+    /// A dependency failed or timed out: 503 with `Retry-After`.
+    pub fn unavailable(cause: String) -> Fail {
+        Fail::new(
+            ApiError::new(
+                ProblemCode::ServiceUnavailable,
+                "A backing service is unavailable; retry shortly.",
+            ),
+            cause,
+        )
+    }
+
+    /// A bug or an impossible state: 500, details only in the log.
+    pub fn internal(cause: String) -> Fail {
+        Fail::new(ApiError::internal(), cause)
+    }
+}
+
+impl From<ApiError> for Fail {
+    fn from(api: ApiError) -> Fail {
+        Fail { api, cause: None }
+    }
 }
 
 #[event(fetch)]
 async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
     let started = time::now_ms();
-    let request_id = request_id::choose(
-        req.headers().get("cf-ray").ok().flatten().as_deref(),
-        random16(),
-    );
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let request_id = request_id::choose(header("cf-ray").as_deref(), random::bytes());
+    // Set by Cloudflare's edge (and by wrangler dev locally); never trusted for
+    // anything but rate limiting.
+    let client_ip = header("cf-connecting-ip").unwrap_or_else(|| "unknown".into());
     let method = req.method().to_string();
     let path = req.path();
 
-    let reply = match http::route(&method, &path) {
-        Routed::Found(Route::Healthz) => Reply::json(200, &serde_json::json!({"status": "ok"})),
-        Routed::Found(Route::Readyz) => readyz::handle(&env, &request_id).await,
-        Routed::MethodNotAllowed { allow } => {
-            Reply::problem(&ApiError::method_not_allowed(allow), &request_id)
+    let result = match http::route(&method, &path) {
+        Routed::Found(Route::Healthz) => Ok(Reply::json(200, &serde_json::json!({"status": "ok"}))),
+        Routed::Found(Route::Readyz) => Ok(readyz::handle(&env, &request_id).await),
+        Routed::Found(Route::Jwks) => auth::jwks(&env),
+        Routed::Found(Route::Signup) => auth::signup(req, &env).await,
+        Routed::Found(Route::Login) => auth::login(req, &env, &client_ip).await,
+        Routed::Found(Route::Refresh) => auth::refresh(req, &env).await,
+        Routed::Found(Route::Logout) => auth::logout(req, &env, false).await,
+        Routed::Found(Route::LogoutAll) => auth::logout(req, &env, true).await,
+        Routed::Found(Route::Me) => auth::me(req, &env).await,
+        Routed::MethodNotAllowed { allow } => Err(ApiError::method_not_allowed(allow).into()),
+        Routed::NotFound => Err(ApiError::not_found().into()),
+    };
+    let reply = match result {
+        Ok(reply) => reply,
+        Err(fail) => {
+            if let Some(cause) = &fail.cause {
+                log::error(&request_id, fail.api.code.as_str(), cause);
+            }
+            Reply::problem(&fail.api, &request_id)
         }
-        Routed::NotFound => Reply::problem(&ApiError::not_found(), &request_id),
     };
     let reply = http::finish(reply, &request_id);
     log::request(
@@ -60,15 +122,10 @@ fn into_response(reply: Reply) -> worker::Result<Response> {
     for (name, value) in &reply.headers {
         headers.append(name, value)?;
     }
-    Ok(Response::from_bytes(reply.body)?
-        .with_status(reply.status)
-        .with_headers(headers))
-}
-
-/// 16 bytes from the platform CSPRNG (`crypto.getRandomValues`).
-fn random16() -> [u8; 16] {
-    let mut bytes = [0u8; 16];
-    // getrandom on wasm32 calls WebCrypto, which does not fail for 16 bytes.
-    getrandom::fill(&mut bytes).expect("crypto.getRandomValues is available in workerd");
-    bytes
+    let resp = if reply.body.is_empty() {
+        Response::empty()?
+    } else {
+        Response::from_bytes(reply.body)?
+    };
+    Ok(resp.with_status(reply.status).with_headers(headers))
 }

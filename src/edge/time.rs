@@ -12,6 +12,11 @@ pub fn now_ms() -> u64 {
     worker::Date::now().as_millis()
 }
 
+/// Unix seconds, the unit of every domain timestamp.
+pub fn now_secs() -> i64 {
+    (now_ms() / 1000) as i64
+}
+
 /// Runs `fut` for at most `ms` milliseconds; `None` on timeout.
 pub async fn timeout<T>(ms: u64, fut: impl Future<Output = T>) -> Option<T> {
     let fut = Box::pin(fut);

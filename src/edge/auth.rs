@@ -1,0 +1,406 @@
+//! The account and token endpoints.
+//!
+//! - signup and login check credentials against PostgreSQL (argon2id) and open a
+//!   session in the user's `UserSession` object, which issues the refresh token;
+//! - refresh and logout never touch PostgreSQL: the user's object is the
+//!   authority, so they keep working while the database is down;
+//! - every access token is signed here with the active key (`secrets`), carrying
+//!   the entitlement snapshot the reconnect hot path needs.
+
+use super::durable::call;
+use super::login_throttle::{AttemptReq, Scope};
+use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
+use super::{Fail, bindings, random, secrets, store, time};
+use crate::domain::account::{Email, Password};
+use crate::domain::password;
+use crate::domain::problem::ProblemCode;
+use crate::domain::token::{AccessClaims, KeySet};
+use crate::http::body::{self, MAX_JSON_BODY};
+use crate::http::{ApiError, Reply};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use worker::{Env, Request};
+
+/// The longest `Authorization` header value read; longer is refused unparsed.
+const MAX_AUTHORIZATION_LEN: usize = crate::domain::token::MAX_TOKEN_LEN + 16;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsBody {
+    email: String,
+    password: String,
+    /// A label for the session, e.g. the device's name.
+    #[serde(default)]
+    device_label: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+/// Reads and parses a JSON body, enforcing the size limit before parsing.
+async fn json_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<T, Fail> {
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    body::check_declared_length(header("content-length").as_deref(), MAX_JSON_BODY)?;
+    let content_type = header("content-type");
+    let bytes = req.bytes().await.map_err(|e| {
+        Fail::new(
+            ApiError::new(ProblemCode::MalformedJson, "The body could not be read."),
+            e.to_string(),
+        )
+    })?;
+    Ok(body::parse_json(
+        content_type.as_deref(),
+        &bytes,
+        MAX_JSON_BODY,
+    )?)
+}
+
+fn parse_credentials(b: &CredentialsBody) -> Result<(Email, Password), Fail> {
+    match (Email::parse(&b.email), Password::parse(&b.password)) {
+        (Ok(e), Ok(p)) => Ok((e, p)),
+        (e, p) => {
+            let errors: Vec<_> = [e.err(), p.err()].into_iter().flatten().collect();
+            Err(body::invalid(&errors).into())
+        }
+    }
+}
+
+/// The token pair answer, with the OAuth 2.0 field names.
+fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u16) -> Reply {
+    let (access_token, expires_in) = keys.issue(
+        user_id,
+        &issued.sid,
+        &issued.entitlement,
+        time::now_secs(),
+        random::u32(),
+    );
+    let mut reply = Reply::json(
+        status,
+        &json!({
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": expires_in,
+            "refresh_token": issued.refresh_token,
+        }),
+    );
+    reply.headers.push(("pragma", "no-cache".into()));
+    reply
+}
+
+/// Maps an object's refusal (`{code}`) to our problem, keeping its status.
+fn refusal(status: u16, body: &serde_json::Value) -> Fail {
+    let code = body["code"]
+        .as_str()
+        .and_then(ProblemCode::from_code)
+        .unwrap_or(ProblemCode::Internal);
+    let mut err = ApiError::new(code, code.title());
+    if let Some(secs) = body["retry_after"].as_u64() {
+        err.retry_after = Some(secs.min(u64::from(u32::MAX)) as u32);
+    }
+    if code == ProblemCode::Internal {
+        return Fail::internal(format!("durable object answered {status}: {body}"));
+    }
+    err.into()
+}
+
+async fn open_session(
+    env: &Env,
+    user_id: &str,
+    label: Option<String>,
+    inputs: store::EntitlementInputs,
+) -> Result<IssuedResp, Fail> {
+    let req = CreateReq {
+        user_id: user_id.to_owned(),
+        label: label.unwrap_or_default(),
+        inputs,
+    };
+    let (status, body) = call(env, bindings::USER_SESSIONS, user_id, "/create", &req).await?;
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    serde_json::from_value(body).map_err(|e| Fail::internal(format!("create answer: {e}")))
+}
+
+pub async fn signup(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+    let b: CredentialsBody = json_body(&mut req).await?;
+    let (email, password) = parse_credentials(&b)?;
+    let keys = secrets::keys(env)?;
+    secrets::pepper_or_fail(env)?;
+    let phc = password::hash(password.expose(), random::bytes());
+    let db = store::connect(env).await?;
+    let Some(row) = store::create_user(&db, &email, &phc).await? else {
+        return Err(ApiError::new(
+            ProblemCode::EmailTaken,
+            "An account with this email already exists; sign in instead.",
+        )
+        .into());
+    };
+    let issued = open_session(env, &row.user_id, b.device_label, row.inputs).await?;
+    Ok(token_pair(keys, &row.user_id, &issued, 201))
+}
+
+/// The throttle object names: a hash of the email (no address in object names
+/// or logs) and the client IP.
+fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
+    let digest = Sha256::digest(email.as_str().as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    (format!("account:{hex}"), format!("ip:{client_ip}"))
+}
+
+async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<(), Fail> {
+    let (status, body) = call(
+        env,
+        bindings::LOGIN_THROTTLES,
+        name,
+        "/attempt",
+        &AttemptReq { scope },
+    )
+    .await?;
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(refusal(status, &body))
+    }
+}
+
+pub async fn login(mut req: Request, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
+    let b: CredentialsBody = json_body(&mut req).await?;
+    let (email, password) = parse_credentials(&b)?;
+    let keys = secrets::keys(env)?;
+    secrets::pepper_or_fail(env)?;
+
+    // Count the attempt before checking the password, atomically per account and
+    // per client, so concurrent guesses cannot slip past the limit.
+    let (account_obj, ip_obj) = throttle_names(&email, client_ip);
+    let (by_account, by_ip) = futures::join!(
+        throttle_attempt(env, &account_obj, Scope::Account),
+        throttle_attempt(env, &ip_obj, Scope::ClientIp)
+    );
+    by_account?;
+    by_ip?;
+
+    let db = store::connect(env).await?;
+    let row = store::find_for_login(&db, &email).await?;
+    drop(db);
+    // An unknown email costs one argon2 verification too, so the answer and its
+    // timing do not reveal whether the account exists.
+    let stored_hash = row
+        .as_ref()
+        .map_or(password::DUMMY_HASH, |r| r.password_hash.as_str());
+    let verified = password::verify(password.expose(), stored_hash);
+    let row = match (row, verified) {
+        (Some(row), Ok(())) => row,
+        (row, result) => {
+            if let (
+                Some(_),
+                Err(password::VerifyError::TooWeak | password::VerifyError::Unreadable),
+            ) = (&row, &result)
+            {
+                worker::console_error!(
+                    "{}",
+                    json!({"level": "error", "msg": "stored password hash refused", "reason": format!("{result:?}")})
+                );
+            }
+            return Err(ApiError::new(
+                ProblemCode::InvalidCredentials,
+                "The email or password is incorrect.",
+            )
+            .into());
+        }
+    };
+    // Success clears the account's failures; the client IP's count stays (one
+    // address trying many accounts is the pattern that limit exists for).
+    let _ = call(
+        env,
+        bindings::LOGIN_THROTTLES,
+        &account_obj,
+        "/succeeded",
+        &json!({}),
+    )
+    .await;
+    let issued = open_session(env, &row.user_id, b.device_label, row.inputs).await?;
+    Ok(token_pair(keys, &row.user_id, &issued, 200))
+}
+
+pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+    let b: RefreshBody = json_body(&mut req).await?;
+    let keys = secrets::keys(env)?;
+    let token = crate::domain::session::RefreshToken::parse(&b.refresh_token).map_err(|e| {
+        Fail::from(ApiError::new(
+            ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::RefreshTokenMalformed),
+            "The refresh token is not in a valid format.",
+        ))
+    })?;
+    let user_id = token.user_id().to_owned();
+    let (status, body) = call(
+        env,
+        bindings::USER_SESSIONS,
+        &user_id,
+        "/refresh",
+        &RefreshReq {
+            refresh_token: b.refresh_token,
+        },
+    )
+    .await?;
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    let issued: IssuedResp =
+        serde_json::from_value(body).map_err(|e| Fail::internal(format!("refresh answer: {e}")))?;
+    Ok(token_pair(keys, &user_id, &issued, 200))
+}
+
+/// Verifies the bearer token and that its session has not been revoked.
+///
+/// Revocation is read from the KV mirror, so a logged-out session's access
+/// tokens stop working once the revocation has propagated (about a minute),
+/// not after the token's full lifetime.
+pub async fn authenticate(req: &Request, env: &Env) -> Result<AccessClaims, Fail> {
+    let header = req.headers().get("authorization").ok().flatten();
+    let Some(header) = header else {
+        return Err(ApiError::new(
+            ProblemCode::TokenMissing,
+            "Send an access token as `Authorization: Bearer <token>`.",
+        )
+        .into());
+    };
+    if header.len() > MAX_AUTHORIZATION_LEN {
+        return Err(
+            ApiError::new(ProblemCode::TokenTooLarge, "The access token is too large.").into(),
+        );
+    }
+    let token = match header.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => {
+            return Err(
+                ApiError::new(ProblemCode::TokenMalformed, "Use the Bearer scheme.").into(),
+            );
+        }
+    };
+    let keys = secrets::keys(env)?;
+    let claims = keys.verify(token, time::now_secs()).map_err(|e| {
+        Fail::from(ApiError::new(
+            ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::TokenMalformed),
+            e.detail(),
+        ))
+    })?;
+    if session_revoked(env, &claims).await {
+        return Err(ApiError::new(
+            ProblemCode::SessionRevoked,
+            "This session has been signed out.",
+        )
+        .into());
+    }
+    Ok(claims)
+}
+
+async fn session_revoked(env: &Env, claims: &AccessClaims) -> bool {
+    let Ok(kv) = env.kv(bindings::KV) else {
+        return false;
+    };
+    // A KV failure does not lock every user out: the token's signature and
+    // expiry still bound it to 15 minutes.
+    match kv
+        .get(&user_session::mirror_key(&claims.sub))
+        .json::<Mirror>()
+        .await
+    {
+        Ok(Some(m)) => m.sessions.iter().any(|s| s.id == claims.sid && s.revoked),
+        _ => false,
+    }
+}
+
+pub async fn logout(req: Request, env: &Env, all: bool) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let (status, body) = if all {
+        call(
+            env,
+            bindings::USER_SESSIONS,
+            &claims.sub,
+            "/revoke-all",
+            &json!({}),
+        )
+        .await?
+    } else {
+        call(
+            env,
+            bindings::USER_SESSIONS,
+            &claims.sub,
+            "/revoke",
+            &RevokeReq {
+                sid: claims.sid.clone(),
+            },
+        )
+        .await?
+    };
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    Ok(Reply {
+        status: 204,
+        headers: vec![],
+        body: vec![],
+    })
+}
+
+pub async fn me(req: Request, env: &Env) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let db = store::connect(env).await?;
+    let account = store::account(&db, &claims.sub).await?;
+    drop(db);
+    let Some(account) = account else {
+        // A valid token for a deleted account.
+        return Err(ApiError::new(
+            ProblemCode::SessionRevoked,
+            "This account no longer exists.",
+        )
+        .into());
+    };
+    let ent = crate::domain::entitlement::entitlement(
+        &account.inputs.free,
+        account.inputs.subscription.as_ref(),
+        time::now_secs(),
+    );
+    let sessions = match env.kv(bindings::KV) {
+        Ok(kv) => kv
+            .get(&user_session::mirror_key(&claims.sub))
+            .json::<Mirror>()
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
+    let sessions: Vec<_> = sessions
+        .map(|m| m.sessions)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|s| !s.revoked)
+        .map(|s| json!({"id": s.id, "label": s.label, "created_at": s.created_at, "last_refresh_at": s.last_refresh_at, "current": s.id == claims.sid}))
+        .collect();
+    Ok(Reply::json(
+        200,
+        &json!({
+            "id": account.id,
+            "email": account.email,
+            "created_at": account.created_at,
+            "plan": ent.plan,
+            "entitlement": {"max_devices": ent.max_devices, "region_tiers": ent.region_tiers, "until": ent.until},
+            "sessions": sessions,
+        }),
+    ))
+}
+
+pub fn jwks(env: &Env) -> Result<Reply, Fail> {
+    let keys = secrets::keys(env)?;
+    let mut reply = Reply::json(200, &keys.jwks());
+    // Verifiers may cache the key set briefly; a rotation adds the new key
+    // before it signs anything, so a cached copy is never missing a live key.
+    reply
+        .headers
+        .push(("cache-control", "public, max-age=300".into()));
+    Ok(reply)
+}

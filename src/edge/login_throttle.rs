@@ -1,0 +1,66 @@
+//! The `LoginThrottle` Durable Object: counts sign-in attempts for one account
+//! (named by a hash of the normalised email, so unknown and known emails behave
+//! identically) or one client IP. The counting rules are `domain::throttle`.
+
+use super::durable::{body, ping, refuse};
+use super::time;
+use crate::domain::throttle::{self, Throttle};
+use serde::{Deserialize, Serialize};
+use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
+
+const KEY: &str = "throttle";
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    Account,
+    ClientIp,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttemptReq {
+    pub scope: Scope,
+}
+
+#[durable_object]
+pub struct LoginThrottle {
+    state: State,
+}
+
+impl DurableObject for LoginThrottle {
+    fn new(state: State, _env: Env) -> Self {
+        LoginThrottle { state }
+    }
+
+    async fn fetch(&self, mut req: Request) -> Result<Response> {
+        let storage = self.state.storage();
+        match (req.method(), req.path().as_str()) {
+            (Method::Get, "/ping") => ping(&self.state, &req).await,
+            (Method::Post, "/attempt") => {
+                let r: AttemptReq = match body(&mut req).await {
+                    Ok(r) => r,
+                    Err(resp) => return Ok(resp),
+                };
+                let policy = match r.scope {
+                    Scope::Account => &throttle::ACCOUNT,
+                    Scope::ClientIp => &throttle::CLIENT_IP,
+                };
+                let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
+                let outcome = t.attempt(policy, time::now_secs());
+                // Persist before answering: a counted attempt must survive a restart.
+                storage.put(KEY, &t).await?;
+                match outcome {
+                    Ok(()) => Response::from_json(&serde_json::json!({})),
+                    Err(retry_after) => refuse(429, "too_many_attempts", Some(retry_after)),
+                }
+            }
+            (Method::Post, "/succeeded") => {
+                let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
+                t.succeeded();
+                storage.put(KEY, &t).await?;
+                Response::from_json(&serde_json::json!({}))
+            }
+            _ => Response::error("unknown durable object route", 404),
+        }
+    }
+}
