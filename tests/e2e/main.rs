@@ -10,6 +10,8 @@
 mod support;
 
 #[cfg(not(target_arch = "wasm32"))]
+mod auth;
+#[cfg(not(target_arch = "wasm32"))]
 mod cron;
 #[cfg(not(target_arch = "wasm32"))]
 mod health;
@@ -40,7 +42,10 @@ mod harness {
     pub type Test = fn(&Ctx) -> Result<(), libtest_mimic::Failed>;
 
     pub fn main() -> std::process::ExitCode {
-        let args = libtest_mimic::Arguments::from_args();
+        let mut args = libtest_mimic::Arguments::from_args();
+        // The tests spend their time waiting on the worker (some sleep through a
+        // lock or a grace window), not on the CPU: run more of them at once.
+        args.test_threads.get_or_insert(8);
         support::require(&[
             Prerequisite::PostgresBinaries,
             Prerequisite::Wrangler,
@@ -57,7 +62,7 @@ mod harness {
                 .expect("http client"),
             shared: OnceLock::new(),
         });
-        let trials = [crate::health::TESTS, crate::cron::TESTS]
+        let trials = [crate::health::TESTS, crate::cron::TESTS, crate::auth::TESTS]
             .concat()
             .into_iter()
             .map(|(name, test)| {

@@ -60,8 +60,15 @@ impl Prerequisite {
             Prerequisite::PostgresBinaries => postgres_bindir()
                 .is_none()
                 .then(|| "PostgreSQL server binaries (initdb, postgres)".into()),
-            Prerequisite::Wrangler => (!root().join("node_modules/.bin/wrangler").exists())
-                .then(|| "wrangler (npm packages: node_modules/)".into()),
+            Prerequisite::Wrangler => {
+                if !root().join("node_modules/.bin/wrangler").exists() {
+                    Some("wrangler (npm packages: node_modules/)".into())
+                } else if !root().join(".dev.vars").exists() {
+                    Some("development secrets (.dev.vars, copied from .dev.vars.example)".into())
+                } else {
+                    None
+                }
+            }
             Prerequisite::WorkerBuild => ["worker-build", "wasm-bindgen"]
                 .iter()
                 .find(|t| which(t).is_none())

@@ -1,0 +1,814 @@
+//! Accounts, tokens and sessions, end to end.
+
+use crate::harness::{Ctx, Test};
+use crate::support::DB_NAME;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use libtest_mimic::Failed;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub const TESTS: &[(&str, Test)] = &[
+    (
+        "auth::signup_returns_a_token_pair_and_me_shows_the_account",
+        signup_and_me,
+    ),
+    (
+        "auth::signup_twice_with_the_same_email_is_409",
+        duplicate_signup,
+    ),
+    (
+        "auth::the_demo_account_logs_in_with_its_plus_plan",
+        demo_login,
+    ),
+    (
+        "auth::unknown_email_and_wrong_password_look_the_same",
+        unknown_vs_wrong,
+    ),
+    ("auth::bad_bodies_are_refused_and_write_nothing", bad_bodies),
+    (
+        "auth::repeated_failures_are_throttled_and_recover",
+        throttling,
+    ),
+    (
+        "auth::refresh_rotates_and_a_retry_within_grace_gets_the_same_successor",
+        refresh_rotation,
+    ),
+    (
+        "auth::concurrent_refreshes_of_one_token_rotate_exactly_once",
+        concurrent_refresh,
+    ),
+    (
+        "auth::an_old_generation_is_reuse_and_kills_only_its_family",
+        reuse_two_back,
+    ),
+    (
+        "auth::reuse_after_the_grace_window_kills_only_its_family",
+        reuse_after_grace,
+    ),
+    (
+        "auth::logout_ends_one_session_and_logout_all_ends_every_session",
+        logout_flows,
+    ),
+    (
+        "auth::every_bad_access_token_is_a_401_with_a_stable_code",
+        bad_token_corpus,
+    ),
+    (
+        "auth::the_jwks_publishes_the_key_that_signs_access_tokens",
+        jwks_matches,
+    ),
+    (
+        "auth::concurrent_requests_for_different_users_never_mix",
+        isolation,
+    ),
+];
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn unique_email() -> String {
+    format!(
+        "user{}-{}@example.test",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A documentation-range address per caller, so per-IP throttling of one test
+/// never affects another.
+fn fresh_ip() -> String {
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    format!("2001:db8::{:x}:{:x}", std::process::id() & 0xffff, n)
+}
+
+struct Resp {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+async fn send(
+    ctx: &Ctx,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    bearer: Option<&str>,
+    ip: &str,
+) -> Resp {
+    let mut req = ctx
+        .http
+        .request(method.parse().unwrap(), ctx.url(path))
+        .header("cf-connecting-ip", ip);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(ctx: &Ctx, path: &str, body: Value, ip: &str) -> Resp {
+    send(ctx, "POST", path, Some(body), None, ip).await
+}
+
+async fn signup(ctx: &Ctx, email: &str, password: &str) -> Resp {
+    post(
+        ctx,
+        "/v1/auth/signup",
+        json!({"email": email, "password": password}),
+        &fresh_ip(),
+    )
+    .await
+}
+
+async fn login(ctx: &Ctx, email: &str, password: &str, ip: &str) -> Resp {
+    post(
+        ctx,
+        "/v1/auth/login",
+        json!({"email": email, "password": password}),
+        ip,
+    )
+    .await
+}
+
+async fn refresh(ctx: &Ctx, token: &str) -> Resp {
+    post(
+        ctx,
+        "/v1/auth/refresh",
+        json!({"refresh_token": token}),
+        &fresh_ip(),
+    )
+    .await
+}
+
+async fn me(ctx: &Ctx, access: &str) -> Resp {
+    send(ctx, "GET", "/v1/me", None, Some(access), &fresh_ip()).await
+}
+
+fn assert_pair(r: &Resp) {
+    assert_eq!(r.body["token_type"], "Bearer", "{}", r.body);
+    let access = r.body["access_token"].as_str().expect("access_token");
+    assert_eq!(access.split('.').count(), 3);
+    let expires_in = r.body["expires_in"].as_i64().expect("expires_in");
+    assert!((840..=900).contains(&expires_in), "{expires_in}");
+    assert!(
+        r.body["refresh_token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("v1."))
+    );
+    assert_eq!(r.headers["cache-control"], "no-store");
+}
+
+fn claims(access: &str) -> Value {
+    let payload = access.split('.').nth(1).unwrap();
+    serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap()
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+async fn new_user(ctx: &Ctx) -> (String, Resp) {
+    let email = unique_email();
+    let r = signup(ctx, &email, "correct horse battery").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    (email, r)
+}
+
+fn signup_and_me(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let r = signup(
+            ctx,
+            &format!("  {}  ", email.to_uppercase()),
+            "correct horse battery",
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        assert_pair(&r);
+        let c = claims(s(&r.body["access_token"]));
+        assert_eq!(c["typ"], "access");
+        assert_eq!(c["ent"]["plan"], "free");
+        assert_eq!(c["ent"]["max_devices"], 1);
+        let m = me(ctx, s(&r.body["access_token"])).await;
+        assert_eq!(m.status, 200, "{}", m.body);
+        assert_eq!(m.body["email"], email.as_str(), "email is normalised");
+        assert_eq!(m.body["id"], c["sub"]);
+        assert_eq!(m.body["plan"], "free");
+        assert_eq!(m.body["entitlement"]["region_tiers"], json!(["free"]));
+        let sessions = m.body["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 1);
+        assert_eq!(sessions[0]["id"], c["sid"]);
+        assert_eq!(sessions[0]["current"], true);
+        // Stored as argon2id, never in plain text.
+        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+        let hash: String = db
+            .query_one(
+                "SELECT password_hash FROM users WHERE email = $1",
+                &[&email],
+            )
+            .await?
+            .get(0);
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+        Ok(())
+    })
+}
+
+fn duplicate_signup(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        let again = signup(ctx, &email, "another password").await;
+        assert_eq!(again.status, 409);
+        assert_eq!(again.body["code"], "email_taken");
+        Ok(())
+    })
+}
+
+fn demo_login(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let r = login(ctx, "demo@keenvpn.test", "keenvpn-demo-2026", &fresh_ip()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_pair(&r);
+        let c = claims(s(&r.body["access_token"]));
+        assert_eq!(c["ent"]["plan"], "plus");
+        assert_eq!(c["ent"]["max_devices"], 5);
+        assert_eq!(c["ent"]["region_tiers"], json!(["free", "premium"]));
+        assert!(c["ent"]["until"].as_i64().unwrap() > 4_000_000_000);
+        Ok(())
+    })
+}
+
+fn unknown_vs_wrong(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        let wrong = login(ctx, &email, "not the password", &fresh_ip()).await;
+        let unknown = login(ctx, &unique_email(), "not the password", &fresh_ip()).await;
+        assert_eq!(wrong.status, 401);
+        assert_eq!(unknown.status, 401);
+        let strip = |mut v: Value| {
+            v.as_object_mut().unwrap().remove("request_id");
+            v
+        };
+        assert_eq!(
+            strip(wrong.body),
+            strip(unknown.body),
+            "same body apart from the request id"
+        );
+        assert!(wrong.headers.get("www-authenticate").is_none());
+        Ok(())
+    })
+}
+
+fn bad_bodies(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+        let raw = |body: Vec<u8>, ct: &'static str| {
+            ctx.http
+                .post(ctx.url("/v1/auth/signup"))
+                .header("content-type", ct)
+                .header("cf-connecting-ip", fresh_ip())
+                .body(body)
+                .send()
+        };
+        let email = unique_email();
+        let cases: Vec<(Vec<u8>, &str, u16, &str)> = vec![
+            (
+                b"{not json".to_vec(),
+                "application/json",
+                400,
+                "malformed_json",
+            ),
+            (b"".to_vec(), "application/json", 400, "malformed_json"),
+            (
+                br#"{"email":"a@example.test"}"#.to_vec(),
+                "application/json",
+                400,
+                "malformed_json",
+            ),
+            (
+                br#"{"email":1,"password":"x"}"#.to_vec(),
+                "application/json",
+                400,
+                "malformed_json",
+            ),
+            (
+                br#"{"email":"a@example.test","password":"long enough","admin":true}"#.to_vec(),
+                "application/json",
+                400,
+                "malformed_json",
+            ),
+            (
+                json!({"email": email, "password": "x".repeat(1 << 20)})
+                    .to_string()
+                    .into_bytes(),
+                "application/json",
+                413,
+                "payload_too_large",
+            ),
+            (
+                json!({"email": email, "password": "nul\u{0}inside!"})
+                    .to_string()
+                    .into_bytes(),
+                "application/json",
+                422,
+                "validation_failed",
+            ),
+            (
+                json!({"email": "not-an-email", "password": "long enough"})
+                    .to_string()
+                    .into_bytes(),
+                "application/json",
+                422,
+                "validation_failed",
+            ),
+            (
+                json!({"email": email, "password": "short"})
+                    .to_string()
+                    .into_bytes(),
+                "application/json",
+                422,
+                "validation_failed",
+            ),
+            (
+                json!({"email": email, "password": "long enough"})
+                    .to_string()
+                    .into_bytes(),
+                "text/plain",
+                415,
+                "unsupported_media_type",
+            ),
+        ];
+        for (body, ct, status, code) in cases {
+            let resp = raw(body, ct).await?;
+            assert_eq!(resp.status().as_u16(), status, "{code}");
+            assert_eq!(resp.headers()["content-type"], "application/problem+json");
+            let b: Value = resp.json().await?;
+            assert_eq!(b["code"], code, "{b}");
+        }
+        // The 422 names the field.
+        let resp = raw(
+            json!({"email": "nope", "password": "short"})
+                .to_string()
+                .into_bytes(),
+            "application/json",
+        )
+        .await?;
+        let b: Value = resp.json().await?;
+        let fields: Vec<&str> = b["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| s(&e["field"]))
+            .collect();
+        assert_eq!(fields, ["email", "password"]);
+        // Other tests sign up concurrently, so count only the addresses used here.
+        let written: i64 = db
+            .query_one(
+                "SELECT count(*) FROM users WHERE email = ANY($1)",
+                &[&vec![
+                    email.clone(),
+                    "a@example.test".to_owned(),
+                    "nope".to_owned(),
+                    "not-an-email".to_owned(),
+                ]],
+            )
+            .await?
+            .get(0);
+        assert_eq!(written, 0, "no bad request created a user");
+        Ok(())
+    })
+}
+
+fn throttling(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        let ip = fresh_ip();
+        // Five failed attempts are answered normally...
+        for _ in 0..5 {
+            assert_eq!(login(ctx, &email, "wrong password", &ip).await.status, 401);
+        }
+        // ...then the account is locked, even for the right password and from another address.
+        let locked = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        assert_eq!(locked.status, 429, "{}", locked.body);
+        assert_eq!(locked.body["code"], "too_many_attempts");
+        let retry: u64 = locked.headers["retry-after"].to_str()?.parse()?;
+        assert!((1..=30).contains(&retry), "{retry}");
+        // It recovers once the lock has passed.
+        tokio::time::sleep(Duration::from_secs(retry + 1)).await;
+        let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
+        Ok(())
+    })
+}
+
+fn refresh_rotation(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (_, r) = new_user(ctx).await;
+        let t0 = s(&r.body["refresh_token"]).to_owned();
+        let r1 = refresh(ctx, &t0).await;
+        assert_eq!(r1.status, 200, "{}", r1.body);
+        assert_pair(&r1);
+        let t1 = s(&r1.body["refresh_token"]).to_owned();
+        assert_ne!(t0, t1);
+        // The same session continues.
+        assert_eq!(
+            claims(s(&r1.body["access_token"]))["sid"],
+            claims(s(&r.body["access_token"]))["sid"]
+        );
+        // A retry of t0 (the response was lost) gets the same successor.
+        let retry = refresh(ctx, &t0).await;
+        assert_eq!(retry.status, 200, "{}", retry.body);
+        assert_eq!(retry.body["refresh_token"], t1.as_str());
+        // And t1 keeps working.
+        assert_eq!(refresh(ctx, &t1).await.status, 200);
+        Ok(())
+    })
+}
+
+fn concurrent_refresh(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (_, r) = new_user(ctx).await;
+        let t0 = s(&r.body["refresh_token"]).to_owned();
+        let results = futures::future::join_all((0..8).map(|_| refresh(ctx, &t0))).await;
+        let mut successors: Vec<String> = results
+            .iter()
+            .map(|r| {
+                assert_eq!(r.status, 200, "{}", r.body);
+                s(&r.body["refresh_token"]).to_owned()
+            })
+            .collect();
+        successors.dedup();
+        assert_eq!(
+            successors.len(),
+            1,
+            "one rotation, one successor: {successors:?}"
+        );
+        // The successor is generation 1: exactly one rotation happened.
+        assert_eq!(successors[0].split('.').nth(3), Some("1"));
+        Ok(())
+    })
+}
+
+fn reuse_two_back(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, first) = new_user(ctx).await;
+        let other = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        assert_eq!(other.status, 200);
+        let t0 = s(&first.body["refresh_token"]).to_owned();
+        let t1 = s(&refresh(ctx, &t0).await.body["refresh_token"]).to_owned();
+        let t2 = s(&refresh(ctx, &t1).await.body["refresh_token"]).to_owned();
+        // t0 is two generations back: a replay, even within the grace window.
+        let reused = refresh(ctx, &t0).await;
+        assert_eq!(reused.status, 401);
+        assert_eq!(reused.body["code"], "refresh_token_reused");
+        // The whole family is dead, including its newest token...
+        assert_eq!(
+            refresh(ctx, &t2).await.body["code"],
+            "refresh_token_revoked"
+        );
+        // ...but the user's other session is untouched.
+        assert_eq!(
+            refresh(ctx, s(&other.body["refresh_token"])).await.status,
+            200
+        );
+        Ok(())
+    })
+}
+
+fn reuse_after_grace(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, first) = new_user(ctx).await;
+        let other = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        let t0 = s(&first.body["refresh_token"]).to_owned();
+        let r1 = refresh(ctx, &t0).await;
+        let t1 = s(&r1.body["refresh_token"]).to_owned();
+        // Wait out the grace window (45 s), then replay t0.
+        tokio::time::sleep(Duration::from_secs(47)).await;
+        let reused = refresh(ctx, &t0).await;
+        assert_eq!(reused.status, 401);
+        assert_eq!(reused.body["code"], "refresh_token_reused");
+        assert_eq!(
+            refresh(ctx, &t1).await.body["code"],
+            "refresh_token_revoked"
+        );
+        // The family's access token is refused once the revocation is mirrored.
+        let access = s(&r1.body["access_token"]).to_owned();
+        crate::support::eventually(
+            Duration::from_secs(70),
+            "revoked session refused",
+            || async { (me(ctx, &access).await.body["code"] == "session_revoked").then_some(()) },
+        )
+        .await;
+        assert_eq!(
+            refresh(ctx, s(&other.body["refresh_token"])).await.status,
+            200,
+            "other family alive"
+        );
+        Ok(())
+    })
+}
+
+fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, a) = new_user(ctx).await;
+        let b = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        let c = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        let (a_access, b_access) = (s(&a.body["access_token"]), s(&b.body["access_token"]));
+        assert_eq!(
+            me(ctx, a_access).await.body["sessions"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+
+        let out = send(
+            ctx,
+            "POST",
+            "/v1/auth/logout",
+            None,
+            Some(a_access),
+            &fresh_ip(),
+        )
+        .await;
+        assert_eq!(out.status, 204);
+        assert_eq!(
+            refresh(ctx, s(&a.body["refresh_token"])).await.body["code"],
+            "refresh_token_revoked"
+        );
+        crate::support::eventually(
+            Duration::from_secs(70),
+            "logged-out access token refused",
+            || async { (me(ctx, a_access).await.body["code"] == "session_revoked").then_some(()) },
+        )
+        .await;
+        // The other sessions are untouched and no longer list the ended one.
+        let m = me(ctx, b_access).await;
+        assert_eq!(m.status, 200);
+        assert_eq!(m.body["sessions"].as_array().unwrap().len(), 2);
+
+        let all = send(
+            ctx,
+            "POST",
+            "/v1/auth/logout-all",
+            None,
+            Some(b_access),
+            &fresh_ip(),
+        )
+        .await;
+        assert_eq!(all.status, 204);
+        for pair in [&b, &c] {
+            assert_eq!(
+                refresh(ctx, s(&pair.body["refresh_token"])).await.body["code"],
+                "refresh_token_revoked"
+            );
+        }
+        let unauth = send(ctx, "POST", "/v1/auth/logout", None, None, &fresh_ip()).await;
+        assert_eq!(unauth.status, 401);
+        assert_eq!(unauth.body["code"], "token_missing");
+        assert!(
+            unauth.headers["www-authenticate"]
+                .to_str()?
+                .starts_with("Bearer")
+        );
+        Ok(())
+    })
+}
+
+/// The development signing key, read from `.dev.vars` (as the worker does).
+fn dev_key() -> (String, ed25519_compact::KeyPair) {
+    let vars =
+        std::fs::read_to_string(crate::support::root().join(".dev.vars")).expect(".dev.vars");
+    let line = vars
+        .lines()
+        .find(|l| l.starts_with("JWT_SIGNING_KEYS="))
+        .expect("JWT_SIGNING_KEYS");
+    let json = line
+        .trim_start_matches("JWT_SIGNING_KEYS=")
+        .trim_matches('\'');
+    let keys: Value = serde_json::from_str(json).unwrap();
+    let seed = B64.decode(s(&keys[0]["seed"])).unwrap();
+    let kp = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::from_slice(&seed).unwrap());
+    (s(&keys[0]["kid"]).to_owned(), kp)
+}
+
+fn enc(v: &Value) -> String {
+    B64.encode(v.to_string())
+}
+
+fn sign_ed25519(kp: &ed25519_compact::KeyPair, header: &Value, claims: &Value) -> String {
+    let input = format!("{}.{}", enc(header), enc(claims));
+    let sig = kp.sk.sign(input.as_bytes(), None);
+    format!("{input}.{}", B64.encode(sig.as_ref()))
+}
+
+fn bad_token_corpus(ctx: &Ctx) -> Result<(), Failed> {
+    use hmac::Mac;
+    ctx.rt.block_on(async {
+        let (_, pair) = new_user(ctx).await;
+        let good = s(&pair.body["access_token"]).to_owned();
+        let base = claims(&good);
+        let (kid, kp) = dev_key();
+        let header = json!({"alg": "EdDSA", "kid": kid, "typ": "JWT"});
+        let now = base["iat"].as_i64().unwrap();
+        let with = |k: &str, v: Value| {
+            let mut c = base.clone();
+            c[k] = v;
+            sign_ed25519(&kp, &header, &c)
+        };
+        let none_token = format!(
+            "{}.{}.",
+            enc(&json!({"alg": "none", "kid": kid})),
+            enc(&base)
+        );
+        let none_junk_sig = format!(
+            "{}.{}.AAAA",
+            enc(&json!({"alg": "none", "kid": kid})),
+            enc(&base)
+        );
+        let hs256 = {
+            let h = json!({"alg": "HS256", "kid": kid, "typ": "JWT"});
+            let input = format!("{}.{}", enc(&h), enc(&base));
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(kp.pk.as_ref()).unwrap();
+            mac.update(input.as_bytes());
+            format!("{input}.{}", B64.encode(mac.finalize().into_bytes()))
+        };
+        let unknown_kid = sign_ed25519(
+            &kp,
+            &json!({"alg": "EdDSA", "kid": "retired-key", "typ": "JWT"}),
+            &base,
+        );
+        let flipped = {
+            let (rest, sig) = good.rsplit_once('.').unwrap();
+            let mut bytes = B64.decode(sig).unwrap();
+            bytes[10] ^= 0x01;
+            format!("{rest}.{}", B64.encode(bytes))
+        };
+        let segs: Vec<&str> = good.split('.').collect();
+        let corpus: Vec<(&str, String, &str)> = vec![
+            ("alg none, unsigned", none_token, "token_malformed"),
+            (
+                "alg none with a junk signature",
+                none_junk_sig,
+                "token_algorithm_not_allowed",
+            ),
+            (
+                "HS256 keyed with the public key",
+                hs256,
+                "token_algorithm_not_allowed",
+            ),
+            ("unknown kid", unknown_kid, "token_unknown_key"),
+            ("flipped signature bit", flipped, "token_bad_signature"),
+            (
+                "truncated",
+                format!("{}.{}", segs[0], segs[1]),
+                "token_malformed",
+            ),
+            ("extra segment", format!("{good}.AAAA"), "token_malformed"),
+            (
+                "wrong iss",
+                with("iss", json!("someone-else")),
+                "token_wrong_issuer",
+            ),
+            (
+                "wrong aud",
+                with("aud", json!("another-app")),
+                "token_wrong_audience",
+            ),
+            (
+                "typ refresh",
+                with("typ", json!("refresh")),
+                "token_wrong_type",
+            ),
+            (
+                "expired",
+                {
+                    let mut c = base.clone();
+                    c["iat"] = json!(now - 3600);
+                    c["exp"] = json!(now - 3000);
+                    sign_ed25519(&kp, &header, &c)
+                },
+                "token_expired",
+            ),
+            (
+                "iat in the future",
+                {
+                    let mut c = base.clone();
+                    c["iat"] = json!(now + 3600);
+                    c["exp"] = json!(now + 4200);
+                    sign_ed25519(&kp, &header, &c)
+                },
+                "token_not_yet_valid",
+            ),
+            (
+                "exp absurdly far ahead",
+                with("exp", json!(now + 10 * 365 * 86400)),
+                "token_lifetime_too_long",
+            ),
+            (
+                "a refresh token as access token",
+                s(&pair.body["refresh_token"]).to_owned(),
+                "token_malformed",
+            ),
+            (
+                "non-base64 garbage",
+                "!!!.@@@.###".to_owned(),
+                "token_malformed",
+            ),
+            (
+                "oversized",
+                format!("{}.{}.{}", segs[0], "A".repeat(8000), segs[2]),
+                "token_too_large",
+            ),
+        ];
+        for (what, token, code) in corpus {
+            let r = me(ctx, &token).await;
+            assert_eq!(r.status, 401, "{what}: {}", r.body);
+            assert_eq!(r.body["code"], code, "{what}");
+            let www = r.headers["www-authenticate"].to_str()?;
+            assert!(www.contains(r#"error="invalid_token""#), "{what}: {www}");
+        }
+        // An access token is not a refresh token.
+        let r = refresh(ctx, &good).await;
+        assert_eq!(r.status, 401);
+        assert_eq!(r.body["code"], "refresh_token_malformed");
+        // The untouched token still works: the corpus tested the checks, not a broken key.
+        assert_eq!(me(ctx, &good).await.status, 200);
+        Ok(())
+    })
+}
+
+fn jwks_matches(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (_, pair) = new_user(ctx).await;
+        let r = send(
+            ctx,
+            "GET",
+            "/.well-known/jwks.json",
+            None,
+            None,
+            &fresh_ip(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert!(r.headers["cache-control"].to_str()?.contains("max-age"));
+        let header: Value = serde_json::from_slice(
+            &B64.decode(s(&pair.body["access_token"]).split('.').next().unwrap())?,
+        )?;
+        let key = r.body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == header["kid"])
+            .expect("signing kid published");
+        assert_eq!(
+            (s(&key["kty"]), s(&key["crv"]), s(&key["alg"])),
+            ("OKP", "Ed25519", "EdDSA")
+        );
+        let (_, kp) = dev_key();
+        assert_eq!(B64.decode(s(&key["x"]))?, kp.pk.as_ref());
+        Ok(())
+    })
+}
+
+fn isolation(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut users = Vec::new();
+        for _ in 0..6 {
+            let (email, r) = new_user(ctx).await;
+            users.push((email, s(&r.body["access_token"]).to_owned()));
+        }
+        // 6 users x 5 interleaved /v1/me calls, all in flight together.
+        let calls = users
+            .iter()
+            .cycle()
+            .take(30)
+            .map(|(email, token)| async move { (email.clone(), me(ctx, token).await) });
+        for (email, r) in futures::future::join_all(calls).await {
+            assert_eq!(r.status, 200);
+            assert_eq!(
+                r.body["email"],
+                email.as_str(),
+                "a response carried another user's data"
+            );
+            let sessions = r.body["sessions"].as_array().unwrap();
+            assert_eq!(sessions.len(), 1);
+            assert_eq!(sessions[0]["current"], true);
+        }
+        Ok(())
+    })
+}
