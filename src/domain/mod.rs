@@ -7,11 +7,14 @@
 
 pub mod account;
 pub mod catalogue;
+pub mod device;
 pub mod entitlement;
+pub mod idempotency;
 pub mod password;
 pub mod problem;
 pub mod readiness;
 pub mod request_id;
 pub mod session;
+pub mod stripe;
 pub mod throttle;
 pub mod token;

@@ -26,6 +26,24 @@ pub enum ProblemCode {
     InvalidCredentials,
     /// 429: too many failed sign-ins for this account or client.
     TooManyAttempts,
+    // --- devices ---
+    /// 403: the plan's device limit is reached; nothing was created.
+    DeviceLimitReached,
+    /// 404: no device with this id belongs to the caller.
+    DeviceNotFound,
+    /// 409: another device already uses this WireGuard public key.
+    PublicKeyInUse,
+    /// 409: a request with this `Idempotency-Key` is still being processed.
+    IdempotencyKeyInFlight,
+    /// 422: this `Idempotency-Key` was used with a different request.
+    IdempotencyKeyReused,
+    // --- billing webhooks (400: the provider shows them to the operator) ---
+    SignatureMissing,
+    SignatureMalformed,
+    SignatureMissingV1,
+    SignatureStale,
+    SignatureMismatch,
+    WebhookMalformed,
     // --- access tokens (all 401, with `WWW-Authenticate: Bearer`) ---
     TokenMissing,
     TokenTooLarge,
@@ -60,7 +78,7 @@ pub enum ProblemCode {
 
 impl ProblemCode {
     /// All codes, for documentation and exhaustive tests.
-    pub const ALL: [ProblemCode; 31] = [
+    pub const ALL: [ProblemCode; 42] = [
         ProblemCode::MalformedJson,
         ProblemCode::PayloadTooLarge,
         ProblemCode::UnsupportedMediaType,
@@ -70,6 +88,17 @@ impl ProblemCode {
         ProblemCode::EmailTaken,
         ProblemCode::InvalidCredentials,
         ProblemCode::TooManyAttempts,
+        ProblemCode::DeviceLimitReached,
+        ProblemCode::DeviceNotFound,
+        ProblemCode::PublicKeyInUse,
+        ProblemCode::IdempotencyKeyInFlight,
+        ProblemCode::IdempotencyKeyReused,
+        ProblemCode::SignatureMissing,
+        ProblemCode::SignatureMalformed,
+        ProblemCode::SignatureMissingV1,
+        ProblemCode::SignatureStale,
+        ProblemCode::SignatureMismatch,
+        ProblemCode::WebhookMalformed,
         ProblemCode::TokenMissing,
         ProblemCode::TokenTooLarge,
         ProblemCode::TokenMalformed,
@@ -107,6 +136,17 @@ impl ProblemCode {
             EmailTaken => "email_taken",
             InvalidCredentials => "invalid_credentials",
             TooManyAttempts => "too_many_attempts",
+            DeviceLimitReached => "device_limit_reached",
+            DeviceNotFound => "device_not_found",
+            PublicKeyInUse => "public_key_in_use",
+            IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            IdempotencyKeyReused => "idempotency_key_reused",
+            SignatureMissing => "signature_missing",
+            SignatureMalformed => "signature_malformed",
+            SignatureMissingV1 => "signature_missing_v1",
+            SignatureStale => "signature_stale",
+            SignatureMismatch => "signature_mismatch",
+            WebhookMalformed => "webhook_malformed",
             TokenMissing => "token_missing",
             TokenTooLarge => "token_too_large",
             TokenMalformed => "token_malformed",
@@ -142,7 +182,12 @@ impl ProblemCode {
     pub const fn status(self) -> u16 {
         use ProblemCode::*;
         match self {
-            MalformedJson => 400,
+            MalformedJson | SignatureMissing | SignatureMalformed | SignatureMissingV1
+            | SignatureStale | SignatureMismatch | WebhookMalformed => 400,
+            DeviceLimitReached => 403,
+            DeviceNotFound => 404,
+            PublicKeyInUse | IdempotencyKeyInFlight => 409,
+            IdempotencyKeyReused => 422,
             InvalidCredentials
             | TokenMissing
             | TokenTooLarge
@@ -208,6 +253,14 @@ impl ProblemCode {
             EmailTaken => "Email already registered",
             InvalidCredentials => "Invalid email or password",
             TooManyAttempts => "Too many attempts",
+            DeviceLimitReached => "Device limit reached",
+            DeviceNotFound => "Device not found",
+            PublicKeyInUse => "Public key already in use",
+            IdempotencyKeyInFlight => "Request already in progress",
+            IdempotencyKeyReused => "Idempotency key reused",
+            SignatureMissing | SignatureMalformed | SignatureMissingV1 | SignatureStale
+            | SignatureMismatch => "Invalid webhook signature",
+            WebhookMalformed => "Malformed webhook event",
             TokenMissing => "Access token missing",
             TokenTooLarge
             | TokenMalformed
@@ -250,7 +303,8 @@ mod tests {
             let s = code.as_str();
             assert!(seen.insert(s), "duplicate code {s}");
             assert!(
-                s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
                 "{s} is not snake_case"
             );
             assert!((400..600).contains(&code.status()), "{s}");

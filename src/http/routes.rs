@@ -1,8 +1,9 @@
 //! The route table. Paths are matched exactly (no trailing-slash guessing), and a
 //! path that exists under another method yields 405 with an `Allow` header.
 
-/// A matched endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A matched endpoint. Path parameters are carried as they appeared; handlers
+/// parse them (an id that cannot be ours is answered like an unknown one).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `GET /healthz`: liveness, no I/O.
     Healthz,
@@ -22,10 +23,20 @@ pub enum Route {
     LogoutAll,
     /// `GET /v1/me`
     Me,
+    /// `GET /v1/devices`
+    ListDevices,
+    /// `POST /v1/devices`
+    CreateDevice,
+    /// `DELETE /v1/devices/{id}`
+    DeleteDevice(String),
+    /// `PUT /v1/devices/{id}/public_key`
+    RotateDeviceKey(String),
+    /// `POST /v1/webhooks/stripe`
+    StripeWebhook,
 }
 
 /// What the router decided for a method and path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Routed {
     Found(Route),
     /// The path exists; `allow` lists the methods it takes.
@@ -47,13 +58,33 @@ pub fn route(method: &str, path: &str) -> Routed {
         "/v1/auth/logout" => ("POST", Route::Logout),
         "/v1/auth/logout-all" => ("POST", Route::LogoutAll),
         "/v1/me" => ("GET", Route::Me),
-        _ => return Routed::NotFound,
+        "/v1/devices" => match method {
+            "GET" => ("GET, POST", Route::ListDevices),
+            _ => ("GET, POST", Route::CreateDevice),
+        },
+        "/v1/webhooks/stripe" => ("POST", Route::StripeWebhook),
+        _ => match device_path(path) {
+            Some((id, false)) => ("DELETE", Route::DeleteDevice(id.to_owned())),
+            Some((id, true)) => ("PUT", Route::RotateDeviceKey(id.to_owned())),
+            None => return Routed::NotFound,
+        },
     };
     if allow.split(", ").any(|m| m == method) {
         Routed::Found(found)
     } else {
         Routed::MethodNotAllowed { allow }
     }
+}
+
+/// `/v1/devices/{id}` → (id, false); `/v1/devices/{id}/public_key` → (id, true).
+fn device_path(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/v1/devices/")?;
+    let (id, key) = match rest.split_once('/') {
+        Some((id, "public_key")) => (id, true),
+        Some(_) => return None,
+        None => (rest, false),
+    };
+    (!id.is_empty()).then_some((id, key))
 }
 
 #[cfg(test)]

@@ -1,0 +1,891 @@
+//! A user's WireGuard devices: parsed input ([`PublicKey`], [`DeviceName`],
+//! [`is_device_id`]), tunnel addresses ([`tunnel_addresses`]) and the
+//! device-limit [`Ledger`] kept in the user's Durable Object.
+//!
+//! # Why a ledger
+//!
+//! PostgreSQL holds the devices; the plan's device limit has to hold however
+//! many "add device" requests race. The user's Durable Object runs them one at
+//! a time, but only between awaits: while one request awaits its `INSERT`,
+//! another can run. Counting rows before inserting would let two requests both
+//! see "one slot left" and both insert. So the object keeps a [`Ledger`] and a
+//! request takes its slot *synchronously*, before the first await:
+//!
+//! 1. [`Ledger::reserve`] succeeds only while confirmed devices plus live
+//!    reservations are below the limit, and counts the new reservation at once;
+//! 2. the shell inserts the row;
+//! 3. [`Ledger::confirm`] (the insert committed) turns the reservation into a
+//!    device, [`Ledger::release`] (it failed) gives the slot back.
+//!
+//! Reservation ids come from caller-supplied random bytes rather than a
+//! counter: a late `confirm`/`release` from a request whose reservation has
+//! already expired can then never hit a newer request's reservation.
+//!
+//! # Crashes and convergence
+//!
+//! A request that dies between steps leaves a reservation behind; it stops
+//! counting [`RESERVATION_TTL_SECS`] after it was made, so the shell should
+//! bound the insert well below that. If the insert committed but the confirm
+//! never ran, the device is missing from the ledger; if a confirm arrives after
+//! expiry, the device is recorded anyway (the row exists). Either way the
+//! ledger converges on PostgreSQL's truth: after every insert or delete the
+//! shell reads the user's device ids and hands them to [`Ledger::sync_since`]
+//! (or [`Ledger::sync`]).
+//!
+//! # Syncing against a moving target
+//!
+//! The id query is itself an await. If another request's insert commits after
+//! the query's snapshot and is confirmed before the answer arrives, a plain
+//! [`Ledger::sync`] would replace the device set with a list that lacks that
+//! device, under-count by one and let one device too many through. So the
+//! shell takes a [`SyncMark`] with [`Ledger::mark`] *before* querying and
+//! passes it to [`Ledger::sync_since`], which keeps devices confirmed after the
+//! mark even when the list lacks them. Answers can also arrive out of order,
+//! so a list read under an older mark than the last one applied is ignored:
+//! the newer sync already covered everything the older one could. The error
+//! is then always an over-count, which only lasts until the next sync.
+//!
+//! # Downgrades
+//!
+//! The limit is an argument, not state: a plan downgrade below the current
+//! count keeps every existing device (nothing here deletes) but refuses new
+//! ones until enough are removed.
+
+use crate::domain::account::Invalid;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// The longest device name, in characters (after trimming).
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// A reservation that was neither confirmed nor released stops counting after
+/// this long, so a crashed request frees its slot by itself.
+pub const RESERVATION_TTL_SECS: i64 = 30;
+
+/// Length of a 32-byte key in padded standard base64.
+const KEY_B64_LEN: usize = 44;
+const KEY_LEN: usize = 32;
+
+/// `10.64.0.0/10`: the tunnel IPv4 range.
+const IPV4_BASE: u32 = u32::from_be_bytes([10, 64, 0, 0]);
+/// Host numbers 1..=IPV4_HOSTS: the /10 without its network and broadcast
+/// addresses.
+const IPV4_HOSTS: u64 = (1 << 22) - 2;
+/// `fd4b:6565:6e00::/48`: the tunnel IPv6 range (a ULA prefix).
+const IPV6_BASE: u128 = 0xfd4b_6565_6e00_u128 << 80;
+
+/// A WireGuard (Curve25519) public key: standard base64 with padding of exactly
+/// 32 bytes, so 44 characters.
+///
+/// Only the canonical spelling is accepted (re-encoding gives the same string:
+/// no stray bits in the last character, no URL-safe alphabet, no whitespace),
+/// so one key has one spelling and a uniqueness constraint on the stored text
+/// is a uniqueness constraint on the key. The all-zero key is refused: it is
+/// what an unset key looks like, and no peer can use it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PublicKey(String);
+
+impl PublicKey {
+    pub fn parse(s: &str) -> Result<PublicKey, Invalid> {
+        let bad = |reason| Invalid {
+            field: "public_key",
+            reason,
+        };
+        if s.len() != KEY_B64_LEN {
+            return Err(bad("must be 44 characters of base64"));
+        }
+        // `STANDARD` requires canonical padding and refuses non-zero trailing
+        // bits, which is what makes the spelling unique.
+        let bytes = STANDARD
+            .decode(s)
+            .map_err(|_| bad("is not canonical standard base64"))?;
+        let key: [u8; KEY_LEN] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| bad("must encode 32 bytes"))?;
+        // The definition of canonical, checked directly so that a change of
+        // engine configuration cannot quietly admit a second spelling.
+        if STANDARD.encode(key) != s {
+            return Err(bad("is not canonical standard base64"));
+        }
+        if key == [0; KEY_LEN] {
+            return Err(bad("is the all-zero key"));
+        }
+        Ok(PublicKey(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A device's display name: 1..=64 characters after trimming, no control
+/// characters (they would break the lists and logs the name appears in).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceName(String);
+
+impl DeviceName {
+    pub fn parse(s: &str) -> Result<DeviceName, Invalid> {
+        let bad = |reason| Invalid {
+            field: "name",
+            reason,
+        };
+        let name = s.trim();
+        if name.is_empty() {
+            return Err(bad("is empty"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(bad("contains control characters"));
+        }
+        if name.chars().count() > MAX_NAME_CHARS {
+            return Err(bad("is longer than 64 characters"));
+        }
+        Ok(DeviceName(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Device ids are lowercase hyphenated UUIDs (how PostgreSQL prints `uuid`);
+/// anything else cannot name a device, so the shell answers 404 without a
+/// query (and never hands PostgreSQL a string it would reject as a uuid).
+pub fn is_device_id(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
+        })
+}
+
+/// The tunnel addresses for fleet-wide sequence number `n` (a PostgreSQL
+/// sequence makes `n` unique, so the addresses are too): IPv4 `10.64.0.0 + n`
+/// and IPv6 `fd4b:6565:6e00:: + n`, without prefix lengths.
+///
+/// Valid for `n` in `1..=4_194_302`, the `/10` minus its network and broadcast
+/// addresses; `None` otherwise. Host octets `.0` and `.255` are ordinary
+/// addresses inside a `/10` and are used. IPv6 is printed in the canonical
+/// compressed form (RFC 5952), e.g. `fd4b:6565:6e00::1:0` for `n = 65536`.
+pub fn tunnel_addresses(n: u64) -> Option<(String, String)> {
+    if !(1..=IPV4_HOSTS).contains(&n) {
+        return None;
+    }
+    // In range, so `n < 2^22` and neither addition can overflow.
+    let ipv4 = Ipv4Addr::from(IPV4_BASE + n as u32);
+    let ipv6 = Ipv6Addr::from(IPV6_BASE + u128::from(n));
+    Some((ipv4.to_string(), ipv6.to_string()))
+}
+
+/// Why a slot could not be reserved: the answer for a 403/409 problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitError {
+    /// `in_use` counts confirmed devices and live reservations; it may exceed
+    /// `limit` after a downgrade.
+    LimitReached { limit: u32, in_use: u32 },
+}
+
+/// Taken by [`Ledger::mark`] before querying PostgreSQL for the user's device
+/// ids, handed back to [`Ledger::sync_since`] with the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncMark(u64);
+
+/// The device-limit ledger of one user, stored as JSON in their Durable
+/// Object. See the module docs for the protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Device ids counted against the limit.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    devices: BTreeSet<String>,
+    /// Reservation id -> when it was made (unix seconds).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    reservations: BTreeMap<String, i64>,
+    /// Devices recorded by `confirm` -> the `seq` of that confirm; kept until a
+    /// sync whose query started after it, which is bound to list the device
+    /// if it still exists.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    confirms: BTreeMap<String, u64>,
+    /// Counts confirms; the clock that [`SyncMark`]s read.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    seq: u64,
+    /// The mark of the last sync applied; older ones are stale.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    synced: u64,
+}
+
+impl Ledger {
+    /// Reserves one slot if confirmed devices plus live (unexpired)
+    /// reservations are below `limit`, and returns the reservation id: the
+    /// caller's random `id` bytes in hex. Expired reservations are dropped on
+    /// the way, which keeps the state bounded.
+    pub fn reserve(&mut self, limit: u32, now: i64, id: [u8; 8]) -> Result<String, LimitError> {
+        self.reservations.retain(|_, &mut at| is_live(at, now));
+        let in_use = self.in_use(now);
+        if in_use >= limit {
+            return Err(LimitError::LimitReached { limit, in_use });
+        }
+        let base = format!("{:016x}", u64::from_be_bytes(id));
+        // Two live reservations must never share an id (one entry would then
+        // count for two slots), however unlikely a repeat of 64 random bits.
+        let mut reservation = base.clone();
+        let mut suffix = 1u32;
+        while self.reservations.contains_key(&reservation) {
+            reservation = format!("{base}-{suffix}");
+            suffix += 1;
+        }
+        self.reservations.insert(reservation.clone(), now);
+        Ok(reservation)
+    }
+
+    /// The insert committed: drops the reservation and records the device.
+    /// The device is recorded even if the reservation is unknown or expired,
+    /// because the row exists either way; the next sync corrects any excess.
+    pub fn confirm(&mut self, reservation: &str, device_id: &str) {
+        self.reservations.remove(reservation);
+        self.seq += 1;
+        self.devices.insert(device_id.to_owned());
+        self.confirms.insert(device_id.to_owned(), self.seq);
+    }
+
+    /// The insert failed: drops the reservation, freeing its slot. Unknown
+    /// reservations are ignored.
+    pub fn release(&mut self, reservation: &str) {
+        self.reservations.remove(reservation);
+    }
+
+    /// Where the ledger stands before the shell queries the device ids; see
+    /// [`Ledger::sync_since`].
+    pub fn mark(&self) -> SyncMark {
+        SyncMark(self.seq)
+    }
+
+    /// Replaces the device set with PostgreSQL's `device_ids`, read by a query
+    /// started after `mark` was taken, but keeps the devices confirmed after
+    /// the mark: the query may have missed their rows, and dropping them would
+    /// under-count (see the module docs). A list read under an older mark
+    /// than the last sync's is stale and ignored. Reservations are untouched;
+    /// one whose row the list already shows counts twice until its confirm,
+    /// which errs on the safe side.
+    pub fn sync_since(&mut self, mark: SyncMark, device_ids: Vec<String>) {
+        // A confirm is forgotten only by a sync whose query started after it.
+        // Applying marks in order means every later sync's query started
+        // after it too, so lists its row if the row still exists.
+        if mark.0 < self.synced {
+            return;
+        }
+        self.synced = mark.0;
+        self.confirms.retain(|_, &mut seq| seq > mark.0);
+        self.devices = device_ids.into_iter().collect();
+        self.devices.extend(self.confirms.keys().cloned());
+    }
+
+    /// Replaces the device set with `device_ids` outright. Exact only when no
+    /// confirm ran while the list was being read; prefer
+    /// [`Ledger::sync_since`] when reads can interleave with other requests.
+    pub fn sync(&mut self, device_ids: Vec<String>) {
+        self.synced = self.seq;
+        self.confirms.clear();
+        self.devices = device_ids.into_iter().collect();
+    }
+
+    /// Confirmed devices plus live reservations.
+    pub fn in_use(&self, now: i64) -> u32 {
+        let live = self
+            .reservations
+            .values()
+            .filter(|&&at| is_live(at, now))
+            .count();
+        u32::try_from(self.devices.len() + live).unwrap_or(u32::MAX)
+    }
+
+    /// Devices counted against the limit, reservations aside.
+    pub fn confirmed(&self) -> usize {
+        self.devices.len()
+    }
+}
+
+/// A reservation made at `at` counts until exactly `RESERVATION_TTL_SECS`
+/// later.
+fn is_live(at: i64, now: i64) -> bool {
+    now < at.saturating_add(RESERVATION_TTL_SECS)
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_000_000;
+
+    fn key_of(bytes: [u8; 32]) -> String {
+        STANDARD.encode(bytes)
+    }
+
+    fn reason(r: Result<impl std::fmt::Debug, Invalid>) -> &'static str {
+        r.expect_err("should be refused").reason
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("device-{i}")).collect()
+    }
+
+    /// Random-looking reservation bytes, distinct per `i`.
+    fn rid(i: u8) -> [u8; 8] {
+        [i, 0xa5, 0x5a, i, 1, 2, 3, i]
+    }
+
+    // --- public keys -------------------------------------------------------
+
+    #[test]
+    fn canonical_keys_are_accepted_verbatim() {
+        for bytes in [[1u8; 32], [0xff; 32], core::array::from_fn(|i| i as u8)] {
+            let s = key_of(bytes);
+            assert_eq!(s.len(), 44);
+            assert_eq!(PublicKey::parse(&s).unwrap().as_str(), s);
+        }
+        // A key as `wg pubkey` prints it.
+        let wg = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+        assert_eq!(PublicKey::parse(wg).unwrap().as_str(), wg);
+    }
+
+    #[test]
+    fn keys_of_the_wrong_length_are_refused() {
+        let good = key_of([7; 32]);
+        assert_eq!(
+            reason(PublicKey::parse(&good[..43])),
+            "must be 44 characters of base64"
+        );
+        assert_eq!(
+            reason(PublicKey::parse(&format!("{good}="))),
+            "must be 44 characters of base64"
+        );
+        assert_eq!(
+            reason(PublicKey::parse("")),
+            "must be 44 characters of base64"
+        );
+        // 44 characters that encode 31 or 33 bytes.
+        assert_eq!(
+            reason(PublicKey::parse(&STANDARD.encode([7u8; 31]))),
+            "must encode 32 bytes"
+        );
+        assert_eq!(
+            reason(PublicKey::parse(&STANDARD.encode([7u8; 33]))),
+            "must encode 32 bytes"
+        );
+    }
+
+    #[test]
+    fn keys_that_are_not_canonical_standard_base64_are_refused() {
+        let good = key_of([0xfb; 32]);
+        // URL-safe alphabet: the same bytes spelled with '-' and '_'.
+        let url_safe = base64::engine::general_purpose::URL_SAFE.encode([0xfb; 32]);
+        assert_ne!(url_safe, good);
+        // Not base64 at all.
+        let garbage = format!("{}!", &good[..43]);
+        // Non-zero padding bits: the character before '=' in a 32-byte key
+        // carries 2 unused bits, so "E=" (000100) has a twin "F=" (000101)
+        // that decodes to the same bytes in a lenient decoder.
+        let canonical = key_of([1; 32]);
+        assert_eq!(&canonical[42..], "E=");
+        let stray_bits = format!("{}F=", &canonical[..42]);
+        let stray_bits_too = format!("{}H=", &canonical[..42]);
+        for bad in [url_safe, garbage, stray_bits, stray_bits_too] {
+            assert_eq!(
+                reason(PublicKey::parse(&bad)),
+                "is not canonical standard base64",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn whitespace_around_or_inside_a_key_is_refused() {
+        let good = key_of([9; 32]);
+        for bad in [
+            format!(" {good}"),
+            format!("{good}\n"),
+            format!("{} {}", &good[..20], &good[21..]),
+            format!("{}\t{}", &good[..20], &good[21..]),
+        ] {
+            assert!(PublicKey::parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_all_zero_key_is_refused() {
+        let zeros = key_of([0; 32]);
+        assert_eq!(reason(PublicKey::parse(&zeros)), "is the all-zero key");
+        let err = PublicKey::parse(&zeros).unwrap_err();
+        assert_eq!(err.field, "public_key");
+    }
+
+    // --- names and ids -----------------------------------------------------
+
+    #[test]
+    fn names_are_trimmed_and_kept_otherwise_as_given() {
+        assert_eq!(DeviceName::parse("  Pixel 8 ").unwrap().as_str(), "Pixel 8");
+        assert_eq!(
+            DeviceName::parse("Ноутбук — Анны 💻").unwrap().as_str(),
+            "Ноутбук — Анны 💻"
+        );
+        assert_eq!(DeviceName::parse("x\n").unwrap().as_str(), "x");
+    }
+
+    #[test]
+    fn names_are_limited_to_64_characters_not_bytes() {
+        let max = "é".repeat(MAX_NAME_CHARS);
+        assert_eq!(DeviceName::parse(&max).unwrap().as_str(), max);
+        assert_eq!(
+            reason(DeviceName::parse(&format!("{max}é"))),
+            "is longer than 64 characters"
+        );
+        // Surrounding spaces do not count.
+        assert!(DeviceName::parse(&format!("  {max}  ")).is_ok());
+    }
+
+    #[test]
+    fn empty_and_control_character_names_are_refused() {
+        assert_eq!(reason(DeviceName::parse("")), "is empty");
+        assert_eq!(reason(DeviceName::parse(" \t\n ")), "is empty");
+        for bad in ["a\tb", "a\u{0}b", "a\u{1b}[31mb", "a\u{7f}", "a\u{85}b"] {
+            assert_eq!(
+                reason(DeviceName::parse(bad)),
+                "contains control characters",
+                "{bad:?}"
+            );
+        }
+        assert_eq!(DeviceName::parse("").unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn only_lowercase_hyphenated_uuids_are_device_ids() {
+        assert!(is_device_id("0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c"));
+        assert!(is_device_id("00000000-0000-0000-0000-000000000000"));
+        for bad in [
+            "",
+            "0B6F3C2E-8F1A-4D2B-9C3E-5A7B9D1F2E4C",
+            "0b6f3c2e8f1a4d2b9c3e5a7b9d1f2e4c",
+            "{0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c}",
+            "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4",
+            "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c0",
+            "0b6f3c2e-8f1a-4d2b-9c3e_5a7b9d1f2e4c",
+            "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4g",
+            "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2é",
+            "../../etc/passwd",
+        ] {
+            assert!(!is_device_id(bad), "{bad}");
+        }
+    }
+
+    // --- tunnel addresses --------------------------------------------------
+
+    fn addrs(v4: &str, v6: &str) -> Option<(String, String)> {
+        Some((v4.to_owned(), v6.to_owned()))
+    }
+
+    #[test]
+    fn tunnel_addresses_count_up_from_the_start_of_both_ranges() {
+        let at = tunnel_addresses;
+        assert_eq!(at(1), addrs("10.64.0.1", "fd4b:6565:6e00::1"));
+        assert_eq!(at(255), addrs("10.64.0.255", "fd4b:6565:6e00::ff"));
+        assert_eq!(at(256), addrs("10.64.1.0", "fd4b:6565:6e00::100"));
+        assert_eq!(at(65536), addrs("10.65.0.0", "fd4b:6565:6e00::1:0"));
+    }
+
+    #[test]
+    fn tunnel_addresses_end_before_the_ipv4_broadcast_address() {
+        assert_eq!(
+            tunnel_addresses(4_194_302),
+            addrs("10.127.255.254", "fd4b:6565:6e00::3f:fffe")
+        );
+        assert_eq!(tunnel_addresses(4_194_303), None);
+        assert_eq!(tunnel_addresses(0), None);
+        assert_eq!(tunnel_addresses(u64::MAX), None);
+    }
+
+    // --- the ledger --------------------------------------------------------
+
+    #[test]
+    fn n_reservations_fit_a_limit_of_n_and_the_next_is_refused() {
+        for limit in 0..5u32 {
+            let mut ledger = Ledger::default();
+            for i in 0..limit {
+                assert!(ledger.reserve(limit, T0, rid(i as u8)).is_ok());
+            }
+            assert_eq!(
+                ledger.reserve(limit, T0, rid(99)),
+                Err(LimitError::LimitReached {
+                    limit,
+                    in_use: limit
+                })
+            );
+            assert_eq!(ledger.in_use(T0), limit);
+            assert_eq!(ledger.confirmed(), 0);
+        }
+    }
+
+    #[test]
+    fn reservation_ids_are_the_random_bytes_in_hex_and_never_repeat() {
+        let mut ledger = Ledger::default();
+        let bytes = [0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02, 0x0f];
+        assert_eq!(ledger.reserve(5, T0, bytes).unwrap(), "deadbeef0001020f");
+        // The same random bytes twice (should never happen) still yield two
+        // distinct reservations, each holding one slot.
+        assert_eq!(ledger.reserve(5, T0, bytes).unwrap(), "deadbeef0001020f-1");
+        assert_eq!(ledger.reserve(5, T0, bytes).unwrap(), "deadbeef0001020f-2");
+        assert_eq!(ledger.in_use(T0), 3);
+        ledger.release("deadbeef0001020f-1");
+        assert_eq!(ledger.in_use(T0), 2);
+    }
+
+    /// One "add device" request: reserve, then confirm or release.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Step {
+        Reserve,
+        Finish,
+    }
+
+    /// Runs every interleaving of `requests` two-step requests (each either
+    /// confirming or releasing, per `outcomes` bit i) against `limit`, starting
+    /// from `existing` synced devices, and checks each reserve against the
+    /// exact expectation: it succeeds iff devices plus open reservations are
+    /// below the limit.
+    fn check_all_interleavings(limit: u32, existing: usize, requests: usize, outcomes: u32) {
+        fn go(
+            ledger: &Ledger,
+            limit: u32,
+            outcomes: u32,
+            pending: &mut Vec<Vec<Step>>,
+            held: &mut Vec<Option<String>>,
+            trace: &mut Vec<usize>,
+        ) {
+            if pending.iter().all(Vec::is_empty) {
+                return;
+            }
+            for r in 0..pending.len() {
+                let Some(&step) = pending[r].first() else {
+                    continue;
+                };
+                let mut ledger = ledger.clone();
+                let before = held.clone();
+                let open = held.iter().filter(|h| h.is_some()).count();
+                match step {
+                    Step::Reserve => {
+                        let expected_ok = ledger.confirmed() + open < limit as usize;
+                        let got = ledger.reserve(limit, T0, rid(r as u8));
+                        assert_eq!(got.is_ok(), expected_ok, "trace {trace:?} then {r}");
+                        held[r] = got.ok();
+                    }
+                    Step::Finish => {
+                        if let Some(reservation) = held[r].take() {
+                            if outcomes & (1 << r) != 0 {
+                                ledger.confirm(&reservation, &format!("new-{r}"));
+                            } else {
+                                ledger.release(&reservation);
+                            }
+                        }
+                    }
+                }
+                // The invariant behind the limit: devices plus open
+                // reservations never exceed it (nothing pre-existed above it).
+                assert!(ledger.in_use(T0) <= limit.max(ledger.confirmed() as u32));
+                assert_eq!(
+                    ledger.in_use(T0) as usize,
+                    ledger.confirmed() + held.iter().filter(|h| h.is_some()).count()
+                );
+                let removed = pending[r].remove(0);
+                trace.push(r);
+                go(&ledger, limit, outcomes, pending, held, trace);
+                trace.pop();
+                pending[r].insert(0, removed);
+                *held = before;
+            }
+        }
+
+        let mut ledger = Ledger::default();
+        ledger.sync(ids(existing));
+        let mut pending = vec![vec![Step::Reserve, Step::Finish]; requests];
+        let mut held = vec![None; requests];
+        go(
+            &ledger,
+            limit,
+            outcomes,
+            &mut pending,
+            &mut held,
+            &mut Vec::new(),
+        );
+    }
+
+    #[test]
+    fn every_interleaving_of_reserve_confirm_and_release_respects_the_limit() {
+        for limit in 1..=3u32 {
+            for existing in 0..limit as usize {
+                let requests = (limit as usize - existing) + 1;
+                for outcomes in 0..(1u32 << requests) {
+                    check_all_interleavings(limit, existing, requests, outcomes);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_released_slot_can_be_taken_again() {
+        let mut ledger = Ledger::default();
+        let a = ledger.reserve(1, T0, rid(1)).unwrap();
+        assert!(ledger.reserve(1, T0, rid(2)).is_err());
+        ledger.release(&a);
+        let b = ledger.reserve(1, T0, rid(2)).unwrap();
+        ledger.confirm(&b, "dev-b");
+        assert!(ledger.reserve(1, T0, rid(3)).is_err());
+        assert_eq!(ledger.confirmed(), 1);
+    }
+
+    #[test]
+    fn an_abandoned_reservation_frees_its_slot_exactly_at_the_ttl() {
+        let mut ledger = Ledger::default();
+        ledger.reserve(1, T0, rid(1)).unwrap();
+        let just_before = T0 + RESERVATION_TTL_SECS - 1;
+        assert_eq!(ledger.in_use(just_before), 1);
+        assert!(ledger.reserve(1, just_before, rid(2)).is_err());
+        let at_ttl = T0 + RESERVATION_TTL_SECS;
+        assert_eq!(ledger.in_use(at_ttl), 0);
+        assert!(ledger.reserve(1, at_ttl, rid(2)).is_ok());
+        // The expired reservation was dropped from the state, not just ignored.
+        assert_eq!(ledger.reservations.len(), 1);
+    }
+
+    #[test]
+    fn a_late_confirm_still_records_the_device_until_a_sync_says_otherwise() {
+        let mut ledger = Ledger::default();
+        let slow = ledger.reserve(1, T0, rid(1)).unwrap();
+        // The slow request's reservation expires and another takes the slot.
+        let later = T0 + RESERVATION_TTL_SECS;
+        let fast = ledger.reserve(1, later, rid(2)).unwrap();
+        ledger.confirm(&fast, "fast");
+        // The slow insert committed after all: the row exists, so it counts,
+        // even though that is over the limit.
+        ledger.confirm(&slow, "slow");
+        assert_eq!(ledger.confirmed(), 2);
+        assert_eq!(ledger.in_use(later), 2);
+        // A confirm with a reservation the ledger never saw counts too.
+        ledger.confirm("0123456789abcdef", "unknown");
+        assert_eq!(ledger.confirmed(), 3);
+        // PostgreSQL's answer is the truth (the shell may have deleted rows
+        // over the limit, or the slow insert was in fact rolled back).
+        let mark = ledger.mark();
+        ledger.sync_since(mark, vec!["fast".into()]);
+        assert_eq!(ledger.confirmed(), 1);
+        assert_eq!(ledger.in_use(later), 1);
+    }
+
+    #[test]
+    fn a_confirm_after_the_mark_survives_a_sync_that_missed_its_row() {
+        // Request A has inserted and is reading the device ids; meanwhile B's
+        // insert commits after A's snapshot and B confirms.
+        let mut ledger = Ledger::default();
+        let a = ledger.reserve(2, T0, rid(1)).unwrap();
+        ledger.confirm(&a, "a");
+        let mark = ledger.mark();
+        let b = ledger.reserve(2, T0, rid(2)).unwrap();
+        ledger.confirm(&b, "b");
+        ledger.sync_since(mark, vec!["a".into()]);
+        // B's device still counts, so a third request is refused.
+        assert_eq!(ledger.confirmed(), 2);
+        assert!(ledger.reserve(2, T0, rid(3)).is_err());
+        // A later sync whose query started after B's confirm is exact: had
+        // B's device been deleted meanwhile, it is gone now.
+        let mark = ledger.mark();
+        ledger.sync_since(mark, vec!["a".into()]);
+        assert_eq!(ledger.confirmed(), 1);
+        assert!(ledger.confirms.is_empty());
+    }
+
+    #[test]
+    fn a_list_read_before_the_last_applied_sync_is_ignored() {
+        let mut ledger = Ledger::default();
+        let a = ledger.reserve(2, T0, rid(1)).unwrap();
+        ledger.confirm(&a, "a");
+        // A starts reading; B's insert commits and confirms; B reads and
+        // syncs first; A's older answer arrives last.
+        let mark_a = ledger.mark();
+        let b = ledger.reserve(2, T0, rid(2)).unwrap();
+        ledger.confirm(&b, "b");
+        let mark_b = ledger.mark();
+        ledger.sync_since(mark_b, vec!["a".into(), "b".into()]);
+        ledger.sync_since(mark_a, vec!["a".into()]);
+        assert_eq!(ledger.confirmed(), 2);
+        assert!(ledger.reserve(2, T0, rid(3)).is_err());
+        // Syncs under the same mark (deletes, with no confirm between) apply.
+        ledger.sync_since(mark_b, vec!["b".into()]);
+        assert_eq!(ledger.confirmed(), 1);
+    }
+
+    #[test]
+    fn a_plain_sync_with_a_stale_list_under_counts_which_is_why_sync_since_exists() {
+        let mut ledger = Ledger::default();
+        let a = ledger.reserve(2, T0, rid(1)).unwrap();
+        ledger.confirm(&a, "a");
+        let b = ledger.reserve(2, T0, rid(2)).unwrap();
+        ledger.confirm(&b, "b");
+        ledger.sync(vec!["a".into()]);
+        assert_eq!(ledger.confirmed(), 1);
+        assert!(ledger.reserve(2, T0, rid(3)).is_ok());
+    }
+
+    /// Steps of one "add device" request in the database model.
+    #[derive(Clone, Copy, Debug)]
+    enum DbStep {
+        Reserve,
+        /// The `INSERT` commits (if the reserve succeeded).
+        Commit,
+        Confirm,
+        /// Takes the mark and reads the committed ids (a snapshot).
+        Query,
+        Sync,
+    }
+
+    #[derive(Clone, Default)]
+    struct Request {
+        reservation: Option<String>,
+        refused: bool,
+        snapshot: Option<(SyncMark, Vec<String>)>,
+    }
+
+    #[test]
+    fn with_sync_since_no_interleaving_of_inserts_and_syncs_exceeds_the_limit() {
+        use DbStep::*;
+        const LIMIT: u32 = 2;
+
+        fn go(
+            ledger: &Ledger,
+            db: &BTreeSet<String>,
+            reqs: &[Request],
+            steps: &[Vec<DbStep>],
+            runs: &mut u64,
+        ) {
+            if steps.iter().all(Vec::is_empty) {
+                *runs += 1;
+                // Once everyone has finished and synced, the ledger is exact.
+                let mut ledger = ledger.clone();
+                let mark = ledger.mark();
+                ledger.sync_since(mark, db.iter().cloned().collect());
+                assert_eq!(ledger.confirmed(), db.len());
+                return;
+            }
+            for r in 0..steps.len() {
+                let Some((&step, rest)) = steps[r].split_first() else {
+                    continue;
+                };
+                let (mut ledger, mut db, mut reqs) = (ledger.clone(), db.clone(), reqs.to_vec());
+                let device = format!("dev-{r}");
+                let req = &mut reqs[r];
+                match step {
+                    Reserve => match ledger.reserve(LIMIT, T0, rid(r as u8)) {
+                        Ok(id) => req.reservation = Some(id),
+                        Err(_) => req.refused = true,
+                    },
+                    Commit if !req.refused => {
+                        db.insert(device);
+                    }
+                    Confirm if !req.refused => {
+                        ledger.confirm(req.reservation.as_deref().unwrap(), &device)
+                    }
+                    Query => req.snapshot = Some((ledger.mark(), db.iter().cloned().collect())),
+                    Sync => {
+                        let (mark, list) = req.snapshot.take().unwrap();
+                        ledger.sync_since(mark, list);
+                    }
+                    _ => {}
+                }
+                // The point of it all: the ledger never counts fewer slots
+                // than requests hold (rows committed or about to be), so
+                // PostgreSQL never holds more devices than the limit.
+                let held = reqs.iter().filter(|q| q.reservation.is_some()).count();
+                assert!(ledger.in_use(T0) as usize >= held);
+                assert!(db.len() <= LIMIT as usize);
+                let mut steps = steps.to_vec();
+                steps[r] = rest.to_vec();
+                go(&ledger, &db, &reqs, &steps, runs);
+            }
+        }
+
+        let full = vec![Reserve, Commit, Confirm, Query, Sync];
+        let steps = vec![full.clone(), full, vec![Reserve, Commit, Confirm]];
+        let mut runs = 0;
+        go(
+            &Ledger::default(),
+            &BTreeSet::new(),
+            &vec![Request::default(); 3],
+            &steps,
+            &mut runs,
+        );
+        // 13! / (5! 5! 3!) interleavings.
+        assert_eq!(runs, 72_072);
+    }
+
+    #[test]
+    fn sync_replaces_the_device_set_and_keeps_reservations() {
+        let mut ledger = Ledger::default();
+        ledger.sync(ids(3));
+        let r = ledger.reserve(5, T0, rid(1)).unwrap();
+        ledger.sync(vec!["x".into(), "y".into(), "x".into()]);
+        assert_eq!(ledger.confirmed(), 2);
+        assert_eq!(ledger.in_use(T0), 3);
+        ledger.sync(Vec::new());
+        assert_eq!(ledger.confirmed(), 0);
+        ledger.confirm(&r, "z");
+        assert_eq!(ledger.in_use(T0), 1);
+        // Confirming the same device twice counts it once.
+        ledger.confirm(&r, "z");
+        assert_eq!(ledger.confirmed(), 1);
+    }
+
+    #[test]
+    fn a_downgrade_keeps_existing_devices_but_refuses_new_ones() {
+        let mut ledger = Ledger::default();
+        ledger.sync(ids(5));
+        assert_eq!(
+            ledger.reserve(3, T0, rid(1)),
+            Err(LimitError::LimitReached {
+                limit: 3,
+                in_use: 5
+            })
+        );
+        assert_eq!(ledger.confirmed(), 5);
+        // Removing devices down to the limit is not enough; below it is.
+        ledger.sync(ids(3));
+        assert!(ledger.reserve(3, T0, rid(1)).is_err());
+        ledger.sync(ids(2));
+        assert!(ledger.reserve(3, T0, rid(1)).is_ok());
+        // An upgrade takes effect at once.
+        assert!(ledger.reserve(10, T0, rid(2)).is_ok());
+    }
+
+    #[test]
+    fn the_ledger_round_trips_through_compact_json() {
+        let mut ledger = Ledger::default();
+        assert_eq!(serde_json::to_string(&ledger).unwrap(), "{}");
+        assert_eq!(
+            serde_json::from_str::<Ledger>("{}").unwrap(),
+            Ledger::default()
+        );
+        ledger.sync(vec!["a".into()]);
+        let r = ledger.reserve(5, T0, [0, 0, 0, 0, 0, 0, 0, 1]).unwrap();
+        let json = serde_json::to_string(&ledger).unwrap();
+        assert_eq!(
+            json,
+            r#"{"devices":["a"],"reservations":{"0000000000000001":1000000}}"#
+        );
+        ledger.confirm(&r, "b");
+        let json = serde_json::to_string(&ledger).unwrap();
+        let back: Ledger = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ledger);
+        assert_eq!(back.mark(), ledger.mark());
+    }
+}
