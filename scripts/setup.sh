@@ -75,6 +75,13 @@ fi
 
 step "development secrets (.dev.vars)"
 if [ -f .dev.vars ]; then
+  # Add any secret the example gained since .dev.vars was made.
+  for name in $(sed -n 's/^\([A-Z_][A-Z0-9_]*\)=.*/\1/p' .dev.vars.example); do
+    if ! grep -q "^$name=" .dev.vars; then
+      grep "^$name=" .dev.vars.example >> .dev.vars
+      note "added $name from .dev.vars.example"
+    fi
+  done
   note "present"
 else
   cp .dev.vars.example .dev.vars

@@ -41,10 +41,14 @@ struct RefreshBody {
     refresh_token: String,
 }
 
-/// Reads and parses a JSON body, enforcing the size limit before parsing.
-async fn json_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<T, Fail> {
+/// Reads a body of at most `max` bytes (a declared larger length is refused
+/// before reading); returns its content type and bytes.
+pub(super) async fn read_body(
+    req: &mut Request,
+    max: usize,
+) -> Result<(Option<String>, Vec<u8>), Fail> {
     let header = |name: &str| req.headers().get(name).ok().flatten();
-    body::check_declared_length(header("content-length").as_deref(), MAX_JSON_BODY)?;
+    body::check_declared_length(header("content-length").as_deref(), max)?;
     let content_type = header("content-type");
     let bytes = req.bytes().await.map_err(|e| {
         Fail::new(
@@ -52,6 +56,14 @@ async fn json_body<T: serde::de::DeserializeOwned>(req: &mut Request) -> Result<
             e.to_string(),
         )
     })?;
+    Ok((content_type, bytes))
+}
+
+/// Reads and parses a JSON body, enforcing the size limit before parsing.
+pub(super) async fn json_body<T: serde::de::DeserializeOwned>(
+    req: &mut Request,
+) -> Result<T, Fail> {
+    let (content_type, bytes) = read_body(req, MAX_JSON_BODY).await?;
     Ok(body::parse_json(
         content_type.as_deref(),
         &bytes,
@@ -92,7 +104,7 @@ fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u16) ->
 }
 
 /// Maps an object's refusal (`{code}`) to our problem, keeping its status.
-fn refusal(status: u16, body: &serde_json::Value) -> Fail {
+pub(super) fn refusal(status: u16, body: &serde_json::Value) -> Fail {
     let code = body["code"]
         .as_str()
         .and_then(ProblemCode::from_code)

@@ -7,6 +7,7 @@
 
 mod auth;
 mod cron;
+mod devices;
 mod durable;
 mod log;
 mod login_throttle;
@@ -17,6 +18,7 @@ mod secrets;
 mod store;
 mod time;
 mod user_session;
+mod webhooks;
 
 use crate::domain::problem::ProblemCode;
 use crate::domain::request_id;
@@ -94,6 +96,11 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         Routed::Found(Route::Logout) => auth::logout(req, &env, false).await,
         Routed::Found(Route::LogoutAll) => auth::logout(req, &env, true).await,
         Routed::Found(Route::Me) => auth::me(req, &env).await,
+        Routed::Found(Route::ListDevices) => devices::list(req, &env).await,
+        Routed::Found(Route::CreateDevice) => devices::create(req, &env).await,
+        Routed::Found(Route::DeleteDevice(id)) => devices::delete(req, &env, &id).await,
+        Routed::Found(Route::RotateDeviceKey(id)) => devices::rotate_key(req, &env, &id).await,
+        Routed::Found(Route::StripeWebhook) => webhooks::stripe(req, &env).await,
         Routed::MethodNotAllowed { allow } => Err(ApiError::method_not_allowed(allow).into()),
         Routed::NotFound => Err(ApiError::not_found().into()),
     };

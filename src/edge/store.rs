@@ -7,7 +7,11 @@
 
 use super::{Fail, bindings, pg, time};
 use crate::domain::account::Email;
+use crate::domain::device::{DeviceName, PublicKey};
 use crate::domain::entitlement::{Plan, Subscription};
+use crate::domain::problem::ProblemCode;
+use crate::domain::stripe::{Change, Envelope};
+use crate::http::ApiError;
 use crate::sql;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -68,14 +72,30 @@ pub async fn connect(env: &Env) -> Result<Client, Fail> {
     }
 }
 
-/// Runs a query whose result is at most one row of one JSON text column.
+/// Runs `query` (one or more statements); the answer is the first column of
+/// the last row it returns, a JSON text value.
 async fn json_row<T: DeserializeOwned>(client: &Client, query: &str) -> Result<Option<T>, Fail> {
+    json_row_or(client, query, |_| None).await
+}
+
+/// Like [`json_row`], but `classify` may turn a database error into a client
+/// answer (e.g. a unique violation into 409) instead of a 503.
+async fn json_row_or<T: DeserializeOwned>(
+    client: &Client,
+    query: &str,
+    classify: impl Fn(&tokio_postgres::error::DbError) -> Option<Fail>,
+) -> Result<Option<T>, Fail> {
     let messages = match time::timeout(DB_TIMEOUT_MS, client.simple_query(query)).await {
         Some(Ok(m)) => m,
-        Some(Err(e)) => return Err(Fail::unavailable(format!("database query: {e}"))),
+        Some(Err(e)) => {
+            if let Some(fail) = e.as_db_error().and_then(&classify) {
+                return Err(fail);
+            }
+            return Err(Fail::unavailable(format!("database query: {e}")));
+        }
         None => return Err(Fail::unavailable("database query: timed out".into())),
     };
-    let text = messages.iter().find_map(|m| match m {
+    let text = messages.iter().rev().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
         _ => None,
     });
@@ -131,4 +151,261 @@ pub async fn account(client: &Client, user_id: &str) -> Result<Option<AccountRow
         inputs_sql("u.id")
     );
     json_row(client, &q).await
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Device {
+    pub id: String,
+    pub name: String,
+    pub public_key: String,
+    pub ipv4_address: String,
+    pub ipv6_address: String,
+    pub created_at: i64,
+}
+
+/// The JSON of a device row aliased `d`.
+const DEVICE_JSON: &str =
+    "json_build_object('id', d.id, 'name', d.name, 'public_key', d.public_key,
+    'ipv4_address', host(d.ipv4_address), 'ipv6_address', host(d.ipv6_address),
+    'created_at', extract(epoch FROM d.created_at)::bigint)";
+
+fn key_in_use(e: &tokio_postgres::error::DbError) -> Option<Fail> {
+    let unique = e.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION;
+    (unique && e.constraint().is_some_and(|c| c.contains("public_key"))).then(|| {
+        ApiError::new(
+            ProblemCode::PublicKeyInUse,
+            "Another device already uses this public key.",
+        )
+        .into()
+    })
+}
+
+fn user_literal(user_id: &str) -> Result<String, Fail> {
+    sql::uuid(user_id).ok_or_else(|| Fail::internal(format!("non-canonical user id {user_id:?}")))
+}
+
+/// The next fleet-wide tunnel address number.
+pub async fn next_address(client: &Client) -> Result<u64, Fail> {
+    let n: Option<u64> = json_row(
+        client,
+        "SELECT to_json(nextval('device_address_seq'))::text",
+    )
+    .await?;
+    n.ok_or_else(|| Fail::internal("nextval returned nothing".into()))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Inserted {
+    /// `None` when the database's own limit check refused the insert.
+    pub device: Option<Device>,
+    /// The user's device ids after the statement.
+    pub ids: Vec<String>,
+}
+
+/// Inserts a device in one transaction that locks the user's row and re-checks
+/// the limit: the Durable Object's ledger decides first, this is the backstop
+/// that keeps PostgreSQL right even if the ledger ever drifts.
+pub async fn insert_device(
+    client: &Client,
+    user_id: &str,
+    name: &DeviceName,
+    key: &PublicKey,
+    addresses: (&str, &str),
+    limit: u32,
+) -> Result<Inserted, Fail> {
+    let u = user_literal(user_id)?;
+    let q = format!(
+        "BEGIN;
+         SELECT 1 FROM users WHERE id = {u} FOR UPDATE;
+         WITH ins AS (
+             INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+             SELECT {u}, {name}, {key}, {v4}::inet, {v6}::inet
+             WHERE (SELECT count(*) FROM devices WHERE user_id = {u}) < {limit}
+             RETURNING *)
+         SELECT json_build_object(
+             'device', (SELECT {DEVICE_JSON} FROM ins d),
+             'ids', (SELECT coalesce(json_agg(id), '[]'::json) FROM
+                        (SELECT id FROM devices WHERE user_id = {u} UNION ALL SELECT id FROM ins) x))::text;
+         COMMIT;",
+        name = quoted(name.as_str())?,
+        key = quoted(key.as_str())?,
+        v4 = quoted(addresses.0)?,
+        v6 = quoted(addresses.1)?,
+    );
+    json_row_or(client, &q, key_in_use)
+        .await?
+        .ok_or_else(|| Fail::internal("insert returned no row".into()))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Deleted {
+    pub deleted: bool,
+    pub ids: Vec<String>,
+}
+
+/// Deletes the caller's device; another user's id deletes nothing.
+pub async fn delete_device(
+    client: &Client,
+    user_id: &str,
+    device_id: &str,
+) -> Result<Deleted, Fail> {
+    let u = user_literal(user_id)?;
+    let d = sql::uuid(device_id).ok_or_else(|| Fail::internal("non-canonical device id".into()))?;
+    let q = format!(
+        "WITH del AS (DELETE FROM devices WHERE id = {d} AND user_id = {u} RETURNING id)
+         SELECT json_build_object('deleted', EXISTS (SELECT 1 FROM del),
+             'ids', (SELECT coalesce(json_agg(id), '[]'::json) FROM devices
+                     WHERE user_id = {u} AND id NOT IN (SELECT id FROM del)))::text"
+    );
+    json_row(client, &q)
+        .await?
+        .ok_or_else(|| Fail::internal("delete returned no row".into()))
+}
+
+pub async fn list_devices(client: &Client, user_id: &str) -> Result<Vec<Device>, Fail> {
+    let u = user_literal(user_id)?;
+    let q = format!(
+        "SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json)::text
+         FROM devices d WHERE d.user_id = {u}"
+    );
+    Ok(json_row(client, &q).await?.unwrap_or_default())
+}
+
+/// Replaces a device's public key; `None` if the device is not the caller's.
+pub async fn rotate_key(
+    client: &Client,
+    user_id: &str,
+    device_id: &str,
+    key: &PublicKey,
+) -> Result<Option<Device>, Fail> {
+    let u = user_literal(user_id)?;
+    let d = sql::uuid(device_id).ok_or_else(|| Fail::internal("non-canonical device id".into()))?;
+    let q = format!(
+        "WITH upd AS (UPDATE devices SET public_key = {k}, updated_at = now()
+                      WHERE id = {d} AND user_id = {u} RETURNING *)
+         SELECT {DEVICE_JSON}::text FROM upd d",
+        k = quoted(key.as_str())?
+    );
+    json_row_or(client, &q, key_in_use).await
+}
+
+/// The entitlement inputs of one user (after a billing change).
+pub async fn inputs_for(client: &Client, user_id: &str) -> Result<Option<EntitlementInputs>, Fail> {
+    let u = user_literal(user_id)?;
+    let q = format!(
+        "SELECT {}::text FROM users u WHERE u.id = {u}",
+        inputs_sql("u.id")
+    );
+    json_row(client, &q).await
+}
+
+/// What applying a billing event did.
+#[derive(Debug, Deserialize)]
+pub struct Applied {
+    /// false: the event id was processed before; nothing changed.
+    pub new_event: bool,
+    /// The user the event concerns, if we know them.
+    pub user_id: Option<String>,
+    /// Whether the subscription row changed (false for stale or unknown events).
+    pub changed: bool,
+}
+
+/// Applies a verified billing event in one statement (one transaction): records
+/// the event id (a replay or a concurrent duplicate then changes nothing) and
+/// updates the subscription unless a newer event already did.
+pub async fn apply_billing_event(
+    client: &Client,
+    env: &Envelope,
+    change: &Change,
+) -> Result<Applied, Fail> {
+    let created = env.created;
+    let record = format!(
+        "ev AS (INSERT INTO webhook_events (id, type, event_created_at) VALUES ({}, {}, to_timestamp({created}))
+                ON CONFLICT (id) DO NOTHING RETURNING id)",
+        quoted(&env.id)?,
+        quoted(&env.kind)?
+    );
+    let q = match change {
+        Change::Subscription(s) => {
+            let by_metadata = match s.user_id.as_deref().and_then(sql::uuid) {
+                Some(u) => format!("SELECT id FROM users WHERE id = {u}"),
+                None => "SELECT NULL::uuid WHERE false".to_owned(),
+            };
+            let status = serde_json::to_value(s.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let plan = match &s.plan_id {
+                Some(p) => quoted(p)?,
+                None => "NULL".to_owned(),
+            };
+            format!(
+                "WITH {record},
+                 target AS (SELECT id AS user_id FROM ({by_metadata}
+                                UNION ALL SELECT user_id FROM subscriptions
+                                          WHERE provider = 'stripe' AND provider_customer_id = {cus}) t LIMIT 1),
+                 plan AS (SELECT id FROM plans WHERE id = {plan}),
+                 up AS (
+                     INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, cancel_at_period_end,
+                                                provider_customer_id, provider_subscription_id, provider_event_at)
+                     SELECT t.user_id, coalesce((SELECT id FROM plan),
+                                                (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)),
+                            {status}, to_timestamp({end}), {cancel}, {cus}, {sub}, to_timestamp({created})
+                     FROM target t
+                     WHERE EXISTS (SELECT 1 FROM ev)
+                       AND coalesce((SELECT id FROM plan), (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)) IS NOT NULL
+                     ON CONFLICT (user_id) DO UPDATE SET
+                         plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
+                         current_period_end = EXCLUDED.current_period_end,
+                         cancel_at_period_end = EXCLUDED.cancel_at_period_end,
+                         provider_customer_id = EXCLUDED.provider_customer_id,
+                         provider_subscription_id = EXCLUDED.provider_subscription_id,
+                         provider_event_at = EXCLUDED.provider_event_at, updated_at = now()
+                     WHERE subscriptions.provider_event_at IS NULL
+                        OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at
+                     RETURNING user_id)
+                 SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
+                                          'user_id', (SELECT user_id FROM target),
+                                          'changed', EXISTS (SELECT 1 FROM up))::text",
+                cus = quoted(&s.customer_id)?,
+                sub = quoted(&s.subscription_id)?,
+                status = quoted(&status)?,
+                end = s.current_period_end,
+                cancel = s.cancel_at_period_end,
+            )
+        }
+        Change::Invoice {
+            subscription_id,
+            paid,
+            ..
+        } => {
+            // A paid invoice makes a lapsed subscription active again, but never
+            // resurrects one that has ended; a failed one makes it past due.
+            let (new_status, allowed) = if *paid {
+                (
+                    "'active'",
+                    "status IN ('active', 'trialing', 'past_due', 'unpaid', 'incomplete')",
+                )
+            } else {
+                ("'past_due'", "status IN ('active', 'trialing', 'past_due')")
+            };
+            format!(
+                "WITH {record},
+                 target AS (SELECT user_id FROM subscriptions WHERE provider = 'stripe' AND provider_subscription_id = {sub}),
+                 up AS (UPDATE subscriptions SET status = {new_status}, provider_event_at = to_timestamp({created}), updated_at = now()
+                        WHERE provider = 'stripe' AND provider_subscription_id = {sub} AND {allowed}
+                          AND EXISTS (SELECT 1 FROM ev)
+                          AND (provider_event_at IS NULL OR provider_event_at <= to_timestamp({created}))
+                        RETURNING user_id)
+                 SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
+                                          'user_id', (SELECT user_id FROM target),
+                                          'changed', EXISTS (SELECT 1 FROM up))::text",
+                sub = quoted(subscription_id)?,
+            )
+        }
+    };
+    json_row(client, &q)
+        .await?
+        .ok_or_else(|| Fail::internal("billing event returned no row".into()))
 }

@@ -12,9 +12,11 @@
 //! this object makes.
 
 use super::durable::{body, ping, refuse};
-use super::store::EntitlementInputs;
-use super::{bindings, random, secrets, time};
+use super::store::{self, EntitlementInputs};
+use super::{Fail, bindings, random, secrets, time};
+use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey};
 use crate::domain::entitlement::{self, Entitlement};
+use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
 };
@@ -39,6 +41,58 @@ struct Stored {
     user_id: Option<String>,
     sessions: UserSessions,
     inputs: Option<EntitlementInputs>,
+    /// Confirmed devices and in-flight reservations: the device limit's authority.
+    #[serde(default)]
+    devices: Ledger,
+    /// `Idempotency-Key` records of this user's mutating requests.
+    #[serde(default)]
+    idempotency: Records,
+}
+
+/// The KV key of a user's cached entitlement (short TTL; for reads that need no
+/// strong consistency).
+pub fn entitlement_key(user_id: &str) -> String {
+    format!("entitlement/{user_id}")
+}
+const ENTITLEMENT_CACHE_TTL_SECS: u64 = 300;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreateDeviceReq {
+    pub user_id: String,
+    pub name: String,
+    pub public_key: String,
+    /// The limit in the caller's access token, used only if this object has
+    /// never been told the user's entitlement inputs.
+    pub token_max_devices: u32,
+    /// `(key, fingerprint)` when the request carried an `Idempotency-Key`.
+    pub idempotency: Option<(String, String)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeleteDeviceReq {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InputsReq {
+    pub user_id: String,
+    pub inputs: EntitlementInputs,
+}
+
+/// Relays a shell failure (its problem code and status) as an object answer.
+fn refuse_fail(fail: &Fail) -> Result<Response> {
+    if let Some(cause) = &fail.cause {
+        worker::console_error!(
+            "{}",
+            serde_json::json!({"level": "error", "msg": "user session", "error": cause})
+        );
+    }
+    refuse(
+        fail.api.code.status(),
+        fail.api.code.as_str(),
+        fail.api.retry_after.map(u64::from),
+    )
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,10 +131,16 @@ impl UserSession {
         Ok(self.state.storage().get(KEY).await?.unwrap_or_default())
     }
 
+    /// Persists the state only (no KV mirror): device and idempotency changes.
+    async fn persist(&self, stored: &mut Stored, now: i64) -> Result<()> {
+        stored.idempotency.prune(now);
+        self.state.storage().put(KEY, &*stored).await
+    }
+
     /// Persists the state, then mirrors the session list to KV.
     async fn save(&self, stored: &mut Stored, now: i64) -> Result<()> {
         stored.sessions.prune(now);
-        self.state.storage().put(KEY, &*stored).await?;
+        self.persist(stored, now).await?;
         if let Some(user_id) = &stored.user_id {
             let mirror = Mirror {
                 sessions: stored.sessions.mirror(now),
@@ -200,6 +260,179 @@ impl UserSession {
     }
 }
 
+impl UserSession {
+    /// Registers a device under the plan's limit.
+    ///
+    /// The limit is decided here, atomically: a slot is reserved and persisted
+    /// before PostgreSQL is awaited (other requests to this object can run while
+    /// it is), then confirmed or released. The state is re-read after every
+    /// non-storage await, never reused across one. PostgreSQL re-checks the limit
+    /// under a row lock as a backstop, and its list of the user's devices is fed
+    /// back into the ledger so the two always converge.
+    async fn create_device(&self, mut req: Request) -> Result<Response> {
+        let r: CreateDeviceReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let (Ok(name), Ok(key)) = (DeviceName::parse(&r.name), PublicKey::parse(&r.public_key))
+        else {
+            return refuse(400, "validation_failed", None);
+        };
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        if stored.user_id.as_deref().is_some_and(|u| u != r.user_id) {
+            return refuse(400, "wrong_object", None);
+        }
+        stored.user_id = Some(r.user_id.clone());
+        if let Some((k, fp)) = &r.idempotency {
+            match stored.idempotency.begin(k, fp, now) {
+                Begin::Proceed => {}
+                Begin::Replay(resp) => {
+                    return Ok(Response::ok(resp.body)?.with_status(resp.status));
+                }
+                Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
+                Begin::Mismatch => return refuse(422, "idempotency_key_reused", None),
+            }
+        }
+        let limit = Self::entitlement(&stored, now).map_or(r.token_max_devices, |e| e.max_devices);
+        let reservation = match stored.devices.reserve(limit, now, random::bytes()) {
+            Ok(id) => id,
+            Err(LimitError::LimitReached { .. }) => {
+                if let Some((k, _)) = &r.idempotency {
+                    stored.idempotency.abandon(k);
+                }
+                self.persist(&mut stored, now).await?;
+                return refuse(403, "device_limit_reached", None);
+            }
+        };
+        // Device lists read from PostgreSQL after this point may arrive out of
+        // order with other requests' confirmations: the mark lets the ledger
+        // apply only what is newer (see `Ledger::sync_since`).
+        let mark = stored.devices.mark();
+        // The reservation (and the in-flight idempotency record) must be durable
+        // before the first await that lets other requests in.
+        self.persist(&mut stored, now).await?;
+        drop(stored);
+
+        let outcome = self.insert_device(&r.user_id, &name, &key, limit).await;
+
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        let abandon = |stored: &mut Stored| {
+            if let Some((k, _)) = &r.idempotency {
+                stored.idempotency.abandon(k);
+            }
+        };
+        match outcome {
+            Ok(store::Inserted {
+                device: Some(device),
+                ids,
+            }) => {
+                stored.devices.confirm(&reservation, &device.id);
+                stored.devices.sync_since(mark, ids);
+                let body = serde_json::to_string(&device)
+                    .map_err(|e| worker::Error::RustError(e.to_string()))?;
+                if let Some((k, _)) = &r.idempotency {
+                    stored.idempotency.complete(
+                        k,
+                        StoredResponse {
+                            status: 201,
+                            body: body.clone(),
+                        },
+                        now,
+                    );
+                }
+                self.persist(&mut stored, now).await?;
+                Ok(Response::ok(body)?.with_status(201))
+            }
+            Ok(store::Inserted { device: None, ids }) => {
+                stored.devices.release(&reservation);
+                stored.devices.sync_since(mark, ids);
+                abandon(&mut stored);
+                self.persist(&mut stored, now).await?;
+                refuse(403, "device_limit_reached", None)
+            }
+            Err(fail) => {
+                stored.devices.release(&reservation);
+                abandon(&mut stored);
+                self.persist(&mut stored, now).await?;
+                refuse_fail(&fail)
+            }
+        }
+    }
+
+    async fn insert_device(
+        &self,
+        user_id: &str,
+        name: &DeviceName,
+        key: &PublicKey,
+        limit: u32,
+    ) -> std::result::Result<store::Inserted, Fail> {
+        let db = store::connect(&self.env).await?;
+        let n = store::next_address(&db).await?;
+        let (v4, v6) = device::tunnel_addresses(n)
+            .ok_or_else(|| Fail::internal("tunnel address space exhausted".into()))?;
+        store::insert_device(&db, user_id, name, key, (&v4, &v6), limit).await
+    }
+
+    async fn delete_device(&self, mut req: Request) -> Result<Response> {
+        let r: DeleteDeviceReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let mark = self.load().await?.devices.mark();
+        let outcome = match store::connect(&self.env).await {
+            Ok(db) => store::delete_device(&db, &r.user_id, &r.device_id).await,
+            Err(fail) => Err(fail),
+        };
+        match outcome {
+            Ok(deleted) => {
+                let now = time::now_secs();
+                let mut stored = self.load().await?;
+                stored.devices.sync_since(mark, deleted.ids);
+                self.persist(&mut stored, now).await?;
+                Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
+            }
+            Err(fail) => refuse_fail(&fail),
+        }
+    }
+
+    /// The user's billing changed: store the new inputs so the next refresh (and
+    /// the device limit) follow them, and refresh the KV entitlement cache.
+    async fn set_inputs(&self, mut req: Request) -> Result<Response> {
+        let r: InputsReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        if stored.user_id.as_deref().is_some_and(|u| u != r.user_id) {
+            return refuse(400, "wrong_object", None);
+        }
+        stored.user_id = Some(r.user_id.clone());
+        stored.inputs = Some(r.inputs);
+        self.persist(&mut stored, now).await?;
+        let ent = Self::entitlement(&stored, now).expect("inputs were just set");
+        if let Ok(kv) = self.env.kv(bindings::KV) {
+            let written = match kv.put(&entitlement_key(&r.user_id), &ent) {
+                Ok(put) => put
+                    .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = written {
+                worker::console_error!(
+                    "{}",
+                    serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
+                );
+            }
+        }
+        Response::from_json(&serde_json::json!({ "entitlement": ent }))
+    }
+}
+
 impl DurableObject for UserSession {
     fn new(state: State, env: Env) -> Self {
         UserSession { state, env }
@@ -212,6 +445,9 @@ impl DurableObject for UserSession {
             (Method::Post, "/refresh") => self.refresh(req).await,
             (Method::Post, "/revoke") => self.revoke(req, false).await,
             (Method::Post, "/revoke-all") => self.revoke(req, true).await,
+            (Method::Post, "/devices/create") => self.create_device(req).await,
+            (Method::Post, "/devices/delete") => self.delete_device(req).await,
+            (Method::Post, "/inputs") => self.set_inputs(req).await,
             _ => Response::error("unknown durable object route", 404),
         }
     }

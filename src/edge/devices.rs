@@ -1,0 +1,153 @@
+//! WireGuard devices: `/v1/devices`.
+//!
+//! Creating and deleting go through the user's `UserSession` object, which owns
+//! the device limit (see `user_session.rs`); listing and key rotation do not
+//! change the count and go straight to PostgreSQL. Every query is scoped to the
+//! token's user, so another user's device id behaves exactly like one that does
+//! not exist.
+
+use super::auth::{self, authenticate, read_body, refusal};
+use super::durable::call;
+use super::user_session::{CreateDeviceReq, DeleteDeviceReq};
+use super::{Fail, bindings, store};
+use crate::domain::account::Invalid;
+use crate::domain::device::{self, DeviceName, PublicKey};
+use crate::domain::idempotency;
+use crate::domain::problem::ProblemCode;
+use crate::http::body::{self, MAX_JSON_BODY};
+use crate::http::{ApiError, Reply};
+use serde::Deserialize;
+use worker::{Env, Request};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    public_key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    public_key: String,
+}
+
+fn not_found() -> Fail {
+    ApiError::new(ProblemCode::DeviceNotFound, "No such device.").into()
+}
+
+fn check(errors: Vec<Invalid>) -> Result<(), Fail> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(body::invalid(&errors).into())
+    }
+}
+
+pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let idempotency_key = match req.headers().get("idempotency-key").ok().flatten() {
+        Some(k) => Some(idempotency::parse_key(&k).map_err(|e| Fail::from(body::invalid(&[e])))?),
+        None => None,
+    };
+    let (content_type, bytes) = read_body(&mut req, MAX_JSON_BODY).await?;
+    let b: CreateBody = body::parse_json(content_type.as_deref(), &bytes, MAX_JSON_BODY)?;
+    let (name, key) = (DeviceName::parse(&b.name), PublicKey::parse(&b.public_key));
+    check(
+        [name.as_ref().err(), key.as_ref().err()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+    )?;
+    let fingerprint =
+        idempotency_key.map(|k| (k, idempotency::fingerprint("POST", "/v1/devices", &bytes)));
+    let r = CreateDeviceReq {
+        user_id: claims.sub.clone(),
+        name: b.name,
+        public_key: b.public_key,
+        token_max_devices: claims.ent.max_devices,
+        idempotency: fingerprint,
+    };
+    let (status, json) = call(
+        env,
+        bindings::USER_SESSIONS,
+        &claims.sub,
+        "/devices/create",
+        &r,
+    )
+    .await?;
+    if status != 201 {
+        let mut fail = refusal(status, &json);
+        if fail.api.code == ProblemCode::DeviceLimitReached {
+            fail.api = ApiError::new(
+                ProblemCode::DeviceLimitReached,
+                format!(
+                    "Your plan allows {} device(s); remove one to add another.",
+                    claims.ent.max_devices
+                ),
+            )
+            .with("max_devices", serde_json::json!(claims.ent.max_devices));
+        }
+        return Err(fail);
+    }
+    let mut reply = Reply::json(201, &json);
+    reply.headers.push((
+        "location",
+        format!("/v1/devices/{}", json["id"].as_str().unwrap_or_default()),
+    ));
+    Ok(reply)
+}
+
+pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let db = store::connect(env).await?;
+    let devices = store::list_devices(&db, &claims.sub).await?;
+    Ok(Reply::json(200, &serde_json::json!({ "devices": devices })))
+}
+
+pub async fn delete(req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    if !device::is_device_id(id) {
+        return Err(not_found());
+    }
+    let r = DeleteDeviceReq {
+        user_id: claims.sub.clone(),
+        device_id: id.to_owned(),
+    };
+    let (status, json) = call(
+        env,
+        bindings::USER_SESSIONS,
+        &claims.sub,
+        "/devices/delete",
+        &r,
+    )
+    .await?;
+    if status != 200 {
+        return Err(refusal(status, &json));
+    }
+    if json["deleted"] == true {
+        Ok(Reply {
+            status: 204,
+            headers: vec![],
+            body: vec![],
+        })
+    } else {
+        Err(not_found())
+    }
+}
+
+pub async fn rotate_key(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    // Parse the body before deciding on the id, so a bad body is a 4xx whatever the id.
+    let b: RotateBody = auth::json_body(&mut req).await?;
+    let key = PublicKey::parse(&b.public_key).map_err(|e| Fail::from(body::invalid(&[e])))?;
+    if !device::is_device_id(id) {
+        return Err(not_found());
+    }
+    let db = store::connect(env).await?;
+    match store::rotate_key(&db, &claims.sub, id, &key).await? {
+        Some(device) => Ok(Reply::json(200, &device)),
+        None => Err(not_found()),
+    }
+}

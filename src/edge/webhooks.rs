@@ -1,0 +1,104 @@
+//! `POST /v1/webhooks/stripe`: billing events.
+//!
+//! The signature is checked over the raw bytes before anything is parsed. An
+//! event is applied in one PostgreSQL statement that also records its id, so a
+//! replay or a concurrent duplicate has no effect, and an event older than the
+//! last one applied never overwrites newer state. Then the user's current
+//! entitlement inputs are pushed to their `UserSession` object (their next
+//! refresh and their device limit follow) and its KV cache is refreshed. That
+//! push happens for duplicates too, so a delivery that failed half way is
+//! completed by the provider's retry.
+
+use super::auth::{read_body, refusal};
+use super::durable::call;
+use super::user_session::InputsReq;
+use super::{Fail, bindings, store, time};
+use crate::domain::problem::ProblemCode;
+use crate::domain::stripe::{self, Event};
+use crate::http::{ApiError, Reply};
+use serde_json::json;
+use worker::{Env, Request};
+
+/// Stripe's events are small; this bounds what is read before verification.
+const MAX_WEBHOOK_BODY: usize = 256 * 1024;
+pub const SECRET: &str = "STRIPE_WEBHOOK_SECRET";
+
+fn problem(code: &str) -> Fail {
+    let code = ProblemCode::from_code(code).unwrap_or(ProblemCode::WebhookMalformed);
+    ApiError::new(code, code.title()).into()
+}
+
+fn log(msg: &str, fields: serde_json::Value) {
+    worker::console_log!("{}", json!({"level": "info", "msg": msg, "event": fields}));
+}
+
+pub async fn stripe(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+    // Comma-separated, so the endpoint secret can be rolled without downtime.
+    let secrets = env.secret(SECRET).map(|s| s.to_string()).map_err(|_| {
+        Fail::new(
+            ApiError::new(
+                ProblemCode::NotConfigured,
+                "Webhook verification is not configured; it has been logged.",
+            ),
+            format!("secret {SECRET} is not set"),
+        )
+    })?;
+    let secrets: Vec<&str> = secrets
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let header = req.headers().get("stripe-signature").ok().flatten();
+    let (_, body) = read_body(&mut req, MAX_WEBHOOK_BODY).await?;
+    stripe::verify(header.as_deref(), &body, &secrets, time::now_secs())
+        .map_err(|e| problem(e.code()))?;
+
+    let (envelope, change) = match stripe::parse_event(&body).map_err(|e| problem(e.code()))? {
+        Event::Ignored { id, kind } => {
+            log("webhook ignored", json!({"id": id, "type": kind}));
+            return Ok(Reply::json(
+                200,
+                &json!({"received": true, "applied": false}),
+            ));
+        }
+        Event::Relevant { envelope, change } => (envelope, change),
+    };
+    let db = store::connect(env).await?;
+    let applied = store::apply_billing_event(&db, &envelope, &change).await?;
+    let fields = json!({"id": envelope.id, "type": envelope.kind, "new": applied.new_event, "changed": applied.changed});
+    let Some(user_id) = applied.user_id else {
+        // Not ours (or not yet linked): acknowledge, or the provider retries for days.
+        log("webhook for an unknown customer", fields);
+        return Ok(Reply::json(
+            200,
+            &json!({"received": true, "applied": false}),
+        ));
+    };
+    let Some(inputs) = store::inputs_for(&db, &user_id).await? else {
+        log("webhook for a deleted user", fields);
+        return Ok(Reply::json(
+            200,
+            &json!({"received": true, "applied": false}),
+        ));
+    };
+    drop(db);
+    let (status, answer) = call(
+        env,
+        bindings::USER_SESSIONS,
+        &user_id,
+        "/inputs",
+        &InputsReq {
+            user_id: user_id.clone(),
+            inputs,
+        },
+    )
+    .await?;
+    if status != 200 {
+        return Err(refusal(status, &answer));
+    }
+    log("webhook applied", fields);
+    Ok(Reply::json(
+        200,
+        &json!({"received": true, "applied": applied.changed, "duplicate": !applied.new_event}),
+    ))
+}
