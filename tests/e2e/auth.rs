@@ -1,12 +1,12 @@
 //! Accounts, tokens and sessions, end to end.
 
+use crate::common::{Resp, claims, fresh_ip, s, send, send_with, unique_email};
 use crate::harness::{Ctx, Test};
 use crate::support::DB_NAME;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use libtest_mimic::Failed;
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub const TESTS: &[(&str, Test)] = &[
@@ -65,30 +65,7 @@ pub const TESTS: &[(&str, Test)] = &[
     ),
 ];
 
-static N: AtomicUsize = AtomicUsize::new(0);
-
-fn unique_email() -> String {
-    format!(
-        "user{}-{}@example.test",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    )
-}
-
-/// A documentation-range address per caller, so per-IP throttling of one test
-/// never affects another.
-fn fresh_ip() -> String {
-    let n = N.fetch_add(1, Ordering::SeqCst);
-    format!("2001:db8::{:x}:{:x}", std::process::id() & 0xffff, n)
-}
-
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
-async fn send(
+async fn send_from(
     ctx: &Ctx,
     method: &str,
     path: &str,
@@ -96,30 +73,11 @@ async fn send(
     bearer: Option<&str>,
     ip: &str,
 ) -> Resp {
-    let mut req = ctx
-        .http
-        .request(method.parse().unwrap(), ctx.url(path))
-        .header("cf-connecting-ip", ip);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap_or_default();
-    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Resp {
-        status,
-        headers,
-        body,
-    }
+    send_with(ctx, method, path, body, bearer, &[("cf-connecting-ip", ip)]).await
 }
 
 async fn post(ctx: &Ctx, path: &str, body: Value, ip: &str) -> Resp {
-    send(ctx, "POST", path, Some(body), None, ip).await
+    send_from(ctx, "POST", path, Some(body), None, ip).await
 }
 
 async fn signup(ctx: &Ctx, email: &str, password: &str) -> Resp {
@@ -153,7 +111,7 @@ async fn refresh(ctx: &Ctx, token: &str) -> Resp {
 }
 
 async fn me(ctx: &Ctx, access: &str) -> Resp {
-    send(ctx, "GET", "/v1/me", None, Some(access), &fresh_ip()).await
+    send(ctx, "GET", "/v1/me", None, Some(access)).await
 }
 
 fn assert_pair(r: &Resp) {
@@ -168,15 +126,6 @@ fn assert_pair(r: &Resp) {
             .is_some_and(|t| t.starts_with("v1."))
     );
     assert_eq!(r.headers["cache-control"], "no-store");
-}
-
-fn claims(access: &str) -> Value {
-    let payload = access.split('.').nth(1).unwrap();
-    serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap()
-}
-
-fn s(v: &Value) -> &str {
-    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
 }
 
 async fn new_user(ctx: &Ctx) -> (String, Resp) {
@@ -536,15 +485,7 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
             3
         );
 
-        let out = send(
-            ctx,
-            "POST",
-            "/v1/auth/logout",
-            None,
-            Some(a_access),
-            &fresh_ip(),
-        )
-        .await;
+        let out = send(ctx, "POST", "/v1/auth/logout", None, Some(a_access)).await;
         assert_eq!(out.status, 204);
         assert_eq!(
             refresh(ctx, s(&a.body["refresh_token"])).await.body["code"],
@@ -561,15 +502,7 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(m.status, 200);
         assert_eq!(m.body["sessions"].as_array().unwrap().len(), 2);
 
-        let all = send(
-            ctx,
-            "POST",
-            "/v1/auth/logout-all",
-            None,
-            Some(b_access),
-            &fresh_ip(),
-        )
-        .await;
+        let all = send(ctx, "POST", "/v1/auth/logout-all", None, Some(b_access)).await;
         assert_eq!(all.status, 204);
         for pair in [&b, &c] {
             assert_eq!(
@@ -577,7 +510,7 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
                 "refresh_token_revoked"
             );
         }
-        let unauth = send(ctx, "POST", "/v1/auth/logout", None, None, &fresh_ip()).await;
+        let unauth = send(ctx, "POST", "/v1/auth/logout", None, None).await;
         assert_eq!(unauth.status, 401);
         assert_eq!(unauth.body["code"], "token_missing");
         assert!(
@@ -591,16 +524,7 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
 
 /// The development signing key, read from `.dev.vars` (as the worker does).
 fn dev_key() -> (String, ed25519_compact::KeyPair) {
-    let vars =
-        std::fs::read_to_string(crate::support::root().join(".dev.vars")).expect(".dev.vars");
-    let line = vars
-        .lines()
-        .find(|l| l.starts_with("JWT_SIGNING_KEYS="))
-        .expect("JWT_SIGNING_KEYS");
-    let json = line
-        .trim_start_matches("JWT_SIGNING_KEYS=")
-        .trim_matches('\'');
-    let keys: Value = serde_json::from_str(json).unwrap();
+    let keys: Value = serde_json::from_str(&crate::common::dev_var("JWT_SIGNING_KEYS")).unwrap();
     let seed = B64.decode(s(&keys[0]["seed"])).unwrap();
     let kp = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::from_slice(&seed).unwrap());
     (s(&keys[0]["kid"]).to_owned(), kp)
@@ -755,15 +679,7 @@ fn bad_token_corpus(ctx: &Ctx) -> Result<(), Failed> {
 fn jwks_matches(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (_, pair) = new_user(ctx).await;
-        let r = send(
-            ctx,
-            "GET",
-            "/.well-known/jwks.json",
-            None,
-            None,
-            &fresh_ip(),
-        )
-        .await;
+        let r = send(ctx, "GET", "/.well-known/jwks.json", None, None).await;
         assert_eq!(r.status, 200);
         assert!(r.headers["cache-control"].to_str()?.contains("max-age"));
         let header: Value = serde_json::from_slice(

@@ -12,7 +12,13 @@ mod support;
 #[cfg(not(target_arch = "wasm32"))]
 mod auth;
 #[cfg(not(target_arch = "wasm32"))]
+mod billing;
+#[cfg(not(target_arch = "wasm32"))]
+mod common;
+#[cfg(not(target_arch = "wasm32"))]
 mod cron;
+#[cfg(not(target_arch = "wasm32"))]
+mod devices;
 #[cfg(not(target_arch = "wasm32"))]
 mod health;
 
@@ -62,14 +68,20 @@ mod harness {
                 .expect("http client"),
             shared: OnceLock::new(),
         });
-        let trials = [crate::health::TESTS, crate::cron::TESTS, crate::auth::TESTS]
-            .concat()
-            .into_iter()
-            .map(|(name, test)| {
-                let ctx = Arc::clone(&ctx);
-                libtest_mimic::Trial::test(name, move || test(&ctx))
-            })
-            .collect();
+        let trials = [
+            crate::health::TESTS,
+            crate::cron::TESTS,
+            crate::auth::TESTS,
+            crate::devices::TESTS,
+            crate::billing::TESTS,
+        ]
+        .concat()
+        .into_iter()
+        .map(|(name, test)| {
+            let ctx = Arc::clone(&ctx);
+            libtest_mimic::Trial::test(name, move || test(&ctx))
+        })
+        .collect();
         let conclusion = libtest_mimic::run(&args, trials);
         // Stops the shared stack (if one was started) before reporting.
         drop(ctx);

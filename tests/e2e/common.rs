@@ -1,0 +1,169 @@
+//! Helpers shared by the end-to-end test modules: HTTP calls with a per-call
+//! client address (so per-IP throttling of one test never affects another),
+//! users, and direct database access for checking what was written.
+
+use crate::harness::Ctx;
+use crate::support::DB_NAME;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+pub fn unique_email() -> String {
+    format!("{}@example.test", unique("user"))
+}
+
+/// A documentation-range address per caller.
+pub fn fresh_ip() -> String {
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    format!("2001:db8::{:x}:{:x}", std::process::id() & 0xffff, n)
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+pub async fn send_with(
+    ctx: &Ctx,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    bearer: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Resp {
+    let mut req = ctx.http.request(method.parse().unwrap(), ctx.url(path));
+    if !extra
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("cf-connecting-ip"))
+    {
+        req = req.header("cf-connecting-ip", fresh_ip());
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn send(
+    ctx: &Ctx,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    bearer: Option<&str>,
+) -> Resp {
+    send_with(ctx, method, path, body, bearer, &[]).await
+}
+
+pub fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+pub fn claims(access: &str) -> Value {
+    let payload = access.split('.').nth(1).unwrap();
+    serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap()
+}
+
+/// A signed-up user: id, email, and the tokens of its first session.
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub access: String,
+    pub refresh: String,
+}
+
+pub const PASSWORD: &str = "correct horse battery";
+
+pub async fn new_user(ctx: &Ctx) -> User {
+    let email = unique_email();
+    let r = send(
+        ctx,
+        "POST",
+        "/v1/auth/signup",
+        Some(json!({"email": email, "password": PASSWORD})),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let access = s(&r.body["access_token"]).to_owned();
+    User {
+        id: s(&claims(&access)["sub"]).to_owned(),
+        email,
+        access,
+        refresh: s(&r.body["refresh_token"]).to_owned(),
+    }
+}
+
+impl User {
+    /// Refreshes and keeps the new pair; returns the new access token's claims.
+    pub async fn refresh(&mut self, ctx: &Ctx) -> Value {
+        let r = send(
+            ctx,
+            "POST",
+            "/v1/auth/refresh",
+            Some(json!({"refresh_token": self.refresh})),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        self.access = s(&r.body["access_token"]).to_owned();
+        self.refresh = s(&r.body["refresh_token"]).to_owned();
+        claims(&self.access)
+    }
+}
+
+pub async fn db(ctx: &Ctx) -> tokio_postgres::Client {
+    keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME))
+        .await
+        .expect("database")
+}
+
+/// Reads a value from `.dev.vars` (the development secrets the worker runs with).
+pub fn dev_var(name: &str) -> String {
+    let vars =
+        std::fs::read_to_string(crate::support::root().join(".dev.vars")).expect(".dev.vars");
+    let line = vars
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in .dev.vars"));
+    line[name.len() + 1..]
+        .trim()
+        .trim_matches('\'')
+        .trim_matches('"')
+        .to_owned()
+}
+
+/// A random WireGuard-shaped public key (32 bytes, standard base64).
+pub fn wg_key() -> String {
+    let mut bytes = [0u8; 32];
+    let seed = unique("k");
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes());
+    bytes.copy_from_slice(&digest);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

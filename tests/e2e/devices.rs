@@ -1,0 +1,353 @@
+//! WireGuard devices and the device limit, end to end.
+
+use crate::common::*;
+use crate::harness::{Ctx, Test};
+use libtest_mimic::Failed;
+use serde_json::{Value, json};
+
+pub const TESTS: &[(&str, Test)] = &[
+    ("devices::create_list_rotate_and_delete_a_device", lifecycle),
+    (
+        "devices::bad_keys_are_422_and_a_key_in_use_is_409",
+        bad_and_taken_keys,
+    ),
+    (
+        "devices::the_free_plan_allows_one_device_and_nothing_changes_at_the_limit",
+        free_limit,
+    ),
+    (
+        "devices::concurrent_registrations_never_exceed_the_limit",
+        concurrent_limit,
+    ),
+    (
+        "devices::another_users_device_ids_behave_like_unknown_ones",
+        cross_user,
+    ),
+    (
+        "devices::idempotency_keys_replay_refuse_mismatch_and_in_flight",
+        idempotency,
+    ),
+];
+
+async fn create(ctx: &Ctx, user: &User, name: &str, key: &str) -> Resp {
+    send(
+        ctx,
+        "POST",
+        "/v1/devices",
+        Some(json!({"name": name, "public_key": key})),
+        Some(&user.access),
+    )
+    .await
+}
+
+async fn device_count(ctx: &Ctx, user_id: &str) -> i64 {
+    let db = db(ctx).await;
+    db.query_one(
+        "SELECT count(*) FROM devices WHERE user_id = $1::text::uuid",
+        &[&user_id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Gives the user a Plus subscription in PostgreSQL, then signs in again so the
+/// user's session object learns the new entitlement inputs.
+pub async fn make_plus(ctx: &Ctx, user: &mut User) {
+    let db = db(ctx).await;
+    db.execute(
+        "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end)
+         VALUES ($1::text::uuid, 'plus', 'active', now() + interval '30 days')",
+        &[&user.id],
+    )
+    .await
+    .unwrap();
+    let r = send(
+        ctx,
+        "POST",
+        "/v1/auth/login",
+        Some(json!({"email": user.email, "password": PASSWORD})),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    user.access = s(&r.body["access_token"]).to_owned();
+    user.refresh = s(&r.body["refresh_token"]).to_owned();
+    assert_eq!(claims(&user.access)["ent"]["max_devices"], 5);
+}
+
+fn lifecycle(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let user = new_user(ctx).await;
+        let key = wg_key();
+        let r = create(ctx, &user, "  Laptop  ", &key).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let d = r.body.clone();
+        let id = s(&d["id"]).to_owned();
+        assert_eq!(r.headers["location"], format!("/v1/devices/{id}").as_str());
+        assert_eq!(d["name"], "Laptop");
+        assert_eq!(d["public_key"], key.as_str());
+        assert!(s(&d["ipv4_address"]).starts_with("10."), "{d}");
+        assert!(s(&d["ipv6_address"]).starts_with("fd4b:6565:6e00::"), "{d}");
+        assert!(d["created_at"].is_i64());
+
+        let list = send(ctx, "GET", "/v1/devices", None, Some(&user.access)).await;
+        assert_eq!(list.status, 200);
+        assert_eq!(list.body["devices"], json!([d]));
+
+        let new_key = wg_key();
+        let rotated = send(
+            ctx,
+            "PUT",
+            &format!("/v1/devices/{id}/public_key"),
+            Some(json!({"public_key": new_key})),
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        assert_eq!(rotated.body["public_key"], new_key.as_str());
+        assert_eq!(
+            rotated.body["ipv4_address"], d["ipv4_address"],
+            "addresses survive a key rotation"
+        );
+
+        let del = send(
+            ctx,
+            "DELETE",
+            &format!("/v1/devices/{id}"),
+            None,
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(del.status, 204);
+        assert_eq!(
+            send(ctx, "GET", "/v1/devices", None, Some(&user.access))
+                .await
+                .body["devices"],
+            json!([])
+        );
+        let again = send(
+            ctx,
+            "DELETE",
+            &format!("/v1/devices/{id}"),
+            None,
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(again.status, 404);
+        assert_eq!(again.body["code"], "device_not_found");
+        // The freed slot can be used again (the free plan allows one device).
+        assert_eq!(create(ctx, &user, "Phone", &wg_key()).await.status, 201);
+        Ok(())
+    })
+}
+
+fn bad_and_taken_keys(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (a, b) = (new_user(ctx).await, new_user(ctx).await);
+        for bad in [
+            "",
+            "not base64!",
+            "AAAA",
+            &"A".repeat(43),
+            &format!("{}=", "A".repeat(43)),
+            &wg_key().replace('=', ""),
+        ] {
+            let r = create(ctx, &a, "x", bad).await;
+            assert_eq!(r.status, 422, "{bad:?}: {}", r.body);
+            assert_eq!(r.body["errors"][0]["field"], "public_key");
+        }
+        let r = create(ctx, &a, &"n".repeat(65), &wg_key()).await;
+        assert_eq!(r.status, 422);
+        assert_eq!(r.body["errors"][0]["field"], "name");
+        let key = wg_key();
+        assert_eq!(create(ctx, &a, "mine", &key).await.status, 201);
+        let taken = create(ctx, &b, "theirs", &key).await;
+        assert_eq!(taken.status, 409, "{}", taken.body);
+        assert_eq!(taken.body["code"], "public_key_in_use");
+        assert_eq!(
+            device_count(ctx, &b.id).await,
+            0,
+            "the refused device was not written"
+        );
+        // b's slot was released: b can still register a device.
+        assert_eq!(create(ctx, &b, "theirs", &wg_key()).await.status, 201);
+        Ok(())
+    })
+}
+
+fn free_limit(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let user = new_user(ctx).await;
+        assert_eq!(create(ctx, &user, "one", &wg_key()).await.status, 201);
+        let r = create(ctx, &user, "two", &wg_key()).await;
+        assert_eq!(r.status, 403, "{}", r.body);
+        assert_eq!(r.body["code"], "device_limit_reached");
+        assert_eq!(r.body["max_devices"], 1);
+        assert_eq!(device_count(ctx, &user.id).await, 1);
+        Ok(())
+    })
+}
+
+fn concurrent_limit(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        make_plus(ctx, &mut user).await;
+        for round in 0..5 {
+            // Limit 5, six registrations at once.
+            let names: Vec<String> = (0..6).map(|i| format!("r{round}-d{i}")).collect();
+            let results = futures::future::join_all(names.iter().map(|n| async {
+                let r = create(ctx, &user, n, &wg_key()).await;
+                (r.status, r.body)
+            }))
+            .await;
+            let created: Vec<&Value> = results
+                .iter()
+                .filter(|r| r.0 == 201)
+                .map(|r| &r.1)
+                .collect();
+            let refused = results.iter().filter(|r| r.0 == 403).count();
+            assert_eq!(
+                (created.len(), refused),
+                (5, 1),
+                "round {round}: {results:?}"
+            );
+            assert_eq!(
+                device_count(ctx, &user.id).await,
+                5,
+                "round {round}: the database agrees"
+            );
+            // The object agrees with the database: one more is refused...
+            assert_eq!(create(ctx, &user, "extra", &wg_key()).await.status, 403);
+            // ...and every slot freed is usable again.
+            for d in created {
+                let del = send(
+                    ctx,
+                    "DELETE",
+                    &format!("/v1/devices/{}", s(&d["id"])),
+                    None,
+                    Some(&user.access),
+                )
+                .await;
+                assert_eq!(del.status, 204);
+            }
+            assert_eq!(device_count(ctx, &user.id).await, 0);
+        }
+        Ok(())
+    })
+}
+
+fn cross_user(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (a, b) = (new_user(ctx).await, new_user(ctx).await);
+        let d = create(ctx, &a, "a's", &wg_key()).await.body;
+        let id = s(&d["id"]).to_owned();
+        let unknown = "6f9619ff-8b86-4d11-b42d-00c04fc964ff";
+        for target in [id.as_str(), unknown, "not-a-uuid"] {
+            let del = send(
+                ctx,
+                "DELETE",
+                &format!("/v1/devices/{target}"),
+                None,
+                Some(&b.access),
+            )
+            .await;
+            let put = send(
+                ctx,
+                "PUT",
+                &format!("/v1/devices/{target}/public_key"),
+                Some(json!({"public_key": wg_key()})),
+                Some(&b.access),
+            )
+            .await;
+            for r in [&del, &put] {
+                assert_eq!(r.status, 404, "{target}: {}", r.body);
+                assert_eq!(r.body["code"], "device_not_found");
+                assert_eq!(
+                    r.body["detail"], "No such device.",
+                    "no hint that the id exists"
+                );
+            }
+        }
+        assert_eq!(
+            send(ctx, "GET", "/v1/devices", None, Some(&b.access))
+                .await
+                .body["devices"],
+            json!([])
+        );
+        let mine = send(ctx, "GET", "/v1/devices", None, Some(&a.access)).await;
+        assert_eq!(mine.body["devices"], json!([d]), "a's device untouched");
+        Ok(())
+    })
+}
+
+fn idempotency(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        make_plus(ctx, &mut user).await;
+        let key = wg_key();
+        let body = json!({"name": "tablet", "public_key": key});
+        let post = |k: &'static str, b: Value| {
+            let access = user.access.clone();
+            async move {
+                send_with(
+                    ctx,
+                    "POST",
+                    "/v1/devices",
+                    Some(b),
+                    Some(&access),
+                    &[("idempotency-key", k)],
+                )
+                .await
+            }
+        };
+        let first = post("create-tablet-1", body.clone()).await;
+        assert_eq!(first.status, 201, "{}", first.body);
+        let replay = post("create-tablet-1", body.clone()).await;
+        assert_eq!(replay.status, 201);
+        assert_eq!(replay.body, first.body, "same key and body: same response");
+        assert_eq!(device_count(ctx, &user.id).await, 1);
+        let other = post(
+            "create-tablet-1",
+            json!({"name": "other", "public_key": wg_key()}),
+        )
+        .await;
+        assert_eq!(other.status, 422);
+        assert_eq!(other.body["code"], "idempotency_key_reused");
+        // Two at once with a new key: one runs, the other is told it is in flight
+        // (or, if the first already finished, gets its replay).
+        let b2 = json!({"name": "watch", "public_key": wg_key()});
+        let (x, y) = futures::join!(
+            post("create-watch", b2.clone()),
+            post("create-watch", b2.clone())
+        );
+        let mut statuses = [x.status, y.status];
+        statuses.sort();
+        assert!(
+            statuses == [201, 201] || statuses == [201, 409],
+            "{statuses:?}"
+        );
+        if statuses == [201, 201] {
+            assert_eq!(x.body, y.body);
+        } else {
+            let busy = if x.status == 409 { &x } else { &y };
+            assert_eq!(busy.body["code"], "idempotency_key_in_flight");
+        }
+        assert_eq!(
+            device_count(ctx, &user.id).await,
+            2,
+            "tablet + watch, each once"
+        );
+        let bad = send_with(
+            ctx,
+            "POST",
+            "/v1/devices",
+            Some(body),
+            Some(&user.access),
+            &[("idempotency-key", "")],
+        )
+        .await;
+        assert_eq!(bad.status, 422);
+        Ok(())
+    })
+}
