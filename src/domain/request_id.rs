@@ -13,7 +13,7 @@ pub const MAX_LEN: usize = 64;
 pub fn choose(cf_ray: Option<&str>, random: [u8; 16]) -> String {
     match cf_ray {
         Some(ray) if is_well_formed(ray) => ray.to_owned(),
-        _ => hex(&random),
+        _ => hex::encode(random),
     }
 }
 
@@ -21,16 +21,6 @@ fn is_well_formed(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_LEN
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0x0f) as usize] as char);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -396,7 +396,7 @@ impl UserSessions {
         self.prune(now);
         self.evict_down_to(MAX_ACTIVE_SESSIONS - 1, now);
 
-        let sid = hex(&sid_random);
+        let sid = hex::encode(sid_random);
         let family = Family {
             user_id: user_id.to_owned(),
             label: clean_label(label),
@@ -638,16 +638,6 @@ fn decode_secret(s: &str) -> Option<[u8; SECRET_LEN]> {
     }
     let bytes = URL_SAFE_NO_PAD.decode(s).ok()?;
     bytes.as_slice().try_into().ok()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0x0f) as usize] as char);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     let tag = signed_payload_mac(secret, timestamp, body)
         .finalize()
         .into_bytes();
-    format!("t={timestamp},v1={}", hex(&tag))
+    format!("t={timestamp},v1={}", hex::encode(tag))
 }
 
 /// The HMAC state over Stripe's signed payload, `"{t}.{body}"`, ready to be
@@ -251,34 +251,9 @@ fn parse_timestamp(value: &str) -> Option<i64> {
 }
 
 fn decode_hex_32(value: &str) -> Option<[u8; 32]> {
-    let bytes = value.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
-    }
+    hex::decode_to_slice(value, &mut out).ok()?;
     Some(out)
-}
-
-fn hex_digit(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0x0f) as usize] as char);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------

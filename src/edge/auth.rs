@@ -159,8 +159,10 @@ pub async fn signup(mut req: Request, env: &Env) -> Result<Reply, Fail> {
 /// or logs) and the client IP.
 fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
     let digest = Sha256::digest(email.as_str().as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    (format!("account:{hex}"), format!("ip:{client_ip}"))
+    (
+        format!("account:{}", hex::encode(digest)),
+        format!("ip:{client_ip}"),
+    )
 }
 
 async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<(), Fail> {
