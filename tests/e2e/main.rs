@@ -83,7 +83,15 @@ mod harness {
         })
         .collect();
         let conclusion = libtest_mimic::run(&args, trials);
-        // Stops the shared stack (if one was started) before reporting.
+        // Stops the shared stack (if one was started) before reporting; keeps
+        // its logs when something failed.
+        let mut ctx = Arc::into_inner(ctx).expect("every test has finished");
+        if conclusion.has_failed()
+            && let Some(stack) = ctx.shared.get_mut()
+        {
+            stack.wrangler.keep = true;
+            stack.pg.keep = true;
+        }
         drop(ctx);
         conclusion.exit_code()
     }

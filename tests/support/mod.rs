@@ -211,6 +211,8 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
 
 /// A throwaway PostgreSQL cluster.
 pub struct Postgres {
+    /// Keep the data directory and log after stopping (set when a test failed).
+    pub keep: bool,
     pub port: u16,
     dir: PathBuf,
     data: PathBuf,
@@ -258,6 +260,7 @@ impl Postgres {
         );
 
         let mut pg = Postgres {
+            keep: false,
             port: free_port(),
             dir,
             data,
@@ -388,7 +391,9 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop_server();
-        if !std::thread::panicking() {
+        if self.keep || std::thread::panicking() {
+            eprintln!("postgres data and log kept in {}", self.dir.display());
+        } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
@@ -442,12 +447,46 @@ pub fn build_worker() {
     });
 }
 
+/// A private copy of what `wrangler dev` serves: `wrangler.toml` without its
+/// `[build]` table, the built `build/` output and `.dev.vars`. wrangler watches
+/// the source tree and rebuilds and reloads the worker on any change, dropping
+/// requests in flight; serving a snapshot keeps a test run independent of edits
+/// made while it runs, and it serves exactly the artifact `build_worker` made.
+fn snapshot_app(dir: &Path) -> PathBuf {
+    let app = dir.join("app");
+    fs::create_dir_all(&app).expect("app dir");
+    let config = fs::read_to_string(root().join("wrangler.toml")).expect("wrangler.toml");
+    let mut in_build = false;
+    let filtered: String = config
+        .lines()
+        .filter(|line| {
+            let t = line.trim_start();
+            if t.starts_with('[') {
+                in_build = t.starts_with("[build]");
+            }
+            !in_build
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(app.join("wrangler.toml"), filtered).expect("write wrangler.toml");
+    fs::copy(root().join(".dev.vars"), app.join(".dev.vars")).expect("copy .dev.vars");
+    let status = Command::new("cp")
+        .arg("-R")
+        .arg(root().join("build"))
+        .arg(&app)
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "copy build/");
+    app
+}
+
 /// `wrangler dev` serving the worker, with its Hyperdrive bindings pointed at `db_url`.
 pub struct Wrangler {
     pub port: u16,
     pub base_url: String,
     dir: PathBuf,
     child: Option<Child>,
+    /// Keep the logs and state after stopping (set when a test failed).
+    pub keep: bool,
 }
 
 impl Wrangler {
@@ -457,6 +496,7 @@ impl Wrangler {
         let port = free_port();
         let log_path = dir.join("wrangler.log");
         let log = fs::File::create(&log_path).expect("wrangler log");
+        let app = snapshot_app(&dir);
         let bin = root().join("node_modules/.bin");
         let path = format!(
             "{}:{}",
@@ -464,7 +504,7 @@ impl Wrangler {
             std::env::var("PATH").unwrap_or_default()
         );
         let mut cmd = Command::new(bin.join("wrangler"));
-        cmd.current_dir(root())
+        cmd.current_dir(&app)
             .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
             .args(["--inspector-port", &free_port().to_string()])
             .arg("--persist-to")
@@ -494,6 +534,7 @@ impl Wrangler {
         die_with_parent(&mut cmd, libc::SIGTERM);
         let child = spawn_owned(cmd);
         let w = Wrangler {
+            keep: false,
             port,
             base_url: format!("http://127.0.0.1:{port}"),
             dir,
@@ -534,7 +575,7 @@ impl Wrangler {
     pub fn kv_get(&self, key: &str) -> Option<String> {
         let bin = root().join("node_modules/.bin");
         let out = Command::new(bin.join("wrangler"))
-            .current_dir(root())
+            .current_dir(self.dir.join("app"))
             .args([
                 "kv",
                 "key",
@@ -582,7 +623,9 @@ impl Drop for Wrangler {
         if let Some(child) = self.child.take() {
             stop_child(child, libc::SIGTERM, Duration::from_secs(10), true);
         }
-        if !std::thread::panicking() {
+        if self.keep || std::thread::panicking() {
+            eprintln!("wrangler logs and state kept in {}", self.dir.display());
+        } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
