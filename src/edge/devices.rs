@@ -8,10 +8,11 @@
 
 use super::auth::{self, authenticate, read_body, refusal};
 use super::durable::call;
-use super::user_session::{CreateDeviceReq, DeleteDeviceReq};
+use super::user_session::{self, CreateDeviceReq, DeleteDeviceReq, RotateKeyReq};
 use super::{Fail, bindings, store};
 use crate::domain::account::Invalid;
 use crate::domain::device::{self, DeviceName, PublicKey};
+use crate::domain::entitlement::Entitlement;
 use crate::domain::idempotency;
 use crate::domain::problem::ProblemCode;
 use crate::http::body::{self, MAX_JSON_BODY};
@@ -103,7 +104,24 @@ pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     let db = store::connect(env).await?;
     let devices = store::list_devices(&db, &claims.sub).await?;
-    Ok(Reply::json(200, &serde_json::json!({ "devices": devices })))
+    drop(db);
+    // The limit shown is informational: the KV copy of the entitlement (which
+    // follows billing changes within seconds), else the token's snapshot. The
+    // limit itself is enforced by the user's object, not from this.
+    let cached = match env.kv(bindings::KV) {
+        Ok(kv) => kv
+            .get(&user_session::entitlement_key(&claims.sub))
+            .json::<Entitlement>()
+            .await
+            .ok()
+            .flatten(),
+        Err(_) => None,
+    };
+    let max_devices = cached.map_or(claims.ent.max_devices, |e| e.max_devices);
+    Ok(Reply::json(
+        200,
+        &serde_json::json!({ "devices": devices, "max_devices": max_devices }),
+    ))
 }
 
 pub async fn delete(req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -141,13 +159,30 @@ pub async fn rotate_key(mut req: Request, env: &Env, id: &str) -> Result<Reply, 
     let claims = authenticate(&req, env).await?;
     // Parse the body before deciding on the id, so a bad body is a 4xx whatever the id.
     let b: RotateBody = auth::json_body(&mut req).await?;
-    let key = PublicKey::parse(&b.public_key).map_err(|e| Fail::from(body::invalid(&[e])))?;
+    PublicKey::parse(&b.public_key).map_err(|e| Fail::from(body::invalid(&[e])))?;
     if !device::is_device_id(id) {
         return Err(not_found());
     }
-    let db = store::connect(env).await?;
-    match store::rotate_key(&db, &claims.sub, id, &key).await? {
-        Some(device) => Ok(Reply::json(200, &device)),
-        None => Err(not_found()),
+    // Through the user's object, which keeps the connect path's copy of the
+    // device (and its key) current.
+    let r = RotateKeyReq {
+        user_id: claims.sub.clone(),
+        device_id: id.to_owned(),
+        public_key: b.public_key,
+    };
+    let (status, json) = call(
+        env,
+        bindings::USER_SESSIONS,
+        &claims.sub,
+        "/devices/rotate",
+        &r,
+    )
+    .await?;
+    match status {
+        200 => {}
+        // Exactly the answer an unknown id gets.
+        404 => return Err(not_found()),
+        _ => return Err(refusal(status, &json)),
     }
+    Ok(Reply::json(200, &json))
 }

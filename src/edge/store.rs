@@ -199,8 +199,8 @@ pub async fn next_address(client: &Client) -> Result<u64, Fail> {
 pub struct Inserted {
     /// `None` when the database's own limit check refused the insert.
     pub device: Option<Device>,
-    /// The user's device ids after the statement.
-    pub ids: Vec<String>,
+    /// The user's devices after the statement, oldest first.
+    pub devices: Vec<Device>,
 }
 
 /// Inserts a device in one transaction that locks the user's row and re-checks
@@ -225,8 +225,8 @@ pub async fn insert_device(
              RETURNING *)
          SELECT json_build_object(
              'device', (SELECT {DEVICE_JSON} FROM ins d),
-             'ids', (SELECT coalesce(json_agg(id), '[]'::json) FROM
-                        (SELECT id FROM devices WHERE user_id = {u} UNION ALL SELECT id FROM ins) x))::text;
+             'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json) FROM
+                            (SELECT * FROM devices WHERE user_id = {u} UNION ALL SELECT * FROM ins) d))::text;
          COMMIT;",
         name = quoted(name.as_str())?,
         key = quoted(key.as_str())?,
@@ -241,7 +241,8 @@ pub async fn insert_device(
 #[derive(Debug, Deserialize)]
 pub struct Deleted {
     pub deleted: bool,
-    pub ids: Vec<String>,
+    /// The user's devices after the statement, oldest first.
+    pub devices: Vec<Device>,
 }
 
 /// Deletes the caller's device; another user's id deletes nothing.
@@ -255,8 +256,8 @@ pub async fn delete_device(
     let q = format!(
         "WITH del AS (DELETE FROM devices WHERE id = {d} AND user_id = {u} RETURNING id)
          SELECT json_build_object('deleted', EXISTS (SELECT 1 FROM del),
-             'ids', (SELECT coalesce(json_agg(id), '[]'::json) FROM devices
-                     WHERE user_id = {u} AND id NOT IN (SELECT id FROM del)))::text"
+             'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json)
+                         FROM devices d WHERE d.user_id = {u} AND d.id NOT IN (SELECT id FROM del)))::text"
     );
     json_row(client, &q)
         .await?
@@ -272,22 +273,36 @@ pub async fn list_devices(client: &Client, user_id: &str) -> Result<Vec<Device>,
     Ok(json_row(client, &q).await?.unwrap_or_default())
 }
 
-/// Replaces a device's public key; `None` if the device is not the caller's.
+#[derive(Debug, Deserialize)]
+pub struct Rotated {
+    /// `None` if the device is not the caller's.
+    pub device: Option<Device>,
+    /// The user's devices after the statement, oldest first.
+    pub devices: Vec<Device>,
+}
+
+/// Replaces a device's public key.
 pub async fn rotate_key(
     client: &Client,
     user_id: &str,
     device_id: &str,
     key: &PublicKey,
-) -> Result<Option<Device>, Fail> {
+) -> Result<Rotated, Fail> {
     let u = user_literal(user_id)?;
     let d = sql::uuid(device_id).ok_or_else(|| Fail::internal("non-canonical device id".into()))?;
     let q = format!(
         "WITH upd AS (UPDATE devices SET public_key = {k}, updated_at = now()
                       WHERE id = {d} AND user_id = {u} RETURNING *)
-         SELECT {DEVICE_JSON}::text FROM upd d",
+         SELECT json_build_object(
+             'device', (SELECT {DEVICE_JSON} FROM upd d),
+             'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json) FROM
+                            (SELECT * FROM devices WHERE user_id = {u} AND id NOT IN (SELECT id FROM upd)
+                             UNION ALL SELECT * FROM upd) d))::text",
         k = quoted(key.as_str())?
     );
-    json_row_or(client, &q, key_in_use).await
+    json_row_or(client, &q, key_in_use)
+        .await?
+        .ok_or_else(|| Fail::internal("rotation returned no row".into()))
 }
 
 /// The entitlement inputs of one user (after a billing change).

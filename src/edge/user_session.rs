@@ -14,7 +14,7 @@
 use super::durable::{body, ping, refuse};
 use super::store::{self, EntitlementInputs};
 use super::{Fail, bindings, random, secrets, time};
-use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey};
+use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
 use crate::domain::entitlement::{self, Entitlement};
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
@@ -47,6 +47,28 @@ struct Stored {
     /// `Idempotency-Key` records of this user's mutating requests.
     #[serde(default)]
     idempotency: Records,
+    /// The user's devices as PostgreSQL last reported them, oldest first: what
+    /// the connect path needs (mirrored to KV), so it never queries PostgreSQL.
+    #[serde(default)]
+    device_records: Vec<store::Device>,
+}
+
+/// The KV key of a user's device mirror.
+pub fn devices_key(user_id: &str) -> String {
+    format!("devices/{user_id}")
+}
+
+/// What is stored in KV for a user's devices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceMirror {
+    pub devices: Vec<store::Device>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RotateKeyReq {
+    pub user_id: String,
+    pub device_id: String,
+    pub public_key: String,
 }
 
 /// The KV key of a user's cached entitlement (short TTL; for reads that need no
@@ -163,6 +185,62 @@ impl UserSession {
         Ok(())
     }
 
+    /// Records PostgreSQL's list of the user's devices: syncs the ledger (from
+    /// `mark`, see `Ledger::sync_since`), keeps the records, persists, and
+    /// mirrors them to KV for the connect path.
+    async fn apply_devices(&self, mark: SyncMark, devices: Vec<store::Device>) -> Result<()> {
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        stored
+            .devices
+            .sync_since(mark, devices.iter().map(|d| d.id.clone()).collect());
+        stored.device_records = devices;
+        self.persist(&mut stored, now).await?;
+        self.mirror_devices(&stored).await;
+        Ok(())
+    }
+
+    async fn mirror_devices(&self, stored: &Stored) {
+        let (Some(user_id), Ok(kv)) = (&stored.user_id, self.env.kv(bindings::KV)) else {
+            return;
+        };
+        let mirror = DeviceMirror {
+            devices: stored.device_records.clone(),
+        };
+        let written = match kv.put(&devices_key(user_id), &mirror) {
+            Ok(put) => put.execute().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            worker::console_error!(
+                "{}",
+                serde_json::json!({"level": "error", "msg": "device mirror write failed", "error": e})
+            );
+        }
+    }
+
+    /// Refreshes the KV copy of the user's entitlement (best effort: it serves
+    /// only reads that need no strong consistency).
+    async fn cache_entitlement(&self, user_id: &str, ent: &Entitlement) {
+        let Ok(kv) = self.env.kv(bindings::KV) else {
+            return;
+        };
+        let written = match kv.put(&entitlement_key(user_id), ent) {
+            Ok(put) => put
+                .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
+                .execute()
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = written {
+            worker::console_error!(
+                "{}",
+                serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
+            );
+        }
+    }
+
     fn entitlement(stored: &Stored, now: i64) -> Option<Entitlement> {
         let inputs = stored.inputs.as_ref()?;
         Some(entitlement::entitlement(
@@ -205,6 +283,7 @@ impl UserSession {
         );
         self.save(&mut stored, now).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs were just set");
+        self.cache_entitlement(&r.user_id, &ent).await;
         Self::issued(issued, ent)
     }
 
@@ -326,10 +405,13 @@ impl UserSession {
         match outcome {
             Ok(store::Inserted {
                 device: Some(device),
-                ids,
+                devices,
             }) => {
                 stored.devices.confirm(&reservation, &device.id);
-                stored.devices.sync_since(mark, ids);
+                stored
+                    .devices
+                    .sync_since(mark, devices.iter().map(|d| d.id.clone()).collect());
+                stored.device_records = devices;
                 let body = serde_json::to_string(&device)
                     .map_err(|e| worker::Error::RustError(e.to_string()))?;
                 if let Some((k, _)) = &r.idempotency {
@@ -343,11 +425,18 @@ impl UserSession {
                     );
                 }
                 self.persist(&mut stored, now).await?;
+                self.mirror_devices(&stored).await;
                 Ok(Response::ok(body)?.with_status(201))
             }
-            Ok(store::Inserted { device: None, ids }) => {
+            Ok(store::Inserted {
+                device: None,
+                devices,
+            }) => {
                 stored.devices.release(&reservation);
-                stored.devices.sync_since(mark, ids);
+                stored
+                    .devices
+                    .sync_since(mark, devices.iter().map(|d| d.id.clone()).collect());
+                stored.device_records = devices;
                 abandon(&mut stored);
                 self.persist(&mut stored, now).await?;
                 refuse(403, "device_limit_reached", None)
@@ -387,14 +476,45 @@ impl UserSession {
         };
         match outcome {
             Ok(deleted) => {
-                let now = time::now_secs();
-                let mut stored = self.load().await?;
-                stored.devices.sync_since(mark, deleted.ids);
-                self.persist(&mut stored, now).await?;
+                self.apply_devices(mark, deleted.devices).await?;
                 Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
             }
             Err(fail) => refuse_fail(&fail),
         }
+    }
+
+    async fn rotate_key(&self, mut req: Request) -> Result<Response> {
+        let r: RotateKeyReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let Ok(key) = PublicKey::parse(&r.public_key) else {
+            return refuse(400, "validation_failed", None);
+        };
+        let mark = self.load().await?.devices.mark();
+        let outcome = match store::connect(&self.env).await {
+            Ok(db) => store::rotate_key(&db, &r.user_id, &r.device_id, &key).await,
+            Err(fail) => Err(fail),
+        };
+        match outcome {
+            Ok(rotated) => {
+                self.apply_devices(mark, rotated.devices).await?;
+                match rotated.device {
+                    Some(d) => Response::from_json(&d),
+                    None => refuse(404, "device_not_found", None),
+                }
+            }
+            Err(fail) => refuse_fail(&fail),
+        }
+    }
+
+    /// The user's devices as this object knows them (no PostgreSQL): the
+    /// connect path's fallback when the KV mirror has not caught up.
+    async fn list_devices(&self) -> Result<Response> {
+        let stored = self.load().await?;
+        Response::from_json(&DeviceMirror {
+            devices: stored.device_records,
+        })
     }
 
     /// The user's billing changed: store the new inputs so the next refresh (and
@@ -413,22 +533,7 @@ impl UserSession {
         stored.inputs = Some(r.inputs);
         self.persist(&mut stored, now).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs were just set");
-        if let Ok(kv) = self.env.kv(bindings::KV) {
-            let written = match kv.put(&entitlement_key(&r.user_id), &ent) {
-                Ok(put) => put
-                    .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = written {
-                worker::console_error!(
-                    "{}",
-                    serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
-                );
-            }
-        }
+        self.cache_entitlement(&r.user_id, &ent).await;
         Response::from_json(&serde_json::json!({ "entitlement": ent }))
     }
 }
@@ -447,6 +552,8 @@ impl DurableObject for UserSession {
             (Method::Post, "/revoke-all") => self.revoke(req, true).await,
             (Method::Post, "/devices/create") => self.create_device(req).await,
             (Method::Post, "/devices/delete") => self.delete_device(req).await,
+            (Method::Post, "/devices/rotate") => self.rotate_key(req).await,
+            (Method::Post, "/devices/list") => self.list_devices().await,
             (Method::Post, "/inputs") => self.set_inputs(req).await,
             _ => Response::error("unknown durable object route", 404),
         }

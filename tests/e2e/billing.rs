@@ -243,6 +243,8 @@ fn upgrade_then_downgrade(ctx: &Ctx) -> Result<(), Failed> {
         for _ in 0..4 {
             assert_eq!(add_device(ctx, &user).await, 201);
         }
+        let list = send(ctx, "GET", "/v1/devices", None, Some(&user.access)).await;
+        assert_eq!(list.body["max_devices"], 5);
         assert_eq!(add_device(ctx, &user).await, 403, "plus: five devices");
 
         // A failed payment keeps the plan through the grace period.
@@ -277,6 +279,10 @@ fn upgrade_then_downgrade(ctx: &Ctx) -> Result<(), Failed> {
             list.body["devices"].as_array().unwrap().len(),
             5,
             "a downgrade keeps existing devices"
+        );
+        assert_eq!(
+            list.body["max_devices"], 1,
+            "the cached entitlement follows the downgrade"
         );
         assert_eq!(add_device(ctx, &user).await, 403, "but blocks new ones");
         Ok(())

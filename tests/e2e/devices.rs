@@ -94,6 +94,7 @@ fn lifecycle(ctx: &Ctx) -> Result<(), Failed> {
         let list = send(ctx, "GET", "/v1/devices", None, Some(&user.access)).await;
         assert_eq!(list.status, 200);
         assert_eq!(list.body["devices"], json!([d]));
+        assert_eq!(list.body["max_devices"], 1);
 
         let new_key = wg_key();
         let rotated = send(
