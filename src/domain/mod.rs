@@ -6,11 +6,15 @@
 //! lets the same logic run unchanged inside workerd.
 
 pub mod account;
+pub mod admission;
+pub mod backoff;
 pub mod catalogue;
 pub mod device;
 pub mod entitlement;
+pub mod geo;
 pub mod idempotency;
 pub mod password;
+pub mod placement;
 pub mod problem;
 pub mod readiness;
 pub mod request_id;

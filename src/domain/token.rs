@@ -55,6 +55,41 @@ use crate::domain::entitlement::Entitlement;
 pub const ISSUER: &str = "keenvpn-edge";
 /// `aud` of every token we issue, and the only one we accept.
 pub const AUDIENCE: &str = "keenvpn-app";
+/// `aud` of connect tickets: the VPN servers.
+pub const TICKET_AUDIENCE: &str = "keenvpn-vpn-server";
+/// `typ` of connect tickets.
+pub const TICKET_TYP: &str = "connect";
+/// A ticket only has to survive the handshake that follows the connect call.
+pub const TICKET_TTL_SECS: i64 = 120;
+
+/// What a connect ticket grants: this device (with this key and these tunnel
+/// addresses) may open a tunnel to this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket<'a> {
+    pub user_id: &'a str,
+    pub device_id: &'a str,
+    pub device_public_key: &'a str,
+    pub ipv4_address: &'a str,
+    pub ipv6_address: &'a str,
+    pub server_id: &'a str,
+    pub region_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct TicketClaims<'a> {
+    iss: &'a str,
+    aud: &'a str,
+    typ: &'a str,
+    sub: &'a str,
+    did: &'a str,
+    dpk: &'a str,
+    v4: &'a str,
+    v6: &'a str,
+    srv: &'a str,
+    reg: &'a str,
+    iat: i64,
+    exp: i64,
+}
 /// Longest lifetime of an access token (15 minutes). Short, because an access
 /// token cannot be revoked: revocation takes effect at the next refresh.
 pub const ACCESS_TTL_SECS: i64 = 900;
@@ -381,19 +416,46 @@ impl KeySet {
         };
         let claims_json =
             serde_json::to_vec(&claims).expect("strings, integers and enums always serialize");
+        (self.sign_claims_json(&claims_json), exp - now)
+    }
 
+    /// Signs a connect ticket: a short-lived JWT (`typ` = `connect`, `aud` =
+    /// [`TICKET_AUDIENCE`]) that tells one VPN server to accept one device's
+    /// tunnel. The server verifies it offline against the JWKS, with the same
+    /// algorithm and key rules as access tokens. Returns `(ticket, expires_in)`.
+    pub fn issue_ticket(&self, ticket: &Ticket<'_>, now: i64) -> (String, i64) {
+        let exp = now.saturating_add(TICKET_TTL_SECS);
+        let claims = TicketClaims {
+            iss: ISSUER,
+            aud: TICKET_AUDIENCE,
+            typ: TICKET_TYP,
+            sub: ticket.user_id,
+            did: ticket.device_id,
+            dpk: ticket.device_public_key,
+            v4: ticket.ipv4_address,
+            v6: ticket.ipv6_address,
+            srv: ticket.server_id,
+            reg: ticket.region_id,
+            iat: now,
+            exp,
+        };
+        let json = serde_json::to_vec(&claims).expect("strings and integers always serialize");
+        (self.sign_claims_json(&json), TICKET_TTL_SECS)
+    }
+
+    /// `<header>.<claims>.<signature>` for already-serialised claims.
+    fn sign_claims_json(&self, claims_json: &[u8]) -> String {
         let mut token = String::with_capacity(
             self.header_b64.len() + 1 + claims_json.len().div_ceil(3) * 4 + 1 + SIGNATURE_B64_LEN,
         );
         token.push_str(&self.header_b64);
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(&claims_json, &mut token);
+        URL_SAFE_NO_PAD.encode_string(claims_json, &mut token);
         // `None`: no noise, i.e. deterministic RFC 8032 signing (see the module doc).
         let signature = self.signer.sign(token.as_bytes(), None);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
-
-        (token, exp - now)
+        token
     }
 
     /// Checks an access token and returns its claims, or the first failed
@@ -1468,5 +1530,49 @@ mod tests {
                 assert!(result.is_err(), "mutation verified: {mutated}");
             }
         }
+    }
+
+    #[test]
+    fn a_connect_ticket_is_signed_with_the_active_key_and_is_not_an_access_token() {
+        let set = keys(&[("k1", 1)]);
+        let t = Ticket {
+            user_id: "u",
+            device_id: "d",
+            device_public_key: "pk",
+            ipv4_address: "10.64.0.2",
+            ipv6_address: "fd4b:6565:6e00::2",
+            server_id: "eu-central-1",
+            region_id: "eu-central",
+        };
+        let (ticket, ttl) = set.issue_ticket(&t, NOW);
+        assert_eq!(ttl, TICKET_TTL_SECS);
+        let parts: Vec<&str> = ticket.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let claims: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(claims["typ"], "connect");
+        assert_eq!(claims["aud"], TICKET_AUDIENCE);
+        assert_eq!(claims["srv"], "eu-central-1");
+        assert_eq!(claims["dpk"], "pk");
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            TICKET_TTL_SECS
+        );
+        // A VPN server checks the signature with the published key.
+        let pk = ed25519_compact::PublicKey::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(set.jwks()["keys"][0]["x"].as_str().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let sig =
+            ed25519_compact::Signature::from_slice(&URL_SAFE_NO_PAD.decode(parts[2]).unwrap())
+                .unwrap();
+        assert!(
+            pk.verify(format!("{}.{}", parts[0], parts[1]), &sig)
+                .is_ok()
+        );
+        // It can never pass as an access token.
+        assert_eq!(set.verify(&ticket, NOW), Err(TokenError::Malformed));
     }
 }

@@ -1,0 +1,378 @@
+//! Points on the earth and the distances between them, for placing clients.
+//!
+//! Placement only needs to rank regions by how far they are from a client, so
+//! a spherical earth is plenty: the haversine great-circle distance is within
+//! about 0.5% of the ellipsoidal one, far less than the difference between
+//! any two candidate regions. The radius is the mean earth radius (IUGG,
+//! 6371.0088 km).
+//!
+//! Most requests carry coordinates (Cloudflare geolocates the client's IP);
+//! some carry only a country. [`country_centroid`] turns that country into a
+//! point. For large countries whose people are far from the geographic centre
+//! (Russia, Canada, Australia, Brazil, China, ...) the table holds an
+//! approximate *centre of population* instead, because the point stands in
+//! for where a client most likely is, not for the middle of the map: the
+//! geographic centre of Russia is in Siberia, nearer Tokyo than Frankfurt,
+//! while most Russians are nearer Frankfurt.
+
+/// A position in degrees: latitude in [-90, 90], longitude in [-180, 180].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub lat: f64,
+    pub lon: f64,
+}
+
+impl Point {
+    /// A point, or `None` when a coordinate is not finite or out of range
+    /// (client-supplied coordinates are validated here, once).
+    pub fn new(lat: f64, lon: f64) -> Option<Point> {
+        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon))
+            .then_some(Point { lat, lon })
+    }
+}
+
+/// The mean earth radius (IUGG), in kilometres.
+pub const EARTH_RADIUS_KM: f64 = 6371.0088;
+
+/// The great-circle distance between two points, in kilometres (haversine).
+///
+/// Symmetric, zero for equal points, at most half the circumference
+/// (~20,015 km, antipodes). Well-conditioned for nearby points, which is
+/// where the ranking of regions is decided.
+pub fn distance_km(a: Point, b: Point) -> f64 {
+    let (lat1, lat2) = (a.lat.to_radians(), b.lat.to_radians());
+    let half_dlat = (lat2 - lat1) / 2.0;
+    let half_dlon = (b.lon - a.lon).to_radians() / 2.0;
+    let h = half_dlat.sin().powi(2) + lat1.cos() * lat2.cos() * half_dlon.sin().powi(2);
+    // Rounding can push h a hair above 1 near the antipodes; asin would then
+    // be NaN, and a NaN distance would poison every comparison after it.
+    2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
+}
+
+/// Approximate centre of a country (ISO 3166-1 alpha-2, uppercase), for
+/// clients whose request carries a country but no coordinates. `None` for a
+/// country not in the table, and for Cloudflare's non-country codes (`XX`
+/// unknown, `T1` Tor).
+///
+/// The table covers about 150 countries and territories: every country of
+/// more than about 6 million people, every country of the seed regions (DE
+/// GB US BR JP SG ZA), and some smaller ones. Codes are matched
+/// case-insensitively (Cloudflare sends uppercase; being lenient costs
+/// nothing) without allocating.
+pub fn country_centroid(code: &str) -> Option<Point> {
+    let &[a, b] = code.as_bytes() else {
+        return None;
+    };
+    let key = [a.to_ascii_uppercase(), b.to_ascii_uppercase()];
+    CENTROIDS
+        .binary_search_by(|(c, _, _)| c.as_bytes().cmp(&key[..]))
+        .ok()
+        .map(|i| {
+            let (_, lat, lon) = CENTROIDS[i];
+            Point { lat, lon }
+        })
+}
+
+/// (code, latitude, longitude), sorted by code for binary search. Degrees to
+/// 0.1, as estimates good to within about a hundred kilometres: plenty for a
+/// stand-in for a client's position, with regions hundreds of kilometres
+/// apart. Where population is concentrated far from the geographic centre,
+/// the point is the approximate centre of population (see the module docs).
+const CENTROIDS: &[(&str, f64, f64)] = &[
+    ("AE", 24.9, 55.0),   // United Arab Emirates
+    ("AF", 34.0, 67.5),   // Afghanistan
+    ("AL", 41.2, 19.9),   // Albania
+    ("AM", 40.2, 44.6),   // Armenia
+    ("AO", -11.2, 17.9),  // Angola
+    ("AR", -34.0, -61.5), // Argentina
+    ("AT", 47.6, 14.1),   // Austria
+    ("AU", -32.9, 144.3), // Australia
+    ("AZ", 40.3, 47.7),   // Azerbaijan
+    ("BA", 44.0, 17.8),   // Bosnia and Herzegovina
+    ("BD", 23.7, 90.4),   // Bangladesh
+    ("BE", 50.7, 4.5),    // Belgium
+    ("BF", 12.2, -1.6),   // Burkina Faso
+    ("BG", 42.7, 25.5),   // Bulgaria
+    ("BH", 26.1, 50.6),   // Bahrain
+    ("BI", -3.4, 29.9),   // Burundi
+    ("BJ", 9.3, 2.3),     // Benin
+    ("BO", -17.0, -65.5), // Bolivia
+    ("BR", -18.0, -46.5), // Brazil
+    ("BW", -23.5, 25.5),  // Botswana
+    ("BY", 53.7, 28.0),   // Belarus
+    ("CA", 46.5, -86.0),  // Canada
+    ("CD", -4.0, 21.8),   // DR Congo
+    ("CF", 5.0, 19.0),    // Central African Republic
+    ("CG", -4.2, 13.5),   // Republic of the Congo
+    ("CH", 46.8, 8.2),    // Switzerland
+    ("CI", 7.5, -5.5),    // Ivory Coast
+    ("CL", -34.0, -71.0), // Chile
+    ("CM", 5.5, 11.5),    // Cameroon
+    ("CN", 32.5, 113.5),  // China
+    ("CO", 4.6, -74.3),   // Colombia
+    ("CR", 9.9, -84.0),   // Costa Rica
+    ("CU", 21.5, -77.8),  // Cuba
+    ("CY", 35.0, 33.2),   // Cyprus
+    ("CZ", 49.8, 15.5),   // Czechia
+    ("DE", 51.2, 10.4),   // Germany
+    ("DK", 55.9, 10.5),   // Denmark
+    ("DO", 18.7, -70.2),  // Dominican Republic
+    ("DZ", 35.5, 3.0),    // Algeria
+    ("EC", -1.8, -78.5),  // Ecuador
+    ("EE", 59.0, 25.0),   // Estonia
+    ("EG", 29.0, 31.0),   // Egypt
+    ("ER", 15.3, 38.9),   // Eritrea
+    ("ES", 40.2, -3.7),   // Spain
+    ("ET", 9.1, 39.5),    // Ethiopia
+    ("FI", 61.5, 25.0),   // Finland
+    ("FR", 46.6, 2.4),    // France
+    ("GB", 52.6, -1.5),   // United Kingdom
+    ("GE", 42.0, 44.0),   // Georgia
+    ("GH", 7.0, -1.2),    // Ghana
+    ("GN", 10.0, -11.0),  // Guinea
+    ("GR", 38.9, 22.8),   // Greece
+    ("GT", 15.0, -90.5),  // Guatemala
+    ("HK", 22.3, 114.2),  // Hong Kong
+    ("HN", 14.8, -87.0),  // Honduras
+    ("HR", 45.5, 16.0),   // Croatia
+    ("HT", 18.9, -72.5),  // Haiti
+    ("HU", 47.3, 19.3),   // Hungary
+    ("ID", -4.5, 109.0),  // Indonesia
+    ("IE", 53.3, -7.3),   // Ireland
+    ("IL", 31.9, 34.9),   // Israel
+    ("IN", 22.5, 80.0),   // India
+    ("IQ", 33.2, 43.7),   // Iraq
+    ("IR", 33.5, 52.0),   // Iran
+    ("IT", 42.5, 12.6),   // Italy
+    ("JM", 18.1, -77.2),  // Jamaica
+    ("JO", 31.9, 36.0),   // Jordan
+    ("JP", 35.8, 138.0),  // Japan
+    ("KE", -0.5, 37.0),   // Kenya
+    ("KG", 41.8, 73.5),   // Kyrgyzstan
+    ("KH", 12.0, 104.9),  // Cambodia
+    ("KP", 39.5, 126.5),  // North Korea
+    ("KR", 37.0, 127.3),  // South Korea
+    ("KW", 29.3, 47.8),   // Kuwait
+    ("KZ", 47.0, 70.0),   // Kazakhstan
+    ("LA", 18.5, 103.0),  // Laos
+    ("LB", 33.9, 35.7),   // Lebanon
+    ("LK", 7.3, 80.5),    // Sri Lanka
+    ("LR", 6.5, -10.0),   // Liberia
+    ("LT", 55.2, 24.0),   // Lithuania
+    ("LV", 56.9, 24.5),   // Latvia
+    ("LY", 32.0, 15.5),   // Libya
+    ("MA", 33.0, -6.5),   // Morocco
+    ("MD", 47.2, 28.5),   // Moldova
+    ("MG", -19.0, 47.0),  // Madagascar
+    ("ML", 13.5, -6.5),   // Mali
+    ("MM", 19.5, 96.0),   // Myanmar
+    ("MN", 47.5, 105.0),  // Mongolia
+    ("MR", 18.0, -15.5),  // Mauritania
+    ("MW", -14.0, 34.0),  // Malawi
+    ("MX", 20.5, -100.5), // Mexico
+    ("MY", 3.5, 102.5),   // Malaysia
+    ("MZ", -18.0, 35.0),  // Mozambique
+    ("NA", -22.0, 17.0),  // Namibia
+    ("NE", 14.5, 7.0),    // Niger
+    ("NG", 9.0, 7.5),     // Nigeria
+    ("NI", 12.5, -85.8),  // Nicaragua
+    ("NL", 52.1, 5.3),    // Netherlands
+    ("NO", 60.5, 9.5),    // Norway
+    ("NP", 27.9, 84.5),   // Nepal
+    ("NZ", -39.0, 175.0), // New Zealand
+    ("OM", 23.0, 57.5),   // Oman
+    ("PA", 8.8, -79.8),   // Panama
+    ("PE", -10.0, -76.0), // Peru
+    ("PG", -6.0, 145.0),  // Papua New Guinea
+    ("PH", 12.5, 122.0),  // Philippines
+    ("PK", 30.0, 71.0),   // Pakistan
+    ("PL", 52.0, 19.5),   // Poland
+    ("PR", 18.2, -66.5),  // Puerto Rico
+    ("PS", 31.9, 35.1),   // Palestine
+    ("PT", 39.6, -8.4),   // Portugal
+    ("PY", -25.5, -57.0), // Paraguay
+    ("QA", 25.3, 51.3),   // Qatar
+    ("RO", 45.9, 25.0),   // Romania
+    ("RS", 44.2, 20.8),   // Serbia
+    ("RU", 55.5, 50.0),   // Russia
+    ("RW", -2.0, 29.9),   // Rwanda
+    ("SA", 24.0, 45.0),   // Saudi Arabia
+    ("SD", 13.5, 30.5),   // Sudan
+    ("SE", 59.0, 16.0),   // Sweden
+    ("SG", 1.35, 103.82), // Singapore
+    ("SI", 46.1, 14.8),   // Slovenia
+    ("SK", 48.7, 19.7),   // Slovakia
+    ("SL", 8.5, -11.8),   // Sierra Leone
+    ("SN", 14.5, -15.5),  // Senegal
+    ("SO", 4.0, 45.0),    // Somalia
+    ("SS", 7.0, 30.0),    // South Sudan
+    ("SV", 13.7, -89.0),  // El Salvador
+    ("SY", 35.0, 37.5),   // Syria
+    ("TD", 11.0, 17.5),   // Chad
+    ("TG", 8.0, 1.0),     // Togo
+    ("TH", 14.5, 101.0),  // Thailand
+    ("TJ", 38.9, 70.0),   // Tajikistan
+    ("TM", 38.5, 59.0),   // Turkmenistan
+    ("TN", 35.0, 9.8),    // Tunisia
+    ("TR", 39.5, 33.0),   // Turkey
+    ("TW", 24.0, 120.8),  // Taiwan
+    ("TZ", -6.4, 34.9),   // Tanzania
+    ("UA", 49.0, 31.0),   // Ukraine
+    ("UG", 1.0, 32.5),    // Uganda
+    ("US", 37.4, -92.2),  // United States
+    ("UY", -34.3, -56.3), // Uruguay
+    ("UZ", 40.5, 68.0),   // Uzbekistan
+    ("VE", 9.0, -67.0),   // Venezuela
+    ("VN", 15.5, 107.0),  // Vietnam
+    ("YE", 15.0, 44.5),   // Yemen
+    ("ZA", -28.0, 27.0),  // South Africa
+    ("ZM", -13.5, 28.0),  // Zambia
+    ("ZW", -19.0, 29.8),  // Zimbabwe
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(lat: f64, lon: f64) -> Point {
+        Point::new(lat, lon).unwrap()
+    }
+
+    const LONDON: (f64, f64) = (51.5074, -0.1278);
+    const FRANKFURT: (f64, f64) = (50.1109, 8.6821);
+    const TOKYO: (f64, f64) = (35.6762, 139.6503);
+    const SYDNEY: (f64, f64) = (-33.8688, 151.2093);
+    const NEW_YORK: (f64, f64) = (40.7128, -74.0060);
+    const LOS_ANGELES: (f64, f64) = (34.0522, -118.2437);
+
+    fn km(a: (f64, f64), b: (f64, f64)) -> f64 {
+        distance_km(p(a.0, a.1), p(b.0, b.1))
+    }
+
+    fn assert_within_one_percent(actual: f64, expected: f64) {
+        assert!(
+            (actual - expected).abs() <= expected * 0.01,
+            "{actual} km is not within 1% of {expected} km"
+        );
+    }
+
+    #[test]
+    fn known_city_pairs_are_within_one_percent() {
+        assert_within_one_percent(km(LONDON, FRANKFURT), 636.0);
+        assert_within_one_percent(km(TOKYO, SYDNEY), 7_820.0);
+        assert_within_one_percent(km(NEW_YORK, LOS_ANGELES), 3_936.0);
+    }
+
+    #[test]
+    fn distance_is_symmetric_and_zero_to_itself() {
+        let cities = [LONDON, FRANKFURT, TOKYO, SYDNEY, NEW_YORK, LOS_ANGELES];
+        for a in cities {
+            assert_eq!(km(a, a), 0.0);
+            for b in cities {
+                assert_eq!(km(a, b), km(b, a));
+            }
+        }
+    }
+
+    #[test]
+    fn antipodes_are_half_the_circumference_apart() {
+        let half = std::f64::consts::PI * EARTH_RADIUS_KM;
+        assert!((half - 20_015.1).abs() < 0.1);
+        for (lat, lon) in [(0.0, 0.0), (51.5, -0.1), (-33.9, 151.2), (90.0, 0.0)] {
+            let antipode = p(-lat, if lon > 0.0 { lon - 180.0 } else { lon + 180.0 });
+            let d = distance_km(p(lat, lon), antipode);
+            assert!((d - half).abs() < 1e-6, "{d}");
+        }
+    }
+
+    #[test]
+    fn longitudes_wrap_across_the_date_line() {
+        // 1 degree of longitude on the equator, measured across +-180.
+        let d = distance_km(p(0.0, 179.5), p(0.0, -179.5));
+        assert!((d - 111.2).abs() < 0.1, "{d}");
+    }
+
+    #[test]
+    fn points_out_of_range_or_not_finite_are_rejected() {
+        assert!(Point::new(90.0, 180.0).is_some());
+        assert!(Point::new(-90.0, -180.0).is_some());
+        for (lat, lon) in [
+            (90.1, 0.0),
+            (-90.1, 0.0),
+            (0.0, 180.1),
+            (0.0, -180.1),
+            (f64::NAN, 0.0),
+            (0.0, f64::INFINITY),
+        ] {
+            assert_eq!(Point::new(lat, lon), None, "{lat}, {lon}");
+        }
+    }
+
+    #[test]
+    fn the_centroid_table_is_sorted_unique_and_valid() {
+        assert!(CENTROIDS.len() >= 60);
+        for pair in CENTROIDS.windows(2) {
+            assert!(pair[0].0 < pair[1].0, "{} then {}", pair[0].0, pair[1].0);
+        }
+        for &(code, lat, lon) in CENTROIDS {
+            assert!(code.len() == 2 && code.bytes().all(|b| b.is_ascii_uppercase()));
+            assert!(Point::new(lat, lon).is_some(), "{code}");
+            assert_eq!(country_centroid(code), Some(Point { lat, lon }));
+        }
+    }
+
+    #[test]
+    fn the_most_populous_countries_have_centroids() {
+        let populous = [
+            "IN", "CN", "US", "ID", "PK", "NG", "BR", "BD", "RU", "MX", "ET", "JP", "PH", "EG",
+            "CD", "VN", "IR", "TR", "DE", "TH", "GB", "TZ", "FR", "ZA", "IT", "KE", "MM", "CO",
+            "KR", "UG", "SD", "ES", "DZ", "AR", "IQ", "AF", "PL", "CA", "MA", "SA", "UA", "AO",
+            "UZ", "YE", "PE", "MY", "GH", "MZ", "NP", "MG", "CI", "VE", "CM", "NE", "AU", "KP",
+            "TW", "ML", "BF", "SY", "LK", "MW", "ZM", "RO", "CL", "KZ", "SG",
+        ];
+        for code in populous {
+            assert!(country_centroid(code).is_some(), "{code}");
+        }
+    }
+
+    #[test]
+    fn each_seed_country_centroid_is_nearest_to_a_region_in_that_country() {
+        // The seed regions (seeds/dev.sql): a client known only by country
+        // should land in its own country when a region is there.
+        let regions = [
+            ("DE", 50.1109, 8.6821),
+            ("GB", 51.5074, -0.1278),
+            ("US", 39.0438, -77.4874),
+            ("US", 37.3382, -121.8863),
+            ("BR", -23.5505, -46.6333),
+            ("JP", 35.6762, 139.6503),
+            ("SG", 1.3521, 103.8198),
+            ("ZA", -26.2041, 28.0473),
+        ];
+        for (country, _, _) in regions {
+            let centre = country_centroid(country).unwrap();
+            let nearest = regions
+                .iter()
+                .min_by(|a, b| {
+                    let da = distance_km(centre, p(a.1, a.2));
+                    let db = distance_km(centre, p(b.1, b.2));
+                    da.total_cmp(&db)
+                })
+                .unwrap();
+            assert_eq!(nearest.0, country);
+        }
+    }
+
+    #[test]
+    fn unknown_and_malformed_codes_have_no_centroid() {
+        for code in ["", "X", "XX", "T1", "ZZ", "DEU", "D\u{e9}", "\u{e9}"] {
+            assert_eq!(country_centroid(code), None, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn codes_are_matched_case_insensitively() {
+        assert_eq!(country_centroid("de"), country_centroid("DE"));
+        assert_eq!(country_centroid("gB"), country_centroid("GB"));
+    }
+}

@@ -1,0 +1,989 @@
+//! Placement: which region, and which server in it, a connecting client gets.
+//!
+//! When a VPN region dies, every client in it reconnects within the same
+//! minute, so these decisions run hundreds of thousands of times a minute on
+//! `POST /v1/connect`. They are pure functions of the catalogue snapshot (read
+//! from KV), the entitlement (carried in the access token) and the request:
+//! no I/O, no clock, no randomness; a few linear passes over the regions and
+//! one over a region's servers, and the only allocations are two vectors of at
+//! most [`MAX_FAILOVER`] + 1 entries for the failover list.
+//!
+//! # Regions
+//!
+//! A region is *eligible* for a client when the entitlement allows its tier,
+//! its health is `Up`, and it has at least one server with capacity, and the
+//! caller has not excluded it (because its admission gate just refused the
+//! client). [`choose`] picks:
+//!
+//! 1. the requested region, if the client asked for one and it is eligible.
+//!    An unknown id or a tier outside the plan is an error, since the client
+//!    asked for something it cannot have; a region that is down, empty or
+//!    excluded is *not* an error: during an outage clients keep asking for
+//!    their favourite region, and failing them would only make them retry.
+//!    They are steered like clients that asked for nothing;
+//! 2. otherwise the eligible region nearest the client, by great-circle
+//!    distance from its coordinates or, failing those, its country's centroid
+//!    ([`geo::country_centroid`]); equal distances go to the smaller region id
+//!    so the answer never depends on the snapshot's order;
+//! 3. with no position at all: an eligible region in the client's country
+//!    (smallest id), else [`DEFAULT_REGION`], else the eligible region with the
+//!    smallest id.
+//!
+//! Alongside it comes a failover list: up to [`MAX_FAILOVER`] other eligible
+//! regions, nearest the client first (nearest the chosen region when the
+//! client's position is unknown), so a client whose tunnel fails can move on
+//! without another round trip.
+//!
+//! # Servers
+//!
+//! [`choose_server`] uses weighted rendezvous hashing (highest random weight):
+//! every (device, server) pair gets a pseudo-random score from a stable hash,
+//! scaled by the server's capacity, and the device takes the highest. So a
+//! device lands on the same server on every reconnect while that server
+//! stays (whatever the server holds for it stays useful, and a surge does not
+//! reshuffle everyone); removing a server moves only the devices that were on
+//! it, and adding one takes only the devices that now score highest on it.
+//! With the score `-capacity / ln(u)` for `u` uniform in (0, 1), each server
+//! wins with probability exactly proportional to its capacity: `-ln(u) /
+//! capacity` is an exponential clock ticking at rate `capacity`, and the
+//! device goes to the clock that rings first.
+//!
+//! The hash is [`stable_hash`]: FNV-1a 64 followed by MurmurHash3's `fmix64`
+//! finalizer. Both are fixed, public algorithms on bytes, so every platform and
+//! every release computes the same assignment (std's `DefaultHasher` promises
+//! neither). The finalizer matters: plain FNV-1a of inputs differing only in
+//! their last byte (`eu-central-1`, `eu-central-2`, ...) differ only slightly
+//! in their high bits, which would make the servers' scores correlated and
+//! the distribution lopsided.
+
+use super::catalogue::{Health, Region, Server, Snapshot};
+use super::entitlement::Entitlement;
+use super::geo::{self, Point};
+use std::cmp::Ordering;
+use std::fmt;
+
+/// The region used when nothing better is known about the client (if it is
+/// eligible; otherwise the eligible region with the smallest id).
+pub const DEFAULT_REGION: &str = "eu-central";
+
+/// The longest failover list [`choose`] returns.
+pub const MAX_FAILOVER: usize = 5;
+
+/// Where the client is, best evidence first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientLocation {
+    /// Coordinates (from the request's geolocation).
+    Coordinates(Point),
+    /// Only a country (ISO 3166-1 alpha-2).
+    Country(String),
+    /// Nothing at all.
+    Unknown,
+}
+
+/// A placement: the region, then where to go if it fails.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice<'a> {
+    pub region: &'a Region,
+    /// Other eligible region ids, nearest first, at most [`MAX_FAILOVER`].
+    pub failover: Vec<&'a str>,
+}
+
+/// Why no region could be chosen. Each maps to a stable machine-readable code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementError {
+    /// No region is eligible (all down, empty, excluded or outside the plan).
+    NoEligibleRegion,
+    /// The requested region exists but the plan does not include its tier.
+    RegionNotAllowed,
+    /// The requested region id is not in the catalogue.
+    UnknownRegion,
+}
+
+impl PlacementError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            PlacementError::NoEligibleRegion => "no_region_available",
+            PlacementError::RegionNotAllowed => "region_not_allowed",
+            PlacementError::UnknownRegion => "region_not_found",
+        }
+    }
+}
+
+impl fmt::Display for PlacementError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+impl std::error::Error for PlacementError {}
+
+/// Chooses the region for a client (see the module docs for the rules).
+///
+/// Eligible = allowed by the entitlement's tiers, health `Up`, at least one
+/// server with capacity > 0, and not in `exclude`. `exclude` lets the caller
+/// drop regions whose admission gate just refused the client and ask again.
+pub fn choose<'a>(
+    snapshot: &'a Snapshot,
+    ent: &Entitlement,
+    location: &ClientLocation,
+    requested: Option<&str>,
+    exclude: &[&str],
+) -> Result<Choice<'a>, PlacementError> {
+    let eligible = |r: &&'a Region| is_eligible(r, ent, exclude);
+    let client = match location {
+        ClientLocation::Coordinates(p) => Some(*p),
+        ClientLocation::Country(code) => geo::country_centroid(code),
+        ClientLocation::Unknown => None,
+    };
+
+    let requested = match requested {
+        None => None,
+        Some(id) => {
+            let region = snapshot
+                .regions
+                .iter()
+                .find(|r| r.id == id)
+                .ok_or(PlacementError::UnknownRegion)?;
+            if !ent.allows_tier(region.tier) {
+                return Err(PlacementError::RegionNotAllowed);
+            }
+            // Allowed but down, empty or excluded: steer, don't fail.
+            Some(region).filter(eligible)
+        }
+    };
+
+    let regions = snapshot.regions.iter().filter(eligible);
+    let region = match (requested, client) {
+        (Some(region), _) => Some(region),
+        (None, Some(at)) => regions
+            .map(|r| (distance(Some(at), r), r))
+            .min_by(nearer)
+            .map(|(_, r)| r),
+        (None, None) => {
+            let country = match location {
+                ClientLocation::Country(code) => Some(code.as_str()),
+                _ => None,
+            };
+            without_position(snapshot, country, eligible)
+        }
+    }
+    .ok_or(PlacementError::NoEligibleRegion)?;
+
+    // Without the client's position, the chosen region is the best guess of
+    // where the client is (or at least of where its traffic goes).
+    let from = client.or_else(|| position(region));
+    let failover = failover(snapshot, region, from, eligible);
+    Ok(Choice { region, failover })
+}
+
+fn is_eligible(region: &Region, ent: &Entitlement, exclude: &[&str]) -> bool {
+    region.health == Health::Up
+        && ent.allows_tier(region.tier)
+        && region.servers.iter().any(|s| s.capacity > 0)
+        && !exclude.contains(&region.id.as_str())
+}
+
+/// A region's position, if its catalogue coordinates are valid.
+fn position(region: &Region) -> Option<Point> {
+    Point::new(region.latitude, region.longitude)
+}
+
+/// Distance from `from` to a region; infinite (ranked last) when either
+/// position is unknown, so bad catalogue data demotes a region, never panics.
+fn distance(from: Option<Point>, region: &Region) -> f64 {
+    match (from, position(region)) {
+        (Some(a), Some(b)) => geo::distance_km(a, b),
+        _ => f64::INFINITY,
+    }
+}
+
+/// Orders (distance, region) pairs nearest first, equal distances by region
+/// id: one total order, so the answer never depends on the snapshot's order.
+fn nearer(a: &(f64, &Region), b: &(f64, &Region)) -> Ordering {
+    a.0.total_cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id))
+}
+
+/// Rule 3 of the module docs: the client's country, the default, the
+/// smallest id; each only among eligible regions.
+fn without_position<'a>(
+    snapshot: &'a Snapshot,
+    country: Option<&str>,
+    eligible: impl Fn(&&'a Region) -> bool + Copy,
+) -> Option<&'a Region> {
+    let by_id = |a: &&Region, b: &&Region| a.id.cmp(&b.id);
+    let regions = || snapshot.regions.iter().filter(eligible);
+    country
+        .and_then(|c| {
+            regions()
+                .filter(|r| r.country.eq_ignore_ascii_case(c))
+                .min_by(by_id)
+        })
+        .or_else(|| regions().find(|r| r.id == DEFAULT_REGION))
+        .or_else(|| regions().min_by(by_id))
+}
+
+/// The nearest [`MAX_FAILOVER`] eligible regions other than `chosen`, nearest
+/// first, ties by id. A bounded insertion sort: O(regions x MAX_FAILOVER)
+/// without sorting (or allocating for) the whole catalogue.
+fn failover<'a>(
+    snapshot: &'a Snapshot,
+    chosen: &Region,
+    from: Option<Point>,
+    eligible: impl Fn(&&'a Region) -> bool,
+) -> Vec<&'a str> {
+    let mut nearest: Vec<(f64, &'a Region)> = Vec::with_capacity(MAX_FAILOVER + 1);
+    for region in snapshot.regions.iter().filter(eligible) {
+        if region.id == chosen.id {
+            continue;
+        }
+        let candidate = (distance(from, region), region);
+        let at = nearest.partition_point(|n| nearer(n, &candidate) == Ordering::Less);
+        if at < MAX_FAILOVER {
+            nearest.insert(at, candidate);
+            nearest.truncate(MAX_FAILOVER);
+        }
+    }
+    nearest.into_iter().map(|(_, r)| r.id.as_str()).collect()
+}
+
+/// The server in `region` for a device: weighted rendezvous hashing over the
+/// servers with capacity > 0 (see the module docs). `None` when no server has
+/// capacity. Deterministic: equal scores (vanishingly rare) go to the
+/// smaller server id.
+pub fn choose_server<'a>(region: &'a Region, device_id: &str) -> Option<&'a Server> {
+    region
+        .servers
+        .iter()
+        .filter(|s| s.capacity > 0)
+        .map(|s| (score(device_id, s), s))
+        .max_by(|(sa, a), (sb, b)| sa.total_cmp(sb).then_with(|| b.id.cmp(&a.id)))
+        .map(|(_, s)| s)
+}
+
+/// `-capacity / ln(u)` with `u` in (0, 1) from the (device, server) hash:
+/// positive, and larger for larger capacity. (`ln` is the one step that is
+/// not bit-exact everywhere: libms may differ in the last bit. That could
+/// only flip a choice between two scores equal to within one ulp, which no
+/// realistic pair of hashes produces.)
+fn score(device_id: &str, server: &Server) -> f64 {
+    let u = unit_interval(stable_hash(device_id, &server.id));
+    -f64::from(server.capacity) / u.ln()
+}
+
+/// Maps a hash to (0, 1), both ends excluded (ln(0) is -inf, ln(1) is 0):
+/// the top 52 bits plus one half, over 2^52. Every step is exact in f64.
+fn unit_interval(hash: u64) -> f64 {
+    const SCALE: f64 = (1u64 << 52) as f64;
+    ((hash >> 12) as f64 + 0.5) / SCALE
+}
+
+/// The stable 64-bit hash behind every per-device decision (server choice
+/// here, admission shard in `admission`): FNV-1a 64 over the bytes of `key`,
+/// a 0xFF separator (never part of UTF-8, so `("ab", "c")` and `("a", "bc")`
+/// differ) and the bytes of `salt`, then MurmurHash3's `fmix64` finalizer so
+/// every input bit affects every output bit. Fixed forever: changing it
+/// would move every device to another server.
+pub fn stable_hash(key: &str, salt: &str) -> u64 {
+    let bytes = key.bytes().chain([0xff]).chain(salt.bytes());
+    fmix64(fnv1a64(bytes))
+}
+
+fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes
+        .into_iter()
+        .fold(OFFSET_BASIS, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+}
+
+/// MurmurHash3's 64-bit finalizer (a bijection with full avalanche).
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+/// A region's load for the catalogue API: the capacity-weighted mean of its
+/// servers' load (a big server at 50% counts more than a small one at 90%).
+/// 0.0 when there is no capacity to weigh by (no servers, or all at 0).
+pub fn region_load(region: &Region) -> f32 {
+    let (weighted, capacity) = region.servers.iter().fold((0.0, 0.0), |(w, c), s| {
+        let cap = f64::from(s.capacity);
+        (w + cap * f64::from(s.load), c + cap)
+    });
+    if capacity > 0.0 {
+        (weighted / capacity) as f32
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::catalogue::Tier;
+
+    /// SplitMix64: a tiny deterministic generator for the property tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn between(&mut self, lo: f64, hi: f64) -> f64 {
+            lo + (hi - lo) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
+        }
+    }
+
+    fn server(id: &str, capacity: u32) -> Server {
+        Server {
+            id: id.into(),
+            hostname: format!("{id}.vpn.example"),
+            port: 51820,
+            public_key: "k".into(),
+            capacity,
+            load: 0.0,
+        }
+    }
+
+    fn region(id: &str, country: &str, lat: f64, lon: f64, tier: Tier) -> Region {
+        Region {
+            id: id.into(),
+            name: id.into(),
+            country: country.into(),
+            latitude: lat,
+            longitude: lon,
+            tier,
+            health: Health::Up,
+            admission_rate: 200,
+            servers: (1..=3).map(|n| server(&format!("{id}-{n}"), 100)).collect(),
+        }
+    }
+
+    /// The seed catalogue (seeds/dev.sql), all up.
+    fn seeds() -> Snapshot {
+        Snapshot::new(vec![
+            region("eu-central", "DE", 50.1109, 8.6821, Tier::Free),
+            region("eu-west", "GB", 51.5074, -0.1278, Tier::Premium),
+            region("us-east", "US", 39.0438, -77.4874, Tier::Free),
+            region("us-west", "US", 37.3382, -121.8863, Tier::Premium),
+            region("sa-east", "BR", -23.5505, -46.6333, Tier::Premium),
+            region("ap-northeast", "JP", 35.6762, 139.6503, Tier::Premium),
+            region("ap-southeast", "SG", 1.3521, 103.8198, Tier::Premium),
+            region("af-south", "ZA", -26.2041, 28.0473, Tier::Premium),
+        ])
+    }
+
+    fn set(snapshot: &mut Snapshot, id: &str, change: impl FnOnce(&mut Region)) {
+        change(snapshot.regions.iter_mut().find(|r| r.id == id).unwrap());
+    }
+
+    fn entitlement(tiers: &[Tier]) -> Entitlement {
+        Entitlement {
+            plan: "test".into(),
+            max_devices: 5,
+            region_tiers: tiers.to_vec(),
+            until: None,
+        }
+    }
+
+    fn free() -> Entitlement {
+        entitlement(&[Tier::Free])
+    }
+
+    fn plus() -> Entitlement {
+        entitlement(&[Tier::Free, Tier::Premium])
+    }
+
+    fn at(lat: f64, lon: f64) -> ClientLocation {
+        ClientLocation::Coordinates(Point::new(lat, lon).unwrap())
+    }
+
+    fn country(code: &str) -> ClientLocation {
+        ClientLocation::Country(code.into())
+    }
+
+    const LONDON: (f64, f64) = (51.5074, -0.1278);
+    const PARIS: (f64, f64) = (48.8566, 2.3522);
+    const TOKYO: (f64, f64) = (35.6762, 139.6503);
+    const SAO_PAULO: (f64, f64) = (-23.5505, -46.6333);
+    const SEATTLE: (f64, f64) = (47.6062, -122.3321);
+
+    fn near(city: (f64, f64)) -> ClientLocation {
+        at(city.0, city.1)
+    }
+
+    /// The chosen region id, for tests that only care about that.
+    fn chosen(
+        s: &Snapshot,
+        ent: &Entitlement,
+        location: &ClientLocation,
+        requested: Option<&str>,
+        exclude: &[&str],
+    ) -> Result<String, PlacementError> {
+        choose(s, ent, location, requested, exclude).map(|c| c.region.id.clone())
+    }
+
+    #[test]
+    fn the_nearest_region_is_chosen() {
+        let s = seeds();
+        let cases = [
+            (LONDON, "eu-west"),
+            (PARIS, "eu-west"),
+            (TOKYO, "ap-northeast"),
+            (SAO_PAULO, "sa-east"),
+            (SEATTLE, "us-west"),
+        ];
+        for (city, expected) in cases {
+            assert_eq!(
+                chosen(&s, &plus(), &near(city), None, &[]).unwrap(),
+                expected
+            );
+        }
+    }
+
+    #[test]
+    fn premium_regions_are_never_chosen_for_a_free_entitlement() {
+        let s = seeds();
+        for city in [LONDON, PARIS, TOKYO, SAO_PAULO, SEATTLE] {
+            let choice = choose(&s, &free(), &near(city), None, &[]).unwrap();
+            assert_eq!(choice.region.tier, Tier::Free);
+            assert_eq!(choice.failover.len(), 1);
+        }
+        assert_eq!(
+            chosen(&s, &free(), &near(LONDON), None, &[]).unwrap(),
+            "eu-central"
+        );
+        assert_eq!(
+            chosen(&s, &free(), &near(SEATTLE), None, &[]).unwrap(),
+            "us-east"
+        );
+    }
+
+    #[test]
+    fn down_draining_and_empty_regions_are_never_chosen() {
+        let mut s = seeds();
+        set(&mut s, "eu-west", |r| r.health = Health::Down);
+        assert_eq!(
+            chosen(&s, &plus(), &near(LONDON), None, &[]).unwrap(),
+            "eu-central"
+        );
+        set(&mut s, "eu-central", |r| r.health = Health::Draining);
+        let choice = choose(&s, &plus(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "us-east");
+        assert!(!choice.failover.contains(&"eu-west") && !choice.failover.contains(&"eu-central"));
+
+        // Up, but no server that can take anyone.
+        let mut s = seeds();
+        set(&mut s, "eu-west", |r| r.servers.clear());
+        set(&mut s, "eu-central", |r| {
+            r.servers.iter_mut().for_each(|srv| srv.capacity = 0)
+        });
+        assert_eq!(
+            chosen(&s, &plus(), &near(LONDON), None, &[]).unwrap(),
+            "us-east"
+        );
+    }
+
+    #[test]
+    fn a_requested_region_is_honoured_when_allowed_and_up() {
+        let s = seeds();
+        let choice = choose(&s, &plus(), &near(LONDON), Some("ap-northeast"), &[]).unwrap();
+        assert_eq!(choice.region.id, "ap-northeast");
+        // Failover still means "nearest the client": a Londoner whose Tokyo
+        // tunnel fails is better served from London than from Singapore.
+        assert_eq!(choice.failover[..2], ["eu-west", "eu-central"]);
+        assert!(!choice.failover.contains(&"ap-northeast"));
+        assert_eq!(
+            chosen(&s, &free(), &near(TOKYO), Some("us-east"), &[]).unwrap(),
+            "us-east"
+        );
+    }
+
+    #[test]
+    fn a_requested_region_that_is_down_steers_to_the_nearest_eligible() {
+        let mut s = seeds();
+        set(&mut s, "ap-northeast", |r| r.health = Health::Down);
+        let choice = choose(&s, &plus(), &near(LONDON), Some("ap-northeast"), &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-west");
+        assert!(!choice.failover.contains(&"ap-northeast"));
+        // Empty counts as down.
+        set(&mut s, "us-east", |r| r.servers.clear());
+        assert_eq!(
+            chosen(&s, &free(), &near(SEATTLE), Some("us-east"), &[]).unwrap(),
+            "eu-central"
+        );
+    }
+
+    #[test]
+    fn a_requested_region_outside_the_plan_is_refused_even_when_down() {
+        let mut s = seeds();
+        let err = choose(&s, &free(), &near(LONDON), Some("eu-west"), &[]).unwrap_err();
+        assert_eq!(err, PlacementError::RegionNotAllowed);
+        set(&mut s, "eu-west", |r| r.health = Health::Down);
+        let err = choose(&s, &free(), &near(LONDON), Some("eu-west"), &[]).unwrap_err();
+        assert_eq!(err, PlacementError::RegionNotAllowed);
+    }
+
+    #[test]
+    fn an_unknown_requested_region_is_refused() {
+        let s = seeds();
+        for id in ["mars-north", "", "EU-CENTRAL"] {
+            let err = choose(&s, &plus(), &near(LONDON), Some(id), &[]).unwrap_err();
+            assert_eq!(err, PlacementError::UnknownRegion, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn excluded_regions_are_skipped_and_left_out_of_the_failover_list() {
+        let s = seeds();
+        let choice = choose(&s, &plus(), &near(LONDON), None, &["eu-west"]).unwrap();
+        assert_eq!(choice.region.id, "eu-central");
+        assert!(!choice.failover.contains(&"eu-west"));
+        // Asking for a region that was just found full steers like a dead one.
+        let choice = choose(&s, &plus(), &near(LONDON), Some("eu-west"), &["eu-west"]).unwrap();
+        assert_eq!(choice.region.id, "eu-central");
+        // Excluding everything eligible leaves nothing.
+        let err = choose(&s, &free(), &near(LONDON), None, &["eu-central", "us-east"]);
+        assert_eq!(err.unwrap_err(), PlacementError::NoEligibleRegion);
+    }
+
+    #[test]
+    fn the_failover_list_is_nearest_first_eligible_and_at_most_five() {
+        let mut s = seeds();
+        let choice = choose(&s, &plus(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-west");
+        // From London: 638, 5,920, 8,630, 9,070, 9,500 km; ap-northeast
+        // (9,560) and ap-southeast (10,850) do not make the list.
+        assert_eq!(
+            choice.failover,
+            ["eu-central", "us-east", "us-west", "af-south", "sa-east"]
+        );
+        set(&mut s, "us-east", |r| r.health = Health::Draining);
+        let choice = choose(&s, &plus(), &near(LONDON), None, &["af-south"]).unwrap();
+        assert_eq!(
+            choice.failover,
+            [
+                "eu-central",
+                "us-west",
+                "sa-east",
+                "ap-northeast",
+                "ap-southeast"
+            ]
+        );
+        // Fewer eligible regions than the limit: all of them.
+        let choice = choose(&s, &free(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.failover, Vec::<&str>::new());
+    }
+
+    #[test]
+    fn equal_distances_are_broken_by_region_id() {
+        let s = Snapshot::new(vec![
+            region("b", "DE", 50.0, 8.0, Tier::Free),
+            region("c", "DE", 50.0, 8.0, Tier::Free),
+            region("a", "DE", 50.0, 8.0, Tier::Free),
+        ]);
+        let mut reversed = s.clone();
+        reversed.regions.reverse();
+        for snap in [&s, &reversed] {
+            let choice = choose(snap, &free(), &at(10.0, 10.0), None, &[]).unwrap();
+            assert_eq!(choice.region.id, "a");
+            assert_eq!(choice.failover, ["b", "c"]);
+        }
+    }
+
+    #[test]
+    fn a_country_without_coordinates_is_placed_from_its_centroid() {
+        let s = seeds();
+        assert_eq!(
+            chosen(&s, &plus(), &country("JP"), None, &[]).unwrap(),
+            "ap-northeast"
+        );
+        assert_eq!(
+            chosen(&s, &plus(), &country("AU"), None, &[]).unwrap(),
+            "ap-southeast"
+        );
+        assert_eq!(
+            chosen(&s, &plus(), &country("br"), None, &[]).unwrap(),
+            "sa-east"
+        );
+        assert_eq!(
+            chosen(&s, &free(), &country("JP"), None, &[]).unwrap(),
+            "eu-central"
+        );
+        let choice = choose(&s, &plus(), &country("GB"), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-west");
+        assert_eq!(choice.failover[0], "eu-central");
+    }
+
+    #[test]
+    fn a_country_without_a_centroid_uses_an_eligible_region_in_that_country() {
+        // Luxembourg is not in the centroid table.
+        assert_eq!(geo::country_centroid("LU"), None);
+        let mut s = seeds();
+        s.regions
+            .push(region("eu-lux-b", "LU", 49.6, 6.1, Tier::Free));
+        s.regions
+            .push(region("eu-lux-a", "LU", 49.6, 6.1, Tier::Premium));
+        let choice = choose(&s, &plus(), &country("LU"), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-lux-a");
+        // Without a client position, failover is ordered from the chosen region.
+        assert_eq!(choice.failover[..3], ["eu-lux-b", "eu-central", "eu-west"]);
+        assert_eq!(
+            chosen(&s, &free(), &country("lu"), None, &[]).unwrap(),
+            "eu-lux-b"
+        );
+        // None of that country's regions eligible: the default.
+        set(&mut s, "eu-lux-b", |r| r.health = Health::Down);
+        assert_eq!(
+            chosen(&s, &free(), &country("LU"), None, &[]).unwrap(),
+            "eu-central"
+        );
+    }
+
+    #[test]
+    fn an_unknown_location_gets_the_default_region_else_the_first_eligible_by_id() {
+        let mut s = seeds();
+        for location in [ClientLocation::Unknown, country("XX"), country("")] {
+            assert_eq!(
+                chosen(&s, &plus(), &location, None, &[]).unwrap(),
+                DEFAULT_REGION
+            );
+            assert_eq!(
+                chosen(&s, &free(), &location, None, &[]).unwrap(),
+                DEFAULT_REGION
+            );
+        }
+        let choice = choose(&s, &plus(), &ClientLocation::Unknown, None, &[]).unwrap();
+        assert_eq!(choice.failover[0], "eu-west");
+
+        set(&mut s, DEFAULT_REGION, |r| r.health = Health::Down);
+        let unknown = ClientLocation::Unknown;
+        assert_eq!(
+            chosen(&s, &plus(), &unknown, None, &[]).unwrap(),
+            "af-south"
+        );
+        assert_eq!(chosen(&s, &free(), &unknown, None, &[]).unwrap(), "us-east");
+        assert_eq!(
+            chosen(&s, &plus(), &unknown, None, &["af-south"]).unwrap(),
+            "ap-northeast"
+        );
+    }
+
+    #[test]
+    fn everything_down_is_no_eligible_region() {
+        let mut s = seeds();
+        for r in &mut s.regions {
+            r.health = Health::Down;
+        }
+        for location in [near(LONDON), country("DE"), ClientLocation::Unknown] {
+            for requested in [None, Some("eu-central")] {
+                let err = choose(&s, &plus(), &location, requested, &[]).unwrap_err();
+                assert_eq!(err, PlacementError::NoEligibleRegion);
+            }
+        }
+        let empty = Snapshot::new(vec![]);
+        let err = choose(&empty, &plus(), &near(LONDON), None, &[]).unwrap_err();
+        assert_eq!(err, PlacementError::NoEligibleRegion);
+    }
+
+    #[test]
+    fn a_region_with_invalid_coordinates_is_still_usable_but_ranked_last() {
+        let mut s = seeds();
+        set(&mut s, "eu-west", |r| r.latitude = 123.0);
+        let choice = choose(&s, &plus(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-central");
+        let mut s = Snapshot::new(vec![region("x", "DE", 0.0, 0.0, Tier::Free)]);
+        s.regions[0].longitude = 999.0;
+        assert_eq!(chosen(&s, &free(), &near(LONDON), None, &[]).unwrap(), "x");
+    }
+
+    #[test]
+    fn error_codes_are_stable() {
+        assert_eq!(
+            PlacementError::NoEligibleRegion.code(),
+            "no_region_available"
+        );
+        assert_eq!(
+            PlacementError::RegionNotAllowed.code(),
+            "region_not_allowed"
+        );
+        assert_eq!(PlacementError::UnknownRegion.code(), "region_not_found");
+        assert_eq!(
+            PlacementError::UnknownRegion.to_string(),
+            "region_not_found"
+        );
+    }
+
+    /// A random catalogue: up to 20 regions, some sharing a position (ties),
+    /// random tiers, health and servers (some empty or at capacity 0).
+    fn random_snapshot(rng: &mut Rng) -> Snapshot {
+        let n = rng.below(21);
+        let regions = (0..n)
+            .map(|i| {
+                let (lat, lon) = if rng.below(4) == 0 {
+                    // A coarse grid, so equal distances happen.
+                    (rng.below(3) as f64 * 30.0, rng.below(3) as f64 * 60.0)
+                } else {
+                    (rng.between(-90.0, 90.0), rng.between(-180.0, 180.0))
+                };
+                let tier = if rng.below(2) == 0 {
+                    Tier::Free
+                } else {
+                    Tier::Premium
+                };
+                let mut r = region(&format!("r{i:02}"), "DE", lat, lon, tier);
+                r.health = match rng.below(8) {
+                    0 => Health::Down,
+                    1 => Health::Draining,
+                    _ => Health::Up,
+                };
+                r.servers = (0..rng.below(4))
+                    .map(|k| server(&format!("r{i:02}-{k}"), rng.below(3) as u32))
+                    .collect();
+                r
+            })
+            .collect();
+        Snapshot::new(regions)
+    }
+
+    #[test]
+    fn whenever_a_region_is_eligible_choose_returns_the_nearest_eligible_one() {
+        let mut rng = Rng(0x5eed);
+        for case in 0..5_000 {
+            let s = random_snapshot(&mut rng);
+            let ent = if rng.below(2) == 0 { free() } else { plus() };
+            let client = Point::new(rng.between(-90.0, 90.0), rng.between(-180.0, 180.0)).unwrap();
+            let exclude: Vec<&str> = s
+                .regions
+                .iter()
+                .filter(|_| rng.below(6) == 0)
+                .map(|r| r.id.as_str())
+                .collect();
+            let requested = match rng.below(16) {
+                0..=3 if !s.regions.is_empty() => Some(
+                    s.regions[rng.below(s.regions.len() as u64) as usize]
+                        .id
+                        .as_str(),
+                ),
+                4 => Some("nowhere"),
+                _ => None,
+            };
+
+            // Eligibility, restated independently of the implementation.
+            let eligible: Vec<&Region> = s
+                .regions
+                .iter()
+                .filter(|r| {
+                    ent.region_tiers.contains(&r.tier)
+                        && r.health == Health::Up
+                        && r.servers.iter().map(|s| s.capacity).sum::<u32>() > 0
+                        && !exclude.contains(&r.id.as_str())
+                })
+                .collect();
+            let key = |r: &Region| {
+                let p = Point::new(r.latitude, r.longitude).unwrap();
+                (geo::distance_km(client, p), r.id.clone())
+            };
+            let is_eligible = |id: &str| eligible.iter().any(|r| r.id == id);
+
+            let result = choose(
+                &s,
+                &ent,
+                &ClientLocation::Coordinates(client),
+                requested,
+                &exclude,
+            );
+            let requested_region = requested.and_then(|id| s.regions.iter().find(|r| r.id == id));
+            match (requested, requested_region) {
+                (Some(_), None) => {
+                    assert_eq!(result.unwrap_err(), PlacementError::UnknownRegion);
+                    continue;
+                }
+                (Some(_), Some(r)) if !ent.allows_tier(r.tier) => {
+                    assert_eq!(result.unwrap_err(), PlacementError::RegionNotAllowed);
+                    continue;
+                }
+                _ => {}
+            }
+            let Ok(choice) = result else {
+                assert_eq!(result.unwrap_err(), PlacementError::NoEligibleRegion);
+                assert!(
+                    eligible.is_empty(),
+                    "case {case}: refused with {eligible:?}"
+                );
+                continue;
+            };
+
+            assert!(is_eligible(&choice.region.id), "case {case}");
+            match requested {
+                Some(id) if is_eligible(id) => assert_eq!(choice.region.id, id),
+                _ => {
+                    let best = eligible
+                        .iter()
+                        .map(|r| key(r))
+                        .min_by(|a, b| a.partial_cmp(b).unwrap())
+                        .unwrap();
+                    assert_eq!(key(choice.region), best, "case {case}");
+                }
+            }
+
+            let f = &choice.failover;
+            assert_eq!(
+                f.len(),
+                (eligible.len() - 1).min(MAX_FAILOVER),
+                "case {case}"
+            );
+            assert!(
+                f.iter()
+                    .all(|id| is_eligible(id) && *id != choice.region.id)
+            );
+            let keys: Vec<_> = f
+                .iter()
+                .map(|id| key(s.regions.iter().find(|r| r.id == *id).unwrap()))
+                .collect();
+            assert!(
+                keys.windows(2).all(|w| w[0] < w[1]),
+                "case {case}: {keys:?}"
+            );
+            // Nothing left out is nearer than the farthest one listed.
+            if let Some(last) = keys.last() {
+                for r in &eligible {
+                    if r.id != choice.region.id && !f.contains(&r.id.as_str()) {
+                        assert!(key(r) > *last, "case {case}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn servers_region(servers: Vec<Server>) -> Region {
+        let mut r = region("eu-central", "DE", 50.1, 8.7, Tier::Free);
+        r.servers = servers;
+        r
+    }
+
+    fn device(i: u32) -> String {
+        format!("device-{i}")
+    }
+
+    #[test]
+    fn the_hash_is_fnv1a_then_fmix64_and_never_changes() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a64(*b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(*b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(*b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(fmix64(0), 0);
+        // Pinned: a change here moves every device to another server.
+        assert_eq!(stable_hash("", ""), fmix64(fnv1a64([0xff])));
+        assert_eq!(stable_hash("device-1", "eu-central-1"), PINNED_1);
+        assert_eq!(stable_hash("device-1", "eu-central-2"), PINNED_2);
+        assert_ne!(stable_hash("ab", "c"), stable_hash("a", "bc"));
+    }
+
+    // Cross-checked against an independent implementation (Python).
+    const PINNED_1: u64 = 0xe4a3_3bd6_53ff_38c8;
+    const PINNED_2: u64 = 0x5ecf_6db3_a7d6_9073;
+
+    #[test]
+    fn unit_interval_never_reaches_zero_or_one() {
+        for h in [0, 1, u64::MAX, u64::MAX - 1, 1 << 63] {
+            let u = unit_interval(h);
+            assert!(u > 0.0 && u < 1.0 && u.ln() < 0.0, "{h}: {u}");
+        }
+    }
+
+    #[test]
+    fn a_device_always_gets_the_same_server() {
+        let r = servers_region(vec![server("a", 1), server("b", 2), server("c", 3)]);
+        let mut reordered = r.clone();
+        reordered.servers.reverse();
+        for i in 0..1_000 {
+            let first = choose_server(&r, &device(i)).unwrap();
+            assert_eq!(choose_server(&r, &device(i)).unwrap().id, first.id);
+            assert_eq!(choose_server(&reordered, &device(i)).unwrap().id, first.id);
+        }
+    }
+
+    #[test]
+    fn devices_spread_in_proportion_to_capacity() {
+        let capacities = [100, 200, 300, 400, 1000];
+        let servers = capacities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| server(&format!("eu-central-{}", i + 1), *c))
+            .collect();
+        let r = servers_region(servers);
+        let devices = 100_000;
+        let mut counts = [0u32; 5];
+        for i in 0..devices {
+            let s = choose_server(&r, &device(i)).unwrap();
+            counts[r.servers.iter().position(|x| x.id == s.id).unwrap()] += 1;
+        }
+        let total: u32 = capacities.iter().sum();
+        for (count, capacity) in counts.iter().zip(capacities) {
+            let expected = f64::from(devices) * f64::from(capacity) / f64::from(total);
+            let off = (f64::from(*count) - expected).abs() / expected;
+            assert!(off < 0.03, "{counts:?}: {count} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn removing_a_server_moves_only_its_devices_and_adding_one_only_takes_devices() {
+        let all: Vec<Server> = (1..=5).map(|n| server(&format!("s-{n}"), 10 * n)).collect();
+        let before = servers_region(all.clone());
+        let after = servers_region(all.iter().filter(|s| s.id != "s-3").cloned().collect());
+        let mut moved = 0;
+        for i in 0..20_000 {
+            let was = choose_server(&before, &device(i)).unwrap();
+            let now = choose_server(&after, &device(i)).unwrap();
+            if was.id == "s-3" {
+                moved += 1;
+            } else {
+                assert_eq!(was.id, now.id, "device {i} moved off a server that stayed");
+            }
+        }
+        assert!(moved > 0);
+        // Adding it back is the same comparison the other way round: devices
+        // move only onto the new server.
+        for i in 0..20_000 {
+            let was = choose_server(&after, &device(i)).unwrap();
+            let now = choose_server(&before, &device(i)).unwrap();
+            assert!(now.id == was.id || now.id == "s-3");
+        }
+    }
+
+    #[test]
+    fn servers_without_capacity_are_never_chosen() {
+        let r = servers_region(vec![server("a", 0), server("b", 5), server("c", 0)]);
+        for i in 0..2_000 {
+            assert_eq!(choose_server(&r, &device(i)).unwrap().id, "b");
+        }
+        let r = servers_region(vec![server("a", 0)]);
+        assert_eq!(choose_server(&r, "d"), None);
+        assert_eq!(choose_server(&servers_region(vec![]), "d"), None);
+    }
+
+    #[test]
+    fn region_load_is_the_capacity_weighted_mean() {
+        let mut big = server("a", 300);
+        big.load = 0.5;
+        let mut small = server("b", 100);
+        small.load = 0.9;
+        assert!((region_load(&servers_region(vec![big, small.clone()])) - 0.6).abs() < 1e-6);
+        assert_eq!(region_load(&servers_region(vec![small.clone()])), 0.9);
+        assert_eq!(region_load(&servers_region(vec![])), 0.0);
+        small.capacity = 0;
+        assert_eq!(region_load(&servers_region(vec![small])), 0.0);
+    }
+}
