@@ -37,6 +37,21 @@ pub enum ProblemCode {
     IdempotencyKeyInFlight,
     /// 422: this `Idempotency-Key` was used with a different request.
     IdempotencyKeyReused,
+    /// 403: the device exists but is beyond the plan's device count (after a downgrade).
+    DeviceNotEntitled,
+    // --- regions and connect ---
+    /// 403: the plan does not include the requested region's tier.
+    RegionNotAllowed,
+    /// 404: no region with this id.
+    RegionNotFound,
+    /// 429: the region is admitting clients as fast as it can; retry or fail over.
+    RegionBusy,
+    /// 503: the region is taking no one right now; fail over.
+    RegionClosed,
+    /// 503: no region the plan allows is up.
+    NoRegionAvailable,
+    /// 401: the admin API needs the service token.
+    AdminUnauthorized,
     // --- billing webhooks (400: the provider shows them to the operator) ---
     SignatureMissing,
     SignatureMalformed,
@@ -78,7 +93,7 @@ pub enum ProblemCode {
 
 impl ProblemCode {
     /// All codes, for documentation and exhaustive tests.
-    pub const ALL: [ProblemCode; 42] = [
+    pub const ALL: [ProblemCode; 49] = [
         ProblemCode::MalformedJson,
         ProblemCode::PayloadTooLarge,
         ProblemCode::UnsupportedMediaType,
@@ -93,6 +108,13 @@ impl ProblemCode {
         ProblemCode::PublicKeyInUse,
         ProblemCode::IdempotencyKeyInFlight,
         ProblemCode::IdempotencyKeyReused,
+        ProblemCode::DeviceNotEntitled,
+        ProblemCode::RegionNotAllowed,
+        ProblemCode::RegionNotFound,
+        ProblemCode::RegionBusy,
+        ProblemCode::RegionClosed,
+        ProblemCode::NoRegionAvailable,
+        ProblemCode::AdminUnauthorized,
         ProblemCode::SignatureMissing,
         ProblemCode::SignatureMalformed,
         ProblemCode::SignatureMissingV1,
@@ -141,6 +163,13 @@ impl ProblemCode {
             PublicKeyInUse => "public_key_in_use",
             IdempotencyKeyInFlight => "idempotency_key_in_flight",
             IdempotencyKeyReused => "idempotency_key_reused",
+            DeviceNotEntitled => "device_not_entitled",
+            RegionNotAllowed => "region_not_allowed",
+            RegionNotFound => "region_not_found",
+            RegionBusy => "region_busy",
+            RegionClosed => "region_closed",
+            NoRegionAvailable => "no_region_available",
+            AdminUnauthorized => "admin_unauthorized",
             SignatureMissing => "signature_missing",
             SignatureMalformed => "signature_malformed",
             SignatureMissingV1 => "signature_missing_v1",
@@ -184,8 +213,11 @@ impl ProblemCode {
         match self {
             MalformedJson | SignatureMissing | SignatureMalformed | SignatureMissingV1
             | SignatureStale | SignatureMismatch | WebhookMalformed => 400,
-            DeviceLimitReached => 403,
-            DeviceNotFound => 404,
+            DeviceLimitReached | DeviceNotEntitled | RegionNotAllowed => 403,
+            DeviceNotFound | RegionNotFound => 404,
+            RegionBusy => 429,
+            RegionClosed | NoRegionAvailable => 503,
+            AdminUnauthorized => 401,
             PublicKeyInUse | IdempotencyKeyInFlight => 409,
             IdempotencyKeyReused => 422,
             InvalidCredentials
@@ -258,6 +290,13 @@ impl ProblemCode {
             PublicKeyInUse => "Public key already in use",
             IdempotencyKeyInFlight => "Request already in progress",
             IdempotencyKeyReused => "Idempotency key reused",
+            DeviceNotEntitled => "Device not covered by the plan",
+            RegionNotAllowed => "Region not included in the plan",
+            RegionNotFound => "Region not found",
+            RegionBusy => "Region busy",
+            RegionClosed => "Region not accepting connections",
+            NoRegionAvailable => "No region available",
+            AdminUnauthorized => "Admin token required",
             SignatureMissing | SignatureMalformed | SignatureMissingV1 | SignatureStale
             | SignatureMismatch => "Invalid webhook signature",
             WebhookMalformed => "Malformed webhook event",

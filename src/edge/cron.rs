@@ -1,9 +1,12 @@
-//! The cron trigger: republishes the region catalogue snapshot to KV.
+//! The cron trigger, every minute:
+//! - marks down the regions whose monitors stopped reporting (a report older
+//!   than 3 minutes; regions never reported by a monitor are left alone);
+//! - makes sure the monthly partitions of `connection_events` exist ahead;
+//! - republishes the region catalogue snapshot to KV.
 //!
-//! Reads go through the cached Hyperdrive binding (the catalogue tolerates a
-//! minute of staleness; changes made through the admin API republish at once).
-//! The KV write is skipped when the content hash is unchanged, which keeps
-//! within KV's one-write-per-second-per-key limit and costs nothing.
+//! It writes, so it uses the uncached Hyperdrive binding. The KV write is
+//! skipped when the snapshot's content hash is unchanged, which keeps within
+//! KV's one-write-per-second-per-key limit and costs nothing.
 
 use super::{bindings, pg};
 use crate::domain::catalogue::{self, Region, Snapshot};
@@ -22,12 +25,31 @@ SELECT coalesce(json_agg(json_build_object(
         FROM servers s WHERE s.region_id = r.id AND s.enabled), '[]'::json)
 ) ORDER BY r.id), '[]'::json)::text FROM regions r";
 
+const MAINTENANCE_SQL: &str = "\
+UPDATE regions SET health = 'down', updated_at = now()
+ WHERE health_reported_at < now() - interval '3 minutes' AND health <> 'down';
+SELECT ensure_connection_event_partitions(2);";
+
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
-    match publish(&env, bindings::DB_CACHED).await {
-        Ok((etag, written)) => worker::console_log!(
+    let maintenance = async {
+        let client = pg::connect(&env, bindings::DB).await?;
+        client
+            .simple_query(MAINTENANCE_SQL)
+            .await
+            .map_err(|e| format!("maintenance: {e}"))?;
+        Ok::<_, String>(())
+    };
+    if let Err(e) = maintenance.await {
+        worker::console_error!(
             "{}",
-            serde_json::json!({"level": "info", "msg": "catalogue published", "etag": etag, "written": written})
+            serde_json::json!({"level": "error", "msg": "cron maintenance failed", "error": e})
+        );
+    }
+    match publish(&env, bindings::DB).await {
+        Ok((snapshot, written)) => worker::console_log!(
+            "{}",
+            serde_json::json!({"level": "info", "msg": "catalogue published", "etag": snapshot.etag, "written": written})
         ),
         Err(e) => worker::console_error!(
             "{}",
@@ -37,8 +59,8 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
 }
 
 /// Reads the catalogue through `binding` and stores it in KV when it changed.
-/// Returns the snapshot's etag and whether KV was written.
-pub async fn publish(env: &Env, binding: &str) -> Result<(String, bool), String> {
+/// Returns the snapshot and whether KV was written.
+pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), String> {
     let client = pg::connect(env, binding).await?;
     let rows = client
         .simple_query(CATALOGUE_SQL)
@@ -58,12 +80,12 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(String, bool), String>
     let kv = env.kv(bindings::KV).map_err(|e| e.to_string())?;
     let current: Option<Snapshot> = kv.get(catalogue::KV_KEY).json().await.ok().flatten();
     if current.is_some_and(|c| c.etag == snapshot.etag) {
-        return Ok((snapshot.etag, false));
+        return Ok((snapshot, false));
     }
     kv.put(catalogue::KV_KEY, &snapshot)
         .map_err(|e| e.to_string())?
         .execute()
         .await
         .map_err(|e| e.to_string())?;
-    Ok((snapshot.etag, true))
+    Ok((snapshot, true))
 }

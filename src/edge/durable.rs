@@ -12,6 +12,7 @@
 //! Callers talk to objects with JSON over internal `fetch` via [`call`].
 
 use super::{Fail, time};
+use crate::domain::admission::{Admit, Bucket};
 use serde::Serialize;
 use worker::{
     DurableObject, Env, Headers, Method, Request, RequestInit, Response, Result, State,
@@ -94,19 +95,46 @@ pub async fn body<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// One shard of a region's admission control: a token bucket
+/// (`domain::admission`). The bucket lives in memory only: admission is soft
+/// state, a restarted shard simply starts with a full bucket (one burst), and
+/// writing storage at every admission would cost more than it protects.
 #[durable_object]
 pub struct RegionGate {
     state: State,
+    bucket: std::cell::RefCell<Bucket>,
+}
+
+#[derive(serde::Deserialize)]
+struct AdmitReq {
+    rate: u32,
 }
 
 impl DurableObject for RegionGate {
     fn new(state: State, _env: Env) -> Self {
-        RegionGate { state }
+        RegionGate {
+            state,
+            bucket: std::cell::RefCell::new(Bucket::default()),
+        }
     }
 
-    async fn fetch(&self, req: Request) -> Result<Response> {
+    async fn fetch(&self, mut req: Request) -> Result<Response> {
         match (req.method(), req.path().as_str()) {
             (Method::Get, "/ping") => ping(&self.state, &req).await,
+            (Method::Post, "/admit") => {
+                let r: AdmitReq = match body(&mut req).await {
+                    Ok(r) => r,
+                    Err(resp) => return Ok(resp),
+                };
+                let verdict = self.bucket.borrow_mut().take(r.rate, time::now_ms() as i64);
+                Response::from_json(&match verdict {
+                    Admit::Admitted => serde_json::json!({ "outcome": "admitted" }),
+                    Admit::Wait { retry_after_ms } => {
+                        serde_json::json!({ "outcome": "wait", "retry_after_ms": retry_after_ms })
+                    }
+                    Admit::Closed => serde_json::json!({ "outcome": "closed" }),
+                })
+            }
             _ => Response::error("unknown durable object route", 404),
         }
     }

@@ -5,10 +5,14 @@
 //! client address, bindings) as arguments; nothing request-scoped is ever stored
 //! in a static. Statics hold only per-isolate immutable config (`secrets`).
 
+mod admin;
 mod auth;
+mod catalogue;
+mod connect;
 mod cron;
 mod devices;
 mod durable;
+mod events;
 mod log;
 mod login_throttle;
 mod pg;
@@ -35,6 +39,8 @@ pub mod bindings {
     pub const USER_SESSIONS: &str = "USER_SESSIONS";
     pub const REGION_GATES: &str = "REGION_GATES";
     pub const LOGIN_THROTTLES: &str = "LOGIN_THROTTLES";
+    /// Queue of connection events, written to PostgreSQL in batches.
+    pub const CONNECTION_EVENTS: &str = "CONNECTION_EVENTS";
 }
 
 /// A handler's failure: what the client is told, and (for the log only) why.
@@ -76,7 +82,7 @@ impl From<ApiError> for Fail {
 }
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
     let started = time::now_ms();
     let header = |name: &str| req.headers().get(name).ok().flatten();
     let request_id = request_id::choose(header("cf-ray").as_deref(), random::bytes());
@@ -101,6 +107,11 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         Routed::Found(Route::DeleteDevice(id)) => devices::delete(req, &env, &id).await,
         Routed::Found(Route::RotateDeviceKey(id)) => devices::rotate_key(req, &env, &id).await,
         Routed::Found(Route::StripeWebhook) => webhooks::stripe(req, &env).await,
+        Routed::Found(Route::Regions) => connect::regions(&req, &env).await,
+        Routed::Found(Route::Connect) => connect::connect(req, &env, &ctx).await,
+        Routed::Found(Route::AdminSetRegion(id)) => admin::set_region(req, &env, &id).await,
+        Routed::Found(Route::AdminHealthReport(id)) => admin::health_report(req, &env, &id).await,
+        Routed::Found(Route::AdminServers) => admin::servers(req, &env).await,
         Routed::MethodNotAllowed { allow } => Err(ApiError::method_not_allowed(allow).into()),
         Routed::NotFound => Err(ApiError::not_found().into()),
     };

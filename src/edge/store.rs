@@ -72,6 +72,14 @@ pub async fn connect(env: &Env) -> Result<Client, Fail> {
     }
 }
 
+/// [`json_row`] for other modules of the shell.
+pub async fn json_value<T: DeserializeOwned>(
+    client: &Client,
+    query: &str,
+) -> Result<Option<T>, Fail> {
+    json_row(client, query).await
+}
+
 /// Runs `query` (one or more statements); the answer is the first column of
 /// the last row it returns, a JSON text value.
 async fn json_row<T: DeserializeOwned>(client: &Client, query: &str) -> Result<Option<T>, Fail> {

@@ -33,6 +33,16 @@ pub enum Route {
     RotateDeviceKey(String),
     /// `POST /v1/webhooks/stripe`
     StripeWebhook,
+    /// `GET /v1/regions`: the catalogue, from KV.
+    Regions,
+    /// `POST /v1/connect`: a server assignment for a device.
+    Connect,
+    /// `PUT /v1/admin/regions/{id}`: set health and admission rate.
+    AdminSetRegion(String),
+    /// `POST /v1/admin/regions/{id}/health-report`: a monitor's health report.
+    AdminHealthReport(String),
+    /// `GET /v1/admin/servers`
+    AdminServers,
 }
 
 /// What the router decided for a method and path.
@@ -63,10 +73,15 @@ pub fn route(method: &str, path: &str) -> Routed {
             _ => ("GET, POST", Route::CreateDevice),
         },
         "/v1/webhooks/stripe" => ("POST", Route::StripeWebhook),
-        _ => match device_path(path) {
-            Some((id, false)) => ("DELETE", Route::DeleteDevice(id.to_owned())),
-            Some((id, true)) => ("PUT", Route::RotateDeviceKey(id.to_owned())),
-            None => return Routed::NotFound,
+        "/v1/regions" => ("GET", Route::Regions),
+        "/v1/connect" => ("POST", Route::Connect),
+        "/v1/admin/servers" => ("GET", Route::AdminServers),
+        _ => match (device_path(path), admin_region_path(path)) {
+            (Some((id, false)), _) => ("DELETE", Route::DeleteDevice(id.to_owned())),
+            (Some((id, true)), _) => ("PUT", Route::RotateDeviceKey(id.to_owned())),
+            (_, Some((id, false))) => ("PUT", Route::AdminSetRegion(id.to_owned())),
+            (_, Some((id, true))) => ("POST", Route::AdminHealthReport(id.to_owned())),
+            (None, None) => return Routed::NotFound,
         },
     };
     if allow.split(", ").any(|m| m == method) {
@@ -85,6 +100,17 @@ fn device_path(path: &str) -> Option<(&str, bool)> {
         None => (rest, false),
     };
     (!id.is_empty()).then_some((id, key))
+}
+
+/// `/v1/admin/regions/{id}` → (id, false); `.../{id}/health-report` → (id, true).
+fn admin_region_path(path: &str) -> Option<(&str, bool)> {
+    let rest = path.strip_prefix("/v1/admin/regions/")?;
+    let (id, report) = match rest.split_once('/') {
+        Some((id, "health-report")) => (id, true),
+        Some(_) => return None,
+        None => (rest, false),
+    };
+    (!id.is_empty()).then_some((id, report))
 }
 
 #[cfg(test)]

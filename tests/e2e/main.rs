@@ -16,6 +16,8 @@ mod billing;
 #[cfg(not(target_arch = "wasm32"))]
 mod common;
 #[cfg(not(target_arch = "wasm32"))]
+mod connect;
+#[cfg(not(target_arch = "wasm32"))]
 mod cron;
 #[cfg(not(target_arch = "wasm32"))]
 mod devices;
@@ -31,6 +33,9 @@ mod harness {
     pub struct Ctx {
         pub rt: tokio::runtime::Runtime,
         pub http: reqwest::Client,
+        /// Tests that change regions (health, admission rate) hold it for
+        /// writing; tests whose expectations depend on them, for reading.
+        pub regions: tokio::sync::RwLock<()>,
         shared: OnceLock<Stack>,
     }
 
@@ -67,6 +72,7 @@ mod harness {
                 .build()
                 .expect("http client"),
             shared: OnceLock::new(),
+            regions: tokio::sync::RwLock::new(()),
         });
         let trials = [
             crate::health::TESTS,
@@ -74,6 +80,7 @@ mod harness {
             crate::auth::TESTS,
             crate::devices::TESTS,
             crate::billing::TESTS,
+            crate::connect::TESTS,
         ]
         .concat()
         .into_iter()

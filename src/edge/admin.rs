@@ -1,0 +1,160 @@
+//! The admin API, for operators and health monitors, authenticated by a service
+//! token (the `ADMIN_TOKEN` secret), never by a user token.
+//!
+//! - `PUT /v1/admin/regions/{id}` `{health?, admission_rate?}`: an operator's
+//!   decision (e.g. drain a region, or throttle its reconnects);
+//! - `POST /v1/admin/regions/{id}/health-report` `{health}`: a monitor's report;
+//!   a region whose monitor stops reporting for 3 minutes is marked down by the cron;
+//! - `GET /v1/admin/servers`: the fleet.
+//!
+//! A change republishes the catalogue snapshot to KV at once.
+
+use super::auth::json_body;
+use super::{Fail, bindings, catalogue, cron, store};
+use crate::domain::catalogue::Health;
+use crate::domain::problem::ProblemCode;
+use crate::http::{ApiError, Reply};
+use crate::sql;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use worker::{Env, Request};
+
+pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
+/// No region admits more than this many reconnects per second (sanity bound).
+const MAX_ADMISSION_RATE: u32 = 1_000_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRegion {
+    #[serde(default)]
+    health: Option<Health>,
+    #[serde(default)]
+    admission_rate: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthReport {
+    health: Health,
+}
+
+/// Checks the bearer service token. Digests are compared, so the comparison
+/// takes the same time wherever the presented token differs.
+fn authorize(req: &Request, env: &Env) -> Result<(), Fail> {
+    let expected = env
+        .secret(TOKEN_SECRET)
+        .map(|s| s.to_string())
+        .map_err(|_| {
+            Fail::new(
+                ApiError::new(
+                    ProblemCode::NotConfigured,
+                    "The admin API is not configured; it has been logged.",
+                ),
+                format!("secret {TOKEN_SECRET} is not set"),
+            )
+        })?;
+    let presented = req
+        .headers()
+        .get("authorization")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let presented = presented.strip_prefix("Bearer ").unwrap_or_default();
+    if expected.len() < 16
+        || Sha256::digest(presented.as_bytes()) != Sha256::digest(expected.as_bytes())
+    {
+        return Err(ApiError::new(
+            ProblemCode::AdminUnauthorized,
+            "Send the admin service token as a Bearer token.",
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn health_str(h: Health) -> &'static str {
+    match h {
+        Health::Up => "up",
+        Health::Draining => "draining",
+        Health::Down => "down",
+    }
+}
+
+async fn update_region(env: &Env, id: &str, assignments: &str) -> Result<Reply, Fail> {
+    let db = store::connect(env).await?;
+    let q = format!(
+        "UPDATE regions SET {assignments}, updated_at = now() WHERE id = {}
+         RETURNING json_build_object('id', id, 'health', health, 'admission_rate', admission_rate,
+                                     'health_reported_at', extract(epoch FROM health_reported_at)::bigint)::text",
+        sql::literal(id).map_err(|_| Fail::from(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.")))?
+    );
+    let row: Option<serde_json::Value> = store::json_value(&db, &q).await?;
+    let Some(row) = row else {
+        return Err(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.").into());
+    };
+    drop(db);
+    cron::publish(env, bindings::DB)
+        .await
+        .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
+    catalogue::invalidate();
+    Ok(Reply::json(200, &row))
+}
+
+pub async fn set_region(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+    authorize(&req, env)?;
+    let b: SetRegion = json_body(&mut req).await?;
+    let mut sets = Vec::new();
+    if let Some(h) = b.health {
+        sets.push(format!("health = '{}'", health_str(h)));
+    }
+    if let Some(rate) = b.admission_rate {
+        if rate > MAX_ADMISSION_RATE {
+            return Err(
+                crate::http::body::invalid(&[crate::domain::account::Invalid {
+                    field: "admission_rate",
+                    reason: "is above 1000000",
+                }])
+                .into(),
+            );
+        }
+        sets.push(format!("admission_rate = {rate}"));
+    }
+    if sets.is_empty() {
+        return Err(
+            crate::http::body::invalid(&[crate::domain::account::Invalid {
+                field: "health",
+                reason: "or admission_rate must be given",
+            }])
+            .into(),
+        );
+    }
+    update_region(env, id, &sets.join(", ")).await
+}
+
+pub async fn health_report(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+    authorize(&req, env)?;
+    let b: HealthReport = json_body(&mut req).await?;
+    update_region(
+        env,
+        id,
+        &format!(
+            "health = '{}', health_reported_at = now()",
+            health_str(b.health)
+        ),
+    )
+    .await
+}
+
+pub async fn servers(req: Request, env: &Env) -> Result<Reply, Fail> {
+    authorize(&req, env)?;
+    let db = store::connect(env).await?;
+    let q = "SELECT coalesce(json_agg(json_build_object(
+                 'id', s.id, 'region_id', s.region_id, 'endpoint', s.hostname || ':' || s.port,
+                 'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load)
+             ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s";
+    let servers: Option<serde_json::Value> = store::json_value(&db, q).await?;
+    Ok(Reply::json(
+        200,
+        &serde_json::json!({ "servers": servers.unwrap_or_default() }),
+    ))
+}

@@ -1,0 +1,300 @@
+//! `GET /v1/regions` and `POST /v1/connect`: the reconnect hot path.
+//!
+//! Nothing here queries PostgreSQL. A connect needs, in order:
+//! 1. the access token (signature and claims, pure CPU) and the session's
+//!    revocation state (KV mirror, `auth::authenticate`);
+//! 2. the device: the user's KV device mirror (fallback: the user's object,
+//!    which holds the same list; still no database);
+//! 3. the region catalogue (KV, parsed once per isolate every few seconds);
+//! 4. a region and a server: pure placement rules (`domain::placement`);
+//! 5. admission: one call to the region's `RegionGate` shard;
+//! 6. a signed connect ticket; the connection event is queued after the answer.
+
+use super::auth::{authenticate, json_body};
+use super::durable::call;
+use super::events::{self, ConnectionEvent};
+use super::user_session::{DeviceMirror, devices_key};
+use super::{Fail, bindings, catalogue, random, secrets, store, time};
+use crate::domain::admission;
+use crate::domain::catalogue::Snapshot;
+use crate::domain::geo::Point;
+use crate::domain::placement::{self, ClientLocation, PlacementError};
+use crate::domain::problem::ProblemCode;
+use crate::domain::token::Ticket;
+use crate::http::{ApiError, Reply};
+use serde::Deserialize;
+use serde_json::json;
+use worker::{Context, Env, Request};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectBody {
+    device_id: String,
+    #[serde(default)]
+    region: Option<String>,
+}
+
+fn etag(snapshot: &Snapshot) -> String {
+    format!("\"{}\"", snapshot.etag)
+}
+
+/// Whether an `If-None-Match` header matches `etag` (weak comparison).
+fn not_modified(if_none_match: Option<&str>, etag: &str) -> bool {
+    if_none_match.is_some_and(|v| {
+        v.split(',')
+            .map(|t| t.trim().trim_start_matches("W/"))
+            .any(|t| t == "*" || t == etag)
+    })
+}
+
+pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
+    let snapshot = catalogue::snapshot(env).await?;
+    let tag = etag(&snapshot);
+    let cache = ("cache-control", "public, max-age=15".to_owned());
+    if not_modified(
+        req.headers().get("if-none-match").ok().flatten().as_deref(),
+        &tag,
+    ) {
+        return Ok(Reply {
+            status: 304,
+            headers: vec![("etag", tag), cache],
+            body: vec![],
+        });
+    }
+    let regions: Vec<_> = snapshot
+        .regions
+        .iter()
+        .map(|r| {
+            json!({"id": r.id, "name": r.name, "country": r.country, "latitude": r.latitude,
+                   "longitude": r.longitude, "tier": r.tier, "health": r.health,
+                   "load": placement::region_load(r)})
+        })
+        .collect();
+    let mut reply = Reply::json(200, &json!({ "regions": regions }));
+    reply.headers.push(("etag", tag));
+    reply.headers.push(cache);
+    Ok(reply)
+}
+
+/// Where the client is: Cloudflare's geolocation of the request. In local
+/// development (where there is none) the `x-keenvpn-client-location: lat,lon`
+/// or `x-keenvpn-client-country: CC` headers stand in for it; they are ignored
+/// in any other environment.
+fn client_location(req: &Request, env: &Env) -> ClientLocation {
+    let dev = env
+        .var("ENVIRONMENT")
+        .is_ok_and(|v| v.to_string() == "development");
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    if dev {
+        if let Some(point) = header("x-keenvpn-client-location").and_then(|v| {
+            let (lat, lon) = v.split_once(',')?;
+            Point::new(lat.trim().parse().ok()?, lon.trim().parse().ok()?)
+        }) {
+            return ClientLocation::Coordinates(point);
+        }
+        if let Some(country) = header("x-keenvpn-client-country") {
+            return ClientLocation::Country(country);
+        }
+    }
+    let Some(cf) = req.cf() else {
+        return ClientLocation::Unknown;
+    };
+    if let Some(point) = cf
+        .coordinates()
+        .and_then(|(lat, lon)| Point::new(f64::from(lat), f64::from(lon)))
+    {
+        return ClientLocation::Coordinates(point);
+    }
+    cf.country()
+        .map_or(ClientLocation::Unknown, ClientLocation::Country)
+}
+
+/// The user's devices: the KV mirror, else the user's object (no database).
+async fn devices(env: &Env, user_id: &str, device_id: &str) -> Result<Vec<store::Device>, Fail> {
+    if let Ok(kv) = env.kv(bindings::KV)
+        && let Ok(Some(m)) = kv.get(&devices_key(user_id)).json::<DeviceMirror>().await
+        && m.devices.iter().any(|d| d.id == device_id)
+    {
+        return Ok(m.devices);
+    }
+    let (status, body) = call(
+        env,
+        bindings::USER_SESSIONS,
+        user_id,
+        "/devices/list",
+        &json!({}),
+    )
+    .await?;
+    if status != 200 {
+        return Err(Fail::unavailable(format!("device list: status {status}")));
+    }
+    let m: DeviceMirror =
+        serde_json::from_value(body).map_err(|e| Fail::internal(format!("device list: {e}")))?;
+    Ok(m.devices)
+}
+
+fn refused(code: ProblemCode, detail: &str, failover: &[&str], retry_after: Option<u32>) -> Fail {
+    let mut err = ApiError::new(code, detail).with("failover", json!(failover));
+    if retry_after.is_some() {
+        err.retry_after = retry_after;
+    }
+    err.into()
+}
+
+pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let location = client_location(&req, env);
+    let b: ConnectBody = json_body(&mut req).await?;
+    let keys = secrets::keys(env)?;
+
+    let not_found = || {
+        Fail::from(ApiError::new(
+            ProblemCode::DeviceNotFound,
+            "No such device.",
+        ))
+    };
+    if !crate::domain::device::is_device_id(&b.device_id) {
+        return Err(not_found());
+    }
+    let (devices, snapshot) = futures::join!(
+        devices(env, &claims.sub, &b.device_id),
+        catalogue::snapshot(env)
+    );
+    let (devices, snapshot) = (devices?, snapshot?);
+    // Devices are ranked oldest first; after a downgrade only the first
+    // `max_devices` of them may connect.
+    let Some(rank) = devices.iter().position(|d| d.id == b.device_id) else {
+        return Err(not_found());
+    };
+    if rank >= claims.ent.max_devices as usize {
+        return Err(ApiError::new(
+            ProblemCode::DeviceNotEntitled,
+            format!(
+                "Your plan covers {} device(s); this one is beyond them.",
+                claims.ent.max_devices
+            ),
+        )
+        .into());
+    }
+    let device = &devices[rank];
+
+    // Regions that admit no one are not offered at all.
+    let closed: Vec<&str> = snapshot
+        .regions
+        .iter()
+        .filter(|r| r.admission_rate == 0)
+        .map(|r| r.id.as_str())
+        .collect();
+    let choice = placement::choose(
+        &snapshot,
+        &claims.ent,
+        &location,
+        b.region.as_deref(),
+        &closed,
+    )
+    .map_err(|e| {
+        let (code, detail) = match e {
+            PlacementError::RegionNotAllowed => (
+                ProblemCode::RegionNotAllowed,
+                "Your plan does not include this region.",
+            ),
+            PlacementError::UnknownRegion => {
+                (ProblemCode::RegionNotFound, "No region with this id.")
+            }
+            PlacementError::NoEligibleRegion => (
+                ProblemCode::NoRegionAvailable,
+                "No region your plan includes is up right now.",
+            ),
+        };
+        Fail::from(ApiError::new(code, detail))
+    })?;
+    let region = choice.region;
+    let failover = &choice.failover;
+
+    let shards = admission::shard_count(region.admission_rate);
+    let shard = admission::shard_for(&device.id, shards);
+    let rate = admission::shard_rate(region.admission_rate, shards, shard);
+    let gate = format!("{}#{}", region.id, shard);
+    let (_, verdict) = call(
+        env,
+        bindings::REGION_GATES,
+        &gate,
+        "/admit",
+        &json!({ "rate": rate }),
+    )
+    .await?;
+    match verdict["outcome"].as_str() {
+        Some("admitted") => {}
+        Some("wait") => {
+            let wait_ms = verdict["retry_after_ms"].as_u64().unwrap_or(1_000);
+            events::enqueue(
+                env,
+                ctx,
+                ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "throttled"),
+            );
+            return Err(refused(
+                ProblemCode::RegionBusy,
+                "The region is admitting clients as fast as it can; retry after the delay or use a failover region.",
+                failover,
+                Some(admission::retry_after_secs(wait_ms, random::u32())),
+            ));
+        }
+        _ => {
+            events::enqueue(
+                env,
+                ctx,
+                ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
+            );
+            return Err(refused(
+                ProblemCode::RegionClosed,
+                "The region is not accepting connections; use a failover region.",
+                failover,
+                Some(admission::retry_after_secs(1_000, random::u32())),
+            ));
+        }
+    }
+    let Some(server) = placement::choose_server(region, &device.id) else {
+        return Err(refused(
+            ProblemCode::RegionClosed,
+            "The region has no server available.",
+            failover,
+            Some(5),
+        ));
+    };
+    let now = time::now_secs();
+    let (ticket, ticket_expires_in) = keys.issue_ticket(
+        &Ticket {
+            user_id: &claims.sub,
+            device_id: &device.id,
+            device_public_key: &device.public_key,
+            ipv4_address: &device.ipv4_address,
+            ipv6_address: &device.ipv6_address,
+            server_id: &server.id,
+            region_id: &region.id,
+        },
+        now,
+    );
+    events::enqueue(
+        env,
+        ctx,
+        ConnectionEvent::new(
+            &claims.sub,
+            &device.id,
+            &region.id,
+            Some(&server.id),
+            "admitted",
+        ),
+    );
+    Ok(Reply::json(
+        200,
+        &json!({
+            "region": region.id,
+            "server": {"id": server.id, "endpoint": format!("{}:{}", server.hostname, server.port), "public_key": server.public_key},
+            "ipv4_address": device.ipv4_address,
+            "ipv6_address": device.ipv6_address,
+            "ticket": ticket,
+            "ticket_expires_in": ticket_expires_in,
+            "failover": failover,
+        }),
+    ))
+}

@@ -1,0 +1,117 @@
+//! Connection events: the connect path enqueues one per decision (it never
+//! writes to PostgreSQL itself); the queue consumer writes them in batches.
+//!
+//! Delivery is at least once, so each event carries an id chosen by the
+//! producer and the insert ignores ids it has already written.
+
+use super::{bindings, pg, random, time};
+use crate::sql;
+use serde::{Deserialize, Serialize};
+use worker::{Context, Env, MessageBatch, event};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnectionEvent {
+    pub event_id: String,
+    pub occurred_at_ms: u64,
+    pub user_id: String,
+    pub device_id: String,
+    pub region_id: String,
+    pub server_id: Option<String>,
+    /// `admitted`, `throttled` or `closed`.
+    pub outcome: String,
+}
+
+impl ConnectionEvent {
+    pub fn new(
+        user_id: &str,
+        device_id: &str,
+        region_id: &str,
+        server_id: Option<&str>,
+        outcome: &str,
+    ) -> Self {
+        ConnectionEvent {
+            event_id: random::uuid_v4(),
+            occurred_at_ms: time::now_ms(),
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+            region_id: region_id.to_owned(),
+            server_id: server_id.map(str::to_owned),
+            outcome: outcome.to_owned(),
+        }
+    }
+}
+
+/// Enqueues `event` after the response is sent (the hot path does not wait).
+pub fn enqueue(env: &Env, ctx: &Context, event: ConnectionEvent) {
+    let env = env.clone();
+    ctx.wait_until(async move {
+        let sent = match env.queue(bindings::CONNECTION_EVENTS) {
+            Ok(q) => q.send(event).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent {
+            worker::console_error!("{}", serde_json::json!({"level": "error", "msg": "connection event not enqueued", "error": e}));
+        }
+    });
+}
+
+/// One VALUES row, or `None` for a malformed event (which is dropped: retrying
+/// it could never succeed).
+fn row(e: &ConnectionEvent) -> Option<String> {
+    let outcome = match e.outcome.as_str() {
+        o @ ("admitted" | "throttled" | "closed") => o,
+        _ => return None,
+    };
+    let server = match &e.server_id {
+        Some(s) => sql::literal(s).ok()?,
+        None => "NULL".into(),
+    };
+    Some(format!(
+        "({}, to_timestamp({}::double precision / 1000), {}, {}, {}, {server}, '{outcome}')",
+        sql::uuid(&e.event_id)?,
+        e.occurred_at_ms,
+        sql::uuid(&e.user_id)?,
+        sql::uuid(&e.device_id)?,
+        sql::literal(&e.region_id).ok()?,
+    ))
+}
+
+#[event(queue)]
+async fn consume(
+    batch: MessageBatch<ConnectionEvent>,
+    env: Env,
+    _ctx: Context,
+) -> worker::Result<()> {
+    let messages = batch.messages()?;
+    let rows: Vec<String> = messages.iter().filter_map(|m| row(m.body())).collect();
+    if rows.is_empty() {
+        batch.ack_all();
+        return Ok(());
+    }
+    let insert = format!(
+        "INSERT INTO connection_events (event_id, occurred_at, user_id, device_id, region_id, server_id, outcome)
+         VALUES {} ON CONFLICT DO NOTHING",
+        rows.join(", ")
+    );
+    let written = async {
+        let client = pg::connect(&env, bindings::DB).await?;
+        client
+            .simple_query(&insert)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    }
+    .await;
+    match written {
+        Ok(()) => batch.ack_all(),
+        Err(e) => {
+            // The whole batch comes back later; ids make the retry idempotent.
+            worker::console_error!(
+                "{}",
+                serde_json::json!({"level": "error", "msg": "connection events not written", "error": e, "count": rows.len()})
+            );
+            batch.retry_all();
+        }
+    }
+    Ok(())
+}

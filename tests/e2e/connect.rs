@@ -1,0 +1,635 @@
+//! Regions and connect: placement, failover, stickiness, admission, and the
+//! hot path's independence from PostgreSQL.
+
+use crate::common::*;
+use crate::devices::make_plus;
+use crate::harness::{Ctx, Test};
+use crate::support::{Stack, eventually};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use libtest_mimic::Failed;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+pub const TESTS: &[(&str, Test)] = &[
+    (
+        "connect::regions_come_from_kv_with_an_etag_and_304",
+        regions_etag,
+    ),
+    (
+        "connect::the_nearest_region_the_plan_allows_is_chosen",
+        nearest,
+    ),
+    (
+        "connect::a_requested_region_is_honoured_or_refused_by_plan",
+        requested,
+    ),
+    (
+        "connect::a_down_or_draining_region_fails_over_to_the_next_nearest",
+        failover,
+    ),
+    (
+        "connect::a_device_lands_on_the_same_server_every_time",
+        sticky,
+    ),
+    (
+        "connect::a_burst_over_the_admission_rate_gets_429_with_retry_after_and_failover",
+        burst,
+    ),
+    ("connect::another_users_device_is_not_found", foreign_device),
+    (
+        "connect::a_logged_out_sessions_token_is_refused",
+        logged_out,
+    ),
+    (
+        "connect::an_expired_subscription_loses_premium_regions",
+        expired_subscription,
+    ),
+    ("connect::the_ticket_is_signed_for_the_vpn_server", ticket),
+    (
+        "connect::connection_events_reach_postgresql_in_batches",
+        events_written,
+    ),
+    (
+        "connect::connect_and_refresh_work_with_postgresql_stopped",
+        postgres_down,
+    ),
+    ("connect::the_admin_api_requires_its_token", admin_auth),
+];
+
+const LONDON: &str = "51.5074,-0.1278";
+const TOKYO: &str = "35.6762,139.6503";
+const JOHANNESBURG: &str = "-26.2041,28.0473";
+
+/// A user with one registered device; `plus` upgrades them first.
+async fn user_with_device(ctx: &Ctx, plus: bool) -> (User, String) {
+    let mut user = new_user(ctx).await;
+    if plus {
+        make_plus(ctx, &mut user).await;
+    }
+    let d = send(
+        ctx,
+        "POST",
+        "/v1/devices",
+        Some(json!({"name": "laptop", "public_key": wg_key()})),
+        Some(&user.access),
+    )
+    .await;
+    assert_eq!(d.status, 201, "{}", d.body);
+    (user, s(&d.body["id"]).to_owned())
+}
+
+async fn connect_from(
+    ctx: &Ctx,
+    user: &User,
+    device: &str,
+    location: &str,
+    region: Option<&str>,
+) -> Resp {
+    let mut body = json!({"device_id": device});
+    if let Some(r) = region {
+        body["region"] = json!(r);
+    }
+    send_with(
+        ctx,
+        "POST",
+        "/v1/connect",
+        Some(body),
+        Some(&user.access),
+        &[("x-keenvpn-client-location", location)],
+    )
+    .await
+}
+
+async fn admin(ctx: &Ctx, method: &str, path: &str, body: Option<Value>) -> Resp {
+    let token = dev_var("ADMIN_TOKEN");
+    send_with(
+        ctx,
+        method,
+        path,
+        body,
+        None,
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+}
+
+async fn set_region(ctx: &Ctx, id: &str, body: Value) {
+    let r = admin(ctx, "PUT", &format!("/v1/admin/regions/{id}"), Some(body)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn regions_etag(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let r = send(ctx, "GET", "/v1/regions", None, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let regions = r.body["regions"].as_array().unwrap();
+        assert!(regions.len() >= 6);
+        for region in regions {
+            for field in [
+                "id",
+                "name",
+                "country",
+                "latitude",
+                "longitude",
+                "tier",
+                "health",
+                "load",
+            ] {
+                assert!(region.get(field).is_some(), "{field} missing: {region}");
+            }
+        }
+        let etag = r.headers["etag"].to_str()?.to_owned();
+        assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+        let again = send_with(
+            ctx,
+            "GET",
+            "/v1/regions",
+            None,
+            None,
+            &[("if-none-match", &etag)],
+        )
+        .await;
+        assert_eq!(again.status, 304);
+        assert_eq!(again.headers["etag"].to_str()?, etag);
+        let other = send_with(
+            ctx,
+            "GET",
+            "/v1/regions",
+            None,
+            None,
+            &[("if-none-match", "\"stale\"")],
+        )
+        .await;
+        assert_eq!(other.status, 200);
+        Ok(())
+    })
+}
+
+fn nearest(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (plus, plus_dev) = user_with_device(ctx, true).await;
+        let (free, free_dev) = user_with_device(ctx, false).await;
+        let cases = [
+            (&plus, &plus_dev, LONDON, "eu-west"),
+            (&plus, &plus_dev, TOKYO, "ap-northeast"),
+            (&plus, &plus_dev, JOHANNESBURG, "af-south"),
+            // The free plan only has free-tier regions: the nearest of those.
+            (&free, &free_dev, LONDON, "eu-central"),
+            (&free, &free_dev, TOKYO, "eu-central"),
+        ];
+        for (user, device, location, expected) in cases {
+            let r = connect_from(ctx, user, device, location, None).await;
+            assert_eq!(r.status, 200, "{location}: {}", r.body);
+            assert_eq!(r.body["region"], expected, "from {location}");
+            let failover = r.body["failover"].as_array().unwrap();
+            assert!(
+                !failover.iter().any(|f| f == expected),
+                "the chosen region is not its own failover"
+            );
+        }
+        // From London, the free plan's failover holds only free regions.
+        let r = connect_from(ctx, &free, &free_dev, LONDON, None).await;
+        assert_eq!(r.body["failover"], json!(["us-east"]));
+        Ok(())
+    })
+}
+
+fn requested(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (plus, plus_dev) = user_with_device(ctx, true).await;
+        let (free, free_dev) = user_with_device(ctx, false).await;
+        let r = connect_from(ctx, &plus, &plus_dev, LONDON, Some("ap-southeast")).await;
+        assert_eq!((r.status, s(&r.body["region"])), (200, "ap-southeast"));
+        let r = connect_from(ctx, &free, &free_dev, LONDON, Some("ap-southeast")).await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.body["code"], "region_not_allowed");
+        let r = connect_from(ctx, &free, &free_dev, LONDON, Some("moon-base")).await;
+        assert_eq!(r.status, 404);
+        assert_eq!(r.body["code"], "region_not_found");
+        Ok(())
+    })
+}
+
+fn failover(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let (plus, dev) = user_with_device(ctx, true).await;
+        for health in ["down", "draining"] {
+            set_region(ctx, "eu-west", json!({"health": health})).await;
+            let regions = send(ctx, "GET", "/v1/regions", None, None).await;
+            let eu_west = regions.body["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["id"] == "eu-west")
+                .cloned()
+                .unwrap();
+            assert_eq!(
+                eu_west["health"], health,
+                "the admin change republished the catalogue"
+            );
+            // Asking for the dead region, or for nothing: steered to the next nearest.
+            for requested in [Some("eu-west"), None] {
+                let r = connect_from(ctx, &plus, &dev, LONDON, requested).await;
+                assert_eq!(r.status, 200, "{health}: {}", r.body);
+                assert_eq!(r.body["region"], "eu-central", "{health} {requested:?}");
+                assert!(
+                    !r.body["failover"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|f| f == "eu-west")
+                );
+            }
+        }
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(
+            connect_from(ctx, &plus, &dev, LONDON, None).await.body["region"],
+            "eu-west"
+        );
+        Ok(())
+    })
+}
+
+fn sticky(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let mut user = new_user(ctx).await;
+        make_plus(ctx, &mut user).await;
+        let mut servers = std::collections::HashSet::new();
+        for i in 0..5 {
+            let d = send(
+                ctx,
+                "POST",
+                "/v1/devices",
+                Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
+                Some(&user.access),
+            )
+            .await;
+            let id = s(&d.body["id"]).to_owned();
+            let first = connect_from(ctx, &user, &id, TOKYO, None).await;
+            assert_eq!(first.status, 200, "{}", first.body);
+            for _ in 0..3 {
+                let again = connect_from(ctx, &user, &id, TOKYO, None).await;
+                assert_eq!(
+                    again.body["server"], first.body["server"],
+                    "the same server every time"
+                );
+            }
+            assert_eq!(first.body["ipv4_address"], d.body["ipv4_address"]);
+            servers.insert(s(&first.body["server"]["id"]).to_owned());
+        }
+        assert!(
+            servers.iter().all(|s| s.starts_with("ap-northeast-")),
+            "{servers:?}"
+        );
+        Ok(())
+    })
+}
+
+fn burst(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let mut user = new_user(ctx).await;
+            make_plus(ctx, &mut user).await;
+            for i in 0..5 {
+                let d = send(
+                    ctx,
+                    "POST",
+                    "/v1/devices",
+                    Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
+                    Some(&user.access),
+                )
+                .await;
+                clients.push((user.access.clone(), s(&d.body["id"]).to_owned()));
+            }
+        }
+        // Two admissions a second (a bucket of four) for ten clients at once.
+        set_region(ctx, "af-south", json!({"admission_rate": 2})).await;
+        let results =
+            futures::future::join_all(clients.iter().map(|(access, device)| async move {
+                send_with(
+                    ctx,
+                    "POST",
+                    "/v1/connect",
+                    Some(json!({"device_id": device})),
+                    Some(access),
+                    &[("x-keenvpn-client-location", JOHANNESBURG)],
+                )
+                .await
+            }))
+            .await;
+        set_region(ctx, "af-south", json!({"admission_rate": 100})).await;
+        let admitted = results.iter().filter(|r| r.status == 200).count();
+        let busy: Vec<&Resp> = results.iter().filter(|r| r.status == 429).collect();
+        assert_eq!(
+            admitted + busy.len(),
+            10,
+            "only 200s and 429s: {:?}",
+            results.iter().map(|r| r.status).collect::<Vec<_>>()
+        );
+        assert!(
+            (1..=6).contains(&admitted),
+            "about the bucket's four (plus refill): {admitted}"
+        );
+        for r in busy {
+            assert_eq!(r.body["code"], "region_busy");
+            assert_eq!(r.headers["content-type"], "application/problem+json");
+            let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
+            assert!((1..=30).contains(&retry), "{retry}");
+            let failover = r.body["failover"].as_array().unwrap();
+            assert!(!failover.is_empty() && !failover.iter().any(|f| f == "af-south"));
+        }
+        Ok(())
+    })
+}
+
+fn foreign_device(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (_, theirs) = user_with_device(ctx, false).await;
+        let (me, _) = user_with_device(ctx, false).await;
+        for device in [
+            theirs.as_str(),
+            "6f9619ff-8b86-4d11-b42d-00c04fc964ff",
+            "nope",
+        ] {
+            let r = connect_from(ctx, &me, device, LONDON, None).await;
+            assert_eq!(r.status, 404, "{device}: {}", r.body);
+            assert_eq!(r.body["code"], "device_not_found");
+        }
+        Ok(())
+    })
+}
+
+fn logged_out(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (user, dev) = user_with_device(ctx, false).await;
+        assert_eq!(
+            connect_from(ctx, &user, &dev, LONDON, None).await.status,
+            200
+        );
+        assert_eq!(
+            send(ctx, "POST", "/v1/auth/logout", None, Some(&user.access))
+                .await
+                .status,
+            204
+        );
+        eventually(
+            Duration::from_secs(70),
+            "the revocation reaches the connect path",
+            || async {
+                let r = connect_from(ctx, &user, &dev, LONDON, None).await;
+                (r.status == 401 && r.body["code"] == "session_revoked").then_some(())
+            },
+        )
+        .await;
+        Ok(())
+    })
+}
+
+fn expired_subscription(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let db = db(ctx).await;
+        // Paid, but the period ended ten days ago: past the grace period.
+        db.execute(
+            "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end)
+             VALUES ($1::text::uuid, 'plus', 'active', now() - interval '10 days')",
+            &[&user.id],
+        )
+        .await?;
+        let r = send(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": user.email, "password": PASSWORD})),
+            None,
+        )
+        .await;
+        user.access = s(&r.body["access_token"]).to_owned();
+        assert_eq!(claims(&user.access)["ent"]["plan"], "free");
+        let d = send(
+            ctx,
+            "POST",
+            "/v1/devices",
+            Some(json!({"name": "x", "public_key": wg_key()})),
+            Some(&user.access),
+        )
+        .await;
+        let dev = s(&d.body["id"]).to_owned();
+        let r = connect_from(ctx, &user, &dev, LONDON, Some("eu-west")).await;
+        assert_eq!(r.status, 403);
+        assert_eq!(r.body["code"], "region_not_allowed");
+        assert_eq!(
+            connect_from(ctx, &user, &dev, LONDON, None).await.body["region"],
+            "eu-central"
+        );
+        Ok(())
+    })
+}
+
+fn ticket(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (user, dev) = user_with_device(ctx, false).await;
+        let r = connect_from(ctx, &user, &dev, LONDON, None).await;
+        assert_eq!(r.status, 200);
+        let ticket = s(&r.body["ticket"]);
+        let parts: Vec<&str> = ticket.split('.').collect();
+        let c: Value = serde_json::from_slice(&B64.decode(parts[1])?)?;
+        assert_eq!(c["typ"], "connect");
+        assert_eq!(c["aud"], "keenvpn-vpn-server");
+        assert_eq!(c["srv"], r.body["server"]["id"]);
+        assert_eq!(c["did"], dev.as_str());
+        assert_eq!(c["v4"], r.body["ipv4_address"]);
+        assert_eq!(c["sub"], user.id.as_str());
+        // A VPN server verifies it offline with the published key.
+        let jwks = send(ctx, "GET", "/.well-known/jwks.json", None, None).await;
+        let header: Value = serde_json::from_slice(&B64.decode(parts[0])?)?;
+        let key = jwks.body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == header["kid"])
+            .unwrap();
+        let pk = ed25519_compact::PublicKey::from_slice(&B64.decode(s(&key["x"]))?)?;
+        let sig = ed25519_compact::Signature::from_slice(&B64.decode(parts[2])?)?;
+        assert!(
+            pk.verify(format!("{}.{}", parts[0], parts[1]), &sig)
+                .is_ok()
+        );
+        // And it is no access token.
+        assert_eq!(
+            send(ctx, "GET", "/v1/me", None, Some(ticket)).await.status,
+            401
+        );
+        Ok(())
+    })
+}
+
+fn events_written(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (user, dev) = user_with_device(ctx, false).await;
+        for _ in 0..3 {
+            assert_eq!(connect_from(ctx, &user, &dev, LONDON, None).await.status, 200);
+        }
+        let db = db(ctx).await;
+        let n: i64 = eventually(Duration::from_secs(60), "three events written", || async {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM connection_events WHERE device_id = $1::text::uuid AND outcome = 'admitted'", &[&dev])
+                .await
+                .ok()?
+                .get(0);
+            (n >= 3).then_some(n)
+        })
+        .await;
+        assert_eq!(n, 3, "each event once");
+        let part: String = db
+            .query_one("SELECT tableoid::regclass::text FROM connection_events WHERE device_id = $1::text::uuid LIMIT 1", &[&dev])
+            .await?
+            .get(0);
+        assert!(part.starts_with("connection_events_20"), "stored in a monthly partition: {part}");
+        Ok(())
+    })
+}
+
+/// Its own stack: PostgreSQL is stopped.
+fn postgres_down(ctx: &Ctx) -> Result<(), Failed> {
+    let mut stack = Stack::start();
+    let url = |p: &str| stack.url(p);
+    ctx.rt
+        .block_on(async {
+            let post = |path: String, body: Value, bearer: Option<String>| async move {
+                let mut req = ctx
+                    .http
+                    .post(path)
+                    .header("x-keenvpn-client-location", LONDON)
+                    .json(&body);
+                if let Some(t) = bearer {
+                    req = req.bearer_auth(t);
+                }
+                let resp = req.send().await.expect("request");
+                let status = resp.status().as_u16();
+                let retry = resp
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                (
+                    status,
+                    resp.json::<Value>().await.unwrap_or(Value::Null),
+                    retry,
+                )
+            };
+            let email = unique_email();
+            let (_, pair, _) = post(
+                url("/v1/auth/signup"),
+                json!({"email": email, "password": PASSWORD}),
+                None,
+            )
+            .await;
+            let access = s(&pair["access_token"]).to_owned();
+            let (_, device, _) = post(
+                url("/v1/devices"),
+                json!({"name": "x", "public_key": wg_key()}),
+                Some(access.clone()),
+            )
+            .await;
+            let device = s(&device["id"]).to_owned();
+            let (status, _, _) = post(
+                url("/v1/connect"),
+                json!({"device_id": device}),
+                Some(access.clone()),
+            )
+            .await;
+            assert_eq!(status, 200);
+            Ok::<_, Failed>((access, device, s(&pair["refresh_token"]).to_owned(), email))
+        })
+        .and_then(|(access, device, refresh, email)| {
+            stack.pg.stop_server();
+            ctx.rt.block_on(async {
+                let post = |path: String, body: Value, bearer: Option<&str>| {
+                    let mut req = ctx
+                        .http
+                        .post(path)
+                        .header("x-keenvpn-client-location", LONDON)
+                        .json(&body);
+                    if let Some(t) = bearer {
+                        req = req.bearer_auth(t);
+                    }
+                    req.send()
+                };
+                let r = post(
+                    stack.url("/v1/connect"),
+                    json!({"device_id": device}),
+                    Some(&access),
+                )
+                .await?;
+                assert_eq!(r.status(), 200, "connect needs no database");
+                let r = post(
+                    stack.url("/v1/auth/refresh"),
+                    json!({"refresh_token": refresh}),
+                    None,
+                )
+                .await?;
+                assert_eq!(r.status(), 200, "refresh needs no database");
+                let started = std::time::Instant::now();
+                let r = post(
+                    stack.url("/v1/auth/login"),
+                    json!({"email": email, "password": PASSWORD}),
+                    None,
+                )
+                .await?;
+                assert_eq!(r.status(), 503, "sign-in does");
+                assert!(r.headers().contains_key("retry-after"));
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "and says so without hanging"
+                );
+                Ok(())
+            })
+        })
+}
+
+fn admin_auth(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (user, _) = user_with_device(ctx, false).await;
+        for auth in [
+            None,
+            Some("Bearer wrong-token-of-some-length".to_owned()),
+            Some(format!("Bearer {}", user.access)),
+        ] {
+            let headers: Vec<(&str, &str)> = auth
+                .as_deref()
+                .map(|a| vec![("authorization", a)])
+                .unwrap_or_default();
+            let r = send_with(ctx, "GET", "/v1/admin/servers", None, None, &headers).await;
+            assert_eq!(r.status, 401, "{auth:?}");
+            assert_eq!(r.body["code"], "admin_unauthorized");
+        }
+        let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
+        assert_eq!(r.status, 200);
+        assert!(r.body["servers"].as_array().unwrap().len() >= 12);
+        let r = admin(
+            ctx,
+            "PUT",
+            "/v1/admin/regions/nowhere",
+            Some(json!({"health": "down"})),
+        )
+        .await;
+        assert_eq!(r.status, 404);
+        let r = admin(
+            ctx,
+            "PUT",
+            "/v1/admin/regions/eu-west",
+            Some(json!({"health": "sideways"})),
+        )
+        .await;
+        assert_eq!(r.status, 400);
+        Ok(())
+    })
+}
