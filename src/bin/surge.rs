@@ -1965,6 +1965,8 @@ up in the current directory, its parents, then the crate root.";
         http: reqwest::Client,
         url: String,
         region: String,
+        /// The dead region's coordinates: its clients are around it.
+        origin: (f64, f64),
         mode: Mode,
         deadline: Duration,
         pool: Pool,
@@ -1985,11 +1987,28 @@ up in the current directory, its parents, then the crate root.";
 
     enum Answer {
         Connected(String),
-        Retry(Option<u32>),
+        /// Retry after at least this many seconds, perhaps in one of these regions.
+        Retry(Option<u32>, Vec<String>),
         Rejected(u16),
     }
 
-    async fn one_attempt(sh: &Shared, user: &SurgeUser, deadline_at: Instant) -> Answer {
+    /// Where a client is: within about 3 degrees of the dead region, spread
+    /// deterministically by its device id (clients of a region live near it).
+    /// Sent as the development-only location header the worker honours locally.
+    fn client_location(origin: (f64, f64), device_id: &str) -> String {
+        let h = keenvpn_edge::domain::placement::stable_hash(device_id, "surge-location");
+        let offset = |bits: u64| (bits % 601) as f64 / 100.0 - 3.0;
+        let lat = (origin.0 + offset(h)).clamp(-89.0, 89.0);
+        let lon = (origin.1 + offset(h >> 32) + 180.0).rem_euclid(360.0) - 180.0;
+        format!("{lat:.4},{lon:.4}")
+    }
+
+    async fn one_attempt(
+        sh: &Shared,
+        user: &SurgeUser,
+        target: &str,
+        deadline_at: Instant,
+    ) -> Answer {
         let c = &sh.counters;
         let timeout = deadline_at
             .saturating_duration_since(Instant::now())
@@ -1999,14 +2018,18 @@ up in the current directory, its parents, then the crate root.";
             .post(&sh.url)
             .bearer_auth(&user.token)
             .timeout(timeout)
-            .json(&json!({ "device_id": user.device_id, "region": sh.region }))
+            .header(
+                "x-keenvpn-client-location",
+                client_location(sh.origin, &user.device_id),
+            )
+            .json(&json!({ "device_id": user.device_id, "region": target }))
             .send()
             .await;
         let r = match sent {
             Ok(r) => r,
             Err(_) => {
                 c.transport.fetch_add(1, Ordering::Relaxed);
-                return Answer::Retry(None);
+                return Answer::Retry(None, Vec::new());
             }
         };
         let status = r.status().as_u16();
@@ -2019,7 +2042,7 @@ up in the current directory, its parents, then the crate root.";
             Ok(b) => b,
             Err(_) => {
                 c.transport.fetch_add(1, Ordering::Relaxed);
-                return Answer::Retry(None);
+                return Answer::Retry(None, Vec::new());
             }
         };
         match classify(status) {
@@ -2031,7 +2054,7 @@ up in the current directory, its parents, then the crate root.";
                     // Steered into the dead region: the tunnel would fail.
                     Some(region) if region == sh.region => {
                         c.ok_dead.fetch_add(1, Ordering::Relaxed);
-                        Answer::Retry(None)
+                        Answer::Retry(None, Vec::new())
                     }
                     Some(region) => {
                         c.ok.fetch_add(1, Ordering::Relaxed);
@@ -2039,21 +2062,21 @@ up in the current directory, its parents, then the crate root.";
                     }
                     None => {
                         c.bad_bodies.fetch_add(1, Ordering::Relaxed);
-                        Answer::Retry(None)
+                        Answer::Retry(None, Vec::new())
                     }
                 }
             }
             Class::Throttled => {
                 c.s429.fetch_add(1, Ordering::Relaxed);
-                Answer::Retry(retry_after)
+                Answer::Retry(retry_after, failover(&body))
             }
             Class::Unavailable => {
                 c.s503.fetch_add(1, Ordering::Relaxed);
-                Answer::Retry(retry_after)
+                Answer::Retry(retry_after, failover(&body))
             }
             Class::ServerError => {
                 c.s5xx.fetch_add(1, Ordering::Relaxed);
-                Answer::Retry(retry_after)
+                Answer::Retry(retry_after, Vec::new())
             }
             Class::Rejected => {
                 c.s4xx.fetch_add(1, Ordering::Relaxed);
@@ -2062,9 +2085,25 @@ up in the current directory, its parents, then the crate root.";
         }
     }
 
+    /// The `failover` regions of a 429/503 problem body.
+    fn failover(body: &[u8]) -> Vec<String> {
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| {
+                v["failover"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|r| r.as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
     /// One client: reconnect to the dead region (the server steers it), and
     /// retry as its mode says until it is back, out of retries or past the
-    /// deadline.
+    /// deadline. Under the policy, a client refused twice in a row moves on to
+    /// the failover regions the server offered, one after another; a naive
+    /// client keeps asking for the same thing.
     async fn reconnect(
         sh: Arc<Shared>,
         users: Arc<Vec<SurgeUser>>,
@@ -2075,6 +2114,8 @@ up in the current directory, its parents, then the crate root.";
         let deadline_at = start + sh.deadline;
         let max_retries = sh.mode.max_retries();
         let mut attempts = 0_u32;
+        let mut target = sh.region.clone();
+        let (mut refused_in_a_row, mut switches) = (0_u32, 0_usize);
         loop {
             let permit = match tokio::time::timeout_at(deadline_at.into(), sh.pool.acquire()).await
             {
@@ -2088,7 +2129,7 @@ up in the current directory, its parents, then the crate root.";
             };
             attempts += 1;
             let sent = Instant::now();
-            let answer = one_attempt(&sh, user, deadline_at).await;
+            let answer = one_attempt(&sh, user, &target, deadline_at).await;
             let latency = sent.elapsed();
             drop(permit);
             let retry_after = match answer {
@@ -2109,7 +2150,15 @@ up in the current directory, its parents, then the crate root.";
                         ending: Ending::Rejected(status),
                     };
                 }
-                Answer::Retry(retry_after) => retry_after,
+                Answer::Retry(retry_after, failover) => {
+                    refused_in_a_row += 1;
+                    if sh.mode == Mode::Policy && refused_in_a_row >= 2 && !failover.is_empty() {
+                        target = failover[switches % failover.len()].clone();
+                        switches += 1;
+                        refused_in_a_row = 0;
+                    }
+                    retry_after
+                }
             };
             // Retries made so far, which is also the 0-based index of the next.
             let retries = attempts - 1;
@@ -2139,6 +2188,19 @@ up in the current directory, its parents, then the crate root.";
         ended: SystemTime,
     }
 
+    /// The coordinates of `region`, from the public catalogue.
+    async fn region_origin(stack: &Stack, region: &str) -> Result<(f64, f64), Fail> {
+        let url = format!("{}/v1/regions", stack.base);
+        let body: Value = async { stack.http.get(&url).send().await?.json().await }
+            .await
+            .map_err(|e| format!("cannot read the region catalogue: {e}"))?;
+        body["regions"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["id"] == region))
+            .and_then(|r| Some((r["latitude"].as_f64()?, r["longitude"].as_f64()?)))
+            .ok_or_else(|| format!("region {region} has no coordinates in the catalogue"))
+    }
+
     async fn surge(
         stack: &Stack,
         args: &Args,
@@ -2148,10 +2210,12 @@ up in the current directory, its parents, then the crate root.";
         let n = users.len();
         let http = http_client(args.pool)?;
         let pb = bar(n, &format!("surge ({})", mode.name()));
+        let origin = region_origin(stack, &args.region).await?;
         let sh = Arc::new(Shared {
             http,
             url: format!("{}/v1/connect", stack.base),
             region: args.region.clone(),
+            origin,
             mode,
             deadline: Duration::from_secs(args.deadline_secs),
             pool: Pool::new(args.pool),
@@ -2952,6 +3016,38 @@ up in the current directory, its parents, then the crate root.";
                 })
                 .collect();
             assert!(delays.len() > 8, "{delays:?}");
+        }
+
+        #[test]
+        fn clients_are_placed_within_three_degrees_of_the_dead_region() {
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..500 {
+                let loc = client_location((50.11, 8.68), &format!("device-{i}"));
+                let (lat, lon) = loc.split_once(',').unwrap();
+                let (lat, lon): (f64, f64) = (lat.parse().unwrap(), lon.parse().unwrap());
+                assert!(
+                    (lat - 50.11).abs() <= 3.0001 && (lon - 8.68).abs() <= 3.0001,
+                    "{loc}"
+                );
+                seen.insert(loc);
+            }
+            assert!(seen.len() > 400, "spread out, not one point");
+            assert_eq!(
+                client_location((1.0, 2.0), "d"),
+                client_location((1.0, 2.0), "d")
+            );
+            // Near the date line, longitudes wrap instead of leaving the range.
+            let loc = client_location((0.0, 179.5), "wrap");
+            let lon: f64 = loc.split_once(',').unwrap().1.parse().unwrap();
+            assert!((-180.0..=180.0).contains(&lon));
+        }
+
+        #[test]
+        fn failover_regions_are_read_from_a_problem_body() {
+            let body = br#"{"code":"region_busy","failover":["eu-west","us-east"]}"#;
+            assert_eq!(failover(body), ["eu-west", "us-east"]);
+            assert!(failover(b"{}").is_empty());
+            assert!(failover(b"not json").is_empty());
         }
 
         #[test]
