@@ -137,6 +137,9 @@ retries, where clients landed and the PostgreSQL transactions it cost.
   --out DIR          where to write <mode>-<N>.json and <mode>-<N>.svg, and
                      both-<N>.svg with --mode both (default: bench/surge)
   --keep             keep the provisioned users and devices (default: delete them)
+  --admission-rate R set every region's admission rate to R clients/s for the
+                     run and restore the previous rates after (default: leave
+                     them): scales the outage down to what one machine serves
   --base-url URL     the Worker, loopback only (default: http://127.0.0.1:8787)
   --database-url URL PostgreSQL, loopback only
                      (default: postgres://keenvpn:keenvpn-dev@127.0.0.1:54329/keenvpn)
@@ -217,6 +220,8 @@ up in the current directory, its parents, then the crate root.";
         deadline_secs: u64,
         out: PathBuf,
         keep: bool,
+        /// Every region's admission rate for the run (restored afterwards).
+        admission_rate: Option<u32>,
     }
 
     impl Default for Args {
@@ -233,6 +238,7 @@ up in the current directory, its parents, then the crate root.";
                 deadline_secs: DEFAULT_DEADLINE_SECS,
                 out: PathBuf::from(DEFAULT_OUT),
                 keep: false,
+                admission_rate: None,
             }
         }
     }
@@ -278,6 +284,9 @@ up in the current directory, its parents, then the crate root.";
             match flag.as_str() {
                 "-h" | "--help" => return Ok(Command::Help),
                 "--keep" => a.keep = true,
+                "--admission-rate" => {
+                    a.admission_rate = Some(parse_count(&flag, &value()?, 1, 100_000)? as u32)
+                }
                 "--clients" => a.clients = parse_count(&flag, &value()?, 1, MAX_CLIENTS)?,
                 "--concurrency" => a.concurrency = parse_count(&flag, &value()?, 1, 4096)?,
                 "--pool" => a.pool = parse_count(&flag, &value()?, 1, 16_384)?,
@@ -1515,12 +1524,22 @@ up in the current directory, its parents, then the crate root.";
 
         /// `PUT /v1/admin/regions/{id}` with `{health}`.
         async fn set_health(&self, region: &str, health: &str) -> Result<(), Fail> {
+            self.put_region(region, json!({ "health": health })).await
+        }
+
+        /// `PUT /v1/admin/regions/{id}` with `{admission_rate}`.
+        async fn set_rate(&self, region: &str, rate: u32) -> Result<(), Fail> {
+            self.put_region(region, json!({ "admission_rate": rate }))
+                .await
+        }
+
+        async fn put_region(&self, region: &str, change: Value) -> Result<(), Fail> {
             let url = format!("{}/v1/admin/regions/{region}", self.base);
             let r = self
                 .http
                 .put(&url)
                 .bearer_auth(&self.admin_token)
-                .json(&json!({ "health": health }))
+                .json(&change)
                 .send()
                 .await
                 .map_err(|e| http_error(&self.base, &e))?;
@@ -1537,7 +1556,7 @@ up in the current directory, its parents, then the crate root.";
                 _ => "",
             };
             Err(format!(
-                "PUT {url} {{\"health\": \"{health}\"}} answered {status}{hint}: {}",
+                "PUT {url} {change} answered {status}{hint}: {}",
                 excerpt(&body)
             ))
         }
@@ -2469,8 +2488,12 @@ up in the current directory, its parents, then the crate root.";
     }
 
     fn chart_subtitle(args: &Args) -> String {
+        let rate = args
+            .admission_rate
+            .map(|r| format!("; every region admits {r} clients/s"))
+            .unwrap_or_default();
         format!(
-            "{} marked down at t = 0; every client reconnects at once; deadline {} s",
+            "{} marked down at t = 0; every client reconnects at once{rate}; deadline {} s",
             args.region, args.deadline_secs
         )
     }
@@ -2621,6 +2644,22 @@ up in the current directory, its parents, then the crate root.";
         let password = hex::encode(random_bytes::<16>());
         let phc = password::hash(password.as_bytes(), random_bytes::<16>());
 
+        // Scale admission down to what this machine serves, if asked.
+        let mut saved_rates: Vec<(String, i32)> = Vec::new();
+        if let Some(rate) = args.admission_rate {
+            let rows = db
+                .query("SELECT id, admission_rate FROM regions ORDER BY id", &[])
+                .await
+                .map_err(|e| format!("cannot read the regions' admission rates: {e}"))?;
+            saved_rates = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            phase(&format!(
+                "setting every region's admission rate to {rate}/s for the run"
+            ));
+            for (id, _) in &saved_rates {
+                stack.set_rate(id, rate).await?;
+            }
+        }
+
         let mut reports = Vec::new();
         let mut failure = None;
         for mode in args.mode.modes() {
@@ -2672,6 +2711,17 @@ up in the current directory, its parents, then the crate root.";
                 Err(e) => {
                     failure = Some(format!("[{}] {e}", mode.name()));
                     break;
+                }
+            }
+        }
+
+        if !saved_rates.is_empty() {
+            phase("restoring every region's admission rate");
+            for (id, rate) in &saved_rates {
+                if let Err(e) = stack.set_rate(id, (*rate).max(0) as u32).await {
+                    phase(&format!(
+                        "WARNING: could not restore {id}'s admission rate to {rate}: {e}"
+                    ));
                 }
             }
         }
