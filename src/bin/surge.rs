@@ -138,7 +138,7 @@ retries, where clients landed and the PostgreSQL transactions it cost.
                      both-<N>.svg with --mode both (default: bench/surge)
   --keep             keep the provisioned users and devices (default: delete them)
   --admission-rate R set every region's admission rate to R clients/s for the
-                     run and restore the previous rates after (default: leave
+                     surge and restore the previous rates after (default: leave
                      them): scales the outage down to what one machine serves
   --base-url URL     the Worker, loopback only (default: http://127.0.0.1:8787)
   --database-url URL PostgreSQL, loopback only
@@ -2329,6 +2329,26 @@ up in the current directory, its parents, then the crate root.";
 
     /// One mode from start to end: provision, surge, measure. Cleanup is the
     /// caller's (it must happen even when this is interrupted).
+    /// Sets every region's admission rate to `rate`; returns the previous rates.
+    async fn set_all_rates(
+        stack: &Stack,
+        db: &tokio_postgres::Client,
+        rate: u32,
+    ) -> Result<Vec<(String, i32)>, Fail> {
+        let rows = db
+            .query("SELECT id, admission_rate FROM regions ORDER BY id", &[])
+            .await
+            .map_err(|e| format!("cannot read the regions' admission rates: {e}"))?;
+        let saved: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        phase(&format!(
+            "setting every region's admission rate to {rate}/s for the surge"
+        ));
+        for (id, _) in &saved {
+            stack.set_rate(id, rate).await?;
+        }
+        Ok(saved)
+    }
+
     async fn run_mode(
         stack: &Stack,
         db: &mut tokio_postgres::Client,
@@ -2396,7 +2416,27 @@ up in the current directory, its parents, then the crate root.";
             args.clients
         ));
         let users = Arc::new(users);
-        let run = surge(stack, args, mode, users).await?;
+        // Scale admission down to what this machine serves, if asked: for the
+        // surge only (the clients connected above at the regions' own rates).
+        let saved_rates = match args.admission_rate {
+            Some(rate) => Some(set_all_rates(stack, db, rate).await?),
+            None => None,
+        };
+        let run = surge(stack, args, mode, users).await;
+        if let Some(saved) = &saved_rates {
+            phase(&format!(
+                "[{}] restoring every region's admission rate",
+                mode.name()
+            ));
+            for (id, rate) in saved {
+                if let Err(e) = stack.set_rate(id, (*rate).max(0) as u32).await {
+                    phase(&format!(
+                        "WARNING: could not restore {id}'s admission rate to {rate}: {e}"
+                    ));
+                }
+            }
+        }
+        let run = run?;
 
         phase(&format!(
             "[{}] PostgreSQL statistics after (waiting {:.1} s)",
@@ -2644,22 +2684,6 @@ up in the current directory, its parents, then the crate root.";
         let password = hex::encode(random_bytes::<16>());
         let phc = password::hash(password.as_bytes(), random_bytes::<16>());
 
-        // Scale admission down to what this machine serves, if asked.
-        let mut saved_rates: Vec<(String, i32)> = Vec::new();
-        if let Some(rate) = args.admission_rate {
-            let rows = db
-                .query("SELECT id, admission_rate FROM regions ORDER BY id", &[])
-                .await
-                .map_err(|e| format!("cannot read the regions' admission rates: {e}"))?;
-            saved_rates = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            phase(&format!(
-                "setting every region's admission rate to {rate}/s for the run"
-            ));
-            for (id, _) in &saved_rates {
-                stack.set_rate(id, rate).await?;
-            }
-        }
-
         let mut reports = Vec::new();
         let mut failure = None;
         for mode in args.mode.modes() {
@@ -2711,17 +2735,6 @@ up in the current directory, its parents, then the crate root.";
                 Err(e) => {
                     failure = Some(format!("[{}] {e}", mode.name()));
                     break;
-                }
-            }
-        }
-
-        if !saved_rates.is_empty() {
-            phase("restoring every region's admission rate");
-            for (id, rate) in &saved_rates {
-                if let Err(e) = stack.set_rate(id, (*rate).max(0) as u32).await {
-                    phase(&format!(
-                        "WARNING: could not restore {id}'s admission rate to {rate}: {e}"
-                    ));
                 }
             }
         }
