@@ -1563,24 +1563,24 @@ up in the current directory, its parents, then the crate root.";
 
         /// A POST that honours 429/503/5xx and transport errors with the
         /// recommended backoff; returns the status and body of the first other
-        /// answer.
+        /// answer. With an `Idempotency-Key`, a retry of a request whose answer
+        /// was lost gets that answer instead of a conflict, and "still in
+        /// flight" (409 `idempotency_key_in_flight`) is retried too.
         async fn post_patiently(
             &self,
             url: &str,
             token: &str,
             body: &Value,
+            idempotency_key: Option<&str>,
         ) -> Result<(u16, Vec<u8>), Fail> {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let (retry_after, last) = match self
-                    .http
-                    .post(url)
-                    .bearer_auth(token)
-                    .json(body)
-                    .send()
-                    .await
-                {
+                let mut request = self.http.post(url).bearer_auth(token).json(body);
+                if let Some(key) = idempotency_key {
+                    request = request.header("idempotency-key", key);
+                }
+                let (retry_after, last) = match request.send().await {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         let retry_after = r
@@ -1589,8 +1589,11 @@ up in the current directory, its parents, then the crate root.";
                             .and_then(|v| v.to_str().ok())
                             .and_then(parse_retry_after);
                         let bytes = r.bytes().await.unwrap_or_default();
+                        let in_flight = status == 409
+                            && serde_json::from_slice::<Value>(&bytes)
+                                .is_ok_and(|v| v["code"] == "idempotency_key_in_flight");
                         match classify(status) {
-                            Class::Connected | Class::Rejected => {
+                            Class::Connected | Class::Rejected if !in_flight => {
                                 return Ok((status, bytes.to_vec()));
                             }
                             _ => (
@@ -1736,7 +1739,11 @@ up in the current directory, its parents, then the crate root.";
                         let key = STANDARD.encode(random_bytes::<32>());
                         let body =
                             json!({ "name": format!("surge {run_id} {i}"), "public_key": key });
-                        let r = match stack.post_patiently(url, &u.token, &body).await {
+                        let idempotency_key = format!("surge-{run_id}-{i}");
+                        let r = match stack
+                            .post_patiently(url, &u.token, &body, Some(&idempotency_key))
+                            .await
+                        {
                             Ok((201 | 200, bytes)) => serde_json::from_slice::<Value>(&bytes)
                                 .ok()
                                 .and_then(|v| v["id"].as_str().map(str::to_owned))
@@ -1790,7 +1797,7 @@ up in the current directory, its parents, then the crate root.";
                 let (url, pb) = (&url, &pb);
                 async move {
                     let body = json!({ "device_id": u.device_id, "region": region });
-                    let r = match stack.post_patiently(url, &u.token, &body).await {
+                    let r = match stack.post_patiently(url, &u.token, &body, None).await {
                         Ok((200, bytes)) => serde_json::from_slice::<Value>(&bytes)
                             .ok()
                             .and_then(|v| v["region"].as_str().map(str::to_owned))

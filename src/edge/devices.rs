@@ -78,6 +78,10 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         &r,
     )
     .await?;
+    if status == 200 {
+        // The caller already has this device (a retried registration).
+        return Ok(Reply::json(200, &json));
+    }
     if status != 201 {
         let mut fail = refusal(status, &json);
         if fail.api.code == ProblemCode::DeviceLimitReached {

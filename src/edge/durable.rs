@@ -21,8 +21,12 @@ use worker::{
 
 /// The storage key `ping` writes; never used for anything else.
 const PING_KEY: &str = "__ping";
-/// A Durable Object call that takes longer than this is treated as failed.
-pub const CALL_TIMEOUT_MS: u64 = 5_000;
+/// A Durable Object call that takes longer than this is answered 503. It is
+/// longer than the worst case of an object's own work (a PostgreSQL connect and
+/// queries, each bounded by 5 s), so an object that will still succeed is not
+/// abandoned half way: a 503 then really means "nothing was done, or retry is
+/// safe".
+pub const CALL_TIMEOUT_MS: u64 = 20_000;
 
 pub async fn ping(state: &State, req: &Request) -> Result<Response> {
     let nonce = req.headers().get("x-ping-nonce")?.unwrap_or_default();

@@ -373,6 +373,22 @@ impl UserSession {
                 Begin::Mismatch => return refuse(422, "idempotency_key_reused", None),
             }
         }
+        // The same key registered again by its owner (a retry whose answer was
+        // lost): answer with the device, not a conflict. Keys are unique, so this
+        // is exactly the device the first attempt created.
+        if let Some(existing) = stored
+            .device_records
+            .iter()
+            .find(|d| d.public_key == key.as_str())
+        {
+            let body = serde_json::to_string(existing)
+                .map_err(|e| worker::Error::RustError(e.to_string()))?;
+            if let Some((k, _)) = &r.idempotency {
+                stored.idempotency.abandon(k);
+                self.persist(&mut stored, now).await?;
+            }
+            return Ok(Response::ok(body)?.with_status(200));
+        }
         let limit = Self::entitlement(&stored, now).map_or(r.token_max_devices, |e| e.max_devices);
         let reservation = match stored.devices.reserve(limit, now, random::bytes()) {
             Ok(id) => id,

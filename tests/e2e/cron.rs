@@ -5,10 +5,16 @@ use crate::support::DB_NAME;
 use libtest_mimic::Failed;
 use serde_json::Value;
 
-pub const TESTS: &[(&str, Test)] = &[(
-    "cron::the_cron_publishes_the_catalogue_to_kv_and_follows_changes",
-    publishes_catalogue,
-)];
+pub const TESTS: &[(&str, Test)] = &[
+    (
+        "cron::the_cron_publishes_the_catalogue_to_kv_and_follows_changes",
+        publishes_catalogue,
+    ),
+    (
+        "cron::a_region_whose_monitor_went_silent_is_marked_down",
+        stale_monitor,
+    ),
+];
 
 async fn trigger(ctx: &Ctx) -> Result<(), Failed> {
     let resp = ctx
@@ -76,6 +82,42 @@ fn publishes_catalogue(ctx: &Ctx) -> Result<(), Failed> {
             .find(|r| r["id"] == "eu-west")
             .unwrap();
         assert_eq!(eu_west["health"], "draining");
+        Ok(())
+    })
+}
+
+fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let token = crate::common::dev_var("ADMIN_TOKEN");
+        let report = |health: &'static str| {
+            ctx.http
+                .post(ctx.url("/v1/admin/regions/sa-east/health-report"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({ "health": health }))
+                .send()
+        };
+        assert_eq!(report("up").await?.status(), 200);
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        let health = || async {
+            let r: Value = ctx.http.get(ctx.url("/v1/regions")).send().await.unwrap().json().await.unwrap();
+            r["regions"].as_array().unwrap().iter().find(|r| r["id"] == "sa-east").unwrap()["health"].clone()
+        };
+        // A fresh report keeps the region up through a cron run...
+        trigger(ctx).await?;
+        assert_eq!(health().await, "up");
+        // ...a report older than three minutes marks it down.
+        db.execute("UPDATE regions SET health_reported_at = now() - interval '4 minutes' WHERE id = 'sa-east'", &[])
+            .await?;
+        trigger(ctx).await?;
+        // Isolates reuse a parsed catalogue for up to 5 s.
+        let within = std::time::Duration::from_secs(15);
+        crate::support::eventually(within, "sa-east down", || async { (health().await == "down").then_some(()) }).await;
+        // The monitor reporting again brings it back; forget the monitor afterwards.
+        assert_eq!(report("up").await?.status(), 200);
+        crate::support::eventually(within, "sa-east up", || async { (health().await == "up").then_some(()) }).await;
+        db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
         Ok(())
     })
 }

@@ -162,7 +162,14 @@ fn bad_and_taken_keys(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(r.status, 422);
         assert_eq!(r.body["errors"][0]["field"], "name");
         let key = wg_key();
-        assert_eq!(create(ctx, &a, "mine", &key).await.status, 201);
+        let mine = create(ctx, &a, "mine", &key).await;
+        assert_eq!(mine.status, 201);
+        // The owner registering the same key again (a retry whose answer was
+        // lost) gets the device back, not a conflict, and nothing is added.
+        let again = create(ctx, &a, "mine", &key).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_eq!(again.body, mine.body);
+        assert_eq!(device_count(ctx, &a.id).await, 1);
         let taken = create(ctx, &b, "theirs", &key).await;
         assert_eq!(taken.status, 409, "{}", taken.body);
         assert_eq!(taken.body["code"], "public_key_in_use");
