@@ -165,21 +165,7 @@ mod tests {
 
     const T0: i64 = 1_700_000_000_000;
 
-    /// SplitMix64: a tiny deterministic generator for the property tests.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::domain::test_rng::Rng;
 
     /// Takes until refused; returns how many were admitted.
     fn drain(b: &mut Bucket, rate: u32, now: i64) -> u32 {

@@ -66,18 +66,7 @@ fn window_ms(policy: &Policy, attempt: u32) -> u64 {
 mod tests {
     use super::*;
 
-    /// SplitMix64: a tiny deterministic generator for the property tests.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::domain::test_rng::Rng;
 
     #[test]
     fn the_window_doubles_from_the_base_up_to_the_cap() {

@@ -20,5 +20,7 @@ pub mod readiness;
 pub mod request_id;
 pub mod session;
 pub mod stripe;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod throttle;
 pub mod token;

@@ -326,24 +326,7 @@ mod tests {
     use super::*;
     use crate::domain::catalogue::Tier;
 
-    /// SplitMix64: a tiny deterministic generator for the property tests.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn between(&mut self, lo: f64, hi: f64) -> f64 {
-            lo + (hi - lo) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
-        }
-    }
+    use crate::domain::test_rng::Rng;
 
     fn server(id: &str, capacity: u32) -> Server {
         Server {
