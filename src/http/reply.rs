@@ -66,16 +66,34 @@ impl Reply {
     }
 }
 
-/// Adds the headers every response carries: the request id, and defaults that
-/// keep API responses out of shared caches and browsers' content sniffing.
+/// Adds the headers every response carries: the request id, defaults that keep
+/// API responses out of shared caches, and headers that stop a browser from
+/// rendering, framing or sniffing them.
+///
+/// CORS is deliberately absent: the API serves the VPN apps, not web pages, so
+/// no `Access-Control-Allow-*` header is ever sent and browsers refuse
+/// cross-origin calls (a preflight `OPTIONS` gets 405).
 pub fn finish(mut reply: Reply, request_id: &str) -> Reply {
     reply.headers.push(("x-request-id", request_id.to_owned()));
     if reply.header("cache-control").is_none() {
         reply.headers.push(("cache-control", "no-store".into()));
     }
+    let security = [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        ("referrer-policy", "no-referrer"),
+        (
+            "strict-transport-security",
+            "max-age=31536000; includeSubDomains",
+        ),
+    ];
     reply
         .headers
-        .push(("x-content-type-options", "nosniff".into()));
+        .extend(security.map(|(k, v)| (k, v.to_owned())));
     reply
 }
 
@@ -148,6 +166,18 @@ mod tests {
         assert_eq!(r.header("x-request-id"), Some("abc"));
         assert_eq!(r.header("cache-control"), Some("no-store"));
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(r.header("x-frame-options"), Some("DENY"));
+        assert!(
+            r.header("content-security-policy")
+                .is_some_and(|v| v.contains("default-src 'none'"))
+        );
+        assert!(r.header("strict-transport-security").is_some());
+        assert!(
+            r.headers
+                .iter()
+                .all(|(k, _)| !k.starts_with("access-control-")),
+            "no CORS"
+        );
         assert_eq!(r.header("content-type"), Some(JSON));
     }
 

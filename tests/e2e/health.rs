@@ -45,6 +45,8 @@ fn healthz_answers_200_without_io(ctx: &Ctx) -> Result<(), Failed> {
             .to_owned();
         assert_eq!(id.len(), 32, "a fresh id is 16 random bytes in hex: {id}");
         assert_eq!(resp.headers()["cache-control"], "no-store");
+        assert_eq!(resp.headers()["x-frame-options"], "DENY");
+        assert!(resp.headers().get("access-control-allow-origin").is_none());
         let body: Value = resp.json().await?;
         assert_eq!(body, serde_json::json!({"status": "ok"}));
         Ok(())
