@@ -10,12 +10,12 @@ N=${1:-30}
 BASE=${BASE:-http://127.0.0.1:8787}
 EMAIL=demo@keenvpn.test PASSWORD=keenvpn-demo-2026
 
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+scratch=$(mktemp)
+trap 'rm -f "$scratch"' EXIT
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ms() { awk '{printf "%.1f\n", $1 * 1000}'; }
 login() {
-  curl -s -o "$out" -w '%{time_total}\n' -X POST "$BASE/v1/auth/login" \
+  curl -s -o "$scratch" -w '%{time_total}\n' -X POST "$BASE/v1/auth/login" \
     -H 'content-type: application/json' -H "cf-connecting-ip: 2001:db8::b$1" \
     -d "{\"email\":\"$EMAIL\",\"password\":\"$PASSWORD\"}"
 }
@@ -23,7 +23,7 @@ curl -sf "$BASE/healthz" >/dev/null || { echo "start the stack first: make dev" 
 
 login 0 >/dev/null   # warm up (compiles the wasm, opens the objects)
 logins=$(for i in $(seq 1 "$N"); do login "$((i % 20))"; done | ms | median)
-token=$(sed -n 's/.*"refresh_token":"\([^"]*\)".*/\1/p' "$out")
+token=$(sed -n 's/.*"refresh_token":"\([^"]*\)".*/\1/p' "$scratch")
 refreshes=$(for i in $(seq 1 "$N"); do
   out=$(curl -s -w '\n%{time_total}' -X POST "$BASE/v1/auth/refresh" -H 'content-type: application/json' \
         -d "{\"refresh_token\":\"$token\"}")
