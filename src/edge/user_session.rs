@@ -71,6 +71,20 @@ pub struct RotateKeyReq {
     pub public_key: String,
 }
 
+impl Stored {
+    /// Binds this object to `user_id` on first use; false if it belongs to
+    /// another user (a routing bug: an object's name is its user's id).
+    fn claim(&mut self, user_id: &str) -> bool {
+        match &self.user_id {
+            Some(owner) => owner == user_id,
+            None => {
+                self.user_id = Some(user_id.to_owned());
+                true
+            }
+        }
+    }
+}
+
 /// The KV key of a user's cached entitlement (short TTL; for reads that need no
 /// strong consistency).
 pub fn entitlement_key(user_id: &str) -> String {
@@ -268,10 +282,9 @@ impl UserSession {
         };
         let now = time::now_secs();
         let mut stored = self.load().await?;
-        if stored.user_id.as_deref().is_some_and(|u| u != r.user_id) {
+        if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
-        stored.user_id = Some(r.user_id.clone());
         stored.inputs = Some(r.inputs);
         let issued = stored.sessions.create(
             &r.user_id,
@@ -359,10 +372,9 @@ impl UserSession {
         };
         let now = time::now_secs();
         let mut stored = self.load().await?;
-        if stored.user_id.as_deref().is_some_and(|u| u != r.user_id) {
+        if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
-        stored.user_id = Some(r.user_id.clone());
         if let Some((k, fp)) = &r.idempotency {
             match stored.idempotency.begin(k, fp, now) {
                 Begin::Proceed => {}
@@ -542,10 +554,9 @@ impl UserSession {
         };
         let now = time::now_secs();
         let mut stored = self.load().await?;
-        if stored.user_id.as_deref().is_some_and(|u| u != r.user_id) {
+        if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
-        stored.user_id = Some(r.user_id.clone());
         stored.inputs = Some(r.inputs);
         self.persist(&mut stored, now).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs were just set");
