@@ -93,8 +93,15 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
     let path = req.path();
 
     let result = match http::route(&method, &path) {
-        Routed::Found(Route::Healthz) => Ok(Reply::json(200, &serde_json::json!({"status": "ok"}))),
+        Routed::Found(Route::Healthz) => {
+            Ok(Reply::json(200, &crate::api::Liveness { status: "ok" }))
+        }
         Routed::Found(Route::Readyz) => Ok(readyz::handle(&env, &request_id).await),
+        Routed::Found(Route::OpenApi) => Ok(Reply {
+            status: 200,
+            headers: vec![("content-type", "application/json".into())],
+            body: crate::api::OPENAPI_JSON.as_bytes().to_vec(),
+        }),
         Routed::Found(Route::Jwks) => auth::jwks(&env),
         Routed::Found(Route::Signup) => auth::signup(req, &env).await,
         Routed::Found(Route::Login) => auth::login(req, &env, &client_ip).await,
