@@ -34,11 +34,13 @@ wire! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Credentials {
-        /// The account's email address (at most 254 characters).
+        /// The account's email address (at most 254 bytes).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(email, length(max = 254)))]
         pub email: String,
-        /// 10 to 1024 characters at signup.
+        /// 8 to 128 characters, no NUL.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 8, max = 128), regex(pattern = r"^[^\x00]*$")))]
         pub password: String,
-        /// A label for the session, e.g. the device's name (at most 64 characters).
+        /// A label for the session, e.g. the device's name (cut to 64 characters).
         #[serde(default)]
         pub device_label: Option<String>,
     }
@@ -55,9 +57,12 @@ wire! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct CreateDevice {
-        /// 1 to 64 printable characters.
+        /// 1 to 64 characters, no control characters, not only spaces.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 1, max = 64), regex(pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")))]
         pub name: String,
-        /// The device's WireGuard public key: 32 bytes, standard base64 (44 characters).
+        /// The device's WireGuard public key: 32 bytes (not all zero), canonical
+        /// standard base64 (44 characters).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")))]
         pub public_key: String,
     }
 
@@ -65,7 +70,8 @@ wire! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct RotateKey {
-        /// The new WireGuard public key: 32 bytes, standard base64.
+        /// The new WireGuard public key: 32 bytes (not all zero), canonical standard base64.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")))]
         pub public_key: String,
     }
 
@@ -80,14 +86,19 @@ wire! {
         pub region: Option<String>,
     }
 
-    /// `PUT /v1/admin/regions/{id}`: at least one member.
+    /// `PUT /v1/admin/regions/{id}`: at least one member that is not null.
     #[derive(Debug, Deserialize)]
+    #[cfg_attr(not(target_arch = "wasm32"), schemars(extend("anyOf" = [
+        {"required": ["health"], "properties": {"health": {"not": {"type": "null"}}}},
+        {"required": ["admission_rate"], "properties": {"admission_rate": {"not": {"type": "null"}}}}
+    ])))]
     #[serde(deny_unknown_fields)]
     pub struct SetRegion {
         #[serde(default)]
         pub health: Option<Health>,
         /// Reconnects per second the region admits (0 to 1,000,000; 0 admits no one).
-        #[serde(default)]
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(range(max = 1_000_000)))]
+        #[serde(default, deserialize_with = "integral")]
         pub admission_rate: Option<u32>,
     }
 
@@ -298,5 +309,49 @@ wire! {
         pub enabled: bool,
         /// Reported load (0 to 1).
         pub load: f64,
+    }
+}
+
+/// An optional `u32` that JSON may spell as an integral number with a
+/// fraction (`5.0`): JSON Schema's `integer` admits both, so we do too.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= f64::from(u32::MAX))
+                    .map(|f| f as u64)
+            })
+            .and_then(|v| u32::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected a u32"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(json: &str) -> Result<Option<u32>, String> {
+        serde_json::from_str::<SetRegion>(json)
+            .map(|b| b.admission_rate)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn admission_rate_takes_integral_numbers_in_either_spelling() {
+        assert_eq!(rate(r#"{"admission_rate": 20}"#), Ok(Some(20)));
+        assert_eq!(rate(r#"{"admission_rate": 362880.0}"#), Ok(Some(362_880)));
+        assert_eq!(rate(r#"{"admission_rate": null}"#), Ok(None));
+        assert_eq!(rate(r#"{}"#), Ok(None));
+        for bad in ["20.5", "-1", "-1.0", "4294967296", "1e300", "\"20\""] {
+            assert!(
+                rate(&format!(r#"{{"admission_rate": {bad}}}"#)).is_err(),
+                "{bad} accepted"
+            );
+        }
     }
 }

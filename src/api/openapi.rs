@@ -622,6 +622,27 @@ fn headers(names: &[&str]) -> Option<Value> {
         .then(|| Value::Object(names.iter().map(|n| ((*n).to_owned(), header(n))).collect()))
 }
 
+/// What a client can do next with a device it registered.
+fn device_links() -> Value {
+    json!({
+        "connect": {
+            "operationId": "connect",
+            "requestBody": {"device_id": "$response.body#/id"},
+            "description": "Ask for a server for the new device.",
+        },
+        "rotateKey": {
+            "operationId": "rotateDeviceKey",
+            "parameters": {"id": "$response.body#/id"},
+            "description": "Replace the new device's key.",
+        },
+        "delete": {
+            "operationId": "deleteDevice",
+            "parameters": {"id": "$response.body#/id"},
+            "description": "Remove the new device.",
+        },
+    })
+}
+
 fn operation(op: &Op) -> Value {
     let mut responses = Map::new();
     for a in &op.answers {
@@ -631,6 +652,9 @@ fn operation(op: &Op) -> Value {
         }
         if let Some(h) = headers(a.headers) {
             r["headers"] = h;
+        }
+        if op.id == "createDevice" && a.status == 201 {
+            r["links"] = device_links();
         }
         responses.insert(a.status.to_string(), r);
     }

@@ -89,7 +89,9 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
     // Set by Cloudflare's edge (and by wrangler dev locally); never trusted for
     // anything but rate limiting.
     let client_ip = header("cf-connecting-ip").unwrap_or_else(|| "unknown".into());
-    let method = req.method().to_string();
+    // The method as sent: `worker::Method` turns methods it does not know
+    // (e.g. QUERY) into GET, which would route them as GETs.
+    let method = req.inner().method();
     let path = req.path();
 
     let result = match http::route(&method, &path) {
