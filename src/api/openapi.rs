@@ -81,6 +81,26 @@ struct Answer {
     headers: &'static [&'static str],
 }
 
+/// A success response with a JSON body of type `T`.
+fn answer<T: JsonSchema>(s: &mut Schemas, status: u16, description: &'static str) -> Answer {
+    Answer {
+        status,
+        description,
+        schema: s.response::<T>(),
+        headers: &[],
+    }
+}
+
+/// A success response without a body.
+fn empty(status: u16, description: &'static str) -> Answer {
+    Answer {
+        status,
+        description,
+        schema: None,
+        headers: &[],
+    }
+}
+
 /// One operation of the API.
 struct Op {
     method: &'static str,
@@ -196,12 +216,6 @@ impl Schemas {
 }
 
 fn operations(s: &mut Schemas) -> Vec<Op> {
-    let token_pair = |s: &mut Schemas, status, description| Answer {
-        status,
-        description,
-        schema: s.response::<TokenPair>(),
-        headers: &[],
-    };
     vec![
         Op {
             method: "get",
@@ -213,12 +227,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Public,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The worker runs.",
-                schema: s.response::<Liveness>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<Liveness>(s, 200, "The worker runs.")],
             problems: &[],
         },
         Op {
@@ -231,12 +240,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Public,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "Every component is up.",
-                schema: s.response::<Readiness>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<Readiness>(s, 200, "Every component is up.")],
             problems: &[P::NotReady],
         },
         Op {
@@ -285,7 +289,11 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Public,
             body: s.request::<Credentials>(),
             idempotent: false,
-            answers: vec![token_pair(s, 201, "The account exists and is signed in.")],
+            answers: vec![answer::<TokenPair>(
+                s,
+                201,
+                "The account exists and is signed in.",
+            )],
             problems: &[P::EmailTaken],
         },
         Op {
@@ -298,7 +306,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Public,
             body: s.request::<Credentials>(),
             idempotent: false,
-            answers: vec![token_pair(s, 200, "Signed in.")],
+            answers: vec![answer::<TokenPair>(s, 200, "Signed in.")],
             problems: &[P::InvalidCredentials, P::TooManyAttempts],
         },
         Op {
@@ -311,7 +319,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Public,
             body: s.request::<RefreshRequest>(),
             idempotent: false,
-            answers: vec![token_pair(s, 200, "A new token pair.")],
+            answers: vec![answer::<TokenPair>(s, 200, "A new token pair.")],
             problems: &[
                 P::RefreshTokenMalformed,
                 P::RefreshTokenInvalid,
@@ -330,12 +338,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 204,
-                description: "The session is ended.",
-                schema: None,
-                headers: &[],
-            }],
+            answers: vec![empty(204, "The session is ended.")],
             problems: &[],
         },
         Op {
@@ -348,12 +351,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 204,
-                description: "Every session is ended.",
-                schema: None,
-                headers: &[],
-            }],
+            answers: vec![empty(204, "Every session is ended.")],
             problems: &[],
         },
         Op {
@@ -366,12 +364,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The account.",
-                schema: s.response::<Me>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<Me>(s, 200, "The account.")],
             problems: &[],
         },
         Op {
@@ -384,12 +377,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The devices.",
-                schema: s.response::<DeviceList>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<DeviceList>(s, 200, "The devices.")],
             problems: &[],
         },
         Op {
@@ -409,12 +397,11 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
                     schema: s.response::<Device>(),
                     headers: &["Location"],
                 },
-                Answer {
-                    status: 200,
-                    description: "This device was already registered by this request (a retry).",
-                    schema: s.response::<Device>(),
-                    headers: &[],
-                },
+                answer::<Device>(
+                    s,
+                    200,
+                    "This device was already registered by this request (a retry).",
+                ),
             ],
             problems: &[
                 P::DeviceLimitReached,
@@ -433,12 +420,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 204,
-                description: "Removed.",
-                schema: None,
-                headers: &[],
-            }],
+            answers: vec![empty(204, "Removed.")],
             problems: &[P::DeviceNotFound],
         },
         Op {
@@ -451,12 +433,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: s.request::<RotateKey>(),
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The device with its new key.",
-                schema: s.response::<Device>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<Device>(s, 200, "The device with its new key.")],
             problems: &[P::DeviceNotFound, P::PublicKeyInUse],
         },
         Op {
@@ -495,12 +472,11 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::User,
             body: s.request::<ConnectRequest>(),
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "Connect to this server with this ticket.",
-                schema: s.response::<Assignment>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<Assignment>(
+                s,
+                200,
+                "Connect to this server with this ticket.",
+            )],
             problems: &[
                 P::DeviceNotFound,
                 P::DeviceNotEntitled,
@@ -521,12 +497,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Stripe,
             body: Some(Schema::from(true)),
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "Received.",
-                schema: s.response::<WebhookAck>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<WebhookAck>(s, 200, "Received.")],
             problems: &[
                 P::SignatureMissing,
                 P::SignatureMalformed,
@@ -546,12 +517,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Admin,
             body: s.request::<SetRegion>(),
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The region's new state.",
-                schema: s.response::<RegionState>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<RegionState>(s, 200, "The region's new state.")],
             problems: &[P::RegionNotFound],
         },
         Op {
@@ -564,12 +530,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Admin,
             body: s.request::<HealthReport>(),
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The region's new state.",
-                schema: s.response::<RegionState>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<RegionState>(s, 200, "The region's new state.")],
             problems: &[P::RegionNotFound],
         },
         Op {
@@ -582,12 +543,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             auth: Auth::Admin,
             body: None,
             idempotent: false,
-            answers: vec![Answer {
-                status: 200,
-                description: "The servers.",
-                schema: s.response::<ServerList>(),
-                headers: &[],
-            }],
+            answers: vec![answer::<ServerList>(s, 200, "The servers.")],
             problems: &[],
         },
     ]
