@@ -22,6 +22,8 @@ mod cron;
 #[cfg(not(target_arch = "wasm32"))]
 mod devices;
 #[cfg(not(target_arch = "wasm32"))]
+mod faults;
+#[cfg(not(target_arch = "wasm32"))]
 mod health;
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -81,6 +83,7 @@ mod harness {
             crate::devices::TESTS,
             crate::billing::TESTS,
             crate::connect::TESTS,
+            crate::faults::TESTS,
         ]
         .concat()
         .into_iter()
