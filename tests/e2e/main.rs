@@ -25,6 +25,8 @@ mod devices;
 mod faults;
 #[cfg(not(target_arch = "wasm32"))]
 mod health;
+#[cfg(not(target_arch = "wasm32"))]
+mod logs;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod harness {
@@ -103,6 +105,11 @@ mod harness {
             stack.pg.keep = true;
         }
         drop(ctx);
+        // Every stack is stopped now: search all their logs for the secrets
+        // the run used.
+        if !args.list && !crate::logs::no_secrets_in_logs() {
+            return std::process::ExitCode::FAILURE;
+        }
         conclusion.exit_code()
     }
 }
