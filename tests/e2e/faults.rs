@@ -824,9 +824,11 @@ fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
 
 // --- a Durable Object throwing mid-operation ---------------------------------
 
-/// A free user (one device) per case registers with a fault at one point of
+/// A Plus user (five devices) per case registers with a fault at one point of
 /// the object's registration, then retries as a client would. The cases run
-/// at once, on the shared stack.
+/// at once, on the shared stack. (Plus, not free: with a free slot left the
+/// retry's insert reaches the key's uniqueness, which is where a committed
+/// but unacknowledged row used to turn into a conflict.)
 fn object_throws_mid_registration(ctx: &Ctx) -> Result<(), Failed> {
     const CASES: [(&str, bool, bool); 4] = [
         // (fault point, with an Idempotency-Key, the row is committed by then)
@@ -846,7 +848,8 @@ fn object_throws_mid_registration(ctx: &Ctx) -> Result<(), Failed> {
         let outcomes = futures::future::join_all(CASES.iter().map(
             |&(point, with_key, committed)| async move {
                 let what = format!("{point} (idempotency key: {with_key})");
-                let user = new_user_at(ctx, base).await;
+                let mut user = new_user_at(ctx, base).await;
+                make_plus_at(ctx, base, db, &mut user).await;
                 let reg = Reg {
                     user: 0,
                     key: unique("crash-"),
@@ -881,7 +884,7 @@ fn object_throws_mid_registration(ctx: &Ctx) -> Result<(), Failed> {
                 assert_eq!(in_db.len(), usize::from(committed), "{what}: {in_db:?}");
 
                 // The retry completes at once: no in-flight key, no
-                // reservation holding the only slot, no conflict with its own
+                // reservation holding a slot, no conflict with its own
                 // committed row.
                 let retry = send(None).await;
                 let expected = if point == "device.after_insert" {
@@ -915,14 +918,18 @@ fn object_throws_mid_registration(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(&mirror, in_db, "{what}: the KV mirror");
         }
 
-        // The ledger counts the device exactly once: the plan's one slot is
-        // taken, and a delete frees it.
+        // The ledger counts the device exactly once and holds no other slot:
+        // four more fit, a sixth is refused, and a delete frees one.
         futures::future::join_all(outcomes.iter().map(|(what, user, in_db)| async move {
             let extra = || Reg {
                 user: 0,
                 key: unique("crash-extra-"),
                 body: json!({"name": "phone", "public_key": wg_key()}),
             };
+            for _ in 0..4 {
+                let r = register(ctx, base, &user.access, &extra(), None).await;
+                assert_eq!(r.status, 201, "{what}: {}", r.body);
+            }
             let r = register(ctx, base, &user.access, &extra(), None).await;
             assert_eq!(r.status, 403, "{what}: {}", r.body);
             let id = in_db.keys().next().unwrap();
