@@ -2,8 +2,10 @@
 //! of the secrets the run used: the passwords of the accounts it created, the
 //! access and refresh tokens it was issued, and the development secrets the
 //! worker ran with (signing-key seeds, refresh-token pepper, Stripe webhook
-//! secrets, admin token). So that the search is not vacuous, the logs must
-//! also carry the request ids of the requests the run made.
+//! secrets, admin token) and the database password in its Hyperdrive
+//! connection string. So that the search is not vacuous, the logs must also
+//! carry the request ids of the requests the run made, and the same search
+//! must find one of them.
 
 use crate::common::{SEEN, dev_var};
 use std::collections::HashSet;
@@ -29,6 +31,10 @@ fn configured_secrets() -> Vec<(String, String)> {
         out.push((format!("STRIPE_WEBHOOK_SECRET #{i}"), s.trim().to_owned()));
     }
     out.push(("ADMIN_TOKEN".into(), dev_var("ADMIN_TOKEN")));
+    out.push((
+        "the database password".into(),
+        crate::support::DB_PASSWORD.into(),
+    ));
     out
 }
 
@@ -91,14 +97,29 @@ pub fn no_secrets_in_logs() -> bool {
     for (what, value) in &secrets {
         assert!(value.len() >= 8, "{what} is too short to search for");
     }
-    let finder = aho_corasick::AhoCorasick::new(secrets.iter().map(|(_, v)| v.as_str()))
-        .expect("secret patterns");
-    let mut leaked: Vec<usize> = finder
+    // The search proves itself on a string known to be in the logs: a
+    // logged request id, as the last pattern.
+    let canary = seen
+        .request_ids
+        .iter()
+        .find(|id| logged.contains(id.as_str()))
+        .cloned();
+    let patterns = secrets
+        .iter()
+        .map(|(_, v)| v.as_str())
+        .chain(canary.as_deref());
+    let finder = aho_corasick::AhoCorasick::new(patterns).expect("secret patterns");
+    let mut hits: Vec<usize> = finder
         .find_overlapping_iter(&logs)
         .map(|m| m.pattern().as_usize())
         .collect();
-    leaked.sort_unstable();
-    leaked.dedup();
+    hits.sort_unstable();
+    hits.dedup();
+    if canary.is_some() && hits.last() != Some(&secrets.len()) {
+        eprintln!("log check: the search did not find a request id known to be logged");
+        ok = false;
+    }
+    let leaked: Vec<usize> = hits.into_iter().filter(|i| *i < secrets.len()).collect();
     for i in &leaked {
         let (what, value) = &secrets[*i];
         eprintln!("log check: {what} is in the worker logs: {}", shown(value));
