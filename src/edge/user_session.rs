@@ -6,6 +6,13 @@
 //! is single-threaded, a refresh, a reuse check or a logout is atomic by
 //! construction: two concurrent refreshes of one token rotate it exactly once.
 //!
+//! Storage semantics this relies on (workerd): each `put` is atomic, and a
+//! response waits until the writes before it are durable (the output gate);
+//! but a request that throws does not roll back what it already wrote. So
+//! every step of an operation is one write of the whole state, and a
+//! multi-step operation (a device registration) is written so that a crash
+//! between steps leaves an earlier step whole (see `create_device`).
+//!
 //! After every change it mirrors the session list to KV (`sessions/<user id>`) so
 //! any edge can list sessions and see revocations without calling it; that copy
 //! is eventually consistent (about a minute) and is never used for decisions

@@ -191,6 +191,86 @@ async fn lock_waiters(db: &tokio_postgres::Client) -> i64 {
     .unwrap_or(0)
 }
 
+/// How the kill landed.
+struct Kill {
+    /// Requests acknowledged (2xx) before PostgreSQL was killed.
+    acked_before: usize,
+    /// Requests started and not yet answered when it was.
+    in_flight: usize,
+}
+
+/// Runs requests `0..n` in three waves and SIGKILLs PostgreSQL in the middle
+/// of them: wave 0 first; wave 1 (whose rows the caller has locked, so they
+/// park inside PostgreSQL mid-transaction) once `min_acked` of wave 0 are
+/// acknowledged; wave 2 once `min_parked` backends wait on a lock; the kill
+/// right after wave 2's first answer. Each step has a deadline, short enough
+/// that parked statements are killed before they would time out (5 s) on
+/// their own. Returns every answer and how the kill landed.
+async fn kill_mid_flight<T, Fut>(
+    stack: &mut Stack,
+    observer: &tokio_postgres::Client,
+    waves: &[u8],
+    min_acked: usize,
+    min_parked: i64,
+    start: impl Fn(usize) -> Fut,
+    acked: impl Fn(&T) -> bool,
+) -> (Vec<T>, Kill)
+where
+    Fut: std::future::Future<Output = (usize, T)>,
+{
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let launch = |wave: u8, pending: &mut futures::stream::FuturesUnordered<Fut>| {
+        for i in (0..waves.len()).filter(|&i| waves[i] == wave) {
+            pending.push(start(i));
+        }
+        Instant::now()
+    };
+    let mut answers: Vec<Option<T>> = (0..waves.len()).map(|_| None).collect();
+    let began = launch(0, &mut pending);
+    let (mut parked_at, mut last_at) = (None, None);
+    let mut kill: Option<Kill> = None;
+    loop {
+        if kill.is_none() {
+            let answered = |wave: u8| {
+                (0..waves.len())
+                    .filter(|&i| waves[i] == wave && answers[i].is_some())
+                    .count()
+            };
+            let acked_now = answers.iter().flatten().filter(|a| acked(a)).count();
+            if parked_at.is_none()
+                && (acked_now >= min_acked || began.elapsed() > Duration::from_secs(20))
+            {
+                parked_at = Some(launch(1, &mut pending));
+            }
+            if let Some(at) = parked_at
+                && last_at.is_none()
+                && (lock_waiters(observer).await >= min_parked
+                    || at.elapsed() > Duration::from_secs(2))
+            {
+                last_at = Some(launch(2, &mut pending));
+            }
+            if let Some(at) = last_at
+                && (answered(2) >= 1 || at.elapsed() > Duration::from_secs(1))
+            {
+                stack.pg.kill_server();
+                kill = Some(Kill {
+                    acked_before: acked_now,
+                    in_flight: (0..waves.len())
+                        .filter(|&i| waves[i] <= 2 && answers[i].is_none())
+                        .count(),
+                });
+            }
+        }
+        match tokio::time::timeout(Duration::from_millis(20), pending.next()).await {
+            Ok(Some((i, a))) => answers[i] = Some(a),
+            Ok(None) if kill.is_some() => break,
+            _ => {}
+        }
+    }
+    let answers = answers.into_iter().map(|a| a.expect("answered")).collect();
+    (answers, kill.expect("killed"))
+}
+
 // --- PostgreSQL stopped -----------------------------------------------------
 
 fn postgres_stopped(ctx: &Ctx) -> Result<(), Failed> {
@@ -290,6 +370,9 @@ fn postgres_stopped(ctx: &Ctx) -> Result<(), Failed> {
             "the failed signup created nothing: {}",
             r.body
         );
+        let login = json!({"email": user.email, "password": PASSWORD});
+        let r = send_to(ctx, &base, "POST", "/v1/auth/login", Some(login), None, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
         // The free plan allows one device: the failed attempts left no
         // reservation and no in-flight key behind, so the retry succeeds at once.
         let r = register(ctx, &base, &user.access, &reg, None).await;
@@ -312,12 +395,14 @@ fn postgres_stopped(ctx: &Ctx) -> Result<(), Failed> {
 
 // --- PostgreSQL killed mid-registrations -------------------------------------
 
-/// Three Plus users (limit 5) each register 8 devices at once, every request
-/// with its own `Idempotency-Key`. Two users' rows are locked by the test, so
-/// their inserts park inside PostgreSQL; once the free user's first answers
-/// are back and the others are parked, PostgreSQL is killed.
+/// Four Plus users (limit 5) each register 8 devices at once, every request
+/// with its own `Idempotency-Key`, in the waves of [`kill_mid_flight`]: the
+/// first user's; then the second and third users', whose rows the test has
+/// locked so their inserts park inside PostgreSQL mid-transaction; then the
+/// fourth user's, and PostgreSQL is killed at its first answer, with the
+/// parked inserts and most of the last wave's in flight.
 fn postgres_killed_mid_registrations(ctx: &Ctx) -> Result<(), Failed> {
-    const USERS: usize = 3;
+    const USERS: usize = 4;
     const PER_USER: usize = 8;
     const LIMIT: usize = 5;
     let mut stack = Stack::start();
@@ -340,66 +425,39 @@ fn postgres_killed_mid_registrations(ctx: &Ctx) -> Result<(), Failed> {
         (users, regs)
     });
 
-    let (answers, acked_before_kill) = ctx.rt.block_on(async {
+    let (answers, kill) = ctx.rt.block_on(async {
         let observer = pg(&stack).await;
         let mut locker = pg(&stack).await;
         let tx = locker.transaction().await.unwrap();
-        let parked: Vec<&str> = users[1..].iter().map(|u| u.id.as_str()).collect();
+        let parked: Vec<&str> = users[1..3].iter().map(|u| u.id.as_str()).collect();
         tx.execute(
             "SELECT 1 FROM users WHERE id = ANY($1::text[]::uuid[]) FOR UPDATE",
             &[&parked],
         )
         .await
         .unwrap();
-
-        let mut pending: futures::stream::FuturesUnordered<_> = regs
+        // Wave 0: the first user; 1: the two locked users; 2: the last.
+        let waves: Vec<u8> = regs
             .iter()
-            .enumerate()
-            .map(|(i, reg)| {
-                let (base, access) = (&base, &users[reg.user].access);
-                async move { (i, register(ctx, base, access, reg, None).await) }
+            .map(|r| match r.user {
+                0 => 0,
+                1 | 2 => 1,
+                _ => 2,
             })
             .collect();
-        let mut answers: Vec<Option<Resp>> = (0..regs.len()).map(|_| None).collect();
-        let mut acked_before_kill = 0;
-        let started = Instant::now();
-        let mut first_parked: Option<Instant> = None;
-        let mut killed = false;
-        loop {
-            if !killed {
-                let free_done = answers
-                    .iter()
-                    .zip(&regs)
-                    .filter(|(a, r)| r.user == 0 && a.is_some())
-                    .count();
-                let waiting = lock_waiters(&observer).await;
-                if waiting > 0 && first_parked.is_none() {
-                    first_parked = Some(Instant::now());
-                }
-                // Inserts give up after 5 s: kill well before a parked one could.
-                let parked_long =
-                    first_parked.is_some_and(|t| t.elapsed() > Duration::from_secs(3));
-                if (free_done >= 3 && waiting >= 4)
-                    || parked_long
-                    || started.elapsed() > Duration::from_secs(20)
-                {
-                    acked_before_kill = answers
-                        .iter()
-                        .flatten()
-                        .filter(|r| (200..300).contains(&r.status))
-                        .count();
-                    stack.pg.kill_server();
-                    killed = true;
-                }
-            }
-            match tokio::time::timeout(Duration::from_millis(30), pending.next()).await {
-                Ok(Some((i, r))) => answers[i] = Some(r),
-                Ok(None) => break,
-                Err(_) => {}
-            }
-        }
-        let answers: Vec<Resp> = answers.into_iter().map(|a| a.unwrap()).collect();
-        (answers, acked_before_kill)
+        let base = &base;
+        let (users, regs) = (&users, &regs);
+        let start = |i: usize| async move {
+            let reg = &regs[i];
+            (
+                i,
+                register(ctx, base, &users[reg.user].access, reg, None).await,
+            )
+        };
+        let acked = |r: &Resp| (200..300).contains(&r.status);
+        let out = kill_mid_flight(&mut stack, &observer, &waves, 2, 4, start, acked).await;
+        drop(tx);
+        out
     });
 
     let count = |f: &dyn Fn(&Resp) -> bool| answers.iter().filter(|r| f(r)).count();
@@ -407,8 +465,10 @@ fn postgres_killed_mid_registrations(ctx: &Ctx) -> Result<(), Failed> {
     let failed = count(&|r| r.status >= 500);
     let refused = count(&|r| r.status == 403);
     eprintln!(
-        "registrations under the kill: {} sent, {ok} acknowledged ({acked_before_kill} before the kill), {refused} refused at the limit, {failed} failed",
-        answers.len()
+        "registrations under the kill: {} sent, {} in flight at the kill, {ok} acknowledged ({} before the kill), {refused} refused at the limit, {failed} failed",
+        answers.len(),
+        kill.in_flight,
+        kill.acked_before
     );
     for r in &answers {
         assert!(
@@ -419,12 +479,12 @@ fn postgres_killed_mid_registrations(ctx: &Ctx) -> Result<(), Failed> {
         );
     }
     assert!(
-        acked_before_kill >= 1,
-        "some registrations were acknowledged before the kill"
+        kill.acked_before >= 2,
+        "registrations were acknowledged before the kill"
     );
     assert!(
-        failed >= 1,
-        "the kill landed while registrations were in flight"
+        kill.in_flight >= 4 && failed >= 4,
+        "the kill landed while registrations were in flight (at least the parked ones)"
     );
 
     stack.pg.start_server();
@@ -573,14 +633,21 @@ async fn deliver(ctx: &Ctx, base: &str, body: &[u8]) -> (u16, Value) {
     }
 }
 
-/// Six users each get a Plus subscription by webhook, every event delivered
-/// three times at once. Three of them already have an (incomplete)
-/// subscription row, which the test locks, so their events park inside
-/// PostgreSQL; PostgreSQL is killed once the other events' first answers are
-/// back. Then every event is redelivered, as Stripe does with any delivery
-/// that did not get a 2xx.
+/// Eight users each get a Plus subscription by webhook, every event delivered
+/// three times at once, in the waves of [`kill_mid_flight`]: three users'
+/// events; then three whose existing (incomplete) subscription rows the test
+/// has locked, so they park inside PostgreSQL; then two more, and PostgreSQL
+/// is killed at their first answer. Then every event that got no 2xx is
+/// redelivered, as Stripe does, and every event once more (a provider may
+/// redeliver anything).
 fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
-    const USERS: usize = 6;
+    const USERS: usize = 8;
+    // Waves (see `kill_mid_flight`): users 0..3, then the parked 3..6, then 6..8.
+    let wave = |n: usize| match n {
+        0..3 => 0u8,
+        3..6 => 1,
+        _ => 2,
+    };
     const COPIES: usize = 3;
     let mut stack = Stack::start();
     let base = stack.wrangler.base_url.clone();
@@ -590,7 +657,7 @@ fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
         for n in 0..USERS {
             let user = new_user_at(ctx, &base).await;
             let (sub, customer, event) = (unique("sub_"), unique("cus_"), unique("evt_"));
-            if n % 2 == 1 {
+            if wave(n) == 1 {
                 db.execute(
                     "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end,
                          provider_customer_id, provider_subscription_id, provider_event_at)
@@ -613,7 +680,7 @@ fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
                 current_period_end: now() + 30 * 86400,
                 cancel_at_period_end: false,
             };
-            let kind = if n % 2 == 1 {
+            let kind = if wave(n) == 1 {
                 "customer.subscription.updated"
             } else {
                 "customer.subscription.created"
@@ -629,15 +696,13 @@ fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
         out
     });
 
-    let (answers, acked_before_kill) = ctx.rt.block_on(async {
+    let (answers, kill) = ctx.rt.block_on(async {
         let observer = pg(&stack).await;
         let mut locker = pg(&stack).await;
         let tx = locker.transaction().await.unwrap();
-        let parked: Vec<&str> = billing
-            .iter()
-            .skip(1)
-            .step_by(2)
-            .map(|b| b.user.id.as_str())
+        let parked: Vec<&str> = (0..USERS)
+            .filter(|&n| wave(n) == 1)
+            .map(|n| billing[n].user.id.as_str())
             .collect();
         tx.execute(
             "SELECT 1 FROM subscriptions WHERE user_id = ANY($1::text[]::uuid[]) FOR UPDATE",
@@ -646,68 +711,33 @@ fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
         .await
         .unwrap();
         let deliveries: Vec<usize> = (0..COPIES).flat_map(|_| 0..USERS).collect();
-        let mut pending: futures::stream::FuturesUnordered<_> = deliveries
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| {
-                let (base, body) = (&base, &billing[b].body);
-                async move { (i, deliver(ctx, base, body).await) }
-            })
-            .collect();
-        let mut answers: Vec<Option<(usize, u16, Value)>> =
-            (0..deliveries.len()).map(|_| None).collect();
-        let mut acked_before_kill = 0;
-        let started = Instant::now();
-        let mut first_parked: Option<Instant> = None;
-        let mut killed = false;
-        loop {
-            if !killed {
-                let free_done = answers
-                    .iter()
-                    .flatten()
-                    .filter(|(b, _, _)| b % 2 == 0)
-                    .count();
-                let waiting = lock_waiters(&observer).await;
-                if waiting > 0 && first_parked.is_none() {
-                    first_parked = Some(Instant::now());
-                }
-                let parked_long =
-                    first_parked.is_some_and(|t| t.elapsed() > Duration::from_secs(3));
-                if (free_done >= 3 && waiting >= 3)
-                    || parked_long
-                    || started.elapsed() > Duration::from_secs(20)
-                {
-                    acked_before_kill = answers
-                        .iter()
-                        .flatten()
-                        .filter(|(_, st, _)| *st == 200)
-                        .count();
-                    stack.pg.kill_server();
-                    killed = true;
-                }
-            }
-            match tokio::time::timeout(Duration::from_millis(30), pending.next()).await {
-                Ok(Some((i, (status, body)))) => answers[i] = Some((deliveries[i], status, body)),
-                Ok(None) => break,
-                Err(_) => {}
-            }
-        }
-        let answers: Vec<(usize, u16, Value)> = answers.into_iter().map(|a| a.unwrap()).collect();
-        (answers, acked_before_kill)
+        let waves: Vec<u8> = deliveries.iter().map(|&b| wave(b)).collect();
+        let (base, billing, deliveries) = (&base, &billing, &deliveries);
+        let start = |i: usize| async move {
+            let b = deliveries[i];
+            let (status, body) = deliver(ctx, base, &billing[b].body).await;
+            (i, (b, status, body))
+        };
+        let acked = |a: &(usize, u16, Value)| a.1 == 200;
+        let out = kill_mid_flight(&mut stack, &observer, &waves, 3, 3, start, acked).await;
+        drop(tx);
+        out
     });
     let ok = answers.iter().filter(|(_, st, _)| *st == 200).count();
     let failed = answers.iter().filter(|(_, st, _)| *st != 200).count();
     eprintln!(
-        "webhook deliveries under the kill: {} sent, {ok} acknowledged ({acked_before_kill} before the kill), {failed} failed",
-        answers.len()
+        "webhook deliveries under the kill: {} sent, {} in flight at the kill, {ok} acknowledged ({} before the kill), {failed} failed",
+        answers.len(),
+        kill.in_flight,
+        kill.acked_before
     );
     assert!(
-        acked_before_kill >= 1,
-        "some deliveries were acknowledged before the kill"
+        kill.acked_before >= 3,
+        "deliveries were acknowledged before the kill"
     );
     assert!(
-        failed >= 1,
-        "the kill landed while deliveries were in flight"
+        kill.in_flight >= 3 && failed >= 3,
+        "the kill landed while deliveries were in flight (at least the parked ones)"
     );
     for (_, status, body) in &answers {
         assert!(
