@@ -29,7 +29,7 @@ use crate::domain::session::{
 };
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
 
 const KEY: &str = "state";
@@ -184,8 +184,18 @@ pub struct UserSession {
 /// holding its key or slot until it expires.
 #[derive(Default)]
 struct Running {
-    keys: BTreeSet<String>,
+    /// Key -> how many running requests hold it (a request whose record
+    /// expired while it still ran, and the retry that took the key over).
+    keys: BTreeMap<String, u32>,
     reservations: BTreeSet<String>,
+}
+
+/// The device a request changed, as PostgreSQL answered it: applied to the
+/// device records whether or not the list that came with it is stale.
+enum Own<'a> {
+    Nothing,
+    Wrote(&'a store::Device),
+    Deleted(&'a str),
 }
 
 /// Removes what a request registered in [`Running`] when the request ends,
@@ -199,8 +209,13 @@ struct Owned<'a> {
 impl Drop for Owned<'_> {
     fn drop(&mut self) {
         let mut running = self.running.borrow_mut();
-        if let Some(k) = &self.key {
-            running.keys.remove(k);
+        if let Some(k) = &self.key
+            && let Some(n) = running.keys.get_mut(k)
+        {
+            *n -= 1;
+            if *n == 0 {
+                running.keys.remove(k);
+            }
         }
         if let Some(r) = &self.reservation {
             running.reservations.remove(r);
@@ -248,10 +263,15 @@ impl UserSession {
     /// Records PostgreSQL's list of the user's devices: syncs the ledger (from
     /// `mark`, see `Ledger::sync_since`), keeps the records, persists, and
     /// mirrors them to KV for the connect path.
-    async fn apply_devices(&self, mark: SyncMark, devices: Vec<store::Device>) -> Result<()> {
+    async fn apply_devices(
+        &self,
+        mark: SyncMark,
+        devices: Vec<store::Device>,
+        own: Own<'_>,
+    ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
-        Self::sync_devices(&mut stored, mark, devices);
+        Self::sync_devices(&mut stored, mark, devices, own);
         self.persist(&mut stored, now).await?;
         self.mirror_devices(&stored).await;
         Ok(())
@@ -261,8 +281,19 @@ impl UserSession {
     /// the ledger and to the records the connect path reads, keeping the two
     /// in step: a list can be stale (read before another request's confirm),
     /// and the records must then keep the devices the ledger keeps rather
-    /// than follow the list. Returns whether the records changed.
-    fn sync_devices(stored: &mut Stored, mark: SyncMark, list: Vec<store::Device>) -> bool {
+    /// than follow the list. What this request itself changed wins either
+    /// way (see [`Own`]). Returns whether the records changed.
+    fn sync_devices(
+        stored: &mut Stored,
+        mark: SyncMark,
+        list: Vec<store::Device>,
+        own: Own<'_>,
+    ) -> bool {
+        let (own, removed) = match own {
+            Own::Nothing => (None, None),
+            Own::Wrote(d) => (Some(d), None),
+            Own::Deleted(id) => (None, Some(id)),
+        };
         let applied = stored
             .devices
             .sync_since(mark, list.iter().map(|d| d.id.clone()).collect());
@@ -278,10 +309,18 @@ impl UserSession {
             .into_iter()
             .filter(|d| stored.devices.counts(&d.id))
             .collect();
-        for d in other {
-            if stored.devices.counts(&d.id) && !records.iter().any(|r| r.id == d.id) {
-                records.push(d);
+        for d in other.into_iter().chain(own.cloned()) {
+            if !stored.devices.counts(&d.id) {
+                continue;
             }
+            match records.iter_mut().find(|r| r.id == d.id) {
+                Some(r) if own.is_some_and(|o| o.id == d.id) => *r = d,
+                Some(_) => {}
+                None => records.push(d),
+            }
+        }
+        if let Some(id) = removed {
+            records.retain(|r| r.id != id);
         }
         records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let changed = records != old;
@@ -473,12 +512,12 @@ impl UserSession {
                 .release_unless(|id| running.reservations.contains(id));
             stored
                 .idempotency
-                .abandon_unless(|k| running.keys.contains(k));
+                .abandon_unless(|k| running.keys.contains_key(k));
         }
         if let Some((k, fp)) = &r.idempotency {
             match stored.idempotency.begin(k, fp, now) {
                 Begin::Proceed => {
-                    self.running.borrow_mut().keys.insert(k.clone());
+                    *self.running.borrow_mut().keys.entry(k.clone()).or_default() += 1;
                     owned.key = Some(k.clone());
                 }
                 Begin::Replay(resp) => {
@@ -552,7 +591,7 @@ impl UserSession {
                 ..
             }) => {
                 stored.devices.confirm(&reservation, &device.id);
-                let changed = Self::sync_devices(&mut stored, mark, devices);
+                let changed = Self::sync_devices(&mut stored, mark, devices, Own::Wrote(&device));
                 let body = serde_json::to_string(&device)
                     .map_err(|e| worker::Error::RustError(e.to_string()))?;
                 (201, Some(body), changed)
@@ -565,14 +604,14 @@ impl UserSession {
                 // An earlier attempt committed this device and its answer was
                 // lost: this is the retry, answered like any repeat of a key.
                 stored.devices.release(&reservation);
-                let changed = Self::sync_devices(&mut stored, mark, devices);
+                let changed = Self::sync_devices(&mut stored, mark, devices, Own::Wrote(&device));
                 let body = serde_json::to_string(&device)
                     .map_err(|e| worker::Error::RustError(e.to_string()))?;
                 (200, Some(body), changed)
             }
             Ok(store::Inserted { devices, .. }) => {
                 stored.devices.release(&reservation);
-                let changed = Self::sync_devices(&mut stored, mark, devices);
+                let changed = Self::sync_devices(&mut stored, mark, devices, Own::Nothing);
                 abandon(&mut stored);
                 self.persist(&mut stored, now).await?;
                 if changed {
@@ -633,7 +672,12 @@ impl UserSession {
         };
         match outcome {
             Ok(deleted) => {
-                self.apply_devices(mark, deleted.devices).await?;
+                let own = if deleted.deleted {
+                    Own::Deleted(&r.device_id)
+                } else {
+                    Own::Nothing
+                };
+                self.apply_devices(mark, deleted.devices, own).await?;
                 Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
             }
             Err(fail) => refuse_fail(&fail),
@@ -655,7 +699,8 @@ impl UserSession {
         };
         match outcome {
             Ok(rotated) => {
-                self.apply_devices(mark, rotated.devices).await?;
+                let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
+                self.apply_devices(mark, rotated.devices, own).await?;
                 match rotated.device {
                     Some(d) => Response::from_json(&d),
                     None => refuse(404, "device_not_found", None),
