@@ -255,9 +255,8 @@ where
                 stack.pg.kill_server();
                 kill = Some(Kill {
                     acked_before: acked_now,
-                    in_flight: (0..waves.len())
-                        .filter(|&i| waves[i] <= 2 && answers[i].is_none())
-                        .count(),
+                    // Every wave has been started by now.
+                    in_flight: answers.iter().filter(|a| a.is_none()).count(),
                 });
             }
         }
