@@ -13,6 +13,7 @@ mod cron;
 mod devices;
 mod durable;
 mod events;
+mod kv;
 mod log;
 mod login_throttle;
 mod pg;
@@ -22,6 +23,7 @@ mod secrets;
 mod store;
 mod time;
 mod user_session;
+mod webcrypto;
 mod webhooks;
 
 use crate::domain::problem::ProblemCode;
