@@ -26,6 +26,7 @@ use crate::domain::problem::ProblemCode;
 use crate::domain::token::Ticket;
 use crate::http::{ApiError, Reply};
 use serde_json::json;
+use std::cell::RefCell;
 use worker::{Context, Env, Request};
 
 fn etag(snapshot: &Snapshot) -> String {
@@ -39,6 +40,44 @@ fn not_modified(if_none_match: Option<&str>, etag: &str) -> bool {
             .map(|t| t.trim().trim_start_matches("W/"))
             .any(|t| t == "*" || t == etag)
     })
+}
+
+thread_local! {
+    /// The `GET /v1/regions` answer and the etag of the snapshot it was made
+    /// from. It depends on the snapshot alone (which is what its `ETag`
+    /// promises), so it is serialised once per snapshot rather than once per
+    /// request: with a thousand regions that serialisation was most of the
+    /// request's CPU.
+    static REGIONS_REPLY: RefCell<Option<(String, Reply)>> = const { RefCell::new(None) };
+}
+
+fn regions_reply(snapshot: &Snapshot) -> Reply {
+    let cached = REGIONS_REPLY.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(etag, _)| *etag == snapshot.etag)
+            .map(|(_, reply)| reply.clone())
+    });
+    if let Some(reply) = cached {
+        return reply;
+    }
+    let regions: Vec<_> = snapshot
+        .regions
+        .iter()
+        .map(|r| RegionSummary {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            country: r.country.clone(),
+            latitude: r.latitude,
+            longitude: r.longitude,
+            tier: r.tier,
+            health: r.health,
+            load: placement::region_load(r),
+        })
+        .collect();
+    let reply = Reply::json(200, &RegionList { regions });
+    REGIONS_REPLY.with(|c| *c.borrow_mut() = Some((snapshot.etag.clone(), reply.clone())));
+    reply
 }
 
 pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
@@ -55,21 +94,7 @@ pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
             body: vec![],
         });
     }
-    let regions: Vec<_> = snapshot
-        .regions
-        .iter()
-        .map(|r| RegionSummary {
-            id: r.id.clone(),
-            name: r.name.clone(),
-            country: r.country.clone(),
-            latitude: r.latitude,
-            longitude: r.longitude,
-            tier: r.tier,
-            health: r.health,
-            load: placement::region_load(r),
-        })
-        .collect();
-    let mut reply = Reply::json(200, &RegionList { regions });
+    let mut reply = regions_reply(&snapshot);
     reply.headers.push(("etag", tag));
     reply.headers.push(cache);
     Ok(reply)
