@@ -1,7 +1,8 @@
 // The benchmark's measurements, run by bench/run.sh after it has built everything.
 // Writes bench/results.json and bench/RESULTS.md. See bench/README.md.
 //
-// Environment: QUICK=1 (short runs for checking the harness), RUNS, SECONDS,
+// Environment: QUICK=1 (short runs for checking the harness), SCENARIOS (a
+// comma-separated subset of the scenario names), RUNS, SECONDS,
 // CONNECTIONS, COLD_RUNS override the defaults; BENCH_COMMAND is recorded as the
 // command that produced the results.
 import { spawn, spawnSync, execFileSync } from "node:child_process";
@@ -33,6 +34,11 @@ const STACKS = {
   hono: "Hono (TypeScript, workerd)",
   nest: "NestJS (Express server)",
   lambda: "NestJS (serverless-express handler, in-process)",
+};
+const TITLES = {
+  connect: "POST /v1/connect",
+  regions: "GET /v1/regions",
+  healthz: "GET /healthz (no I/O: each stack's floor)",
 };
 const PORTS = { ours: 18801, hono: 18802, nest: 18803 };
 
@@ -338,14 +344,17 @@ async function scenario(sc) {
     result.equivalence = await equivalence(servers, dir);
     if (!result.equivalence.same) log(`WARNING: answers differ: ${result.equivalence.problems.join("; ")}`);
 
-    result.warm = { connect: {}, regions: {} };
-    for (const endpoint of ["connect", "regions"])
+    // /healthz (no I/O) gives each stack's floor, in the main scenario only.
+    const endpoints = sc.main ? ["connect", "regions", "healthz"] : ["connect", "regions"];
+    result.warm = {};
+    for (const endpoint of endpoints) result.warm[endpoint] = {};
+    for (const endpoint of endpoints)
       for (const stack of [...Object.keys(PORTS), "lambda"]) result.warm[endpoint][stack] = { runs: [] };
     log(`scenario ${sc.name}: warm-up`);
-    for (const s of servers) for (const endpoint of ["connect", "regions"]) wrk(s, endpoint, dir, WARMUP);
+    for (const s of servers) for (const endpoint of endpoints) wrk(s, endpoint, dir, WARMUP);
     for (let run = 0; run < RUNS; run++) {
       log(`scenario ${sc.name}: run ${run + 1}/${RUNS}`);
-      for (const endpoint of ["connect", "regions"]) {
+      for (const endpoint of endpoints) {
         for (const s of servers) result.warm[endpoint][s.stack].runs.push(wrk(s, endpoint, dir, SECONDS));
         result.warm[endpoint].lambda.runs.push(lambdaWarm(dir, endpoint, SECONDS));
       }
@@ -366,6 +375,7 @@ async function scenario(sc) {
 
 function targets(r) {
   const main = r.scenarios.find((s) => s.main);
+  if (!main) return [];
   const cold = main.cold_start_ms;
   const c = main.warm.connect;
   const cost = (n) => r.scenarios.find((s) => s.regions === n && s.keys === 1)?.warm.connect.ours.median.cpu_us_per_req;
@@ -431,9 +441,9 @@ function markdown(r) {
 
   for (const sc of r.scenarios.filter((s) => s.main)) {
     L.push(`## Warm hot path (${sc.regions} regions, ${sc.keys} signing key(s))`, "");
-    for (const endpoint of ["connect", "regions"]) {
+    for (const endpoint of Object.keys(sc.warm)) {
       const w = sc.warm[endpoint];
-      L.push(`### ${endpoint === "connect" ? "POST /v1/connect" : "GET /v1/regions"}`, "");
+      L.push(`### ${TITLES[endpoint]}`, "");
       L.push("| stack | req/s | p50 ms | p99 ms | CPU µs/req | ours/stack req/s | stack/ours CPU | errors |", "|---|---|---|---|---|---|---|---|");
       for (const [k, v] of Object.entries(w))
         L.push(
@@ -449,7 +459,7 @@ function markdown(r) {
     "",
   );
   for (const endpoint of ["connect", "regions"]) {
-    L.push(`### ${endpoint === "connect" ? "POST /v1/connect" : "GET /v1/regions"}: req/s (CPU µs/req)`, "");
+    L.push(`### ${TITLES[endpoint]}: req/s (CPU µs/req)`, "");
     L.push("| scenario | ours | Hono | NestJS server | NestJS handler | ours/Hono req/s | ours/NestJS req/s |", "|---|---|---|---|---|---|---|");
     for (const sc of r.scenarios) {
       const w = sc.warm[endpoint];
@@ -483,7 +493,9 @@ const result = {
   sizes: sizes(),
   scenarios: [],
 };
-for (const sc of SCENARIOS) result.scenarios.push(await scenario(sc));
+// SCENARIOS=name,name runs a subset (for checking the harness; the report then lacks the rest).
+const only = process.env.SCENARIOS?.split(",");
+for (const sc of SCENARIOS.filter((s) => !only || only.includes(s.name))) result.scenarios.push(await scenario(sc));
 result.machine.loadavg_end = readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).map(Number);
 // Other work on the machine before we started (our own load raises the end figure).
 result.noisy = result.machine.loadavg_start[0] > 1.0;

@@ -14,9 +14,9 @@ const { handler } = require(handlerPath);
 const users = readFileSync(requestsPath, "utf8").trim().split("\n").map((l) => l.split(" "));
 
 function event(i) {
-  const regions = endpoint === "regions";
+  const regions = endpoint !== "connect"; // a GET without a body: regions or healthz
   const [token, device] = users[i % users.length];
-  const path = regions ? "/v1/regions" : "/v1/connect";
+  const path = endpoint === "connect" ? "/v1/connect" : endpoint === "regions" ? "/v1/regions" : "/healthz";
   const method = regions ? "GET" : "POST";
   const headers = regions
     ? { host: "bench.local" }

@@ -8,8 +8,8 @@ local reqs = {}
 local i = 0
 
 function init(args)
-  if mode == "regions" then
-    reqs[1] = wrk.format("GET", "/v1/regions")
+  if mode == "regions" or mode == "healthz" then
+    reqs[1] = wrk.format("GET", mode == "regions" and "/v1/regions" or "/healthz")
     return
   end
   for line in io.lines(path) do

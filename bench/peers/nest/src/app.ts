@@ -7,11 +7,11 @@ import type { NestExpressApplication } from "@nestjs/platform-express";
 import type { NextFunction, Request, Response } from "express";
 import { randomBytes } from "node:crypto";
 import * as core from "../../shared/core";
-import { ConnectController } from "./connect.controller";
+import { ConnectController, HealthController } from "./connect.controller";
 import { Keys } from "./keys";
 import { ConnectionEvents, MemoryKv, RegionGates } from "./state";
 
-@Module({ controllers: [ConnectController], providers: [MemoryKv, Keys, RegionGates, ConnectionEvents] })
+@Module({ controllers: [HealthController, ConnectController], providers: [MemoryKv, Keys, RegionGates, ConnectionEvents] })
 export class AppModule {}
 
 /** Problems (and Nest's own HTTP errors) as problem+json. */

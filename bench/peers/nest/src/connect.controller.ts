@@ -9,6 +9,15 @@ import { ConnectionEvents, MemoryKv, RegionGates } from "./state";
 
 const nowSecs = () => Math.floor(Date.now() / 1000);
 
+/** Liveness, no I/O: the floor of what a request costs in this stack. */
+@Controller()
+export class HealthController {
+  @Get("healthz")
+  healthz(@Res() res: Response) {
+    res.status(200).type("application/json").send('{"status":"ok"}');
+  }
+}
+
 @Controller("v1")
 export class ConnectController {
   private catalogue?: { snapshot: core.Snapshot; at: number };
