@@ -253,7 +253,15 @@ function cpuTicks(pid) {
   return Number(f[11]) + Number(f[12]); // utime + stime
 }
 
+/** CPU 0's busy and total jiffies: to see how much of the server's core other processes took. */
+function cpu0() {
+  const f = readFileSync("/proc/stat", "utf8").match(new RegExp(`^cpu${SERVER_CPU} (.*)$`, "m"))[1].trim().split(/\s+/).map(Number);
+  const [user, nice, system, idle, iowait, irq, softirq, steal] = f;
+  return { busy: user + nice + system + irq + softirq + steal, total: f.slice(0, 8).reduce((a, b) => a + b, 0) };
+}
+
 function wrk(s, endpoint, dir, seconds) {
+  const core0 = cpu0();
   const before = cpuTicks(s.pid);
   const r = spawnSync(
     "taskset",
@@ -261,11 +269,13 @@ function wrk(s, endpoint, dir, seconds) {
     { env: { ...process.env, BENCH_MODE: endpoint, BENCH_REQUESTS: join(dir, "requests.txt") }, encoding: "utf8" },
   );
   const after = cpuTicks(s.pid);
+  const core1 = cpu0();
   const line = r.stdout.split("\n").find((l) => l.startsWith("{"));
   if (!line) throw new Error(`wrk failed: ${r.stderr} ${r.stdout}`);
   const j = JSON.parse(line);
   const cpuUs = ((after - before) * 1e6) / CLK_TCK;
-  return figures(j, cpuUs);
+  const foreign = Math.max(0, core1.busy - core0.busy - (after - before)) / Math.max(1, core1.total - core0.total);
+  return { ...figures(j, cpuUs), foreign_cpu_share: round(foreign, 3) };
 }
 
 function figures(j, cpuUs) {
@@ -362,6 +372,9 @@ async function scenario(sc) {
   } finally {
     for (const s of servers) stopServer(s);
   }
+  result.foreign_cpu_share = median(
+    Object.values(result.warm).flatMap((e) => Object.values(e).flatMap((v) => v.runs.map((r) => r.foreign_cpu_share).filter((x) => x !== undefined))),
+  );
   for (const endpoint of Object.values(result.warm))
     for (const v of Object.values(endpoint)) {
       v.median = {};
@@ -405,10 +418,11 @@ function markdown(r) {
     );
   if (r.noisy)
     L.push(
-      `> **Noisy machine**: the 1-minute load average was ${r.machine.loadavg_start[0]} before the benchmark started (${r.machine.cores} cores); other work competed for the CPUs, so absolute figures are low and ratios less reliable.`,
+      `> **Noisy machine**: the 1-minute load average was ${r.machine.loadavg_start[0]} before the benchmark started (${r.machine.cores} cores), and other processes took ${Math.round(r.foreign_cpu_share * 100)}% of the server's CPU during the load runs (median); absolute figures are low and ratios less reliable.`,
       "",
     );
   L.push(`Generated ${r.generated_at} by \`${r.command}\` (${r.runs} run(s) of ${r.seconds} s per figure, medians; ${r.connections} connections; cold starts: medians of ${r.cold_runs}).`, "");
+  L.push(`Other processes' share of the server's CPU during the load runs (median): ${Math.round(r.foreign_cpu_share * 100)}%.`, "");
   L.push(`Machine: ${r.machine.cpu}, ${r.machine.cores} cores, ${r.machine.memory_gib} GiB, ${r.machine.os}, Linux ${r.machine.kernel}. Server pinned to CPU ${SERVER_CPU}, load generator (wrk) to CPU ${CLIENT_CPU}.`, "");
   L.push(
     "Versions: " +
@@ -497,8 +511,10 @@ const result = {
 const only = process.env.SCENARIOS?.split(",");
 for (const sc of SCENARIOS.filter((s) => !only || only.includes(s.name))) result.scenarios.push(await scenario(sc));
 result.machine.loadavg_end = readFileSync("/proc/loadavg", "utf8").split(" ").slice(0, 3).map(Number);
-// Other work on the machine before we started (our own load raises the end figure).
-result.noisy = result.machine.loadavg_start[0] > 1.0;
+// Other work on the machine: the load before we started (our own load raises the
+// end figure), and the share of the server's CPU other processes took during the runs.
+result.foreign_cpu_share = median(result.scenarios.map((s) => s.foreign_cpu_share));
+result.noisy = result.machine.loadavg_start[0] > 1.0 || result.foreign_cpu_share > 0.05;
 result.elapsed_s = round((Date.now() - started) / 1000, 0);
 result.targets = targets(result);
 writeFileSync(join(bench, "results.json"), JSON.stringify(result, null, 2) + "\n");
