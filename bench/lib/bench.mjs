@@ -9,6 +9,7 @@ import { spawn, spawnSync, execFileSync } from "node:child_process";
 import { createPublicKey, createPrivateKey, verify } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync, openSync } from "node:fs";
 import { request } from "node:http";
+import { createServer } from "node:net";
 import { cpus, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { gzipSync } from "node:zlib";
@@ -40,7 +41,19 @@ const TITLES = {
   regions: "GET /v1/regions",
   healthz: "GET /healthz (no I/O: each stack's floor)",
 };
-const PORTS = { ours: 18801, hono: 18802, nest: 18803 };
+const SERVERS = ["ours", "hono", "nest"];
+
+/** A TCP port nobody listens on right now (other work may run on this machine). */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.on("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
 
 // The main scenario gets every measurement; the others vary one thing.
 const SCENARIOS = [
@@ -148,8 +161,8 @@ process.on("exit", () => {
 });
 for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
 
-function startServer(stack, dir) {
-  const port = PORTS[stack];
+async function startServer(stack, dir) {
+  const port = await freePort();
   const { cmd, env } = serverCommand(stack, dir, port);
   const out = openSync(join(dir, `${stack}.log`), "a");
   const child = spawn(cmd[0], cmd.slice(1), { stdio: ["ignore", out, out], detached: true, env: env ?? process.env });
@@ -302,7 +315,7 @@ function lambdaWarm(dir, endpoint, seconds) {
   return figures(j, j.cpu_us);
 }
 
-function coldStart(stack, dir) {
+async function coldStart(stack, dir) {
   const requests = join(dir, "requests.txt");
   let args;
   let env = process.env;
@@ -310,7 +323,7 @@ function coldStart(stack, dir) {
     args = ["exit", requests, "--", "taskset", "-c", SERVER_CPU, NODE, join(bench, "lib/lambda.cjs"), "cold", join(bench, "peers/nest/dist/lambda.js"), requests];
     env = nestEnv(dir);
   } else {
-    const port = PORTS[stack] + 100;
+    const port = await freePort();
     const { cmd, env: e } = serverCommand(stack, dir, port);
     args = ["http", String(port), requests, "--", ...cmd];
     env = e ?? env;
@@ -328,7 +341,7 @@ function seed(sc) {
   mkdirSync(dir, { recursive: true });
   execFileSync(NODE, [join(bench, "lib/seed.mjs"), "--out", dir, "--regions", String(sc.regions), "--keys", String(sc.keys)]);
   for (const stack of ["ours", "hono"])
-    execFileSync(NODE, [join(bench, "lib/workerd-config.mjs"), "--stack", stack, "--data", dir, "--port", String(PORTS[stack]), "--out", join(dir, `${stack}.capnp`)]);
+    execFileSync(NODE, [join(bench, "lib/workerd-config.mjs"), "--stack", stack, "--data", dir, "--port", "8080", "--out", join(dir, `${stack}.capnp`)]);
   return dir;
 }
 
@@ -342,13 +355,14 @@ async function scenario(sc) {
   result.cold_start_ms = {};
   for (const stack of ["ours", "hono", "lambda"]) result.cold_start_ms[stack] = { runs: [] };
   for (let i = 0; i < coldRuns; i++)
-    for (const stack of ["ours", "hono", "lambda"]) result.cold_start_ms[stack].runs.push(round(coldStart(stack, dir), 1));
+    for (const stack of ["ours", "hono", "lambda"]) result.cold_start_ms[stack].runs.push(round(await coldStart(stack, dir), 1));
   for (const v of Object.values(result.cold_start_ms)) v.median = round(median(v.runs), 1);
 
   // Fresh tokens for the load (they live 15 minutes).
   dir = seed(sc);
   log(`scenario ${sc.name}: starting servers`);
-  const servers = ["ours", "hono", "nest"].map((s) => startServer(s, dir));
+  const servers = [];
+  for (const s of SERVERS) servers.push(await startServer(s, dir));
   try {
     for (const s of servers) await waitReady(s, dir);
     result.equivalence = await equivalence(servers, dir);
@@ -359,7 +373,7 @@ async function scenario(sc) {
     result.warm = {};
     for (const endpoint of endpoints) result.warm[endpoint] = {};
     for (const endpoint of endpoints)
-      for (const stack of [...Object.keys(PORTS), "lambda"]) result.warm[endpoint][stack] = { runs: [] };
+      for (const stack of [...SERVERS, "lambda"]) result.warm[endpoint][stack] = { runs: [] };
     log(`scenario ${sc.name}: warm-up`);
     for (const s of servers) for (const endpoint of endpoints) wrk(s, endpoint, dir, WARMUP);
     for (let run = 0; run < RUNS; run++) {

@@ -1,6 +1,7 @@
 // Writes a `workerd serve` config (Cap'n Proto text) for one stack and scenario.
 //
 // usage: node workerd-config.mjs --stack ours|hono --data DIR --port PORT --out FILE
+// (the harness overrides the port at start with --socket-addr=http=127.0.0.1:PORT)
 //
 // Both stacks get the same surroundings: the in-memory KV service seeded with the
 // scenario's kv.json (bound as KV), a queue sink (bound as CONNECTION_EVENTS), the
