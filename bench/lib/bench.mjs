@@ -479,6 +479,15 @@ function markdown(r) {
         );
       L.push("");
     }
+    if (sc.warm.healthz) {
+      L.push("### Where the CPU goes: each route's cost above the stack's floor", "");
+      L.push("| stack | floor: /healthz µs | /v1/connect µs | connect above floor | /v1/regions µs | regions above floor |", "|---|---|---|---|---|---|");
+      for (const k of Object.keys(sc.warm.healthz)) {
+        const cpu = (e) => sc.warm[e][k].median.cpu_us_per_req;
+        L.push(`| ${STACKS[k]} | ${cpu("healthz")} | ${cpu("connect")} | ${round(cpu("connect") - cpu("healthz"), 1)} | ${cpu("regions")} | ${round(cpu("regions") - cpu("healthz"), 1)} |`);
+      }
+      L.push("");
+    }
   }
 
   L.push("## Scaling: catalogue size and live signing keys", "");
