@@ -101,16 +101,27 @@ function pkgVersion(dir, name) {
   }
 }
 
+/** The commit measured, and whether the worker's sources differ from it. */
+function source() {
+  const head = sh("git", ["-C", root, "rev-parse", "--short", "HEAD"]);
+  let dirty = "";
+  try {
+    dirty = execFileSync("git", ["-C", root, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock", "bench/peers"]).toString().trim();
+  } catch {}
+  return head ? `${head}${dirty ? " with uncommitted changes" : ""}` : null;
+}
+
 function versions() {
   const lock = readFileSync(join(root, "Cargo.lock"), "utf8");
   const crate = (n) => lock.match(new RegExp(`name = "${n}"\\nversion = "([^"]+)"`))?.[1] ?? null;
   return {
-    workerd: sh(WORKERD, ["--version"]),
+    measured_commit: source(),
+    workerd: (sh(WORKERD, ["--version"]) ?? "").replace(/^workerd /, ""),
     node: sh(NODE, ["--version"]),
-    rustc: sh("rustc", ["--version"]),
+    rustc: (sh("rustc", ["--version"]) ?? "").replace(/^rustc /, ""),
     worker_crate: crate("worker"),
     wasm_bindgen: crate("wasm-bindgen"),
-    wrk: (sh("wrk", ["-v"]) ?? "").split("\n")[0],
+    wrk: (sh("wrk", ["-v"]) ?? "").match(/wrk (\S+)/)?.[1] ?? null,
     hono: pkgVersion(join(bench, "peers/hono"), "hono"),
     nestjs_core: pkgVersion(join(bench, "peers/nest"), "@nestjs/core"),
     express: pkgVersion(join(bench, "peers/nest"), "express"),
