@@ -4,7 +4,8 @@
 //                  `devices/<user>` mirrors, as the worker stores them
 //   keys.json      the JWT_SIGNING_KEYS secret (the development key first)
 //   requests.txt   one "<access token> <device id>" line per user, for the load
-//   vars.json      the worker's text bindings
+//   vars.json      the worker's text bindings: wrangler.toml [vars] and the secrets of
+//                  .dev.vars.example
 //
 // usage: node seed.mjs --out DIR --regions N --keys K [--users U]
 //
@@ -35,8 +36,10 @@ for (let i = 1; i < keyCount; i++) {
   const seed = createHash("sha256").update(`keenvpn-bench-key-${i}`).digest().toString("base64url");
   keys.push({ kid: `bench-${i}`, seed });
 }
+// wrangler.toml's top-level [vars] (the local development configuration).
+const wranglerVars = readFileSync(join(root, "wrangler.toml"), "utf8").split(/^\[vars\]$/m)[1]?.split(/^\[/m)[0] ?? "";
 const vars = {
-  ENVIRONMENT: "development",
+  ...Object.fromEntries([...wranglerVars.matchAll(/^(\w+)\s*=\s*"([^"]*)"/gm)].map((m) => [m[1], m[2]])),
   JWT_SIGNING_KEYS: JSON.stringify(keys),
   REFRESH_TOKEN_PEPPER: example.match(/^REFRESH_TOKEN_PEPPER="(.*)"$/m)[1],
   STRIPE_WEBHOOK_SECRET: example.match(/^STRIPE_WEBHOOK_SECRET="(.*)"$/m)[1],
