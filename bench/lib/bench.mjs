@@ -229,7 +229,10 @@ async function waitReady(s, dir) {
 
 // -------------------------------------------------------------- equivalence
 
-/** Every stack answers the same request with the same JSON (tickets: same claims, valid signature). */
+/**
+ * Every stack answers the same requests with the same JSON (tickets: same
+ * claims, valid signature), and refuses the same wrong ones the same way.
+ */
 async function equivalence(servers, dir) {
   const keys = JSON.parse(readFileSync(join(dir, "keys.json"), "utf8"));
   const signer = createPublicKey(
@@ -262,6 +265,38 @@ async function equivalence(servers, dir) {
     if (answers.ours.body?.ticket?.valid !== true) problems.push("ours: ticket signature does not verify");
     for (const [k, v] of Object.entries(answers)) if (JSON.stringify(v) !== ref) problems.push(`connect: ${k} differs from ours: ${JSON.stringify(v).slice(0, 300)} vs ${ref.slice(0, 300)}`);
   }
+  // Refusals: the same status, problem code and WWW-Authenticate for hostile or wrong requests.
+  const { headers: good, body: goodBody } = connectRequest(dir, 1);
+  const device = JSON.parse(goodBody).device_id;
+  const token = good.authorization.slice(7);
+  const json = (b) => ({ "content-type": "application/json", "content-length": Buffer.byteLength(b) });
+  const cases = {
+    "no token": [{ ...json(goodBody) }, goodBody],
+    "bad signature": [{ ...good, authorization: `Bearer ${token.slice(0, -6)}AAAAAA` }, goodBody],
+    "malformed token": [{ ...good, authorization: "Bearer abc.def" }, goodBody],
+    "Basic scheme": [{ ...good, authorization: `Basic ${token}` }, goodBody],
+    "text/plain body": [{ ...good, "content-type": "text/plain" }, goodBody],
+    "unknown field": [{ ...good, ...json(`{"device_id":"${device}","x":1}`) }, `{"device_id":"${device}","x":1}`],
+    "unknown device": [{ ...good, ...json('{"device_id":"00000000-0000-4000-8000-000000000000"}') }, '{"device_id":"00000000-0000-4000-8000-000000000000"}'],
+    "unknown region": [{ ...good, ...json(`{"device_id":"${device}","region":"mars"}`) }, `{"device_id":"${device}","region":"mars"}`],
+    "country only": [{ ...good, "x-keenvpn-client-location": undefined, "x-keenvpn-client-country": "JP" }, goodBody],
+  };
+  for (const [name, [headers, body]] of Object.entries(cases)) {
+    for (const k of Object.keys(headers)) if (headers[k] === undefined) delete headers[k];
+    const answers = {};
+    for (const s of servers) {
+      const r = await http(s.port, "POST", "/v1/connect", headers, body);
+      let code = null;
+      try {
+        const j = JSON.parse(r.body);
+        code = j.code ?? j.region;
+      } catch {}
+      answers[s.stack] = { status: r.status, code, bearer: !!r.headers?.["www-authenticate"] };
+    }
+    const ref = JSON.stringify(answers.ours);
+    for (const [k, v] of Object.entries(answers)) if (JSON.stringify(v) !== ref) problems.push(`${name}: ${k} answers ${JSON.stringify(v)}, ours ${ref}`);
+  }
+
   const regions = {};
   for (const s of servers) regions[s.stack] = norm(await http(s.port, "GET", "/v1/regions"));
   const ref = JSON.stringify(regions.ours);

@@ -79,7 +79,8 @@ export interface Device {
 // ------------------------------------------------------------------- problems
 
 /** An error answer: status, stable code, detail, extra members and headers. */
-export class Problem {
+export class Problem extends Error {
+  // An Error, because frameworks (Hono among them) hand only Errors to their error handlers.
   constructor(
     readonly status: number,
     readonly code: string,
@@ -87,7 +88,9 @@ export class Problem {
     readonly detail: string,
     readonly extra: Record<string, unknown> = {},
     readonly retryAfter?: number,
-  ) {}
+  ) {
+    super(detail);
+  }
 
   body(requestId: string): Record<string, unknown> {
     // Sorted keys, as the worker's serde_json maps are.
