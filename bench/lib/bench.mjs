@@ -233,6 +233,17 @@ async function waitReady(s, dir) {
  * Every stack answers the same requests with the same JSON (tickets: same
  * claims, valid signature), and refuses the same wrong ones the same way.
  */
+/** JSON text with object keys sorted at every level: member order carries no meaning in JSON. */
+function canonical(v) {
+  const sort = (x) =>
+    Array.isArray(x)
+      ? x.map(sort)
+      : x && typeof x === "object"
+        ? Object.fromEntries(Object.keys(x).sort().map((k) => [k, sort(x[k])]))
+        : x;
+  return JSON.stringify(sort(v));
+}
+
 async function equivalence(servers, dir) {
   const keys = JSON.parse(readFileSync(join(dir, "keys.json"), "utf8"));
   const signer = createPublicKey(
@@ -261,9 +272,9 @@ async function equivalence(servers, dir) {
     const { headers, body } = connectRequest(dir, line);
     const answers = {};
     for (const s of servers) answers[s.stack] = norm(await http(s.port, "POST", "/v1/connect", headers, body));
-    const ref = JSON.stringify(answers.ours);
+    const ref = canonical(answers.ours);
     if (answers.ours.body?.ticket?.valid !== true) problems.push("ours: ticket signature does not verify");
-    for (const [k, v] of Object.entries(answers)) if (JSON.stringify(v) !== ref) problems.push(`connect: ${k} differs from ours: ${JSON.stringify(v).slice(0, 300)} vs ${ref.slice(0, 300)}`);
+    for (const [k, v] of Object.entries(answers)) if (canonical(v) !== ref) problems.push(`connect: ${k} differs from ours: ${JSON.stringify(v).slice(0, 300)} vs ${ref.slice(0, 300)}`);
   }
   // Refusals: the same status, problem code and WWW-Authenticate for hostile or wrong requests.
   const { headers: good, body: goodBody } = connectRequest(dir, 1);
@@ -293,14 +304,14 @@ async function equivalence(servers, dir) {
       } catch {}
       answers[s.stack] = { status: r.status, code, bearer: !!r.headers?.["www-authenticate"] };
     }
-    const ref = JSON.stringify(answers.ours);
-    for (const [k, v] of Object.entries(answers)) if (JSON.stringify(v) !== ref) problems.push(`${name}: ${k} answers ${JSON.stringify(v)}, ours ${ref}`);
+    const ref = canonical(answers.ours);
+    for (const [k, v] of Object.entries(answers)) if (canonical(v) !== ref) problems.push(`${name}: ${k} answers ${JSON.stringify(v)}, ours ${ref}`);
   }
 
   const regions = {};
   for (const s of servers) regions[s.stack] = norm(await http(s.port, "GET", "/v1/regions"));
-  const ref = JSON.stringify(regions.ours);
-  for (const [k, v] of Object.entries(regions)) if (JSON.stringify(v) !== ref) problems.push(`regions: ${k} differs from ours`);
+  const ref = canonical(regions.ours);
+  for (const [k, v] of Object.entries(regions)) if (canonical(v) !== ref) problems.push(`regions: ${k} differs from ours`);
   return { same: problems.length === 0, problems };
 }
 
