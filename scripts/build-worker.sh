@@ -10,7 +10,7 @@ ROOT=$(pwd)
 PATH="$ROOT/node_modules/.bin:${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 export PATH
 
-if [ -f build/index.js ] && [ -z "$(find src Cargo.toml Cargo.lock .cargo migrations -newer build/index.js 2>/dev/null | head -n 1)" ]; then
+if [ -f build/index.js ] && [ -z "$(find src Cargo.toml Cargo.lock .cargo migrations openapi.json -newer build/index.js 2>/dev/null | head -n 1)" ]; then
   echo "build-worker: build/index.js is up to date"
   exit 0
 fi

@@ -73,6 +73,20 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres || die "could not create the postgres user"
 fi
 
+step "Schemathesis (the OpenAPI contract fuzzer the tests run), in .venv/"
+# Pinned: the contract tests use a fixed seed, which reproduces only with the same version.
+SCHEMATHESIS_VERSION=4.32.5
+have=$(.venv/bin/schemathesis --version 2>/dev/null | awk '{print $NF}' || true)
+if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
+  note "schemathesis $have"
+else
+  command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python (>= 3.10) with venv and pip"
+  note "installing schemathesis $SCHEMATHESIS_VERSION from PyPI (have: ${have:-none})"
+  [ -x .venv/bin/pip ] || python3 -m venv .venv || die "could not create .venv (is python3-venv installed?)"
+  .venv/bin/pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
+    || die "could not install schemathesis $SCHEMATHESIS_VERSION"
+fi
+
 step "development secrets (.dev.vars)"
 if [ -f .dev.vars ]; then
   # Add any secret the example gained since .dev.vars was made.

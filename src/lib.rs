@@ -3,6 +3,8 @@
 //!
 //! Layout (a functional core with an imperative shell):
 //! - [`domain`]: pure rules. No runtime, clock, randomness or I/O; unit-tested natively.
+//! - [`api`]: the wire types (request and response bodies) and, natively, the
+//!   OpenAPI document generated from them.
 //! - [`http`]: routing, replies and problem+json errors, also runtime-free.
 //! - [`sql`]: quoting for PostgreSQL's simple query protocol.
 //! - `edge` (wasm32 only): the one place `worker::` appears. Bindings (KV, the
@@ -14,6 +16,7 @@
 //! The `#[event]` entry points live in `edge` next to the code they call, so
 //! this file stays a map.
 
+pub mod api;
 pub mod domain;
 pub mod http;
 pub mod sql;

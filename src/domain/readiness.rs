@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 /// The components `/readyz` proves, in the order they are reported.
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Component {
@@ -20,6 +21,7 @@ pub enum Component {
 }
 
 /// Why a probe failed. Stable codes: the raw error goes to the log, not the client.
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Failure {
@@ -32,6 +34,7 @@ pub enum Failure {
 }
 
 /// The outcome of one probe.
+#[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Probe {
     pub component: Component,

@@ -373,22 +373,20 @@ impl KeySet {
 
     /// The public keys as a JWKS document (RFC 7517, OKP keys per RFC 8037),
     /// for anyone who wants to check our tokens themselves.
-    pub fn jwks(&self) -> serde_json::Value {
-        let keys: Vec<serde_json::Value> = self
+    pub fn jwks(&self) -> crate::api::Jwks {
+        let keys = self
             .verifiers
             .iter()
-            .map(|v| {
-                serde_json::json!({
-                    "kty": "OKP",
-                    "crv": "Ed25519",
-                    "x": URL_SAFE_NO_PAD.encode(v.key.as_ref()),
-                    "kid": v.kid,
-                    "alg": ALG,
-                    "use": "sig",
-                })
+            .map(|v| crate::api::Jwk {
+                kty: "OKP",
+                crv: "Ed25519",
+                x: URL_SAFE_NO_PAD.encode(v.key.as_ref()),
+                kid: v.kid.clone(),
+                alg: ALG,
+                use_: "sig",
             })
             .collect();
-        serde_json::json!({ "keys": keys })
+        crate::api::Jwks { keys }
     }
 
     /// Signs an access token. `exp = now + ACCESS_TTL_SECS - (jitter % (MAX_JITTER_SECS + 1))`.
@@ -845,7 +843,7 @@ mod tests {
     #[test]
     fn jwks_lists_every_key_with_its_public_half() {
         let set = keys(&[("k2", 2), ("k1", 1)]);
-        let jwks = set.jwks();
+        let jwks = serde_json::to_value(set.jwks()).expect("the key set serialises");
         let listed = jwks["keys"].as_array().expect("keys is an array");
         assert_eq!(listed.len(), 2);
         for (jwk, (kid, byte)) in listed.iter().zip([("k2", 2_u8), ("k1", 1)]) {
@@ -1560,9 +1558,7 @@ mod tests {
         );
         // A VPN server checks the signature with the published key.
         let pk = ed25519_compact::PublicKey::from_slice(
-            &URL_SAFE_NO_PAD
-                .decode(set.jwks()["keys"][0]["x"].as_str().unwrap())
-                .unwrap(),
+            &URL_SAFE_NO_PAD.decode(&set.jwks().keys[0].x).unwrap(),
         )
         .unwrap();
         let sig =

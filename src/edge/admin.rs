@@ -11,32 +11,17 @@
 
 use super::auth::json_body;
 use super::{Fail, bindings, catalogue, cron, store};
+use crate::api::{HealthReport, RegionState, ServerList, ServerState, SetRegion};
 use crate::domain::catalogue::Health;
 use crate::domain::problem::ProblemCode;
 use crate::http::{ApiError, Reply};
 use crate::sql;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use worker::{Env, Request};
 
 pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
 /// No region admits more than this many reconnects per second (sanity bound).
 const MAX_ADMISSION_RATE: u32 = 1_000_000;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SetRegion {
-    #[serde(default)]
-    health: Option<Health>,
-    #[serde(default)]
-    admission_rate: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HealthReport {
-    health: Health,
-}
 
 /// Checks the bearer service token. Digests are compared, so the comparison
 /// takes the same time wherever the presented token differs.
@@ -88,7 +73,7 @@ async fn update_region(env: &Env, id: &str, assignments: &str) -> Result<Reply, 
                                      'health_reported_at', extract(epoch FROM health_reported_at)::bigint)::text",
         sql::literal(id).map_err(|_| Fail::from(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.")))?
     );
-    let row: Option<serde_json::Value> = store::json_value(&db, &q).await?;
+    let row: Option<RegionState> = store::json_value(&db, &q).await?;
     let Some(row) = row else {
         return Err(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.").into());
     };
@@ -152,9 +137,11 @@ pub async fn servers(req: Request, env: &Env) -> Result<Reply, Fail> {
                  'id', s.id, 'region_id', s.region_id, 'endpoint', s.hostname || ':' || s.port,
                  'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load)
              ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s";
-    let servers: Option<serde_json::Value> = store::json_value(&db, q).await?;
+    let servers: Option<Vec<ServerState>> = store::json_value(&db, q).await?;
     Ok(Reply::json(
         200,
-        &serde_json::json!({ "servers": servers.unwrap_or_default() }),
+        &ServerList {
+            servers: servers.unwrap_or_default(),
+        },
     ))
 }

@@ -11,35 +11,19 @@ use super::durable::call;
 use super::login_throttle::{AttemptReq, Scope};
 use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
 use super::{Fail, bindings, random, secrets, store, time};
+use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
 use crate::domain::account::{Email, Password};
 use crate::domain::password;
 use crate::domain::problem::ProblemCode;
 use crate::domain::token::{AccessClaims, KeySet};
 use crate::http::body::{self, MAX_JSON_BODY};
 use crate::http::{ApiError, Reply};
-use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use worker::{Env, Request};
 
 /// The longest `Authorization` header value read; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = crate::domain::token::MAX_TOKEN_LEN + 16;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CredentialsBody {
-    email: String,
-    password: String,
-    /// A label for the session, e.g. the device's name.
-    #[serde(default)]
-    device_label: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RefreshBody {
-    refresh_token: String,
-}
 
 /// Reads a body of at most `max` bytes (a declared larger length is refused
 /// before reading); returns its content type and bytes.
@@ -71,7 +55,7 @@ pub(super) async fn json_body<T: serde::de::DeserializeOwned>(
     )?)
 }
 
-fn parse_credentials(b: &CredentialsBody) -> Result<(Email, Password), Fail> {
+fn parse_credentials(b: &Credentials) -> Result<(Email, Password), Fail> {
     match (Email::parse(&b.email), Password::parse(&b.password)) {
         (Ok(e), Ok(p)) => Ok((e, p)),
         (e, p) => {
@@ -92,12 +76,12 @@ fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u16) ->
     );
     let mut reply = Reply::json(
         status,
-        &json!({
-            "access_token": access_token,
-            "token_type": "Bearer",
-            "expires_in": expires_in,
-            "refresh_token": issued.refresh_token,
-        }),
+        &TokenPair {
+            access_token,
+            token_type: "Bearer",
+            expires_in,
+            refresh_token: issued.refresh_token.clone(),
+        },
     );
     reply.headers.push(("pragma", "no-cache".into()));
     reply
@@ -138,7 +122,7 @@ async fn open_session(
 }
 
 pub async fn signup(mut req: Request, env: &Env) -> Result<Reply, Fail> {
-    let b: CredentialsBody = json_body(&mut req).await?;
+    let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
@@ -182,7 +166,7 @@ async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<(), Fai
 }
 
 pub async fn login(mut req: Request, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
-    let b: CredentialsBody = json_body(&mut req).await?;
+    let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
@@ -241,7 +225,7 @@ pub async fn login(mut req: Request, env: &Env, client_ip: &str) -> Result<Reply
 }
 
 pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
-    let b: RefreshBody = json_body(&mut req).await?;
+    let b: RefreshRequest = json_body(&mut req).await?;
     let keys = secrets::keys(env)?;
     let token = crate::domain::session::RefreshToken::parse(&b.refresh_token).map_err(|e| {
         Fail::from(ApiError::new(
@@ -393,18 +377,28 @@ pub async fn me(req: Request, env: &Env) -> Result<Reply, Fail> {
         .unwrap_or_default()
         .into_iter()
         .filter(|s| !s.revoked)
-        .map(|s| json!({"id": s.id, "label": s.label, "created_at": s.created_at, "last_refresh_at": s.last_refresh_at, "current": s.id == claims.sid}))
+        .map(|s| SessionSummary {
+            current: s.id == claims.sid,
+            id: s.id,
+            label: s.label,
+            created_at: s.created_at,
+            last_refresh_at: s.last_refresh_at,
+        })
         .collect();
     Ok(Reply::json(
         200,
-        &json!({
-            "id": account.id,
-            "email": account.email,
-            "created_at": account.created_at,
-            "plan": ent.plan,
-            "entitlement": {"max_devices": ent.max_devices, "region_tiers": ent.region_tiers, "until": ent.until},
-            "sessions": sessions,
-        }),
+        &Me {
+            id: account.id,
+            email: account.email,
+            created_at: account.created_at,
+            plan: ent.plan,
+            entitlement: EntitlementView {
+                max_devices: ent.max_devices,
+                region_tiers: ent.region_tiers,
+                until: ent.until,
+            },
+            sessions,
+        },
     ))
 }
 

@@ -15,6 +15,7 @@ use super::durable::call;
 use super::events::{self, ConnectionEvent};
 use super::user_session::{DeviceMirror, devices_key};
 use super::{Fail, bindings, catalogue, random, secrets, store, time};
+use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
 use crate::domain::admission;
 use crate::domain::catalogue::Snapshot;
 use crate::domain::geo::Point;
@@ -22,17 +23,8 @@ use crate::domain::placement::{self, ClientLocation, PlacementError};
 use crate::domain::problem::ProblemCode;
 use crate::domain::token::Ticket;
 use crate::http::{ApiError, Reply};
-use serde::Deserialize;
 use serde_json::json;
 use worker::{Context, Env, Request};
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConnectBody {
-    device_id: String,
-    #[serde(default)]
-    region: Option<String>,
-}
 
 fn etag(snapshot: &Snapshot) -> String {
     format!("\"{}\"", snapshot.etag)
@@ -64,13 +56,18 @@ pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
     let regions: Vec<_> = snapshot
         .regions
         .iter()
-        .map(|r| {
-            json!({"id": r.id, "name": r.name, "country": r.country, "latitude": r.latitude,
-                   "longitude": r.longitude, "tier": r.tier, "health": r.health,
-                   "load": placement::region_load(r)})
+        .map(|r| RegionSummary {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            country: r.country.clone(),
+            latitude: r.latitude,
+            longitude: r.longitude,
+            tier: r.tier,
+            health: r.health,
+            load: placement::region_load(r),
         })
         .collect();
-    let mut reply = Reply::json(200, &json!({ "regions": regions }));
+    let mut reply = Reply::json(200, &RegionList { regions });
     reply.headers.push(("etag", tag));
     reply.headers.push(cache);
     Ok(reply)
@@ -144,7 +141,7 @@ fn refused(code: ProblemCode, detail: &str, failover: &[&str], retry_after: Opti
 pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     let location = client_location(&req, env);
-    let b: ConnectBody = json_body(&mut req).await?;
+    let b: ConnectRequest = json_body(&mut req).await?;
     let keys = secrets::keys(env)?;
 
     let not_found = || {
@@ -287,14 +284,18 @@ pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply
     );
     Ok(Reply::json(
         200,
-        &json!({
-            "region": region.id,
-            "server": {"id": server.id, "endpoint": format!("{}:{}", server.hostname, server.port), "public_key": server.public_key},
-            "ipv4_address": device.ipv4_address,
-            "ipv6_address": device.ipv6_address,
-            "ticket": ticket,
-            "ticket_expires_in": ticket_expires_in,
-            "failover": failover,
-        }),
+        &Assignment {
+            region: region.id.clone(),
+            server: AssignedServer {
+                id: server.id.clone(),
+                endpoint: format!("{}:{}", server.hostname, server.port),
+                public_key: server.public_key.clone(),
+            },
+            ipv4_address: device.ipv4_address.clone(),
+            ipv6_address: device.ipv6_address.clone(),
+            ticket,
+            ticket_expires_in,
+            failover: failover.iter().map(|r| (*r).to_owned()).collect(),
+        },
     ))
 }

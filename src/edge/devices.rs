@@ -10,6 +10,7 @@ use super::auth::{self, authenticate, read_body, refusal};
 use super::durable::call;
 use super::user_session::{self, CreateDeviceReq, DeleteDeviceReq, RotateKeyReq};
 use super::{Fail, bindings, store};
+use crate::api::{CreateDevice, Device, DeviceList, RotateKey};
 use crate::domain::account::Invalid;
 use crate::domain::device::{self, DeviceName, PublicKey};
 use crate::domain::entitlement::Entitlement;
@@ -17,20 +18,11 @@ use crate::domain::idempotency;
 use crate::domain::problem::ProblemCode;
 use crate::http::body::{self, MAX_JSON_BODY};
 use crate::http::{ApiError, Reply};
-use serde::Deserialize;
 use worker::{Env, Request};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateBody {
-    name: String,
-    public_key: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RotateBody {
-    public_key: String,
+/// A device as the user's object answered it.
+fn device_of(json: serde_json::Value) -> Result<Device, Fail> {
+    serde_json::from_value(json).map_err(|e| Fail::internal(format!("device answer: {e}")))
 }
 
 fn not_found() -> Fail {
@@ -52,7 +44,7 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         None => None,
     };
     let (content_type, bytes) = read_body(&mut req, MAX_JSON_BODY).await?;
-    let b: CreateBody = body::parse_json(content_type.as_deref(), &bytes, MAX_JSON_BODY)?;
+    let b: CreateDevice = body::parse_json(content_type.as_deref(), &bytes, MAX_JSON_BODY)?;
     let (name, key) = (DeviceName::parse(&b.name), PublicKey::parse(&b.public_key));
     check(
         [name.as_ref().err(), key.as_ref().err()]
@@ -80,7 +72,7 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
     .await?;
     if status == 200 {
         // The caller already has this device (a retried registration).
-        return Ok(Reply::json(200, &json));
+        return Ok(Reply::json(200, &device_of(json)?));
     }
     if status != 201 {
         let mut fail = refusal(status, &json);
@@ -96,11 +88,10 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         }
         return Err(fail);
     }
-    let mut reply = Reply::json(201, &json);
-    reply.headers.push((
-        "location",
-        format!("/v1/devices/{}", json["id"].as_str().unwrap_or_default()),
-    ));
+    let device = device_of(json)?;
+    let location = format!("/v1/devices/{}", device.id);
+    let mut reply = Reply::json(201, &device);
+    reply.headers.push(("location", location));
     Ok(reply)
 }
 
@@ -124,7 +115,10 @@ pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
     let max_devices = cached.map_or(claims.ent.max_devices, |e| e.max_devices);
     Ok(Reply::json(
         200,
-        &serde_json::json!({ "devices": devices, "max_devices": max_devices }),
+        &DeviceList {
+            devices,
+            max_devices,
+        },
     ))
 }
 
@@ -162,7 +156,7 @@ pub async fn delete(req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
 pub async fn rotate_key(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     // Parse the body before deciding on the id, so a bad body is a 4xx whatever the id.
-    let b: RotateBody = auth::json_body(&mut req).await?;
+    let b: RotateKey = auth::json_body(&mut req).await?;
     PublicKey::parse(&b.public_key).map_err(|e| Fail::from(body::invalid(&[e])))?;
     if !device::is_device_id(id) {
         return Err(not_found());
@@ -188,5 +182,5 @@ pub async fn rotate_key(mut req: Request, env: &Env, id: &str) -> Result<Reply, 
         404 => return Err(not_found()),
         _ => return Err(refusal(status, &json)),
     }
-    Ok(Reply::json(200, &json))
+    Ok(Reply::json(200, &device_of(json)?))
 }

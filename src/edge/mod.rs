@@ -89,12 +89,21 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
     // Set by Cloudflare's edge (and by wrangler dev locally); never trusted for
     // anything but rate limiting.
     let client_ip = header("cf-connecting-ip").unwrap_or_else(|| "unknown".into());
-    let method = req.method().to_string();
+    // The method as sent: `worker::Method` turns methods it does not know
+    // (e.g. QUERY) into GET, which would route them as GETs.
+    let method = req.inner().method();
     let path = req.path();
 
     let result = match http::route(&method, &path) {
-        Routed::Found(Route::Healthz) => Ok(Reply::json(200, &serde_json::json!({"status": "ok"}))),
+        Routed::Found(Route::Healthz) => {
+            Ok(Reply::json(200, &crate::api::Liveness { status: "ok" }))
+        }
         Routed::Found(Route::Readyz) => Ok(readyz::handle(&env, &request_id).await),
+        Routed::Found(Route::OpenApi) => Ok(Reply {
+            status: 200,
+            headers: vec![("content-type", "application/json".into())],
+            body: crate::api::OPENAPI_JSON.as_bytes().to_vec(),
+        }),
         Routed::Found(Route::Jwks) => auth::jwks(&env),
         Routed::Found(Route::Signup) => auth::signup(req, &env).await,
         Routed::Found(Route::Login) => auth::login(req, &env, &client_ip).await,

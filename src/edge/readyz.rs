@@ -5,6 +5,7 @@
 //! codes; the underlying error is logged with the request id.
 
 use super::{bindings, log, pg, time};
+use crate::api::Readiness;
 use crate::domain::problem::ProblemCode;
 use crate::domain::readiness::{Component, Failure, Probe, Report};
 use crate::http::{ApiError, Reply};
@@ -31,7 +32,10 @@ pub async fn handle(env: &Env, request_id: &str) -> Reply {
     if report.is_ready() {
         return Reply::json(
             200,
-            &serde_json::json!({"status": "ready", "components": report.components}),
+            &Readiness {
+                status: "ready",
+                components: report.components,
+            },
         );
     }
     let down: Vec<&str> = report.down().map(Component::as_str).collect();

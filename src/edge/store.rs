@@ -161,16 +161,8 @@ pub async fn account(client: &Client, user_id: &str) -> Result<Option<AccountRow
     json_row(client, &q).await
 }
 
-/// A device as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub struct Device {
-    pub id: String,
-    pub name: String,
-    pub public_key: String,
-    pub ipv4_address: String,
-    pub ipv6_address: String,
-    pub created_at: i64,
-}
+/// A device as the API shows it (the database builds it with [`DEVICE_JSON`]).
+pub use crate::api::Device;
 
 /// The JSON of a device row aliased `d`.
 const DEVICE_JSON: &str =

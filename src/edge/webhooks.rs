@@ -13,6 +13,7 @@ use super::auth::{read_body, refusal};
 use super::durable::call;
 use super::user_session::InputsReq;
 use super::{Fail, bindings, store, time};
+use crate::api::WebhookAck;
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{self, Event};
 use crate::http::{ApiError, Reply};
@@ -27,6 +28,13 @@ fn problem(code: &str) -> Fail {
     let code = ProblemCode::from_code(code).unwrap_or(ProblemCode::WebhookMalformed);
     ApiError::new(code, code.title()).into()
 }
+
+/// The answer to a delivery that changes nothing (ignored type, unknown customer).
+const NOT_APPLIED: WebhookAck = WebhookAck {
+    received: true,
+    applied: false,
+    duplicate: None,
+};
 
 fn log(msg: &str, fields: serde_json::Value) {
     worker::console_log!("{}", json!({"level": "info", "msg": msg, "event": fields}));
@@ -56,10 +64,7 @@ pub async fn stripe(mut req: Request, env: &Env) -> Result<Reply, Fail> {
     let (envelope, change) = match stripe::parse_event(&body).map_err(|e| problem(e.code()))? {
         Event::Ignored { id, kind } => {
             log("webhook ignored", json!({"id": id, "type": kind}));
-            return Ok(Reply::json(
-                200,
-                &json!({"received": true, "applied": false}),
-            ));
+            return Ok(Reply::json(200, &NOT_APPLIED));
         }
         Event::Relevant { envelope, change } => (envelope, change),
     };
@@ -69,17 +74,11 @@ pub async fn stripe(mut req: Request, env: &Env) -> Result<Reply, Fail> {
     let Some(user_id) = applied.user_id else {
         // Not ours (or not yet linked): acknowledge, or the provider retries for days.
         log("webhook for an unknown customer", fields);
-        return Ok(Reply::json(
-            200,
-            &json!({"received": true, "applied": false}),
-        ));
+        return Ok(Reply::json(200, &NOT_APPLIED));
     };
     let Some(inputs) = store::inputs_for(&db, &user_id).await? else {
         log("webhook for a deleted user", fields);
-        return Ok(Reply::json(
-            200,
-            &json!({"received": true, "applied": false}),
-        ));
+        return Ok(Reply::json(200, &NOT_APPLIED));
     };
     drop(db);
     let (status, answer) = call(
@@ -99,6 +98,10 @@ pub async fn stripe(mut req: Request, env: &Env) -> Result<Reply, Fail> {
     log("webhook applied", fields);
     Ok(Reply::json(
         200,
-        &json!({"received": true, "applied": applied.changed, "duplicate": !applied.new_event}),
+        &WebhookAck {
+            received: true,
+            applied: applied.changed,
+            duplicate: Some(!applied.new_event),
+        },
     ))
 }

@@ -9,6 +9,8 @@ pub enum Route {
     Healthz,
     /// `GET /readyz`: proves KV, a Durable Object and PostgreSQL.
     Readyz,
+    /// `GET /openapi.json`: the OpenAPI document.
+    OpenApi,
     /// `GET /.well-known/jwks.json`: the public keys that verify access tokens.
     Jwks,
     /// `POST /v1/auth/signup`
@@ -61,6 +63,7 @@ pub fn route(method: &str, path: &str) -> Routed {
     let (allow, found) = match path {
         "/healthz" => ("GET", Route::Healthz),
         "/readyz" => ("GET", Route::Readyz),
+        "/openapi.json" => ("GET", Route::OpenApi),
         "/.well-known/jwks.json" => ("GET", Route::Jwks),
         "/v1/auth/signup" => ("POST", Route::Signup),
         "/v1/auth/login" => ("POST", Route::Login),

@@ -18,6 +18,8 @@ mod common;
 #[cfg(not(target_arch = "wasm32"))]
 mod connect;
 #[cfg(not(target_arch = "wasm32"))]
+mod contract;
+#[cfg(not(target_arch = "wasm32"))]
 mod cron;
 #[cfg(not(target_arch = "wasm32"))]
 mod devices;
@@ -81,6 +83,7 @@ mod harness {
             crate::devices::TESTS,
             crate::billing::TESTS,
             crate::connect::TESTS,
+            crate::contract::TESTS,
         ]
         .concat()
         .into_iter()

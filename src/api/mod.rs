@@ -1,0 +1,357 @@
+//! The API's wire types: every JSON body a client sends and every JSON body the
+//! worker answers, in one place.
+//!
+//! The handlers in `edge` parse requests into these types and serialise
+//! responses from them, and [`openapi`] (native only) derives the OpenAPI
+//! document's schemas from the same definitions, so the contract cannot say one
+//! thing while the worker does another. The schema derivations are compiled
+//! only natively: the worker carries the finished document as text
+//! ([`OPENAPI_JSON`]), not the machinery that wrote it.
+
+use crate::domain::catalogue::{Health, Tier};
+use crate::domain::readiness::Probe;
+use serde::{Deserialize, Serialize};
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod openapi;
+
+/// The OpenAPI document as committed (`openapi.json`), served at `/openapi.json`.
+/// A test regenerates it from these types and fails when the two differ.
+pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
+
+/// Derives the JSON Schema of a wire type, natively only.
+macro_rules! wire {
+    ($($item:item)*) => {$(
+        #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
+        $item
+    )*};
+}
+
+wire! {
+    // ---- Requests --------------------------------------------------------
+
+    /// `POST /v1/auth/signup` and `POST /v1/auth/login`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Credentials {
+        /// The account's email address (at most 254 bytes).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(email, length(max = 254)))]
+        pub email: String,
+        /// 8 to 128 characters, no NUL.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 8, max = 128), regex(pattern = r"^[^\x00]*$")))]
+        pub password: String,
+        /// A label for the session, e.g. the device's name (cut to 64 characters).
+        #[serde(default)]
+        pub device_label: Option<String>,
+    }
+
+    /// `POST /v1/auth/refresh`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RefreshRequest {
+        /// The refresh token of the last token pair (`v1.<user>.<session>.<generation>.<secret>`).
+        pub refresh_token: String,
+    }
+
+    /// `POST /v1/devices`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct CreateDevice {
+        /// 1 to 64 characters, no control characters, not only spaces.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 1, max = 64), regex(pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")))]
+        pub name: String,
+        /// The device's WireGuard public key: 32 bytes (not all zero), canonical
+        /// standard base64 (44 characters).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")))]
+        pub public_key: String,
+    }
+
+    /// `PUT /v1/devices/{id}/public_key`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RotateKey {
+        /// The new WireGuard public key: 32 bytes (not all zero), canonical standard base64.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")))]
+        pub public_key: String,
+    }
+
+    /// `POST /v1/connect`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ConnectRequest {
+        /// One of the caller's devices.
+        pub device_id: String,
+        /// A region id from `/v1/regions`; omitted: the nearest allowed healthy region.
+        #[serde(default)]
+        pub region: Option<String>,
+    }
+
+    /// `PUT /v1/admin/regions/{id}`: at least one member that is not null.
+    #[derive(Debug, Deserialize)]
+    #[cfg_attr(not(target_arch = "wasm32"), schemars(extend("anyOf" = [
+        {"required": ["health"], "properties": {"health": {"not": {"type": "null"}}}},
+        {"required": ["admission_rate"], "properties": {"admission_rate": {"not": {"type": "null"}}}}
+    ])))]
+    #[serde(deny_unknown_fields)]
+    pub struct SetRegion {
+        #[serde(default)]
+        pub health: Option<Health>,
+        /// Reconnects per second the region admits (0 to 1,000,000; 0 admits no one).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(range(max = 1_000_000)))]
+        #[serde(default, deserialize_with = "integral")]
+        pub admission_rate: Option<u32>,
+    }
+
+    /// `POST /v1/admin/regions/{id}/health-report`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HealthReport {
+        pub health: Health,
+    }
+
+    // ---- Responses -------------------------------------------------------
+
+    /// `GET /healthz`.
+    #[derive(Debug, Serialize)]
+    pub struct Liveness {
+        /// Always `ok`.
+        pub status: &'static str,
+    }
+
+    /// `GET /readyz` when every component is up.
+    #[derive(Debug, Serialize)]
+    pub struct Readiness {
+        /// Always `ready`.
+        pub status: &'static str,
+        pub components: Vec<Probe>,
+    }
+
+    /// `GET /.well-known/jwks.json`: the keys that verify access tokens (RFC 7517).
+    #[derive(Debug, Serialize)]
+    pub struct Jwks {
+        pub keys: Vec<Jwk>,
+    }
+
+    /// An Ed25519 public key (RFC 8037).
+    #[derive(Debug, Serialize)]
+    pub struct Jwk {
+        /// `OKP`.
+        pub kty: &'static str,
+        /// `Ed25519`.
+        pub crv: &'static str,
+        /// The public key, base64url without padding.
+        pub x: String,
+        pub kid: String,
+        /// `EdDSA`.
+        pub alg: &'static str,
+        /// `sig`.
+        #[serde(rename = "use")]
+        pub use_: &'static str,
+    }
+
+    /// A token pair: signup (201), login and refresh (200).
+    #[derive(Debug, Serialize)]
+    pub struct TokenPair {
+        /// An EdDSA-signed JWT; send it as `Authorization: Bearer ...`.
+        pub access_token: String,
+        /// Always `Bearer`.
+        pub token_type: &'static str,
+        /// Seconds until the access token expires.
+        pub expires_in: i64,
+        /// Single use: each refresh answers a new pair.
+        pub refresh_token: String,
+    }
+
+    /// `GET /v1/me`.
+    #[derive(Debug, Serialize)]
+    pub struct Me {
+        pub id: String,
+        pub email: String,
+        /// Unix seconds.
+        pub created_at: i64,
+        /// The plan id the entitlement comes from (`free`, `plus`, ...).
+        pub plan: String,
+        pub entitlement: EntitlementView,
+        /// The user's signed-in sessions.
+        pub sessions: Vec<SessionSummary>,
+    }
+
+    /// What the user's plan allows right now.
+    #[derive(Debug, Serialize)]
+    pub struct EntitlementView {
+        pub max_devices: u32,
+        pub region_tiers: Vec<Tier>,
+        /// When a paid entitlement lapses (unix seconds); null for the free plan.
+        pub until: Option<i64>,
+    }
+
+    /// A signed-in session.
+    #[derive(Debug, Serialize)]
+    pub struct SessionSummary {
+        pub id: String,
+        pub label: String,
+        /// Unix seconds.
+        pub created_at: i64,
+        /// Unix seconds.
+        pub last_refresh_at: i64,
+        /// Whether this is the session of the token that asked.
+        pub current: bool,
+    }
+
+    /// A registered WireGuard device.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Device {
+        pub id: String,
+        pub name: String,
+        pub public_key: String,
+        /// The device's tunnel IPv4 address.
+        pub ipv4_address: String,
+        /// The device's tunnel IPv6 address.
+        pub ipv6_address: String,
+        /// Unix seconds.
+        pub created_at: i64,
+    }
+
+    /// `GET /v1/devices`.
+    #[derive(Debug, Serialize)]
+    pub struct DeviceList {
+        pub devices: Vec<Device>,
+        /// How many devices the current plan allows.
+        pub max_devices: u32,
+    }
+
+    /// `GET /v1/regions`.
+    #[derive(Debug, Serialize)]
+    pub struct RegionList {
+        pub regions: Vec<RegionSummary>,
+    }
+
+    /// A VPN region as clients see it.
+    #[derive(Debug, Serialize)]
+    pub struct RegionSummary {
+        pub id: String,
+        pub name: String,
+        /// ISO 3166-1 alpha-2.
+        pub country: String,
+        pub latitude: f64,
+        pub longitude: f64,
+        pub tier: Tier,
+        pub health: Health,
+        /// Reported load of the region's servers, weighted by capacity (0 to 1).
+        pub load: f32,
+    }
+
+    /// `POST /v1/connect`: where to connect.
+    #[derive(Debug, Serialize)]
+    pub struct Assignment {
+        /// The region chosen.
+        pub region: String,
+        pub server: AssignedServer,
+        /// The device's tunnel IPv4 address.
+        pub ipv4_address: String,
+        /// The device's tunnel IPv6 address.
+        pub ipv6_address: String,
+        /// A short-lived EdDSA-signed JWT the VPN server verifies offline.
+        pub ticket: String,
+        /// Seconds the ticket stays valid.
+        pub ticket_expires_in: i64,
+        /// Regions to try next, nearest first.
+        pub failover: Vec<String>,
+    }
+
+    /// The server a client is assigned.
+    #[derive(Debug, Serialize)]
+    pub struct AssignedServer {
+        pub id: String,
+        /// `host:port` of the WireGuard endpoint.
+        pub endpoint: String,
+        /// The server's WireGuard public key.
+        pub public_key: String,
+    }
+
+    /// `POST /v1/webhooks/stripe`: the delivery was received.
+    #[derive(Debug, Serialize)]
+    pub struct WebhookAck {
+        /// Always true.
+        pub received: bool,
+        /// Whether the event changed a subscription.
+        pub applied: bool,
+        /// Whether this event had been received before.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub duplicate: Option<bool>,
+    }
+
+    /// A region's operational state after an admin change.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct RegionState {
+        pub id: String,
+        pub health: Health,
+        pub admission_rate: u32,
+        /// When a monitor last reported (unix seconds); null if never.
+        pub health_reported_at: Option<i64>,
+    }
+
+    /// `GET /v1/admin/servers`.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct ServerList {
+        pub servers: Vec<ServerState>,
+    }
+
+    /// A VPN server as operators see it.
+    #[derive(Debug, Serialize, Deserialize)]
+    pub struct ServerState {
+        pub id: String,
+        pub region_id: String,
+        /// `host:port`.
+        pub endpoint: String,
+        pub public_key: String,
+        pub capacity: u32,
+        pub enabled: bool,
+        /// Reported load (0 to 1).
+        pub load: f64,
+    }
+}
+
+/// An optional `u32` that JSON may spell as an integral number with a
+/// fraction (`5.0`): JSON Schema's `integer` admits both, so we do too.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => n
+            .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= f64::from(u32::MAX))
+                    .map(|f| f as u64)
+            })
+            .and_then(|v| u32::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected a u32"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(json: &str) -> Result<Option<u32>, String> {
+        serde_json::from_str::<SetRegion>(json)
+            .map(|b| b.admission_rate)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn admission_rate_takes_integral_numbers_in_either_spelling() {
+        assert_eq!(rate(r#"{"admission_rate": 20}"#), Ok(Some(20)));
+        assert_eq!(rate(r#"{"admission_rate": 362880.0}"#), Ok(Some(362_880)));
+        assert_eq!(rate(r#"{"admission_rate": null}"#), Ok(None));
+        assert_eq!(rate(r#"{}"#), Ok(None));
+        for bad in ["20.5", "-1", "-1.0", "4294967296", "1e300", "\"20\""] {
+            assert!(
+                rate(&format!(r#"{{"admission_rate": {bad}}}"#)).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+}
