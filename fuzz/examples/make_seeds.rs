@@ -305,7 +305,38 @@ fn refresh_seeds() {
     write(t, "access-token-shaped", "eyJhbGciOiJFZERTQSJ9.e30.c2ln");
 }
 
+fn json_seeds() {
+    let t = "json_bodies";
+    let (_, issued) = sessions();
+    let key = STANDARD.encode((1u8..=32).collect::<Vec<u8>>());
+    let bodies = [
+        ("signup", json!({"email": "Demo@KeenVPN.test ", "password": "keenvpn-demo-2026", "device_label": "Pixel 8"}).to_string()),
+        ("login-no-label", json!({"email": "demo@keenvpn.test", "password": "x"}).to_string()),
+        ("refresh", json!({"refresh_token": issued.refresh_token}).to_string()),
+        ("create-device", json!({"name": "Laptop", "public_key": key}).to_string()),
+        ("rotate-key", json!({"public_key": key}).to_string()),
+        ("connect", json!({"device_id": "7f1d3c52-8a8e-4c1b-9a57-2c1d0e4f6a7b", "region": "eu-central"}).to_string()),
+        ("connect-null-region", r#"{"device_id":"7f1d3c52-8a8e-4c1b-9a57-2c1d0e4f6a7b","region":null}"#.into()),
+        ("set-region", json!({"health": "draining", "admission_rate": 200}).to_string()),
+        ("set-region-float-rate", r#"{"admission_rate":5.0}"#.into()),
+        ("set-region-huge-rate", r#"{"admission_rate":1e300,"health":null}"#.into()),
+        ("set-region-negative-zero", r#"{"admission_rate":-0.0}"#.into()),
+        ("health-report", json!({"health": "down"}).to_string()),
+        ("unknown-field", r#"{"health":"up","extra":true}"#.into()),
+        ("duplicate-field", r#"{"public_key":"a","public_key":"b"}"#.into()),
+        ("escapes", r#"{"name":"\u0000\ud83d\ude00\n","public_key":"\u0041"}"#.into()),
+        ("lone-surrogate", r#"{"refresh_token":"\ud800"}"#.into()),
+        ("deep-nesting", format!("{{\"health\":{}{}}}", "[".repeat(200), "]".repeat(200))),
+        ("not-an-object", r#"["demo@keenvpn.test","password"]"#.into()),
+        ("trailing-garbage", r#"{"health":"up"} x"#.into()),
+    ];
+    for (name, body) in bodies {
+        write(t, name, body);
+    }
+}
+
 fn main() {
+    json_seeds();
     tokens();
     stripe_seeds();
     device_seeds();
