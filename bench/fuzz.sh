@@ -51,9 +51,10 @@ for t in "${targets[@]}"; do
      "../$grown" "../$seeds" -- \
      -max_total_time="$SECS" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
      -artifact_prefix="../$artifacts/") >"$logs/$t.log" 2>&1 || status=$?
+  # A crash while loading the corpus leaves some of these lines unwritten.
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$logs/$t.log" | tail -n1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$logs/$t.log" | tail -n1)
-  cov=$(grep -Eo 'cov: [0-9]+' "$logs/$t.log" | tail -n1 | cut -d' ' -f2)
+  cov=$({ grep -Eo 'cov: [0-9]+' "$logs/$t.log" || true; } | tail -n1 | cut -d' ' -f2)
   crashes=$(( $(count "$artifacts") - before ))
   if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
     failed=1
