@@ -269,17 +269,20 @@ impl Ledger {
     /// than the last sync's is stale and ignored. Reservations are untouched;
     /// one whose row the list already shows counts twice until its confirm,
     /// which errs on the safe side.
-    pub fn sync_since(&mut self, mark: SyncMark, device_ids: Vec<String>) {
+    ///
+    /// Returns whether the list was applied (false: it was stale).
+    pub fn sync_since(&mut self, mark: SyncMark, device_ids: Vec<String>) -> bool {
         // A confirm is forgotten only by a sync whose query started after it.
         // Applying marks in order means every later sync's query started
         // after it too, so lists its row if the row still exists.
         if mark.0 < self.synced {
-            return;
+            return false;
         }
         self.synced = mark.0;
         self.confirms.retain(|_, &mut seq| seq > mark.0);
         self.devices = device_ids.into_iter().collect();
         self.devices.extend(self.confirms.keys().cloned());
+        true
     }
 
     /// Replaces the device set with `device_ids` outright. Exact only when no
@@ -304,6 +307,19 @@ impl Ledger {
     /// Devices counted against the limit, reservations aside.
     pub fn confirmed(&self) -> usize {
         self.devices.len()
+    }
+
+    /// Whether `device_id` is counted against the limit.
+    pub fn counts(&self, device_id: &str) -> bool {
+        self.devices.contains(device_id)
+    }
+
+    /// Drops every reservation for which `alive` is false: the shell knows
+    /// which requests are still running, and a reservation whose request
+    /// died (threw, or its object restarted) can never be confirmed or
+    /// released by it, so waiting for its expiry would only hold a slot.
+    pub fn release_unless(&mut self, alive: impl Fn(&str) -> bool) {
+        self.reservations.retain(|id, _| alive(id));
     }
 }
 
@@ -865,6 +881,35 @@ mod tests {
         assert!(ledger.reserve(3, T0, rid(1)).is_ok());
         // An upgrade takes effect at once.
         assert!(ledger.reserve(10, T0, rid(2)).is_ok());
+    }
+
+    #[test]
+    fn reservations_of_dead_requests_are_released_at_once() {
+        let mut ledger = Ledger::default();
+        let dead = ledger.reserve(2, T0, rid(1)).unwrap();
+        let running = ledger.reserve(2, T0, rid(2)).unwrap();
+        assert!(ledger.reserve(2, T0, rid(3)).is_err(), "both slots taken");
+        ledger.release_unless(|id| id == running);
+        assert_eq!(ledger.in_use(T0), 1, "only the running one still counts");
+        let again = ledger.reserve(2, T0, rid(3)).unwrap();
+        assert_ne!(again, dead);
+        // Confirmed devices are not reservations: nothing releases them.
+        ledger.confirm(&running, "d1");
+        ledger.release_unless(|_| false);
+        assert_eq!(ledger.in_use(T0), 1);
+        assert!(ledger.counts("d1") && !ledger.counts("d2"));
+    }
+
+    #[test]
+    fn sync_since_says_whether_it_applied_the_list() {
+        let mut ledger = Ledger::default();
+        let old = ledger.mark();
+        let r = ledger.reserve(5, T0, rid(1)).unwrap();
+        ledger.confirm(&r, "a");
+        let new = ledger.mark();
+        assert!(ledger.sync_since(new, vec!["a".into()]));
+        assert!(!ledger.sync_since(old, vec![]), "an older list is stale");
+        assert!(ledger.counts("a"));
     }
 
     #[test]

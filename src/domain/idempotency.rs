@@ -179,6 +179,16 @@ impl Records {
         }
     }
 
+    /// Forgets every in-flight record for which `alive` is false: the shell
+    /// knows which requests are still running, and a key whose request died
+    /// (threw, or its object restarted) would otherwise answer
+    /// [`Begin::InFlight`] to every retry until [`IN_FLIGHT_TTL_SECS`].
+    /// Completed records are kept.
+    pub fn abandon_unless(&mut self, alive: impl Fn(&str) -> bool) {
+        self.records
+            .retain(|key, r| r.response.is_some() || alive(key));
+    }
+
     /// Drops completed records older than [`RETENTION_SECS`] and in-flight
     /// ones older than [`IN_FLIGHT_TTL_SECS`], then the oldest records beyond
     /// [`MAX_RECORDS`], so the stored state stays bounded.
@@ -382,6 +392,22 @@ mod tests {
         // Unknown keys are fine.
         records.abandon("never-seen");
         assert_eq!(records.len(), 1);
+    }
+
+    #[test]
+    fn in_flight_records_of_dead_requests_are_forgotten_completed_ones_kept() {
+        let mut records = Records::default();
+        records.begin("dead", &fp("a"), T0);
+        records.begin("running", &fp("a"), T0);
+        records.begin("done", &fp("a"), T0);
+        records.complete("done", created("{}"), T0);
+        records.abandon_unless(|k| k == "running");
+        assert_eq!(records.begin("dead", &fp("a"), T0 + 1), Begin::Proceed);
+        assert_eq!(records.begin("running", &fp("a"), T0 + 1), Begin::InFlight);
+        assert_eq!(
+            records.begin("done", &fp("a"), T0 + 1),
+            Begin::Replay(created("{}"))
+        );
     }
 
     #[test]

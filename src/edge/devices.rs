@@ -9,7 +9,7 @@
 use super::auth::{self, authenticate, read_body, refusal};
 use super::durable::call;
 use super::user_session::{self, CreateDeviceReq, DeleteDeviceReq, RotateKeyReq};
-use super::{Fail, bindings, store};
+use super::{Fail, bindings, fault, store};
 use crate::api::{CreateDevice, Device, DeviceList, RotateKey};
 use crate::domain::account::Invalid;
 use crate::domain::device::{self, DeviceName, PublicKey};
@@ -61,6 +61,7 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         public_key: b.public_key,
         token_max_devices: claims.ent.max_devices,
         idempotency: fingerprint,
+        fault: req.headers().get(fault::HEADER).ok().flatten(),
     };
     let (status, json) = call(
         env,

@@ -13,6 +13,7 @@ mod cron;
 mod devices;
 mod durable;
 mod events;
+mod fault;
 mod log;
 mod login_throttle;
 mod pg;

@@ -197,15 +197,23 @@ pub async fn next_address(client: &Client) -> Result<u64, Fail> {
 
 #[derive(Debug, Deserialize)]
 pub struct Inserted {
-    /// `None` when the database's own limit check refused the insert.
+    /// `None` when the database's own limit check refused the insert, or the
+    /// user already has a device with this key.
     pub device: Option<Device>,
+    /// The user's device with this key, if it existed before the statement:
+    /// an earlier attempt committed but its answer was lost (the database
+    /// died after the commit, or the object did).
+    #[serde(default)]
+    pub existing: Option<Device>,
     /// The user's devices after the statement, oldest first.
     pub devices: Vec<Device>,
 }
 
 /// Inserts a device in one transaction that locks the user's row and re-checks
 /// the limit: the Durable Object's ledger decides first, this is the backstop
-/// that keeps PostgreSQL right even if the ledger ever drifts.
+/// that keeps PostgreSQL right even if the ledger ever drifts. A key the user
+/// already registered inserts nothing and comes back as `existing`; another
+/// user's key is a unique violation (409).
 pub async fn insert_device(
     client: &Client,
     user_id: &str,
@@ -222,9 +230,11 @@ pub async fn insert_device(
              INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
              SELECT {u}, {name}, {key}, {v4}::inet, {v6}::inet
              WHERE (SELECT count(*) FROM devices WHERE user_id = {u}) < {limit}
+               AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {u} AND public_key = {key})
              RETURNING *)
          SELECT json_build_object(
              'device', (SELECT {DEVICE_JSON} FROM ins d),
+             'existing', (SELECT {DEVICE_JSON} FROM devices d WHERE d.user_id = {u} AND d.public_key = {key}),
              'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json) FROM
                             (SELECT * FROM devices WHERE user_id = {u} UNION ALL SELECT * FROM ins) d))::text;
          COMMIT;",

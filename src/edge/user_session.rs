@@ -6,6 +6,13 @@
 //! is single-threaded, a refresh, a reuse check or a logout is atomic by
 //! construction: two concurrent refreshes of one token rotate it exactly once.
 //!
+//! Storage semantics this relies on (workerd): each `put` is atomic, and a
+//! response waits until the writes before it are durable (the output gate);
+//! but a request that throws does not roll back what it already wrote. So
+//! every step of an operation is one write of the whole state, and a
+//! multi-step operation (a device registration) is written so that a crash
+//! between steps leaves an earlier step whole (see `create_device`).
+//!
 //! After every change it mirrors the session list to KV (`sessions/<user id>`) so
 //! any edge can list sessions and see revocations without calling it; that copy
 //! is eventually consistent (about a minute) and is never used for decisions
@@ -13,7 +20,7 @@
 
 use super::durable::{body, ping, refuse};
 use super::store::{self, EntitlementInputs};
-use super::{Fail, bindings, random, secrets, time};
+use super::{Fail, bindings, fault, random, secrets, time};
 use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
 use crate::domain::entitlement::{self, Entitlement};
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
@@ -21,6 +28,8 @@ use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
 };
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
 
 const KEY: &str = "state";
@@ -102,6 +111,9 @@ pub struct CreateDeviceReq {
     pub token_max_devices: u32,
     /// `(key, fingerprint)` when the request carried an `Idempotency-Key`.
     pub idempotency: Option<(String, String)>,
+    /// A fault point to throw at (development only; see `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,6 +172,55 @@ pub struct IssuedResp {
 pub struct UserSession {
     state: State,
     env: Env,
+    /// The device registrations running in this instance right now.
+    running: RefCell<Running>,
+}
+
+/// Idempotency keys and reservation ids owned by requests that are still
+/// running in this instance. An object runs as one instance at a time, so a
+/// stored in-flight record or reservation missing from here belongs to a
+/// request that died (it threw, or the object restarted since): nothing will
+/// ever complete or release it, and it is cleaned up at once instead of
+/// holding its key or slot until it expires.
+#[derive(Default)]
+struct Running {
+    /// Key -> how many running requests hold it (a request whose record
+    /// expired while it still ran, and the retry that took the key over).
+    keys: BTreeMap<String, u32>,
+    reservations: BTreeSet<String>,
+}
+
+/// The device a request changed, as PostgreSQL answered it: applied to the
+/// device records whether or not the list that came with it is stale.
+enum Own<'a> {
+    Nothing,
+    Wrote(&'a store::Device),
+    Deleted(&'a str),
+}
+
+/// Removes what a request registered in [`Running`] when the request ends,
+/// however it ends (an answer, an error, or its future being dropped).
+struct Owned<'a> {
+    running: &'a RefCell<Running>,
+    key: Option<String>,
+    reservation: Option<String>,
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        let mut running = self.running.borrow_mut();
+        if let Some(k) = &self.key
+            && let Some(n) = running.keys.get_mut(k)
+        {
+            *n -= 1;
+            if *n == 0 {
+                running.keys.remove(k);
+            }
+        }
+        if let Some(r) = &self.reservation {
+            running.reservations.remove(r);
+        }
+    }
 }
 
 impl UserSession {
@@ -202,16 +263,69 @@ impl UserSession {
     /// Records PostgreSQL's list of the user's devices: syncs the ledger (from
     /// `mark`, see `Ledger::sync_since`), keeps the records, persists, and
     /// mirrors them to KV for the connect path.
-    async fn apply_devices(&self, mark: SyncMark, devices: Vec<store::Device>) -> Result<()> {
+    async fn apply_devices(
+        &self,
+        mark: SyncMark,
+        devices: Vec<store::Device>,
+        own: Own<'_>,
+    ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
-        stored
-            .devices
-            .sync_since(mark, devices.iter().map(|d| d.id.clone()).collect());
-        stored.device_records = devices;
+        Self::sync_devices(&mut stored, mark, devices, own);
         self.persist(&mut stored, now).await?;
         self.mirror_devices(&stored).await;
         Ok(())
+    }
+
+    /// Applies PostgreSQL's list of the user's devices, read under `mark`, to
+    /// the ledger and to the records the connect path reads, keeping the two
+    /// in step: a list can be stale (read before another request's confirm),
+    /// and the records must then keep the devices the ledger keeps rather
+    /// than follow the list. What this request itself changed wins either
+    /// way (see [`Own`]). Returns whether the records changed.
+    fn sync_devices(
+        stored: &mut Stored,
+        mark: SyncMark,
+        list: Vec<store::Device>,
+        own: Own<'_>,
+    ) -> bool {
+        let (own, removed) = match own {
+            Own::Nothing => (None, None),
+            Own::Wrote(d) => (Some(d), None),
+            Own::Deleted(id) => (None, Some(id)),
+        };
+        let applied = stored
+            .devices
+            .sync_since(mark, list.iter().map(|d| d.id.clone()).collect());
+        let old = std::mem::take(&mut stored.device_records);
+        // The newer of the two is the base; the other only adds devices the
+        // ledger counts that the base lacks.
+        let (base, other) = if applied {
+            (list, old.clone())
+        } else {
+            (old.clone(), list)
+        };
+        let mut records: Vec<store::Device> = base
+            .into_iter()
+            .filter(|d| stored.devices.counts(&d.id))
+            .collect();
+        for d in other.into_iter().chain(own.cloned()) {
+            if !stored.devices.counts(&d.id) {
+                continue;
+            }
+            match records.iter_mut().find(|r| r.id == d.id) {
+                Some(r) if own.is_some_and(|o| o.id == d.id) => *r = d,
+                Some(_) => {}
+                None => records.push(d),
+            }
+        }
+        if let Some(id) = removed {
+            records.retain(|r| r.id != id);
+        }
+        records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let changed = records != old;
+        stored.device_records = records;
+        changed
     }
 
     async fn mirror_devices(&self, stored: &Stored) {
@@ -361,10 +475,21 @@ impl UserSession {
     /// non-storage await, never reused across one. PostgreSQL re-checks the limit
     /// under a row lock as a backstop, and its list of the user's devices is fed
     /// back into the ledger so the two always converge.
+    ///
+    /// Each step's state is one storage write, so a crash (an exception, an
+    /// object restart) between steps leaves a whole earlier step: at worst a
+    /// reservation and an in-flight idempotency record whose request is gone,
+    /// which the next registration drops (see [`Running`]), and possibly a row
+    /// PostgreSQL committed that the object never confirmed, which the retry
+    /// finds by its key and answers with (see `store::insert_device`).
     async fn create_device(&self, mut req: Request) -> Result<Response> {
         let r: CreateDeviceReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
+        };
+        let fault = match r.fault.clone() {
+            None => None,
+            asked => fault::armed(&self.env, asked),
         };
         let (Ok(name), Ok(key)) = (DeviceName::parse(&r.name), PublicKey::parse(&r.public_key))
         else {
@@ -375,10 +500,30 @@ impl UserSession {
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
+        let mut owned = Owned {
+            running: &self.running,
+            key: None,
+            reservation: None,
+        };
+        {
+            let running = self.running.borrow();
+            stored
+                .devices
+                .release_unless(|id| running.reservations.contains(id));
+            stored
+                .idempotency
+                .abandon_unless(|k| running.keys.contains_key(k));
+        }
         if let Some((k, fp)) = &r.idempotency {
             match stored.idempotency.begin(k, fp, now) {
-                Begin::Proceed => {}
+                Begin::Proceed => {
+                    *self.running.borrow_mut().keys.entry(k.clone()).or_default() += 1;
+                    owned.key = Some(k.clone());
+                }
                 Begin::Replay(resp) => {
+                    // The first answer may never have reached the mirror (a
+                    // crash right after the state was written): write it again.
+                    self.mirror_devices(&stored).await;
                     return Ok(Response::ok(resp.body)?.with_status(resp.status));
                 }
                 Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
@@ -397,8 +542,8 @@ impl UserSession {
                 .map_err(|e| worker::Error::RustError(e.to_string()))?;
             if let Some((k, _)) = &r.idempotency {
                 stored.idempotency.abandon(k);
-                self.persist(&mut stored, now).await?;
             }
+            self.persist(&mut stored, now).await?;
             return Ok(Response::ok(body)?.with_status(200));
         }
         let limit = Self::entitlement(&stored, now).map_or(r.token_max_devices, |e| e.max_devices);
@@ -412,6 +557,11 @@ impl UserSession {
                 return refuse(403, "device_limit_reached", None);
             }
         };
+        self.running
+            .borrow_mut()
+            .reservations
+            .insert(reservation.clone());
+        owned.reservation = Some(reservation.clone());
         // Device lists read from PostgreSQL after this point may arrive out of
         // order with other requests' confirmations: the mark lets the ledger
         // apply only what is newer (see `Ledger::sync_since`).
@@ -420,8 +570,12 @@ impl UserSession {
         // before the first await that lets other requests in.
         self.persist(&mut stored, now).await?;
         drop(stored);
+        fault::at(&fault, "device.after_reserve")?;
 
         let outcome = self.insert_device(&r.user_id, &name, &key, limit).await;
+        if outcome.is_ok() {
+            fault::at(&fault, "device.after_insert")?;
+        }
 
         let now = time::now_secs();
         let mut stored = self.load().await?;
@@ -430,52 +584,66 @@ impl UserSession {
                 stored.idempotency.abandon(k);
             }
         };
-        match outcome {
+        let (status, body, changed) = match outcome {
             Ok(store::Inserted {
                 device: Some(device),
                 devices,
+                ..
             }) => {
                 stored.devices.confirm(&reservation, &device.id);
-                stored
-                    .devices
-                    .sync_since(mark, devices.iter().map(|d| d.id.clone()).collect());
-                stored.device_records = devices;
+                let changed = Self::sync_devices(&mut stored, mark, devices, Own::Wrote(&device));
                 let body = serde_json::to_string(&device)
                     .map_err(|e| worker::Error::RustError(e.to_string()))?;
-                if let Some((k, _)) = &r.idempotency {
-                    stored.idempotency.complete(
-                        k,
-                        StoredResponse {
-                            status: 201,
-                            body: body.clone(),
-                        },
-                        now,
-                    );
-                }
-                self.persist(&mut stored, now).await?;
-                self.mirror_devices(&stored).await;
-                Ok(Response::ok(body)?.with_status(201))
+                (201, Some(body), changed)
             }
             Ok(store::Inserted {
-                device: None,
+                existing: Some(device),
                 devices,
+                ..
             }) => {
+                // An earlier attempt committed this device and its answer was
+                // lost: this is the retry, answered like any repeat of a key.
                 stored.devices.release(&reservation);
-                stored
-                    .devices
-                    .sync_since(mark, devices.iter().map(|d| d.id.clone()).collect());
-                stored.device_records = devices;
+                let changed = Self::sync_devices(&mut stored, mark, devices, Own::Wrote(&device));
+                let body = serde_json::to_string(&device)
+                    .map_err(|e| worker::Error::RustError(e.to_string()))?;
+                (200, Some(body), changed)
+            }
+            Ok(store::Inserted { devices, .. }) => {
+                stored.devices.release(&reservation);
+                let changed = Self::sync_devices(&mut stored, mark, devices, Own::Nothing);
                 abandon(&mut stored);
                 self.persist(&mut stored, now).await?;
-                refuse(403, "device_limit_reached", None)
+                if changed {
+                    self.mirror_devices(&stored).await;
+                }
+                return refuse(403, "device_limit_reached", None);
             }
             Err(fail) => {
                 stored.devices.release(&reservation);
                 abandon(&mut stored);
                 self.persist(&mut stored, now).await?;
-                refuse_fail(&fail)
+                return refuse_fail(&fail);
             }
+        };
+        let body = body.unwrap_or_default();
+        if let Some((k, _)) = &r.idempotency {
+            stored.idempotency.complete(
+                k,
+                StoredResponse {
+                    status,
+                    body: body.clone(),
+                },
+                now,
+            );
         }
+        self.persist(&mut stored, now).await?;
+        fault::at(&fault, "device.after_confirm")?;
+        if changed {
+            self.mirror_devices(&stored).await;
+        }
+        drop(owned);
+        Ok(Response::ok(body)?.with_status(status))
     }
 
     async fn insert_device(
@@ -504,7 +672,12 @@ impl UserSession {
         };
         match outcome {
             Ok(deleted) => {
-                self.apply_devices(mark, deleted.devices).await?;
+                let own = if deleted.deleted {
+                    Own::Deleted(&r.device_id)
+                } else {
+                    Own::Nothing
+                };
+                self.apply_devices(mark, deleted.devices, own).await?;
                 Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
             }
             Err(fail) => refuse_fail(&fail),
@@ -526,7 +699,8 @@ impl UserSession {
         };
         match outcome {
             Ok(rotated) => {
-                self.apply_devices(mark, rotated.devices).await?;
+                let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
+                self.apply_devices(mark, rotated.devices, own).await?;
                 match rotated.device {
                     Some(d) => Response::from_json(&d),
                     None => refuse(404, "device_not_found", None),
@@ -567,7 +741,11 @@ impl UserSession {
 
 impl DurableObject for UserSession {
     fn new(state: State, env: Env) -> Self {
-        UserSession { state, env }
+        UserSession {
+            state,
+            env,
+            running: RefCell::default(),
+        }
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {

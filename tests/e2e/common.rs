@@ -35,6 +35,47 @@ pub struct Resp {
     pub body: Value,
 }
 
+/// What the run exposed that must never reach a log, and the request ids it
+/// saw (proof that the logs searched are the right ones): see `main.rs`.
+#[derive(Default)]
+pub struct Seen {
+    /// Passwords of accounts that exist (a sign-up or login succeeded with them).
+    pub passwords: std::collections::BTreeSet<String>,
+    /// Every access and refresh token issued to the tests.
+    pub tokens: std::collections::BTreeSet<String>,
+    pub request_ids: Vec<String>,
+}
+
+pub static SEEN: std::sync::Mutex<Seen> = std::sync::Mutex::new(Seen {
+    passwords: std::collections::BTreeSet::new(),
+    tokens: std::collections::BTreeSet::new(),
+    request_ids: Vec::new(),
+});
+
+fn remember(path: &str, sent: Option<&Value>, resp: &Resp) {
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(id) = resp
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        seen.request_ids.push(id.to_owned());
+    }
+    if !(200..300).contains(&resp.status) {
+        return;
+    }
+    if matches!(path, "/v1/auth/signup" | "/v1/auth/login")
+        && let Some(p) = sent.and_then(|b| b["password"].as_str())
+    {
+        seen.passwords.insert(p.to_owned());
+    }
+    for field in ["access_token", "refresh_token"] {
+        if let Some(t) = resp.body[field].as_str() {
+            seen.tokens.insert(t.to_owned());
+        }
+    }
+}
+
 pub async fn send_with(
     ctx: &Ctx,
     method: &str,
@@ -43,7 +84,32 @@ pub async fn send_with(
     bearer: Option<&str>,
     extra: &[(&str, &str)],
 ) -> Resp {
-    let mut req = ctx.http.request(method.parse().unwrap(), ctx.url(path));
+    send_to(
+        ctx,
+        &ctx.stack().wrangler.base_url,
+        method,
+        path,
+        body,
+        bearer,
+        extra,
+    )
+    .await
+}
+
+/// [`send_with`] to the worker at `base` (a stack of a test's own).
+pub async fn send_to(
+    ctx: &Ctx,
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    bearer: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Resp {
+    let sent = body.clone();
+    let mut req = ctx
+        .http
+        .request(method.parse().unwrap(), format!("{base}{path}"));
     if !extra
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("cf-connecting-ip"))
@@ -64,11 +130,13 @@ pub async fn send_with(
     let headers = resp.headers().clone();
     let text = resp.text().await.unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Resp {
+    let resp = Resp {
         status,
         headers,
         body,
-    }
+    };
+    remember(path, sent.as_ref(), &resp);
+    resp
 }
 
 pub async fn send(
@@ -101,13 +169,20 @@ pub struct User {
 pub const PASSWORD: &str = "correct horse battery";
 
 pub async fn new_user(ctx: &Ctx) -> User {
+    new_user_at(ctx, &ctx.stack().wrangler.base_url).await
+}
+
+/// [`new_user`] on the worker at `base`.
+pub async fn new_user_at(ctx: &Ctx, base: &str) -> User {
     let email = unique_email();
-    let r = send(
+    let r = send_to(
         ctx,
+        base,
         "POST",
         "/v1/auth/signup",
         Some(json!({"email": email, "password": PASSWORD})),
         None,
+        &[],
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);

@@ -24,7 +24,11 @@ mod cron;
 #[cfg(not(target_arch = "wasm32"))]
 mod devices;
 #[cfg(not(target_arch = "wasm32"))]
+mod faults;
+#[cfg(not(target_arch = "wasm32"))]
 mod health;
+#[cfg(not(target_arch = "wasm32"))]
+mod logs;
 
 #[cfg(not(target_arch = "wasm32"))]
 mod harness {
@@ -84,6 +88,7 @@ mod harness {
             crate::billing::TESTS,
             crate::connect::TESTS,
             crate::contract::TESTS,
+            crate::faults::TESTS,
         ]
         .concat()
         .into_iter()
@@ -103,6 +108,11 @@ mod harness {
             stack.pg.keep = true;
         }
         drop(ctx);
+        // Every stack is stopped now: search all their logs for the secrets
+        // the run used.
+        if !args.list && !crate::logs::no_secrets_in_logs() {
+            return std::process::ExitCode::FAILURE;
+        }
         conclusion.exit_code()
     }
 }

@@ -334,10 +334,28 @@ impl Postgres {
         }
     }
 
-    /// Kills the server outright (SIGKILL), as a crash would.
+    /// Kills the server outright, as a crash of its machine would: SIGKILL to
+    /// the postmaster and to every backend at once, so no backend finishes
+    /// (or commits) anything after the moment of the kill.
     pub fn kill_server(&mut self) {
         if let Some(child) = self.child.take() {
+            // Listed first: once the postmaster is gone they are reparented.
+            // Killed after it, so it forks nothing (no crash recovery, no
+            // new backend) in between.
+            let backends = children_of(child.id());
+            // SAFETY: kill(2) on the postmaster we spawned, then its backends.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGKILL);
+                for pid in &backends {
+                    libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
             stop_child(child, libc::SIGKILL, Duration::from_secs(15), false);
+            // Wait for the backends too: a restart needs their shared memory gone.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while backends.iter().any(|pid| is_running(*pid)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 
@@ -399,6 +417,34 @@ impl Drop for Postgres {
     }
 }
 
+/// Whether `pid` exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat[stat.rfind(')')? + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// The pids whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // The 4th field of /proc/<pid>/stat, after the parenthesised name.
+            fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// Sends `signal` (to the process group when `group`), waits up to `grace`, then SIGKILLs.
 fn stop_child(mut child: Child, signal: libc::c_int, grace: Duration, group: bool) {
     let pid = child.id() as libc::pid_t;
@@ -448,7 +494,9 @@ pub fn build_worker() {
 }
 
 /// A private copy of what `wrangler dev` serves: `wrangler.toml` without its
-/// `[build]` table, the built `build/` output and `.dev.vars`. wrangler watches
+/// `[build]` table and with fault injection enabled (`FAULT_INJECTION`, which
+/// the worker honours only in development), the built `build/` output and
+/// `.dev.vars`. wrangler watches
 /// the source tree and rebuilds and reloads the worker on any change, dropping
 /// requests in flight; serving a snapshot keeps a test run independent of edits
 /// made while it runs, and it serves exactly the artifact `build_worker` made.
@@ -468,6 +516,17 @@ fn snapshot_app(dir: &Path) -> PathBuf {
         })
         .map(|l| format!("{l}\n"))
         .collect();
+    // The first `ENVIRONMENT` line is the top-level (development) [vars].
+    let dev_vars = "ENVIRONMENT = \"development\"\n";
+    assert!(
+        filtered.contains(dev_vars),
+        "wrangler.toml has no development [vars]"
+    );
+    let filtered = filtered.replacen(
+        dev_vars,
+        &format!("{dev_vars}FAULT_INJECTION = \"enabled\"\n"),
+        1,
+    );
     fs::write(app.join("wrangler.toml"), filtered).expect("write wrangler.toml");
     fs::copy(root().join(".dev.vars"), app.join(".dev.vars")).expect("copy .dev.vars");
     let status = Command::new("cp")
@@ -618,10 +677,22 @@ impl Wrangler {
     }
 }
 
+/// The logs of every `wrangler dev` stopped so far in this process, for
+/// checks over a whole run (see [`finished_logs`]).
+static FINISHED_LOGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// What every stopped `wrangler dev` of this process printed, one entry each.
+pub fn finished_logs() -> Vec<String> {
+    FINISHED_LOGS.lock().map(|l| l.clone()).unwrap_or_default()
+}
+
 impl Drop for Wrangler {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
             stop_child(child, libc::SIGTERM, Duration::from_secs(10), true);
+        }
+        if let Ok(mut logs) = FINISHED_LOGS.lock() {
+            logs.push(self.log());
         }
         if self.keep || std::thread::panicking() {
             eprintln!("wrangler logs and state kept in {}", self.dir.display());

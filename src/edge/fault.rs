@@ -1,0 +1,31 @@
+//! Fault injection for the end-to-end tests: makes a Durable Object operation
+//! throw at a named point, as a crash there would, so the tests can check what
+//! state such a crash leaves behind.
+//!
+//! Off unless the Worker runs with `ENVIRONMENT = "development"` *and* the var
+//! `FAULT_INJECTION = "enabled"` (only the test harness sets it); a request
+//! then names the point in the `x-keenvpn-fault` header. Anywhere else the
+//! header is ignored, and the only cost is reading it.
+
+use worker::{Env, Error, Result};
+
+/// The request header naming the point at which to throw.
+pub const HEADER: &str = "x-keenvpn-fault";
+const VAR: &str = "FAULT_INJECTION";
+
+/// The point `asked` for, if fault injection is enabled in this environment.
+pub fn armed(env: &Env, asked: Option<String>) -> Option<String> {
+    let var = |name: &str| env.var(name).map(|v| v.to_string()).ok();
+    asked.filter(|_| {
+        var("ENVIRONMENT").as_deref() == Some("development")
+            && var(VAR).as_deref() == Some("enabled")
+    })
+}
+
+/// Throws (returns the error a crash would surface as) when `armed` names `point`.
+pub fn at(armed: &Option<String>, point: &str) -> Result<()> {
+    match armed.as_deref() {
+        Some(p) if p == point => Err(Error::RustError(format!("injected fault at {point}"))),
+        _ => Ok(()),
+    }
+}
