@@ -953,6 +953,11 @@ mod properties {
         Commit(prop::sample::Index),
         /// A pending insert fails and releases its slot.
         Fail(prop::sample::Index),
+        /// A request dies between reserving and confirming (it threw, or
+        /// its object restarted): nothing confirms or releases its slot.
+        Die(prop::sample::Index),
+        /// The shell releases the reservations of requests no longer running.
+        Reap,
         /// A device is deleted.
         Delete(prop::sample::Index),
         /// The shell takes a mark and queries the device ids.
@@ -968,6 +973,8 @@ mod properties {
             4 => Just(Step::Reserve),
             3 => any::<prop::sample::Index>().prop_map(Step::Commit),
             1 => any::<prop::sample::Index>().prop_map(Step::Fail),
+            1 => any::<prop::sample::Index>().prop_map(Step::Die),
+            1 => Just(Step::Reap),
             1 => any::<prop::sample::Index>().prop_map(Step::Delete),
             2 => Just(Step::SyncStart),
             2 => any::<prop::sample::Index>().prop_map(Step::SyncDeliver),
@@ -978,8 +985,8 @@ mod properties {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
-        /// However requests, commits, failures, deletions, time and
-        /// out-of-order syncs interleave, the committed devices plus the
+        /// However requests, commits, failures, deaths, reaps, deletions,
+        /// time and out-of-order syncs interleave, the committed devices plus the
         /// inserts still in flight never exceed the limit, and the ledger
         /// never counts fewer than exist.
         ///
@@ -1027,6 +1034,12 @@ mod properties {
                     Step::Fail(i) if !pending.is_empty() => {
                         let (reservation, _) = pending.remove(i.index(pending.len()));
                         ledger.release(&reservation);
+                    }
+                    Step::Die(i) if !pending.is_empty() => {
+                        pending.remove(i.index(pending.len()));
+                    }
+                    Step::Reap => {
+                        ledger.release_unless(|id| pending.iter().any(|(r, _)| r == id));
                     }
                     Step::Delete(i) if !db.is_empty() => {
                         let device = db.iter().nth(i.index(db.len())).cloned().unwrap();

@@ -514,9 +514,23 @@ mod properties {
 
     #[derive(Debug, Clone)]
     enum Step {
-        Begin { key: u8, request: u8 },
-        Complete { key: u8 },
-        Abandon { key: u8 },
+        Begin {
+            key: u8,
+            request: u8,
+        },
+        Complete {
+            key: u8,
+        },
+        Abandon {
+            key: u8,
+        },
+        /// The request running under the key dies without completing or
+        /// abandoning it.
+        Die {
+            key: u8,
+        },
+        /// The shell forgets the in-flight records of requests no longer running.
+        Reap,
         Prune,
         Advance(i64),
     }
@@ -528,6 +542,8 @@ mod properties {
             6 => (0u8..150, 0u8..3).prop_map(|(key, request)| Step::Begin { key, request }),
             3 => (0u8..150).prop_map(|key| Step::Complete { key }),
             1 => (0u8..150).prop_map(|key| Step::Abandon { key }),
+            1 => (0u8..150).prop_map(|key| Step::Die { key }),
+            1 => Just(Step::Reap),
             1 => Just(Step::Prune),
             1 => prop_oneof![0i64..=IN_FLIGHT_TTL_SECS, 0i64..=RETENTION_SECS].prop_map(Step::Advance),
         ]
@@ -538,7 +554,8 @@ mod properties {
 
         /// Pruning always leaves at most [`MAX_RECORDS`]; a replay is always
         /// the response stored for that key and that same request; a key
-        /// that was just begun is never begun again while it is in flight.
+        /// that was just begun is never begun again while it is in flight,
+        /// and once the dead requests are reaped none of them blocks its key.
         #[test]
         fn records_stay_bounded_and_replays_are_never_of_another_request(
             steps in prop::collection::vec(step(), 0..400),
@@ -550,6 +567,8 @@ mod properties {
             let mut began: BTreeMap<String, String> = BTreeMap::new();
             let mut stored: BTreeMap<String, (String, StoredResponse)> = BTreeMap::new();
             let mut serial = 0u32;
+            // Keys whose request is running (begun, not finished or dead).
+            let mut running: std::collections::BTreeSet<String> = Default::default();
             for step in steps {
                 match step {
                     Step::Begin { key, request } => {
@@ -558,6 +577,7 @@ mod properties {
                         match records.begin(&key, &fp, now) {
                             Begin::Proceed => {
                                 began.insert(key.clone(), fp.clone());
+                                running.insert(key.clone());
                                 prop_assert_eq!(records.begin(&key, &fp, now), Begin::InFlight);
                             }
                             Begin::Replay(response) => {
@@ -571,13 +591,33 @@ mod properties {
                         let key = format!("key-{key}");
                         serial += 1;
                         let response = StoredResponse { status: 201, body: format!("{{\"n\":{serial}}}") };
-                        // The shell completes only what it began.
-                        if let Some(fp) = began.get(&key) {
+                        // The shell completes only what it began and still runs.
+                        if running.contains(&key)
+                            && let Some(fp) = began.get(&key)
+                        {
+                            running.remove(&key);
                             records.complete(&key, response.clone(), now);
                             stored.insert(key, (fp.clone(), response));
                         }
                     }
-                    Step::Abandon { key } => records.abandon(&format!("key-{key}")),
+                    Step::Abandon { key } => {
+                        let key = format!("key-{key}");
+                        running.remove(&key);
+                        records.abandon(&key);
+                    }
+                    Step::Die { key } => {
+                        running.remove(&format!("key-{key}"));
+                    }
+                    Step::Reap => {
+                        records.abandon_unless(|k| running.contains(k));
+                        // No dead request still blocks its key.
+                        for (key, fp) in &began {
+                            if !running.contains(key) {
+                                let mut probe = records.clone();
+                                prop_assert_ne!(probe.begin(key, fp, now), Begin::InFlight, "{}", key);
+                            }
+                        }
+                    }
                     Step::Prune => {
                         records.prune(now);
                         prop_assert!(records.len() <= MAX_RECORDS);
