@@ -29,12 +29,22 @@
 //!   `exp - iat` exceeds the TTL, so a bug (or a misconfigured issuer sharing
 //!   the key) cannot mint a token that is good for years.
 //!
-//! jwt-compact's `Ed25519` checks the signatures. Two of its conveniences are
-//! deliberately not used: its `Validator` parses the claims *before* checking
-//! the signature (we want the opposite order, and the exact error order above),
-//! and its `Ed25519::sign` draws random noise through `getrandom`, which has no
-//! place in this pure core. We sign with `ed25519-compact` directly in plain
-//! deterministic RFC 8032 mode, so the same inputs always give the same token.
+//! `ed25519-compact` signs and checks signatures, in plain deterministic
+//! RFC 8032 mode, so the same inputs always give the same token. No JWT
+//! library sits in between: the format is three base64url segments, and a
+//! library's validator would parse the claims *before* checking the signature
+//! (we want the opposite order, and the exact error order above).
+//!
+//! **The signature step can be done elsewhere.** Ed25519 in WebAssembly costs
+//! several times what the runtime's native WebCrypto does, and the Worker
+//! verifies a token and signs a ticket on every connect. So both halves are
+//! also offered in two steps around the signature: [`KeySet::check`] runs the
+//! checks up to the signature and [`Unverified::claims`] the ones after it,
+//! given the verdict of whoever checked the signature; [`KeySet::access_token`]
+//! and [`KeySet::ticket`] build the signing input and [`Unsigned::signed`]
+//! attaches the signature. [`KeySet::verify`], [`KeySet::issue`] and
+//! [`KeySet::issue_ticket`] do the whole job here, and are the reference the
+//! two-step path must agree with.
 //!
 //! Like the rest of `domain`, nothing here reads a clock or a random source:
 //! `now` (unix seconds) and the jitter are arguments.
@@ -45,8 +55,6 @@ use std::fmt;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_compact::{KeyPair, PublicKey, SecretKey, Seed, Signature};
-use jwt_compact::Algorithm as _;
-use jwt_compact::alg::Ed25519;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::entitlement::Entitlement;
@@ -109,8 +117,15 @@ const HEADER_TYP: &str = "JWT";
 /// same keys can never pass for one.
 const ACCESS_TYP: &str = "access";
 const MAX_KID_LEN: usize = 64;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = Signature::BYTES;
 /// Length of a 64-byte signature in unpadded base64url.
 const SIGNATURE_B64_LEN: usize = 86;
+/// The PKCS #8 (RFC 8410) encoding of an Ed25519 private key is this prefix
+/// followed by the 32-byte seed.
+const PKCS8_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
 /// Room to decode any one segment of a token of at most `MAX_TOKEN_LEN` bytes.
 const SEGMENT_BUF_LEN: usize = MAX_TOKEN_LEN / 4 * 3;
 
@@ -256,6 +271,111 @@ pub struct AccessClaims {
     pub exp: i64,
 }
 
+/// An access token that passed every check before the signature (size,
+/// shape, `alg`, `kid`, and a signature of the right length), made by
+/// [`KeySet::check`]. Its claims are out of reach until [`Unverified::claims`]
+/// is given the signature's verdict.
+#[derive(Debug, Clone)]
+pub struct Unverified<'t> {
+    /// Position of the token's key in the set (see [`KeySet::verifying_keys`]).
+    key: usize,
+    /// `header.claims`, exactly as sent: what the signature covers.
+    signed: &'t [u8],
+    claims_b64: &'t str,
+    signature: [u8; SIGNATURE_LEN],
+}
+
+impl<'t> Unverified<'t> {
+    /// Position of the key that must have signed, in [`KeySet::verifying_keys`].
+    pub fn key_index(&self) -> usize {
+        self.key
+    }
+
+    /// The bytes the signature covers.
+    pub fn signed_input(&self) -> &'t [u8] {
+        self.signed
+    }
+
+    /// The signature, decoded.
+    pub fn signature(&self) -> &[u8; SIGNATURE_LEN] {
+        &self.signature
+    }
+
+    /// The remaining checks, once the signature has been checked (by
+    /// [`KeySet::verify_signature`] or an equivalent Ed25519 implementation
+    /// with the key at [`Unverified::key_index`]): `signature_valid` false is
+    /// `BadSignature`, and only a valid signature lets the claims be parsed.
+    pub fn claims(self, signature_valid: bool, now: i64) -> Result<AccessClaims, TokenError> {
+        if !signature_valid {
+            return Err(TokenError::BadSignature);
+        }
+
+        // 6. Only now, with the content authenticated, parse the claims.
+        let mut buf = [0_u8; SEGMENT_BUF_LEN];
+        let claims: Claims<'_> =
+            decode_json(self.claims_b64, &mut buf).ok_or(TokenError::Malformed)?;
+
+        // 7. What kind of token, from whom, for whom.
+        if claims.typ != ACCESS_TYP {
+            return Err(TokenError::WrongType);
+        }
+        if claims.iss != ISSUER {
+            return Err(TokenError::WrongIssuer);
+        }
+        if claims.aud != AUDIENCE {
+            return Err(TokenError::WrongAudience);
+        }
+
+        // 8-10. Time. Saturating arithmetic: these integers come from the token
+        // and `now` from the caller, and neither may overflow into a panic (or,
+        // in release, wrap into a pass).
+        let (iat, exp) = (claims.iat, claims.exp);
+        if exp <= iat || exp.saturating_sub(iat) > ACCESS_TTL_SECS {
+            return Err(TokenError::LifetimeTooLong);
+        }
+        if iat > now.saturating_add(LEEWAY_SECS) {
+            return Err(TokenError::NotYetValid);
+        }
+        if now >= exp.saturating_add(LEEWAY_SECS) {
+            return Err(TokenError::Expired);
+        }
+
+        Ok(AccessClaims {
+            sub: claims.sub.into_owned(),
+            sid: claims.sid.into_owned(),
+            ent: claims.ent.into_owned(),
+            iat,
+            exp,
+        })
+    }
+}
+
+/// A token (access token or ticket) still to be signed with the set's
+/// signing key: made by [`KeySet::access_token`] or [`KeySet::ticket`],
+/// finished by [`KeySet::sign`] or, with a signature made elsewhere, by
+/// [`Unsigned::signed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsigned {
+    /// `header.claims`, with room reserved for the signature.
+    token: String,
+    expires_in: i64,
+}
+
+impl Unsigned {
+    /// The bytes to sign.
+    pub fn signing_input(&self) -> &[u8] {
+        self.token.as_bytes()
+    }
+
+    /// The finished token and its lifetime in seconds, given the Ed25519
+    /// signature of [`Unsigned::signing_input`] by the set's signing key.
+    pub fn signed(mut self, signature: &[u8; SIGNATURE_LEN]) -> (String, i64) {
+        self.token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut self.token);
+        (self.token, self.expires_in)
+    }
+}
+
 /// The header as written: field order gives `{"alg","kid","typ"}`.
 #[derive(Serialize)]
 struct HeaderOut<'a> {
@@ -389,6 +509,22 @@ impl KeySet {
         crate::api::Jwks { keys }
     }
 
+    /// The public half of every key, in the set's order (the signing key
+    /// first); [`Unverified::key_index`] indexes this list.
+    pub fn verifying_keys(&self) -> impl ExactSizeIterator<Item = &[u8; 32]> {
+        self.verifiers.iter().map(|v| &*v.key)
+    }
+
+    /// The signing key as PKCS #8 (RFC 8410), to hand it to a platform's
+    /// Ed25519 implementation (WebCrypto `importKey("pkcs8", ...)`). Secret
+    /// material: never log it, never send it anywhere else.
+    pub fn signing_key_pkcs8(&self) -> [u8; 48] {
+        let mut der = [0_u8; 48];
+        der[..16].copy_from_slice(&PKCS8_ED25519_PREFIX);
+        der[16..].copy_from_slice(self.signer.seed().as_ref());
+        der
+    }
+
     /// Signs an access token. `exp = now + ACCESS_TTL_SECS - (jitter % (MAX_JITTER_SECS + 1))`.
     /// Returns `(token, expires_in_secs)`.
     pub fn issue(
@@ -399,6 +535,18 @@ impl KeySet {
         now: i64,
         jitter: u32,
     ) -> (String, i64) {
+        self.sign(self.access_token(sub, sid, ent, now, jitter))
+    }
+
+    /// An access token as [`KeySet::issue`] makes it, still to be signed.
+    pub fn access_token(
+        &self,
+        sub: &str,
+        sid: &str,
+        ent: &Entitlement,
+        now: i64,
+        jitter: u32,
+    ) -> Unsigned {
         let lifetime = ACCESS_TTL_SECS - i64::from(jitter) % (MAX_JITTER_SECS + 1);
         // Saturating: `now` is an argument, and an absurd one must not panic.
         let exp = now.saturating_add(lifetime);
@@ -414,7 +562,7 @@ impl KeySet {
         };
         let claims_json =
             serde_json::to_vec(&claims).expect("strings, integers and enums always serialize");
-        (self.sign_claims_json(&claims_json), exp - now)
+        self.unsigned(&claims_json, exp - now)
     }
 
     /// Signs a connect ticket: a short-lived JWT (`typ` = `connect`, `aud` =
@@ -422,6 +570,11 @@ impl KeySet {
     /// tunnel. The server verifies it offline against the JWKS, with the same
     /// algorithm and key rules as access tokens. Returns `(ticket, expires_in)`.
     pub fn issue_ticket(&self, ticket: &Ticket<'_>, now: i64) -> (String, i64) {
+        self.sign(self.ticket(ticket, now))
+    }
+
+    /// A connect ticket as [`KeySet::issue_ticket`] makes it, still to be signed.
+    pub fn ticket(&self, ticket: &Ticket<'_>, now: i64) -> Unsigned {
         let exp = now.saturating_add(TICKET_TTL_SECS);
         let claims = TicketClaims {
             iss: ISSUER,
@@ -438,28 +591,39 @@ impl KeySet {
             exp,
         };
         let json = serde_json::to_vec(&claims).expect("strings and integers always serialize");
-        (self.sign_claims_json(&json), TICKET_TTL_SECS)
+        self.unsigned(&json, TICKET_TTL_SECS)
     }
 
-    /// `<header>.<claims>.<signature>` for already-serialised claims.
-    fn sign_claims_json(&self, claims_json: &[u8]) -> String {
+    /// `<header>.<claims>` for already-serialised claims.
+    fn unsigned(&self, claims_json: &[u8], expires_in: i64) -> Unsigned {
         let mut token = String::with_capacity(
             self.header_b64.len() + 1 + claims_json.len().div_ceil(3) * 4 + 1 + SIGNATURE_B64_LEN,
         );
         token.push_str(&self.header_b64);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(claims_json, &mut token);
-        // `None`: no noise, i.e. deterministic RFC 8032 signing (see the module doc).
-        let signature = self.signer.sign(token.as_bytes(), None);
-        token.push('.');
-        URL_SAFE_NO_PAD.encode_string(signature.as_ref(), &mut token);
-        token
+        Unsigned { token, expires_in }
+    }
+
+    /// Signs with the signing key. `None`: no noise, i.e. deterministic
+    /// RFC 8032 signing (see the module doc).
+    pub fn sign(&self, unsigned: Unsigned) -> (String, i64) {
+        let signature = self.signer.sign(unsigned.signing_input(), None);
+        unsigned.signed(&signature)
     }
 
     /// Checks an access token and returns its claims, or the first failed
     /// check in this order: size, shape, `alg`, `kid`, signature, claims
     /// shape, `typ`, `iss`, `aud`, lifetime, `iat`, `exp`.
     pub fn verify(&self, token: &str, now: i64) -> Result<AccessClaims, TokenError> {
+        let unverified = self.check(token)?;
+        let valid = self.verify_signature(&unverified);
+        unverified.claims(valid, now)
+    }
+
+    /// The checks of [`KeySet::verify`] that come before the signature's:
+    /// size, shape, `alg`, `kid`, and the signature's encoding.
+    pub fn check<'t>(&self, token: &'t str) -> Result<Unverified<'t>, TokenError> {
         // 1. Size, before touching the content: bounds all the work below.
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::TooLarge);
@@ -490,51 +654,26 @@ impl KeySet {
         let key = self
             .verifiers
             .iter()
-            .find(|v| v.kid == header.kid)
+            .position(|v| v.kid == header.kid)
             .ok_or(TokenError::UnknownKey)?;
 
-        // 5. The signature, over the ASCII of `header.claims` exactly as sent.
+        // 5. The signature (its check is the caller's next step), over the
+        // ASCII of `header.claims` exactly as sent.
         let signature = decode_signature(signature_b64).ok_or(TokenError::BadSignature)?;
-        let signed = &token.as_bytes()[..header_b64.len() + 1 + claims_b64.len()];
-        if !Ed25519.verify_signature(&signature, &key.key, signed) {
-            return Err(TokenError::BadSignature);
-        }
+        Ok(Unverified {
+            key,
+            signed: &token.as_bytes()[..header_b64.len() + 1 + claims_b64.len()],
+            claims_b64,
+            signature,
+        })
+    }
 
-        // 6. Only now, with the content authenticated, parse the claims (into
-        // the buffer the header used; the header is no longer needed).
-        let claims: Claims<'_> = decode_json(claims_b64, &mut buf).ok_or(TokenError::Malformed)?;
-
-        // 7. What kind of token, from whom, for whom.
-        if claims.typ != ACCESS_TYP {
-            return Err(TokenError::WrongType);
-        }
-        if claims.iss != ISSUER {
-            return Err(TokenError::WrongIssuer);
-        }
-        if claims.aud != AUDIENCE {
-            return Err(TokenError::WrongAudience);
-        }
-
-        // 8-10. Time. Saturating arithmetic: these integers come from the token
-        // and `now` from the caller, and neither may overflow into a panic (or,
-        // in release, wrap into a pass).
-        let (iat, exp) = (claims.iat, claims.exp);
-        if exp <= iat || exp.saturating_sub(iat) > ACCESS_TTL_SECS {
-            return Err(TokenError::LifetimeTooLong);
-        }
-        if iat > now.saturating_add(LEEWAY_SECS) {
-            return Err(TokenError::NotYetValid);
-        }
-        if now >= exp.saturating_add(LEEWAY_SECS) {
-            return Err(TokenError::Expired);
-        }
-
-        Ok(AccessClaims {
-            sub: claims.sub.into_owned(),
-            sid: claims.sid.into_owned(),
-            ent: claims.ent.into_owned(),
-            iat,
-            exp,
+    /// Whether the signature of a checked token is valid, with `ed25519-compact`.
+    pub fn verify_signature(&self, unverified: &Unverified<'_>) -> bool {
+        self.verifiers.get(unverified.key).is_some_and(|v| {
+            v.key
+                .verify(unverified.signed, &Signature::new(unverified.signature))
+                .is_ok()
         })
     }
 }
@@ -576,14 +715,14 @@ fn key_pair_from_seed(b64: &str) -> Option<KeyPair> {
     }
 }
 
-fn decode_signature(b64: &str) -> Option<Signature> {
+fn decode_signature(b64: &str) -> Option<[u8; SIGNATURE_LEN]> {
     // Anything but 86 characters cannot be 64 bytes: skip the decode.
     if b64.len() != SIGNATURE_B64_LEN {
         return None;
     }
-    let mut bytes = [0_u8; Signature::BYTES];
+    let mut bytes = [0_u8; SIGNATURE_LEN];
     match URL_SAFE_NO_PAD.decode_slice(b64, &mut bytes) {
-        Ok(n) if n == Signature::BYTES => Some(Signature::new(bytes)),
+        Ok(SIGNATURE_LEN) => Some(bytes),
         _ => None,
     }
 }
@@ -773,8 +912,9 @@ mod tests {
     }
 
     #[test]
-    fn our_algorithm_name_is_jwt_compacts_ed25519() {
-        assert_eq!(Ed25519.name(), ALG);
+    fn our_algorithm_name_is_the_jose_name_of_ed25519() {
+        // RFC 8037 section 3.1: Ed25519 signatures are JWS algorithm "EdDSA".
+        assert_eq!(ALG, "EdDSA");
     }
 
     #[test]
@@ -1570,6 +1710,137 @@ mod tests {
         );
         // It can never pass as an access token.
         assert_eq!(set.verify(&ticket, NOW), Err(TokenError::Malformed));
+    }
+
+    /// Tokens of every kind of failure, and good ones, for comparing the
+    /// one-step and two-step paths.
+    fn assorted_tokens(set: &KeySet) -> Vec<String> {
+        let good = set.issue("user-1", "session-1", &ent(), NOW, 7).0;
+        let parts = segments(&good);
+        let mut forged = parts[2].as_bytes().to_vec();
+        forged[10] = if forged[10] == b'A' { b'B' } else { b'A' };
+        let other = keys(&[("k1", 9)])
+            .issue("user-1", "session-1", &ent(), NOW, 7)
+            .0;
+        let mut tokens = vec![
+            good.clone(),
+            format!(
+                "{}.{}.{}",
+                parts[0],
+                parts[1],
+                String::from_utf8(forged).unwrap()
+            ),
+            other,
+            format!("{}.{}", parts[0], parts[1]),
+            "a.b.c".into(),
+            String::new(),
+            sign_claims(set, &claims_at(NOW - 10 * ACCESS_TTL_SECS)),
+            sign_claims(set, &json!({"typ": "refresh"})),
+            sign_raw(set, &header_json("k2"), &claims_at(NOW).to_string()),
+        ];
+        tokens.push("x".repeat(MAX_TOKEN_LEN + 1));
+        tokens
+    }
+
+    #[test]
+    fn the_two_step_verification_agrees_with_verify() {
+        let set = keys(&[("k1", 1), ("k2", 2)]);
+        for token in assorted_tokens(&set) {
+            let two_step = set.check(&token).and_then(|u| {
+                let valid = set.verify_signature(&u);
+                u.claims(valid, NOW)
+            });
+            assert_eq!(two_step, set.verify(&token, NOW), "{token}");
+        }
+    }
+
+    #[test]
+    fn claims_stay_out_of_reach_without_a_valid_signature() {
+        let set = keys(&[("k1", 1)]);
+        let (token, _) = set.issue("user-1", "session-1", &ent(), NOW, 0);
+        let unverified = set.check(&token).expect("well formed");
+        assert!(set.verify_signature(&unverified));
+        assert_eq!(
+            unverified.clone().claims(false, NOW),
+            Err(TokenError::BadSignature)
+        );
+        assert!(unverified.claims(true, NOW).is_ok());
+    }
+
+    #[test]
+    fn a_checked_token_exposes_exactly_what_its_signature_covers() {
+        let set = keys(&[("k2", 2), ("k1", 1)]);
+        let (token, _) = keys(&[("k1", 1)]).issue("u", "s", &ent(), NOW, 0);
+        let unverified = set.check(&token).expect("well formed");
+        let parts = segments(&token);
+        assert_eq!(unverified.key_index(), 1, "k1 is second in the set");
+        assert_eq!(
+            unverified.signed_input(),
+            format!("{}.{}", parts[0], parts[1]).as_bytes()
+        );
+        assert_eq!(
+            unverified.signature().as_slice(),
+            URL_SAFE_NO_PAD.decode(parts[2]).unwrap().as_slice()
+        );
+        let public = set.verifying_keys().nth(unverified.key_index()).unwrap();
+        assert!(
+            ed25519_compact::PublicKey::new(*public)
+                .verify(
+                    unverified.signed_input(),
+                    &Signature::new(*unverified.signature())
+                )
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn verifying_keys_are_the_published_ones_in_order() {
+        let set = keys(&[("k2", 2), ("k1", 1), ("k3", 3)]);
+        let published: Vec<Vec<u8>> = set
+            .jwks()
+            .keys
+            .iter()
+            .map(|k| URL_SAFE_NO_PAD.decode(&k.x).unwrap())
+            .collect();
+        let listed: Vec<Vec<u8>> = set.verifying_keys().map(|k| k.to_vec()).collect();
+        assert_eq!(listed, published);
+    }
+
+    #[test]
+    fn the_pkcs8_signing_key_is_the_rfc_8410_encoding_of_the_seed() {
+        let set = keys(&[("k2", 2), ("k1", 1)]);
+        let der = set.signing_key_pkcs8();
+        // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
+        assert_eq!(hex::encode(&der[..16]), "302e020100300506032b657004220420");
+        assert_eq!(der[16..], [2_u8; 32]);
+    }
+
+    #[test]
+    fn a_signature_made_elsewhere_finishes_the_same_tokens() {
+        let set = keys(&[("k1", 1)]);
+        // Another Ed25519 implementation, given only the exported key.
+        let seed: [u8; 32] = set.signing_key_pkcs8()[16..].try_into().unwrap();
+        let elsewhere = KeyPair::from_seed(Seed::new(seed)).sk;
+
+        let unsigned = set.access_token("user-1", "session-1", &ent(), NOW, 5);
+        let signature = elsewhere.sign(unsigned.signing_input(), None);
+        assert_eq!(
+            unsigned.signed(&signature),
+            set.issue("user-1", "session-1", &ent(), NOW, 5)
+        );
+
+        let ticket = Ticket {
+            user_id: "u",
+            device_id: "d",
+            device_public_key: "pk",
+            ipv4_address: "10.64.0.2",
+            ipv6_address: "fd4b:6565:6e00::2",
+            server_id: "s",
+            region_id: "r",
+        };
+        let unsigned = set.ticket(&ticket, NOW);
+        let signature = elsewhere.sign(unsigned.signing_input(), None);
+        assert_eq!(unsigned.signed(&signature), set.issue_ticket(&ticket, NOW));
     }
 }
 

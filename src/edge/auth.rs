@@ -10,7 +10,7 @@
 use super::durable::call;
 use super::login_throttle::{AttemptReq, Scope};
 use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
-use super::{Fail, bindings, random, secrets, store, time};
+use super::{Fail, bindings, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
 use crate::domain::account::{Email, Password};
 use crate::domain::password;
@@ -66,14 +66,15 @@ fn parse_credentials(b: &Credentials) -> Result<(Email, Password), Fail> {
 }
 
 /// The token pair answer, with the OAuth 2.0 field names.
-fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u16) -> Reply {
-    let (access_token, expires_in) = keys.issue(
+async fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u16) -> Reply {
+    let unsigned = keys.access_token(
         user_id,
         &issued.sid,
         &issued.entitlement,
         time::now_secs(),
         random::u32(),
     );
+    let (access_token, expires_in) = webcrypto::sign(keys, unsigned).await;
     let mut reply = Reply::json(
         status,
         &TokenPair {
@@ -136,7 +137,7 @@ pub async fn signup(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         .into());
     };
     let issued = open_session(env, &row.user_id, b.device_label, row.inputs).await?;
-    Ok(token_pair(keys, &row.user_id, &issued, 201))
+    Ok(token_pair(keys, &row.user_id, &issued, 201).await)
 }
 
 /// The throttle object names: a hash of the email (no address in object names
@@ -221,7 +222,7 @@ pub async fn login(mut req: Request, env: &Env, client_ip: &str) -> Result<Reply
     )
     .await;
     let issued = open_session(env, &row.user_id, b.device_label, row.inputs).await?;
-    Ok(token_pair(keys, &row.user_id, &issued, 200))
+    Ok(token_pair(keys, &row.user_id, &issued, 200).await)
 }
 
 pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
@@ -249,7 +250,7 @@ pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
     }
     let issued: IssuedResp =
         serde_json::from_value(body).map_err(|e| Fail::internal(format!("refresh answer: {e}")))?;
-    Ok(token_pair(keys, &user_id, &issued, 200))
+    Ok(token_pair(keys, &user_id, &issued, 200).await)
 }
 
 /// Verifies the bearer token and that its session has not been revoked.
@@ -258,6 +259,15 @@ pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
 /// tokens stop working once the revocation has propagated (about a minute),
 /// not after the token's full lifetime.
 pub async fn authenticate(req: &Request, env: &Env) -> Result<AccessClaims, Fail> {
+    let claims = verify_bearer(req, env).await?;
+    check_not_revoked(env, &claims).await?;
+    Ok(claims)
+}
+
+/// The first half of [`authenticate`]: the bearer token's signature and claims,
+/// pure CPU. A caller with other reads to make runs [`check_not_revoked`]
+/// alongside them.
+pub async fn verify_bearer(req: &Request, env: &Env) -> Result<AccessClaims, Fail> {
     let header = req.headers().get("authorization").ok().flatten();
     let Some(header) = header else {
         return Err(ApiError::new(
@@ -280,20 +290,27 @@ pub async fn authenticate(req: &Request, env: &Env) -> Result<AccessClaims, Fail
         }
     };
     let keys = secrets::keys(env)?;
-    let claims = keys.verify(token, time::now_secs()).map_err(|e| {
-        Fail::from(ApiError::new(
-            ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::TokenMalformed),
-            e.detail(),
-        ))
-    })?;
-    if session_revoked(env, &claims).await {
+    webcrypto::verify(keys, token, time::now_secs())
+        .await
+        .map_err(|e| {
+            Fail::from(ApiError::new(
+                ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::TokenMalformed),
+                e.detail(),
+            ))
+        })
+}
+
+/// The second half of [`authenticate`]: refuses a session that has been
+/// signed out.
+pub async fn check_not_revoked(env: &Env, claims: &AccessClaims) -> Result<(), Fail> {
+    if session_revoked(env, claims).await {
         return Err(ApiError::new(
             ProblemCode::SessionRevoked,
             "This session has been signed out.",
         )
         .into());
     }
-    Ok(claims)
+    Ok(())
 }
 
 async fn session_revoked(env: &Env, claims: &AccessClaims) -> bool {
@@ -302,11 +319,7 @@ async fn session_revoked(env: &Env, claims: &AccessClaims) -> bool {
     };
     // A KV failure does not lock every user out: the token's signature and
     // expiry still bound it to 15 minutes.
-    match kv
-        .get(&user_session::mirror_key(&claims.sub))
-        .json::<Mirror>()
-        .await
-    {
+    match kv::get_json::<Mirror>(&kv, &user_session::mirror_key(&claims.sub)).await {
         Ok(Some(m)) => m.sessions.iter().any(|s| s.id == claims.sid && s.revoked),
         _ => false,
     }
@@ -364,9 +377,7 @@ pub async fn me(req: Request, env: &Env) -> Result<Reply, Fail> {
         time::now_secs(),
     );
     let sessions = match env.kv(bindings::KV) {
-        Ok(kv) => kv
-            .get(&user_session::mirror_key(&claims.sub))
-            .json::<Mirror>()
+        Ok(kv) => kv::get_json::<Mirror>(&kv, &user_session::mirror_key(&claims.sub))
             .await
             .ok()
             .flatten(),

@@ -1,20 +1,22 @@
 //! `GET /v1/regions` and `POST /v1/connect`: the reconnect hot path.
 //!
 //! Nothing here queries PostgreSQL. A connect needs, in order:
-//! 1. the access token (signature and claims, pure CPU) and the session's
-//!    revocation state (KV mirror, `auth::authenticate`);
-//! 2. the device: the user's KV device mirror (fallback: the user's object,
-//!    which holds the same list; still no database);
-//! 3. the region catalogue (KV, parsed once per isolate every few seconds);
-//! 4. a region and a server: pure placement rules (`domain::placement`);
-//! 5. admission: one call to the region's `RegionGate` shard;
-//! 6. a signed connect ticket; the connection event is queued after the answer.
+//! 1. the access token (signature and claims, pure CPU; the signature through
+//!    WebCrypto), then, at the same time:
+//!    - the session's revocation state (KV mirror, `auth::check_not_revoked`);
+//!    - the device: the user's KV device mirror (fallback: the user's object,
+//!      which holds the same list; still no database);
+//!    - the region catalogue (KV, parsed once per isolate every few seconds);
+//! 2. a region and a server: pure placement rules (`domain::placement`);
+//! 3. admission: one call to the region's `RegionGate` shard;
+//! 4. a signed connect ticket (WebCrypto); the connection event is queued after
+//!    the answer.
 
-use super::auth::{authenticate, json_body};
+use super::auth::{check_not_revoked, json_body, verify_bearer};
 use super::durable::call;
 use super::events::{self, ConnectionEvent};
 use super::user_session::{DeviceMirror, devices_key};
-use super::{Fail, bindings, catalogue, random, secrets, store, time};
+use super::{Fail, bindings, catalogue, kv, random, secrets, store, time, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
 use crate::domain::admission;
 use crate::domain::catalogue::Snapshot;
@@ -24,6 +26,7 @@ use crate::domain::problem::ProblemCode;
 use crate::domain::token::Ticket;
 use crate::http::{ApiError, Reply};
 use serde_json::json;
+use std::cell::RefCell;
 use worker::{Context, Env, Request};
 
 fn etag(snapshot: &Snapshot) -> String {
@@ -37,6 +40,44 @@ fn not_modified(if_none_match: Option<&str>, etag: &str) -> bool {
             .map(|t| t.trim().trim_start_matches("W/"))
             .any(|t| t == "*" || t == etag)
     })
+}
+
+thread_local! {
+    /// The `GET /v1/regions` answer and the etag of the snapshot it was made
+    /// from. It depends on the snapshot alone (which is what its `ETag`
+    /// promises), so it is serialised once per snapshot rather than once per
+    /// request: with a thousand regions that serialisation was most of the
+    /// request's CPU.
+    static REGIONS_REPLY: RefCell<Option<(String, Reply)>> = const { RefCell::new(None) };
+}
+
+fn regions_reply(snapshot: &Snapshot) -> Reply {
+    let cached = REGIONS_REPLY.with(|c| {
+        c.borrow()
+            .as_ref()
+            .filter(|(etag, _)| *etag == snapshot.etag)
+            .map(|(_, reply)| reply.clone())
+    });
+    if let Some(reply) = cached {
+        return reply;
+    }
+    let regions: Vec<_> = snapshot
+        .regions
+        .iter()
+        .map(|r| RegionSummary {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            country: r.country.clone(),
+            latitude: r.latitude,
+            longitude: r.longitude,
+            tier: r.tier,
+            health: r.health,
+            load: placement::region_load(r),
+        })
+        .collect();
+    let reply = Reply::json(200, &RegionList { regions });
+    REGIONS_REPLY.with(|c| *c.borrow_mut() = Some((snapshot.etag.clone(), reply.clone())));
+    reply
 }
 
 pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
@@ -53,21 +94,7 @@ pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
             body: vec![],
         });
     }
-    let regions: Vec<_> = snapshot
-        .regions
-        .iter()
-        .map(|r| RegionSummary {
-            id: r.id.clone(),
-            name: r.name.clone(),
-            country: r.country.clone(),
-            latitude: r.latitude,
-            longitude: r.longitude,
-            tier: r.tier,
-            health: r.health,
-            load: placement::region_load(r),
-        })
-        .collect();
-    let mut reply = Reply::json(200, &RegionList { regions });
+    let mut reply = regions_reply(&snapshot);
     reply.headers.push(("etag", tag));
     reply.headers.push(cache);
     Ok(reply)
@@ -109,7 +136,7 @@ fn client_location(req: &Request, env: &Env) -> ClientLocation {
 /// The user's devices: the KV mirror, else the user's object (no database).
 async fn devices(env: &Env, user_id: &str, device_id: &str) -> Result<Vec<store::Device>, Fail> {
     if let Ok(kv) = env.kv(bindings::KV)
-        && let Ok(Some(m)) = kv.get(&devices_key(user_id)).json::<DeviceMirror>().await
+        && let Ok(Some(m)) = kv::get_json::<DeviceMirror>(&kv, &devices_key(user_id)).await
         && m.devices.iter().any(|d| d.id == device_id)
     {
         return Ok(m.devices);
@@ -139,9 +166,9 @@ fn refused(code: ProblemCode, detail: &str, failover: &[&str], retry_after: Opti
 }
 
 pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply, Fail> {
-    let claims = authenticate(&req, env).await?;
+    let claims = verify_bearer(&req, env).await?;
     let location = client_location(&req, env);
-    let b: ConnectRequest = json_body(&mut req).await?;
+    let body: Result<ConnectRequest, Fail> = json_body(&mut req).await;
     let keys = secrets::keys(env)?;
 
     let not_found = || {
@@ -150,13 +177,29 @@ pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply
             "No such device.",
         ))
     };
-    if !crate::domain::device::is_device_id(&b.device_id) {
-        return Err(not_found());
-    }
-    let (devices, snapshot) = futures::join!(
-        devices(env, &claims.sub, &b.device_id),
+    // The session's revocation, the device and the catalogue are independent
+    // reads: make them at once. A refusal keeps the order of the checks (a
+    // revoked session before a bad body before an unknown device).
+    let device_id = body
+        .as_ref()
+        .ok()
+        .map(|b| b.device_id.as_str())
+        .filter(|id| crate::domain::device::is_device_id(id));
+    let (not_revoked, devices, snapshot) = futures::join!(
+        check_not_revoked(env, &claims),
+        async {
+            match device_id {
+                Some(id) => Some(devices(env, &claims.sub, id).await),
+                None => None,
+            }
+        },
         catalogue::snapshot(env)
     );
+    not_revoked?;
+    let b = body?;
+    let Some(devices) = devices else {
+        return Err(not_found());
+    };
     let (devices, snapshot) = (devices?, snapshot?);
     // Devices are ranked oldest first; after a downgrade only the first
     // `max_devices` of them may connect.
@@ -259,7 +302,7 @@ pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply
         ));
     };
     let now = time::now_secs();
-    let (ticket, ticket_expires_in) = keys.issue_ticket(
+    let unsigned = keys.ticket(
         &Ticket {
             user_id: &claims.sub,
             device_id: &device.id,
@@ -271,6 +314,7 @@ pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply
         },
         now,
     );
+    let (ticket, ticket_expires_in) = webcrypto::sign(keys, unsigned).await;
     events::enqueue(
         env,
         ctx,

@@ -8,7 +8,7 @@
 //! skipped when the snapshot's content hash is unchanged, which keeps within
 //! KV's one-write-per-second-per-key limit and costs nothing.
 
-use super::{bindings, pg};
+use super::{bindings, kv, pg};
 use crate::domain::catalogue::{self, Region, Snapshot};
 use worker::{Env, ScheduleContext, ScheduledEvent, event};
 
@@ -78,7 +78,7 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
     let snapshot = Snapshot::new(regions);
 
     let kv = env.kv(bindings::KV).map_err(|e| e.to_string())?;
-    let current: Option<Snapshot> = kv.get(catalogue::KV_KEY).json().await.ok().flatten();
+    let current: Option<Snapshot> = kv::get_json(&kv, catalogue::KV_KEY).await.ok().flatten();
     if current.is_some_and(|c| c.etag == snapshot.etag) {
         return Ok((snapshot, false));
     }

@@ -9,7 +9,7 @@
 use super::auth::{self, authenticate, read_body, refusal};
 use super::durable::call;
 use super::user_session::{self, CreateDeviceReq, DeleteDeviceReq, RotateKeyReq};
-use super::{Fail, bindings, fault, store};
+use super::{Fail, bindings, fault, kv, store};
 use crate::api::{CreateDevice, Device, DeviceList, RotateKey};
 use crate::domain::account::Invalid;
 use crate::domain::device::{self, DeviceName, PublicKey};
@@ -105,9 +105,7 @@ pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
     // follows billing changes within seconds), else the token's snapshot. The
     // limit itself is enforced by the user's object, not from this.
     let cached = match env.kv(bindings::KV) {
-        Ok(kv) => kv
-            .get(&user_session::entitlement_key(&claims.sub))
-            .json::<Entitlement>()
+        Ok(kv) => kv::get_json::<Entitlement>(&kv, &user_session::entitlement_key(&claims.sub))
             .await
             .ok()
             .flatten(),

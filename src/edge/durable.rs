@@ -14,9 +14,11 @@
 use super::{Fail, time};
 use crate::domain::admission::{Admit, Bucket};
 use serde::Serialize;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::wasm_bindgen_futures::JsFuture;
 use worker::{
-    DurableObject, Env, Headers, Method, Request, RequestInit, Response, Result, State,
-    durable_object,
+    DurableObject, Env, Method, Request, Response, Result, State, durable_object, js_sys, web_sys,
+    worker_sys,
 };
 
 /// The storage key `ping` writes; never used for anything else.
@@ -46,6 +48,11 @@ pub fn refuse(status: u16, code: &str, retry_after: Option<u64>) -> Result<Respo
 
 /// POSTs `body` as JSON to `path` of the object `name` in `namespace`.
 /// Returns the status and JSON body; transport failures and timeouts are 503s.
+///
+/// This is on the reconnect hot path (one `RegionGate` call per connect), so
+/// it speaks to the platform's `Request` and `Response` directly: one call
+/// builds the request, and the answer is read whole with `text()` rather than
+/// chunk by chunk through a stream reader.
 pub async fn call<B: Serialize>(
     env: &Env,
     namespace: &str,
@@ -59,44 +66,61 @@ pub async fn call<B: Serialize>(
         .durable_object(namespace)
         .and_then(|ns| ns.get_by_name(name))
         .map_err(|e| unavailable(e.to_string()))?;
-    let headers = Headers::new();
-    headers
-        .set("content-type", "application/json")
-        .map_err(|e| unavailable(e.to_string()))?;
     let payload = serde_json::to_string(body).map_err(|e| Fail::internal(e.to_string()))?;
-    let req = Request::new_with_init(
-        &format!("https://durable-object{path}"),
-        RequestInit::new()
-            .with_method(Method::Post)
-            .with_headers(headers)
-            .with_body(Some(payload.into())),
-    )
-    .map_err(|e| unavailable(e.to_string()))?;
     let fut = async {
-        let mut resp = stub.fetch_with_request(req).await?;
-        let status = resp.status_code();
-        let json: serde_json::Value = resp.json().await?;
-        Ok::<_, worker::Error>((status, json))
+        let headers = web_sys::Headers::new()?;
+        headers.set("content-type", "application/json")?;
+        let init = web_sys::RequestInit::new();
+        init.set_method("POST");
+        init.set_headers(&headers);
+        init.set_body(&JsValue::from_str(&payload));
+        let req = web_sys::Request::new_with_str_and_init(
+            &format!("https://durable-object{path}"),
+            &init,
+        )?;
+        let stub: worker_sys::DurableObject = stub.into_rpc();
+        let resp: web_sys::Response = JsFuture::from(stub.fetch_with_request(&req)?)
+            .await?
+            .unchecked_into();
+        let text = JsFuture::from(resp.text()?).await?.as_string();
+        Ok::<_, JsValue>((resp.status(), text.unwrap_or_default()))
     };
-    match time::timeout(CALL_TIMEOUT_MS, fut).await {
-        Some(Ok((status, json))) if status < 500 => Ok((status, json)),
-        Some(Ok((status, json))) => Err(unavailable(format!("status {status}: {json}"))),
-        Some(Err(e)) => Err(unavailable(e.to_string())),
-        None => Err(unavailable("timed out".into())),
+    let (status, text) = match time::timeout(CALL_TIMEOUT_MS, fut).await {
+        Some(Ok(answer)) => answer,
+        Some(Err(e)) => return Err(unavailable(js_error(&e))),
+        None => return Err(unavailable("timed out".into())),
+    };
+    let json = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| unavailable(format!("status {status}: {e}")))?;
+    if status < 500 {
+        Ok((status, json))
+    } else {
+        Err(unavailable(format!("status {status}: {json}")))
     }
+}
+
+/// A thrown JavaScript value, as text for the log.
+fn js_error(e: &JsValue) -> String {
+    e.as_string()
+        .or_else(|| {
+            e.dyn_ref::<js_sys::Error>()
+                .map(|e| String::from(e.to_string()))
+        })
+        .unwrap_or_else(|| format!("{e:?}"))
 }
 
 /// Parses a JSON request body inside an object; malformed input is a 400.
 pub async fn body<T: serde::de::DeserializeOwned>(
     req: &mut Request,
 ) -> std::result::Result<T, Response> {
-    match req.json::<T>().await {
-        Ok(v) => Ok(v),
-        Err(e) => Err(
-            Response::error(format!("bad request to durable object: {e}"), 400)
-                .unwrap_or_else(|_| Response::empty().unwrap()),
-        ),
-    }
+    let parsed = match req.text().await {
+        Ok(text) => serde_json::from_str::<T>(&text).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    parsed.map_err(|e| {
+        Response::error(format!("bad request to durable object: {e}"), 400)
+            .unwrap_or_else(|_| Response::empty().unwrap())
+    })
 }
 
 /// One shard of a region's admission control: a token bucket

@@ -14,6 +14,7 @@ mod devices;
 mod durable;
 mod events;
 mod fault;
+mod kv;
 mod log;
 mod login_throttle;
 mod pg;
@@ -23,6 +24,7 @@ mod secrets;
 mod store;
 mod time;
 mod user_session;
+mod webcrypto;
 mod webhooks;
 
 use crate::domain::problem::ProblemCode;

@@ -1,0 +1,89 @@
+// Writes a `workerd serve` config (Cap'n Proto text) for one stack and scenario.
+//
+// usage: node workerd-config.mjs --stack ours|hono --data DIR --port PORT --out FILE
+// (the harness overrides the port at start with --socket-addr=http=127.0.0.1:PORT)
+//
+// Both stacks get the same surroundings: the in-memory KV service seeded with the
+// scenario's kv.json (bound as KV), a queue sink (bound as CONNECTION_EVENTS), the
+// worker's text bindings (vars.json), and their Durable Object classes with
+// in-memory storage. Hyperdrive is not bound: the hot path never touches it.
+import { readFileSync, writeFileSync } from "node:fs";
+import { dirname, join, relative, resolve } from "node:path";
+
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
+);
+const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
+const root = resolve(bench, "..");
+const data = resolve(args.data);
+const vars = JSON.parse(readFileSync(join(data, "vars.json"), "utf8"));
+const str = (s) => JSON.stringify(s);
+// embed paths are relative to the config file.
+const outDir = dirname(resolve(args.out));
+const file = (p) => str(relative(outDir, p));
+const compatibilityDate = readFileSync(join(root, "wrangler.toml"), "utf8").match(/^compatibility_date\s*=\s*"([^"]+)"/m)[1];
+
+const stacks = {
+  ours: {
+    modules: [
+      `(name = "index.js", esModule = embed ${file(join(root, "build/index.js"))})`,
+      `(name = "index_bg.wasm", wasm = embed ${file(join(root, "build/index_bg.wasm"))})`,
+    ],
+    bindings: Object.entries(vars).map(([k, v]) => `(name = ${str(k)}, text = ${str(v)})`),
+    objects: { USER_SESSIONS: "UserSession", REGION_GATES: "RegionGate", LOGIN_THROTTLES: "LoginThrottle" },
+  },
+  hono: {
+    modules: [`(name = "index.js", esModule = embed ${file(join(bench, "peers/hono/dist/index.js"))})`],
+    bindings: ["ENVIRONMENT", "JWT_SIGNING_KEYS"].map((k) => `(name = ${str(k)}, text = ${str(vars[k])})`),
+    objects: { REGION_GATES: "RegionGate" },
+  },
+};
+const s = stacks[args.stack];
+if (!s) throw new Error(`unknown stack ${args.stack}`);
+
+const config = `using Workerd = import "/workerd/workerd.capnp";
+
+const config :Workerd.Config = (
+  services = [
+    (name = "main", worker = .main),
+    (name = "kv", worker = .kv),
+    (name = "queue", worker = .queue),
+  ],
+  sockets = [(name = "http", address = ${str(`127.0.0.1:${args.port}`)}, http = (), service = "main")],
+);
+
+const main :Workerd.Worker = (
+  modules = [
+    ${s.modules.join(",\n    ")}
+  ],
+  compatibilityDate = ${str(compatibilityDate)},
+  bindings = [
+    ${[
+      ...s.bindings,
+      `(name = "KV", kvNamespace = "kv")`,
+      `(name = "CONNECTION_EVENTS", queue = "queue")`,
+      ...Object.entries(s.objects).map(([b, cls]) => `(name = ${str(b)}, durableObjectNamespace = ${str(cls)})`),
+    ].join(",\n    ")}
+  ],
+  durableObjectNamespaces = [
+    ${Object.values(s.objects)
+      .map((cls) => `(className = ${str(cls)}, uniqueKey = ${str(`bench-${cls}`)}, enableSql = true)`)
+      .join(",\n    ")}
+  ],
+  durableObjectStorage = (inMemory = void),
+);
+
+const kv :Workerd.Worker = (
+  modules = [
+    (name = "kv.js", esModule = embed ${file(join(bench, "lib/kv-service.js"))}),
+    (name = "seed.json", json = embed ${file(join(data, "kv.json"))}),
+  ],
+  compatibilityDate = ${str(compatibilityDate)},
+);
+
+const queue :Workerd.Worker = (
+  modules = [(name = "queue.js", esModule = embed ${file(join(bench, "lib/queue-service.js"))})],
+  compatibilityDate = ${str(compatibilityDate)},
+);
+`;
+writeFileSync(args.out, config);
