@@ -463,3 +463,166 @@ mod tests {
         }
     }
 }
+
+/// Properties over generated inputs (shrinking to a minimal counterexample).
+/// Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    /// Steps between requests: mostly bunched, some sparse, some with the
+    /// clock stepping backwards.
+    fn step() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            3 => Just(0i64),
+            4 => 0i64..20,
+            2 => 0i64..3_000,
+            1 => -500i64..0,
+        ]
+    }
+
+    /// A stored bucket goes through JSON between requests, as in its object.
+    fn stored(b: &Bucket) -> Bucket {
+        serde_json::from_str(&serde_json::to_string(b).unwrap()).unwrap()
+    }
+
+    proptest! {
+        // Enough to find a broken refill within a few cases (checked against
+        // deliberately broken buckets), cheap enough for every test run.
+        #![proptest_config(ProptestConfig::with_cases(160))]
+
+        /// Over any window of T ms the bucket admits at most
+        /// `capacity + rate * T / 1000`, measured in the bucket's own time
+        /// (the latest `now` it has seen, which never runs backwards).
+        #[test]
+        fn admissions_never_exceed_what_the_bucket_allows(
+            rate in prop_oneof![1u32..=10, 1u32..=MAX_SHARD_RATE, 1u32..=1_000_000],
+            steps in prop::collection::vec(step(), 1..300),
+        ) {
+            let mut bucket = Bucket::default();
+            let (mut now, mut clock) = (T0, i64::MIN);
+            let mut admitted_at = Vec::new();
+            for dt in steps {
+                now += dt;
+                clock = clock.max(now);
+                bucket = stored(&bucket);
+                if bucket.take(rate, now) == Admit::Admitted {
+                    admitted_at.push(clock);
+                }
+            }
+            // Admissions i..=j are j - i + 1 tokens in t_j - t_i ms. In
+            // thousandths, with g(k) = 1000 k - rate t_k, the bound is
+            // g(j) - g(i) <= capacity - 1000; the running minimum of g checks
+            // every window in one pass.
+            let bound = capacity_milli(rate) as i128 - 1000;
+            let mut min_g = i128::MAX;
+            for (k, t) in admitted_at.iter().enumerate() {
+                let g = 1000 * k as i128 - i128::from(rate) * i128::from(*t);
+                min_g = min_g.min(g);
+                prop_assert!(g - min_g <= bound, "admission {} at {}", k, t);
+            }
+        }
+
+        /// Whatever happened before, including rate changes in both
+        /// directions, a burst at one instant admits at most the capacity of
+        /// the rate in force.
+        #[test]
+        fn a_burst_never_exceeds_the_current_capacity(
+            history in prop::collection::vec((1u32..=500, step()), 0..100),
+            rate in 1u32..=500,
+        ) {
+            let mut bucket = Bucket::default();
+            let mut now = T0;
+            for (r, dt) in history {
+                now += dt;
+                bucket.take(r, now);
+            }
+            let mut admitted = 0u64;
+            while bucket.take(rate, now) == Admit::Admitted {
+                admitted += 1;
+                prop_assert!(admitted <= capacity_milli(rate) / 1000);
+            }
+        }
+
+        /// A refusal's wait is exact: one millisecond earlier is still too
+        /// early, the reported time is enough.
+        #[test]
+        fn the_reported_wait_is_exact(
+            rate in 1u32..=1_000,
+            steps in prop::collection::vec(step(), 1..200),
+        ) {
+            let mut bucket = Bucket::default();
+            let mut now = T0;
+            for dt in steps {
+                now += dt;
+                match bucket.take(rate, now) {
+                    Admit::Admitted => {}
+                    Admit::Closed => prop_assert!(false, "closed at rate {}", rate),
+                    Admit::Wait { retry_after_ms } => {
+                        prop_assert!(retry_after_ms >= 1);
+                        let wait = retry_after_ms as i64;
+                        // Measured from the bucket's own clock, which a
+                        // backwards step does not rewind.
+                        let base = bucket.updated_ms;
+                        if wait > 1 {
+                            let mut early = bucket.clone();
+                            prop_assert_ne!(early.take(rate, base + wait - 1), Admit::Admitted);
+                        }
+                        let mut on_time = bucket.clone();
+                        prop_assert_eq!(on_time.take(rate, base + wait), Admit::Admitted);
+                    }
+                }
+            }
+        }
+
+        /// A closed region (rate 0) admits no one and its bucket is untouched.
+        #[test]
+        fn a_closed_region_admits_no_one(
+            history in prop::collection::vec((1u32..=500, step()), 0..50),
+            at in any::<i64>(),
+        ) {
+            let mut bucket = Bucket::default();
+            let mut now = T0;
+            for (r, dt) in history {
+                now += dt;
+                bucket.take(r, now);
+            }
+            let before = bucket.clone();
+            prop_assert_eq!(bucket.take(0, at), Admit::Closed);
+            prop_assert_eq!(bucket, before);
+        }
+
+        /// The shards' rates sum to the region's, none is above the per-shard
+        /// maximum, and none is closed while the region is open.
+        #[test]
+        fn shard_rates_partition_the_region_rate(rate in prop_oneof![0u32..=2_000, 0u32..=2_000_000]) {
+            let shards = shard_count(rate);
+            let rates: Vec<u32> = (0..shards).map(|s| shard_rate(rate, shards, s)).collect();
+            prop_assert_eq!(rates.iter().map(|r| u64::from(*r)).sum::<u64>(), u64::from(rate));
+            prop_assert!(rates.iter().all(|r| *r <= MAX_SHARD_RATE));
+            prop_assert!(rate == 0 || rates.iter().all(|r| *r > 0));
+            prop_assert_eq!(shard_rate(rate, shards, shards), 0);
+        }
+
+        /// A device's shard exists, and does not depend on anything but its id.
+        #[test]
+        fn a_device_shard_is_in_range_and_stable(device in ".{0,40}", shards in 0u32..=10_000) {
+            let shard = shard_for(&device, shards);
+            prop_assert!(shard < shards.max(1));
+            prop_assert_eq!(shard_for(&device, shards), shard);
+        }
+
+        /// `Retry-After` lies in `[base, 2 base]` for `base = ceil(ms / 1000)`
+        /// (at least 1), never above 30 s.
+        #[test]
+        fn retry_after_is_bounded(ms in any::<u64>(), random in any::<u32>()) {
+            let secs = retry_after_secs(ms, random);
+            let base = ms.div_ceil(1000).max(1).min(u64::from(MAX_RETRY_AFTER_SECS)) as u32;
+            prop_assert!(secs >= base, "{} < {}", secs, base);
+            prop_assert!(secs <= (2 * base).min(MAX_RETRY_AFTER_SECS));
+        }
+    }
+}

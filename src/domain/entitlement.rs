@@ -220,3 +220,141 @@ mod tests {
         assert_eq!(Status::parse("bogus"), None);
     }
 }
+
+/// Properties over generated subscriptions (shrinking to a minimal one).
+/// Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn free() -> Plan {
+        Plan {
+            id: FREE_PLAN.into(),
+            max_devices: 1,
+            region_tiers: vec![Tier::Free],
+        }
+    }
+
+    /// A paid plan: at least what the free plan gives.
+    fn paid() -> impl Strategy<Value = Plan> {
+        (1u32..=20, any::<bool>()).prop_map(|(max_devices, premium)| Plan {
+            id: "paid".into(),
+            max_devices,
+            region_tiers: if premium {
+                vec![Tier::Free, Tier::Premium]
+            } else {
+                vec![Tier::Free]
+            },
+        })
+    }
+
+    fn status() -> impl Strategy<Value = Status> {
+        prop::sample::select(vec![
+            Status::Trialing,
+            Status::Active,
+            Status::PastDue,
+            Status::Canceled,
+            Status::Unpaid,
+            Status::Incomplete,
+            Status::IncompleteExpired,
+            Status::Paused,
+        ])
+    }
+
+    /// Times near each other (so the boundaries are hit) and at the extremes.
+    fn time() -> impl Strategy<Value = i64> {
+        prop_oneof![
+            4 => -10i64..10 + 2 * GRACE_SECS,
+            1 => any::<i64>(),
+            1 => prop::sample::select(vec![i64::MIN, i64::MAX, i64::MAX - GRACE_SECS]),
+        ]
+    }
+
+    /// `b` gives at least what `a` gives.
+    fn at_least(b: &Entitlement, a: &Entitlement) -> Result<(), TestCaseError> {
+        prop_assert!(b.max_devices >= a.max_devices, "{:?} < {:?}", b, a);
+        prop_assert!(
+            a.region_tiers.iter().all(|t| b.allows_tier(*t)),
+            "{:?} < {:?}",
+            b,
+            a
+        );
+        // `None` is the free plan, which lapses never but grants least.
+        if a.until.is_some() {
+            prop_assert!(b.until >= a.until, "{:?} < {:?}", b, a);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// A later subscription end never yields less: not fewer devices,
+        /// not fewer region tiers, not an earlier lapse.
+        #[test]
+        fn entitlement_is_monotonic_in_subscription_end(
+            plan in paid(),
+            status in status(),
+            cancel_at_period_end in any::<bool>(),
+            (end_a, end_b) in (time(), time()),
+            now in time(),
+        ) {
+            let (early, late) = (end_a.min(end_b), end_a.max(end_b));
+            let sub = |end| Subscription {
+                plan: plan.clone(),
+                status,
+                current_period_end: end,
+                cancel_at_period_end,
+            };
+            let e_early = entitlement(&free(), Some(&sub(early)), now);
+            let e_late = entitlement(&free(), Some(&sub(late)), now);
+            at_least(&e_late, &e_early)?;
+        }
+
+        /// Time only takes away: an entitlement at a later `now` never gives
+        /// more than at an earlier one, and a paid one is never handed out
+        /// already lapsed.
+        #[test]
+        fn entitlement_only_shrinks_as_time_passes(
+            plan in paid(),
+            status in status(),
+            cancel_at_period_end in any::<bool>(),
+            end in time(),
+            (now_a, now_b) in (time(), time()),
+        ) {
+            let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end };
+            let (before, after) = (now_a.min(now_b), now_a.max(now_b));
+            let e_before = entitlement(&free(), Some(&sub), before);
+            let e_after = entitlement(&free(), Some(&sub), after);
+            at_least(&e_before, &e_after)?;
+            for (now, e) in [(before, &e_before), (after, &e_after)] {
+                match e.until {
+                    Some(until) => {
+                        prop_assert!(now < until);
+                        prop_assert_eq!(&e.plan, "paid");
+                    }
+                    None => prop_assert_eq!(e, &Entitlement::of_plan(&free(), None)),
+                }
+            }
+        }
+
+        /// Only trialing, active and past-due subscriptions ever pay off,
+        /// and never past the period end plus the grace.
+        #[test]
+        fn only_live_statuses_grant_the_paid_plan_and_never_past_the_grace(
+            plan in paid(),
+            status in status(),
+            cancel_at_period_end in any::<bool>(),
+            end in time(),
+            now in time(),
+        ) {
+            let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end };
+            let e = entitlement(&free(), Some(&sub), now);
+            if let Some(until) = e.until {
+                prop_assert!(matches!(status, Status::Trialing | Status::Active | Status::PastDue));
+                prop_assert!(until <= end.saturating_add(GRACE_SECS));
+            }
+        }
+    }
+}

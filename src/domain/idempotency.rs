@@ -503,3 +503,161 @@ mod tests {
         assert_eq!(back, records);
     }
 }
+
+/// Properties over generated keys and histories (shrinking to a minimal
+/// one). Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Begin {
+            key: u8,
+            request: u8,
+        },
+        Complete {
+            key: u8,
+        },
+        Abandon {
+            key: u8,
+        },
+        /// The request running under the key dies without completing or
+        /// abandoning it.
+        Die {
+            key: u8,
+        },
+        /// The shell forgets the in-flight records of requests no longer running.
+        Reap,
+        Prune,
+        Advance(i64),
+    }
+
+    /// Keys from a range wider than [`MAX_RECORDS`], so the cap is reached;
+    /// three different requests, so mismatches happen.
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0u8..150, 0u8..3).prop_map(|(key, request)| Step::Begin { key, request }),
+            3 => (0u8..150).prop_map(|key| Step::Complete { key }),
+            1 => (0u8..150).prop_map(|key| Step::Abandon { key }),
+            1 => (0u8..150).prop_map(|key| Step::Die { key }),
+            1 => Just(Step::Reap),
+            1 => Just(Step::Prune),
+            1 => prop_oneof![0i64..=IN_FLIGHT_TTL_SECS, 0i64..=RETENTION_SECS].prop_map(Step::Advance),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Pruning always leaves at most [`MAX_RECORDS`]; a replay is always
+        /// the response stored for that key and that same request; a key
+        /// that was just begun is never begun again while it is in flight,
+        /// and once the dead requests are reaped none of them blocks its key.
+        #[test]
+        fn records_stay_bounded_and_replays_are_never_of_another_request(
+            steps in prop::collection::vec(step(), 0..400),
+        ) {
+            let mut records = Records::default();
+            let mut now = 1_000_000_i64;
+            // What the caller knows: the request each key last began with
+            // and the response it stored for it.
+            let mut began: BTreeMap<String, String> = BTreeMap::new();
+            let mut stored: BTreeMap<String, (String, StoredResponse)> = BTreeMap::new();
+            let mut serial = 0u32;
+            // Keys whose request is running (begun, not finished or dead).
+            let mut running: std::collections::BTreeSet<String> = Default::default();
+            for step in steps {
+                match step {
+                    Step::Begin { key, request } => {
+                        let key = format!("key-{key}");
+                        let fp = fingerprint("POST", "/v1/devices", &[request]);
+                        match records.begin(&key, &fp, now) {
+                            Begin::Proceed => {
+                                began.insert(key.clone(), fp.clone());
+                                running.insert(key.clone());
+                                prop_assert_eq!(records.begin(&key, &fp, now), Begin::InFlight);
+                            }
+                            Begin::Replay(response) => {
+                                prop_assert_eq!(stored.get(&key), Some(&(fp, response)));
+                            }
+                            Begin::InFlight => prop_assert_eq!(began.get(&key), Some(&fp)),
+                            Begin::Mismatch => prop_assert!(began.get(&key).is_some_and(|b| *b != fp)),
+                        }
+                    }
+                    Step::Complete { key } => {
+                        let key = format!("key-{key}");
+                        serial += 1;
+                        let response = StoredResponse { status: 201, body: format!("{{\"n\":{serial}}}") };
+                        // The shell completes only what it began and still runs.
+                        if running.contains(&key)
+                            && let Some(fp) = began.get(&key)
+                        {
+                            running.remove(&key);
+                            records.complete(&key, response.clone(), now);
+                            stored.insert(key, (fp.clone(), response));
+                        }
+                    }
+                    Step::Abandon { key } => {
+                        let key = format!("key-{key}");
+                        running.remove(&key);
+                        records.abandon(&key);
+                    }
+                    Step::Die { key } => {
+                        running.remove(&format!("key-{key}"));
+                    }
+                    Step::Reap => {
+                        records.abandon_unless(|k| running.contains(k));
+                        // No dead request still blocks its key.
+                        for (key, fp) in &began {
+                            if !running.contains(key) {
+                                let mut probe = records.clone();
+                                prop_assert_ne!(probe.begin(key, fp, now), Begin::InFlight, "{}", key);
+                            }
+                        }
+                    }
+                    Step::Prune => {
+                        records.prune(now);
+                        prop_assert!(records.len() <= MAX_RECORDS);
+                    }
+                    Step::Advance(secs) => now += secs,
+                }
+            }
+            records.prune(now);
+            prop_assert!(records.len() <= MAX_RECORDS);
+        }
+
+        /// The `Idempotency-Key` validator accepts exactly 1 to 255
+        /// printable ASCII characters other than space, verbatim.
+        #[test]
+        fn keys_are_exactly_1_to_255_printable_ascii(s in prop_oneof![
+            "[!-~]{0,260}",
+            ".{0,20}",
+            "[!-~]{250,256}",
+        ]) {
+            let ok = (1..=MAX_KEY_LEN).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            match parse_key(&s) {
+                Ok(key) => {
+                    prop_assert!(ok);
+                    prop_assert_eq!(key, s);
+                }
+                Err(_) => prop_assert!(!ok),
+            }
+        }
+
+        /// Different requests never share a fingerprint, however method,
+        /// path and body are split.
+        #[test]
+        fn fingerprints_separate_method_path_and_body(
+            a in ("[A-Z]{0,4}", "[/a-z]{0,4}", prop::collection::vec(any::<u8>(), 0..4)),
+            b in ("[A-Z]{0,4}", "[/a-z]{0,4}", prop::collection::vec(any::<u8>(), 0..4)),
+        ) {
+            let fa = fingerprint(&a.0, &a.1, &a.2);
+            let fb = fingerprint(&b.0, &b.1, &b.2);
+            prop_assert_eq!(fa.len(), 64);
+            prop_assert_eq!(fa == fb, a == b);
+        }
+    }
+}

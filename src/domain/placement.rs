@@ -970,3 +970,268 @@ mod tests {
         assert_eq!(region_load(&servers_region(vec![small])), 0.0);
     }
 }
+
+/// Properties over generated catalogues (shrinking to a minimal one).
+/// Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use crate::domain::catalogue::Tier;
+    use proptest::prelude::*;
+
+    const COUNTRIES: [&str; 5] = ["DE", "US", "JP", "GB", "LU"];
+
+    fn tier() -> impl Strategy<Value = Tier> {
+        prop_oneof![Just(Tier::Free), Just(Tier::Premium)]
+    }
+
+    fn health() -> impl Strategy<Value = Health> {
+        prop_oneof![4 => Just(Health::Up), 1 => Just(Health::Draining), 1 => Just(Health::Down)]
+    }
+
+    /// Valid coordinates, a coarse grid (so distances tie), or coordinates
+    /// no map has (bad catalogue data).
+    fn coordinates() -> impl Strategy<Value = (f64, f64)> {
+        prop_oneof![
+            4 => (-90.0f64..=90.0, -180.0f64..=180.0),
+            2 => (0u8..3, 0u8..3).prop_map(|(a, b)| (f64::from(a) * 30.0, f64::from(b) * 60.0)),
+            1 => Just((123.0, 0.0)),
+            1 => Just((0.0, f64::NAN)),
+        ]
+    }
+
+    fn region(i: usize) -> impl Strategy<Value = Region> {
+        (
+            tier(),
+            health(),
+            coordinates(),
+            prop::sample::select(&COUNTRIES[..]),
+            prop::collection::vec(0u32..3, 0..4),
+        )
+            .prop_map(move |(tier, health, (lat, lon), country, capacities)| {
+                let id = format!("r{i:02}");
+                Region {
+                    name: id.clone(),
+                    servers: capacities
+                        .iter()
+                        .enumerate()
+                        .map(|(k, capacity)| Server {
+                            id: format!("{id}-{k}"),
+                            hostname: format!("{id}-{k}.vpn.example"),
+                            port: 51820,
+                            public_key: "k".into(),
+                            capacity: *capacity,
+                            load: 0.0,
+                        })
+                        .collect(),
+                    id,
+                    country: country.into(),
+                    latitude: lat,
+                    longitude: lon,
+                    tier,
+                    health,
+                    admission_rate: 100,
+                }
+            })
+    }
+
+    fn snapshot() -> impl Strategy<Value = Snapshot> {
+        (0usize..12, any::<bool>())
+            .prop_flat_map(|(n, default_first)| {
+                let regions: Vec<_> = (0..n).map(region).collect();
+                (regions, Just(default_first))
+            })
+            .prop_map(|(mut regions, default_first)| {
+                // Sometimes one region is the default one, so rule 3's
+                // fallback is exercised both ways.
+                if default_first && let Some(first) = regions.first_mut() {
+                    first.id = DEFAULT_REGION.into();
+                }
+                Snapshot::new(regions)
+            })
+    }
+
+    fn entitlement() -> impl Strategy<Value = Entitlement> {
+        prop::sample::subsequence(vec![Tier::Free, Tier::Premium], 0..=2).prop_map(|tiers| {
+            Entitlement {
+                plan: "test".into(),
+                max_devices: 5,
+                region_tiers: tiers,
+                until: None,
+            }
+        })
+    }
+
+    fn location() -> impl Strategy<Value = ClientLocation> {
+        prop_oneof![
+            (-90.0f64..=90.0, -180.0f64..=180.0)
+                .prop_map(|(lat, lon)| ClientLocation::Coordinates(Point::new(lat, lon).unwrap())),
+            prop::sample::select(vec!["DE", "us", "JP", "LU", "XX", ""])
+                .prop_map(|c| ClientLocation::Country(c.into())),
+            Just(ClientLocation::Unknown),
+        ]
+    }
+
+    /// A case: a catalogue, an entitlement, where the client is, what it
+    /// asks for (an index into the catalogue, or an unknown id) and which
+    /// regions the caller excludes (indices).
+    type Case = (
+        Snapshot,
+        Entitlement,
+        ClientLocation,
+        Option<Option<usize>>,
+        Vec<usize>,
+    );
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            snapshot(),
+            entitlement(),
+            location(),
+            prop::option::of(prop::option::of(0usize..12)),
+            prop::collection::vec(0usize..12, 0..4),
+        )
+    }
+
+    /// Eligibility restated from the rules, independently of `is_eligible`.
+    fn eligible_by_rule(r: &Region, ent: &Entitlement, exclude: &[&str]) -> bool {
+        ent.region_tiers.contains(&r.tier)
+            && r.health == Health::Up
+            && r.servers.iter().map(|s| s.capacity).sum::<u32>() > 0
+            && !exclude.contains(&r.id.as_str())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whenever a region is allowed, healthy, has capacity and is not
+        /// excluded, a region is chosen, and it is one of those; the failover
+        /// list holds only such regions too. With none, the answer is
+        /// `NoEligibleRegion` (or the requested region's own error).
+        #[test]
+        fn the_choice_is_always_an_allowed_healthy_region_when_one_exists(
+            (s, ent, location, requested, excluded) in case(),
+        ) {
+            let requested: Option<&str> = requested.map(|r| match r {
+                Some(i) if i < s.regions.len() => s.regions[i].id.as_str(),
+                _ => "nowhere",
+            });
+            let exclude: Vec<&str> = excluded
+                .iter()
+                .filter_map(|i| s.regions.get(*i).map(|r| r.id.as_str()))
+                .collect();
+            let eligible: Vec<&Region> = s
+                .regions
+                .iter()
+                .filter(|r| eligible_by_rule(r, &ent, &exclude))
+                .collect();
+            let result = choose(&s, &ent, &location, requested, &exclude);
+
+            if let Some(id) = requested {
+                match s.regions.iter().find(|r| r.id == id) {
+                    None => {
+                        prop_assert_eq!(result, Err(PlacementError::UnknownRegion));
+                        return Ok(());
+                    }
+                    Some(r) if !ent.region_tiers.contains(&r.tier) => {
+                        prop_assert_eq!(result, Err(PlacementError::RegionNotAllowed));
+                        return Ok(());
+                    }
+                    Some(_) => {}
+                }
+            }
+            if eligible.is_empty() {
+                prop_assert_eq!(result, Err(PlacementError::NoEligibleRegion));
+                return Ok(());
+            }
+            let choice = match result {
+                Ok(choice) => choice,
+                Err(e) => return Err(TestCaseError::fail(format!("refused with {e} though {} eligible", eligible.len()))),
+            };
+            let is_eligible = |id: &str| eligible.iter().any(|r| r.id == id);
+            prop_assert!(is_eligible(&choice.region.id), "chose {}", choice.region.id);
+            if let Some(id) = requested.filter(|id| is_eligible(id)) {
+                prop_assert_eq!(&choice.region.id, id);
+            }
+
+            let f = &choice.failover;
+            prop_assert_eq!(f.len(), (eligible.len() - 1).min(MAX_FAILOVER));
+            prop_assert!(f.iter().all(|id| is_eligible(id) && *id != choice.region.id));
+            let distinct: std::collections::BTreeSet<_> = f.iter().collect();
+            prop_assert_eq!(distinct.len(), f.len());
+        }
+
+        /// With coordinates and nothing requested, the choice is the nearest
+        /// eligible region (ties by id; regions without a valid position
+        /// last), and the failover list goes on in that order.
+        #[test]
+        fn with_coordinates_the_nearest_eligible_region_wins(
+            s in snapshot(),
+            ent in entitlement(),
+            (lat, lon) in (-90.0f64..=90.0, -180.0f64..=180.0),
+        ) {
+            let client = Point::new(lat, lon).unwrap();
+            let mut ranked: Vec<(f64, &str)> = s
+                .regions
+                .iter()
+                .filter(|r| eligible_by_rule(r, &ent, &[]))
+                .map(|r| {
+                    let d = Point::new(r.latitude, r.longitude)
+                        .map_or(f64::INFINITY, |p| geo::distance_km(client, p));
+                    (d, r.id.as_str())
+                })
+                .collect();
+            ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+            let result = choose(&s, &ent, &ClientLocation::Coordinates(client), None, &[]);
+            match ranked.split_first() {
+                None => prop_assert_eq!(result, Err(PlacementError::NoEligibleRegion)),
+                Some((first, rest)) => {
+                    let choice = result.unwrap();
+                    prop_assert_eq!(choice.region.id.as_str(), first.1);
+                    let expected: Vec<&str> = rest.iter().take(MAX_FAILOVER).map(|r| r.1).collect();
+                    prop_assert_eq!(choice.failover, expected);
+                }
+            }
+        }
+
+        /// With no position at all, the default region wins when it is
+        /// eligible, otherwise the eligible region with the smallest id.
+        #[test]
+        fn without_a_position_the_default_or_the_smallest_id_wins(
+            s in snapshot(),
+            ent in entitlement(),
+        ) {
+            let mut eligible: Vec<&str> = s
+                .regions
+                .iter()
+                .filter(|r| eligible_by_rule(r, &ent, &[]))
+                .map(|r| r.id.as_str())
+                .collect();
+            eligible.sort();
+            let expected = if eligible.contains(&DEFAULT_REGION) {
+                Some(DEFAULT_REGION)
+            } else {
+                eligible.first().copied()
+            };
+            let got = choose(&s, &ent, &ClientLocation::Unknown, None, &[]).ok().map(|c| c.region.id.as_str());
+            prop_assert_eq!(got, expected);
+        }
+
+        /// The server chosen has capacity, exists whenever one with capacity
+        /// does, and does not depend on the order the servers are listed in.
+        #[test]
+        fn the_server_chosen_has_capacity_and_ignores_order(
+            r in region(0),
+            device in "[a-f0-9-]{0,36}",
+        ) {
+            let chosen = choose_server(&r, &device);
+            prop_assert_eq!(chosen.is_some(), r.servers.iter().any(|s| s.capacity > 0));
+            if let Some(server) = chosen {
+                prop_assert!(server.capacity > 0);
+                let mut reversed = r.clone();
+                reversed.servers.reverse();
+                prop_assert_eq!(&choose_server(&reversed, &device).unwrap().id, &server.id);
+            }
+        }
+    }
+}

@@ -182,6 +182,20 @@ impl RefreshToken {
     pub fn sid(&self) -> &str {
         &self.sid
     }
+
+    /// The wire form, `v1.<user>.<session>.<generation>.<secret>`: the one
+    /// spelling [`RefreshToken::parse`] accepts for this token, so
+    /// `parse(t.to_wire()) == t` and `parse(s)?.to_wire() == s`.
+    pub fn to_wire(&self) -> String {
+        wire(&self.user_id, &self.sid, self.generation, &self.secret)
+    }
+}
+
+fn wire(user_id: &str, sid: &str, generation: u32, secret: &[u8; SECRET_LEN]) -> String {
+    format!(
+        "{WIRE_VERSION}.{user_id}.{sid}.{generation}.{}",
+        URL_SAFE_NO_PAD.encode(secret)
+    )
 }
 
 impl fmt::Debug for RefreshToken {
@@ -352,12 +366,7 @@ impl Family {
         let secret = self.secret(sid, self.generation, pepper);
         Issued {
             sid: sid.to_owned(),
-            refresh_token: format!(
-                "{WIRE_VERSION}.{}.{sid}.{}.{}",
-                self.user_id,
-                self.generation,
-                URL_SAFE_NO_PAD.encode(secret)
-            ),
+            refresh_token: wire(&self.user_id, sid, self.generation, &secret),
         }
     }
 
@@ -1121,5 +1130,153 @@ mod tests {
                 "refresh_token_reused",
             ]
         );
+    }
+}
+
+/// Properties over generated refresh tokens (shrinking to a minimal one).
+/// Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const PEPPER: &[u8] = b"test pepper, 32 bytes or more!!!";
+    const USER: &str = "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c";
+    const T0: i64 = 1_000_000;
+
+    fn token() -> impl Strategy<Value = RefreshToken> {
+        (
+            "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            "[0-9a-f]{32}",
+            any::<u32>(),
+            any::<[u8; SECRET_LEN]>(),
+        )
+            .prop_map(|(user_id, sid, generation, secret)| RefreshToken {
+                user_id,
+                sid,
+                generation,
+                secret,
+            })
+    }
+
+    /// A valid wire token with one character replaced, inserted or removed.
+    fn mutated_wire() -> impl Strategy<Value = String> {
+        (
+            token(),
+            any::<prop::sample::Index>(),
+            prop::sample::select(vec![
+                '0', '9', 'a', 'f', 'g', 'A', '-', '_', '.', '=', '+', ' ',
+            ]),
+            0..3,
+        )
+            .prop_map(|(t, at, c, how)| {
+                let mut chars: Vec<char> = t.to_wire().chars().collect();
+                let i = at.index(chars.len());
+                match how {
+                    0 => chars[i] = c,
+                    1 => chars.insert(i, c),
+                    _ => {
+                        chars.remove(i);
+                    }
+                }
+                chars.into_iter().collect()
+            })
+    }
+
+    /// Another spelling of a real token's parts: a generation with a
+    /// leading zero or a sign, upper-case hex, a padded secret, the other
+    /// base64 alphabet, non-zero unused bits at the end of the secret.
+    fn respelled() -> impl Strategy<Value = (RefreshToken, String)> {
+        (token(), 0..6).prop_map(|(t, how)| {
+            let secret = URL_SAFE_NO_PAD.encode(t.secret);
+            let (user, sid, generation) = (&t.user_id, &t.sid, t.generation);
+            let wire = match how {
+                0 => format!("v1.{user}.{sid}.0{generation}.{secret}"),
+                1 => format!("v1.{user}.{sid}.+{generation}.{secret}"),
+                2 => format!("v1.{}.{sid}.{generation}.{secret}", user.to_uppercase()),
+                3 => format!("v1.{user}.{sid}.{generation}.{secret}="),
+                4 => {
+                    let standard = secret.replace('-', "+").replace('_', "/");
+                    format!("v1.{user}.{sid}.{generation}.{standard}")
+                }
+                _ => {
+                    // The last of 43 characters carries 4 bits and 2 unused
+                    // ones; setting the lowest unused bit respells the bytes.
+                    let last = secret.as_bytes()[42];
+                    let alphabet =
+                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+                    let value = alphabet.iter().position(|c| *c == last).unwrap();
+                    let odd = alphabet[value | 1] as char;
+                    format!("v1.{user}.{sid}.{generation}.{}{odd}", &secret[..42])
+                }
+            };
+            (t, wire)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Every other spelling of a token is refused, so a token has one.
+        #[test]
+        fn other_spellings_of_a_token_are_malformed((t, wire) in respelled()) {
+            prop_assume!(wire != t.to_wire());
+            prop_assert_eq!(RefreshToken::parse(&wire), Err(RefreshError::Malformed));
+        }
+
+        /// Formatting then parsing gives the same token back.
+        #[test]
+        fn format_then_parse_round_trips(t in token()) {
+            let wire = t.to_wire();
+            prop_assert!(wire.len() <= MAX_TOKEN_LEN);
+            prop_assert_eq!(RefreshToken::parse(&wire), Ok(t));
+        }
+
+        /// One token, one spelling: whatever parses formats back to exactly
+        /// the same text, including near-misses of real tokens.
+        #[test]
+        fn whatever_parses_formats_back_to_the_same_text(
+            s in prop_oneof![mutated_wire(), ".{0,130}"],
+        ) {
+            if let Ok(t) = RefreshToken::parse(&s) {
+                prop_assert_eq!(t.to_wire(), s);
+            }
+        }
+
+        /// A token we did not issue never refreshes and never changes the
+        /// state (so a forger cannot revoke anyone's session either): the
+        /// real user and session with a guessed secret, or the real token
+        /// with one character changed.
+        #[test]
+        fn a_forged_token_is_invalid_and_changes_nothing(
+            generation in 0u32..3,
+            secret in any::<[u8; SECRET_LEN]>(),
+            at in any::<prop::sample::Index>(),
+            c in prop::sample::select(vec!['0', 'f', 'g', 'A', 'Z', '-', '_', '.']),
+            guess in any::<bool>(),
+            later in 0i64..100,
+        ) {
+            let mut sessions = UserSessions::default();
+            let issued = sessions.create(USER, "phone", T0, [7; 16], [9; 32], PEPPER);
+            let forged = if guess {
+                RefreshToken { user_id: USER.into(), sid: issued.sid.clone(), generation, secret }
+                    .to_wire()
+            } else {
+                let mut chars: Vec<char> = issued.refresh_token.chars().collect();
+                let i = at.index(chars.len());
+                chars[i] = c;
+                chars.into_iter().collect()
+            };
+            prop_assume!(forged != issued.refresh_token);
+            let Ok(token) = RefreshToken::parse(&forged) else {
+                return Ok(());
+            };
+            let before = sessions.clone();
+            prop_assert_eq!(
+                sessions.refresh(&token, T0 + later, PEPPER),
+                Err(RefreshError::Invalid)
+            );
+            prop_assert_eq!(sessions, before);
+        }
     }
 }

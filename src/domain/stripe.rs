@@ -1767,3 +1767,87 @@ mod tests {
         assert_eq!(parse_event(body.as_bytes()).unwrap().kind(), INVOICE_PAID);
     }
 }
+
+/// Properties over generated deliveries (shrinking to a minimal one).
+/// Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn secret() -> impl Strategy<Value = String> {
+        "whsec_[A-Za-z0-9]{1,40}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// What Stripe signs verifies, with any body, either secret of a
+        /// rotation, extra `v1`/`v0` values and spaces, within the tolerance
+        /// either way; and is stale just outside it.
+        #[test]
+        fn a_signed_delivery_verifies_within_the_tolerance(
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            (current, previous) in (secret(), secret()),
+            signed_with_previous in any::<bool>(),
+            skew in -TOLERANCE_SECS..=TOLERANCE_SECS,
+            decoy in any::<[u8; 32]>(),
+            spaced in any::<bool>(),
+        ) {
+            let secret = if signed_with_previous { &previous } else { &current };
+            let signed = sign(secret, NOW, &body);
+            let sep = if spaced { ", " } else { "," };
+            let header = format!("{signed}{sep}v1={}{sep}v0={}", hex::encode(decoy), hex::encode(decoy));
+            let secrets = [current.as_str(), previous.as_str()];
+            prop_assert_eq!(verify(Some(&header), &body, &secrets, NOW + skew), Ok(()));
+            prop_assert_eq!(
+                verify(Some(&header), &body, &secrets, NOW + TOLERANCE_SECS + 1),
+                Err(SignatureError::Stale)
+            );
+            prop_assert_eq!(
+                verify(Some(&header), &body, &secrets, NOW - TOLERANCE_SECS - 1),
+                Err(SignatureError::Stale)
+            );
+        }
+
+        /// A different body, timestamp or secret never verifies, and empty
+        /// secrets match nothing, not even a signature made with the empty
+        /// key.
+        #[test]
+        fn anything_else_is_a_mismatch(
+            body in prop::collection::vec(any::<u8>(), 1..300),
+            flip in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+            (secret, other) in (secret(), secret()),
+            shift in 1i64..=TOLERANCE_SECS,
+        ) {
+            prop_assume!(secret != other);
+            let header = sign(&secret, NOW, &body);
+            let mut changed = body.clone();
+            changed[flip.index(body.len())] ^= 1 << bit;
+            prop_assert_eq!(verify(Some(&header), &changed, &[&secret], NOW), Err(SignatureError::Mismatch));
+            prop_assert_eq!(verify(Some(&header), &body, &[&other], NOW), Err(SignatureError::Mismatch));
+            let moved = header.replacen(&format!("t={NOW}"), &format!("t={}", NOW + shift), 1);
+            prop_assert_eq!(verify(Some(&moved), &body, &[&secret], NOW), Err(SignatureError::Mismatch));
+            let unkeyed = sign("", NOW, &body);
+            prop_assert_eq!(verify(Some(&unkeyed), &body, &["", ""], NOW), Err(SignatureError::Mismatch));
+            prop_assert_eq!(verify(Some(&unkeyed), &body, &[], NOW), Err(SignatureError::Mismatch));
+        }
+
+        /// Any header, however odd, gets an answer and never a panic; only
+        /// one carrying a matching signature is accepted.
+        #[test]
+        fn arbitrary_headers_are_refused(
+            header in prop_oneof![
+                ".{0,200}",
+                "(t=[0-9+-]{0,12}|v1=[0-9a-fA-F]{0,66}|v0=[a-z]{0,3}|[a-z0-9]{0,3}=?[a-z0-9]{0,3}| )(,(t=[0-9+-]{0,12}|v1=[0-9a-f]{0,66}|v0=x| ?)){0,4}",
+            ],
+            now in any::<i64>(),
+        ) {
+            let refused = verify(Some(&header), br#"{"id":"evt_1"}"#, &["whsec_test"], now).is_err();
+            prop_assert!(refused);
+        }
+    }
+}

@@ -1843,3 +1843,127 @@ mod tests {
         assert_eq!(unsigned.signed(&signature), set.issue_ticket(&ticket, NOW));
     }
 }
+
+/// Properties over generated tokens (shrinking to a minimal one).
+/// Native only: the property-test library is a host dev-dependency.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod properties {
+    use super::*;
+    use crate::domain::catalogue::Tier;
+    use proptest::prelude::*;
+
+    fn keys() -> KeySet {
+        let entries = serde_json::json!([
+            { "kid": "k1", "seed": URL_SAFE_NO_PAD.encode([1_u8; 32]) },
+            { "kid": "k3", "seed": URL_SAFE_NO_PAD.encode([3_u8; 32]) },
+        ]);
+        KeySet::parse(&entries.to_string()).unwrap()
+    }
+
+    fn entitlement() -> impl Strategy<Value = Entitlement> {
+        (
+            ".{0,12}",
+            any::<u32>(),
+            prop::sample::subsequence(vec![Tier::Free, Tier::Premium], 0..=2),
+            any::<Option<i64>>(),
+        )
+            .prop_map(|(plan, max_devices, region_tiers, until)| Entitlement {
+                plan,
+                max_devices,
+                region_tiers,
+                until,
+            })
+    }
+
+    /// Times far from the i64 extremes: there, `exp` saturates and the
+    /// token is refused as too long-lived, which a unit test pins.
+    fn time() -> impl Strategy<Value = i64> {
+        -(1_i64 << 50)..(1_i64 << 50)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Whatever we issue verifies, with the same claims, from its `iat`
+        /// (minus the leeway) until its `exp` (plus the leeway), and not a
+        /// second outside that; a token over the size limit is refused whole.
+        #[test]
+        fn issued_tokens_verify_exactly_within_their_lifetime(
+            sub in ".{0,40}",
+            sid in "[0-9a-f]{32}",
+            ent in entitlement(),
+            now in time(),
+            jitter in any::<u32>(),
+        ) {
+            let set = keys();
+            let (token, expires_in) = set.issue(&sub, &sid, &ent, now, jitter);
+            prop_assert!((ACCESS_TTL_SECS - MAX_JITTER_SECS..=ACCESS_TTL_SECS).contains(&expires_in));
+            if token.len() > MAX_TOKEN_LEN {
+                prop_assert_eq!(set.verify(&token, now), Err(TokenError::TooLarge));
+                return Ok(());
+            }
+            let exp = now + expires_in;
+            let claims = set.verify(&token, now).unwrap();
+            prop_assert_eq!(
+                claims,
+                AccessClaims { sub, sid, ent, iat: now, exp }
+            );
+            prop_assert!(set.verify(&token, now - LEEWAY_SECS).is_ok());
+            prop_assert!(set.verify(&token, exp + LEEWAY_SECS - 1).is_ok());
+            prop_assert_eq!(set.verify(&token, now - LEEWAY_SECS - 1), Err(TokenError::NotYetValid));
+            prop_assert_eq!(set.verify(&token, exp + LEEWAY_SECS), Err(TokenError::Expired));
+        }
+
+        /// Any one-character change to a valid token makes it fail, with an
+        /// error and without a panic.
+        #[test]
+        fn any_single_character_change_is_refused(
+            at in any::<prop::sample::Index>(),
+            replacement in prop_oneof![
+                prop::char::range('A', 'Z'),
+                prop::char::range('a', 'z'),
+                prop::char::range('0', '9'),
+                prop::sample::select(vec!['-', '_', '.', '=', '+', '/', ' ', '\0', 'é']),
+            ],
+            remove in any::<bool>(),
+        ) {
+            let set = keys();
+            let (token, _) = set.issue("user-1", "session-1", &Entitlement {
+                plan: "plus".into(),
+                max_devices: 5,
+                region_tiers: vec![Tier::Free, Tier::Premium],
+                until: None,
+            }, 1_700_000_000, 0);
+            let mut chars: Vec<char> = token.chars().collect();
+            let i = at.index(chars.len());
+            if remove {
+                chars.remove(i);
+            } else {
+                chars[i] = replacement;
+            }
+            let mutated: String = chars.into_iter().collect();
+            prop_assume!(mutated != token);
+            prop_assert!(set.verify(&mutated, 1_700_000_000).is_err());
+        }
+
+        /// Arbitrary text, and arbitrary text shaped like three segments,
+        /// is refused without a panic (the fuzz target goes much further).
+        #[test]
+        fn arbitrary_strings_never_verify(
+            s in prop_oneof![
+                ".{0,300}",
+                "[A-Za-z0-9_-]{0,80}\\.[A-Za-z0-9_-]{0,200}\\.[A-Za-z0-9_-]{0,90}",
+            ],
+            now in any::<i64>(),
+        ) {
+            prop_assert!(keys().verify(&s, now).is_err());
+        }
+
+        /// The base64url shape check agrees with the decoder on every input.
+        #[test]
+        fn the_base64url_check_agrees_with_the_decoder(s in "[A-Za-z0-9_=+/.-]{0,16}") {
+            let decodes = !s.is_empty() && URL_SAFE_NO_PAD.decode(&s).is_ok();
+            prop_assert_eq!(is_b64url(&s), decodes);
+        }
+    }
+}
