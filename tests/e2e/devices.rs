@@ -54,7 +54,12 @@ async fn device_count(ctx: &Ctx, user_id: &str) -> i64 {
 /// Gives the user a Plus subscription in PostgreSQL, then signs in again so the
 /// user's session object learns the new entitlement inputs.
 pub async fn make_plus(ctx: &Ctx, user: &mut User) {
-    let db = db(ctx).await;
+    make_plus_at(ctx, &ctx.url(""), &db(ctx).await, user).await;
+}
+
+/// [`make_plus`] against the worker at `base` and its database `db` (a stack
+/// of a test's own).
+pub async fn make_plus_at(ctx: &Ctx, base: &str, db: &tokio_postgres::Client, user: &mut User) {
     db.execute(
         "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end)
          VALUES ($1::text::uuid, 'plus', 'active', now() + interval '30 days')",
@@ -62,12 +67,14 @@ pub async fn make_plus(ctx: &Ctx, user: &mut User) {
     )
     .await
     .unwrap();
-    let r = send(
+    let r = send_to(
         ctx,
+        base,
         "POST",
         "/v1/auth/login",
         Some(json!({"email": user.email, "password": PASSWORD})),
         None,
+        &[],
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);

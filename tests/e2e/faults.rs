@@ -9,6 +9,7 @@
 //! `src/edge/fault.rs`) on the shared stack.
 
 use crate::common::*;
+use crate::devices::make_plus_at;
 use crate::harness::{Ctx, Test};
 use crate::support::{DB_NAME, Stack, eventually};
 use futures::StreamExt as _;
@@ -152,32 +153,6 @@ async fn devices_in_api(ctx: &Ctx, base: &str, access: &str) -> BTreeMap<String,
         .iter()
         .map(|d| (s(&d["id"]).to_owned(), s(&d["public_key"]).to_owned()))
         .collect()
-}
-
-/// Gives the user Plus in PostgreSQL and signs in again, so their object
-/// learns it; returns the new access token.
-async fn make_plus_at(ctx: &Ctx, base: &str, db: &tokio_postgres::Client, user: &mut User) {
-    db.execute(
-        "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end)
-         VALUES ($1::text::uuid, 'plus', 'active', now() + interval '30 days')",
-        &[&user.id],
-    )
-    .await
-    .unwrap();
-    let r = send_to(
-        ctx,
-        base,
-        "POST",
-        "/v1/auth/login",
-        Some(json!({"email": user.email, "password": PASSWORD})),
-        None,
-        &[],
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    user.access = s(&r.body["access_token"]).to_owned();
-    user.refresh = s(&r.body["refresh_token"]).to_owned();
-    assert_eq!(claims(&user.access)["ent"]["max_devices"], 5);
 }
 
 /// How many backends wait on a lock: requests parked inside PostgreSQL.
