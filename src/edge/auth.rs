@@ -303,7 +303,22 @@ pub async fn verify_bearer(req: &Request, env: &Env) -> Result<AccessClaims, Fai
 /// The second half of [`authenticate`]: refuses a session that has been
 /// signed out.
 pub async fn check_not_revoked(env: &Env, claims: &AccessClaims) -> Result<(), Fail> {
-    if session_revoked(env, claims).await {
+    not_revoked_in(session_mirror(env, &claims.sub).await.as_ref(), claims)
+}
+
+/// The user's sessions as the KV mirror has them. A KV failure reads as no
+/// mirror, so it does not lock every user out: the token's signature and
+/// expiry still bound it to 15 minutes.
+async fn session_mirror(env: &Env, user_id: &str) -> Option<Mirror> {
+    let kv = env.kv(bindings::KV).ok()?;
+    kv::get_json::<Mirror>(&kv, &user_session::mirror_key(user_id))
+        .await
+        .ok()
+        .flatten()
+}
+
+fn not_revoked_in(mirror: Option<&Mirror>, claims: &AccessClaims) -> Result<(), Fail> {
+    if mirror.is_some_and(|m| m.sessions.iter().any(|s| s.id == claims.sid && s.revoked)) {
         return Err(ApiError::new(
             ProblemCode::SessionRevoked,
             "This session has been signed out.",
@@ -311,18 +326,6 @@ pub async fn check_not_revoked(env: &Env, claims: &AccessClaims) -> Result<(), F
         .into());
     }
     Ok(())
-}
-
-async fn session_revoked(env: &Env, claims: &AccessClaims) -> bool {
-    let Ok(kv) = env.kv(bindings::KV) else {
-        return false;
-    };
-    // A KV failure does not lock every user out: the token's signature and
-    // expiry still bound it to 15 minutes.
-    match kv::get_json::<Mirror>(&kv, &user_session::mirror_key(&claims.sub)).await {
-        Ok(Some(m)) => m.sessions.iter().any(|s| s.id == claims.sid && s.revoked),
-        _ => false,
-    }
 }
 
 pub async fn logout(req: Request, env: &Env, all: bool) -> Result<Reply, Fail> {
@@ -359,7 +362,10 @@ pub async fn logout(req: Request, env: &Env, all: bool) -> Result<Reply, Fail> {
 }
 
 pub async fn me(req: Request, env: &Env) -> Result<Reply, Fail> {
-    let claims = authenticate(&req, env).await?;
+    // One read of the session mirror serves the revocation check and the list.
+    let claims = verify_bearer(&req, env).await?;
+    let mirror = session_mirror(env, &claims.sub).await;
+    not_revoked_in(mirror.as_ref(), &claims)?;
     let db = store::connect(env).await?;
     let account = store::account(&db, &claims.sub).await?;
     drop(db);
@@ -376,14 +382,7 @@ pub async fn me(req: Request, env: &Env) -> Result<Reply, Fail> {
         account.inputs.subscription.as_ref(),
         time::now_secs(),
     );
-    let sessions = match env.kv(bindings::KV) {
-        Ok(kv) => kv::get_json::<Mirror>(&kv, &user_session::mirror_key(&claims.sub))
-            .await
-            .ok()
-            .flatten(),
-        Err(_) => None,
-    };
-    let sessions: Vec<_> = sessions
+    let sessions: Vec<_> = mirror
         .map(|m| m.sessions)
         .unwrap_or_default()
         .into_iter()
