@@ -17,6 +17,7 @@ mod fault;
 mod kv;
 mod log;
 mod login_throttle;
+mod microtask;
 mod pg;
 mod random;
 mod readyz;
@@ -82,6 +83,13 @@ impl From<ApiError> for Fail {
     fn from(api: ApiError) -> Fail {
         Fail { api, cause: None }
     }
+}
+
+/// Runs once per wasm instance, before its first request (and again when the
+/// instance is rebuilt after a panic).
+#[event(start)]
+fn start() {
+    microtask::prefer_promise_jobs();
 }
 
 #[event(fetch)]
