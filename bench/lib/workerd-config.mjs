@@ -26,6 +26,7 @@ const compatibilityDate = readFileSync(join(root, "wrangler.toml"), "utf8").matc
 const stacks = {
   ours: {
     modules: [
+      `(name = "entry.mjs", esModule = embed ${file(join(root, "build/entry.mjs"))})`,
       `(name = "index.js", esModule = embed ${file(join(root, "build/index.js"))})`,
       `(name = "index_bg.wasm", wasm = embed ${file(join(root, "build/index_bg.wasm"))})`,
     ],

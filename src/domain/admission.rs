@@ -91,6 +91,34 @@ pub enum Admit {
     Closed,
 }
 
+impl Admit {
+    /// The verdict as one number, as the gate answers it over Durable Object
+    /// RPC: 0 admitted, -1 closed, otherwise the wait in milliseconds (at
+    /// least 1). A number crosses the RPC boundary without any encoding.
+    pub fn to_wire(self) -> f64 {
+        match self {
+            Admit::Admitted => 0.0,
+            Admit::Closed => -1.0,
+            Admit::Wait { retry_after_ms } => retry_after_ms.max(1) as f64,
+        }
+    }
+
+    /// Reads [`Admit::to_wire`]'s number; anything else is `None`.
+    pub fn from_wire(n: f64) -> Option<Admit> {
+        if n == 0.0 {
+            Some(Admit::Admitted)
+        } else if n == -1.0 {
+            Some(Admit::Closed)
+        } else if n >= 1.0 && n.fract() == 0.0 && n <= 9_007_199_254_740_991.0 {
+            Some(Admit::Wait {
+                retry_after_ms: n as u64,
+            })
+        } else {
+            None
+        }
+    }
+}
+
 /// One shard's token bucket, stored as JSON in its Durable Object. The
 /// default is a full bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +189,26 @@ pub fn retry_after_secs(retry_after_ms: u64, random: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn verdicts_cross_the_wire_unchanged_and_nothing_else_is_read() {
+        for admit in [
+            Admit::Admitted,
+            Admit::Closed,
+            Admit::Wait { retry_after_ms: 1 },
+            Admit::Wait {
+                retry_after_ms: 250,
+            },
+            Admit::Wait {
+                retry_after_ms: 9_007_199_254_740_991,
+            },
+        ] {
+            assert_eq!(Admit::from_wire(admit.to_wire()), Some(admit));
+        }
+        for junk in [f64::NAN, f64::INFINITY, -2.0, 0.5, 1.5, -0.5, 1e300] {
+            assert_eq!(Admit::from_wire(junk), None, "{junk}");
+        }
+    }
+
     use super::*;
 
     const T0: i64 = 1_700_000_000_000;

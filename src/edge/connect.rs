@@ -8,17 +8,17 @@
 //!      which holds the same list; still no database);
 //!    - the region catalogue (KV, parsed once per isolate every few seconds);
 //! 2. a region and a server: pure placement rules (`domain::placement`);
-//! 3. admission: one call to the region's `RegionGate` shard;
+//! 3. admission: one RPC call to the region's `RegionGate` shard;
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
 //!    the answer.
 
 use super::auth::{check_not_revoked, json_body, verify_bearer};
-use super::durable::call;
+use super::durable::{self, call};
 use super::events::{self, ConnectionEvent};
 use super::user_session::{DeviceMirror, devices_key};
 use super::{Fail, bindings, catalogue, kv, random, secrets, store, time, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
-use crate::domain::admission;
+use crate::domain::admission::{self, Admit};
 use crate::domain::catalogue::Snapshot;
 use crate::domain::geo::Point;
 use crate::domain::placement::{self, ClientLocation, PlacementError};
@@ -135,8 +135,7 @@ fn client_location(req: &Request, env: &Env) -> ClientLocation {
 
 /// The user's devices: the KV mirror, else the user's object (no database).
 async fn devices(env: &Env, user_id: &str, device_id: &str) -> Result<Vec<store::Device>, Fail> {
-    if let Ok(kv) = env.kv(bindings::KV)
-        && let Ok(Some(m)) = kv::get_json::<DeviceMirror>(&kv, &devices_key(user_id)).await
+    if let Ok(Some(m)) = kv::get_json::<DeviceMirror>(env, &devices_key(user_id)).await
         && m.devices.iter().any(|d| d.id == device_id)
     {
         return Ok(m.devices);
@@ -255,18 +254,9 @@ pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    let (_, verdict) = call(
-        env,
-        bindings::REGION_GATES,
-        &gate,
-        "/admit",
-        &json!({ "rate": rate }),
-    )
-    .await?;
-    match verdict["outcome"].as_str() {
-        Some("admitted") => {}
-        Some("wait") => {
-            let wait_ms = verdict["retry_after_ms"].as_u64().unwrap_or(1_000);
+    match durable::admit(env, &gate, rate).await? {
+        Admit::Admitted => {}
+        Admit::Wait { retry_after_ms } => {
             events::enqueue(
                 env,
                 ctx,
@@ -276,10 +266,10 @@ pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply
                 ProblemCode::RegionBusy,
                 "The region is admitting clients as fast as it can; retry after the delay or use a failover region.",
                 failover,
-                Some(admission::retry_after_secs(wait_ms, random::u32())),
+                Some(admission::retry_after_secs(retry_after_ms, random::u32())),
             ));
         }
-        _ => {
+        Admit::Closed => {
             events::enqueue(
                 env,
                 ctx,

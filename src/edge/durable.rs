@@ -127,15 +127,16 @@ pub async fn body<T: serde::de::DeserializeOwned>(
 /// (`domain::admission`). The bucket lives in memory only: admission is soft
 /// state, a restarted shard simply starts with a full bucket (one burst), and
 /// writing storage at every admission would cost more than it protects.
-#[durable_object]
+///
+/// Admission is called over Durable Object RPC ([`RegionGate::admit`], through
+/// [`admit`]), not `fetch`: it is one call per connect, and an RPC call with a
+/// number in and a number out skips building, sending and parsing an HTTP
+/// request and response on both sides. `build/entry.mjs` (from
+/// `src/entry.mjs`) declares the class a `DurableObject`, which RPC requires.
+#[durable_object(fetch)]
 pub struct RegionGate {
     state: State,
     bucket: std::cell::RefCell<Bucket>,
-}
-
-#[derive(serde::Deserialize)]
-struct AdmitReq {
-    rate: u32,
 }
 
 impl DurableObject for RegionGate {
@@ -146,24 +147,55 @@ impl DurableObject for RegionGate {
         }
     }
 
-    async fn fetch(&self, mut req: Request) -> Result<Response> {
+    async fn fetch(&self, req: Request) -> Result<Response> {
         match (req.method(), req.path().as_str()) {
             (Method::Get, "/ping") => ping(&self.state, &req).await,
-            (Method::Post, "/admit") => {
-                let r: AdmitReq = match body(&mut req).await {
-                    Ok(r) => r,
-                    Err(resp) => return Ok(resp),
-                };
-                let verdict = self.bucket.borrow_mut().take(r.rate, time::now_ms() as i64);
-                Response::from_json(&match verdict {
-                    Admit::Admitted => serde_json::json!({ "outcome": "admitted" }),
-                    Admit::Wait { retry_after_ms } => {
-                        serde_json::json!({ "outcome": "wait", "retry_after_ms": retry_after_ms })
-                    }
-                    Admit::Closed => serde_json::json!({ "outcome": "closed" }),
-                })
-            }
             _ => Response::error("unknown durable object route", 404),
         }
+    }
+}
+
+#[wasm_bindgen::prelude::wasm_bindgen]
+impl RegionGate {
+    /// RPC: takes one admission token at `rate` tokens/s; the verdict as
+    /// [`Admit::to_wire`]'s number. Synchronous: the bucket is in memory.
+    pub fn admit(&self, rate: u32) -> f64 {
+        self.bucket
+            .borrow_mut()
+            .take(rate, time::now_ms() as i64)
+            .to_wire()
+    }
+}
+
+#[wasm_bindgen::prelude::wasm_bindgen]
+extern "C" {
+    /// A `RegionGate` stub, as far as RPC goes.
+    type GateStub;
+    #[wasm_bindgen(method, catch)]
+    fn admit(this: &GateStub, rate: u32) -> std::result::Result<js_sys::Promise, JsValue>;
+}
+
+/// Asks the `RegionGate` named `name` for one admission at `rate` tokens/s.
+/// Transport failures, timeouts and unreadable answers are 503s.
+pub async fn admit(env: &Env, name: &str, rate: u32) -> std::result::Result<Admit, Fail> {
+    let unavailable = |e: String| {
+        Fail::unavailable(format!(
+            "durable object {}.admit: {e}",
+            super::bindings::REGION_GATES
+        ))
+    };
+    let stub = env
+        .durable_object(super::bindings::REGION_GATES)
+        .and_then(|ns| ns.get_by_name(name))
+        .map_err(|e| unavailable(e.to_string()))?;
+    let stub: GateStub = stub.into_rpc();
+    let fut = async { JsFuture::from(stub.admit(rate)?).await };
+    match time::timeout(CALL_TIMEOUT_MS, fut).await {
+        Some(Ok(answer)) => answer
+            .as_f64()
+            .and_then(Admit::from_wire)
+            .ok_or_else(|| unavailable(format!("unreadable answer {answer:?}"))),
+        Some(Err(e)) => Err(unavailable(js_error(&e))),
+        None => Err(unavailable("timed out".into())),
     }
 }

@@ -22,7 +22,7 @@ pub struct AttemptReq {
     pub scope: Scope,
 }
 
-#[durable_object]
+#[durable_object(fetch)]
 pub struct LoginThrottle {
     state: State,
 }

@@ -168,7 +168,7 @@ pub struct IssuedResp {
     pub entitlement: Entitlement,
 }
 
-#[durable_object]
+#[durable_object(fetch)]
 pub struct UserSession {
     state: State,
     env: Env,
