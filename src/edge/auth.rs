@@ -310,8 +310,7 @@ pub async fn check_not_revoked(env: &Env, claims: &AccessClaims) -> Result<(), F
 /// mirror, so it does not lock every user out: the token's signature and
 /// expiry still bound it to 15 minutes.
 async fn session_mirror(env: &Env, user_id: &str) -> Option<Mirror> {
-    let kv = env.kv(bindings::KV).ok()?;
-    kv::get_json::<Mirror>(&kv, &user_session::mirror_key(user_id))
+    kv::get_json::<Mirror>(env, &user_session::mirror_key(user_id))
         .await
         .ok()
         .flatten()

@@ -12,7 +12,7 @@
 //! first caller publishes one from PostgreSQL through the cached Hyperdrive
 //! binding; in steady state the request path never touches PostgreSQL.
 
-use super::{Fail, bindings, cron, time};
+use super::{Fail, bindings, cron, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -41,12 +41,7 @@ pub async fn snapshot(env: &Env) -> Result<Rc<Snapshot>, Fail> {
     }) {
         return Ok(s);
     }
-    let kv = env
-        .kv(bindings::KV)
-        .map_err(|e| Fail::unavailable(format!("kv: {e}")))?;
-    let stored = kv
-        .get(catalogue::KV_KEY)
-        .text()
+    let stored = kv::get_text(env, catalogue::KV_KEY)
         .await
         .map_err(|e| Fail::unavailable(format!("kv get: {e}")))?;
     let snapshot = match stored {

@@ -77,12 +77,13 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
         serde_json::from_str(&json).map_err(|e| format!("catalogue rows: {e}"))?;
     let snapshot = Snapshot::new(regions);
 
-    let kv = env.kv(bindings::KV).map_err(|e| e.to_string())?;
-    let current: Option<Snapshot> = kv::get_json(&kv, catalogue::KV_KEY).await.ok().flatten();
+    let current: Option<Snapshot> = kv::get_json(env, catalogue::KV_KEY).await.ok().flatten();
     if current.is_some_and(|c| c.etag == snapshot.etag) {
         return Ok((snapshot, false));
     }
-    kv.put(catalogue::KV_KEY, &snapshot)
+    env.kv(bindings::KV)
+        .map_err(|e| e.to_string())?
+        .put(catalogue::KV_KEY, &snapshot)
         .map_err(|e| e.to_string())?
         .execute()
         .await

@@ -104,13 +104,10 @@ pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
     // The limit shown is informational: the KV copy of the entitlement (which
     // follows billing changes within seconds), else the token's snapshot. The
     // limit itself is enforced by the user's object, not from this.
-    let cached = match env.kv(bindings::KV) {
-        Ok(kv) => kv::get_json::<Entitlement>(&kv, &user_session::entitlement_key(&claims.sub))
-            .await
-            .ok()
-            .flatten(),
-        Err(_) => None,
-    };
+    let cached = kv::get_json::<Entitlement>(env, &user_session::entitlement_key(&claims.sub))
+        .await
+        .ok()
+        .flatten();
     let max_devices = cached.map_or(claims.ent.max_devices, |e| e.max_devices);
     Ok(Reply::json(
         200,

@@ -1,16 +1,46 @@
-//! JSON values in Workers KV.
+//! Reading Workers KV.
 //!
-//! KV's own `json` read type parses in JavaScript, and the result is then
-//! walked from wasm field by field, each step a crossing of the JS/wasm
-//! boundary. Reading the text and parsing it in wasm with `serde_json` costs one
-//! crossing, so every JSON read goes through [`get_json`].
+//! Reads go straight to the binding's `get(key, "text")`: one call across the
+//! JS/wasm boundary. workers-rs's `KvStore` looks up five methods of the
+//! binding each time one is made and builds every read's options object
+//! through serde, which on the reconnect hot path (two reads per connect) was
+//! a measurable share of the request. JSON values are read as text and parsed
+//! in wasm with `serde_json`: KV's own `json` type parses in JavaScript, and the
+//! result would then be walked from wasm field by field, a crossing per step.
 
 use serde::de::DeserializeOwned;
-use worker::KvStore;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::Env;
+use worker::js_sys::{Promise, Reflect};
+use worker::wasm_bindgen_futures::JsFuture;
+
+use super::bindings;
+
+#[wasm_bindgen::prelude::wasm_bindgen]
+extern "C" {
+    /// A KV namespace binding, as far as reading goes.
+    type KvNamespace;
+    #[wasm_bindgen(method, catch, js_name = get)]
+    fn get_as(this: &KvNamespace, key: &str, kind: &str) -> Result<Promise, JsValue>;
+}
+
+/// The text under `key` in the `KV` namespace; `None` when there is none.
+pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
+    let ns = Reflect::get(env, &JsValue::from_str(bindings::KV))
+        .ok()
+        .filter(|b| b.is_object())
+        .ok_or_else(|| format!("no KV binding {}", bindings::KV))?;
+    let ns: KvNamespace = ns.unchecked_into();
+    let promise = ns.get_as(key, "text").map_err(|e| format!("{e:?}"))?;
+    let value = JsFuture::from(promise)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(value.as_string())
+}
 
 /// The value under `key` parsed as `T`; `None` when there is none.
-pub async fn get_json<T: DeserializeOwned>(kv: &KvStore, key: &str) -> Result<Option<T>, String> {
-    match kv.get(key).text().await.map_err(|e| e.to_string())? {
+pub async fn get_json<T: DeserializeOwned>(env: &Env, key: &str) -> Result<Option<T>, String> {
+    match get_text(env, key).await? {
         Some(text) => serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| format!("{key}: {e}")),

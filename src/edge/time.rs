@@ -8,8 +8,10 @@ use std::time::Duration;
 use futures::future::{Either, select};
 use worker::Delay;
 
+/// Unix milliseconds. `Date.now()` itself: `worker::Date::now()` allocates a
+/// `Date` object to read it, several times per request.
 pub fn now_ms() -> u64 {
-    worker::Date::now().as_millis()
+    worker::js_sys::Date::now() as u64
 }
 
 /// Unix seconds, the unit of every domain timestamp.
