@@ -449,7 +449,8 @@ async function scenario(sc) {
   for (const endpoint of Object.values(result.warm))
     for (const v of Object.values(endpoint)) {
       v.median = {};
-      for (const k of ["rps", "p50_ms", "p99_ms", "cpu_us_per_req"]) v.median[k] = median(v.runs.map((r) => r[k]));
+      // With an even number of runs the median is a mean of two: round it as the runs are.
+      for (const [k, d] of [["rps", 0], ["p50_ms", 3], ["p99_ms", 3], ["cpu_us_per_req", 1]]) v.median[k] = round(median(v.runs.map((r) => r[k])), d);
       v.non2xx = v.runs.reduce((a, r) => a + r.non2xx + r.socket_errors, 0);
     }
   return result;
