@@ -251,11 +251,13 @@ fn failover<'a>(
 /// capacity. Deterministic: equal scores (vanishingly rare) go to the
 /// smaller server id.
 pub fn choose_server<'a>(region: &'a Region, device_id: &str) -> Option<&'a Server> {
+    // The device's part of every server's hash is the same: hash it once.
+    let device = HashPrefix::new(device_id);
     region
         .servers
         .iter()
         .filter(|s| s.capacity > 0)
-        .map(|s| (score(device_id, s), s))
+        .map(|s| (score(device, s), s))
         .max_by(|(sa, a), (sb, b)| sa.total_cmp(sb).then_with(|| b.id.cmp(&a.id)))
         .map(|(_, s)| s)
 }
@@ -265,8 +267,8 @@ pub fn choose_server<'a>(region: &'a Region, device_id: &str) -> Option<&'a Serv
 /// not bit-exact everywhere: libms may differ in the last bit. That could
 /// only flip a choice between two scores equal to within one ulp, which no
 /// realistic pair of hashes produces.)
-fn score(device_id: &str, server: &Server) -> f64 {
-    let u = unit_interval(stable_hash(device_id, &server.id));
+fn score(device: HashPrefix, server: &Server) -> f64 {
+    let u = unit_interval(device.hash(&server.id));
     -f64::from(server.capacity) / u.ln()
 }
 
@@ -284,16 +286,38 @@ fn unit_interval(hash: u64) -> f64 {
 /// every input bit affects every output bit. Fixed forever: changing it
 /// would move every device to another server.
 pub fn stable_hash(key: &str, salt: &str) -> u64 {
-    let bytes = key.bytes().chain([0xff]).chain(salt.bytes());
-    fmix64(fnv1a64(bytes))
+    HashPrefix::new(key).hash(salt)
 }
 
+/// [`stable_hash`] with its `key` already hashed: FNV-1a's state after the
+/// key and the separator, so one key can be hashed with many salts (a device
+/// against every server of a region) without rehashing the key each time.
+#[derive(Clone, Copy)]
+struct HashPrefix(u64);
+
+impl HashPrefix {
+    fn new(key: &str) -> HashPrefix {
+        HashPrefix(fnv1a64_from(FNV_OFFSET_BASIS, key.bytes().chain([0xff])))
+    }
+
+    fn hash(self, salt: &str) -> u64 {
+        fmix64(fnv1a64_from(self.0, salt.bytes()))
+    }
+}
+
+const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+
+#[cfg(test)]
 fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a64_from(FNV_OFFSET_BASIS, bytes)
+}
+
+/// FNV-1a from state `h` over `bytes`.
+fn fnv1a64_from(h: u64, bytes: impl IntoIterator<Item = u8>) -> u64 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     bytes
         .into_iter()
-        .fold(OFFSET_BASIS, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+        .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// MurmurHash3's 64-bit finalizer (a bijection with full avalanche).
