@@ -62,10 +62,7 @@ pub async fn call<B: Serialize>(
 ) -> std::result::Result<(u16, serde_json::Value), Fail> {
     let unavailable =
         |e: String| Fail::unavailable(format!("durable object {namespace}{path}: {e}"));
-    let stub = env
-        .durable_object(namespace)
-        .and_then(|ns| ns.get_by_name(name))
-        .map_err(|e| unavailable(e.to_string()))?;
+    let stub = stub(env, namespace, name).map_err(unavailable)?;
     let payload = serde_json::to_string(body).map_err(|e| Fail::internal(e.to_string()))?;
     let fut = async {
         let headers = web_sys::Headers::new()?;
@@ -85,17 +82,32 @@ pub async fn call<B: Serialize>(
         let text = JsFuture::from(resp.text()?).await?.as_string();
         Ok::<_, JsValue>((resp.status(), text.unwrap_or_default()))
     };
-    let (status, text) = match time::timeout(CALL_TIMEOUT_MS, fut).await {
-        Some(Ok(answer)) => answer,
-        Some(Err(e)) => return Err(unavailable(js_error(&e))),
-        None => return Err(unavailable("timed out".into())),
-    };
+    let (status, text) = bounded(fut).await.map_err(unavailable)?;
     let json = serde_json::from_str::<serde_json::Value>(&text)
         .map_err(|e| unavailable(format!("status {status}: {e}")))?;
     if status < 500 {
         Ok((status, json))
     } else {
         Err(unavailable(format!("status {status}: {json}")))
+    }
+}
+
+/// The stub of the object `name` in `namespace`.
+fn stub(env: &Env, namespace: &str, name: &str) -> std::result::Result<worker::Stub, String> {
+    env.durable_object(namespace)
+        .and_then(|ns| ns.get_by_name(name))
+        .map_err(|e| e.to_string())
+}
+
+/// Waits for a call to an object at most [`CALL_TIMEOUT_MS`]; a throw or the
+/// timeout is the error, as text for the log.
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = std::result::Result<T, JsValue>>,
+) -> std::result::Result<T, String> {
+    match time::timeout(CALL_TIMEOUT_MS, fut).await {
+        Some(Ok(answer)) => Ok(answer),
+        Some(Err(e)) => Err(js_error(&e)),
+        None => Err("timed out".into()),
     }
 }
 
@@ -184,18 +196,14 @@ pub async fn admit(env: &Env, name: &str, rate: u32) -> std::result::Result<Admi
             super::bindings::REGION_GATES
         ))
     };
-    let stub = env
-        .durable_object(super::bindings::REGION_GATES)
-        .and_then(|ns| ns.get_by_name(name))
-        .map_err(|e| unavailable(e.to_string()))?;
-    let stub: GateStub = stub.into_rpc();
-    let fut = async { JsFuture::from(stub.admit(rate)?).await };
-    match time::timeout(CALL_TIMEOUT_MS, fut).await {
-        Some(Ok(answer)) => answer
-            .as_f64()
-            .and_then(Admit::from_wire)
-            .ok_or_else(|| unavailable(format!("unreadable answer {answer:?}"))),
-        Some(Err(e)) => Err(unavailable(js_error(&e))),
-        None => Err(unavailable("timed out".into())),
-    }
+    let stub: GateStub = stub(env, super::bindings::REGION_GATES, name)
+        .map_err(unavailable)?
+        .into_rpc();
+    let answer = bounded(async { JsFuture::from(stub.admit(rate)?).await })
+        .await
+        .map_err(unavailable)?;
+    answer
+        .as_f64()
+        .and_then(Admit::from_wire)
+        .ok_or_else(|| unavailable(format!("unreadable answer {answer:?}")))
 }
