@@ -51,6 +51,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -138,8 +139,6 @@ pub struct KeySet {
     /// Every key, the signing one first. There are only ever a few (the current
     /// key and one or two being retired), so a linear scan by `kid` beats a map.
     verifiers: Vec<Verifier>,
-    /// The secret half of `verifiers[0]`.
-    signer: SecretKey,
     /// The base64url header of every token we sign: it depends only on the
     /// signing `kid`, so it is encoded once.
     header_b64: String,
@@ -148,7 +147,24 @@ pub struct KeySet {
 #[derive(Clone)]
 struct Verifier {
     kid: String,
-    key: PublicKey,
+    seed: Seed,
+    /// The key pair, derived from `seed` on first use. Deriving is a scalar
+    /// multiplication: microseconds in optimised code, but milliseconds in the
+    /// baseline code a fresh Worker isolate runs first. The Worker never needs
+    /// it on its hot path (WebCrypto derives the public half natively, see
+    /// `edge::webcrypto`), so a cold start does not pay for it.
+    pair: OnceLock<KeyPair>,
+}
+
+impl Verifier {
+    fn pair(&self) -> &KeyPair {
+        // `parse` refused all-zero seeds, the only ones `from_seed` rejects.
+        self.pair.get_or_init(|| KeyPair::from_seed(self.seed))
+    }
+
+    fn public_key(&self) -> &PublicKey {
+        &self.pair().pk
+    }
 }
 
 /// Why `JWT_SIGNING_KEYS` was refused. The messages name entries by position
@@ -442,7 +458,6 @@ impl KeySet {
         }
 
         let mut verifiers: Vec<Verifier> = Vec::with_capacity(entries.len());
-        let mut signer = None;
         for (index, entry) in entries.into_iter().enumerate() {
             if !is_valid_kid(&entry.kid) {
                 return Err(KeyError::BadKid { index });
@@ -452,23 +467,17 @@ impl KeySet {
                     kid: entry.kid.into_owned(),
                 });
             }
-            // The one expensive step (a scalar multiplication), done once here
-            // instead of on every token.
-            let Some(pair) = key_pair_from_seed(&entry.seed) else {
+            let Some(seed) = seed_from_b64(&entry.seed) else {
                 return Err(KeyError::BadSeed {
                     kid: entry.kid.into_owned(),
                 });
             };
-            if signer.is_none() {
-                signer = Some(pair.sk);
-            }
             verifiers.push(Verifier {
                 kid: entry.kid.into_owned(),
-                key: pair.pk,
+                seed,
+                pair: OnceLock::new(),
             });
         }
-        // `entries` was not empty, so the first iteration set the signer.
-        let signer = signer.ok_or(KeyError::Empty)?;
 
         let header = HeaderOut {
             alg: ALG,
@@ -481,9 +490,13 @@ impl KeySet {
 
         Ok(KeySet {
             verifiers,
-            signer,
             header_b64,
         })
+    }
+
+    /// The signing key: the secret half of the first key.
+    fn signer(&self) -> &SecretKey {
+        &self.verifiers[0].pair().sk
     }
 
     /// The `kid` that new tokens are signed with.
@@ -500,7 +513,7 @@ impl KeySet {
             .map(|v| crate::api::Jwk {
                 kty: "OKP",
                 crv: "Ed25519",
-                x: URL_SAFE_NO_PAD.encode(v.key.as_ref()),
+                x: URL_SAFE_NO_PAD.encode(v.public_key().as_ref()),
                 kid: v.kid.clone(),
                 alg: ALG,
                 use_: "sig",
@@ -512,17 +525,22 @@ impl KeySet {
     /// The public half of every key, in the set's order (the signing key
     /// first); [`Unverified::key_index`] indexes this list.
     pub fn verifying_keys(&self) -> impl ExactSizeIterator<Item = &[u8; 32]> {
-        self.verifiers.iter().map(|v| &*v.key)
+        self.verifiers.iter().map(|v| &**v.public_key())
+    }
+
+    /// Every key as PKCS #8 (RFC 8410), in the set's order (the signing key
+    /// first): a platform's Ed25519 implementation derives the public halves
+    /// from these (WebCrypto `importKey("pkcs8")`, then `exportKey("jwk")`).
+    /// Secret material, as [`KeySet::signing_key_pkcs8`].
+    pub fn pkcs8_keys(&self) -> impl ExactSizeIterator<Item = [u8; 48]> {
+        self.verifiers.iter().map(|v| pkcs8(&v.seed))
     }
 
     /// The signing key as PKCS #8 (RFC 8410), to hand it to a platform's
     /// Ed25519 implementation (WebCrypto `importKey("pkcs8", ...)`). Secret
     /// material: never log it, never send it anywhere else.
     pub fn signing_key_pkcs8(&self) -> [u8; 48] {
-        let mut der = [0_u8; 48];
-        der[..16].copy_from_slice(&PKCS8_ED25519_PREFIX);
-        der[16..].copy_from_slice(self.signer.seed().as_ref());
-        der
+        pkcs8(&self.verifiers[0].seed)
     }
 
     /// Signs an access token. `exp = now + ACCESS_TTL_SECS - (jitter % (MAX_JITTER_SECS + 1))`.
@@ -608,7 +626,7 @@ impl KeySet {
     /// Signs with the signing key. `None`: no noise, i.e. deterministic
     /// RFC 8032 signing (see the module doc).
     pub fn sign(&self, unsigned: Unsigned) -> (String, i64) {
-        let signature = self.signer.sign(unsigned.signing_input(), None);
+        let signature = self.signer().sign(unsigned.signing_input(), None);
         unsigned.signed(&signature)
     }
 
@@ -671,7 +689,7 @@ impl KeySet {
     /// Whether the signature of a checked token is valid, with `ed25519-compact`.
     pub fn verify_signature(&self, unverified: &Unverified<'_>) -> bool {
         self.verifiers.get(unverified.key).is_some_and(|v| {
-            v.key
+            v.public_key()
                 .verify(unverified.signed, &Signature::new(unverified.signature))
                 .is_ok()
         })
@@ -704,15 +722,23 @@ fn is_valid_kid(kid: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn key_pair_from_seed(b64: &str) -> Option<KeyPair> {
+fn seed_from_b64(b64: &str) -> Option<Seed> {
     let mut bytes = [0_u8; Seed::BYTES];
     // A longer input does not fit and errors; a shorter one decodes to fewer bytes.
     match URL_SAFE_NO_PAD.decode_slice(b64, &mut bytes) {
-        // `try_`: the plain `from_seed` panics on an all-zero seed, which a
-        // misconfigured secret could well hold; that is a bad seed, not a crash.
-        Ok(n) if n == Seed::BYTES => KeyPair::try_from_seed(Seed::new(bytes)).ok(),
+        // `from_seed` panics on an all-zero seed, which a misconfigured secret
+        // could well hold; that is a bad seed, not a crash.
+        Ok(n) if n == Seed::BYTES && bytes != [0; Seed::BYTES] => Some(Seed::new(bytes)),
         _ => None,
     }
+}
+
+/// A seed as a PKCS #8 `PrivateKeyInfo` (RFC 8410).
+fn pkcs8(seed: &Seed) -> [u8; 48] {
+    let mut der = [0_u8; 48];
+    der[..16].copy_from_slice(&PKCS8_ED25519_PREFIX);
+    der[16..].copy_from_slice(seed.as_ref());
+    der
 }
 
 fn decode_signature(b64: &str) -> Option<[u8; SIGNATURE_LEN]> {
@@ -827,7 +853,7 @@ mod tests {
     /// so the signature is valid and only what we put in can be wrong.
     fn sign_raw(keys: &KeySet, header: &str, claims: &str) -> String {
         let signing_input = format!("{}.{}", b64(header), b64(claims));
-        let signature = keys.signer.sign(signing_input.as_bytes(), None);
+        let signature = keys.signer().sign(signing_input.as_bytes(), None);
         format!("{signing_input}.{}", b64(signature.as_ref()))
     }
 
@@ -1155,7 +1181,7 @@ mod tests {
         // Algorithm confusion: a verifier that let the header choose would run
         // HMAC with the (public!) key bytes as the secret and accept this.
         let set = keys(&[("k1", 1)]);
-        let public = set.verifiers[0].key;
+        let public = *set.verifiers[0].public_key();
         let header = json!({ "alg": "HS256", "kid": "k1", "typ": "JWT" }).to_string();
         let signing_input = format!("{}.{}", b64(header), b64(claims_at(NOW).to_string()));
         let mut mac = Hmac::<Sha256>::new_from_slice(public.as_ref()).unwrap();
@@ -1813,6 +1839,36 @@ mod tests {
         // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
         assert_eq!(hex::encode(&der[..16]), "302e020100300506032b657004220420");
         assert_eq!(der[16..], [2_u8; 32]);
+    }
+
+    #[test]
+    fn every_key_is_exported_as_pkcs8_in_the_set_order() {
+        let set = keys(&[("k2", 2), ("k1", 1), ("k3", 3)]);
+        let exported: Vec<[u8; 48]> = set.pkcs8_keys().collect();
+        assert_eq!(exported.len(), 3);
+        assert_eq!(exported[0], set.signing_key_pkcs8());
+        for (index, (der, byte)) in exported.iter().zip([2_u8, 1, 3]).enumerate() {
+            assert_eq!(hex::encode(&der[..16]), "302e020100300506032b657004220420");
+            assert_eq!(der[16..], [byte; 32]);
+            // The public half a platform derives from it is the one we publish.
+            let derived = KeyPair::from_seed(Seed::new([byte; 32])).pk;
+            assert_eq!(set.verifying_keys().nth(index).unwrap(), &*derived);
+        }
+    }
+
+    #[test]
+    fn parsing_derives_no_key_pair_until_one_is_needed() {
+        let set = keys(&[("k2", 2), ("k1", 1)]);
+        assert!(set.verifiers.iter().all(|v| v.pair.get().is_none()));
+        // Exporting for a platform and checking a token's shape need no pair.
+        let _ = set.pkcs8_keys().count();
+        let (token, _) = keys(&[("k1", 1)]).issue("u", "s", &ent(), NOW, 0);
+        set.check(&token).expect("well formed");
+        assert!(set.verifiers.iter().all(|v| v.pair.get().is_none()));
+        // Verifying in wasm derives the key it verifies with, and only that one.
+        assert!(set.verify(&token, NOW).is_ok());
+        assert!(set.verifiers[0].pair.get().is_none());
+        assert!(set.verifiers[1].pair.get().is_some());
     }
 
     #[test]

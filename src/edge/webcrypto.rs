@@ -16,7 +16,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use crate::domain::token::{AccessClaims, KeySet, SIGNATURE_LEN, TokenError, Unsigned, Unverified};
-use js_sys::{Array, Promise, Uint8Array};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use js_sys::{Array, Promise, Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{CryptoKey, SubtleCrypto, WorkerGlobalScope};
 use worker::wasm_bindgen_futures::JsFuture;
@@ -24,7 +26,7 @@ use worker::wasm_bindgen_futures::JsFuture;
 const ALGORITHM: &str = "Ed25519";
 
 struct Imported {
-    /// In the order of [`KeySet::verifying_keys`].
+    /// In the order of [`KeySet::pkcs8_keys`] (and of [`KeySet::verifying_keys`]).
     verify: Vec<CryptoKey>,
     sign: CryptoKey,
 }
@@ -47,15 +49,33 @@ async fn call(promise: Result<Promise, JsValue>) -> Result<JsValue, JsValue> {
 
 async fn import(set: &KeySet) -> Result<Imported, JsValue> {
     let subtle = subtle()?;
-    let import = |format: &str, bytes: &[u8], usage: &str| {
+    let import = |format: &str, bytes: &[u8], extractable: bool, usage: &str| {
         let usages = Array::of1(&JsValue::from_str(usage));
-        subtle.import_key_with_str(format, &Uint8Array::from(bytes), ALGORITHM, false, &usages)
+        let bytes = Uint8Array::from(bytes);
+        subtle.import_key_with_str(format, &bytes, ALGORITHM, extractable, &usages)
     };
-    let mut verify = Vec::with_capacity(set.verifying_keys().len());
-    for key in set.verifying_keys() {
-        verify.push(call(import("raw", key, "verify")).await?.unchecked_into());
+    // The public halves: the runtime derives each from its seed (a private
+    // key's JWK carries the public `x`), natively. Deriving them in wasm would
+    // cost a fresh isolate milliseconds per key in baseline-compiled code.
+    let mut verify = Vec::with_capacity(set.pkcs8_keys().len());
+    for der in set.pkcs8_keys() {
+        let private: CryptoKey = call(import("pkcs8", &der, true, "sign"))
+            .await?
+            .unchecked_into();
+        let jwk = call(subtle.export_key("jwk", &private)).await?;
+        let x = Reflect::get(&jwk, &JsValue::from_str("x"))?
+            .as_string()
+            .and_then(|x| URL_SAFE_NO_PAD.decode(x).ok())
+            .filter(|x| x.len() == 32)
+            .ok_or_else(|| JsValue::from_str("the exported Ed25519 key has no 32-byte x"))?;
+        verify.push(
+            call(import("raw", &x, false, "verify"))
+                .await?
+                .unchecked_into(),
+        );
     }
-    let sign = call(import("pkcs8", &set.signing_key_pkcs8(), "sign"))
+    // Signing uses a key of its own that cannot be exported.
+    let sign = call(import("pkcs8", &set.signing_key_pkcs8(), false, "sign"))
         .await?
         .unchecked_into();
     Ok(Imported { verify, sign })
