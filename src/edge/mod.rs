@@ -31,6 +31,8 @@ mod webhooks;
 use crate::domain::problem::ProblemCode;
 use crate::domain::request_id;
 use crate::http::{self, ApiError, Reply, Route, Routed};
+use futures::FutureExt as _;
+use futures::future::LocalBoxFuture;
 use worker::{Context, Env, Headers, Request, Response, event};
 
 /// Binding names, as declared in `wrangler.toml`.
@@ -105,36 +107,54 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
     let method = req.inner().method();
     let path = req.path();
 
-    let result = match http::route(&method, &path) {
+    // Each route's future is boxed: its state machine then compiles to a wasm
+    // function of its own, instead of every route being inlined into this
+    // one. A fresh isolate compiles functions on first call, so a request
+    // compiles only its own route's code (and the optimising tier recompiles
+    // only what is hot) rather than one function as large as the whole API.
+    let handler: LocalBoxFuture<'_, Result<Reply, Fail>> = match http::route(&method, &path) {
         Routed::Found(Route::Healthz) => {
-            Ok(Reply::json(200, &crate::api::Liveness { status: "ok" }))
+            ready(Ok(Reply::json(200, &crate::api::Liveness { status: "ok" })))
         }
-        Routed::Found(Route::Readyz) => Ok(readyz::handle(&env, &request_id).await),
-        Routed::Found(Route::OpenApi) => Ok(Reply {
+        Routed::Found(Route::Readyz) => {
+            async { Ok(readyz::handle(&env, &request_id).await) }.boxed_local()
+        }
+        Routed::Found(Route::OpenApi) => ready(Ok(Reply {
             status: 200,
             headers: vec![("content-type", "application/json".into())],
             body: crate::api::OPENAPI_JSON.as_bytes().to_vec(),
-        }),
-        Routed::Found(Route::Jwks) => auth::jwks(&env),
-        Routed::Found(Route::Signup) => auth::signup(req, &env).await,
-        Routed::Found(Route::Login) => auth::login(req, &env, &client_ip).await,
-        Routed::Found(Route::Refresh) => auth::refresh(req, &env).await,
-        Routed::Found(Route::Logout) => auth::logout(req, &env, false).await,
-        Routed::Found(Route::LogoutAll) => auth::logout(req, &env, true).await,
-        Routed::Found(Route::Me) => auth::me(req, &env).await,
-        Routed::Found(Route::ListDevices) => devices::list(req, &env).await,
-        Routed::Found(Route::CreateDevice) => devices::create(req, &env).await,
-        Routed::Found(Route::DeleteDevice(id)) => devices::delete(req, &env, &id).await,
-        Routed::Found(Route::RotateDeviceKey(id)) => devices::rotate_key(req, &env, &id).await,
-        Routed::Found(Route::StripeWebhook) => webhooks::stripe(req, &env).await,
-        Routed::Found(Route::Regions) => connect::regions(&req, &env).await,
-        Routed::Found(Route::Connect) => connect::connect(req, &env, &ctx).await,
-        Routed::Found(Route::AdminSetRegion(id)) => admin::set_region(req, &env, &id).await,
-        Routed::Found(Route::AdminHealthReport(id)) => admin::health_report(req, &env, &id).await,
-        Routed::Found(Route::AdminServers) => admin::servers(req, &env).await,
-        Routed::MethodNotAllowed { allow } => Err(ApiError::method_not_allowed(allow).into()),
-        Routed::NotFound => Err(ApiError::not_found().into()),
+        })),
+        Routed::Found(Route::Jwks) => ready(auth::jwks(&env)),
+        Routed::Found(Route::Signup) => auth::signup(req, &env).boxed_local(),
+        Routed::Found(Route::Login) => auth::login(req, &env, &client_ip).boxed_local(),
+        Routed::Found(Route::Refresh) => auth::refresh(req, &env).boxed_local(),
+        Routed::Found(Route::Logout) => auth::logout(req, &env, false).boxed_local(),
+        Routed::Found(Route::LogoutAll) => auth::logout(req, &env, true).boxed_local(),
+        Routed::Found(Route::Me) => auth::me(req, &env).boxed_local(),
+        Routed::Found(Route::ListDevices) => devices::list(req, &env).boxed_local(),
+        Routed::Found(Route::CreateDevice) => devices::create(req, &env).boxed_local(),
+        Routed::Found(Route::DeleteDevice(id)) => {
+            async move { devices::delete(req, &env, &id).await }.boxed_local()
+        }
+        Routed::Found(Route::RotateDeviceKey(id)) => {
+            async move { devices::rotate_key(req, &env, &id).await }.boxed_local()
+        }
+        Routed::Found(Route::StripeWebhook) => webhooks::stripe(req, &env).boxed_local(),
+        Routed::Found(Route::Regions) => async { connect::regions(&req, &env).await }.boxed_local(),
+        Routed::Found(Route::Connect) => connect::connect(req, &env, &ctx).boxed_local(),
+        Routed::Found(Route::AdminSetRegion(id)) => {
+            async move { admin::set_region(req, &env, &id).await }.boxed_local()
+        }
+        Routed::Found(Route::AdminHealthReport(id)) => {
+            async move { admin::health_report(req, &env, &id).await }.boxed_local()
+        }
+        Routed::Found(Route::AdminServers) => admin::servers(req, &env).boxed_local(),
+        Routed::MethodNotAllowed { allow } => {
+            ready(Err(ApiError::method_not_allowed(allow).into()))
+        }
+        Routed::NotFound => ready(Err(ApiError::not_found().into())),
     };
+    let result = handler.await;
     let reply = match result {
         Ok(reply) => reply,
         Err(fail) => {
@@ -153,6 +173,11 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
         time::now_ms() - started,
     );
     into_response(reply)
+}
+
+/// A route answered without waiting, as a (boxed) future like the others.
+fn ready<'a>(result: Result<Reply, Fail>) -> LocalBoxFuture<'a, Result<Reply, Fail>> {
+    futures::future::ready(result).boxed_local()
 }
 
 fn into_response(reply: Reply) -> worker::Result<Response> {
