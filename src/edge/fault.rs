@@ -1,6 +1,6 @@
 //! Fault injection for the end-to-end tests: makes a Durable Object operation
 //! throw at a named point, as a crash there would, so the tests can check what
-//! state such a crash leaves behind.
+//! state such a crash leaves behind; or makes the Worker panic.
 //!
 //! Off unless the Worker runs with `ENVIRONMENT = "development"` *and* the var
 //! `FAULT_INJECTION = "enabled"` (only the test harness sets it); a request
@@ -11,6 +11,9 @@ use worker::{Env, Error, Result};
 
 /// The request header naming the point at which to throw.
 pub const HEADER: &str = "x-keenvpn-fault";
+/// The point, on `GET /readyz`, at which the Worker panics: the wasm
+/// instance traps, and the next request must get a fresh one (`src/entry.mjs`).
+pub const PANIC: &str = "worker.panic";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

@@ -117,6 +117,11 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
             ready(Ok(Reply::json(200, &crate::api::Liveness { status: "ok" })))
         }
         Routed::Found(Route::Readyz) => {
+            // The end-to-end tests' way to make the Worker panic (a wasm trap)
+            // and check that the next request gets a fresh instance.
+            if fault::armed(&env, header(fault::HEADER)).as_deref() == Some(fault::PANIC) {
+                panic!("injected panic ({} = {})", fault::HEADER, fault::PANIC);
+            }
             async { Ok(readyz::handle(&env, &request_id).await) }.boxed_local()
         }
         Routed::Found(Route::OpenApi) => ready(Ok(Reply {

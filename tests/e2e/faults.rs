@@ -4,7 +4,7 @@
 //! applied twice, that the device limit holds, that the object's view agrees
 //! with the database, and that retrying what failed completes it.
 //!
-//! Tests that break PostgreSQL start a stack of their own. The object faults
+//! Tests that break PostgreSQL, or make the Worker panic, start a stack of their own. The object faults
 //! are injected through the development-only `x-keenvpn-fault` header (see
 //! `src/edge/fault.rs`) on the shared stack.
 
@@ -36,6 +36,10 @@ pub const TESTS: &[(&str, Test)] = &[
     (
         "faults::an_object_throwing_mid_registration_leaves_no_half_state",
         object_throws_mid_registration,
+    ),
+    (
+        "faults::a_panic_is_followed_by_a_fresh_wasm_instance",
+        a_panic_is_followed_by_a_fresh_instance,
     ),
 ];
 
@@ -955,5 +959,62 @@ fn object_throws_mid_registration(ctx: &Ctx) -> Result<(), Failed> {
         let r = register(ctx, base, &user.access, &reg, Some("no.such.point")).await;
         assert_eq!(r.status, 201, "{}", r.body);
     });
+    Ok(())
+}
+
+/// A panic aborts the wasm instance (`panic = "abort"`: the instance traps and
+/// cannot run again). The request that panicked fails; every later request,
+/// whatever its route, must be answered by a fresh instance, with the state
+/// that outlives an instance (KV, Durable Objects, PostgreSQL) intact. The
+/// entry module (`src/entry.mjs`) calls the generated handlers directly and
+/// hands the first request after a trap to worker-build's recovery path.
+fn a_panic_is_followed_by_a_fresh_instance(ctx: &Ctx) -> Result<(), Failed> {
+    const RECOVERED: &str = "Reinitializing Wasm application";
+    let stack = Stack::start();
+    let base = stack.wrangler.base_url.clone();
+    let base = base.as_str();
+    ctx.rt.block_on(async {
+        let user = new_user_at(ctx, base).await;
+        let me = |access: String| async move {
+            send_to(ctx, base, "GET", "/v1/me", None, Some(&access), &[]).await
+        };
+        assert_eq!(me(user.access.clone()).await.status, 200);
+        assert!(!stack.wrangler.log().contains(RECOVERED));
+
+        for round in 0..2 {
+            let fault = [("x-keenvpn-fault", "worker.panic")];
+            let panicked = send_to(ctx, base, "GET", "/readyz", None, None, &fault).await;
+            assert!(
+                panicked.status >= 500,
+                "round {round}: the panicking request answered {}",
+                panicked.status
+            );
+            // The next requests: the readiness probe, an authenticated read
+            // (the session and entitlement from before the panic), and a
+            // refresh (a write through the UserSession object).
+            let ready = send_to(ctx, base, "GET", "/readyz", None, None, &[]).await;
+            assert_eq!(ready.status, 200, "round {round}: {}", ready.body);
+            let r = me(user.access.clone()).await;
+            assert_eq!(r.status, 200, "round {round}: {}", r.body);
+            assert_eq!(r.body["email"], user.email.as_str());
+        }
+        let refreshed = send_to(
+            ctx,
+            base,
+            "POST",
+            "/v1/auth/refresh",
+            Some(json!({"refresh_token": user.refresh})),
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    });
+    let log = stack.wrangler.log();
+    assert!(
+        log.matches(RECOVERED).count() >= 2,
+        "each panic is followed by a fresh instance: the log shows {} of 2",
+        log.matches(RECOVERED).count()
+    );
     Ok(())
 }
