@@ -10,6 +10,7 @@
 //! A change republishes the catalogue snapshot to KV at once.
 
 use super::auth::json_body;
+use super::incoming::Incoming;
 use super::{Fail, bindings, catalogue, cron, store};
 use crate::api::{HealthReport, RegionState, ServerList, ServerState, SetRegion};
 use crate::domain::catalogue::Health;
@@ -17,7 +18,7 @@ use crate::domain::problem::ProblemCode;
 use crate::http::{ApiError, Reply};
 use crate::sql;
 use sha2::{Digest, Sha256};
-use worker::{Env, Request};
+use worker::Env;
 
 pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
 /// No region admits more than this many reconnects per second (sanity bound).
@@ -25,7 +26,7 @@ const MAX_ADMISSION_RATE: u32 = 1_000_000;
 
 /// Checks the bearer service token. Digests are compared, so the comparison
 /// takes the same time wherever the presented token differs.
-fn authorize(req: &Request, env: &Env) -> Result<(), Fail> {
+fn authorize(req: &Incoming, env: &Env) -> Result<(), Fail> {
     let expected = env
         .secret(TOKEN_SECRET)
         .map(|s| s.to_string())
@@ -38,12 +39,7 @@ fn authorize(req: &Request, env: &Env) -> Result<(), Fail> {
                 format!("secret {TOKEN_SECRET} is not set"),
             )
         })?;
-    let presented = req
-        .headers()
-        .get("authorization")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let presented = req.header("authorization").unwrap_or_default();
     let presented = presented.strip_prefix("Bearer ").unwrap_or_default();
     if expected.len() < 16
         || Sha256::digest(presented.as_bytes()) != Sha256::digest(expected.as_bytes())
@@ -85,7 +81,7 @@ async fn update_region(env: &Env, id: &str, assignments: &str) -> Result<Reply, 
     Ok(Reply::json(200, &row))
 }
 
-pub async fn set_region(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     authorize(&req, env)?;
     let b: SetRegion = json_body(&mut req).await?;
     let mut sets = Vec::new();
@@ -116,7 +112,7 @@ pub async fn set_region(mut req: Request, env: &Env, id: &str) -> Result<Reply, 
     update_region(env, id, &sets.join(", ")).await
 }
 
-pub async fn health_report(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     authorize(&req, env)?;
     let b: HealthReport = json_body(&mut req).await?;
     update_region(
@@ -130,7 +126,7 @@ pub async fn health_report(mut req: Request, env: &Env, id: &str) -> Result<Repl
     .await
 }
 
-pub async fn servers(req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     authorize(&req, env)?;
     let db = store::connect(env).await?;
     let q = "SELECT coalesce(json_agg(json_build_object(

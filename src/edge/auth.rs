@@ -8,6 +8,7 @@
 //!   the entitlement snapshot the reconnect hot path needs.
 
 use super::durable::call;
+use super::incoming::Incoming;
 use super::login_throttle::{AttemptReq, Scope};
 use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
 use super::{Fail, bindings, kv, random, secrets, store, time, webcrypto};
@@ -20,7 +21,7 @@ use crate::http::body::{self, MAX_JSON_BODY};
 use crate::http::{ApiError, Reply};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use worker::{Env, Request};
+use worker::Env;
 
 /// The longest `Authorization` header value read; longer is refused unparsed.
 const MAX_AUTHORIZATION_LEN: usize = crate::domain::token::MAX_TOKEN_LEN + 16;
@@ -28,10 +29,10 @@ const MAX_AUTHORIZATION_LEN: usize = crate::domain::token::MAX_TOKEN_LEN + 16;
 /// Reads a body of at most `max` bytes (a declared larger length is refused
 /// before reading); returns its content type and bytes.
 pub(super) async fn read_body(
-    req: &mut Request,
+    req: &mut Incoming,
     max: usize,
 ) -> Result<(Option<String>, Vec<u8>), Fail> {
-    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let header = |name: &str| req.header(name);
     body::check_declared_length(header("content-length").as_deref(), max)?;
     let content_type = header("content-type");
     let bytes = req.bytes().await.map_err(|e| {
@@ -45,7 +46,7 @@ pub(super) async fn read_body(
 
 /// Reads and parses a JSON body, enforcing the size limit before parsing.
 pub(super) async fn json_body<T: serde::de::DeserializeOwned>(
-    req: &mut Request,
+    req: &mut Incoming,
 ) -> Result<T, Fail> {
     let (content_type, bytes) = read_body(req, MAX_JSON_BODY).await?;
     Ok(body::parse_json(
@@ -122,7 +123,7 @@ async fn open_session(
     serde_json::from_value(body).map_err(|e| Fail::internal(format!("create answer: {e}")))
 }
 
-pub async fn signup(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn signup(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
@@ -166,7 +167,7 @@ async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<(), Fai
     }
 }
 
-pub async fn login(mut req: Request, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
+pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
@@ -225,7 +226,7 @@ pub async fn login(mut req: Request, env: &Env, client_ip: &str) -> Result<Reply
     Ok(token_pair(keys, &row.user_id, &issued, 200).await)
 }
 
-pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let b: RefreshRequest = json_body(&mut req).await?;
     let keys = secrets::keys(env)?;
     let token = crate::domain::session::RefreshToken::parse(&b.refresh_token).map_err(|e| {
@@ -258,7 +259,7 @@ pub async fn refresh(mut req: Request, env: &Env) -> Result<Reply, Fail> {
 /// Revocation is read from the KV mirror, so a logged-out session's access
 /// tokens stop working once the revocation has propagated (about a minute),
 /// not after the token's full lifetime.
-pub async fn authenticate(req: &Request, env: &Env) -> Result<AccessClaims, Fail> {
+pub async fn authenticate(req: &Incoming, env: &Env) -> Result<AccessClaims, Fail> {
     let claims = verify_bearer(req, env).await?;
     check_not_revoked(env, &claims).await?;
     Ok(claims)
@@ -267,8 +268,8 @@ pub async fn authenticate(req: &Request, env: &Env) -> Result<AccessClaims, Fail
 /// The first half of [`authenticate`]: the bearer token's signature and claims,
 /// pure CPU. A caller with other reads to make runs [`check_not_revoked`]
 /// alongside them.
-pub async fn verify_bearer(req: &Request, env: &Env) -> Result<AccessClaims, Fail> {
-    let header = req.headers().get("authorization").ok().flatten();
+pub async fn verify_bearer(req: &Incoming, env: &Env) -> Result<AccessClaims, Fail> {
+    let header = req.header("authorization");
     let Some(header) = header else {
         return Err(ApiError::new(
             ProblemCode::TokenMissing,
@@ -327,7 +328,7 @@ fn not_revoked_in(mirror: Option<&Mirror>, claims: &AccessClaims) -> Result<(), 
     Ok(())
 }
 
-pub async fn logout(req: Request, env: &Env, all: bool) -> Result<Reply, Fail> {
+pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     let (status, body) = if all {
         call(
@@ -360,7 +361,7 @@ pub async fn logout(req: Request, env: &Env, all: bool) -> Result<Reply, Fail> {
     })
 }
 
-pub async fn me(req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn me(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     // One read of the session mirror serves the revocation check and the list.
     let claims = verify_bearer(&req, env).await?;
     let mirror = session_mirror(env, &claims.sub).await;

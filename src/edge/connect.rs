@@ -15,6 +15,7 @@
 use super::auth::{check_not_revoked, json_body, verify_bearer};
 use super::durable::{self, call};
 use super::events::{self, ConnectionEvent};
+use super::incoming::Incoming;
 use super::user_session::{DeviceMirror, devices_key};
 use super::{Fail, bindings, catalogue, kv, random, secrets, store, time, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
@@ -27,7 +28,7 @@ use crate::domain::token::Ticket;
 use crate::http::{ApiError, Reply};
 use serde_json::json;
 use std::cell::RefCell;
-use worker::{Context, Env, Request};
+use worker::{Context, Env};
 
 fn etag(snapshot: &Snapshot) -> String {
     format!("\"{}\"", snapshot.etag)
@@ -80,14 +81,11 @@ fn regions_reply(snapshot: &Snapshot) -> Reply {
     reply
 }
 
-pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn regions(req: &Incoming, env: &Env) -> Result<Reply, Fail> {
     let snapshot = catalogue::snapshot(env).await?;
     let tag = etag(&snapshot);
     let cache = ("cache-control", "public, max-age=15".to_owned());
-    if not_modified(
-        req.headers().get("if-none-match").ok().flatten().as_deref(),
-        &tag,
-    ) {
+    if not_modified(req.header("if-none-match").as_deref(), &tag) {
         return Ok(Reply {
             status: 304,
             headers: vec![("etag", tag), cache],
@@ -104,11 +102,11 @@ pub async fn regions(req: &Request, env: &Env) -> Result<Reply, Fail> {
 /// development (where there is none) the `x-keenvpn-client-location: lat,lon`
 /// or `x-keenvpn-client-country: CC` headers stand in for it; they are ignored
 /// in any other environment.
-fn client_location(req: &Request, env: &Env) -> ClientLocation {
+fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
     let dev = env
         .var("ENVIRONMENT")
         .is_ok_and(|v| v.to_string() == "development");
-    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let header = |name: &str| req.header(name);
     if dev {
         if let Some(point) = header("x-keenvpn-client-location").and_then(|v| {
             let (lat, lon) = v.split_once(',')?;
@@ -164,7 +162,7 @@ fn refused(code: ProblemCode, detail: &str, failover: &[&str], retry_after: Opti
     err.into()
 }
 
-pub async fn connect(mut req: Request, env: &Env, ctx: &Context) -> Result<Reply, Fail> {
+pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Reply, Fail> {
     let claims = verify_bearer(&req, env).await?;
     let location = client_location(&req, env);
     let body: Result<ConnectRequest, Fail> = json_body(&mut req).await;

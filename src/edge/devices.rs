@@ -8,6 +8,7 @@
 
 use super::auth::{self, authenticate, read_body, refusal};
 use super::durable::call;
+use super::incoming::Incoming;
 use super::user_session::{self, CreateDeviceReq, DeleteDeviceReq, RotateKeyReq};
 use super::{Fail, bindings, fault, kv, store};
 use crate::api::{CreateDevice, Device, DeviceList, RotateKey};
@@ -18,7 +19,7 @@ use crate::domain::idempotency;
 use crate::domain::problem::ProblemCode;
 use crate::http::body::{self, MAX_JSON_BODY};
 use crate::http::{ApiError, Reply};
-use worker::{Env, Request};
+use worker::Env;
 
 /// A device as the user's object answered it.
 fn device_of(json: serde_json::Value) -> Result<Device, Fail> {
@@ -37,9 +38,9 @@ fn check(errors: Vec<Invalid>) -> Result<(), Fail> {
     }
 }
 
-pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
-    let idempotency_key = match req.headers().get("idempotency-key").ok().flatten() {
+    let idempotency_key = match req.header("idempotency-key") {
         Some(k) => Some(idempotency::parse_key(&k).map_err(|e| Fail::from(body::invalid(&[e])))?),
         None => None,
     };
@@ -61,7 +62,7 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         public_key: b.public_key,
         token_max_devices: claims.ent.max_devices,
         idempotency: fingerprint,
-        fault: req.headers().get(fault::HEADER).ok().flatten(),
+        fault: req.header(fault::HEADER),
     };
     let (status, json) = call(
         env,
@@ -96,7 +97,7 @@ pub async fn create(mut req: Request, env: &Env) -> Result<Reply, Fail> {
     Ok(reply)
 }
 
-pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn list(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     let db = store::connect(env).await?;
     let devices = store::list_devices(&db, &claims.sub).await?;
@@ -118,7 +119,7 @@ pub async fn list(req: Request, env: &Env) -> Result<Reply, Fail> {
     ))
 }
 
-pub async fn delete(req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     if !device::is_device_id(id) {
         return Err(not_found());
@@ -149,7 +150,7 @@ pub async fn delete(req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
     }
 }
 
-pub async fn rotate_key(mut req: Request, env: &Env, id: &str) -> Result<Reply, Fail> {
+pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     // Parse the body before deciding on the id, so a bad body is a 4xx whatever the id.
     let b: RotateKey = auth::json_body(&mut req).await?;

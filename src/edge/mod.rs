@@ -14,6 +14,7 @@ mod devices;
 mod durable;
 mod events;
 mod fault;
+mod incoming;
 mod kv;
 mod log;
 mod login_throttle;
@@ -33,7 +34,9 @@ use crate::domain::request_id;
 use crate::http::{self, ApiError, Reply, Route, Routed};
 use futures::FutureExt as _;
 use futures::future::LocalBoxFuture;
-use worker::{Context, Env, Headers, Request, Response, event};
+use incoming::Incoming;
+use worker::worker_sys::web_sys;
+use worker::{Context, Env, event};
 
 /// Binding names, as declared in `wrangler.toml`.
 pub mod bindings {
@@ -95,16 +98,15 @@ fn start() {
 }
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
+async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<web_sys::Response> {
+    let req = Incoming::new(req);
     let started = time::now_ms();
-    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let header = |name: &str| req.header(name);
     let request_id = request_id::choose(header("cf-ray").as_deref(), random::bytes());
     // Set by Cloudflare's edge (and by wrangler dev locally); never trusted for
     // anything but rate limiting.
     let client_ip = header("cf-connecting-ip").unwrap_or_else(|| "unknown".into());
-    // The method as sent: `worker::Method` turns methods it does not know
-    // (e.g. QUERY) into GET, which would route them as GETs.
-    let method = req.inner().method();
+    let method = req.method();
     let path = req.path();
 
     // Each route's future is boxed: its state machine then compiles to a wasm
@@ -177,23 +179,10 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> worker::Result<Response>
         reply.status,
         time::now_ms() - started,
     );
-    into_response(reply)
+    incoming::respond(&reply)
 }
 
 /// A route answered without waiting, as a (boxed) future like the others.
 fn ready<'a>(result: Result<Reply, Fail>) -> LocalBoxFuture<'a, Result<Reply, Fail>> {
     futures::future::ready(result).boxed_local()
-}
-
-fn into_response(reply: Reply) -> worker::Result<Response> {
-    let headers = Headers::new();
-    for (name, value) in &reply.headers {
-        headers.append(name, value)?;
-    }
-    let resp = if reply.body.is_empty() {
-        Response::empty()?
-    } else {
-        Response::from_bytes(reply.body)?
-    };
-    Ok(resp.with_status(reply.status).with_headers(headers))
 }

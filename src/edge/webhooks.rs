@@ -11,6 +11,7 @@
 
 use super::auth::{read_body, refusal};
 use super::durable::call;
+use super::incoming::Incoming;
 use super::user_session::InputsReq;
 use super::{Fail, bindings, store, time};
 use crate::api::WebhookAck;
@@ -18,7 +19,7 @@ use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{self, Event};
 use crate::http::{ApiError, Reply};
 use serde_json::json;
-use worker::{Env, Request};
+use worker::Env;
 
 /// Stripe's events are small; this bounds what is read before verification.
 const MAX_WEBHOOK_BODY: usize = 256 * 1024;
@@ -40,7 +41,7 @@ fn log(msg: &str, fields: serde_json::Value) {
     worker::console_log!("{}", json!({"level": "info", "msg": msg, "event": fields}));
 }
 
-pub async fn stripe(mut req: Request, env: &Env) -> Result<Reply, Fail> {
+pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     // Comma-separated, so the endpoint secret can be rolled without downtime.
     let secrets = env.secret(SECRET).map(|s| s.to_string()).map_err(|_| {
         Fail::new(
@@ -56,7 +57,7 @@ pub async fn stripe(mut req: Request, env: &Env) -> Result<Reply, Fail> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    let header = req.headers().get("stripe-signature").ok().flatten();
+    let header = req.header("stripe-signature");
     let (_, body) = read_body(&mut req, MAX_WEBHOOK_BODY).await?;
     stripe::verify(header.as_deref(), &body, &secrets, time::now_secs())
         .map_err(|e| problem(e.code()))?;

@@ -116,8 +116,47 @@ fn admin_region_path(path: &str) -> Option<(&str, bool)> {
     (!id.is_empty()).then_some((id, report))
 }
 
+/// The path of an absolute URL as the runtime serialises it (WHATWG), still
+/// percent-encoded: from the first `/` after the authority to the query or
+/// fragment. The serialiser never leaves `.` segments or backslashes, and
+/// always writes a path for http(s) URLs, so slicing gives what a URL parser
+/// would; `/` when there is none.
+pub fn path_of_url(url: &str) -> &str {
+    let rest = url.find("://").map_or(url, |at| &url[at + 3..]);
+    let Some(start) = rest.find(['/', '?', '#']) else {
+        return "/";
+    };
+    let path = &rest[start..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    if path.is_empty() { "/" } else { path }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_path_of_a_serialised_url() {
+        for (url, path) in [
+            ("https://api.example.com/", "/"),
+            ("http://127.0.0.1:8787/v1/connect", "/v1/connect"),
+            (
+                "https://api.example.com/v1/devices/abc?x=1&y=/z",
+                "/v1/devices/abc",
+            ),
+            ("https://api.example.com/a#/frag?x", "/a"),
+            ("https://api.example.com/a%3F%23%2Fb?c", "/a%3F%23%2Fb"),
+            (
+                "https://user:pw@api.example.com:8443/v1/regions",
+                "/v1/regions",
+            ),
+            ("https://api.example.com?query", "/"),
+            ("https://api.example.com#frag", "/"),
+            ("https://api.example.com", "/"),
+        ] {
+            assert_eq!(path_of_url(url), path, "{url}");
+        }
+    }
+
     use super::*;
 
     #[test]
