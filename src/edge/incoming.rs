@@ -22,12 +22,15 @@ use crate::http::Reply;
 /// A request as the runtime handed it over.
 pub struct Incoming {
     raw: web_sys::Request,
+    /// Fetched once: each `raw.headers()` is a call into JavaScript.
+    headers: web_sys::Headers,
     body_used: bool,
 }
 
 impl Incoming {
     pub fn new(raw: web_sys::Request) -> Incoming {
         Incoming {
+            headers: raw.headers(),
             raw,
             body_used: false,
         }
@@ -46,7 +49,7 @@ impl Incoming {
 
     /// One header's value; `None` when absent (or unreadable).
     pub fn header(&self, name: &str) -> Option<String> {
-        self.raw.headers().get(name).ok().flatten()
+        self.headers.get(name).ok().flatten()
     }
 
     /// Cloudflare's properties of the request (geolocation and more); `None`
