@@ -179,12 +179,26 @@ impl RegionGate {
     }
 }
 
-#[wasm_bindgen::prelude::wasm_bindgen]
+#[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
+export function admitWithin(stub, rate, ms) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
+  });
+  return Promise.race([stub.admit(rate), late]).finally(() => clearTimeout(timer));
+}
+"#)]
 extern "C" {
-    /// A `RegionGate` stub, as far as RPC goes.
-    type GateStub;
-    #[wasm_bindgen(method, catch)]
-    fn admit(this: &GateStub, rate: u32) -> std::result::Result<js_sys::Promise, JsValue>;
+    /// `stub.admit(rate)`, rejected after `ms` milliseconds. The bound is set
+    /// on the JavaScript side: one promise for Rust to await, instead of the
+    /// call's and a `Delay`'s (whose closure costs a wasm-bindgen callback
+    /// created and destroyed on every connect).
+    #[wasm_bindgen(catch, js_name = admitWithin)]
+    fn admit_within(
+        stub: &JsValue,
+        rate: u32,
+        ms: f64,
+    ) -> std::result::Result<js_sys::Promise, JsValue>;
 }
 
 /// Asks the `RegionGate` named `name` for one admission at `rate` tokens/s.
@@ -196,12 +210,14 @@ pub async fn admit(env: &Env, name: &str, rate: u32) -> std::result::Result<Admi
             super::bindings::REGION_GATES
         ))
     };
-    let stub: GateStub = stub(env, super::bindings::REGION_GATES, name)
+    let stub: JsValue = stub(env, super::bindings::REGION_GATES, name)
         .map_err(unavailable)?
         .into_rpc();
-    let answer = bounded(async { JsFuture::from(stub.admit(rate)?).await })
-        .await
-        .map_err(unavailable)?;
+    let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64) {
+        Ok(promise) => JsFuture::from(promise).await,
+        Err(thrown) => Err(thrown),
+    }
+    .map_err(|e| unavailable(js_error(&e)))?;
     answer
         .as_f64()
         .and_then(Admit::from_wire)
