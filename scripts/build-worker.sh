@@ -28,7 +28,8 @@ ESBUILD_BIN="$ROOT/node_modules/.bin/esbuild"
 export WASM_BINDGEN_BIN WASM_OPT_BIN ESBUILD_BIN
 worker-build --release
 # The entry module wrangler and the benchmark load: index.js, re-exported with
-# the RegionGate class made a DurableObject (for RPC; see src/entry.mjs).
+# the RegionGate class made a DurableObject (for RPC) and a default export that
+# calls the generated handlers without per-request proxies (see src/entry.mjs).
 cp src/entry.mjs build/entry.mjs
 
 # worker-build keeps the wasm "name" section (it passes --debuginfo to
