@@ -101,11 +101,7 @@ fn start() {
 async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<web_sys::Response> {
     let req = Incoming::new(req);
     let started = time::now_ms();
-    let header = |name: &str| req.header(name);
-    let request_id = request_id::choose(header("cf-ray").as_deref(), random::bytes());
-    // Set by Cloudflare's edge (and by wrangler dev locally); never trusted for
-    // anything but rate limiting.
-    let client_ip = header("cf-connecting-ip").unwrap_or_else(|| "unknown".into());
+    let request_id = request_id::choose(req.header("cf-ray").as_deref(), random::bytes);
     let method = req.method();
     let path = req.path();
 
@@ -121,7 +117,7 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
         Routed::Found(Route::Readyz) => {
             // The end-to-end tests' way to make the Worker panic (a wasm trap)
             // and check that the next request gets a fresh instance.
-            if fault::armed(&env, header(fault::HEADER)).as_deref() == Some(fault::PANIC) {
+            if fault::armed(&env, req.header(fault::HEADER)).as_deref() == Some(fault::PANIC) {
                 panic!("injected panic ({} = {})", fault::HEADER, fault::PANIC);
             }
             async { Ok(readyz::handle(&env, &request_id).await) }.boxed_local()
@@ -133,7 +129,14 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
         })),
         Routed::Found(Route::Jwks) => ready(auth::jwks(&env)),
         Routed::Found(Route::Signup) => auth::signup(req, &env).boxed_local(),
-        Routed::Found(Route::Login) => auth::login(req, &env, &client_ip).boxed_local(),
+        Routed::Found(Route::Login) => {
+            // Set by Cloudflare's edge (and by wrangler dev locally); never
+            // trusted for anything but rate limiting. Only sign-in reads it.
+            let client_ip = req
+                .header("cf-connecting-ip")
+                .unwrap_or_else(|| "unknown".into());
+            async move { auth::login(req, &env, &client_ip).await }.boxed_local()
+        }
         Routed::Found(Route::Refresh) => auth::refresh(req, &env).boxed_local(),
         Routed::Found(Route::Logout) => auth::logout(req, &env, false).boxed_local(),
         Routed::Found(Route::LogoutAll) => auth::logout(req, &env, true).boxed_local(),
