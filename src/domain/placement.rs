@@ -153,12 +153,16 @@ pub fn choose<'a>(
     };
 
     let regions = snapshot.regions.iter().filter(eligible);
+    // Distances from the client, when it has a position and asked for no
+    // region: computed once, for the choice and again for its failover.
+    let mut ranked: Vec<(f64, &'a Region)> = Vec::new();
     let region = match (requested, client) {
         (Some(region), _) => Some(region),
-        (None, Some(at)) => regions
-            .map(|r| (distance(Some(at), r), r))
-            .min_by(nearer)
-            .map(|(_, r)| r),
+        (None, Some(at)) => {
+            let origin = geo::Origin::new(at);
+            ranked = regions.map(|r| (distance(Some(&origin), r), r)).collect();
+            ranked.iter().min_by(|a, b| nearer(a, b)).map(|&(_, r)| r)
+        }
         (None, None) => {
             let country = match location {
                 ClientLocation::Country(code) => Some(code.as_str()),
@@ -171,8 +175,17 @@ pub fn choose<'a>(
 
     // Without the client's position, the chosen region is the best guess of
     // where the client is (or at least of where its traffic goes).
-    let from = client.or_else(|| position(region));
-    let failover = failover(snapshot, region, from, eligible);
+    let failover = if ranked.is_empty() {
+        let from = client.or_else(|| position(region)).map(geo::Origin::new);
+        let ranked = snapshot
+            .regions
+            .iter()
+            .filter(eligible)
+            .map(|r| (distance(from.as_ref(), r), r));
+        failover(ranked, region)
+    } else {
+        failover(ranked.into_iter(), region)
+    };
     Ok(Choice { region, failover })
 }
 
@@ -190,9 +203,9 @@ fn position(region: &Region) -> Option<Point> {
 
 /// Distance from `from` to a region; infinite (ranked last) when either
 /// position is unknown, so bad catalogue data demotes a region, never panics.
-fn distance(from: Option<Point>, region: &Region) -> f64 {
+fn distance(from: Option<&geo::Origin>, region: &Region) -> f64 {
     match (from, position(region)) {
-        (Some(a), Some(b)) => geo::distance_km(a, b),
+        (Some(a), Some(b)) => a.distance_km(b),
         _ => f64::INFINITY,
     }
 }
@@ -222,21 +235,16 @@ fn without_position<'a>(
         .or_else(|| regions().min_by(by_id))
 }
 
-/// The nearest [`MAX_FAILOVER`] eligible regions other than `chosen`, nearest
-/// first, ties by id. A bounded insertion sort: O(regions x MAX_FAILOVER)
-/// without sorting (or allocating for) the whole catalogue.
-fn failover<'a>(
-    snapshot: &'a Snapshot,
-    chosen: &Region,
-    from: Option<Point>,
-    eligible: impl Fn(&&'a Region) -> bool,
-) -> Vec<&'a str> {
+/// The nearest [`MAX_FAILOVER`] of the eligible regions in `ranked` (each
+/// with its distance) other than `chosen`, nearest first, ties by id. A
+/// bounded insertion sort: O(regions x MAX_FAILOVER) without sorting (or
+/// allocating for) the whole catalogue.
+fn failover<'a>(ranked: impl Iterator<Item = (f64, &'a Region)>, chosen: &Region) -> Vec<&'a str> {
     let mut nearest: Vec<(f64, &'a Region)> = Vec::with_capacity(MAX_FAILOVER + 1);
-    for region in snapshot.regions.iter().filter(eligible) {
-        if region.id == chosen.id {
+    for candidate in ranked {
+        if candidate.1.id == chosen.id {
             continue;
         }
-        let candidate = (distance(from, region), region);
         let at = nearest.partition_point(|n| nearer(n, &candidate) == Ordering::Less);
         if at < MAX_FAILOVER {
             nearest.insert(at, candidate);
