@@ -198,12 +198,19 @@ pub async fn new_user_at(ctx: &Ctx, base: &str) -> User {
 impl User {
     /// Refreshes and keeps the new pair; returns the new access token's claims.
     pub async fn refresh(&mut self, ctx: &Ctx) -> Value {
-        let r = send(
+        self.refresh_at(ctx, &ctx.stack().wrangler.base_url).await
+    }
+
+    /// [`User::refresh`] on the worker at `base` (a stack of a test's own).
+    pub async fn refresh_at(&mut self, ctx: &Ctx, base: &str) -> Value {
+        let r = send_to(
             ctx,
+            base,
             "POST",
             "/v1/auth/refresh",
             Some(json!({"refresh_token": self.refresh})),
             None,
+            &[],
         )
         .await;
         assert_eq!(r.status, 200, "{}", r.body);

@@ -796,19 +796,7 @@ fn postgres_killed_mid_webhooks(ctx: &Ctx) -> Result<(), Failed> {
                 access: b.user.access.clone(),
                 refresh: b.user.refresh.clone(),
             };
-            let r = send_to(
-                ctx,
-                &base,
-                "POST",
-                "/v1/auth/refresh",
-                Some(json!({"refresh_token": user.refresh})),
-                None,
-                &[],
-            )
-            .await;
-            assert_eq!(r.status, 200, "{}", r.body);
-            user.access = s(&r.body["access_token"]).to_owned();
-            let c = claims(&user.access);
+            let c = user.refresh_at(ctx, &base).await;
             assert_eq!(
                 (c["ent"]["plan"].as_str(), c["ent"]["max_devices"].as_u64()),
                 (Some("plus"), Some(5)),
@@ -974,7 +962,7 @@ fn a_panic_is_followed_by_a_fresh_instance(ctx: &Ctx) -> Result<(), Failed> {
     let base = stack.wrangler.base_url.clone();
     let base = base.as_str();
     ctx.rt.block_on(async {
-        let user = new_user_at(ctx, base).await;
+        let mut user = new_user_at(ctx, base).await;
         let me = |access: String| async move {
             send_to(ctx, base, "GET", "/v1/me", None, Some(&access), &[]).await
         };
@@ -998,17 +986,7 @@ fn a_panic_is_followed_by_a_fresh_instance(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(r.status, 200, "round {round}: {}", r.body);
             assert_eq!(r.body["email"], user.email.as_str());
         }
-        let refreshed = send_to(
-            ctx,
-            base,
-            "POST",
-            "/v1/auth/refresh",
-            Some(json!({"refresh_token": user.refresh})),
-            None,
-            &[],
-        )
-        .await;
-        assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+        user.refresh_at(ctx, base).await;
     });
     let log = stack.wrangler.log();
     assert!(
