@@ -4,9 +4,11 @@
 //! minute, so these decisions run hundreds of thousands of times a minute on
 //! `POST /v1/connect`. They are pure functions of the catalogue snapshot (read
 //! from KV), the entitlement (carried in the access token) and the request:
-//! no I/O, no clock, no randomness; a few linear passes over the regions and
-//! one over a region's servers, and the only allocations are two vectors of at
-//! most [`MAX_FAILOVER`] + 1 entries for the failover list.
+//! no I/O, no clock, no randomness. A [`Placer`] works out once per snapshot
+//! what placement needs of each region (eligibility apart from the plan, tier,
+//! position as a unit vector); a choice is then two linear passes over those
+//! compact records with no trigonometry, a haversine for each of the handful of
+//! regions that can make the list, and one pass over a region's servers.
 //!
 //! # Regions
 //!
@@ -56,7 +58,7 @@
 //! in their high bits, which would make the servers' scores correlated and
 //! the distribution lopsided.
 
-use super::catalogue::{Health, Region, Server, Snapshot};
+use super::catalogue::{Health, Region, Server, Snapshot, Tier};
 use super::entitlement::Entitlement;
 use super::geo::{self, Point};
 use std::cmp::Ordering;
@@ -117,11 +119,93 @@ impl fmt::Display for PlacementError {
 
 impl std::error::Error for PlacementError {}
 
+/// A snapshot together with what placement needs of each region, worked out
+/// once: whether it could take anyone at all, its tier, and its position as a
+/// unit vector. With a thousand regions, [`choose`] spent most of a connect's
+/// own work reading whole `Region`s and computing a haversine for each; a
+/// `Placer` answers the same questions from 32 bytes per region and computes
+/// a haversine only for the handful of regions that can make the list.
+///
+/// Build one per snapshot (the Worker keeps it with its cached snapshot).
+#[derive(Debug)]
+pub struct Placer {
+    snapshot: Snapshot,
+    sites: Vec<Site>,
+    closed: Vec<usize>,
+}
+
+/// A region as [`Placer`] sees it.
+#[derive(Debug, Clone, Copy)]
+struct Site {
+    /// Health `Up` and at least one server with capacity.
+    usable: bool,
+    tier: Tier,
+    /// [`geo::unit_vector`] of its position; `None` when the catalogue's
+    /// coordinates are invalid.
+    unit: Option<[f64; 3]>,
+}
+
+impl Site {
+    fn of(region: &Region) -> Site {
+        Site {
+            usable: region.health == Health::Up && region.servers.iter().any(|s| s.capacity > 0),
+            tier: region.tier,
+            unit: position(region).map(geo::unit_vector),
+        }
+    }
+}
+
+impl Placer {
+    pub fn new(snapshot: Snapshot) -> Placer {
+        let sites = snapshot.regions.iter().map(Site::of).collect();
+        let closed = (0..snapshot.regions.len())
+            .filter(|&i| snapshot.regions[i].admission_rate == 0)
+            .collect();
+        Placer {
+            snapshot,
+            sites,
+            closed,
+        }
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The ids of the regions whose admission rate is 0: they admit no one.
+    pub fn closed(&self) -> impl Iterator<Item = &str> {
+        self.closed
+            .iter()
+            .map(|&i| self.snapshot.regions[i].id.as_str())
+    }
+
+    /// [`choose`], from the precomputed sites.
+    pub fn choose(
+        &self,
+        ent: &Entitlement,
+        location: &ClientLocation,
+        requested: Option<&str>,
+        exclude: &[&str],
+    ) -> Result<Choice<'_>, PlacementError> {
+        choose_from(
+            &self.snapshot,
+            &self.sites,
+            ent,
+            location,
+            requested,
+            exclude,
+        )
+    }
+}
+
 /// Chooses the region for a client (see the module docs for the rules).
 ///
 /// Eligible = allowed by the entitlement's tiers, health `Up`, at least one
 /// server with capacity > 0, and not in `exclude`. `exclude` lets the caller
 /// drop regions whose admission gate just refused the client and ask again.
+///
+/// This works out each region's [`Site`] for the one call; to place many
+/// clients in the same snapshot, use a [`Placer`].
 pub fn choose<'a>(
     snapshot: &'a Snapshot,
     ent: &Entitlement,
@@ -129,7 +213,25 @@ pub fn choose<'a>(
     requested: Option<&str>,
     exclude: &[&str],
 ) -> Result<Choice<'a>, PlacementError> {
-    let eligible = |r: &&'a Region| is_eligible(r, ent, exclude);
+    let sites: Vec<Site> = snapshot.regions.iter().map(Site::of).collect();
+    choose_from(snapshot, &sites, ent, location, requested, exclude)
+}
+
+fn choose_from<'a>(
+    snapshot: &'a Snapshot,
+    sites: &[Site],
+    ent: &Entitlement,
+    location: &ClientLocation,
+    requested: Option<&str>,
+    exclude: &[&str],
+) -> Result<Choice<'a>, PlacementError> {
+    let regions = &snapshot.regions;
+    let eligible = |i: usize| {
+        let site = &sites[i];
+        site.usable
+            && ent.allows_tier(site.tier)
+            && (exclude.is_empty() || !exclude.contains(&regions[i].id.as_str()))
+    };
     let client = match location {
         ClientLocation::Coordinates(p) => Some(*p),
         ClientLocation::Country(code) => geo::country_centroid(code),
@@ -139,61 +241,54 @@ pub fn choose<'a>(
     let requested = match requested {
         None => None,
         Some(id) => {
-            let region = snapshot
-                .regions
+            let i = regions
                 .iter()
-                .find(|r| r.id == id)
+                .position(|r| r.id == id)
                 .ok_or(PlacementError::UnknownRegion)?;
-            if !ent.allows_tier(region.tier) {
+            if !ent.allows_tier(regions[i].tier) {
                 return Err(PlacementError::RegionNotAllowed);
             }
             // Allowed but down, empty or excluded: steer, don't fail.
-            Some(region).filter(eligible)
+            Some(i).filter(|&i| eligible(i))
         }
     };
 
-    let regions = snapshot.regions.iter().filter(eligible);
-    // Distances from the client, when it has a position and asked for no
-    // region: computed once, for the choice and again for its failover.
-    let mut ranked: Vec<(f64, &'a Region)> = Vec::new();
-    let region = match (requested, client) {
-        (Some(region), _) => Some(region),
+    let near = |from: Option<Point>, skip: Option<usize>, count: usize| {
+        nearest(regions, sites, &eligible, from, skip, count)
+    };
+    let (region, failover) = match (requested, client) {
         (None, Some(at)) => {
-            let origin = geo::Origin::new(at);
-            ranked = regions.map(|r| (distance(Some(&origin), r), r)).collect();
-            ranked.iter().min_by(|a, b| nearer(a, b)).map(|&(_, r)| r)
+            // The nearest eligible region, and the ones after it.
+            let mut ranked = near(Some(at), None, MAX_FAILOVER + 1).into_iter();
+            let region = ranked.next().ok_or(PlacementError::NoEligibleRegion)?;
+            (region, ranked.collect())
         }
-        (None, None) => {
-            let country = match location {
-                ClientLocation::Country(code) => Some(code.as_str()),
-                _ => None,
+        (requested, _) => {
+            let region = match requested {
+                Some(i) => i,
+                None => {
+                    let country = match location {
+                        ClientLocation::Country(code) => Some(code.as_str()),
+                        _ => None,
+                    };
+                    without_position(regions, country, &eligible)
+                        .ok_or(PlacementError::NoEligibleRegion)?
+                }
             };
-            without_position(snapshot, country, eligible)
+            // Without the client's position, the chosen region is the best
+            // guess of where the client is (or at least of where its traffic
+            // goes).
+            let from = client.or_else(|| position(&regions[region]));
+            (region, near(from, Some(region), MAX_FAILOVER))
         }
-    }
-    .ok_or(PlacementError::NoEligibleRegion)?;
-
-    // Without the client's position, the chosen region is the best guess of
-    // where the client is (or at least of where its traffic goes).
-    let failover = if ranked.is_empty() {
-        let from = client.or_else(|| position(region)).map(geo::Origin::new);
-        let ranked = snapshot
-            .regions
-            .iter()
-            .filter(eligible)
-            .map(|r| (distance(from.as_ref(), r), r));
-        failover(ranked, region)
-    } else {
-        failover(ranked.into_iter(), region)
     };
-    Ok(Choice { region, failover })
-}
-
-fn is_eligible(region: &Region, ent: &Entitlement, exclude: &[&str]) -> bool {
-    region.health == Health::Up
-        && ent.allows_tier(region.tier)
-        && region.servers.iter().any(|s| s.capacity > 0)
-        && !exclude.contains(&region.id.as_str())
+    Ok(Choice {
+        region: &regions[region],
+        failover: failover
+            .into_iter()
+            .map(|i| regions[i].id.as_str())
+            .collect(),
+    })
 }
 
 /// A region's position, if its catalogue coordinates are valid.
@@ -201,57 +296,102 @@ fn position(region: &Region) -> Option<Point> {
     Point::new(region.latitude, region.longitude)
 }
 
-/// Distance from `from` to a region; infinite (ranked last) when either
-/// position is unknown, so bad catalogue data demotes a region, never panics.
-fn distance(from: Option<&geo::Origin>, region: &Region) -> f64 {
-    match (from, position(region)) {
-        (Some(a), Some(b)) => a.distance_km(b),
-        _ => f64::INFINITY,
+/// How far apart (in [`geo::chord2`]) two regions' chords may be and still
+/// be ranked either way by the haversine. The two measures of one pair
+/// differ by at most about 1e-14 (a unit test in `geo` checks it); this
+/// margin is five orders of magnitude wider, and corresponds to a few
+/// centimetres on the ground.
+const CHORD_MARGIN: f64 = 1e-9;
+
+/// The `count` eligible regions nearest `from` (other than `skip`), nearest
+/// first, equal distances by id, regions without a valid position (or all,
+/// when `from` is `None`) last: the order of (haversine distance, id).
+///
+/// The haversine itself is computed only for the regions that can be in
+/// the answer. A first pass computes each eligible region's chord and finds
+/// the `count`-th smallest; any region whose chord exceeds it by more than
+/// [`CHORD_MARGIN`] is farther, by the haversine too, than `count` others,
+/// so the second pass ranks only the rest (usually exactly `count`) by the
+/// haversine. The answer is the same, bit for bit, as ranking every region.
+fn nearest(
+    regions: &[Region],
+    sites: &[Site],
+    eligible: &impl Fn(usize) -> bool,
+    from: Option<Point>,
+    skip: Option<usize>,
+    count: usize,
+) -> Vec<usize> {
+    let from_unit = from.map(geo::unit_vector);
+    let mut chords: Vec<(f64, usize)> = Vec::with_capacity(sites.len());
+    let mut shortest: Vec<f64> = Vec::with_capacity(count + 1);
+    for (i, site) in sites.iter().enumerate() {
+        if Some(i) == skip || !eligible(i) {
+            continue;
+        }
+        let chord = match (&from_unit, &site.unit) {
+            (Some(a), Some(b)) => geo::chord2(a, b),
+            _ => f64::INFINITY,
+        };
+        chords.push((chord, i));
+        keep_least(&mut shortest, chord, count, f64::total_cmp);
     }
+    let bound = match count.checked_sub(1).and_then(|k| shortest.get(k)) {
+        Some(&chord) => chord + CHORD_MARGIN,
+        None => f64::INFINITY,
+    };
+
+    let origin = from.map(geo::Origin::new);
+    let mut ranked: Vec<(f64, usize)> = Vec::with_capacity(count + 1);
+    for &(_, i) in chords.iter().filter(|&&(chord, _)| chord <= bound) {
+        let d = match (&origin, position(&regions[i])) {
+            (Some(o), Some(p)) => o.distance_km(p),
+            _ => f64::INFINITY,
+        };
+        keep_least(&mut ranked, (d, i), count, |a, b| {
+            a.0.total_cmp(&b.0)
+                .then_with(|| regions[a.1].id.cmp(&regions[b.1].id))
+        });
+    }
+    ranked.into_iter().map(|(_, i)| i).collect()
 }
 
-/// Orders (distance, region) pairs nearest first, equal distances by region
-/// id: one total order, so the answer never depends on the snapshot's order.
-fn nearer(a: &(f64, &Region), b: &(f64, &Region)) -> Ordering {
-    a.0.total_cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id))
+/// Inserts `item` into `least`, which holds the (at most `count`) least
+/// items seen so far in `order`, in that order: a bounded insertion sort,
+/// O(n x count) over n items at worst and one comparison for most items,
+/// with no allocation beyond `count` + 1. Of equal items, either may be kept.
+fn keep_least<T>(least: &mut Vec<T>, item: T, count: usize, order: impl Fn(&T, &T) -> Ordering) {
+    // Most items lose to the last one kept: one comparison, no search.
+    if least.len() >= count
+        && least
+            .last()
+            .is_none_or(|last| order(&item, last) != Ordering::Less)
+    {
+        return;
+    }
+    let at = least.partition_point(|x| order(x, &item) == Ordering::Less);
+    if at < count {
+        least.insert(at, item);
+        least.truncate(count);
+    }
 }
 
 /// Rule 3 of the module docs: the client's country, the default, the
 /// smallest id; each only among eligible regions.
-fn without_position<'a>(
-    snapshot: &'a Snapshot,
+fn without_position(
+    regions: &[Region],
     country: Option<&str>,
-    eligible: impl Fn(&&'a Region) -> bool + Copy,
-) -> Option<&'a Region> {
-    let by_id = |a: &&Region, b: &&Region| a.id.cmp(&b.id);
-    let regions = || snapshot.regions.iter().filter(eligible);
+    eligible: &impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let by_id = |a: &usize, b: &usize| regions[*a].id.cmp(&regions[*b].id);
+    let candidates = || (0..regions.len()).filter(|&i| eligible(i));
     country
         .and_then(|c| {
-            regions()
-                .filter(|r| r.country.eq_ignore_ascii_case(c))
+            candidates()
+                .filter(|&i| regions[i].country.eq_ignore_ascii_case(c))
                 .min_by(by_id)
         })
-        .or_else(|| regions().find(|r| r.id == DEFAULT_REGION))
-        .or_else(|| regions().min_by(by_id))
-}
-
-/// The nearest [`MAX_FAILOVER`] of the eligible regions in `ranked` (each
-/// with its distance) other than `chosen`, nearest first, ties by id. A
-/// bounded insertion sort: O(regions x MAX_FAILOVER) without sorting (or
-/// allocating for) the whole catalogue.
-fn failover<'a>(ranked: impl Iterator<Item = (f64, &'a Region)>, chosen: &Region) -> Vec<&'a str> {
-    let mut nearest: Vec<(f64, &'a Region)> = Vec::with_capacity(MAX_FAILOVER + 1);
-    for candidate in ranked {
-        if candidate.1.id == chosen.id {
-            continue;
-        }
-        let at = nearest.partition_point(|n| nearer(n, &candidate) == Ordering::Less);
-        if at < MAX_FAILOVER {
-            nearest.insert(at, candidate);
-            nearest.truncate(MAX_FAILOVER);
-        }
-    }
-    nearest.into_iter().map(|(_, r)| r.id.as_str()).collect()
+        .or_else(|| candidates().find(|&i| regions[i].id == DEFAULT_REGION))
+        .or_else(|| candidates().min_by(by_id))
 }
 
 /// The server in `region` for a device: weighted rendezvous hashing over the
@@ -880,6 +1020,109 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A thousand regions, most of them within centimetres (down to a few
+    /// ulps) of one another, of the client or of its antipode, where the
+    /// chord and the haversine disagree on the order: a [`Placer`] answers exactly what ranking every
+    /// eligible region by (haversine distance, id) answers.
+    #[test]
+    fn a_placer_ranks_exactly_like_the_haversine_over_every_region() {
+        let mut rng = Rng(0x91ace);
+        for case in 0..40 {
+            let client = Point::new(rng.between(-80.0, 80.0), rng.between(-170.0, 170.0)).unwrap();
+            let antipode = (-client.lat, client.lon - client.lon.signum() * 180.0);
+            let far = (rng.between(-80.0, 80.0), rng.between(-170.0, 170.0));
+            let regions = (0..1_000)
+                .map(|i| {
+                    // From centimetres down to a few ulps of a coordinate,
+                    // where rounding decides both measures.
+                    let scale = [1e-7, 1e-11, 1e-13, 3e-14][case % 4];
+                    let jitter = |rng: &mut Rng| rng.between(-scale, scale);
+                    let (lat, lon) = match i % 5 {
+                        0 => (client.lat + jitter(&mut rng), client.lon + jitter(&mut rng)),
+                        1 => (antipode.0 + jitter(&mut rng), antipode.1 + jitter(&mut rng)),
+                        2 => (far.0 + jitter(&mut rng), far.1 + jitter(&mut rng)),
+                        3 => (far.0, far.1),
+                        _ => (rng.between(-90.0, 90.0), rng.between(-180.0, 180.0)),
+                    };
+                    let tier = if rng.below(3) == 0 {
+                        Tier::Premium
+                    } else {
+                        Tier::Free
+                    };
+                    let mut r = region(&format!("r{i:04}"), "DE", lat, lon, tier);
+                    if rng.below(5) == 0 {
+                        r.health = Health::Down;
+                    }
+                    r
+                })
+                .collect();
+            let placer = Placer::new(Snapshot::new(regions));
+            let s = placer.snapshot();
+            for ent in [free(), plus()] {
+                // Only the client's cluster, then without it: the far one decides.
+                for exclude_near in [false, true] {
+                    let exclude: Vec<&str> = s
+                        .regions
+                        .iter()
+                        .filter(|r| exclude_near && (r.latitude - client.lat).abs() < 1e-6)
+                        .map(|r| r.id.as_str())
+                        .collect();
+                    let mut all: Vec<(f64, &str)> = s
+                        .regions
+                        .iter()
+                        .filter(|r| is_eligible_for_test(r, &ent, &exclude))
+                        .map(|r| {
+                            (
+                                geo::distance_km(client, position(r).unwrap()),
+                                r.id.as_str(),
+                            )
+                        })
+                        .collect();
+                    all.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+                    let expected: Vec<&str> =
+                        all.iter().take(MAX_FAILOVER + 1).map(|x| x.1).collect();
+                    let choice = placer
+                        .choose(&ent, &ClientLocation::Coordinates(client), None, &exclude)
+                        .unwrap();
+                    let mut got = vec![choice.region.id.as_str()];
+                    got.extend(choice.failover.iter().copied());
+                    assert_eq!(got, expected, "case {case}");
+                    assert_eq!(
+                        choose(
+                            s,
+                            &ent,
+                            &ClientLocation::Coordinates(client),
+                            None,
+                            &exclude
+                        ),
+                        Ok(choice),
+                        "case {case}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn is_eligible_for_test(r: &Region, ent: &Entitlement, exclude: &[&str]) -> bool {
+        r.health == Health::Up
+            && ent.region_tiers.contains(&r.tier)
+            && r.servers.iter().any(|s| s.capacity > 0)
+            && !exclude.contains(&r.id.as_str())
+    }
+
+    #[test]
+    fn a_placer_lists_the_regions_that_admit_no_one() {
+        let mut s = seeds();
+        set(&mut s, "us-east", |r| r.admission_rate = 0);
+        set(&mut s, "ap-northeast", |r| r.admission_rate = 0);
+        let placer = Placer::new(s);
+        assert_eq!(
+            placer.closed().collect::<Vec<_>>(),
+            ["ap-northeast", "us-east"]
+        );
+        assert_eq!(Placer::new(seeds()).closed().count(), 0);
     }
 
     fn servers_region(servers: Vec<Server>) -> Region {

@@ -1,6 +1,7 @@
 //! The region catalogue as the request path sees it: the KV snapshot the cron
 //! (and every admin change) publishes, parsed at most once per isolate every few
-//! seconds.
+//! seconds, and kept as a [`Placer`] (the snapshot with what placement needs of
+//! each region worked out once).
 //!
 //! Parsing the snapshot is the only per-request cost that grows with the size
 //! of the fleet, so it is kept off the hot path: an isolate reuses its parsed
@@ -14,6 +15,7 @@
 
 use super::{Fail, bindings, cron, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
+use crate::domain::placement::Placer;
 use std::cell::RefCell;
 use std::rc::Rc;
 use worker::Env;
@@ -22,7 +24,7 @@ use worker::Env;
 pub const TTL_MS: u64 = 5_000;
 
 thread_local! {
-    static CACHE: RefCell<Option<(Rc<Snapshot>, u64)>> = const { RefCell::new(None) };
+    static CACHE: RefCell<Option<(Rc<Placer>, u64)>> = const { RefCell::new(None) };
 }
 
 /// Forgets this isolate's copy (after an admin change made here).
@@ -30,8 +32,8 @@ pub fn invalidate() {
     CACHE.with(|c| *c.borrow_mut() = None);
 }
 
-/// The current snapshot.
-pub async fn snapshot(env: &Env) -> Result<Rc<Snapshot>, Fail> {
+/// The current snapshot, ready for placement.
+pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
     let now = time::now_ms();
     if let Some(s) = CACHE.with(|c| {
         c.borrow()
@@ -54,7 +56,7 @@ pub async fn snapshot(env: &Env) -> Result<Rc<Snapshot>, Fail> {
                 .0
         }
     };
-    let snapshot = Rc::new(snapshot);
-    CACHE.with(|c| *c.borrow_mut() = Some((Rc::clone(&snapshot), now)));
-    Ok(snapshot)
+    let placer = Rc::new(Placer::new(snapshot));
+    CACHE.with(|c| *c.borrow_mut() = Some((Rc::clone(&placer), now)));
+    Ok(placer)
 }

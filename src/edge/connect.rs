@@ -82,8 +82,9 @@ fn regions_reply(snapshot: &Snapshot) -> Reply {
 }
 
 pub async fn regions(req: &Incoming, env: &Env) -> Result<Reply, Fail> {
-    let snapshot = catalogue::snapshot(env).await?;
-    let tag = etag(&snapshot);
+    let placer = catalogue::current(env).await?;
+    let snapshot = placer.snapshot();
+    let tag = etag(snapshot);
     let cache = ("cache-control", "public, max-age=15".to_owned());
     if not_modified(req.header("if-none-match").as_deref(), &tag) {
         return Ok(Reply {
@@ -92,7 +93,7 @@ pub async fn regions(req: &Incoming, env: &Env) -> Result<Reply, Fail> {
             body: vec![],
         });
     }
-    let mut reply = regions_reply(&snapshot);
+    let mut reply = regions_reply(snapshot);
     reply.headers.push(("etag", tag));
     reply.headers.push(cache);
     Ok(reply)
@@ -182,7 +183,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         .ok()
         .map(|b| b.device_id.as_str())
         .filter(|id| crate::domain::device::is_device_id(id));
-    let (not_revoked, devices, snapshot) = futures::join!(
+    let (not_revoked, devices, placer) = futures::join!(
         check_not_revoked(env, &claims),
         async {
             match device_id {
@@ -190,14 +191,14 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 None => None,
             }
         },
-        catalogue::snapshot(env)
+        catalogue::current(env)
     );
     not_revoked?;
     let b = body?;
     let Some(devices) = devices else {
         return Err(not_found());
     };
-    let (devices, snapshot) = (devices?, snapshot?);
+    let (devices, placer) = (devices?, placer?);
     // Devices are ranked oldest first; after a downgrade only the first
     // `max_devices` of them may connect.
     let Some(rank) = devices.iter().position(|d| d.id == b.device_id) else {
@@ -216,35 +217,25 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let device = &devices[rank];
 
     // Regions that admit no one are not offered at all.
-    let closed: Vec<&str> = snapshot
-        .regions
-        .iter()
-        .filter(|r| r.admission_rate == 0)
-        .map(|r| r.id.as_str())
-        .collect();
-    let choice = placement::choose(
-        &snapshot,
-        &claims.ent,
-        &location,
-        b.region.as_deref(),
-        &closed,
-    )
-    .map_err(|e| {
-        let (code, detail) = match e {
-            PlacementError::RegionNotAllowed => (
-                ProblemCode::RegionNotAllowed,
-                "Your plan does not include this region.",
-            ),
-            PlacementError::UnknownRegion => {
-                (ProblemCode::RegionNotFound, "No region with this id.")
-            }
-            PlacementError::NoEligibleRegion => (
-                ProblemCode::NoRegionAvailable,
-                "No region your plan includes is up right now.",
-            ),
-        };
-        Fail::from(ApiError::new(code, detail))
-    })?;
+    let closed: Vec<&str> = placer.closed().collect();
+    let choice = placer
+        .choose(&claims.ent, &location, b.region.as_deref(), &closed)
+        .map_err(|e| {
+            let (code, detail) = match e {
+                PlacementError::RegionNotAllowed => (
+                    ProblemCode::RegionNotAllowed,
+                    "Your plan does not include this region.",
+                ),
+                PlacementError::UnknownRegion => {
+                    (ProblemCode::RegionNotFound, "No region with this id.")
+                }
+                PlacementError::NoEligibleRegion => (
+                    ProblemCode::NoRegionAvailable,
+                    "No region your plan includes is up right now.",
+                ),
+            };
+            Fail::from(ApiError::new(code, detail))
+        })?;
     let region = choice.region;
     let failover = &choice.failover;
 
