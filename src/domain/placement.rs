@@ -204,7 +204,7 @@ impl Placer {
 /// server with capacity > 0, and not in `exclude`. `exclude` lets the caller
 /// drop regions whose admission gate just refused the client and ask again.
 ///
-/// This works out each region's [`Site`] for the one call; to place many
+/// This works out what placement needs of each region for the one call; to place many
 /// clients in the same snapshot, use a [`Placer`].
 pub fn choose<'a>(
     snapshot: &'a Snapshot,
