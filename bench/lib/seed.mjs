@@ -1,7 +1,8 @@
 // Writes one benchmark scenario's data into a directory:
 //   kv.json        what every stack reads from KV (or from memory): the catalogue
-//                  snapshot `catalogue/v1` and each user's `sessions/<user>` and
-//                  `devices/<user>` mirrors, as the worker stores them
+//                  snapshot `catalogue/v1` and its etag `catalogue/v1/etag`, and
+//                  each user's `sessions/<user>` and `devices/<user>` mirrors, as
+//                  the worker stores them
 //   keys.json      the JWT_SIGNING_KEYS secret (the development key first)
 //   requests.txt   one "<access token> <device id>" line per user, for the load
 //   vars.json      the worker's text bindings: wrangler.toml [vars] and the secrets of
@@ -104,7 +105,9 @@ regions.sort((a, b) => (a.id < b.id ? -1 : 1));
 for (const r of regions) r.servers.sort((a, b) => (a.id < b.id ? -1 : 1));
 let h = 0xcbf29ce484222325n;
 for (const b of Buffer.from(JSON.stringify(regions))) h = ((h ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
-const kv = { "catalogue/v1": JSON.stringify({ etag: h.toString(16).padStart(16, "0"), regions }) };
+const etag = h.toString(16).padStart(16, "0");
+// As the worker's publisher stores it: the snapshot, and its etag on its own.
+const kv = { "catalogue/v1": JSON.stringify({ etag, regions }), "catalogue/v1/etag": etag };
 
 // ---- users, their mirrors and tokens
 const now = Math.floor(Date.now() / 1000);

@@ -11,6 +11,13 @@ use serde::{Deserialize, Serialize};
 /// change can be rolled out next to the old one.
 pub const KV_KEY: &str = "catalogue/v1";
 
+/// The KV key holding the etag of the snapshot under [`KV_KEY`], written
+/// after it: a reader can tell whether its copy is current without reading
+/// (and parsing) the whole snapshot again. When the two disagree for a
+/// moment (KV propagates each key on its own) a reader at worst reads the
+/// snapshot once more, or keeps its copy until the new etag arrives.
+pub const ETAG_KV_KEY: &str = "catalogue/v1/etag";
+
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

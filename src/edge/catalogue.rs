@@ -5,9 +5,11 @@
 //!
 //! Parsing the snapshot is the only per-request cost that grows with the size
 //! of the fleet, so it is kept off the hot path: an isolate reuses its parsed
-//! copy for [`TTL_MS`]. That copy is shared, immutable data (like the verifying
-//! keys), never request-scoped. Together with KV's own propagation (~60 s
-//! between locations) this bounds how stale a routing decision can be.
+//! copy for [`TTL_MS`], then checks the snapshot's etag (a separate, small KV
+//! value) and parses again only when it changed. That copy is shared,
+//! immutable data (like the verifying keys), never request-scoped. Together
+//! with KV's own propagation (~60 s between locations) this bounds how stale a
+//! routing decision can be.
 //!
 //! If KV holds no snapshot at all (the first minute of a new deployment) the
 //! first caller publishes one from PostgreSQL through the cached Hyperdrive
@@ -20,29 +22,86 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use worker::Env;
 
-/// How long an isolate reuses its parsed snapshot.
+/// How long an isolate reuses its parsed snapshot before asking KV whether it
+/// changed.
 pub const TTL_MS: u64 = 5_000;
 
+/// This isolate's copy and when it was last known current.
+struct Cache {
+    current: Option<(Rc<Placer>, u64)>,
+    /// A request is asking KV whether the copy is still current; the others
+    /// go on with the copy meanwhile instead of asking too.
+    revalidating: bool,
+}
+
 thread_local! {
-    static CACHE: RefCell<Option<(Rc<Placer>, u64)>> = const { RefCell::new(None) };
+    static CACHE: RefCell<Cache> = const {
+        RefCell::new(Cache {
+            current: None,
+            revalidating: false,
+        })
+    };
 }
 
 /// Forgets this isolate's copy (after an admin change made here).
 pub fn invalidate() {
-    CACHE.with(|c| *c.borrow_mut() = None);
+    CACHE.with(|c| c.borrow_mut().current = None);
+}
+
+/// Marks a revalidation under way for as long as it lives, also when the
+/// request doing it is cancelled part-way.
+struct Revalidating;
+
+impl Revalidating {
+    fn start() -> Revalidating {
+        CACHE.with(|c| c.borrow_mut().revalidating = true);
+        Revalidating
+    }
+}
+
+impl Drop for Revalidating {
+    fn drop(&mut self) {
+        CACHE.with(|c| c.borrow_mut().revalidating = false);
+    }
+}
+
+fn keep(placer: &Rc<Placer>, now: u64) {
+    CACHE.with(|c| c.borrow_mut().current = Some((Rc::clone(placer), now)));
 }
 
 /// The current snapshot, ready for placement.
+///
+/// Every [`TTL_MS`] one request reads the small [`catalogue::ETAG_KV_KEY`];
+/// the whole snapshot (a megabyte with a thousand regions, and the longest
+/// piece of work an isolate does) is read and parsed again only when that
+/// etag differs from the copy's. Requests arriving while that read is under
+/// way use the copy they have.
 pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
     let now = time::now_ms();
-    if let Some(s) = CACHE.with(|c| {
-        c.borrow()
-            .as_ref()
-            .filter(|(_, at)| now.saturating_sub(*at) < TTL_MS)
-            .map(|(s, _)| Rc::clone(s))
-    }) {
-        return Ok(s);
-    }
+    let (cached, fresh, busy) = CACHE.with(|c| {
+        let c = c.borrow();
+        match &c.current {
+            Some((p, at)) => (
+                Some(Rc::clone(p)),
+                now.saturating_sub(*at) < TTL_MS,
+                c.revalidating,
+            ),
+            None => (None, false, false),
+        }
+    });
+    let _revalidating = match cached {
+        Some(placer) if fresh || busy => return Ok(placer),
+        Some(placer) => {
+            let guard = Revalidating::start();
+            let tag = kv::get_text(env, catalogue::ETAG_KV_KEY).await;
+            if matches!(&tag, Ok(Some(tag)) if *tag == placer.snapshot().etag) {
+                keep(&placer, now);
+                return Ok(placer);
+            }
+            Some(guard)
+        }
+        None => None,
+    };
     let stored = kv::get_text(env, catalogue::KV_KEY)
         .await
         .map_err(|e| Fail::unavailable(format!("kv get: {e}")))?;
@@ -57,6 +116,6 @@ pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
         }
     };
     let placer = Rc::new(Placer::new(snapshot));
-    CACHE.with(|c| *c.borrow_mut() = Some((Rc::clone(&placer), now)));
+    keep(&placer, now);
     Ok(placer)
 }

@@ -77,16 +77,33 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
         serde_json::from_str(&json).map_err(|e| format!("catalogue rows: {e}"))?;
     let snapshot = Snapshot::new(regions);
 
-    let current: Option<Snapshot> = kv::get_json(env, catalogue::KV_KEY).await.ok().flatten();
-    if current.is_some_and(|c| c.etag == snapshot.etag) {
-        return Ok((snapshot, false));
+    // Only the stored snapshot's etag is needed; the rest is skipped unparsed.
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        etag: String,
     }
-    env.kv(bindings::KV)
-        .map_err(|e| e.to_string())?
-        .put(catalogue::KV_KEY, &snapshot)
-        .map_err(|e| e.to_string())?
-        .execute()
+    let stored: Option<Stored> = kv::get_json(env, catalogue::KV_KEY).await.ok().flatten();
+    let changed = stored.is_none_or(|s| s.etag != snapshot.etag);
+    let ns = env.kv(bindings::KV).map_err(|e| e.to_string())?;
+    if changed {
+        ns.put(catalogue::KV_KEY, &snapshot)
+            .map_err(|e| e.to_string())?
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    // The etag follows the snapshot it names (and is written on its own where
+    // a snapshot was stored before this key existed).
+    let tag = kv::get_text(env, catalogue::ETAG_KV_KEY)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok((snapshot, true))
+        .ok()
+        .flatten();
+    if changed || tag.as_deref() != Some(snapshot.etag.as_str()) {
+        ns.put(catalogue::ETAG_KV_KEY, snapshot.etag.as_str())
+            .map_err(|e| e.to_string())?
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok((snapshot, changed))
 }

@@ -59,6 +59,21 @@ fn publishes_catalogue(ctx: &Ctx) -> Result<(), Failed> {
         }
         let etag = snap["etag"].as_str().unwrap().to_owned();
         assert_eq!(etag.len(), 16);
+        // Readers check the small etag key before reading the snapshot again.
+        let wrangler = &ctx.stack().wrangler;
+        assert_eq!(
+            wrangler.kv_get("catalogue/v1/etag").as_deref(),
+            Some(etag.as_str())
+        );
+        // A snapshot stored without its etag key (as before the key existed)
+        // gets the key at the next run, though the snapshot is unchanged.
+        wrangler.kv_delete("catalogue/v1/etag");
+        assert_eq!(wrangler.kv_get("catalogue/v1/etag"), None);
+        trigger(ctx).await?;
+        assert_eq!(
+            wrangler.kv_get("catalogue/v1/etag").as_deref(),
+            Some(etag.as_str())
+        );
 
         // A change in PostgreSQL reaches KV at the next run. (Locally Hyperdrive
         // does not cache, so the next run sees it at once; deployed, the cached
@@ -70,11 +85,18 @@ fn publishes_catalogue(ctx: &Ctx) -> Result<(), Failed> {
         .await?;
         trigger(ctx).await?;
         let changed = snapshot(ctx);
+        let changed_tag = wrangler.kv_get("catalogue/v1/etag");
         db.execute("UPDATE regions SET health = 'up' WHERE id = 'eu-west'", &[])
             .await?;
         // Publish the restored state, as the next minute's run would.
         trigger(ctx).await?;
         assert_ne!(changed["etag"], etag.as_str());
+        assert_eq!(changed_tag.as_deref(), changed["etag"].as_str());
+        assert_eq!(
+            wrangler.kv_get("catalogue/v1/etag").as_deref(),
+            Some(etag.as_str()),
+            "the etag key follows the restored snapshot"
+        );
         let eu_west = changed["regions"]
             .as_array()
             .unwrap()

@@ -629,23 +629,15 @@ impl Wrangler {
         }
     }
 
-    /// Reads a key from the worker's local KV namespace (binding `KV`) with the
-    /// wrangler CLI, as an operator would.
-    pub fn kv_get(&self, key: &str) -> Option<String> {
+    /// Runs `wrangler kv key <verb> <key> ...` against the worker's local KV
+    /// namespace (binding `KV`), as an operator would.
+    fn kv(&self, verb: &str, key: &str, extra: &[&str]) -> std::process::Output {
         let bin = root().join("node_modules/.bin");
-        let out = Command::new(bin.join("wrangler"))
+        Command::new(bin.join("wrangler"))
             .current_dir(self.dir.join("app"))
-            .args([
-                "kv",
-                "key",
-                "get",
-                key,
-                "--binding",
-                "KV",
-                "--local",
-                "--text",
-                "--persist-to",
-            ])
+            .args(["kv", "key", verb, key, "--binding", "KV", "--local"])
+            .args(extra)
+            .arg("--persist-to")
             .arg(self.dir.join("state"))
             .env(
                 "PATH",
@@ -657,9 +649,24 @@ impl Wrangler {
             )
             .env("WRANGLER_SEND_METRICS", "false")
             .output()
-            .expect("run wrangler kv key get");
+            .unwrap_or_else(|e| panic!("run wrangler kv key {verb}: {e}"))
+    }
+
+    /// Reads a key from the worker's local KV namespace.
+    pub fn kv_get(&self, key: &str) -> Option<String> {
+        let out = self.kv("get", key, &["--text"]);
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !text.is_empty() && text != "Value not found").then_some(text)
+    }
+
+    /// Deletes a key from the worker's local KV namespace.
+    pub fn kv_delete(&self, key: &str) {
+        let out = self.kv("delete", key, &[]);
+        assert!(
+            out.status.success(),
+            "wrangler kv key delete {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Everything wrangler and the worker printed so far.

@@ -17,6 +17,8 @@ export const MAX_TOKEN_LEN = 4096;
 export const MAX_AUTHORIZATION_LEN = MAX_TOKEN_LEN + 16;
 export const MAX_JSON_BODY = 16 * 1024;
 export const CATALOGUE_KEY = "catalogue/v1";
+/** The etag of the snapshot under CATALOGUE_KEY: checked before reading it again. */
+export const CATALOGUE_ETAG_KEY = "catalogue/v1/etag";
 export const CATALOGUE_TTL_MS = 5_000;
 const ALG = "EdDSA";
 const SIGNATURE_B64_LEN = 86;

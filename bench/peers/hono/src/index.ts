@@ -71,12 +71,26 @@ function getKeys(env: Env): Promise<Keys> {
   return keys;
 }
 
-// The catalogue, parsed at most once per isolate every few seconds.
+// The catalogue, parsed at most once per isolate every few seconds, and then
+// only when its etag changed; while one request checks, the others use the copy.
 let catalogue: { snapshot: core.Snapshot; at: number } | undefined;
+let revalidating = false;
 
 async function snapshot(env: Env): Promise<core.Snapshot> {
   const now = Date.now();
-  if (catalogue && now - catalogue.at < core.CATALOGUE_TTL_MS) return catalogue.snapshot;
+  if (catalogue && (now - catalogue.at < core.CATALOGUE_TTL_MS || revalidating)) return catalogue.snapshot;
+  if (catalogue) {
+    revalidating = true;
+    try {
+      const tag = await env.KV.get(core.CATALOGUE_ETAG_KEY, "text");
+      if (tag === catalogue.snapshot.etag) {
+        catalogue.at = now;
+        return catalogue.snapshot;
+      }
+    } finally {
+      revalidating = false;
+    }
+  }
   const s = await env.KV.get<core.Snapshot>(core.CATALOGUE_KEY, "json");
   if (!s) throw new core.Problem(503, "service_unavailable", "Service Unavailable", "No catalogue.");
   catalogue = { snapshot: s, at: now };

@@ -30,10 +30,14 @@ export class ConnectController {
     private readonly events: ConnectionEvents,
   ) {}
 
-  /** The catalogue, parsed at most once every few seconds. */
+  /** The catalogue, parsed at most once every few seconds, and then only when its etag changed. */
   private snapshot(): core.Snapshot {
     const now = Date.now();
     if (this.catalogue && now - this.catalogue.at < core.CATALOGUE_TTL_MS) return this.catalogue.snapshot;
+    if (this.catalogue && this.kv.getText(core.CATALOGUE_ETAG_KEY) === this.catalogue.snapshot.etag) {
+      this.catalogue.at = now;
+      return this.catalogue.snapshot;
+    }
     const s = this.kv.getJson<core.Snapshot>(core.CATALOGUE_KEY);
     if (!s) throw new core.Problem(503, "service_unavailable", "Service Unavailable", "No catalogue.");
     this.catalogue = { snapshot: s, at: now };

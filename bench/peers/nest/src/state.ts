@@ -18,6 +18,10 @@ export class MemoryKv {
     const v = this.values.get(key);
     return v === undefined ? null : (JSON.parse(v) as T);
   }
+
+  getText(key: string): string | null {
+    return this.values.get(key) ?? null;
+  }
 }
 
 @Injectable()
