@@ -501,15 +501,6 @@ function parseRustF64(s: string): number | null {
 export const DEFAULT_REGION = "eu-central";
 export const MAX_FAILOVER = 5;
 
-function isEligible(r: Region, ent: Entitlement, exclude: readonly string[]): boolean {
-  return (
-    r.health === "up" &&
-    ent.region_tiers.includes(r.tier) &&
-    r.servers.some((s) => s.capacity > 0) &&
-    !exclude.includes(r.id)
-  );
-}
-
 const position = (r: Region) => point(r.latitude, r.longitude);
 
 function distance(from: Point | null, r: Region): number {
@@ -518,10 +509,6 @@ function distance(from: Point | null, r: Region): number {
 }
 
 const cmpId = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
-
-function nearer(a: [number, Region], b: [number, Region]): number {
-  return a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : cmpId(a[1].id, b[1].id);
-}
 
 export class PlacementError {
   constructor(readonly code: "no_region_available" | "region_not_allowed" | "region_not_found") {}
@@ -532,6 +519,97 @@ export interface Choice {
   failover: string[];
 }
 
+type Vec3 = [number, number, number];
+
+/** What placement needs of each region, worked out once per snapshot (the Rust `Placer`). */
+interface Prepared {
+  usable: boolean[];
+  units: (Vec3 | null)[];
+  closed: string[];
+}
+
+const prepared = new WeakMap<Snapshot, Prepared>();
+
+function prepare(snapshot: Snapshot): Prepared {
+  let p = prepared.get(snapshot);
+  if (!p) {
+    const rs = snapshot.regions;
+    p = {
+      usable: rs.map((r) => r.health === "up" && r.servers.some((s) => s.capacity > 0)),
+      units: rs.map((r) => {
+        const at = position(r);
+        return at && unitVector(at);
+      }),
+      closed: rs.filter((r) => r.admission_rate === 0).map((r) => r.id),
+    };
+    prepared.set(snapshot, p);
+  }
+  return p;
+}
+
+/** The regions that admit no one (admission rate 0). */
+export const closedRegions = (snapshot: Snapshot) => prepare(snapshot).closed;
+
+function unitVector(p: Point): Vec3 {
+  const lat = p.lat * RAD;
+  const lon = p.lon * RAD;
+  const c = Math.cos(lat);
+  return [c * Math.cos(lon), c * Math.sin(lon), Math.sin(lat)];
+}
+
+function chord2(a: Vec3, b: Vec3): number {
+  const dx = a[0] - b[0];
+  const dy = a[1] - b[1];
+  const dz = a[2] - b[2];
+  return dx * dx + dy * dy + dz * dz;
+}
+
+const CHORD_MARGIN = 1e-9;
+
+/** Inserts into a list kept sorted by `less`, at most `count` long. */
+function keepLeast<T>(least: T[], item: T, count: number, less: (a: T, b: T) => boolean) {
+  if (least.length >= count && (count === 0 || !less(item, least[least.length - 1]))) return;
+  let at = 0;
+  while (at < least.length && less(least[at], item)) at++;
+  least.splice(at, 0, item);
+  if (least.length > count) least.length = count;
+}
+
+/**
+ * The `count` eligible regions nearest `from` (other than index `skip`), by
+ * (haversine distance, id): ranked by chord first, the haversine only for
+ * regions within CHORD_MARGIN of the count-th chord (as the Rust does).
+ */
+function nearest(
+  regions: Region[],
+  p: Prepared,
+  eligible: (i: number) => boolean,
+  from: Point | null,
+  skip: number,
+  count: number,
+): Region[] {
+  const fu = from && unitVector(from);
+  const chords: number[] = [];
+  const index: number[] = [];
+  const shortest: number[] = [];
+  for (let i = 0; i < regions.length; i++) {
+    if (i === skip || !eligible(i)) continue;
+    const u = p.units[i];
+    const c = fu && u ? chord2(fu, u) : Infinity;
+    chords.push(c);
+    index.push(i);
+    keepLeast(shortest, c, count, (a, b) => a < b);
+  }
+  const bound = shortest.length >= count && count > 0 ? shortest[count - 1] + CHORD_MARGIN : Infinity;
+  const ranked: [number, Region][] = [];
+  for (let k = 0; k < chords.length; k++) {
+    if (chords[k] > bound) continue;
+    const r = regions[index[k]];
+    keepLeast<[number, Region]>(ranked, [distance(from, r), r], count, (a, b) => a[0] < b[0] || (a[0] === b[0] && cmpId(a[1].id, b[1].id) < 0));
+  }
+  return ranked.map(([, r]) => r);
+}
+
 /** Region choice: requested if eligible, else nearest eligible, else by country/default/id. */
 export function choose(
   snapshot: Snapshot,
@@ -540,52 +618,41 @@ export function choose(
   requested: string | null,
   exclude: readonly string[],
 ): Choice {
-  const eligible = (r: Region) => isEligible(r, ent, exclude);
+  const regions = snapshot.regions;
+  const p = prepare(snapshot);
+  const eligible = (i: number) =>
+    p.usable[i] && ent.region_tiers.includes(regions[i].tier) && (exclude.length === 0 || !exclude.includes(regions[i].id));
   const client =
     location.kind === "coordinates" ? location.at : location.kind === "country" ? countryCentroid(location.code) : null;
 
-  let region: Region | undefined;
+  let chosen = -1;
   if (requested !== null) {
-    const r = snapshot.regions.find((x) => x.id === requested);
-    if (!r) throw new PlacementError("region_not_found");
-    if (!ent.region_tiers.includes(r.tier)) throw new PlacementError("region_not_allowed");
-    if (eligible(r)) region = r;
+    const i = regions.findIndex((x) => x.id === requested);
+    if (i < 0) throw new PlacementError("region_not_found");
+    if (!ent.region_tiers.includes(regions[i].tier)) throw new PlacementError("region_not_allowed");
+    if (eligible(i)) chosen = i;
   }
-  if (!region && client) {
-    let best: [number, Region] | undefined;
-    for (const r of snapshot.regions) {
-      if (!eligible(r)) continue;
-      const c: [number, Region] = [distance(client, r), r];
-      if (!best || nearer(c, best) < 0) best = c;
-    }
-    region = best?.[1];
-  } else if (!region) {
+  if (chosen < 0 && client) {
+    const ranked = nearest(regions, p, eligible, client, -1, MAX_FAILOVER + 1);
+    if (!ranked.length) throw new PlacementError("no_region_available");
+    return { region: ranked[0], failover: ranked.slice(1).map((r) => r.id) };
+  }
+  if (chosen < 0) {
     const country = location.kind === "country" ? location.code.toUpperCase() : null;
     const smallest = (f: (r: Region) => boolean) => {
-      let m: Region | undefined;
-      for (const r of snapshot.regions) if (eligible(r) && f(r) && (!m || r.id < m.id)) m = r;
+      let m = -1;
+      for (let i = 0; i < regions.length; i++)
+        if (eligible(i) && f(regions[i]) && (m < 0 || regions[i].id < regions[m].id)) m = i;
       return m;
     };
-    region =
-      (country !== null ? smallest((r) => r.country.toUpperCase() === country) : undefined) ??
-      snapshot.regions.find((r) => eligible(r) && r.id === DEFAULT_REGION) ??
-      smallest(() => true);
+    chosen = country !== null ? smallest((r) => r.country.toUpperCase() === country) : -1;
+    if (chosen < 0) chosen = regions.findIndex((r, i) => eligible(i) && r.id === DEFAULT_REGION);
+    if (chosen < 0) chosen = smallest(() => true);
   }
-  if (!region) throw new PlacementError("no_region_available");
-
-  const from = client ?? position(region);
-  const nearest: [number, Region][] = [];
-  for (const r of snapshot.regions) {
-    if (!eligible(r) || r.id === region.id) continue;
-    const c: [number, Region] = [distance(from, r), r];
-    let at = 0;
-    while (at < nearest.length && nearer(nearest[at], c) < 0) at++;
-    if (at < MAX_FAILOVER) {
-      nearest.splice(at, 0, c);
-      if (nearest.length > MAX_FAILOVER) nearest.length = MAX_FAILOVER;
-    }
-  }
-  return { region, failover: nearest.map(([, r]) => r.id) };
+  if (chosen < 0) throw new PlacementError("no_region_available");
+  const region = regions[chosen];
+  const failover = nearest(regions, p, eligible, client ?? position(region), chosen, MAX_FAILOVER);
+  return { region, failover: failover.map((r) => r.id) };
 }
 
 // 64-bit unsigned arithmetic on [hi, lo] pairs of uint32, for the stable hash.
@@ -825,7 +892,7 @@ export function placeConnect(
       `Your plan covers ${claims.ent.max_devices} device(s); this one is beyond them.`,
     );
   const device = devices[rank];
-  const closed = snapshot.regions.filter((r) => r.admission_rate === 0).map((r) => r.id);
+  const closed = closedRegions(snapshot);
   let choice: Choice;
   try {
     choice = choose(snapshot, claims.ent, location, body.region, closed);
