@@ -17,7 +17,7 @@ use super::durable::{self, call};
 use super::events::{self, ConnectionEvent};
 use super::incoming::Incoming;
 use super::user_session::{DeviceMirror, devices_key};
-use super::{Fail, bindings, catalogue, kv, random, secrets, store, time, webcrypto};
+use super::{Fail, bindings, catalogue, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
 use crate::domain::admission::{self, Admit};
 use crate::domain::catalogue::Snapshot;
@@ -243,7 +243,8 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    match durable::admit(env, &gate, rate).await? {
+    let fault = fault::armed(env, req.header(fault::HEADER));
+    match durable::admit(env, &gate, rate, fault.as_deref()).await? {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {
             events::enqueue(

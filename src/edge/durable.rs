@@ -11,7 +11,7 @@
 //! transactional storage: `/readyz` uses it to prove Durable Objects end to end.
 //! Callers talk to objects with JSON over internal `fetch` via [`call`].
 
-use super::{Fail, time};
+use super::{Fail, fault, time};
 use crate::domain::admission::{Admit, Bucket};
 use serde::Serialize;
 use wasm_bindgen::{JsCast, JsValue};
@@ -148,13 +148,15 @@ pub async fn body<T: serde::de::DeserializeOwned>(
 #[durable_object(fetch)]
 pub struct RegionGate {
     state: State,
+    env: Env,
     bucket: std::cell::RefCell<Bucket>,
 }
 
 impl DurableObject for RegionGate {
-    fn new(state: State, _env: Env) -> Self {
+    fn new(state: State, env: Env) -> Self {
         RegionGate {
             state,
+            env,
             bucket: std::cell::RefCell::new(Bucket::default()),
         }
     }
@@ -171,25 +173,36 @@ impl DurableObject for RegionGate {
 impl RegionGate {
     /// RPC: takes one admission token at `rate` tokens/s; the verdict as
     /// [`Admit::to_wire`]'s number. Synchronous: the bucket is in memory.
-    pub fn admit(&self, rate: u32) -> f64 {
-        self.bucket
+    /// `fault` is the development-only [`fault::GATE_ADMIT`] point (absent
+    /// otherwise): the call then throws, as a broken object's would.
+    pub fn admit(
+        &self,
+        rate: u32,
+        fault: Option<String>,
+    ) -> std::result::Result<f64, wasm_bindgen::JsError> {
+        if fault.is_some() && fault::armed(&self.env, fault).as_deref() == Some(fault::GATE_ADMIT) {
+            return Err(wasm_bindgen::JsError::new("injected fault at gate.admit"));
+        }
+        Ok(self
+            .bucket
             .borrow_mut()
             .take(rate, time::now_ms() as i64)
-            .to_wire()
+            .to_wire())
     }
 }
 
 #[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
-export function admitWithin(stub, rate, ms) {
+export function admitWithin(stub, rate, ms, fault) {
   let timer;
   const late = new Promise((_, reject) => {
     timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
   });
-  return Promise.race([stub.admit(rate), late]).finally(() => clearTimeout(timer));
+  const call = fault === undefined ? stub.admit(rate) : stub.admit(rate, fault);
+  return Promise.race([call, late]).finally(() => clearTimeout(timer));
 }
 "#)]
 extern "C" {
-    /// `stub.admit(rate)`, rejected after `ms` milliseconds. The bound is set
+    /// `stub.admit(rate[, fault])`, rejected after `ms` milliseconds. The bound is set
     /// on the JavaScript side: one promise for Rust to await, instead of the
     /// call's and a `Delay`'s (whose closure costs a wasm-bindgen callback
     /// created and destroyed on every connect).
@@ -198,12 +211,19 @@ extern "C" {
         stub: &JsValue,
         rate: u32,
         ms: f64,
+        fault: Option<&str>,
     ) -> std::result::Result<js_sys::Promise, JsValue>;
 }
 
-/// Asks the `RegionGate` named `name` for one admission at `rate` tokens/s.
-/// Transport failures, timeouts and unreadable answers are 503s.
-pub async fn admit(env: &Env, name: &str, rate: u32) -> std::result::Result<Admit, Fail> {
+/// Asks the `RegionGate` named `name` for one admission at `rate` tokens/s
+/// (`fault`: an armed fault point, passed on to the object).
+/// Transport failures, timeouts, thrown errors and unreadable answers are 503s.
+pub async fn admit(
+    env: &Env,
+    name: &str,
+    rate: u32,
+    fault: Option<&str>,
+) -> std::result::Result<Admit, Fail> {
     let unavailable = |e: String| {
         Fail::unavailable(format!(
             "durable object {}.admit: {e}",
@@ -213,7 +233,7 @@ pub async fn admit(env: &Env, name: &str, rate: u32) -> std::result::Result<Admi
     let stub: JsValue = stub(env, super::bindings::REGION_GATES, name)
         .map_err(unavailable)?
         .into_rpc();
-    let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64) {
+    let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64, fault) {
         Ok(promise) => JsFuture::from(promise).await,
         Err(thrown) => Err(thrown),
     }

@@ -14,6 +14,9 @@ pub const HEADER: &str = "x-keenvpn-fault";
 /// The point, on `GET /readyz`, at which the Worker panics: the wasm
 /// instance traps, and the next request must get a fresh one (`src/entry.mjs`).
 pub const PANIC: &str = "worker.panic";
+/// The point, on `POST /v1/connect`, at which the region's `RegionGate`
+/// throws from its `admit` call (a crashed or overloaded object).
+pub const GATE_ADMIT: &str = "gate.admit";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

@@ -55,6 +55,10 @@ pub const TESTS: &[(&str, Test)] = &[
         postgres_down,
     ),
     ("connect::the_admin_api_requires_its_token", admin_auth),
+    (
+        "connect::a_gate_that_throws_is_a_503_and_admits_again_after",
+        gate_throws,
+    ),
 ];
 
 const LONDON: &str = "51.5074,-0.1278";
@@ -251,6 +255,52 @@ fn failover(ctx: &Ctx) -> Result<(), Failed> {
             connect_from(ctx, &plus, &dev, LONDON, None).await.body["region"],
             "eu-west"
         );
+        Ok(())
+    })
+}
+
+/// The region's `RegionGate` throwing from `admit` (the development-only
+/// fault point `gate.admit`; a crashed or overloaded object in production)
+/// turns the connect into a 503 with `Retry-After`, not a hang or a 500;
+/// the cause is logged; and the next connect is admitted as usual.
+fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (user, device) = user_with_device(ctx, false).await;
+        let body = Some(json!({"device_id": device}));
+        let broken = send_with(
+            ctx,
+            "POST",
+            "/v1/connect",
+            body.clone(),
+            Some(&user.access),
+            &[
+                ("x-keenvpn-client-location", LONDON),
+                ("x-keenvpn-fault", "gate.admit"),
+            ],
+        )
+        .await;
+        assert_eq!(broken.status, 503, "{}", broken.body);
+        assert_eq!(broken.headers["content-type"], "application/problem+json");
+        assert_eq!(broken.body["code"], "service_unavailable");
+        assert!(broken.headers.contains_key("retry-after"));
+        let id = broken.headers["x-request-id"].to_str()?.to_owned();
+        // wrangler writes the worker's output to its log a moment later.
+        eventually(
+            Duration::from_secs(10),
+            "the cause, logged with the request id",
+            || async {
+                let logged = ctx.stack().wrangler.log();
+                logged
+                    .lines()
+                    .any(|l| l.contains(&id) && l.contains("injected fault at gate.admit"))
+                    .then_some(())
+            },
+        )
+        .await;
+
+        let again = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(again.status, 200, "{}", again.body);
         Ok(())
     })
 }
