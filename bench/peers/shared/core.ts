@@ -805,20 +805,30 @@ export interface ConnectionEvent {
   outcome: "admitted" | "throttled" | "closed";
 }
 
-/** GET /v1/regions body (keys sorted like the worker's). */
+const regionsBodies = new WeakMap<Snapshot, string>();
+
+/**
+ * GET /v1/regions body (keys sorted like the worker's), serialised once per
+ * snapshot, as the worker does (it depends on the snapshot alone).
+ */
 export function regionsBody(snapshot: Snapshot): string {
-  return JSON.stringify({
-    regions: snapshot.regions.map((r) => ({
-      country: r.country,
-      health: r.health,
-      id: r.id,
-      latitude: r.latitude,
-      load: regionLoad(r),
-      longitude: r.longitude,
-      name: r.name,
-      tier: r.tier,
-    })),
-  });
+  let body = regionsBodies.get(snapshot);
+  if (body === undefined) {
+    body = JSON.stringify({
+      regions: snapshot.regions.map((r) => ({
+        country: r.country,
+        health: r.health,
+        id: r.id,
+        latitude: r.latitude,
+        load: regionLoad(r),
+        longitude: r.longitude,
+        name: r.name,
+        tier: r.tier,
+      })),
+    });
+    regionsBodies.set(snapshot, body);
+  }
+  return body;
 }
 
 /** Whether If-None-Match matches the etag (weak comparison). */
