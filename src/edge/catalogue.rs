@@ -32,6 +32,9 @@ struct Cache {
     /// A request is asking KV whether the copy is still current; the others
     /// go on with the copy meanwhile instead of asking too.
     revalidating: bool,
+    /// Counts [`invalidate`] calls: a request that read KV before one keeps
+    /// what it read for itself, instead of bringing back the forgotten copy.
+    generation: u64,
 }
 
 thread_local! {
@@ -39,13 +42,18 @@ thread_local! {
         RefCell::new(Cache {
             current: None,
             revalidating: false,
+            generation: 0,
         })
     };
 }
 
 /// Forgets this isolate's copy (after an admin change made here).
 pub fn invalidate() {
-    CACHE.with(|c| c.borrow_mut().current = None);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        c.current = None;
+        c.generation += 1;
+    });
 }
 
 /// Marks a revalidation under way for as long as it lives, also when the
@@ -65,8 +73,15 @@ impl Drop for Revalidating {
     }
 }
 
-fn keep(placer: &Rc<Placer>, now: u64) {
-    CACHE.with(|c| c.borrow_mut().current = Some((Rc::clone(placer), now)));
+/// Stores `placer` as the copy current at `now`, unless the copy was
+/// invalidated since `generation`.
+fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.generation == generation {
+            c.current = Some((Rc::clone(placer), now));
+        }
+    });
 }
 
 /// The current snapshot, ready for placement.
@@ -78,15 +93,16 @@ fn keep(placer: &Rc<Placer>, now: u64) {
 /// way use the copy they have.
 pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
     let now = time::now_ms();
-    let (cached, fresh, busy) = CACHE.with(|c| {
+    let (cached, fresh, busy, generation) = CACHE.with(|c| {
         let c = c.borrow();
         match &c.current {
             Some((p, at)) => (
                 Some(Rc::clone(p)),
                 now.saturating_sub(*at) < TTL_MS,
                 c.revalidating,
+                c.generation,
             ),
-            None => (None, false, false),
+            None => (None, false, false, c.generation),
         }
     });
     let _revalidating = match cached {
@@ -95,7 +111,7 @@ pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
             let guard = Revalidating::start();
             let tag = kv::get_text(env, catalogue::ETAG_KV_KEY).await;
             if matches!(&tag, Ok(Some(tag)) if *tag == placer.snapshot().etag) {
-                keep(&placer, now);
+                keep(&placer, now, generation);
                 return Ok(placer);
             }
             Some(guard)
@@ -116,6 +132,6 @@ pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
         }
     };
     let placer = Rc::new(Placer::new(snapshot));
-    keep(&placer, now);
+    keep(&placer, now, generation);
     Ok(placer)
 }
