@@ -94,11 +94,13 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
     }
     // The etag follows the snapshot it names (and is written on its own where
     // a snapshot was stored before this key existed).
-    let tag = kv::get_text(env, catalogue::ETAG_KV_KEY)
-        .await
-        .ok()
-        .flatten();
-    if changed || tag.as_deref() != Some(snapshot.etag.as_str()) {
+    let tag_current = !changed
+        && kv::get_text(env, catalogue::ETAG_KV_KEY)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|tag| tag == snapshot.etag);
+    if !tag_current {
         ns.put(catalogue::ETAG_KV_KEY, snapshot.etag.as_str())
             .map_err(|e| e.to_string())?
             .execute()

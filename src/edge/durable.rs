@@ -180,9 +180,8 @@ impl RegionGate {
         rate: u32,
         fault: Option<String>,
     ) -> std::result::Result<f64, wasm_bindgen::JsError> {
-        if fault.is_some() && fault::armed(&self.env, fault).as_deref() == Some(fault::GATE_ADMIT) {
-            return Err(wasm_bindgen::JsError::new("injected fault at gate.admit"));
-        }
+        fault::at(&fault::armed(&self.env, fault), fault::GATE_ADMIT)
+            .map_err(|e| wasm_bindgen::JsError::new(&e.to_string()))?;
         Ok(self
             .bucket
             .borrow_mut()

@@ -2,8 +2,9 @@
 //!
 //! The Worker shell (`edge`) turns the runtime's request into a method and a
 //! path, asks [`route`] what to do, runs the handler, and turns the [`Reply`]
-//! it gets back into the runtime's `Response`. Keeping this layer free of `worker::` types
-//! means routing and the problem+json format are tested natively.
+//! it gets back into the runtime's `Response`. Keeping this layer free of
+//! `worker::` types means routing and the problem+json format are tested
+//! natively.
 
 pub mod body;
 mod error;

@@ -133,6 +133,7 @@ pub fn path_of_url(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn the_path_of_a_serialised_url() {
@@ -156,8 +157,6 @@ mod tests {
             assert_eq!(path_of_url(url), path, "{url}");
         }
     }
-
-    use super::*;
 
     #[test]
     fn known_paths_route_by_method() {
