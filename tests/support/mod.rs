@@ -652,11 +652,27 @@ impl Wrangler {
             .unwrap_or_else(|e| panic!("run wrangler kv key {verb}: {e}"))
     }
 
-    /// Reads a key from the worker's local KV namespace.
+    /// Reads a key from the worker's local KV namespace; `None` when it is
+    /// absent. A failed read (the CLI and the running worker share the local
+    /// store, and a read can lose a race for it) is retried, and is never
+    /// mistaken for an absent key.
     pub fn kv_get(&self, key: &str) -> Option<String> {
-        let out = self.kv("get", key, &["--text"]);
+        let mut attempt = 1;
+        let out = loop {
+            let out = self.kv("get", key, &["--text"]);
+            if out.status.success() || attempt == 5 {
+                break out;
+            }
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            out.status.success(),
+            "wrangler kv key get {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        (out.status.success() && !text.is_empty() && text != "Value not found").then_some(text)
+        (!text.is_empty() && text != "Value not found").then_some(text)
     }
 
     /// Deletes a key from the worker's local KV namespace.
