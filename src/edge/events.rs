@@ -7,6 +7,9 @@
 use super::{bindings, pg, random, time};
 use crate::sql;
 use serde::{Deserialize, Serialize};
+use wasm_bindgen::JsValue;
+use worker::js_sys::{JSON, Promise};
+use worker::wasm_bindgen_futures::JsFuture;
 use worker::{Context, Env, MessageBatch, event};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,15 +44,46 @@ impl ConnectionEvent {
     }
 }
 
+#[wasm_bindgen::prelude::wasm_bindgen]
+extern "C" {
+    /// A queue producer binding, as far as sending goes.
+    type QueueProducer;
+    #[wasm_bindgen(method, catch, js_name = send)]
+    fn send_with(
+        this: &QueueProducer,
+        body: &JsValue,
+        options: &JsValue,
+    ) -> Result<Promise, JsValue>;
+}
+
+thread_local! {
+    /// `{contentType: "json"}`: messages stay readable by any consumer (an HTTP
+    /// pull consumer, say), not only by a Worker. Built once per isolate.
+    static JSON_MESSAGE: JsValue = JSON::parse(r#"{"contentType":"json"}"#).unwrap_or_default();
+}
+
+/// Sends one event. workers-rs's `Queue::send` builds the message object
+/// field by field across the boundary, and its options object through serde,
+/// on every send; here the event crosses once, as JSON text, which the
+/// runtime's own `JSON.parse` turns into the object.
+async fn send(env: &Env, event: &ConnectionEvent) -> Result<(), String> {
+    let queue: QueueProducer = bindings::object(env, bindings::CONNECTION_EVENTS)?;
+    let text = serde_json::to_string(event).map_err(|e| e.to_string())?;
+    let body = JSON::parse(&text).map_err(|e| format!("{e:?}"))?;
+    let promise = JSON_MESSAGE
+        .with(|options| queue.send_with(&body, options))
+        .map_err(|e| format!("{e:?}"))?;
+    JsFuture::from(promise)
+        .await
+        .map(drop)
+        .map_err(|e| format!("{e:?}"))
+}
+
 /// Enqueues `event` after the response is sent (the hot path does not wait).
 pub fn enqueue(env: &Env, ctx: &Context, event: ConnectionEvent) {
     let env = env.clone();
     ctx.wait_until(async move {
-        let sent = match env.queue(bindings::CONNECTION_EVENTS) {
-            Ok(q) => q.send(event).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = send(&env, &event).await {
             worker::console_error!("{}", serde_json::json!({"level": "error", "msg": "connection event not enqueued", "error": e}));
         }
     });

@@ -9,9 +9,9 @@
 //! result would then be walked from wasm field by field, a crossing per step.
 
 use serde::de::DeserializeOwned;
-use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen::JsValue;
 use worker::Env;
-use worker::js_sys::{Promise, Reflect};
+use worker::js_sys::Promise;
 use worker::wasm_bindgen_futures::JsFuture;
 
 use super::bindings;
@@ -26,11 +26,7 @@ extern "C" {
 
 /// The text under `key` in the `KV` namespace; `None` when there is none.
 pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
-    let ns = Reflect::get(env, &JsValue::from_str(bindings::KV))
-        .ok()
-        .filter(|b| b.is_object())
-        .ok_or_else(|| format!("no KV binding {}", bindings::KV))?;
-    let ns: KvNamespace = ns.unchecked_into();
+    let ns: KvNamespace = bindings::object(env, bindings::KV)?;
     let promise = ns.get_as(key, "text").map_err(|e| format!("{e:?}"))?;
     let value = JsFuture::from(promise)
         .await

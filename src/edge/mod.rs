@@ -50,6 +50,19 @@ pub mod bindings {
     pub const LOGIN_THROTTLES: &str = "LOGIN_THROTTLES";
     /// Queue of connection events, written to PostgreSQL in batches.
     pub const CONNECTION_EVENTS: &str = "CONNECTION_EVENTS";
+
+    use wasm_bindgen::{JsCast, JsValue};
+
+    /// The binding `name` as the JavaScript object the runtime hands over, for
+    /// calling its methods directly: one property read, where workers-rs's
+    /// typed accessors also check the binding's class on every call.
+    pub fn object<T: JsCast>(env: &worker::Env, name: &str) -> Result<T, String> {
+        worker::js_sys::Reflect::get(env, &JsValue::from_str(name))
+            .ok()
+            .filter(|b| b.is_object())
+            .map(JsCast::unchecked_into)
+            .ok_or_else(|| format!("no binding {name}"))
+    }
 }
 
 /// A handler's failure: what the client is told, and (for the log only) why.
