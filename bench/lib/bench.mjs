@@ -477,37 +477,38 @@ async function scenario(sc) {
   return result;
 }
 
-// Warm connect, ours against Hono, as a paired measure. The machine's speed
-// drifts by 15-30% within a minute, which moves each stack's median of a few
-// runs more than the stacks differ. So the two run back to back, many short
-// times, the order alternating round by round (no stack always runs first);
-// each round gives a ratio of two runs seconds apart, and the figure is the
-// median of those ratios.
+// Paired measures. The machine's speed drifts by 15-30% within a minute,
+// which moves each side's median of a few runs more than the sides differ.
+// So the two run back to back, many short times, the order alternating round
+// by round (neither always runs first); each round gives a ratio of two runs
+// seconds apart, and the figure is the median of those ratios.
+// `alternating` returns each side's figures, round by round.
+function alternating(rounds, measureA, measureB) {
+  const runs = [[], []];
+  const measure = [measureA, measureB];
+  for (let i = 0; i < rounds; i++) for (const k of i % 2 ? [1, 0] : [0, 1]) runs[k].push(measure[k]());
+  return runs;
+}
+
+// The median of the rounds' ratios, and their range.
+function pairedRatio(ratios) {
+  return { ratio: round(median(ratios), 2), min: Math.min(...ratios), max: Math.max(...ratios) };
+}
+
+// Warm connect, ours against Hono, paired.
 function headToHead(ours, hono, dir) {
   log(`connect head-to-head, ours vs Hono: ${H2H_ROUNDS} rounds`);
-  const rounds = [];
-  for (let i = 0; i < H2H_ROUNDS; i++) {
-    const order = i % 2 ? [hono, ours] : [ours, hono];
-    const rps = {};
-    for (const s of order) rps[s.stack] = wrk(s, "connect", dir, H2H_SECONDS).rps;
-    rounds.push({ first: order[0].stack, ours: rps.ours, hono: rps.hono, ratio: round(rps.ours / rps.hono, 3) });
-  }
+  const rps = (s) => () => wrk(s, "connect", dir, H2H_SECONDS).rps;
+  const [o, h] = alternating(H2H_ROUNDS, rps(ours), rps(hono));
+  const rounds = o.map((x, i) => ({ first: i % 2 ? "hono" : "ours", ours: x, hono: h[i], ratio: round(x / h[i], 3) }));
   const ratios = rounds.map((r) => r.ratio);
-  return {
-    seconds: H2H_SECONDS,
-    rounds,
-    ratio: round(median(ratios), 2),
-    min: Math.min(...ratios),
-    max: Math.max(...ratios),
-    ours_faster_rounds: ratios.filter((x) => x > 1).length,
-  };
+  return { seconds: H2H_SECONDS, rounds, ...pairedRatio(ratios), ours_faster_rounds: ratios.filter((x) => x > 1).length };
 }
 
 // The scaling target compares two scenarios. Measured minutes apart, their
-// ratio carries the machine's drift (15-30% here), so the target is taken from
-// our worker on both catalogues side by side, paired as in headToHead: both
-// servers up, rounds of two connect runs back to back with the order
-// alternating, and the median of the rounds' CPU ratios.
+// ratio carries the machine's drift, so the target is taken from our worker
+// on both catalogues side by side, paired: the median of the rounds' CPU
+// ratios.
 async function scalingPair(small, large) {
   log(`scaling: ours with ${small.regions} and ${large.regions} regions, ${H2H_ROUNDS} paired rounds`);
   const dirs = [seed(small), seed(large)];
@@ -516,13 +517,9 @@ async function scalingPair(small, large) {
     for (const dir of dirs) servers.push(await startServer("ours", dir));
     for (const [i, s] of servers.entries()) await waitReady(s, dirs[i]);
     for (const [i, s] of servers.entries()) wrk(s, "connect", dirs[i], WARMUP);
-    const runs = [[], []];
-    const ratios = [];
-    for (let round_ = 0; round_ < H2H_ROUNDS; round_++) {
-      const order = round_ % 2 ? [1, 0] : [0, 1];
-      for (const i of order) runs[i].push(wrk(servers[i], "connect", dirs[i], H2H_SECONDS).cpu_us_per_req);
-      ratios.push(round(runs[1].at(-1) / runs[0].at(-1), 3));
-    }
+    const cpu = (i) => () => wrk(servers[i], "connect", dirs[i], H2H_SECONDS).cpu_us_per_req;
+    const runs = alternating(H2H_ROUNDS, cpu(0), cpu(1));
+    const ratios = runs[1].map((b, i) => round(b / runs[0][i], 3));
     const [a, b] = runs.map((r) => round(median(r), 1));
     return {
       small: small.regions,
@@ -531,9 +528,7 @@ async function scalingPair(small, large) {
       cpu_us_per_req: { small: a, large: b },
       runs,
       ratios,
-      ratio: round(median(ratios), 2),
-      min: Math.min(...ratios),
-      max: Math.max(...ratios),
+      ...pairedRatio(ratios),
     };
   } finally {
     for (const s of servers) stopServer(s);

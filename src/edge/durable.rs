@@ -112,7 +112,7 @@ async fn bounded<T>(
 }
 
 /// A thrown JavaScript value, as text for the log.
-fn js_error(e: &JsValue) -> String {
+pub(super) fn js_error(e: &JsValue) -> String {
     e.as_string()
         .or_else(|| {
             e.dyn_ref::<js_sys::Error>()

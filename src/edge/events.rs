@@ -4,6 +4,7 @@
 //! Delivery is at least once, so each event carries an id chosen by the
 //! producer and the insert ignores ids it has already written.
 
+use super::durable::js_error;
 use super::{bindings, pg, random, time};
 use crate::sql;
 use serde::{Deserialize, Serialize};
@@ -69,14 +70,14 @@ thread_local! {
 async fn send(env: &Env, event: &ConnectionEvent) -> Result<(), String> {
     let queue: QueueProducer = bindings::object(env, bindings::CONNECTION_EVENTS)?;
     let text = serde_json::to_string(event).map_err(|e| e.to_string())?;
-    let body = JSON::parse(&text).map_err(|e| format!("{e:?}"))?;
+    let body = JSON::parse(&text).map_err(|e| js_error(&e))?;
     let promise = JSON_MESSAGE
         .with(|options| queue.send_with(&body, options))
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| js_error(&e))?;
     JsFuture::from(promise)
         .await
         .map(drop)
-        .map_err(|e| format!("{e:?}"))
+        .map_err(|e| js_error(&e))
 }
 
 /// Enqueues `event` after the response is sent (the hot path does not wait).
