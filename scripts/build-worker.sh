@@ -26,6 +26,21 @@ WASM_BINDGEN_BIN=$(command -v wasm-bindgen)
 WASM_OPT_BIN="$ROOT/node_modules/.bin/wasm-opt"
 ESBUILD_BIN="$ROOT/node_modules/.bin/esbuild"
 export WASM_BINDGEN_BIN WASM_OPT_BIN ESBUILD_BIN
+
+# Panic messages name the source file of the code that panicked; for
+# dependencies that is a path under this machine's Cargo home. Map each
+# registry directory away, so the shipped module says `serde_json-1.0.x/src/..`
+# and not where it was built. (rustc applies the last prefix that matches; the
+# first one covers a registry directory that a first build has yet to create.)
+# Cargo adds these flags to the target's rustflags in .cargo/config.toml; it
+# does not replace them.
+registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
+remap=" --remap-path-prefix=$registry/="
+for dir in "$registry"/*/; do
+  [ -d "$dir" ] && remap="$remap --remap-path-prefix=$dir="
+done
+CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="${CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS:-}$remap"
+export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS
 worker-build --release
 # The entry module wrangler and the benchmark load: index.js, re-exported with
 # the RegionGate class made a DurableObject (for RPC) and a default export that
