@@ -160,6 +160,10 @@ function serverCommand(stack, dir, port) {
   switch (stack) {
     case "ours":
     case "hono":
+    case "ours-empty":
+    case "ours-load":
+    case "hono-empty":
+    case "hono-load":
       return { cmd: ["taskset", "-c", SERVER_CPU, WORKERD, "serve", join(dir, `${stack}.capnp`), `--socket-addr=http=127.0.0.1:${port}`] };
     case "nest":
       return { cmd: ["taskset", "-c", SERVER_CPU, NODE, join(bench, "peers/nest/dist/main.js")], env: { ...nestEnv(dir), PORT: String(port) } };
@@ -378,7 +382,8 @@ function lambdaWarm(dir, endpoint, seconds) {
 
 // One cold start of `stack`: {ms} from exec to the first 200 on connect, or,
 // with `split` (workerd stacks only), {ready_ms, first_connect_ms,
-// second_connect_ms} (see coldstart.mjs).
+// second_connect_ms} (see coldstart.mjs). `stack` may also name a workerd
+// stack's `-empty` or `-load` configuration, whose stub answers the connect.
 async function coldStart(stack, dir, split = false) {
   const requests = join(dir, "requests.txt");
   let args;
@@ -405,7 +410,12 @@ function seed(sc) {
   mkdirSync(dir, { recursive: true });
   execFileSync(NODE, [join(bench, "lib/seed.mjs"), "--out", dir, "--regions", String(sc.regions), "--keys", String(sc.keys)]);
   for (const stack of ["ours", "hono"])
-    execFileSync(NODE, [join(bench, "lib/workerd-config.mjs"), "--stack", stack, "--data", dir, "--port", "8080", "--out", join(dir, `${stack}.capnp`)]);
+    for (const variant of ["full", "load", "empty"])
+      execFileSync(NODE, [
+        join(bench, "lib/workerd-config.mjs"),
+        ...["--stack", stack, "--variant", variant, "--data", dir, "--port", "8080"],
+        ...["--out", join(dir, variant === "full" ? `${stack}.capnp` : `${stack}-${variant}.capnp`)],
+      ]);
   return dir;
 }
 
@@ -425,12 +435,21 @@ async function scenario(sc) {
     // Where a workerd cold start goes: the runtime and modules up, then the
     // first connect, timed apart (interleaved, as above).
     log(`scenario ${sc.name}: cold starts in parts (${coldRuns} per workerd stack)`);
+    // Two more configurations per stack time the loading alone: `empty` (a
+    // stub worker with the stack's bindings: the runtime's floor) and `load`
+    // (the stub importing the stack's modules; see workerd-config.mjs).
     const split = { ours: [], hono: [] };
-    for (let i = 0; i < coldRuns; i++) for (const stack of Object.keys(split)) split[stack].push(await coldStart(stack, dir, true));
+    for (let i = 0; i < coldRuns; i++)
+      for (const stack of Object.keys(split)) {
+        const run = await coldStart(stack, dir, true);
+        run.empty_ms = await coldStart(`${stack}-empty`, dir);
+        run.loaded_ms = await coldStart(`${stack}-load`, dir);
+        split[stack].push(run);
+      }
     result.cold_start_split_ms = {};
     for (const [stack, runs] of Object.entries(split)) {
       const m = {};
-      for (const k of ["ready_ms", "first_connect_ms", "second_connect_ms"]) m[k] = round(median(runs.map((x) => x[k])), 1);
+      for (const k of ["empty_ms", "loaded_ms", "ready_ms", "first_connect_ms", "second_connect_ms"]) m[k] = round(median(runs.map((x) => x[k])), 1);
       result.cold_start_split_ms[stack] = { runs: runs.map((x) => Object.fromEntries(Object.entries(x).map(([k, v]) => [k, round(v, 1)]))), median: m };
     }
   }
@@ -611,8 +630,14 @@ function markdown(r) {
     const { ours, hono } = sc.cold_start_split_ms;
     const row = (label, k) => `| ${label} | ${ours.median[k]} | ${hono.median[k]} | ${round(ours.median[k] - hono.median[k], 1)} |`;
     L.push(`### Where a workerd cold start goes (${sc.name}), ms`, "");
-    L.push("Separate cold starts, timed in parts: medians of each part.", "");
+    L.push(
+      "Separate cold starts, timed in parts: medians of each part. The first two rows are other configurations of the same",
+      "workerd: a stub worker with the stack's bindings, and the stub importing the stack's modules without calling them.",
+      "",
+    );
     L.push("| part | ours | Hono | ours − Hono |", "|---|---|---|---|");
+    L.push(row("exec to the first 200 of a stub worker with the stack's bindings (the runtime's floor)", "empty_ms"));
+    L.push(row("exec to the first 200 of the stub, the stack's modules imported (compiled, top level run)", "loaded_ms"));
     L.push(row("exec to the first 200 on `GET /healthz` (runtime and modules loaded)", "ready_ms"));
     L.push(row("then the first `POST /v1/connect` (lazy compilation, first use of bindings)", "first_connect_ms"));
     L.push(row("then a second `POST /v1/connect`", "second_connect_ms"), "");

@@ -1,7 +1,14 @@
 // Writes a `workerd serve` config (Cap'n Proto text) for one stack and scenario.
 //
 // usage: node workerd-config.mjs --stack ours|hono --data DIR --port PORT --out FILE
+//          [--variant full|load|empty]
 // (the harness overrides the port at start with --socket-addr=http=127.0.0.1:PORT)
+//
+// The variants time what loading a worker costs (bench.mjs, the cold start in
+// parts): `full` is the stack itself; `load` imports the stack's modules (so
+// workerd compiles them and runs their top level, which instantiates our wasm)
+// but answers every request from a stub; `empty` is the stub alone, with the
+// same bindings and Durable Object classes that do nothing.
 //
 // Both stacks get the same surroundings: the in-memory KV service seeded with the
 // scenario's kv.json (bound as KV), a queue sink (bound as CONNECTION_EVENTS), the
@@ -30,17 +37,32 @@ const stacks = {
       `(name = "index.js", esModule = embed ${file(join(root, "build/index.js"))})`,
       `(name = "index_bg.wasm", wasm = embed ${file(join(root, "build/index_bg.wasm"))})`,
     ],
+    entry: "entry.mjs",
     bindings: Object.entries(vars).map(([k, v]) => `(name = ${str(k)}, text = ${str(v)})`),
     objects: { USER_SESSIONS: "UserSession", REGION_GATES: "RegionGate", LOGIN_THROTTLES: "LoginThrottle" },
   },
   hono: {
     modules: [`(name = "index.js", esModule = embed ${file(join(bench, "peers/hono/dist/index.js"))})`],
+    entry: "index.js",
     bindings: ["ENVIRONMENT", "JWT_SIGNING_KEYS"].map((k) => `(name = ${str(k)}, text = ${str(vars[k])})`),
     objects: { REGION_GATES: "RegionGate" },
   },
 };
 const s = stacks[args.stack];
 if (!s) throw new Error(`unknown stack ${args.stack}`);
+const stub = 'export default { fetch() { return new Response("stub"); } };';
+const variant = args.variant ?? "full";
+if (variant === "load") {
+  // The stack's modules (and its Durable Object classes) come in as they
+  // are; its handlers are never called.
+  const main = `export * from "./${s.entry}"; ${stub}`;
+  s.modules = [`(name = "load.mjs", esModule = ${str(main)})`, ...s.modules];
+} else if (variant === "empty") {
+  const main = `${Object.values(s.objects)
+    .map((cls) => `export class ${cls} {}`)
+    .join(" ")} ${stub}`;
+  s.modules = [`(name = "empty.mjs", esModule = ${str(main)})`];
+} else if (variant !== "full") throw new Error(`unknown variant ${variant}`);
 
 const config = `using Workerd = import "/workerd/workerd.capnp";
 
