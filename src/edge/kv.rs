@@ -15,6 +15,7 @@ use worker::js_sys::Promise;
 use worker::wasm_bindgen_futures::JsFuture;
 
 use super::bindings;
+use super::durable::js_error;
 
 #[wasm_bindgen::prelude::wasm_bindgen]
 extern "C" {
@@ -27,10 +28,12 @@ extern "C" {
 /// The text under `key` in the `KV` namespace; `None` when there is none.
 pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
     let ns: KvNamespace = bindings::object(env, bindings::KV)?;
-    let promise = ns.get_as(key, "text").map_err(|e| format!("{e:?}"))?;
+    let promise = ns
+        .get_as(key, "text")
+        .map_err(|e| format!("{key}: {}", js_error(&e)))?;
     let value = JsFuture::from(promise)
         .await
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| format!("{key}: {}", js_error(&e)))?;
     Ok(value.as_string())
 }
 
