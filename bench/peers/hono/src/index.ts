@@ -1,7 +1,8 @@
 // Benchmark peer: POST /v1/connect and GET /v1/regions as an idiomatic Hono
 // worker. Same rules as the Rust worker (see ../../shared/core.ts); state the
 // same way: the catalogue and the user's session/device mirrors in KV, admission
-// in RegionGate Durable Objects (called over RPC), connection events to a Queue.
+// in RegionGate Durable Objects (called over RPC, bounded in time), connection
+// events to a Queue.
 // Ed25519 through WebCrypto.
 
 import { DurableObject } from "cloudflare:workers";
@@ -95,6 +96,25 @@ async function snapshot(env: Env): Promise<core.Snapshot> {
   if (!s) throw new core.Problem(503, "service_unavailable", "Service Unavailable", "No catalogue.");
   catalogue = { snapshot: s, at: now };
   return s;
+}
+
+/**
+ * The region gate's verdict, bounded in time as the worker bounds it: a gate
+ * that throws or does not answer within GATE_CALL_TIMEOUT_MS is a 503.
+ */
+async function admit(env: Env, gate: string, rate: number): Promise<core.Verdict> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error("timed out")), core.GATE_CALL_TIMEOUT_MS);
+  });
+  try {
+    return await Promise.race([env.REGION_GATES.getByName(gate).admit(rate), late]);
+  } catch (e) {
+    console.error(JSON.stringify({ error: String(e), level: "error", msg: "region gate unavailable" }));
+    throw new core.Problem(503, "service_unavailable", "Service Unavailable", "A backing service is unavailable; retry shortly.");
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 const randomU32 = () => crypto.getRandomValues(new Uint32Array(1))[0];
@@ -191,7 +211,7 @@ app.post("/v1/connect", async (c) => {
   const p = core.placeConnect(claims, body, devices, s, location);
   const region = p.choice.region;
 
-  const verdict = await env.REGION_GATES.getByName(p.gate).admit(p.rate);
+  const verdict = await admit(env, p.gate, p.rate);
   const refused = core.refusal(verdict, p.choice.failover, randomU32());
   if (refused) {
     const outcome = verdict.outcome === "wait" ? "throttled" : "closed";
