@@ -33,14 +33,20 @@ export WASM_BINDGEN_BIN WASM_OPT_BIN ESBUILD_BIN
 # and not where it was built. (rustc applies the last prefix that matches; the
 # first one covers a registry directory that a first build has yet to create.)
 # Cargo adds these flags to the target's rustflags in .cargo/config.toml; it
-# does not replace them.
+# does not replace them. Cargo splits these flags at spaces, so a Cargo home
+# whose path has one is left unmapped.
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
-remap=" --remap-path-prefix=$registry/="
-for dir in "$registry"/*/; do
-  [ -d "$dir" ] && remap="$remap --remap-path-prefix=$dir="
-done
-CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="${CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS:-}$remap"
-export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS
+case "$registry" in
+  *[[:space:]]*) ;;
+  *)
+    remap=" --remap-path-prefix=$registry/="
+    for dir in "$registry"/*/; do
+      [ -d "$dir" ] && remap="$remap --remap-path-prefix=$dir="
+    done
+    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="${CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS:-}$remap"
+    export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS
+    ;;
+esac
 worker-build --release
 # The entry module wrangler and the benchmark load: index.js, re-exported with
 # the RegionGate class made a DurableObject (for RPC) and a default export that
