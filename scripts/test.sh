@@ -20,6 +20,14 @@ cargo clippy --all-targets --locked --target wasm32-unknown-unknown -- -D warnin
 step "build the worker (wasm)"
 sh scripts/build-worker.sh
 
+step "the worker names no path of this machine"
+for dir in "${CARGO_HOME:-$HOME/.cargo}/registry/src" "$ROOT"; do
+  case "$dir" in *[[:space:]]*) continue ;; esac # left unmapped: see build-worker.sh
+  if grep -qaF "$dir/" build/index_bg.wasm; then
+    die "build/index_bg.wasm names paths under $dir/ (panic locations): see the remap in scripts/build-worker.sh"
+  fi
+done
+
 step "cargo test (unit, PostgreSQL adapters, end to end)"
 cargo test --locked
 
