@@ -5,10 +5,8 @@
 # hand it the binaries `scripts/setup.sh` installed. Called by wrangler as the
 # [build] command, and by the test harness before it starts wrangler.
 set -eu
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-PATH="$ROOT/node_modules/.bin:${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-export PATH
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
 
 if [ -f build/index.js ] && [ -f build/entry.mjs ] && [ -z "$(find src Cargo.toml Cargo.lock .cargo migrations openapi.json -newer build/index.js 2>/dev/null | head -n 1)" ]; then
   echo "build-worker: build/index.js is up to date"
@@ -33,20 +31,17 @@ export WASM_BINDGEN_BIN WASM_OPT_BIN ESBUILD_BIN
 # and not where it was built. (rustc applies the last prefix that matches; the
 # first one covers a registry directory that a first build has yet to create.)
 # Cargo adds these flags to the target's rustflags in .cargo/config.toml; it
-# does not replace them. Cargo splits these flags at spaces, so a Cargo home
-# whose path has one is left unmapped.
-registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
-case "$registry" in
-  *[[:space:]]*) ;;
-  *)
-    remap=" --remap-path-prefix=$registry/="
-    for dir in "$registry"/*/; do
-      [ -d "$dir" ] && remap="$remap --remap-path-prefix=$dir="
-    done
-    CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="${CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS:-}$remap"
-    export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS
-    ;;
-esac
+# does not replace them. It splits them at spaces, so a registry whose path
+# has one is left unmapped (`cargo_registry` is empty then).
+registry=$(cargo_registry)
+if [ -n "$registry" ]; then
+  remap=" --remap-path-prefix=$registry/="
+  for dir in "$registry"/*/; do
+    [ -d "$dir" ] && remap="$remap --remap-path-prefix=$dir="
+  done
+  CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="${CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS:-}$remap"
+  export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS
+fi
 worker-build --release
 # The entry module wrangler and the benchmark load: index.js, re-exported with
 # the RegionGate class made a DurableObject (for RPC) and a default export that

@@ -14,6 +14,14 @@ locked_version() {
   awk -v name="$1" '$0 == "name = \"" name "\"" { getline; gsub(/version = |"/, ""); print; exit }' "$ROOT/Cargo.lock"
 }
 
+# The Cargo registry's source directory (dependencies' sources, and so their
+# panic locations); empty when its path has a space, which the space-separated
+# rustflags that map it away cannot carry (scripts/build-worker.sh).
+cargo_registry() {
+  dir="${CARGO_HOME:-$HOME/.cargo}/registry/src"
+  case "$dir" in *[[:space:]]*) ;; *) echo "$dir" ;; esac
+}
+
 # Newest PostgreSQL server bin directory, or empty.
 pg_bindir() {
   if [ -n "${PG_BINDIR:-}" ] && [ -x "$PG_BINDIR/initdb" ]; then echo "$PG_BINDIR"; return; fi

@@ -21,8 +21,8 @@ step "build the worker (wasm)"
 sh scripts/build-worker.sh
 
 step "the worker names no path of this machine"
-for dir in "${CARGO_HOME:-$HOME/.cargo}/registry/src" "$ROOT"; do
-  case "$dir" in *[[:space:]]*) continue ;; esac # left unmapped: see build-worker.sh
+registry=$(cargo_registry) # empty when left unmapped: see build-worker.sh
+for dir in "$ROOT" ${registry:+"$registry"}; do
   if grep -qaF "$dir/" build/index_bg.wasm; then
     die "build/index_bg.wasm names paths under $dir/ (panic locations): see the remap in scripts/build-worker.sh"
   fi

@@ -95,15 +95,15 @@ pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
     let now = time::now_ms();
     let (cached, fresh, busy, generation) = CACHE.with(|c| {
         let c = c.borrow();
-        match &c.current {
+        let (cached, fresh, busy) = match &c.current {
             Some((p, at)) => (
                 Some(Rc::clone(p)),
                 now.saturating_sub(*at) < TTL_MS,
                 c.revalidating,
-                c.generation,
             ),
-            None => (None, false, false, c.generation),
-        }
+            None => (None, false, false),
+        };
+        (cached, fresh, busy, c.generation)
     });
     let _revalidating = match cached {
         Some(placer) if fresh || busy => return Ok(placer),

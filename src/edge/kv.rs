@@ -27,13 +27,10 @@ extern "C" {
 
 /// The text under `key` in the `KV` namespace; `None` when there is none.
 pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
+    let failed = |e: JsValue| format!("{key}: {}", js_error(&e));
     let ns: KvNamespace = bindings::object(env, bindings::KV)?;
-    let promise = ns
-        .get_as(key, "text")
-        .map_err(|e| format!("{key}: {}", js_error(&e)))?;
-    let value = JsFuture::from(promise)
-        .await
-        .map_err(|e| format!("{key}: {}", js_error(&e)))?;
+    let promise = ns.get_as(key, "text").map_err(failed)?;
+    let value = JsFuture::from(promise).await.map_err(failed)?;
     Ok(value.as_string())
 }
 
