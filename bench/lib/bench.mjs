@@ -183,7 +183,9 @@ for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130)
 async function startServer(stack, dir) {
   const port = await freePort();
   const { cmd, env } = serverCommand(stack, dir, port);
-  const out = openSync(join(dir, `${stack}.log`), "a");
+  // Truncated at each start: a stack starts once per scenario and run, and
+  // its log (a line per request) would otherwise grow by hundreds of MB a run.
+  const out = openSync(join(dir, `${stack}.log`), "w");
   const child = spawn(cmd[0], cmd.slice(1), { stdio: ["ignore", out, out], detached: true, env: env ?? process.env });
   children.add(child);
   return { stack, port, child, pid: child.pid };
