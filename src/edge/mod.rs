@@ -20,6 +20,7 @@ mod log;
 mod login_throttle;
 mod microtask;
 mod pg;
+mod promise;
 mod random;
 mod readyz;
 mod secrets;
@@ -108,6 +109,7 @@ impl From<ApiError> for Fail {
 #[event(start)]
 fn start() {
     microtask::prefer_promise_jobs();
+    promise::init();
 }
 
 #[event(fetch)]

@@ -21,7 +21,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use js_sys::{Array, Promise, Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{CryptoKey, SubtleCrypto, WorkerGlobalScope};
-use worker::wasm_bindgen_futures::JsFuture;
 
 const ALGORITHM: &str = "Ed25519";
 
@@ -44,7 +43,7 @@ fn subtle() -> Result<SubtleCrypto, JsValue> {
 }
 
 async fn call(promise: Result<Promise, JsValue>) -> Result<JsValue, JsValue> {
-    JsFuture::from(promise?).await
+    super::promise::settled(&promise?).await
 }
 
 async fn import(set: &KeySet) -> Result<Imported, JsValue> {
