@@ -2,10 +2,11 @@
 //! JavaScript as the work needs.
 //!
 //! workers-rs's `worker::Request` reads the method, the URL, the headers object
-//! and the `cf` object of every request as it is built; `cf` alone is an object
-//! the runtime builds for each access (about 18 us in the V8 profile), and only
-//! a connect outside local development uses it. [`Incoming`] holds the
-//! runtime's request and reads each part when a handler asks for it.
+//! and the `cf` object of every request as it is built, each in a call of its
+//! own; `cf` alone is an object the runtime builds for each access (about
+//! 18 us in the V8 profile), and only a connect outside local development uses
+//! it. [`Incoming`] reads the method, the URL and the headers the hot path
+//! needs in one call, and anything else when a handler asks for it.
 //!
 //! On the way out, `worker::Response` costs a `Headers` object, one call per
 //! header (eight on every answer), a `ResponseInit` and a copy of the body;
@@ -18,19 +19,67 @@ use worker::worker_sys::web_sys;
 
 use crate::http::Reply;
 
+/// The headers read on the hot path, fetched together with the method and the
+/// URL in one call when the request arrives (`describe`): a header read
+/// across the boundary costs a call, its name decoded and its value encoded,
+/// and a connect reads all of these. Any other header is read when asked for.
+const KNOWN: [&str; 6] = [
+    "cf-ray",
+    "authorization",
+    "content-type",
+    "content-length",
+    "x-keenvpn-client-location",
+    super::fault::HEADER,
+];
+
+#[wasm_bindgen(inline_js = r#"
+export function describe(request, names) {
+  // NUL can appear in none of these (a method is a token, the URL is
+  // percent-encoded, and the Fetch standard forbids it in header values).
+  const headers = request.headers;
+  let out = request.method + "\0" + request.url + "\0";
+  for (let i = 0; i < names.length; i++) {
+    const value = headers.get(names[i]);
+    out += value === null ? "\0" : "=" + value + "\0";
+  }
+  return out;
+}
+"#)]
+extern "C" {
+    fn describe(request: &web_sys::Request, names: &js_sys::Array) -> String;
+}
+
+thread_local! {
+    /// [`KNOWN`] as a JavaScript array, made once per instance.
+    static KNOWN_NAMES: js_sys::Array = KNOWN.iter().map(|n| JsValue::from_str(n)).collect();
+}
+
 /// A request as the runtime handed it over.
 pub struct Incoming {
     raw: web_sys::Request,
-    /// Fetched once: each `raw.headers()` is a call into JavaScript.
-    headers: web_sys::Headers,
+    method: String,
+    url: String,
+    known: [Option<String>; KNOWN.len()],
     body_used: bool,
 }
 
 impl Incoming {
     pub fn new(raw: web_sys::Request) -> Incoming {
+        let described = KNOWN_NAMES.with(|names| describe(&raw, names));
+        let mut parts = described.split('\0');
+        let method = parts.next().unwrap_or_default().to_owned();
+        let url = parts.next().unwrap_or_default().to_owned();
+        let known = std::array::from_fn(|_| {
+            parts
+                .next()
+                .and_then(|v| v.strip_prefix('='))
+                .map(str::to_owned)
+        });
         Incoming {
-            headers: raw.headers(),
             raw,
+            method,
+            url,
+            known,
             body_used: false,
         }
     }
@@ -38,17 +87,21 @@ impl Incoming {
     /// The method as sent (`worker::Method` would turn methods it does not
     /// know, e.g. QUERY, into GET).
     pub fn method(&self) -> String {
-        self.raw.method()
+        self.method.clone()
     }
 
     /// The URL's path, still percent-encoded.
     pub fn path(&self) -> String {
-        crate::http::path_of_url(&self.raw.url()).to_owned()
+        crate::http::path_of_url(&self.url).to_owned()
     }
 
-    /// One header's value; `None` when absent (or unreadable).
+    /// One header's value; `None` when absent (or unreadable). `name` is
+    /// lowercase.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).ok().flatten()
+        match KNOWN.iter().position(|k| *k == name) {
+            Some(i) => self.known[i].clone(),
+            None => self.raw.headers().get(name).ok().flatten(),
+        }
     }
 
     /// Cloudflare's properties of the request (geolocation and more); `None`
