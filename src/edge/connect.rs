@@ -104,9 +104,7 @@ pub async fn regions(req: &Incoming, env: &Env) -> Result<Reply, Fail> {
 /// or `x-keenvpn-client-country: CC` headers stand in for it; they are ignored
 /// in any other environment.
 fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
-    let dev = env
-        .var("ENVIRONMENT")
-        .is_ok_and(|v| v.to_string() == "development");
+    let dev = bindings::text(env, "ENVIRONMENT").is_some_and(|v| v == "development");
     let header = |name: &str| req.header(name);
     if dev {
         if let Some(point) = header("x-keenvpn-client-location").and_then(|v| {

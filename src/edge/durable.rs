@@ -54,7 +54,7 @@ pub fn refuse(status: u16, code: &str, retry_after: Option<u64>) -> Result<Respo
 /// chunk by chunk through a stream reader.
 pub async fn call<B: Serialize>(
     env: &Env,
-    namespace: &str,
+    namespace: &'static str,
     name: &str,
     path: &str,
     body: &B,
@@ -74,7 +74,6 @@ pub async fn call<B: Serialize>(
             &format!("https://durable-object{path}"),
             &init,
         )?;
-        let stub: worker_sys::DurableObject = stub.into_rpc();
         let resp: web_sys::Response = super::promise::settled(&stub.fetch_with_request(&req)?)
             .await?
             .unchecked_into();
@@ -92,10 +91,13 @@ pub async fn call<B: Serialize>(
 }
 
 /// The stub of the object `name` in `namespace`.
-fn stub(env: &Env, namespace: &str, name: &str) -> std::result::Result<worker::Stub, String> {
-    env.durable_object(namespace)
-        .and_then(|ns| ns.get_by_name(name))
-        .map_err(|e| e.to_string())
+fn stub(
+    env: &Env,
+    namespace: &'static str,
+    name: &str,
+) -> std::result::Result<worker_sys::DurableObject, String> {
+    let ns: worker_sys::DurableObjectNamespace = super::bindings::object(env, namespace)?;
+    ns.get_by_name(name).map_err(|e| js_error(&e))
 }
 
 /// Waits for a call to an object at most [`CALL_TIMEOUT_MS`]; a throw or the
@@ -230,7 +232,7 @@ pub async fn admit(
     };
     let stub: JsValue = stub(env, super::bindings::REGION_GATES, name)
         .map_err(unavailable)?
-        .into_rpc();
+        .into();
     let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64, fault) {
         Ok(promise) => super::promise::settled(&promise).await,
         Err(thrown) => Err(thrown),

@@ -54,15 +54,39 @@ pub mod bindings {
 
     use wasm_bindgen::{JsCast, JsValue};
 
+    thread_local! {
+        /// Binding names as JavaScript strings, made once per instance: each
+        /// `JsValue::from_str` decodes the name across the boundary.
+        static NAMES: std::cell::RefCell<Vec<(&'static str, JsValue)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    fn get(env: &worker::Env, name: &'static str) -> Option<JsValue> {
+        let key = NAMES.with(|names| {
+            let mut names = names.borrow_mut();
+            if let Some((_, key)) = names.iter().find(|(n, _)| *n == name) {
+                return key.clone();
+            }
+            let key = JsValue::from_str(name);
+            names.push((name, key.clone()));
+            key
+        });
+        worker::js_sys::Reflect::get(env, &key).ok()
+    }
+
     /// The binding `name` as the JavaScript object the runtime hands over, for
     /// calling its methods directly: one property read, where workers-rs's
     /// typed accessors also check the binding's class on every call.
-    pub fn object<T: JsCast>(env: &worker::Env, name: &str) -> Result<T, String> {
-        worker::js_sys::Reflect::get(env, &JsValue::from_str(name))
-            .ok()
+    pub fn object<T: JsCast>(env: &worker::Env, name: &'static str) -> Result<T, String> {
+        get(env, name)
             .filter(|b| b.is_object())
             .map(JsCast::unchecked_into)
             .ok_or_else(|| format!("no binding {name}"))
+    }
+
+    /// A text var (`[vars]` in wrangler.toml, or a secret); `None` when unset.
+    pub fn text(env: &worker::Env, name: &'static str) -> Option<String> {
+        get(env, name)?.as_string()
     }
 }
 
