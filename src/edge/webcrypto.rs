@@ -37,9 +37,17 @@ thread_local! {
     static KEYS: RefCell<Cache> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// `crypto.subtle`, looked up once per instance (three calls across the
+    /// boundary each time otherwise, and a connect signs and verifies).
+    static SUBTLE: Result<SubtleCrypto, JsValue> = {
+        let scope: WorkerGlobalScope = js_sys::global().unchecked_into();
+        scope.crypto().map(|c| c.subtle())
+    };
+}
+
 fn subtle() -> Result<SubtleCrypto, JsValue> {
-    let scope: WorkerGlobalScope = js_sys::global().unchecked_into();
-    Ok(scope.crypto()?.subtle())
+    SUBTLE.with(Clone::clone)
 }
 
 async fn call(promise: Result<Promise, JsValue>) -> Result<JsValue, JsValue> {
