@@ -7,8 +7,6 @@
 //!   OpenAPI document generated from them.
 //! - [`http`]: routing, replies and problem+json errors, also runtime-free.
 //! - [`sql`]: quoting for PostgreSQL's simple query protocol.
-//! - [`pending`]: the table of awaited outcomes behind the worker's promise
-//!   bridge, also runtime-free.
 //! - `edge` (wasm32 only): the one place `worker::` appears. Bindings (KV, the
 //!   `UserSession` and `RegionGate` Durable Objects, the two Hyperdrive bindings),
 //!   adapters, and the `#[durable_object]` shims.
@@ -21,7 +19,6 @@
 pub mod api;
 pub mod domain;
 pub mod http;
-pub mod pending;
 pub mod sql;
 
 #[cfg(target_arch = "wasm32")]

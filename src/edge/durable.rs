@@ -15,6 +15,7 @@ use super::{Fail, fault, time};
 use crate::domain::admission::{Admit, Bucket};
 use serde::Serialize;
 use wasm_bindgen::{JsCast, JsValue};
+use worker::wasm_bindgen_futures::JsFuture;
 use worker::{
     DurableObject, Env, Method, Request, Response, Result, State, durable_object, js_sys, web_sys,
     worker_sys,
@@ -74,10 +75,10 @@ pub async fn call<B: Serialize>(
             &format!("https://durable-object{path}"),
             &init,
         )?;
-        let resp: web_sys::Response = super::promise::settled(&stub.fetch_with_request(&req)?)
+        let resp: web_sys::Response = JsFuture::from(stub.fetch_with_request(&req)?)
             .await?
             .unchecked_into();
-        let text = super::promise::settled(&resp.text()?).await?.as_string();
+        let text = JsFuture::from(resp.text()?).await?.as_string();
         Ok::<_, JsValue>((resp.status(), text.unwrap_or_default()))
     };
     let (status, text) = bounded(fut).await.map_err(unavailable)?;
@@ -234,7 +235,7 @@ pub async fn admit(
         .map_err(unavailable)?
         .into();
     let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64, fault) {
-        Ok(promise) => super::promise::settled(&promise).await,
+        Ok(promise) => JsFuture::from(promise).await,
         Err(thrown) => Err(thrown),
     }
     .map_err(|e| unavailable(js_error(&e)))?;

@@ -10,6 +10,7 @@ use crate::sql;
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::JsValue;
 use worker::js_sys::{JSON, Promise};
+use worker::wasm_bindgen_futures::JsFuture;
 use worker::{Context, Env, MessageBatch, event};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,7 +74,7 @@ async fn send(env: &Env, event: &ConnectionEvent) -> Result<(), String> {
     let promise = JSON_MESSAGE
         .with(|options| queue.send_with(&body, options))
         .map_err(|e| js_error(&e))?;
-    super::promise::settled(&promise)
+    JsFuture::from(promise)
         .await
         .map(drop)
         .map_err(|e| js_error(&e))

@@ -14,6 +14,7 @@
 //! function, which builds the `Response` in one go.
 
 use wasm_bindgen::prelude::*;
+use worker::wasm_bindgen_futures::JsFuture;
 use worker::worker_sys::ext::RequestExt as _;
 use worker::worker_sys::web_sys;
 
@@ -116,7 +117,7 @@ impl Incoming {
             return Err(worker::Error::BodyUsed);
         }
         self.body_used = true;
-        let buffer = super::promise::settled(&self.raw.array_buffer()?)
+        let buffer = JsFuture::from(self.raw.array_buffer()?)
             .await
             .map_err(|e| {
                 worker::Error::JsError(

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use wasm_bindgen::JsValue;
 use worker::Env;
 use worker::js_sys::Promise;
+use worker::wasm_bindgen_futures::JsFuture;
 
 use super::bindings;
 use super::durable::js_error;
@@ -29,7 +30,7 @@ pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
     let failed = |e: JsValue| format!("{key}: {}", js_error(&e));
     let ns: KvNamespace = bindings::object(env, bindings::KV)?;
     let promise = ns.get_as(key, "text").map_err(failed)?;
-    let value = super::promise::settled(&promise).await.map_err(failed)?;
+    let value = JsFuture::from(promise).await.map_err(failed)?;
     Ok(value.as_string())
 }
 

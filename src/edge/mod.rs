@@ -20,7 +20,6 @@ mod log;
 mod login_throttle;
 mod microtask;
 mod pg;
-mod promise;
 mod random;
 mod readyz;
 mod secrets;
@@ -133,7 +132,6 @@ impl From<ApiError> for Fail {
 #[event(start)]
 fn start() {
     microtask::prefer_promise_jobs();
-    promise::init();
 }
 
 #[event(fetch)]

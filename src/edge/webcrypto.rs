@@ -21,6 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use js_sys::{Array, Promise, Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{CryptoKey, SubtleCrypto, WorkerGlobalScope};
+use worker::wasm_bindgen_futures::JsFuture;
 
 const ALGORITHM: &str = "Ed25519";
 
@@ -51,7 +52,7 @@ fn subtle() -> Result<SubtleCrypto, JsValue> {
 }
 
 async fn call(promise: Result<Promise, JsValue>) -> Result<JsValue, JsValue> {
-    super::promise::settled(&promise?).await
+    JsFuture::from(promise?).await
 }
 
 async fn import(set: &KeySet) -> Result<Imported, JsValue> {
