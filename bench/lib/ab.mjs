@@ -11,14 +11,10 @@
 // point at another build. Prints each round and the median ratio A/B of
 // requests/s and of CPU per request (B's over A's, so > 1 favours A too).
 import { spawn, spawnSync } from "node:child_process";
-import { once } from "node:events";
-import { readFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
+import { cpuMicros, freePort, parseFlags, untilUp } from "./tools.mjs";
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
-);
+const args = parseFlags();
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const root = resolve(bench, "..");
 if (!args.data || !args.a || !args.b) {
@@ -29,14 +25,6 @@ const data = resolve(args.data);
 const rounds = Number(args.rounds ?? 16);
 const seconds = Number(args.seconds ?? 3);
 const endpoint = args.endpoint ?? "connect";
-
-async function freePort() {
-  const s = createServer().listen(0, "127.0.0.1");
-  await once(s, "listening");
-  const { port } = s.address();
-  s.close();
-  return port;
-}
 
 const servers = [];
 process.on("exit", () => {
@@ -55,38 +43,20 @@ for (const config of [args.a, args.b]) {
   );
   servers.push({ config, port, child });
 }
-for (const s of servers) {
-  for (let i = 0; ; i++) {
-    try {
-      await fetch(`http://127.0.0.1:${s.port}/healthz`);
-      break;
-    } catch {
-      if (i > 500) throw new Error(`${s.config} did not start`);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-  // workerd's process (taskset execs it, so the spawned pid is workerd's).
-  s.pid = s.child.pid;
-}
-
-const ticks = (pid) => {
-  const f = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const x = f.slice(f.lastIndexOf(")") + 2).split(" ");
-  return Number(x[11]) + Number(x[12]);
-};
-const clk = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim());
+// taskset execs workerd, so the spawned pid is workerd's.
+for (const s of servers) await untilUp(s.port, s.config);
 
 function load(s, secs) {
-  const before = ticks(s.pid);
+  const before = cpuMicros(s.child.pid);
   const r = spawnSync(
     "taskset",
     ["-c", "1", "wrk", "-t1", "-c16", `-d${secs}s`, "-s", join(bench, "lib/load.lua"), `http://127.0.0.1:${s.port}`],
     { env: { ...process.env, BENCH_MODE: endpoint, BENCH_REQUESTS: join(data, "requests.txt") }, encoding: "utf8" },
   );
-  const cpu = ticks(s.pid) - before;
+  const cpu = cpuMicros(s.child.pid) - before;
   const j = JSON.parse(r.stdout.split("\n").find((l) => l.startsWith("{")));
   if (j.non2xx || j.socket_errors) throw new Error(`${s.config}: ${j.non2xx} non-2xx answers, ${j.socket_errors} socket errors`);
-  return { rps: j.requests / (j.duration_us / 1e6), cpu_us: (cpu / clk) * 1e6 / j.requests };
+  return { rps: j.requests / (j.duration_us / 1e6), cpu_us: cpu / j.requests };
 }
 
 for (const s of servers) load(s, 3); // warm-up

@@ -11,14 +11,11 @@
 // prints the calls per request. The shipped build is not touched. DIR is a
 // scenario directory the benchmark seeded (bench/.work/<scenario>).
 import { spawn } from "node:child_process";
-import { once } from "node:events";
 import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
+import { freePort, parseFlags, untilUp } from "./tools.mjs";
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
-);
+const args = parseFlags();
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const root = resolve(bench, "..");
 const data = resolve(args.data ?? join(bench, ".work/regions-10-keys-1"));
@@ -70,13 +67,6 @@ writeFileSync(
 const config = join(data, "crossings.capnp");
 writeFileSync(config, readFileSync(join(data, "ours.capnp"), "utf8").replaceAll("../../../build/", "crossings/"));
 
-async function freePort() {
-  const s = createServer().listen(0, "127.0.0.1");
-  await once(s, "listening");
-  const { port } = s.address();
-  s.close();
-  return port;
-}
 const port = await freePort();
 const child = spawn(join(root, "node_modules/.bin/workerd"), ["serve", config, `--socket-addr=http=127.0.0.1:${port}`], {
   stdio: "ignore",
@@ -88,15 +78,7 @@ process.on("exit", () => {
   } catch {}
 });
 const url = (path) => `http://127.0.0.1:${port}${path}`;
-for (let i = 0; ; i++) {
-  try {
-    await fetch(url("/healthz"));
-    break;
-  } catch {
-    if (i > 300) throw new Error("workerd did not start");
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
+await untilUp(port);
 
 const users = readFileSync(join(data, "requests.txt"), "utf8").trim().split("\n");
 async function send(i) {

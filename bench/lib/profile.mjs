@@ -12,12 +12,10 @@
 import { spawn, spawnSync } from "node:child_process";
 import { once } from "node:events";
 import { readFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { dirname, join, resolve } from "node:path";
+import { cpuMicros, freePort, parseFlags, untilUp } from "./tools.mjs";
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
-);
+const args = parseFlags();
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const root = resolve(bench, "..");
 const stack = args.stack ?? "ours";
@@ -25,14 +23,6 @@ const data = resolve(args.data ?? join(bench, ".work/regions-10-keys-1"));
 const endpoint = args.endpoint ?? "connect";
 const seconds = Number(args.seconds ?? 5);
 const top = Number(args.top ?? 40);
-
-async function freePort() {
-  const s = createServer().listen(0, "127.0.0.1");
-  await once(s, "listening");
-  const { port } = s.address();
-  s.close();
-  return port;
-}
 
 const [port, inspector] = [await freePort(), await freePort()];
 const child = spawn(
@@ -55,30 +45,16 @@ const wrk = (secs) =>
   );
 
 // Wait for the server, then warm it up.
-for (let i = 0; ; i++) {
-  try {
-    await fetch(`http://127.0.0.1:${port}/healthz`);
-    break;
-  } catch {
-    if (i > 300) throw new Error("workerd did not start");
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
+await untilUp(port);
 if (!args.first) wrk(3);
 
 if (args.measure) {
   // No profiler: requests/s and the server's CPU per request, RUNS times.
-  const ticks = () => {
-    const f = readFileSync(`/proc/${child.pid}/stat`, "utf8");
-    const x = f.slice(f.lastIndexOf(")") + 2).split(" ");
-    return Number(x[11]) + Number(x[12]);
-  };
-  const clk = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim());
   for (let i = 0; i < Number(args.measure); i++) {
-    const before = ticks();
+    const before = cpuMicros(child.pid);
     const r = wrk(seconds);
     const j = JSON.parse(r.stdout.split("\n").find((l) => l.startsWith("{")));
-    const cpu = ((ticks() - before) * 1e6) / clk / j.requests;
+    const cpu = (cpuMicros(child.pid) - before) / j.requests;
     console.log(`${stack} ${endpoint}: ${(j.requests / (j.duration_us / 1e6)).toFixed(0)} req/s, ${cpu.toFixed(0)} µs CPU/req, non-2xx ${j.non2xx}`);
   }
   process.exit(0);

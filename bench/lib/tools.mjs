@@ -1,0 +1,42 @@
+// Helpers shared by the measuring tools next to this file (profile.mjs,
+// crossings.mjs, ab.mjs): flags, ports, readiness and a process's CPU time.
+import { spawnSync } from "node:child_process";
+import { once } from "node:events";
+import { readFileSync } from "node:fs";
+import { createServer } from "node:net";
+
+/** `--name value` pairs of the command line, as an object. */
+export function parseFlags(argv = process.argv.slice(2)) {
+  return Object.fromEntries(argv.reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago. */
+export async function freePort() {
+  const s = createServer().listen(0, "127.0.0.1");
+  await once(s, "listening");
+  const { port } = s.address();
+  s.close();
+  return port;
+}
+
+/** Resolves once `GET /healthz` on `port` gets any answer; throws after about 10 s. */
+export async function untilUp(port, what = "workerd") {
+  for (let i = 0; ; i++) {
+    try {
+      await fetch(`http://127.0.0.1:${port}/healthz`);
+      return;
+    } catch {
+      if (i > 500) throw new Error(`${what} did not start`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
+
+const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim());
+
+/** The CPU time (user + system) process `pid` has used so far, in µs. */
+export function cpuMicros(pid) {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return ((Number(fields[11]) + Number(fields[12])) / CLK_TCK) * 1e6;
+}
