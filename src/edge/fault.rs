@@ -21,7 +21,7 @@ const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.
 pub fn armed(env: &Env, asked: Option<String>) -> Option<String> {
-    let var = |name: &str| env.var(name).map(|v| v.to_string()).ok();
+    let var = |name| super::bindings::text(env, name);
     asked.filter(|_| {
         var("ENVIRONMENT").as_deref() == Some("development")
             && var(VAR).as_deref() == Some("enabled")
