@@ -8,7 +8,13 @@ set -eu
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-if [ -f build/index.js ] && [ -f build/entry.mjs ] && [ -z "$(find src Cargo.toml Cargo.lock .cargo migrations openapi.json -newer build/index.js 2>/dev/null | head -n 1)" ]; then
+# The kind of build (with or without the wasm name section, below): a build of
+# the other kind is not up to date, so that a profiling build is never what a
+# later plain build (the benchmark's, a deploy's) ships.
+kind=${KEEP_WASM_NAMES:+names}
+kind=${kind:-stripped}
+if [ -f build/index.js ] && [ -f build/entry.mjs ] && [ "$(cat build/.kind 2>/dev/null)" = "$kind" ] \
+  && [ -z "$(find src Cargo.toml Cargo.lock .cargo migrations openapi.json -newer build/index.js 2>/dev/null | head -n 1)" ]; then
   echo "build-worker: build/index.js is up to date"
   exit 0
 fi
@@ -61,3 +67,4 @@ if [ -z "${KEEP_WASM_NAMES:-}" ]; then
     --enable-bulk-memory --enable-multivalue --enable-reference-types --enable-exception-handling
   mv build/index_bg.stripped.wasm build/index_bg.wasm
 fi
+echo "$kind" > build/.kind
