@@ -9,10 +9,10 @@ import { spawn, spawnSync, execFileSync } from "node:child_process";
 import { createPublicKey, createPrivateKey, verify } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync, openSync } from "node:fs";
 import { request } from "node:http";
-import { createServer } from "node:net";
 import { cpus, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { gzipSync } from "node:zlib";
+import { CLK_TCK, cpuMicros, freePort } from "./tools.mjs";
 
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const root = resolve(bench, "..");
@@ -31,7 +31,6 @@ const H2H_ROUNDS = Number(process.env.H2H_ROUNDS ?? (quick ? 2 : 10));
 const H2H_SECONDS = quick ? 1 : 3;
 const SERVER_CPU = "0";
 const CLIENT_CPU = "1";
-const CLK_TCK = Number(execFileSync("getconf", ["CLK_TCK"]).toString().trim());
 
 const STACKS = {
   ours: "ours (Rust/wasm, workerd)",
@@ -46,17 +45,6 @@ const TITLES = {
 };
 const SERVERS = ["ours", "hono", "nest"];
 
-/** A TCP port nobody listens on right now (other work may run on this machine). */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 // The main scenario gets every measurement; the others vary one thing.
 const SCENARIOS = [
@@ -327,12 +315,6 @@ async function equivalence(servers, dir) {
 
 // -------------------------------------------------------------------- load
 
-function cpuTicks(pid) {
-  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return Number(f[11]) + Number(f[12]); // utime + stime
-}
-
 /** CPU 0's busy and total jiffies: to see how much of the server's core other processes took. */
 function cpu0() {
   const f = readFileSync("/proc/stat", "utf8").match(new RegExp(`^cpu${SERVER_CPU} (.*)$`, "m"))[1].trim().split(/\s+/).map(Number);
@@ -342,19 +324,20 @@ function cpu0() {
 
 function wrk(s, endpoint, dir, seconds) {
   const core0 = cpu0();
-  const before = cpuTicks(s.pid);
+  const before = cpuMicros(s.pid);
   const r = spawnSync(
     "taskset",
     ["-c", CLIENT_CPU, "wrk", "-t1", `-c${CONNECTIONS}`, `-d${seconds}s`, "-s", join(bench, "lib/load.lua"), `http://127.0.0.1:${s.port}`],
     { env: { ...process.env, BENCH_MODE: endpoint, BENCH_REQUESTS: join(dir, "requests.txt") }, encoding: "utf8" },
   );
-  const after = cpuTicks(s.pid);
+  const after = cpuMicros(s.pid);
   const core1 = cpu0();
   const line = r.stdout.split("\n").find((l) => l.startsWith("{"));
   if (!line) throw new Error(`wrk failed: ${r.stderr} ${r.stdout}`);
   const j = JSON.parse(line);
-  const cpuUs = ((after - before) * 1e6) / CLK_TCK;
-  const foreign = Math.max(0, core1.busy - core0.busy - (after - before)) / Math.max(1, core1.total - core0.total);
+  const cpuUs = after - before;
+  // The core's busy ticks that were not the server's.
+  const foreign = Math.max(0, core1.busy - core0.busy - (cpuUs * CLK_TCK) / 1e6) / Math.max(1, core1.total - core0.total);
   return { ...figures(j, cpuUs), foreign_cpu_share: round(foreign, 3) };
 }
 

@@ -18,10 +18,9 @@
 import { createPrivateKey, createHash, sign } from "node:crypto";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { parseFlags } from "./tools.mjs";
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
-);
+const args = parseFlags();
 const out = args.out;
 const regionCount = Number(args.regions ?? 10);
 const keyCount = Number(args.keys ?? 1);

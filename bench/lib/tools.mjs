@@ -1,5 +1,6 @@
 // Helpers shared by the measuring tools next to this file (profile.mjs,
-// crossings.mjs, ab.mjs): flags, ports, readiness and a process's CPU time.
+// crossings.mjs, ab.mjs, module-load.mjs, and the benchmark itself): flags,
+// ports, readiness and a process's CPU time.
 import { spawnSync } from "node:child_process";
 import { once } from "node:events";
 import { readFileSync } from "node:fs";
@@ -32,7 +33,8 @@ export async function untilUp(port, what = "workerd") {
   }
 }
 
-const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim());
+/** Clock ticks per second: the unit of the CPU times in /proc. */
+export const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim());
 
 /** The CPU time (user + system) process `pid` has used so far, in µs. */
 export function cpuMicros(pid) {

@@ -16,10 +16,9 @@
 // in-memory storage. Hyperdrive is not bound: the hot path never touches it.
 import { readFileSync, writeFileSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
+import { parseFlags } from "./tools.mjs";
 
-const args = Object.fromEntries(
-  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
-);
+const args = parseFlags();
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const root = resolve(bench, "..");
 const data = resolve(args.data);
