@@ -688,10 +688,8 @@ function fmix64(hi: number, lo: number): [number, number] {
   return [hi, lo];
 }
 
-/** FNV-1a 64 of key bytes, 0xFF, salt bytes; then MurmurHash3's fmix64. */
-export function stableHash(key: string, salt: string): [number, number] {
-  let hi = 0xcbf29ce4;
-  let lo = 0x84222325;
+/** FNV-1a 64 from the state (hi, lo), in 32-bit halves, over `s`'s UTF-8 bytes, then `last` if given. */
+function fnv(hi: number, lo: number, s: string, last?: number): [number, number] {
   const step = (b: number) => {
     lo = (lo ^ b) >>> 0;
     // h * 0x100000001b3 = h * 0x1b3 + (h << 40), modulo 2^64
@@ -700,35 +698,49 @@ export function stableHash(key: string, salt: string): [number, number] {
     hi = (Math.imul(hi, 0x1b3) + carry + (lo << 8)) >>> 0;
     lo = l >>> 0;
   };
-  const bytes = (s: string) => {
-    for (let i = 0; i < s.length; i++) {
-      const c = s.charCodeAt(i);
-      if (c >= 0x80) {
-        for (const b of utf8.encode(s.slice(i))) step(b);
-        return;
-      }
-      step(c);
-    }
-  };
-  bytes(key);
-  step(0xff);
-  bytes(salt);
-  return fmix64(hi, lo);
+  let ascii = true;
+  for (let i = 0; i < s.length && ascii; i++) {
+    const c = s.charCodeAt(i);
+    if (c >= 0x80) {
+      for (const b of utf8.encode(s.slice(i))) step(b);
+      ascii = false;
+    } else step(c);
+  }
+  if (last !== undefined) step(last);
+  return [hi, lo];
 }
 
-function score(deviceId: string, s: Server): number {
-  const [hi, lo] = stableHash(deviceId, s.id);
-  const u = (hi * 1048576 + (lo >>> 12) + 0.5) / 4503599627370496; // top 52 bits, over 2^52
-  return -s.capacity / Math.log(u);
+/** FNV-1a 64's state after `key` and the 0xFF separator: hashed once, salted many times. */
+const hashPrefix = (key: string) => fnv(0xcbf29ce4, 0x84222325, key, 0xff);
+
+/** FNV-1a 64 of key bytes, 0xFF, salt bytes; then MurmurHash3's fmix64. */
+export function stableHash(key: string, salt: string): [number, number] {
+  const [hi, lo] = hashPrefix(key);
+  return fmix64(...fnv(hi, lo, salt));
 }
 
-/** Weighted rendezvous hashing over the servers with capacity. */
+/** Positions this far below their capacity's best cannot win (see `highest` in placement.rs). */
+const MARGIN = 4194304; // 2^22
+
+/**
+ * Weighted rendezvous hashing over the servers with capacity. The device is
+ * hashed once; the score's logarithm is taken only for a server that leads
+ * its capacity so far (its position, the hash's top 52 bits, within MARGIN
+ * of the best), which chooses what scoring every server would.
+ */
 export function chooseServer(region: Region, deviceId: string): Server | undefined {
+  const [ph, pl] = hashPrefix(deviceId);
+  const lead = new Map<number, number>();
   let best: Server | undefined;
   let bestScore = 0;
   for (const s of region.servers) {
     if (s.capacity <= 0) continue;
-    const sc = score(deviceId, s);
+    const [hi, lo] = fmix64(...fnv(ph, pl, s.id));
+    const k = hi * 1048576 + (lo >>> 12); // top 52 bits, exact in a double
+    const top = lead.get(s.capacity);
+    if (top !== undefined && k + MARGIN < top) continue;
+    if (top === undefined || k > top) lead.set(s.capacity, k);
+    const sc = -s.capacity / Math.log((k + 0.5) / 4503599627370496);
     if (!best || sc > bestScore || (sc === bestScore && s.id < best.id)) {
       best = s;
       bestScore = sc;
