@@ -416,6 +416,11 @@ async function scenario(sc) {
   for (let i = 0; i < coldRuns; i++)
     for (const stack of ["ours", "hono", "lambda"]) result.cold_start_ms[stack].runs.push(round(await coldStart(stack, dir), 1));
   for (const v of Object.values(result.cold_start_ms)) v.median = round(median(v.runs), 1);
+  // Each round cold-starts the three stacks back to back, so a round's ratio
+  // sees one phase of the machine; the median of those ratios moves less with
+  // drift than the ratio of the medians does (the same reason as headToHead).
+  const paired = (a, b) => round(median(result.cold_start_ms[a].runs.map((v, i) => v / result.cold_start_ms[b].runs[i])), 2);
+  result.cold_start_paired = { ours_over_hono: paired("ours", "hono"), lambda_over_ours: paired("lambda", "ours") };
   if (sc.main) {
     // Where a workerd cold start goes: the runtime and modules up, then the
     // first connect, timed apart (interleaved, as above).
@@ -549,8 +554,10 @@ function targets(r) {
   const cost = (n) => r.scenarios.find((s) => s.regions === n && s.keys === 1)?.warm.connect.ours.median.cpu_us_per_req;
   const t = [];
   const add = (name, value, goal, met) => t.push({ name, value: round(value, 2), goal, met });
-  add("cold start: NestJS serverless-express first invocation / ours", cold.lambda.median / cold.ours.median, ">= 10", cold.lambda.median / cold.ours.median >= 10);
-  add("cold start: ours / Hono", cold.ours.median / cold.hono.median, "<= 1.2", cold.ours.median / cold.hono.median <= 1.2);
+  const pairs = main.cold_start_paired;
+  const rounds = cold.ours.runs.length;
+  add(`cold start: NestJS serverless-express first invocation / ours (median of ${rounds} paired rounds)`, pairs.lambda_over_ours, ">= 10", pairs.lambda_over_ours >= 10);
+  add(`cold start: ours / Hono (median of ${rounds} paired rounds)`, pairs.ours_over_hono, "<= 1.2", pairs.ours_over_hono <= 1.2);
   const h = main.connect_vs_hono;
   add(`warm /v1/connect req/s: ours / Hono (median of ${h.rounds.length} paired rounds)`, h.ratio, ">= 1.0", h.ratio >= 1.0);
   add("warm /v1/connect req/s: ours / NestJS (Express server)", c.ours.median.rps / c.nest.median.rps, ">= 3", c.ours.median.rps / c.nest.median.rps >= 3);
@@ -604,10 +611,21 @@ function markdown(r) {
   L.push(`| NestJS peer Lambda bundle | ${kb(s.nest.total.bytes)} | ${kb(s.nest.total.gzip_bytes)} |`, "");
 
   L.push("## Cold start (process exec to first 200 on POST /v1/connect), ms", "");
-  L.push("| scenario | ours | Hono | NestJS serverless-express | ours / Hono | NestJS / ours |", "|---|---|---|---|---|---|");
+  L.push(
+    "Medians of each stack's cold starts, then two ratios: of those medians, and the median of the rounds' ratios (each round",
+    "starts the three stacks back to back, so its ratio sees one phase of the machine; the targets use these).",
+    "",
+  );
+  L.push(
+    "| scenario | ours | Hono | NestJS serverless-express | ours / Hono | NestJS / ours | ours / Hono, paired | NestJS / ours, paired |",
+    "|---|---|---|---|---|---|---|---|",
+  );
   for (const sc of r.scenarios) {
     const c = sc.cold_start_ms;
-    L.push(`| ${sc.name} | ${c.ours.median} | ${c.hono.median} | ${c.lambda.median} | ${x(c.ours.median, c.hono.median)} | ${x(c.lambda.median, c.ours.median)} |`);
+    const p = sc.cold_start_paired;
+    L.push(
+      `| ${sc.name} | ${c.ours.median} | ${c.hono.median} | ${c.lambda.median} | ${x(c.ours.median, c.hono.median)} | ${x(c.lambda.median, c.ours.median)} | ${p.ours_over_hono.toFixed(2)} | ${p.lambda_over_ours.toFixed(2)} |`,
+    );
   }
   L.push("");
   for (const sc of r.scenarios.filter((s) => s.cold_start_split_ms)) {
