@@ -12,7 +12,7 @@
 // requests/s and of CPU per request (B's over A's, so > 1 favours A too).
 import { spawn, spawnSync } from "node:child_process";
 import { dirname, join, resolve } from "node:path";
-import { cpuMicros, freePort, parseFlags, untilUp } from "./tools.mjs";
+import { cpuMicros, freePort, median, parseFlags, untilUp } from "./tools.mjs";
 
 const args = parseFlags();
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
@@ -60,11 +60,6 @@ function load(s, secs) {
 }
 
 for (const s of servers) load(s, 3); // warm-up
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const n = s.length;
-  return n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
-};
 const rps = [];
 const cpu = [];
 for (let i = 0; i < rounds; i++) {

@@ -12,7 +12,7 @@ import { request } from "node:http";
 import { cpus, totalmem } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { gzipSync } from "node:zlib";
-import { CLK_TCK, cpuMicros, freePort } from "./tools.mjs";
+import { CLK_TCK, cpuMicros, freePort, median } from "./tools.mjs";
 
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const root = resolve(bench, "..");
@@ -45,7 +45,6 @@ const TITLES = {
 };
 const SERVERS = ["ours", "hono", "nest"];
 
-
 // The main scenario gets every measurement; the others vary one thing.
 const SCENARIOS = [
   { name: "regions-10-keys-1", regions: 10, keys: 1, main: true },
@@ -56,11 +55,6 @@ const SCENARIOS = [
 ];
 
 const log = (...a) => console.error(`[bench ${new Date().toISOString().slice(11, 19)}]`, ...a);
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const n = s.length;
-  return n === 0 ? null : n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
-};
 const loadavg1 = () => Number(readFileSync("/proc/loadavg", "utf8").split(" ")[0]);
 const round = (x, d = 1) => (x === null || x === undefined ? null : Math.round(x * 10 ** d) / 10 ** d);
 const sh = (cmd, args) => {

@@ -14,7 +14,7 @@
 import { spawnSync } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
-import { freePort, parseFlags } from "./tools.mjs";
+import { freePort, median, parseFlags } from "./tools.mjs";
 
 const args = parseFlags();
 const bench = resolve(dirname(new URL(import.meta.url).pathname), "..");
@@ -141,10 +141,6 @@ for (let round = 0; round < rounds; round++) {
   }
 }
 
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 const floor = median(times["stub alone"]);
 const kb = (n) => (n / 1000).toFixed(1);
 console.log(`${relative(root, wasmPath)}: ${kb(original.length)} KB; code section ${kb(sizeOf(CODE))} KB, data section ${kb(sizeOf(DATA))} KB`);

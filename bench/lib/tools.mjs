@@ -1,6 +1,6 @@
 // Helpers shared by the measuring tools next to this file (profile.mjs,
 // crossings.mjs, ab.mjs, module-load.mjs, and the benchmark itself): flags,
-// ports, readiness and a process's CPU time.
+// ports, readiness, a process's CPU time and medians.
 import { spawnSync } from "node:child_process";
 import { once } from "node:events";
 import { readFileSync } from "node:fs";
@@ -31,6 +31,13 @@ export async function untilUp(port, what = "workerd") {
       await new Promise((r) => setTimeout(r, 20));
     }
   }
+}
+
+/** The median of a list of numbers; null for an empty one. */
+export function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  const n = s.length;
+  return n === 0 ? null : n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
 }
 
 /** Clock ticks per second: the unit of the CPU times in /proc. */
