@@ -1298,6 +1298,16 @@ mod tests {
             .map(|(_, s)| s)
     }
 
+    /// The server ids [`highest`] and [`highest_by_scoring_all`] choose.
+    pub(super) fn both_choices<'a>(
+        servers: &[(u64, &'a Server)],
+    ) -> (Option<&'a str>, Option<&'a str>) {
+        (
+            highest(servers.iter().copied()).map(|s| s.id.as_str()),
+            highest_by_scoring_all(servers).map(|s| s.id.as_str()),
+        )
+    }
+
     pub(super) fn positions<'a>(device: &str, servers: &'a [Server]) -> Vec<(u64, &'a Server)> {
         let prefix = HashPrefix::new(device);
         servers
@@ -1324,12 +1334,8 @@ mod tests {
         ];
         for servers in &fleets {
             for i in 0..300 {
-                let all = positions(&device(i), servers);
-                assert_eq!(
-                    highest(all.iter().copied()).map(|s| &s.id),
-                    highest_by_scoring_all(&all).map(|s| &s.id),
-                    "device {i}"
-                );
+                let (fast, all) = both_choices(&positions(&device(i), servers));
+                assert_eq!(fast, all, "device {i}");
             }
         }
     }
@@ -1353,11 +1359,8 @@ mod tests {
             let mut servers = case.to_vec();
             for _ in 0..servers.len() {
                 servers.rotate_left(1);
-                assert_eq!(
-                    highest(servers.iter().copied()).map(|s| &s.id),
-                    highest_by_scoring_all(&servers).map(|s| &s.id),
-                    "{servers:?}"
-                );
+                let (fast, all) = both_choices(&servers);
+                assert_eq!(fast, all, "{servers:?}");
             }
         }
     }
@@ -1380,7 +1383,7 @@ mod tests {
 /// Native only: the property-test library is a host dev-dependency.
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod properties {
-    use super::tests::{highest_by_scoring_all, positions};
+    use super::tests::{both_choices, positions};
     use super::*;
     use crate::domain::catalogue::Tier;
     use proptest::prelude::*;
@@ -1642,11 +1645,8 @@ mod properties {
                     load: 0.0,
                 })
                 .collect();
-            let all = positions(&device, &servers);
-            prop_assert_eq!(
-                highest(all.iter().copied()).map(|s| &s.id),
-                highest_by_scoring_all(&all).map(|s| &s.id)
-            );
+            let (fast, all) = both_choices(&positions(&device, &servers));
+            prop_assert_eq!(fast, all);
         }
 
         /// The server chosen has capacity, exists whenever one with capacity
