@@ -111,12 +111,39 @@ pub fn postgres_bindir() -> Option<PathBuf> {
     dirs.pop()
 }
 
-/// A free TCP port on the loopback interface.
+/// A free TCP port on the loopback interface, for a server started next.
+///
+/// A port is free when it is picked and taken only when the server binds it,
+/// seconds later. Ports the kernel hands out itself (the ephemeral range:
+/// every outgoing connection's local port, and every bind to port 0) can be
+/// taken in between, and were: a `wrangler dev` once failed with "Address
+/// already in use". So ports come from below that range, each at most once
+/// per process, from a start that differs between processes, and only if a
+/// bind to them succeeds now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST) as usize;
+    if span < 1_000 {
+        // An unusual kernel setting: leave the choice to the kernel.
+        return TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+    }
+    let start = std::process::id() as usize * 7_919;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port left below {ephemeral}");
+        let port = (LOWEST as usize + (start + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A fresh directory for one stack, removed when the stack is dropped.
@@ -538,6 +565,9 @@ fn snapshot_app(dir: &Path) -> PathBuf {
     app
 }
 
+/// What wrangler prints when a port it was given is in use.
+const PORT_TAKEN: &str = "Address already in use";
+
 /// `wrangler dev` serving the worker, with its Hyperdrive bindings pointed at `db_url`.
 pub struct Wrangler {
     pub port: u16,
@@ -552,10 +582,45 @@ impl Wrangler {
     pub fn start(db_url: &str) -> Wrangler {
         build_worker();
         let dir = stack_dir("wrangler");
-        let port = free_port();
-        let log_path = dir.join("wrangler.log");
-        let log = fs::File::create(&log_path).expect("wrangler log");
         let app = snapshot_app(&dir);
+        let mut w = Wrangler {
+            keep: false,
+            port: 0,
+            base_url: String::new(),
+            dir,
+            child: None,
+        };
+        // A port taken between its choice and wrangler's bind (see
+        // `free_port`) is a fault of the harness, not of the worker: start
+        // again on other ports.
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            w.port = free_port();
+            w.base_url = format!("http://127.0.0.1:{}", w.port);
+            let from = w.log().len();
+            w.child = Some(w.spawn(&app, db_url));
+            match w.wait_healthy(from, Duration::from_secs(120)) {
+                Ok(()) => return w,
+                Err(why) if attempt < ATTEMPTS && why.contains(PORT_TAKEN) => {
+                    if let Some(child) = w.child.take() {
+                        stop_child(child, libc::SIGTERM, Duration::from_secs(10), true);
+                    }
+                    eprintln!("wrangler dev: port {} taken; starting again", w.port);
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Starts `wrangler dev` on `self.port`, appending to its log.
+    fn spawn(&self, app: &Path, db_url: &str) -> Child {
+        let port = self.port;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("wrangler.log"))
+            .expect("wrangler log");
         let bin = root().join("node_modules/.bin");
         let path = format!(
             "{}:{}",
@@ -563,11 +628,11 @@ impl Wrangler {
             std::env::var("PATH").unwrap_or_default()
         );
         let mut cmd = Command::new(bin.join("wrangler"));
-        cmd.current_dir(&app)
+        cmd.current_dir(app)
             .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
             .args(["--inspector-port", &free_port().to_string()])
             .arg("--persist-to")
-            .arg(dir.join("state"))
+            .arg(self.dir.join("state"))
             .args([
                 "--show-interactive-dev-session=false",
                 "--log-level",
@@ -584,26 +649,21 @@ impl Wrangler {
                 db_url,
             )
             .env("WRANGLER_SEND_METRICS", "false")
-            .env("WRANGLER_LOG_PATH", dir.join("wrangler-logs"))
+            .env("WRANGLER_LOG_PATH", self.dir.join("wrangler-logs"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             // Own process group: stopping it stops node and its workerd children.
             .process_group(0);
         die_with_parent(&mut cmd, libc::SIGTERM);
-        let child = spawn_owned(cmd);
-        let w = Wrangler {
-            keep: false,
-            port,
-            base_url: format!("http://127.0.0.1:{port}"),
-            dir,
-            child: Some(child),
-        };
-        w.wait_healthy(Duration::from_secs(120));
-        w
+        spawn_owned(cmd)
     }
 
-    fn wait_healthy(&self, within: Duration) {
+    /// Waits until `/healthz` answers 200; the reason, with the log's tail,
+    /// when it does not within `within`, or when wrangler reports its port
+    /// taken (it then keeps running, serving nothing) in the log after byte
+    /// `from` (what this start wrote).
+    fn wait_healthy(&self, from: usize, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         let url = format!("{}/healthz", self.base_url);
         loop {
@@ -615,15 +675,19 @@ impl Wrangler {
                     if std::io::Read::read(&mut s, &mut buf).is_ok_and(|n| n >= 12)
                         && &buf[9..12] == b"200"
                     {
-                        return;
+                        return Ok(());
                     }
                 }
             }
-            if Instant::now() > deadline {
-                panic!(
+            let taken = self
+                .log()
+                .get(from..)
+                .is_some_and(|l| l.contains(PORT_TAKEN));
+            if taken || Instant::now() > deadline {
+                return Err(format!(
                     "wrangler dev did not serve {url} in {within:?}:\n{}",
                     self.log_tail(4000)
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
