@@ -684,10 +684,12 @@ impl Wrangler {
                 .get(from..)
                 .is_some_and(|l| l.contains(PORT_TAKEN));
             if taken || Instant::now() > deadline {
-                return Err(format!(
-                    "wrangler dev did not serve {url} in {within:?}:\n{}",
-                    self.log_tail(4000)
-                ));
+                let why = if taken {
+                    format!("reported its port taken ({PORT_TAKEN})")
+                } else {
+                    format!("did not serve {url} in {within:?}")
+                };
+                return Err(format!("wrangler dev {why}:\n{}", self.log_tail(4000)));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
