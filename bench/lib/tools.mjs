@@ -11,13 +11,48 @@ export function parseFlags(argv = process.argv.slice(2)) {
   return Object.fromEntries(argv.reduce((acc, a, i, all) => (a.startsWith("--") ? [...acc, [a.slice(2), all[i + 1]]] : acc), []));
 }
 
-/** A TCP port on 127.0.0.1 that was free a moment ago. */
+// A port picked by binding port 0 comes from the kernel's ephemeral range,
+// where any outgoing connection (the load generator's, a health check's) can
+// take it before the server binds it; workerd then fails to listen. So ports
+// come from below that range, each at most once per process, from a start that
+// differs between processes, and only if a bind to them succeeds now (the same
+// rule as the test harness's `free_port`).
+const LOWEST_PORT = 10000;
+let portsHanded = 0;
+
+function ephemeralStart() {
+  try {
+    const first = Number(readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/)[0]);
+    return Number.isInteger(first) ? first : 32768;
+  } catch {
+    return 32768;
+  }
+}
+
+async function bindable(port) {
+  const s = createServer();
+  s.listen(port, "127.0.0.1");
+  try {
+    await once(s, "listening");
+  } catch {
+    return null;
+  }
+  const { port: bound } = s.address();
+  await new Promise((r) => s.close(r));
+  return bound;
+}
+
+/** A TCP port on 127.0.0.1, below the ephemeral range, free a moment ago. */
 export async function freePort() {
-  const s = createServer().listen(0, "127.0.0.1");
-  await once(s, "listening");
-  const { port } = s.address();
-  s.close();
-  return port;
+  const span = ephemeralStart() - LOWEST_PORT;
+  // An unusual kernel setting: leave the choice to the kernel.
+  if (span < 1000) return bindable(0);
+  const start = process.pid * 7919;
+  while (portsHanded < span) {
+    const port = LOWEST_PORT + ((start + portsHanded++) % span);
+    if ((await bindable(port)) !== null) return port;
+  }
+  throw new Error(`no free port left below ${LOWEST_PORT + span}`);
 }
 
 /** Resolves once `GET /healthz` on `port` gets any answer; throws after about 10 s. */
