@@ -406,15 +406,21 @@ fn without_position(
 /// capacity. Deterministic: equal scores (vanishingly rare) go to the
 /// smaller server id.
 pub fn choose_server<'a>(region: &'a Region, device_id: &str) -> Option<&'a Server> {
+    highest(positions(device_id, &region.servers))
+}
+
+/// Each server with capacity, with its position for `device_id` (the top 52
+/// bits of their hash, see [`unit_interval`]).
+fn positions<'a>(
+    device_id: &str,
+    servers: &'a [Server],
+) -> impl Iterator<Item = (u64, &'a Server)> + 'a {
     // The device's part of every server's hash is the same: hash it once.
     let device = HashPrefix::new(device_id);
-    highest(
-        region
-            .servers
-            .iter()
-            .filter(|s| s.capacity > 0)
-            .map(|s| (device.hash(&s.id) >> UNIT_SHIFT, s)),
-    )
+    servers
+        .iter()
+        .filter(|s| s.capacity > 0)
+        .map(move |s| (device.hash(&s.id) >> UNIT_SHIFT, s))
 }
 
 /// The server with the highest [`score`] (equal scores: the smaller id),
@@ -1308,13 +1314,9 @@ mod tests {
         )
     }
 
+    /// [`positions`](super::positions), collected.
     pub(super) fn positions<'a>(device: &str, servers: &'a [Server]) -> Vec<(u64, &'a Server)> {
-        let prefix = HashPrefix::new(device);
-        servers
-            .iter()
-            .filter(|s| s.capacity > 0)
-            .map(|s| (prefix.hash(&s.id) >> UNIT_SHIFT, s))
-            .collect()
+        super::positions(device, servers).collect()
     }
 
     #[test]
