@@ -110,6 +110,7 @@ struct Op {
     summary: &'static str,
     description: &'static str,
     auth: Auth,
+    needs: Needs,
     body: Option<Schema>,
     /// Whether the operation takes an `Idempotency-Key` header.
     idempotent: bool,
@@ -117,6 +118,35 @@ struct Op {
     /// The problem codes it may answer besides those every operation of its
     /// kind shares (see [`problems_of`]).
     problems: &'static [ProblemCode],
+}
+
+/// What an operation reaches besides the request, each of which can fail on
+/// its own and has its problem code.
+#[derive(Clone, Copy)]
+struct Needs {
+    /// KV, a Durable Object or PostgreSQL (`service_unavailable`).
+    storage: bool,
+    /// A deployment secret, such as the signing keys (`not_configured`).
+    secret: bool,
+}
+
+impl Needs {
+    const NOTHING: Needs = Needs {
+        storage: false,
+        secret: false,
+    };
+    const STORAGE: Needs = Needs {
+        storage: true,
+        secret: false,
+    };
+    const SECRET: Needs = Needs {
+        storage: false,
+        secret: true,
+    };
+    const BOTH: Needs = Needs {
+        storage: true,
+        secret: true,
+    };
 }
 
 use ProblemCode as P;
@@ -155,12 +185,10 @@ fn problems_of(op: &Op) -> Vec<ProblemCode> {
         Auth::Admin => codes.push(P::AdminUnauthorized),
         Auth::Public | Auth::Stripe => {}
     }
-    // Everything but these touches KV, a Durable Object or PostgreSQL...
-    if !matches!(op.id, "liveness" | "openapi" | "jwks" | "readiness") {
+    if op.needs.storage {
         codes.push(P::ServiceUnavailable);
     }
-    // ...and everything but these needs a deployment secret.
-    if !matches!(op.id, "liveness" | "openapi" | "readiness" | "listRegions") {
+    if op.needs.secret {
         codes.push(P::NotConfigured);
     }
     if op.body.is_some() {
@@ -225,6 +253,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Liveness",
             description: "Answers without any I/O: the worker runs.",
             auth: Auth::Public,
+            needs: Needs::NOTHING,
             body: None,
             idempotent: false,
             answers: vec![answer::<Liveness>(s, 200, "The worker runs.")],
@@ -238,6 +267,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Readiness",
             description: "Probes KV, each Durable Object class and PostgreSQL concurrently, each within 2 s.",
             auth: Auth::Public,
+            needs: Needs::NOTHING,
             body: None,
             idempotent: false,
             answers: vec![answer::<Readiness>(s, 200, "Every component is up.")],
@@ -251,6 +281,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "This document",
             description: "The OpenAPI 3.1 document of this API.",
             auth: Auth::Public,
+            needs: Needs::NOTHING,
             body: None,
             idempotent: false,
             answers: vec![Answer {
@@ -269,6 +300,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Access-token verification keys",
             description: "The Ed25519 public keys that verify access tokens and connect tickets (RFC 7517). Cache for at most 5 minutes.",
             auth: Auth::Public,
+            needs: Needs::SECRET,
             body: None,
             idempotent: false,
             answers: vec![Answer {
@@ -287,6 +319,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Create an account",
             description: "Creates an account on the free plan and signs it in.",
             auth: Auth::Public,
+            needs: Needs::BOTH,
             body: s.request::<Credentials>(),
             idempotent: false,
             answers: vec![answer::<TokenPair>(
@@ -304,6 +337,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Sign in",
             description: "An unknown email and a wrong password get the same answer. Failed attempts are throttled per account and per client address.",
             auth: Auth::Public,
+            needs: Needs::BOTH,
             body: s.request::<Credentials>(),
             idempotent: false,
             answers: vec![answer::<TokenPair>(s, 200, "Signed in.")],
@@ -317,6 +351,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Rotate the token pair",
             description: "Each refresh token works once; a retry within 45 s gets the same successor, a later reuse ends the session.",
             auth: Auth::Public,
+            needs: Needs::BOTH,
             body: s.request::<RefreshRequest>(),
             idempotent: false,
             answers: vec![answer::<TokenPair>(s, 200, "A new token pair.")],
@@ -336,6 +371,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "End this session",
             description: "Ends the session of the presented access token: its refresh token stops at once, its access tokens once the revocation reaches the edge (about 60 s, at most at their expiry).",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: None,
             idempotent: false,
             answers: vec![empty(204, "The session is ended.")],
@@ -349,6 +385,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "End every session",
             description: "Ends every session of the user.",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: None,
             idempotent: false,
             answers: vec![empty(204, "Every session is ended.")],
@@ -362,6 +399,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "The account",
             description: "The account, its entitlement and its sessions.",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: None,
             idempotent: false,
             answers: vec![answer::<Me>(s, 200, "The account.")],
@@ -375,6 +413,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "List devices",
             description: "The user's WireGuard devices, oldest first, and the plan's limit.",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: None,
             idempotent: false,
             answers: vec![answer::<DeviceList>(s, 200, "The devices.")],
@@ -388,6 +427,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Register a device",
             description: "Registers a WireGuard public key and assigns tunnel addresses. Send an `Idempotency-Key` so a retry after a lost answer cannot register twice.",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: s.request::<CreateDevice>(),
             idempotent: true,
             answers: vec![
@@ -418,6 +458,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Remove a device",
             description: "Removes one of the user's devices; its slot is free at once.",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: None,
             idempotent: false,
             answers: vec![empty(204, "Removed.")],
@@ -431,6 +472,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Rotate a device's key",
             description: "Replaces the device's WireGuard public key; its addresses stay.",
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: s.request::<RotateKey>(),
             idempotent: false,
             answers: vec![answer::<Device>(s, 200, "The device with its new key.")],
@@ -444,6 +486,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "The region catalogue",
             description: "Every VPN region with its health and load, from the edge's copy of the catalogue. Revalidate with `If-None-Match`.",
             auth: Auth::Public,
+            needs: Needs::STORAGE,
             body: None,
             idempotent: false,
             answers: vec![
@@ -470,6 +513,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Get a server to connect to",
             description: CONNECT_GUIDANCE,
             auth: Auth::User,
+            needs: Needs::BOTH,
             body: s.request::<ConnectRequest>(),
             idempotent: false,
             answers: vec![answer::<Assignment>(
@@ -495,6 +539,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Stripe events",
             description: "Subscription events from Stripe. The `Stripe-Signature` HMAC is checked over the raw body before it is parsed; each event applies once, and only if newer than what is known.",
             auth: Auth::Stripe,
+            needs: Needs::BOTH,
             body: Some(Schema::from(true)),
             idempotent: false,
             answers: vec![answer::<WebhookAck>(s, 200, "Received.")],
@@ -515,6 +560,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "Set a region's health or admission rate",
             description: "Republishes the catalogue at once.",
             auth: Auth::Admin,
+            needs: Needs::BOTH,
             body: s.request::<SetRegion>(),
             idempotent: false,
             answers: vec![answer::<RegionState>(s, 200, "The region's new state.")],
@@ -528,6 +574,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "A monitor's health report",
             description: "Records the health a monitor observed; a region whose reports stop is marked down by the cron.",
             auth: Auth::Admin,
+            needs: Needs::BOTH,
             body: s.request::<HealthReport>(),
             idempotent: false,
             answers: vec![answer::<RegionState>(s, 200, "The region's new state.")],
@@ -541,6 +588,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             summary: "List servers",
             description: "Every VPN server of every region.",
             auth: Auth::Admin,
+            needs: Needs::BOTH,
             body: None,
             idempotent: false,
             answers: vec![answer::<ServerList>(s, 200, "The servers.")],
