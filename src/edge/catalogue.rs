@@ -13,11 +13,20 @@
 //!
 //! If KV holds no snapshot at all (the first minute of a new deployment) the
 //! first caller publishes one from PostgreSQL through the cached Hyperdrive
-//! binding; in steady state the request path never touches PostgreSQL.
+//! binding; in steady state the request path never touches PostgreSQL. An
+//! isolate without a copy loads one once: requests arriving meanwhile wait
+//! for that load instead of each reading (or publishing) the snapshot too.
+//!
+//! A copy in hand is kept when KV fails (stale-if-error): a connect routed by
+//! a catalogue some seconds or minutes old is better than a 503, and the
+//! alternative, each isolate reading PostgreSQL, is the herd the design
+//! keeps the database away from. The copy is checked again every [`TTL_MS`].
 
-use super::{Fail, bindings, cron, kv, time};
+use super::{Fail, bindings, cron, fault, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
 use crate::domain::placement::Placer;
+use futures::FutureExt;
+use futures::future::{LocalBoxFuture, Shared};
 use std::cell::RefCell;
 use std::rc::Rc;
 use worker::Env;
@@ -26,9 +35,36 @@ use worker::Env;
 /// changed.
 pub const TTL_MS: u64 = 5_000;
 
-/// This isolate's copy and when it was last known current.
+/// How long the first load may take to publish from PostgreSQL (when KV holds
+/// no snapshot) before the requests waiting for it are answered 503.
+const PUBLISH_TIMEOUT_MS: u64 = 5_000;
+
+/// A load that failed: whether a dependency was unavailable (503) or the
+/// stored snapshot is broken (500), and why.
+#[derive(Clone)]
+struct LoadError {
+    unavailable: bool,
+    cause: String,
+}
+
+impl From<LoadError> for Fail {
+    fn from(e: LoadError) -> Fail {
+        if e.unavailable {
+            Fail::unavailable(e.cause)
+        } else {
+            Fail::internal(e.cause)
+        }
+    }
+}
+
+type Load = Shared<LocalBoxFuture<'static, Result<Rc<Placer>, LoadError>>>;
+
+/// This isolate's copy and when it was last checked.
 struct Cache {
     current: Option<(Rc<Placer>, u64)>,
+    /// The load of an isolate that has no copy yet, shared by every request
+    /// that needs one meanwhile.
+    loading: Option<Load>,
     /// A request is asking KV whether the copy is still current; the others
     /// go on with the copy meanwhile instead of asking too.
     revalidating: bool,
@@ -41,6 +77,7 @@ thread_local! {
     static CACHE: RefCell<Cache> = const {
         RefCell::new(Cache {
             current: None,
+            loading: None,
             revalidating: false,
             generation: 0,
         })
@@ -52,6 +89,7 @@ pub fn invalidate() {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         c.current = None;
+        c.loading = None;
         c.generation += 1;
     });
 }
@@ -73,7 +111,7 @@ impl Drop for Revalidating {
     }
 }
 
-/// Stores `placer` as the copy current at `now`, unless the copy was
+/// Stores `placer` as the copy checked at `now`, unless the copy was
 /// invalidated since `generation`.
 fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
     CACHE.with(|c| {
@@ -84,54 +122,141 @@ fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
     });
 }
 
+/// What a request does with the isolate's cache.
+enum Step {
+    Use(Rc<Placer>),
+    Revalidate(Rc<Placer>, u64),
+    Wait(Load, u64),
+}
+
 /// The current snapshot, ready for placement.
 ///
 /// Every [`TTL_MS`] one request reads the small [`catalogue::ETAG_KV_KEY`];
 /// the whole snapshot (a megabyte with a thousand regions, and the longest
 /// piece of work an isolate does) is read and parsed again only when that
 /// etag differs from the copy's. Requests arriving while that read is under
-/// way use the copy they have.
-pub async fn current(env: &Env) -> Result<Rc<Placer>, Fail> {
+/// way use the copy they have. `fault` is the development-only fault header.
+pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
     let now = time::now_ms();
-    let (cached, fresh, busy, generation) = CACHE.with(|c| {
-        let c = c.borrow();
-        let (cached, fresh, busy) = match &c.current {
-            Some((p, at)) => (
-                Some(Rc::clone(p)),
-                now.saturating_sub(*at) < TTL_MS,
-                c.revalidating,
-            ),
-            None => (None, false, false),
-        };
-        (cached, fresh, busy, c.generation)
-    });
-    let _revalidating = match cached {
-        Some(placer) if fresh || busy => return Ok(placer),
-        Some(placer) => {
-            let guard = Revalidating::start();
-            let tag = kv::get_text(env, catalogue::ETAG_KV_KEY).await;
-            if matches!(&tag, Ok(Some(tag)) if *tag == placer.snapshot().etag) {
-                keep(&placer, now, generation);
-                return Ok(placer);
+    let kv_down = fault == Some(fault::CATALOGUE_KV);
+    let step = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let generation = c.generation;
+        match &c.current {
+            // (The fault point checks at once, so a test need not wait.)
+            Some((p, at)) if (!catalogue::due(*at, now, TTL_MS) && !kv_down) || c.revalidating => {
+                Step::Use(Rc::clone(p))
             }
-            Some(guard)
+            Some((p, _)) => Step::Revalidate(Rc::clone(p), generation),
+            None => {
+                let load = c
+                    .loading
+                    .get_or_insert_with(|| {
+                        let env = env.clone();
+                        async move { load(&env, kv_down).await }
+                            .boxed_local()
+                            .shared()
+                    })
+                    .clone();
+                Step::Wait(load, generation)
+            }
         }
-        None => None,
+    });
+    match step {
+        Step::Use(placer) => Ok(placer),
+        Step::Wait(load, generation) => {
+            let loaded = load.await;
+            CACHE.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.generation == generation {
+                    c.loading = None;
+                }
+            });
+            let placer = loaded?;
+            keep(&placer, now, generation);
+            Ok(placer)
+        }
+        Step::Revalidate(placer, generation) => {
+            let _revalidating = Revalidating::start();
+            let fresh = revalidate(env, &placer, kv_down).await;
+            let placer = match fresh {
+                Ok(Some(newer)) => newer,
+                Ok(None) => placer,
+                Err(e) => {
+                    worker::console_error!(
+                        "{}",
+                        serde_json::json!({
+                            "level": "error",
+                            "msg": "catalogue check failed; the isolate keeps its copy",
+                            "etag": placer.snapshot().etag,
+                            "error": e.cause,
+                        })
+                    );
+                    placer
+                }
+            };
+            keep(&placer, now, generation);
+            Ok(placer)
+        }
+    }
+}
+
+/// Reads the catalogue's text from KV (failing at the fault point).
+async fn read(env: &Env, key: &str, kv_down: bool) -> Result<Option<String>, LoadError> {
+    let unavailable = |cause: String| LoadError {
+        unavailable: true,
+        cause,
     };
-    let stored = kv::get_text(env, catalogue::KV_KEY)
+    if kv_down {
+        return Err(unavailable(format!("kv get {key}: injected fault")));
+    }
+    kv::get_text(env, key)
         .await
-        .map_err(|e| Fail::unavailable(format!("kv get: {e}")))?;
-    let snapshot = match stored {
-        Some(text) => serde_json::from_str::<Snapshot>(&text)
-            .map_err(|e| Fail::internal(format!("catalogue snapshot: {e}")))?,
-        None => {
-            cron::publish(env, bindings::DB_CACHED)
-                .await
-                .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?
-                .0
-        }
+        .map_err(|e| unavailable(format!("kv get: {e}")))
+}
+
+/// The snapshot stored in KV, parsed; `None` if KV has none.
+async fn stored(env: &Env, kv_down: bool) -> Result<Option<Placer>, LoadError> {
+    let Some(text) = read(env, catalogue::KV_KEY, kv_down).await? else {
+        return Ok(None);
     };
-    let placer = Rc::new(Placer::new(snapshot));
-    keep(&placer, now, generation);
-    Ok(placer)
+    let snapshot = serde_json::from_str::<Snapshot>(&text).map_err(|e| LoadError {
+        unavailable: false,
+        cause: format!("catalogue snapshot: {e}"),
+    })?;
+    Ok(Some(Placer::new(snapshot)))
+}
+
+/// The first copy of an isolate: KV's snapshot, or one published from
+/// PostgreSQL when KV holds none.
+async fn load(env: &Env, kv_down: bool) -> Result<Rc<Placer>, LoadError> {
+    if let Some(placer) = stored(env, kv_down).await? {
+        return Ok(Rc::new(placer));
+    }
+    let unavailable = |cause: String| LoadError {
+        unavailable: true,
+        cause,
+    };
+    let published = time::timeout(PUBLISH_TIMEOUT_MS, cron::publish(env, bindings::DB_CACHED))
+        .await
+        .ok_or_else(|| unavailable("catalogue publish: timed out".into()))?
+        .map_err(|e| unavailable(format!("catalogue publish: {e}")))?;
+    Ok(Rc::new(Placer::new(published.0)))
+}
+
+/// A newer copy than `placer` if KV has one; `None` if it is still current
+/// (or KV has no snapshot at all, which a copy in hand outlives).
+async fn revalidate(
+    env: &Env,
+    placer: &Placer,
+    kv_down: bool,
+) -> Result<Option<Rc<Placer>>, LoadError> {
+    let tag = read(env, catalogue::ETAG_KV_KEY, kv_down).await?;
+    if tag.as_deref() == Some(placer.snapshot().etag.as_str()) {
+        return Ok(None);
+    }
+    Ok(stored(env, kv_down)
+        .await?
+        .filter(|newer| newer.snapshot().etag != placer.snapshot().etag)
+        .map(Rc::new))
 }

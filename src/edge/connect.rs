@@ -82,7 +82,8 @@ fn regions_reply(snapshot: &Snapshot) -> Reply {
 }
 
 pub async fn regions(req: &Incoming, env: &Env) -> Result<Reply, Fail> {
-    let placer = catalogue::current(env).await?;
+    let fault = fault::armed(env, req.header(fault::HEADER));
+    let placer = catalogue::current(env, fault.as_deref()).await?;
     let snapshot = placer.snapshot();
     let tag = etag(snapshot);
     let cache = ("cache-control", "public, max-age=15".to_owned());
@@ -166,6 +167,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let location = client_location(&req, env);
     let body: Result<ConnectRequest, Fail> = json_body(&mut req).await;
     let keys = secrets::keys(env)?;
+    let fault = fault::armed(env, req.header(fault::HEADER));
 
     let not_found = || {
         Fail::from(ApiError::new(
@@ -189,7 +191,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 None => None,
             }
         },
-        catalogue::current(env)
+        catalogue::current(env, fault.as_deref())
     );
     not_revoked?;
     let b = body?;
@@ -241,7 +243,6 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    let fault = fault::armed(env, req.header(fault::HEADER));
     match durable::admit(env, &gate, rate, fault.as_deref()).await? {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {

@@ -17,6 +17,9 @@ pub const PANIC: &str = "worker.panic";
 /// The point, on `POST /v1/connect`, at which the region's `RegionGate`
 /// throws from its `admit` call (a crashed or overloaded object).
 pub const GATE_ADMIT: &str = "gate.admit";
+/// The point, on `POST /v1/connect` and `GET /v1/regions`, at which the
+/// catalogue's KV reads fail, as they would in a KV outage.
+pub const CATALOGUE_KV: &str = "catalogue.kv";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.
