@@ -27,7 +27,8 @@ use worker::Env;
 const MAX_AUTHORIZATION_LEN: usize = crate::domain::token::MAX_TOKEN_LEN + 16;
 
 /// Reads a body of at most `max` bytes (a declared larger length is refused
-/// before reading); returns its content type and bytes.
+/// before reading, an undeclared one once it passes `max`); returns its
+/// content type and bytes.
 pub(super) async fn read_body(
     req: &mut Incoming,
     max: usize,
@@ -35,12 +36,13 @@ pub(super) async fn read_body(
     let header = |name: &str| req.header(name);
     body::check_declared_length(header("content-length").as_deref(), max)?;
     let content_type = header("content-type");
-    let bytes = req.bytes().await.map_err(|e| {
+    let bytes = req.bytes(max).await.map_err(|e| {
         Fail::new(
             ApiError::new(ProblemCode::MalformedJson, "The body could not be read."),
             e.to_string(),
         )
     })?;
+    let bytes = bytes.ok_or_else(|| Fail::from(body::too_large(max)))?;
     Ok((content_type, bytes))
 }
 

@@ -111,22 +111,67 @@ impl Incoming {
         self.raw.cf().map(Into::into)
     }
 
-    /// The whole body. A second call is an error: a body is read once.
-    pub async fn bytes(&mut self) -> worker::Result<Vec<u8>> {
+    /// The whole body if it is at most `max` bytes, `None` if it is longer.
+    /// A second call is an error: a body is read once.
+    ///
+    /// A body with a declared `Content-Length` (which the caller has checked
+    /// against `max`) is framed by it and read in one go; one without
+    /// (chunked) is read piece by piece and abandoned as soon as it passes
+    /// `max`, so that no client can make the isolate hold more than that.
+    pub async fn bytes(&mut self, max: usize) -> worker::Result<Option<Vec<u8>>> {
         if self.body_used {
             return Err(worker::Error::BodyUsed);
         }
         self.body_used = true;
-        let buffer = JsFuture::from(self.raw.array_buffer()?)
+        let unreadable = |e: JsValue| {
+            worker::Error::JsError(
+                e.as_string()
+                    .unwrap_or_else(|| "the request body could not be read".into()),
+            )
+        };
+        if self.header("content-length").is_some() {
+            let buffer = JsFuture::from(self.raw.array_buffer()?)
+                .await
+                .map_err(unreadable)?;
+            return Ok(Some(js_sys::Uint8Array::new(&buffer).to_vec()));
+        }
+        let read = JsFuture::from(read_at_most(&self.raw, max as f64))
             .await
-            .map_err(|e| {
-                worker::Error::JsError(
-                    e.as_string()
-                        .unwrap_or_else(|| "the request body could not be read".into()),
-                )
-            })?;
-        Ok(js_sys::Uint8Array::new(&buffer).to_vec())
+            .map_err(unreadable)?;
+        Ok((!read.is_null()).then(|| js_sys::Uint8Array::new(&read).to_vec()))
     }
+}
+
+#[wasm_bindgen(inline_js = r#"
+export async function readAtMost(request, max) {
+  const body = request.body;
+  if (body === null) return new Uint8Array(0);
+  const reader = body.getReader();
+  const chunks = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.byteLength;
+    if (size > max) {
+      await reader.cancel();
+      return null;
+    }
+    chunks.push(value);
+  }
+  const out = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return out;
+}
+"#)]
+extern "C" {
+    /// The body's bytes (a `Uint8Array`), or `null` once it passes `max`.
+    #[wasm_bindgen(js_name = readAtMost)]
+    fn read_at_most(request: &web_sys::Request, max: f64) -> js_sys::Promise;
 }
 
 #[wasm_bindgen(inline_js = r#"

@@ -23,7 +23,8 @@ pub fn check_declared_length(content_length: Option<&str>, max: usize) -> Result
     }
 }
 
-fn too_large(max: usize) -> ApiError {
+/// The refusal of a body longer than `max` bytes (413).
+pub fn too_large(max: usize) -> ApiError {
     ApiError::new(
         ProblemCode::PayloadTooLarge,
         format!("The body is larger than {max} bytes."),

@@ -28,6 +28,10 @@ pub const TESTS: &[(&str, Test)] = &[
     ),
     ("auth::bad_bodies_are_refused_and_write_nothing", bad_bodies),
     (
+        "auth::a_chunked_body_is_refused_once_it_passes_the_limit",
+        chunked_body_cut_off,
+    ),
+    (
         "auth::repeated_failures_are_throttled_and_recover",
         throttling,
     ),
@@ -218,6 +222,56 @@ fn unknown_vs_wrong(ctx: &Ctx) -> Result<(), Failed> {
             "same body apart from the request id"
         );
         assert!(wrong.headers.get("www-authenticate").is_none());
+        Ok(())
+    })
+}
+
+/// A body sent without `Content-Length` (chunked) is refused with 413 as soon
+/// as it passes the limit, while the client is still sending: the worker does
+/// not read an unbounded body into memory first (it used to wait for the end).
+fn chunked_body_cut_off(ctx: &Ctx) -> Result<(), Failed> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ctx.rt.block_on(async {
+        let base = ctx.stack().wrangler.base_url.clone();
+        let authority = base.trim_start_matches("http://").trim_end_matches('/');
+        let mut conn = tokio::net::TcpStream::connect(authority).await?;
+        let head = format!(
+            "POST /v1/auth/signup HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\n\
+             cf-connecting-ip: {}\r\ntransfer-encoding: chunked\r\n\r\n",
+            fresh_ip()
+        );
+        conn.write_all(head.as_bytes()).await?;
+        let opening = format!("{{\"email\":\"{}\",\"password\":\"", unique_email());
+        conn.write_all(format!("{:x}\r\n{opening}\r\n", opening.len()).as_bytes())
+            .await?;
+        // 64 KB in 4 KB chunks, four times the limit, and never the last chunk.
+        let chunk = "x".repeat(4096);
+        for _ in 0..16 {
+            conn.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+                .await?;
+        }
+        conn.flush().await?;
+        // The head, then the problem body (the connection stays open: the
+        // request's body never ended).
+        let mut answer = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("\"request_id\"") {
+            let n = tokio::time::timeout(Duration::from_secs(15), conn.read(&mut buf))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "no (whole) answer while the body was still open: {}",
+                        String::from_utf8_lossy(&answer)
+                    )
+                })??;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("payload_too_large"), "{answer}");
         Ok(())
     })
 }
