@@ -159,9 +159,51 @@ fn is_zero_u32(n: &u32) -> bool {
     *n == 0
 }
 
+/// The network a client address is throttled as: an IPv4 address on its own,
+/// an IPv6 address by its /64 (one subscriber's usual allocation, so a client
+/// cannot evade the limit by taking a fresh address from it for each attempt),
+/// an IPv4-mapped IPv6 address as the IPv4 address it maps. Anything else
+/// (which Cloudflare never sends) is one network of its own, `invalid`.
+pub fn client_network(ip: &str) -> String {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                let prefix = Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("{prefix}/64")
+            }
+        },
+        Err(_) => "invalid".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_are_throttled_by_ipv4_address_and_ipv6_slash_64() {
+        assert_eq!(client_network("203.0.113.7"), "203.0.113.7");
+        assert_eq!(
+            client_network("2001:db8:1:2:aaaa:bbbb:cccc:dddd"),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            client_network("2001:db8:1:2::1"),
+            client_network("2001:db8:1:2:ffff::9"),
+            "one /64, one throttle"
+        );
+        assert_ne!(
+            client_network("2001:db8:1:2::1"),
+            client_network("2001:db8:1:3::1")
+        );
+        assert_eq!(client_network("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(client_network("not an address"), "invalid");
+        assert_eq!(client_network(""), "invalid");
+    }
 
     const T0: i64 = 1_000_000;
 

@@ -36,6 +36,10 @@ pub const TESTS: &[(&str, Test)] = &[
         throttling,
     ),
     (
+        "auth::the_client_throttle_counts_an_ipv6_slash_64_as_one_client",
+        network_throttle,
+    ),
+    (
         "auth::refresh_rotates_and_a_retry_within_grace_gets_the_same_successor",
         refresh_rotation,
     ),
@@ -414,6 +418,37 @@ fn throttling(ctx: &Ctx) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(retry + 1)).await;
         let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
         assert_eq!(ok.status, 200, "{}", ok.body);
+        Ok(())
+    })
+}
+
+/// Thirty failed sign-ins from thirty addresses of one IPv6 /64 (for thirty
+/// accounts, so no account lock is reached) lock that network, whichever of
+/// its addresses comes next; another /64 is not locked.
+fn network_throttle(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let network = fresh_ip().trim_end_matches("::1").to_owned();
+        for i in 1..=30 {
+            let r = login(
+                ctx,
+                &unique_email(),
+                "wrong password",
+                &format!("{network}::{i:x}"),
+            )
+            .await;
+            assert_eq!(r.status, 401, "attempt {i}: {}", r.body);
+        }
+        let locked = login(
+            ctx,
+            &unique_email(),
+            "wrong password",
+            &format!("{network}:ffff::9"),
+        )
+        .await;
+        assert_eq!(locked.status, 429, "{}", locked.body);
+        assert_eq!(locked.body["code"], "too_many_attempts");
+        let elsewhere = login(ctx, &unique_email(), "wrong password", &fresh_ip()).await;
+        assert_eq!(elsewhere.status, 401, "{}", elsewhere.body);
         Ok(())
     })
 }

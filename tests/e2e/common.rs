@@ -23,10 +23,15 @@ pub fn unique_email() -> String {
     format!("{}@example.test", unique("user"))
 }
 
-/// A documentation-range address per caller.
+/// A documentation-range address per caller, each in a /64 of its own (the
+/// per-network login throttle counts an IPv6 /64 as one client).
 pub fn fresh_ip() -> String {
     let n = N.fetch_add(1, Ordering::SeqCst);
-    format!("2001:db8::{:x}:{:x}", std::process::id() & 0xffff, n)
+    format!(
+        "2001:db8:{:x}:{:x}::1",
+        std::process::id() & 0xffff,
+        n & 0xffff
+    )
 }
 
 pub struct Resp {
