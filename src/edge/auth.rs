@@ -16,6 +16,7 @@ use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummar
 use crate::domain::account::{Email, Password};
 use crate::domain::password;
 use crate::domain::problem::ProblemCode;
+use crate::domain::throttle;
 use crate::domain::token::{AccessClaims, KeySet};
 use crate::http::body::{self, MAX_JSON_BODY};
 use crate::http::{ApiError, Reply};
@@ -144,12 +145,12 @@ pub async fn signup(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
 }
 
 /// The throttle object names: a hash of the email (no address in object names
-/// or logs) and the client IP.
+/// or logs) and the client's network (its IPv4 address or IPv6 /64).
 fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
     let digest = Sha256::digest(email.as_str().as_bytes());
     (
         format!("account:{}", hex::encode(digest)),
-        format!("ip:{client_ip}"),
+        format!("ip:{}", throttle::client_network(client_ip)),
     )
 }
 
