@@ -127,6 +127,7 @@ pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     let r = DeleteDeviceReq {
         user_id: claims.sub.clone(),
         device_id: id.to_owned(),
+        fault: req.header(fault::HEADER),
     };
     let (status, json) = call(
         env,

@@ -20,6 +20,10 @@ pub const GATE_ADMIT: &str = "gate.admit";
 /// The point, on `POST /v1/connect` and `GET /v1/regions`, at which the
 /// catalogue's KV reads fail, as they would in a KV outage.
 pub const CATALOGUE_KV: &str = "catalogue.kv";
+/// The point, on `DELETE /v1/devices/{id}` (and a registration), at which the
+/// user's `UserSession` fails to write its KV copy of the devices, as KV's
+/// limit of one write per key per second would make it.
+pub const MIRROR_KV: &str = "mirror.kv";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

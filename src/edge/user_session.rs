@@ -14,9 +14,18 @@
 //! between steps leaves an earlier step whole (see `create_device`).
 //!
 //! After every change it mirrors the session list to KV (`sessions/<user id>`) so
-//! any edge can list sessions and see revocations without calling it; that copy
-//! is eventually consistent (about a minute) and is never used for decisions
-//! this object makes.
+//! any edge can list sessions and see revocations without calling it, and the
+//! device records (`devices/<user id>`) for the connect path; those copies are
+//! eventually consistent (about a minute) and are never used for decisions
+//! this object makes. They are written one at a time, each from the state as
+//! it is when its turn comes, so an older copy never lands after a newer one.
+//! A copy that fails to be written (KV allows one write per key per second) is
+//! written again by the object's alarm, with backoff, until it goes through;
+//! and a revocation or a device change arms that alarm before the state is
+//! written, so that a crash or an eviction before the copy is written (or,
+//! for a device, before PostgreSQL's answer is applied) is repaired too: the
+//! alarm of an instance that did not see its device changes through reads
+//! the user's devices from PostgreSQL again.
 
 use super::durable::{body, ping, refuse};
 use super::store::{self, EntitlementInputs};
@@ -27,12 +36,49 @@ use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
 };
+use futures::lock::Mutex as AsyncMutex;
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
 
 const KEY: &str = "state";
+
+/// How long after a revocation or a device change the alarm checks that the
+/// KV copies were written: the backstop for a crash or an eviction between
+/// the state's write and the copy's.
+const MIRROR_CHECK_MS: u64 = 30_000;
+/// The first retry of a copy that failed to be written; doubled after each
+/// further failure, up to [`MIRROR_RETRY_MAX_MS`].
+const MIRROR_RETRY_MS: u64 = 1_000;
+const MIRROR_RETRY_MAX_MS: u64 = 300_000;
+
+/// The KV copies an object keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    Sessions,
+    Devices,
+}
+
+/// What this instance knows of its KV copies.
+#[derive(Default)]
+struct Mirrors {
+    /// The text this instance last wrote under each key: a copy whose text
+    /// has not changed is not written again.
+    sessions: Option<String>,
+    devices: Option<String>,
+    /// Failed writes in a row, for the retry's backoff.
+    failures: u32,
+}
+
+impl Mirrors {
+    fn written(&mut self, copy: Copy) -> &mut Option<String> {
+        match copy {
+            Copy::Sessions => &mut self.sessions,
+            Copy::Devices => &mut self.devices,
+        }
+    }
+}
 
 /// The KV key of a user's session mirror.
 pub fn mirror_key(user_id: &str) -> String {
@@ -120,6 +166,9 @@ pub struct CreateDeviceReq {
 pub struct DeleteDeviceReq {
     pub user_id: String,
     pub device_id: String,
+    /// A fault point to fail at (development only; see `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -168,12 +217,45 @@ pub struct IssuedResp {
     pub entitlement: Entitlement,
 }
 
-#[durable_object(fetch)]
+#[durable_object(alarm)]
 pub struct UserSession {
     state: State,
     env: Env,
     /// The device registrations running in this instance right now.
     running: RefCell<Running>,
+    mirrors: RefCell<Mirrors>,
+    /// One copy written at a time (see the module docs).
+    mirror_turn: AsyncMutex<()>,
+    /// Device operations started in this instance and not seen through.
+    device_ops: Cell<u32>,
+    /// Whether this instance has seen every device operation it started
+    /// through to the records (false in a fresh instance: an operation of an
+    /// earlier one may have been cut short).
+    devices_settled: Cell<bool>,
+}
+
+/// A device operation under way: arms the alarm before it changes anything,
+/// and leaves the records unsettled unless it is seen through ([`DeviceOp::done`]).
+struct DeviceOp<'a> {
+    object: &'a UserSession,
+    done: bool,
+}
+
+impl DeviceOp<'_> {
+    /// The operation's outcome has been applied to the records.
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for DeviceOp<'_> {
+    fn drop(&mut self) {
+        let o = self.object;
+        o.device_ops.set(o.device_ops.get() - 1);
+        if !self.done {
+            o.devices_settled.set(false);
+        }
+    }
 }
 
 /// Idempotency keys and reservation ids owned by requests that are still
@@ -234,29 +316,158 @@ impl UserSession {
         self.state.storage().put(KEY, &*stored).await
     }
 
-    /// Persists the state, then mirrors the session list to KV.
-    async fn save(&self, stored: &mut Stored, now: i64) -> Result<()> {
+    /// Persists the state, then mirrors the session list to KV. A revocation
+    /// (`revokes`) arms the alarm first, so that its copy is written even if
+    /// the object goes away before it writes it.
+    async fn save(&self, stored: &mut Stored, now: i64, revokes: bool) -> Result<()> {
         stored.sessions.prune(now);
+        if revokes {
+            self.arm(MIRROR_CHECK_MS).await;
+        }
         self.persist(stored, now).await?;
-        if let Some(user_id) = &stored.user_id {
-            let mirror = Mirror {
-                sessions: stored.sessions.mirror(now),
+        self.mirror(&[Copy::Sessions], None).await;
+        Ok(())
+    }
+
+    /// Starts a device operation (see [`DeviceOp`]).
+    async fn device_op(&self) -> DeviceOp<'_> {
+        self.device_ops.set(self.device_ops.get() + 1);
+        self.arm(MIRROR_CHECK_MS).await;
+        DeviceOp {
+            object: self,
+            done: false,
+        }
+    }
+
+    /// Makes sure the alarm fires within `in_ms` (an earlier one stays).
+    async fn arm(&self, in_ms: u64) {
+        let storage = self.state.storage();
+        let due = time::now_ms() + in_ms;
+        if let Ok(Some(at)) = storage.get_alarm().await
+            && u64::try_from(at).is_ok_and(|at| at <= due)
+        {
+            return;
+        }
+        if let Err(e) = storage.set_alarm(in_ms as i64).await {
+            worker::console_error!(
+                "{}",
+                serde_json::json!({"level": "error", "msg": "alarm not set", "error": e.to_string()})
+            );
+        }
+    }
+
+    /// Writes `copies` to KV from the state as it is now, one writer at a
+    /// time, skipping a copy this instance already wrote with the same text.
+    /// A failure is logged and retried by the alarm, with backoff. `fault` is
+    /// the development-only fault point, at which every write fails.
+    async fn mirror(&self, copies: &[Copy], fault: Option<&str>) -> bool {
+        let _turn = self.mirror_turn.lock().await;
+        let stored = match self.load().await {
+            Ok(stored) => stored,
+            Err(e) => return self.mirror_failed("state read", &e.to_string()).await,
+        };
+        let Some(user_id) = &stored.user_id else {
+            return true;
+        };
+        let now = time::now_secs();
+        for &copy in copies {
+            let (key, text) = match copy {
+                Copy::Sessions => (
+                    mirror_key(user_id),
+                    serde_json::to_string(&Mirror {
+                        sessions: stored.sessions.mirror(now),
+                    }),
+                ),
+                Copy::Devices => (
+                    devices_key(user_id),
+                    serde_json::to_string(&DeviceMirror {
+                        devices: stored.device_records.clone(),
+                    }),
+                ),
             };
-            let written = match self.env.kv(bindings::KV) {
-                Ok(kv) => match kv.put(&mirror_key(user_id), &mirror) {
-                    Ok(put) => put.execute().await.map_err(|e| e.to_string()),
+            let Ok(text) = text else {
+                continue;
+            };
+            if self.mirrors.borrow_mut().written(copy).as_ref() == Some(&text) {
+                continue;
+            }
+            let written = if fault == Some(fault::MIRROR_KV) {
+                Err(format!("{key}: injected fault at {}", fault::MIRROR_KV))
+            } else {
+                match self.env.kv(bindings::KV) {
+                    Ok(kv) => match kv.put(&key, text.as_str()) {
+                        Ok(put) => put.execute().await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
                     Err(e) => Err(e.to_string()),
-                },
-                Err(e) => Err(e.to_string()),
+                }
             };
-            // The mirror is a convenience copy; the state above is the authority.
-            if let Err(e) = written {
-                worker::console_error!(
-                    "{}",
-                    serde_json::json!({"level": "error", "msg": "session mirror write failed", "error": e})
-                );
+            match written {
+                Ok(()) => *self.mirrors.borrow_mut().written(copy) = Some(text),
+                Err(e) => {
+                    // Whatever the store holds now is unknown.
+                    *self.mirrors.borrow_mut().written(copy) = None;
+                    return self.mirror_failed("mirror write", &e).await;
+                }
             }
         }
+        self.mirrors.borrow_mut().failures = 0;
+        true
+    }
+
+    /// Logs a failed step of keeping the copies (`what`) and arms the alarm to
+    /// try again, with backoff.
+    async fn mirror_failed(&self, what: &str, error: &str) -> bool {
+        let failures = {
+            let mut m = self.mirrors.borrow_mut();
+            m.failures = m.failures.saturating_add(1);
+            m.failures
+        };
+        let retry_ms = MIRROR_RETRY_MS
+            .saturating_mul(1 << (failures - 1).min(20))
+            .min(MIRROR_RETRY_MAX_MS);
+        worker::console_error!(
+            "{}",
+            serde_json::json!({
+                "level": "error",
+                "msg": format!("{what} failed; the alarm tries again"),
+                "retry_in_ms": retry_ms,
+                "error": error,
+            })
+        );
+        self.arm(retry_ms).await;
+        false
+    }
+
+    /// The alarm: brings the KV copies up to date; first, if this instance
+    /// did not see every device operation through (it is fresh, or one failed
+    /// part-way), the device records from PostgreSQL.
+    async fn check(&self) -> Result<()> {
+        let stored = self.load().await?;
+        let Some(user_id) = stored.user_id else {
+            return Ok(());
+        };
+        if !self.devices_settled.get() && self.device_ops.get() == 0 {
+            let mark = stored.devices.mark();
+            let listed = match store::connect(&self.env).await {
+                Ok(db) => store::list_devices(&db, &user_id).await,
+                Err(fail) => Err(fail),
+            };
+            match listed {
+                Ok(devices) => {
+                    self.apply_devices(mark, devices, Own::Nothing, None)
+                        .await?;
+                    if self.device_ops.get() == 0 {
+                        self.devices_settled.set(true);
+                    }
+                }
+                Err(fail) => {
+                    self.mirror_failed("device list", &fail.cause.unwrap_or_default())
+                        .await;
+                }
+            }
+        }
+        self.mirror(&[Copy::Sessions, Copy::Devices], None).await;
         Ok(())
     }
 
@@ -268,12 +479,13 @@ impl UserSession {
         mark: SyncMark,
         devices: Vec<store::Device>,
         own: Own<'_>,
+        fault: Option<&str>,
     ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
         Self::sync_devices(&mut stored, mark, devices, own);
         self.persist(&mut stored, now).await?;
-        self.mirror_devices(&stored).await;
+        self.mirror(&[Copy::Devices], fault).await;
         Ok(())
     }
 
@@ -326,25 +538,6 @@ impl UserSession {
         let changed = records != old;
         stored.device_records = records;
         changed
-    }
-
-    async fn mirror_devices(&self, stored: &Stored) {
-        let (Some(user_id), Ok(kv)) = (&stored.user_id, self.env.kv(bindings::KV)) else {
-            return;
-        };
-        let mirror = DeviceMirror {
-            devices: stored.device_records.clone(),
-        };
-        let written = match kv.put(&devices_key(user_id), &mirror) {
-            Ok(put) => put.execute().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = written {
-            worker::console_error!(
-                "{}",
-                serde_json::json!({"level": "error", "msg": "device mirror write failed", "error": e})
-            );
-        }
     }
 
     /// Refreshes the KV copy of the user's entitlement (best effort: it serves
@@ -408,7 +601,7 @@ impl UserSession {
             random::bytes(),
             pepper,
         );
-        self.save(&mut stored, now).await?;
+        self.save(&mut stored, now, false).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs were just set");
         self.cache_entitlement(&r.user_id, &ent).await;
         Self::issued(issued, ent)
@@ -435,7 +628,7 @@ impl UserSession {
         // A rotation, a detected reuse and an expiry all change state (the last two
         // revoke the family); only a token that matched nothing leaves it as it was.
         if !matches!(outcome, Err(RefreshError::Invalid)) {
-            self.save(&mut stored, now).await?;
+            self.save(&mut stored, now, outcome.is_err()).await?;
         }
         match outcome {
             Ok(issued) => match Self::entitlement(&stored, now) {
@@ -461,7 +654,7 @@ impl UserSession {
             Some(sid) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
             None => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
-        self.save(&mut stored, now).await?;
+        self.save(&mut stored, now, true).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
 }
@@ -523,7 +716,7 @@ impl UserSession {
                 Begin::Replay(resp) => {
                     // The first answer may never have reached the mirror (a
                     // crash right after the state was written): write it again.
-                    self.mirror_devices(&stored).await;
+                    self.mirror(&[Copy::Devices], None).await;
                     return Ok(Response::ok(resp.body)?.with_status(resp.status));
                 }
                 Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
@@ -566,6 +759,9 @@ impl UserSession {
         // order with other requests' confirmations: the mark lets the ledger
         // apply only what is newer (see `Ledger::sync_since`).
         let mark = stored.devices.mark();
+        // From here PostgreSQL may be written; the alarm is armed first (a
+        // storage operation, which lets no other request in).
+        let op = self.device_op().await;
         // The reservation (and the in-flight idempotency record) must be durable
         // before the first await that lets other requests in.
         self.persist(&mut stored, now).await?;
@@ -614,8 +810,9 @@ impl UserSession {
                 let changed = Self::sync_devices(&mut stored, mark, devices, Own::Nothing);
                 abandon(&mut stored);
                 self.persist(&mut stored, now).await?;
+                op.done();
                 if changed {
-                    self.mirror_devices(&stored).await;
+                    self.mirror(&[Copy::Devices], fault.as_deref()).await;
                 }
                 return refuse(403, "device_limit_reached", None);
             }
@@ -639,8 +836,9 @@ impl UserSession {
         }
         self.persist(&mut stored, now).await?;
         fault::at(&fault, "device.after_confirm")?;
+        op.done();
         if changed {
-            self.mirror_devices(&stored).await;
+            self.mirror(&[Copy::Devices], fault.as_deref()).await;
         }
         drop(owned);
         Ok(Response::ok(body)?.with_status(status))
@@ -665,6 +863,8 @@ impl UserSession {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
+        let fault = fault::armed(&self.env, r.fault.clone());
+        let op = self.device_op().await;
         let mark = self.load().await?.devices.mark();
         let outcome = match store::connect(&self.env).await {
             Ok(db) => store::delete_device(&db, &r.user_id, &r.device_id).await,
@@ -677,7 +877,9 @@ impl UserSession {
                 } else {
                     Own::Nothing
                 };
-                self.apply_devices(mark, deleted.devices, own).await?;
+                self.apply_devices(mark, deleted.devices, own, fault.as_deref())
+                    .await?;
+                op.done();
                 Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
             }
             Err(fail) => refuse_fail(&fail),
@@ -692,6 +894,7 @@ impl UserSession {
         let Ok(key) = PublicKey::parse(&r.public_key) else {
             return refuse(400, "validation_failed", None);
         };
+        let op = self.device_op().await;
         let mark = self.load().await?.devices.mark();
         let outcome = match store::connect(&self.env).await {
             Ok(db) => store::rotate_key(&db, &r.user_id, &r.device_id, &key).await,
@@ -700,7 +903,8 @@ impl UserSession {
         match outcome {
             Ok(rotated) => {
                 let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
-                self.apply_devices(mark, rotated.devices, own).await?;
+                self.apply_devices(mark, rotated.devices, own, None).await?;
+                op.done();
                 match rotated.device {
                     Some(d) => Response::from_json(&d),
                     None => refuse(404, "device_not_found", None),
@@ -745,6 +949,10 @@ impl DurableObject for UserSession {
             state,
             env,
             running: RefCell::default(),
+            mirrors: RefCell::default(),
+            mirror_turn: AsyncMutex::new(()),
+            device_ops: Cell::new(0),
+            devices_settled: Cell::new(false),
         }
     }
 
@@ -762,5 +970,10 @@ impl DurableObject for UserSession {
             (Method::Post, "/inputs") => self.set_inputs(req).await,
             _ => Response::error("unknown durable object route", 404),
         }
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        self.check().await?;
+        Response::empty()
     }
 }

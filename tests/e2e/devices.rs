@@ -2,6 +2,7 @@
 
 use crate::common::*;
 use crate::harness::{Ctx, Test};
+use crate::support::eventually;
 use libtest_mimic::Failed;
 use serde_json::{Value, json};
 
@@ -26,6 +27,10 @@ pub const TESTS: &[(&str, Test)] = &[
     (
         "devices::idempotency_keys_replay_refuse_mismatch_and_in_flight",
         idempotency,
+    ),
+    (
+        "devices::a_deleted_device_stops_connecting_when_its_kv_copy_failed_to_be_written",
+        mirror_retried,
     ),
 ];
 
@@ -363,6 +368,66 @@ fn idempotency(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(bad.status, 422);
+        Ok(())
+    })
+}
+
+/// The user's object failing to write its KV copy of the devices after a
+/// delete (the development-only fault point `mirror.kv`; KV's limit of one
+/// write per key per second in production) logs it and writes the copy again
+/// from its alarm: the deleted device stops connecting. Before, the copy kept
+/// the device until the user's next device change, and it kept connecting.
+fn mirror_retried(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let user = new_user(ctx).await;
+        let r = create(ctx, &user, "Laptop", &wg_key()).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let id = s(&r.body["id"]).to_owned();
+        let connect = || {
+            send_with(
+                ctx,
+                "POST",
+                "/v1/connect",
+                Some(json!({"device_id": id})),
+                Some(&user.access),
+                &[("x-keenvpn-client-location", "51.5,-0.13")],
+            )
+        };
+        let first = connect().await;
+        assert_eq!(first.status, 200, "{}", first.body);
+
+        let del = send_with(
+            ctx,
+            "DELETE",
+            &format!("/v1/devices/{id}"),
+            None,
+            Some(&user.access),
+            &[("x-keenvpn-fault", "mirror.kv")],
+        )
+        .await;
+        assert_eq!(del.status, 204, "{}", del.body);
+        eventually(
+            std::time::Duration::from_secs(10),
+            "the failed copy, logged",
+            || async {
+                ctx.stack()
+                    .wrangler
+                    .log()
+                    .lines()
+                    .any(|l| l.contains("mirror write failed") && l.contains(&user.id))
+                    .then_some(())
+            },
+        )
+        .await;
+        eventually(
+            std::time::Duration::from_secs(15),
+            "the deleted device refused",
+            || async {
+                let r = connect().await;
+                (r.status == 404 && r.body["code"] == "device_not_found").then_some(())
+            },
+        )
+        .await;
         Ok(())
     })
 }
