@@ -41,6 +41,19 @@ impl Status {
     pub fn parse(s: &str) -> Option<Status> {
         serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
     }
+
+    /// Whether a subscription in this status is still running: being set up,
+    /// paid for or retried (trialing, active, past due, incomplete), as
+    /// opposed to ended (cancelled, expired, unpaid, paused). A user has one
+    /// subscription row; an event for another subscription replaces it only
+    /// if that subscription is live, so the end of a subscription the user
+    /// has already replaced changes nothing.
+    pub fn is_live(self) -> bool {
+        match self {
+            Status::Trialing | Status::Active | Status::PastDue | Status::Incomplete => true,
+            Status::Canceled | Status::IncompleteExpired | Status::Unpaid | Status::Paused => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +220,26 @@ mod tests {
                 assert!(late.max_devices >= early.max_devices, "{status:?} {now}");
                 assert!(late.until.unwrap_or(0) >= early.until.unwrap_or(0));
             }
+        }
+    }
+
+    #[test]
+    fn only_running_subscriptions_are_live() {
+        for status in [
+            Status::Trialing,
+            Status::Active,
+            Status::PastDue,
+            Status::Incomplete,
+        ] {
+            assert!(status.is_live(), "{status:?}");
+        }
+        for status in [
+            Status::Canceled,
+            Status::IncompleteExpired,
+            Status::Unpaid,
+            Status::Paused,
+        ] {
+            assert!(!status.is_live(), "{status:?}");
         }
     }
 

@@ -332,13 +332,32 @@ pub struct Applied {
     pub new_event: bool,
     /// The user the event concerns, if we know them.
     pub user_id: Option<String>,
-    /// Whether the subscription row changed (false for stale or unknown events).
+    /// Whether the subscription row changed (false for stale or unknown events,
+    /// and for the end of a subscription the user has already replaced).
     pub changed: bool,
 }
+
+/// When the row's status was last set: `status_event_at`, or
+/// `provider_event_at` for a row last written before that column existed (a
+/// subscription event then set the status too). Written by this module,
+/// `status_event_at` is never older than `provider_event_at`.
+const STATUS_SET_AT: &str =
+    "greatest(subscriptions.status_event_at, subscriptions.provider_event_at)";
 
 /// Applies a verified billing event in one statement (one transaction): records
 /// the event id (a replay or a concurrent duplicate then changes nothing) and
 /// updates the subscription unless a newer event already did.
+///
+/// Subscription events and invoice events are ordered apart, because invoice
+/// events carry only a status: `provider_event_at` is the creation time of
+/// the newest subscription event applied, and only those advance it; they set
+/// the plan, period end, cancellation and ids when at least as new as it.
+/// `status_event_at` is that of the newest event of either kind that set the
+/// status; each sets the status only when at least as new as that. So a
+/// renewal delivered after its invoice still brings the new period, and keeps
+/// the invoice's status. A user has one row: an event for a subscription other than the
+/// row's replaces it only if that subscription is live (a new one taking
+/// over); the end of a replaced one changes nothing.
 pub async fn apply_billing_event(
     client: &Client,
     env: &Envelope,
@@ -365,6 +384,14 @@ pub async fn apply_billing_event(
                 Some(p) => quoted(p)?,
                 None => "NULL".to_owned(),
             };
+            // The row follows this subscription already (or none yet).
+            let same = "(subscriptions.provider_subscription_id IS NULL
+                         OR subscriptions.provider_subscription_id = EXCLUDED.provider_subscription_id)";
+            // Another subscription's status replaces the row's whatever its
+            // age; the same one's only if at least as new as the row's.
+            let sets_status = format!(
+                "(NOT {same} OR {STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= EXCLUDED.status_event_at)"
+            );
             format!(
                 "WITH {record},
                  target AS (SELECT id AS user_id FROM ({by_metadata}
@@ -373,22 +400,29 @@ pub async fn apply_billing_event(
                  plan AS (SELECT id FROM plans WHERE id = {plan}),
                  up AS (
                      INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, cancel_at_period_end,
-                                                provider_customer_id, provider_subscription_id, provider_event_at)
+                                                provider_customer_id, provider_subscription_id,
+                                                provider_event_at, status_event_at)
                      SELECT t.user_id, coalesce((SELECT id FROM plan),
                                                 (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)),
-                            {status}, to_timestamp({end}), {cancel}, {cus}, {sub}, to_timestamp({created})
+                            {status}, to_timestamp({end}), {cancel}, {cus}, {sub},
+                            to_timestamp({created}), to_timestamp({created})
                      FROM target t
                      WHERE EXISTS (SELECT 1 FROM ev)
                        AND coalesce((SELECT id FROM plan), (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)) IS NOT NULL
                      ON CONFLICT (user_id) DO UPDATE SET
-                         plan_id = EXCLUDED.plan_id, status = EXCLUDED.status,
+                         plan_id = EXCLUDED.plan_id,
                          current_period_end = EXCLUDED.current_period_end,
                          cancel_at_period_end = EXCLUDED.cancel_at_period_end,
                          provider_customer_id = EXCLUDED.provider_customer_id,
                          provider_subscription_id = EXCLUDED.provider_subscription_id,
-                         provider_event_at = EXCLUDED.provider_event_at, updated_at = now()
-                     WHERE subscriptions.provider_event_at IS NULL
-                        OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at
+                         provider_event_at = EXCLUDED.provider_event_at,
+                         status = CASE WHEN {sets_status} THEN EXCLUDED.status ELSE subscriptions.status END,
+                         status_event_at = CASE WHEN {sets_status} THEN EXCLUDED.status_event_at
+                                                ELSE subscriptions.status_event_at END,
+                         updated_at = now()
+                     WHERE (subscriptions.provider_event_at IS NULL
+                            OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at)
+                       AND ({same} OR {live})
                      RETURNING user_id)
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
                                           'user_id', (SELECT user_id FROM target),
@@ -398,6 +432,7 @@ pub async fn apply_billing_event(
                 status = quoted(&status)?,
                 end = s.current_period_end,
                 cancel = s.cancel_at_period_end,
+                live = s.status.is_live(),
             )
         }
         Change::Invoice {
@@ -407,6 +442,7 @@ pub async fn apply_billing_event(
         } => {
             // A paid invoice makes a lapsed subscription active again, but never
             // resurrects one that has ended; a failed one makes it past due.
+            // Only the status changes, so only its time advances.
             let (new_status, allowed) = if *paid {
                 (
                     "'active'",
@@ -418,10 +454,10 @@ pub async fn apply_billing_event(
             format!(
                 "WITH {record},
                  target AS (SELECT user_id FROM subscriptions WHERE provider = 'stripe' AND provider_subscription_id = {sub}),
-                 up AS (UPDATE subscriptions SET status = {new_status}, provider_event_at = to_timestamp({created}), updated_at = now()
+                 up AS (UPDATE subscriptions SET status = {new_status}, status_event_at = to_timestamp({created}), updated_at = now()
                         WHERE provider = 'stripe' AND provider_subscription_id = {sub} AND {allowed}
                           AND EXISTS (SELECT 1 FROM ev)
-                          AND (provider_event_at IS NULL OR provider_event_at <= to_timestamp({created}))
+                          AND ({STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= to_timestamp({created}))
                         RETURNING user_id)
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
                                           'user_id', (SELECT user_id FROM target),

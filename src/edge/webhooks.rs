@@ -2,12 +2,12 @@
 //!
 //! The signature is checked over the raw bytes before anything is parsed. An
 //! event is applied in one PostgreSQL statement that also records its id, so a
-//! replay or a concurrent duplicate has no effect, and an event older than the
-//! last one applied never overwrites newer state. Then the user's current
-//! entitlement inputs are pushed to their `UserSession` object (their next
-//! refresh and their device limit follow) and its KV cache is refreshed. That
-//! push happens for duplicates too, so a delivery that failed half way is
-//! completed by the provider's retry.
+//! replay or a concurrent duplicate has no effect, and an older event never
+//! overwrites what a newer one set (see [`store::apply_billing_event`]). Then
+//! the user's current entitlement inputs are pushed to their `UserSession`
+//! object (their next refresh and their device limit follow) and its KV cache
+//! is refreshed. That push happens for duplicates too, so a delivery that
+//! failed half way is completed by the provider's retry.
 
 use super::auth::{read_body, refusal};
 use super::durable::call;

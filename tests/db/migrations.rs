@@ -5,6 +5,11 @@ use futures::future::BoxFuture;
 use keenvpn_edge::db;
 use libtest_mimic::Failed;
 
+/// The same files as the library embeds, for applying only some of them.
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
 type Test = fn(&Postgres) -> BoxFuture<'_, Result<(), Failed>>;
 
 pub const TESTS: &[(&str, Test)] = &[
@@ -21,6 +26,10 @@ pub const TESTS: &[(&str, Test)] = &[
     ("migrations::constraints_reject_malformed_rows", |pg| {
         Box::pin(constraints(pg))
     }),
+    (
+        "migrations::existing_subscriptions_order_their_status_from_their_last_event",
+        |pg| Box::pin(status_order_backfill(pg)),
+    ),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -145,5 +154,44 @@ async fn constraints(pg: &Postgres) -> Result<(), Failed> {
     for sql in bad {
         assert!(client.batch_execute(sql).await.is_err(), "accepted: {sql}");
     }
+    Ok(())
+}
+
+/// V5 splits the ordering of a subscription's status from that of its other
+/// fields: rows written before it get the status time of their last event.
+async fn status_order_backfill(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(4))
+        .run_async(&mut client)
+        .await?;
+    client
+        .batch_execute(
+            "INSERT INTO users (id, email, password_hash) VALUES
+                 ('00000000-0000-4000-8000-000000000001', 'a@example.test', '$argon2id$x'),
+                 ('00000000-0000-4000-8000-000000000002', 'b@example.test', '$argon2id$x');
+             INSERT INTO subscriptions (user_id, plan_id, status, current_period_end,
+                                        provider_subscription_id, provider_event_at) VALUES
+                 ('00000000-0000-4000-8000-000000000001', 'plus', 'active', now(), 'sub_1',
+                  '2026-01-02T03:04:05Z'),
+                 ('00000000-0000-4000-8000-000000000002', 'plus', 'active', now(), NULL, NULL);",
+        )
+        .await?;
+    let applied = db::migrate(&mut client).await?;
+    assert!(applied.contains(&5), "applied {applied:?}");
+    let rows: Vec<(Option<String>, Option<i64>)> = client
+        .query(
+            "SELECT provider_subscription_id, extract(epoch FROM status_event_at)::bigint
+             FROM subscriptions ORDER BY user_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        [(Some("sub_1".into()), Some(1_767_323_045)), (None, None)]
+    );
     Ok(())
 }

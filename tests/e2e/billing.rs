@@ -22,6 +22,18 @@ pub const TESTS: &[(&str, Test)] = &[
         out_of_order,
     ),
     (
+        "billing::a_renewal_delivered_after_its_invoice_still_sets_the_period_and_plan",
+        renewal_after_invoice,
+    ),
+    (
+        "billing::an_invoice_older_than_the_status_changes_nothing",
+        stale_invoice,
+    ),
+    (
+        "billing::a_new_subscription_survives_the_end_of_the_one_it_replaced",
+        replaced_subscription_ends,
+    ),
+    (
         "billing::an_upgrade_reaches_the_next_refresh_and_the_device_limit",
         upgrade_then_downgrade,
     ),
@@ -42,6 +54,7 @@ fn secret() -> String {
     dev_var("STRIPE_WEBHOOK_SECRET")
 }
 
+#[derive(Clone)]
 struct Sub {
     event: String,
     created: i64,
@@ -50,6 +63,8 @@ struct Sub {
     user: String,
     plan: &'static str,
     status: Status,
+    period_end: i64,
+    cancel_at_period_end: bool,
 }
 
 fn event(kind: &str, s: &Sub) -> Vec<u8> {
@@ -61,8 +76,8 @@ fn event(kind: &str, s: &Sub) -> Vec<u8> {
         user_id: &s.user,
         plan_id: s.plan,
         status: s.status,
-        current_period_end: now() + 30 * 86400,
-        cancel_at_period_end: false,
+        current_period_end: s.period_end,
+        cancel_at_period_end: s.cancel_at_period_end,
     };
     serde_json::to_vec(&stripe::example_event(kind, &ex)).unwrap()
 }
@@ -94,6 +109,17 @@ fn sub_for(user: &User, plan: &'static str) -> Sub {
         user: user.id.clone(),
         plan,
         status: Status::Active,
+        period_end: now() + 30 * 86400,
+        cancel_at_period_end: false,
+    }
+}
+
+/// `s` as a later (or earlier) event: a fresh event id, created at `created`.
+fn next(s: &Sub, created: i64) -> Sub {
+    Sub {
+        event: unique("evt_"),
+        created,
+        ..s.clone()
     }
 }
 
@@ -106,6 +132,27 @@ async fn plan_in_db(ctx: &Ctx, user_id: &str) -> Option<(String, String)> {
     .await
     .unwrap()
     .map(|r| (r.get(0), r.get(1)))
+}
+
+/// The user's subscription row: plan, status, period end (unix seconds) and
+/// the Stripe subscription it follows.
+async fn row_in_db(ctx: &Ctx, user_id: &str) -> Option<(String, String, i64, String)> {
+    let db = db(ctx).await;
+    db.query_opt(
+        "SELECT plan_id, status, extract(epoch FROM current_period_end)::bigint, provider_subscription_id
+         FROM subscriptions WHERE user_id = $1::text::uuid",
+        &[&user_id],
+    )
+    .await
+    .unwrap()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+}
+
+/// Delivers `kind` for `s` and checks the answer's `applied`.
+async fn expect_applied(ctx: &Ctx, kind: &str, s: &Sub, applied: bool) {
+    let (status, json) = deliver_signed(ctx, &event(kind, s)).await;
+    assert_eq!(status, 200, "{kind}: {json}");
+    assert_eq!(json["applied"], applied, "{kind}: {json}");
 }
 
 async fn events_recorded(ctx: &Ctx, id: &str) -> i64 {
@@ -212,6 +259,135 @@ fn out_of_order(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// At renewal Stripe sends `customer.subscription.updated` (the next period)
+/// about an hour before `invoice.paid`. When the first delivery of the update
+/// fails and its retry arrives after the invoice, the update still brings the
+/// period and plan; the status stays the newer invoice's.
+fn renewal_after_invoice(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let t = now() - 3 * 3600;
+        let mut s = sub_for(&user, "plus");
+        s.created = t;
+        expect_applied(ctx, "customer.subscription.created", &s, true).await;
+
+        let mut renewal = next(&s, t + 3600);
+        renewal.plan = "family";
+        renewal.period_end = s.period_end + 30 * 86400;
+        renewal.status = Status::PastDue;
+        // The invoice (an hour later) is delivered first...
+        expect_applied(ctx, "invoice.paid", &next(&s, t + 7200), true).await;
+        // ...then the retry of the renewal.
+        expect_applied(ctx, "customer.subscription.updated", &renewal, true).await;
+        assert_eq!(
+            row_in_db(ctx, &user.id).await,
+            Some((
+                "family".into(),
+                "active".into(),
+                renewal.period_end,
+                s.sub.clone()
+            ))
+        );
+        let c = user.refresh(ctx).await;
+        assert_eq!(c["ent"]["plan"], "family");
+        // A replay of the renewal changes nothing.
+        let (status, json) =
+            deliver_signed(ctx, &event("customer.subscription.updated", &renewal)).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            (&json["applied"], &json["duplicate"]),
+            (&json!(false), &json!(true)),
+            "{json}"
+        );
+        Ok(())
+    })
+}
+
+/// The renewal's first charge fails, a retry succeeds, and both the renewal
+/// and the failure are delivered late: the failure is older than the status
+/// the paid invoice set, so it changes nothing, although it is newer than
+/// the renewal (the newest subscription event applied).
+fn stale_invoice(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let user = new_user(ctx).await;
+        let t = now() - 3 * 3600;
+        let mut s = sub_for(&user, "plus");
+        s.created = t;
+        expect_applied(ctx, "customer.subscription.created", &s, true).await;
+
+        let mut renewal = next(&s, t + 1800);
+        renewal.period_end = s.period_end + 30 * 86400;
+        expect_applied(ctx, "invoice.paid", &next(&s, t + 7200), true).await;
+        expect_applied(ctx, "customer.subscription.updated", &renewal, true).await;
+        let renewed = Some((
+            "plus".into(),
+            "active".into(),
+            renewal.period_end,
+            s.sub.clone(),
+        ));
+        assert_eq!(row_in_db(ctx, &user.id).await, renewed);
+
+        expect_applied(ctx, "invoice.payment_failed", &next(&s, t + 3600), false).await;
+        assert_eq!(row_in_db(ctx, &user.id).await, renewed);
+        // A newer failure still applies.
+        expect_applied(ctx, "invoice.payment_failed", &next(&s, t + 9000), true).await;
+        assert_eq!(
+            plan_in_db(ctx, &user.id).await,
+            Some(("plus".into(), "past_due".into()))
+        );
+        Ok(())
+    })
+}
+
+/// A Plus subscription set to cancel at period end, then Family bought as a
+/// second subscription: the end of the first one (a newer event) leaves the
+/// user on Family, and the second one's invoices still apply.
+fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let t = now() - 3 * 3600;
+        let mut a = sub_for(&user, "plus");
+        a.created = t;
+        expect_applied(ctx, "customer.subscription.created", &a, true).await;
+        let mut cancelling = next(&a, t + 60);
+        cancelling.cancel_at_period_end = true;
+        expect_applied(ctx, "customer.subscription.updated", &cancelling, true).await;
+
+        let mut b = sub_for(&user, "family");
+        b.customer = a.customer.clone();
+        b.created = t + 120;
+        b.period_end = a.period_end + 10 * 86400;
+        expect_applied(ctx, "customer.subscription.created", &b, true).await;
+        let family = Some((
+            "family".into(),
+            "active".into(),
+            b.period_end,
+            b.sub.clone(),
+        ));
+        assert_eq!(row_in_db(ctx, &user.id).await, family);
+
+        // The Plus subscription ends: acknowledged, nothing changes.
+        let ended = next(&a, t + 3600);
+        expect_applied(ctx, "customer.subscription.deleted", &ended, false).await;
+        assert_eq!(row_in_db(ctx, &user.id).await, family);
+        let c = user.refresh(ctx).await;
+        assert_eq!(
+            (c["ent"]["plan"].as_str(), c["ent"]["max_devices"].as_u64()),
+            (Some("family"), Some(10))
+        );
+
+        // Family's invoices still reach the row.
+        expect_applied(ctx, "invoice.payment_failed", &next(&b, t + 7200), true).await;
+        assert_eq!(
+            plan_in_db(ctx, &user.id).await,
+            Some(("family".into(), "past_due".into()))
+        );
+        expect_applied(ctx, "invoice.paid", &next(&b, t + 7300), true).await;
+        assert_eq!(row_in_db(ctx, &user.id).await, family);
+        Ok(())
+    })
+}
+
 async fn add_device(ctx: &Ctx, user: &User) -> u16 {
     send(
         ctx,
@@ -299,6 +475,8 @@ fn unknown_customer(ctx: &Ctx) -> Result<(), Failed> {
             user: "6f9619ff-8b86-4d11-b42d-00c04fc964ff".into(),
             plan: "plus",
             status: Status::Active,
+            period_end: now() + 30 * 86400,
+            cancel_at_period_end: false,
         };
         let (status, json) = deliver_signed(ctx, &event("customer.subscription.created", &s)).await;
         assert_eq!(status, 200, "{json}");
