@@ -8,7 +8,7 @@
 use super::{Fail, bindings, pg, time};
 use crate::domain::account::Email;
 use crate::domain::device::{DeviceName, PublicKey};
-use crate::domain::entitlement::{Plan, Subscription};
+use crate::domain::entitlement::{Plan, Status, Subscription};
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{Change, Envelope};
 use crate::http::ApiError;
@@ -344,6 +344,19 @@ pub struct Applied {
 const STATUS_SET_AT: &str =
     "greatest(subscriptions.status_event_at, subscriptions.provider_event_at)";
 
+/// Whether an event of another subscription than the row's, in `status`,
+/// makes the row follow that subscription (SQL, in the upsert's `WHERE`): a
+/// running one does, except that one still waiting for its first payment
+/// (incomplete) does not displace a subscription that is being paid for; an
+/// ended one never does.
+fn takes_over(status: Status) -> &'static str {
+    match status {
+        Status::Incomplete => "subscriptions.status NOT IN ('trialing', 'active', 'past_due')",
+        s if s.is_live() => "true",
+        _ => "false",
+    }
+}
+
 /// Applies a verified billing event in one statement (one transaction): records
 /// the event id (a replay or a concurrent duplicate then changes nothing) and
 /// updates the subscription unless a newer event already did.
@@ -357,7 +370,7 @@ const STATUS_SET_AT: &str =
 /// renewal delivered after its invoice still brings the new period, and keeps
 /// the invoice's status. A user has one row: an event for a subscription other than the
 /// row's replaces it only if that subscription is live (a new one taking
-/// over); the end of a replaced one changes nothing.
+/// over; see [`takes_over`]); the end of a replaced one changes nothing.
 pub async fn apply_billing_event(
     client: &Client,
     env: &Envelope,
@@ -422,7 +435,7 @@ pub async fn apply_billing_event(
                          updated_at = now()
                      WHERE (subscriptions.provider_event_at IS NULL
                             OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at)
-                       AND ({same} OR {live})
+                       AND ({same} OR {takes_over})
                      RETURNING user_id)
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
                                           'user_id', (SELECT user_id FROM target),
@@ -432,7 +445,7 @@ pub async fn apply_billing_event(
                 status = quoted(&status)?,
                 end = s.current_period_end,
                 cancel = s.cancel_at_period_end,
-                live = s.status.is_live(),
+                takes_over = takes_over(s.status),
             )
         }
         Change::Invoice {

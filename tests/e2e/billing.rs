@@ -355,9 +355,17 @@ fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
 
         let mut b = sub_for(&user, "family");
         b.customer = a.customer.clone();
-        b.created = t + 120;
         b.period_end = a.period_end + 10 * 86400;
-        expect_applied(ctx, "customer.subscription.created", &b, true).await;
+        // Family's checkout waits for its first payment (incomplete): the
+        // paying Plus subscription keeps the row meanwhile.
+        let mut pending = next(&b, t + 90);
+        pending.status = Status::Incomplete;
+        let plus_row = row_in_db(ctx, &user.id).await;
+        expect_applied(ctx, "customer.subscription.created", &pending, false).await;
+        assert_eq!(row_in_db(ctx, &user.id).await, plus_row);
+        // Paid, it takes over.
+        b.created = t + 120;
+        expect_applied(ctx, "customer.subscription.updated", &b, true).await;
         let family = Some((
             "family".into(),
             "active".into(),
