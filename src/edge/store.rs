@@ -26,6 +26,20 @@ const DB_TIMEOUT_MS: u64 = 5_000;
 pub struct EntitlementInputs {
     pub free: Plan,
     pub subscription: Option<Subscription>,
+    /// The version of the user's subscription row (0: none). Of two copies
+    /// the object keeps the newer (see [`EntitlementInputs::supersedes`]).
+    #[serde(default)]
+    pub version: i64,
+}
+
+impl EntitlementInputs {
+    /// Whether these inputs may replace `current`: they are at least as new.
+    /// A sign-in reads the inputs before it checks the password, and a billing
+    /// event can change and push them meanwhile; the sign-in's older copy,
+    /// arriving last, must not undo that change.
+    pub fn supersedes(&self, current: Option<&EntitlementInputs>) -> bool {
+        current.is_none_or(|c| self.version >= c.version)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,7 +74,8 @@ fn inputs_sql(user: &str) -> String {
                                'status', s.status,
                                'current_period_end', extract(epoch FROM s.current_period_end)::bigint,
                                'cancel_at_period_end', s.cancel_at_period_end)
-                            FROM subscriptions s JOIN plans p ON p.id = s.plan_id WHERE s.user_id = {user}))"
+                            FROM subscriptions s JOIN plans p ON p.id = s.plan_id WHERE s.user_id = {user}),
+           'version', coalesce((SELECT s.version FROM subscriptions s WHERE s.user_id = {user}), 0))"
     )
 }
 
@@ -432,7 +447,7 @@ pub async fn apply_billing_event(
                          status = CASE WHEN {sets_status} THEN EXCLUDED.status ELSE subscriptions.status END,
                          status_event_at = CASE WHEN {sets_status} THEN EXCLUDED.status_event_at
                                                 ELSE subscriptions.status_event_at END,
-                         updated_at = now()
+                         updated_at = now(), version = subscriptions.version + 1
                      WHERE (subscriptions.provider_event_at IS NULL
                             OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at)
                        AND ({same} OR {takes_over})
@@ -467,7 +482,8 @@ pub async fn apply_billing_event(
             format!(
                 "WITH {record},
                  target AS (SELECT user_id FROM subscriptions WHERE provider = 'stripe' AND provider_subscription_id = {sub}),
-                 up AS (UPDATE subscriptions SET status = {new_status}, status_event_at = to_timestamp({created}), updated_at = now()
+                 up AS (UPDATE subscriptions SET status = {new_status}, status_event_at = to_timestamp({created}), updated_at = now(),
+                                                version = version + 1
                         WHERE provider = 'stripe' AND provider_subscription_id = {sub} AND {allowed}
                           AND EXISTS (SELECT 1 FROM ev)
                           AND ({STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= to_timestamp({created}))

@@ -592,7 +592,9 @@ impl UserSession {
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
-        stored.inputs = Some(r.inputs);
+        if r.inputs.supersedes(stored.inputs.as_ref()) {
+            stored.inputs = Some(r.inputs);
+        }
         let issued = stored.sessions.create(
             &r.user_id,
             &r.label,
@@ -602,7 +604,7 @@ impl UserSession {
             pepper,
         );
         self.save(&mut stored, now, false).await?;
-        let ent = Self::entitlement(&stored, now).expect("inputs were just set");
+        let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
         self.cache_entitlement(&r.user_id, &ent).await;
         Self::issued(issued, ent)
     }
@@ -935,9 +937,11 @@ impl UserSession {
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
-        stored.inputs = Some(r.inputs);
+        if r.inputs.supersedes(stored.inputs.as_ref()) {
+            stored.inputs = Some(r.inputs);
+        }
         self.persist(&mut stored, now).await?;
-        let ent = Self::entitlement(&stored, now).expect("inputs were just set");
+        let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
         self.cache_entitlement(&r.user_id, &ent).await;
         Response::from_json(&serde_json::json!({ "entitlement": ent }))
     }

@@ -41,6 +41,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "billing::events_for_unknown_customers_are_acknowledged",
         unknown_customer,
     ),
+    (
+        "billing::a_sign_in_with_older_inputs_does_not_undo_a_billing_change",
+        stale_sign_in,
+    ),
 ];
 
 fn now() -> i64 {
@@ -492,6 +496,54 @@ fn unknown_customer(ctx: &Ctx) -> Result<(), Failed> {
         // An event type we do not handle is acknowledged too.
         let (status, _) = deliver_signed(ctx, &event("customer.created", &s)).await;
         assert_eq!(status, 200);
+        Ok(())
+    })
+}
+
+/// A sign-in reads the entitlement inputs before it checks the password; a
+/// billing change pushed to the user's object meanwhile must survive the
+/// sign-in's older copy arriving after it. The row is set back to what such a
+/// sign-in would have read (the plan and version before the change) to make
+/// that copy; before inputs carried a version, the sign-in's copy won.
+fn stale_sign_in(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let t = now() - 600;
+        let mut plus = sub_for(&user, "plus");
+        plus.created = t;
+        expect_applied(ctx, "customer.subscription.created", &plus, true).await;
+        let mut family = next(&plus, t + 60);
+        family.plan = "family";
+        expect_applied(ctx, "customer.subscription.updated", &family, true).await;
+        assert_eq!(user.refresh(ctx).await["ent"]["plan"], "family");
+
+        let db = db(ctx).await;
+        db.execute(
+            "UPDATE subscriptions SET plan_id = 'plus', version = version - 1 WHERE user_id = $1::text::uuid",
+            &[&user.id],
+        )
+        .await?;
+        let login = send(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": user.email, "password": PASSWORD})),
+            None,
+        )
+        .await;
+        assert_eq!(login.status, 200, "{}", login.body);
+        assert_eq!(
+            claims(s(&login.body["access_token"]))["ent"]["plan"],
+            "family",
+            "the object kept the newer inputs"
+        );
+        assert_eq!(user.refresh(ctx).await["ent"]["plan"], "family");
+
+        // A later change still applies.
+        let mut back = next(&plus, t + 120);
+        back.plan = "plus";
+        expect_applied(ctx, "customer.subscription.updated", &back, true).await;
+        assert_eq!(user.refresh(ctx).await["ent"]["plan"], "plus");
         Ok(())
     })
 }
