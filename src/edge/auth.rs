@@ -232,6 +232,9 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
 pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let b: RefreshRequest = json_body(&mut req).await?;
     let keys = secrets::keys(env)?;
+    // The object needs the pepper too; without it, answer `not_configured`
+    // here rather than relay the object's refusal as a retryable 503.
+    secrets::pepper_or_fail(env)?;
     let token = crate::domain::session::RefreshToken::parse(&b.refresh_token).map_err(|e| {
         Fail::from(ApiError::new(
             ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::RefreshTokenMalformed),
