@@ -4,7 +4,7 @@
 use crate::common::*;
 use crate::devices::make_plus;
 use crate::harness::{Ctx, Test};
-use crate::support::{Stack, eventually};
+use crate::support::{DB_NAME, Stack, eventually};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use libtest_mimic::Failed;
@@ -55,7 +55,7 @@ pub const TESTS: &[(&str, Test)] = &[
         events_written,
     ),
     (
-        "connect::connect_and_refresh_work_with_postgresql_stopped",
+        "connect::connect_and_refresh_work_with_postgresql_stopped_and_their_events_wait_for_it",
         postgres_down,
     ),
     ("connect::the_admin_api_requires_its_token", admin_auth),
@@ -700,6 +700,33 @@ fn postgres_down(ctx: &Ctx) -> Result<(), Failed> {
                     started.elapsed() < Duration::from_secs(15),
                     "and says so without hanging"
                 );
+                // Long enough for the consumer to fail the batch holding the
+                // outage's connect several times (with the platform's
+                // default of 3 retries it would be dropped by now).
+                tokio::time::sleep(Duration::from_secs(25)).await;
+                Ok(device)
+            })
+        })
+        .and_then(|device| {
+            stack.pg.start_server();
+            ctx.rt.block_on(async {
+                let db = keenvpn_edge::db::connect(&stack.pg.url(DB_NAME)).await?;
+                eventually(
+                    Duration::from_secs(60),
+                    "the connect made during the outage written once it ended",
+                    || async {
+                        let n: i64 = db
+                            .query_one(
+                                "SELECT count(*) FROM connection_events WHERE device_id = $1::text::uuid AND outcome = 'admitted'",
+                                &[&device],
+                            )
+                            .await
+                            .ok()?
+                            .get(0);
+                        (n == 2).then_some(())
+                    },
+                )
+                .await;
                 Ok(())
             })
         })
