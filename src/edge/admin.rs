@@ -61,24 +61,59 @@ fn health_str(h: Health) -> &'static str {
     }
 }
 
-async fn update_region(env: &Env, id: &str, assignments: &str) -> Result<Reply, Fail> {
+/// When an update republishes the catalogue.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Republish {
+    /// Always: an operator's change (also one that changes nothing, so that
+    /// repeating a change whose publish failed publishes it).
+    Always,
+    /// Only when the region's health or rate changed: a monitor's report,
+    /// which arrives every few seconds per region and mostly confirms what
+    /// the catalogue says; reading the whole catalogue for each would load
+    /// the database in proportion to the fleet for nothing. (A report whose
+    /// publish failed is published by the cron within a minute.)
+    IfChanged,
+}
+
+async fn update_region(
+    env: &Env,
+    id: &str,
+    assignments: &str,
+    republish: Republish,
+) -> Result<Reply, Fail> {
     let db = store::connect(env).await?;
+    let id = sql::literal(id).map_err(|_| {
+        Fail::from(ApiError::new(
+            ProblemCode::RegionNotFound,
+            "No region with this id.",
+        ))
+    })?;
     let q = format!(
-        "UPDATE regions SET {assignments}, updated_at = now() WHERE id = {}
-         RETURNING json_build_object('id', id, 'health', health, 'admission_rate', admission_rate,
-                                     'health_reported_at', extract(epoch FROM health_reported_at)::bigint)::text",
-        sql::literal(id).map_err(|_| Fail::from(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.")))?
+        "UPDATE regions r SET {assignments}, updated_at = now()
+           FROM (SELECT id, health, admission_rate FROM regions WHERE id = {id} FOR UPDATE) before
+          WHERE r.id = before.id
+         RETURNING json_build_object(
+             'region', json_build_object('id', r.id, 'health', r.health, 'admission_rate', r.admission_rate,
+                                         'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint),
+             'changed', (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate))::text"
     );
-    let row: Option<RegionState> = store::json_value(&db, &q).await?;
+    #[derive(serde::Deserialize)]
+    struct Updated {
+        region: RegionState,
+        changed: bool,
+    }
+    let row: Option<Updated> = store::json_value(&db, &q).await?;
     let Some(row) = row else {
         return Err(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.").into());
     };
     drop(db);
-    cron::publish(env, bindings::DB)
-        .await
-        .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
-    catalogue::invalidate();
-    Ok(Reply::json(200, &row))
+    if republish == Republish::Always || row.changed {
+        cron::publish(env, bindings::DB)
+            .await
+            .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
+        catalogue::invalidate();
+    }
+    Ok(Reply::json(200, &row.region))
 }
 
 pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -109,7 +144,7 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             .into(),
         );
     }
-    update_region(env, id, &sets.join(", ")).await
+    update_region(env, id, &sets.join(", "), Republish::Always).await
 }
 
 pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -122,6 +157,7 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
             "health = '{}', health_reported_at = now()",
             health_str(b.health)
         ),
+        Republish::IfChanged,
     )
     .await
 }

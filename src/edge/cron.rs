@@ -58,10 +58,38 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     }
 }
 
+/// How many times [`publish`] reads the catalogue again after a write that
+/// another publisher may have overtaken.
+const PUBLISH_ROUNDS: usize = 3;
+
 /// Reads the catalogue through `binding` and stores it in KV when it changed.
 /// Returns the snapshot and whether KV was written.
+///
+/// Two publishers can race (an operator's change and a monitor's report, or
+/// either and the cron): one that read the catalogue before the other's change
+/// committed may write its older snapshot after the other wrote the newer one.
+/// So a publisher that wrote reads the catalogue again, and writes again if it
+/// has moved on meanwhile: whichever publisher writes last has then seen the
+/// newest catalogue.
 pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), String> {
     let client = pg::connect(env, binding).await?;
+    let mut snapshot = read_catalogue(&client).await?;
+    let mut written = false;
+    for _ in 0..PUBLISH_ROUNDS {
+        if !store_snapshot(env, &snapshot).await? {
+            break;
+        }
+        written = true;
+        let again = read_catalogue(&client).await?;
+        if again.etag == snapshot.etag {
+            break;
+        }
+        snapshot = again;
+    }
+    Ok((snapshot, written))
+}
+
+async fn read_catalogue(client: &tokio_postgres::Client) -> Result<Snapshot, String> {
     let rows = client
         .simple_query(CATALOGUE_SQL)
         .await
@@ -75,8 +103,12 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
         .ok_or("catalogue query returned no row")?;
     let regions: Vec<Region> =
         serde_json::from_str(&json).map_err(|e| format!("catalogue rows: {e}"))?;
-    let snapshot = Snapshot::new(regions);
+    Ok(Snapshot::new(regions))
+}
 
+/// Stores `snapshot` and its etag in KV unless KV holds it already; returns
+/// whether the snapshot was written.
+async fn store_snapshot(env: &Env, snapshot: &Snapshot) -> Result<bool, String> {
     // Only the stored snapshot's etag is needed; the rest is skipped unparsed.
     #[derive(serde::Deserialize)]
     struct Stored {
@@ -86,7 +118,7 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
     let changed = stored.is_none_or(|s| s.etag != snapshot.etag);
     let ns = env.kv(bindings::KV).map_err(|e| e.to_string())?;
     if changed {
-        ns.put(catalogue::KV_KEY, &snapshot)
+        ns.put(catalogue::KV_KEY, snapshot)
             .map_err(|e| e.to_string())?
             .execute()
             .await
@@ -107,5 +139,5 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
             .await
             .map_err(|e| e.to_string())?;
     }
-    Ok((snapshot, changed))
+    Ok(changed)
 }
