@@ -15,7 +15,9 @@
 //! first caller publishes one from PostgreSQL through the cached Hyperdrive
 //! binding; in steady state the request path never touches PostgreSQL. An
 //! isolate without a copy loads one once: requests arriving meanwhile wait
-//! for that load instead of each reading (or publishing) the snapshot too.
+//! for that load (on a timer of their own, checking for the copy: a request
+//! may not wait on another's I/O, which workerd cancels as hung) instead of
+//! each reading (or publishing) the snapshot too.
 //!
 //! A copy in hand is kept when KV fails (stale-if-error): a connect routed by
 //! a catalogue some seconds or minutes old is better than a 503, and the
@@ -25,8 +27,6 @@
 use super::{Fail, bindings, cron, fault, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
 use crate::domain::placement::Placer;
-use futures::FutureExt;
-use futures::future::{LocalBoxFuture, Shared};
 use std::cell::RefCell;
 use std::rc::Rc;
 use worker::Env;
@@ -57,14 +57,17 @@ impl From<LoadError> for Fail {
     }
 }
 
-type Load = Shared<LocalBoxFuture<'static, Result<Rc<Placer>, LoadError>>>;
+/// How long a request waits for another's load of the first copy before
+/// loading one itself, and how often it checks.
+const LOAD_WAIT_MS: u64 = 5_000;
+const LOAD_POLL_MS: u64 = 10;
 
 /// This isolate's copy and when it was last checked.
 struct Cache {
     current: Option<(Rc<Placer>, u64)>,
-    /// The load of an isolate that has no copy yet, shared by every request
-    /// that needs one meanwhile.
-    loading: Option<Load>,
+    /// When a request started loading the first copy (none is under way
+    /// if `None`).
+    loading_since: Option<u64>,
     /// A request is asking KV whether the copy is still current; the others
     /// go on with the copy meanwhile instead of asking too.
     revalidating: bool,
@@ -77,7 +80,7 @@ thread_local! {
     static CACHE: RefCell<Cache> = const {
         RefCell::new(Cache {
             current: None,
-            loading: None,
+            loading_since: None,
             revalidating: false,
             generation: 0,
         })
@@ -89,7 +92,6 @@ pub fn invalidate() {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         c.current = None;
-        c.loading = None;
         c.generation += 1;
     });
 }
@@ -122,11 +124,23 @@ fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
     });
 }
 
+/// Marks the first copy's load under way for as long as it lives, also when
+/// the request doing it is cancelled part-way.
+struct Loading;
+
+impl Drop for Loading {
+    fn drop(&mut self) {
+        CACHE.with(|c| c.borrow_mut().loading_since = None);
+    }
+}
+
 /// What a request does with the isolate's cache.
 enum Step {
     Use(Rc<Placer>),
     Revalidate(Rc<Placer>, u64),
-    Wait(Load, u64),
+    /// Another request is loading the first copy.
+    Wait,
+    Load(Loading, u64),
 }
 
 /// The current snapshot, ready for placement.
@@ -137,66 +151,61 @@ enum Step {
 /// etag differs from the copy's. Requests arriving while that read is under
 /// way use the copy they have. `fault` is the development-only fault header.
 pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
-    let now = time::now_ms();
     let kv_down = fault == Some(fault::CATALOGUE_KV);
-    let step = CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        let generation = c.generation;
-        match &c.current {
-            // (The fault point checks at once, so a test need not wait.)
-            Some((p, at)) if (!catalogue::due(*at, now, TTL_MS) && !kv_down) || c.revalidating => {
-                Step::Use(Rc::clone(p))
-            }
-            Some((p, _)) => Step::Revalidate(Rc::clone(p), generation),
-            None => {
-                let load = c
-                    .loading
-                    .get_or_insert_with(|| {
-                        let env = env.clone();
-                        async move { load(&env, kv_down).await }
-                            .boxed_local()
-                            .shared()
-                    })
-                    .clone();
-                Step::Wait(load, generation)
-            }
-        }
-    });
-    match step {
-        Step::Use(placer) => Ok(placer),
-        Step::Wait(load, generation) => {
-            let loaded = load.await;
-            CACHE.with(|c| {
-                let mut c = c.borrow_mut();
-                if c.generation == generation {
-                    c.loading = None;
+    let started = time::now_ms();
+    loop {
+        let now = time::now_ms();
+        let step = CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            let generation = c.generation;
+            match &c.current {
+                // (The fault point checks at once, so a test need not wait.)
+                Some((p, at))
+                    if (!catalogue::due(*at, now, TTL_MS) && !kv_down) || c.revalidating =>
+                {
+                    Step::Use(Rc::clone(p))
                 }
-            });
-            let placer = loaded?;
-            keep(&placer, now, generation);
-            Ok(placer)
-        }
-        Step::Revalidate(placer, generation) => {
-            let _revalidating = Revalidating::start();
-            let fresh = revalidate(env, &placer, kv_down).await;
-            let placer = match fresh {
-                Ok(Some(newer)) => newer,
-                Ok(None) => placer,
-                Err(e) => {
-                    worker::console_error!(
-                        "{}",
-                        serde_json::json!({
-                            "level": "error",
-                            "msg": "catalogue check failed; the isolate keeps its copy",
-                            "etag": placer.snapshot().etag,
-                            "error": e.cause,
-                        })
-                    );
-                    placer
+                Some((p, _)) => Step::Revalidate(Rc::clone(p), generation),
+                None if c.loading_since.is_some()
+                    && !catalogue::due(started, now, LOAD_WAIT_MS) =>
+                {
+                    Step::Wait
                 }
-            };
-            keep(&placer, now, generation);
-            Ok(placer)
+                None => {
+                    c.loading_since = Some(now);
+                    Step::Load(Loading, generation)
+                }
+            }
+        });
+        match step {
+            Step::Use(placer) => return Ok(placer),
+            Step::Wait => time::sleep(LOAD_POLL_MS).await,
+            Step::Load(_loading, generation) => {
+                let placer = load(env, kv_down).await?;
+                keep(&placer, now, generation);
+                return Ok(placer);
+            }
+            Step::Revalidate(placer, generation) => {
+                let _revalidating = Revalidating::start();
+                let placer = match revalidate(env, &placer, kv_down).await {
+                    Ok(Some(newer)) => newer,
+                    Ok(None) => placer,
+                    Err(e) => {
+                        worker::console_error!(
+                            "{}",
+                            serde_json::json!({
+                                "level": "error",
+                                "msg": "catalogue check failed; the isolate keeps its copy",
+                                "etag": placer.snapshot().etag,
+                                "error": e.cause,
+                            })
+                        );
+                        placer
+                    }
+                };
+                keep(&placer, now, generation);
+                return Ok(placer);
+            }
         }
     }
 }

@@ -2,13 +2,23 @@
 //!
 //! The three probes run concurrently, each bounded by [`PROBE_TIMEOUT_MS`], so a
 //! hung dependency costs at most that long. Failures are reported as stable
-//! codes; the underlying error is logged with the request id.
+//! codes; the underlying error is logged with the id of the request that ran
+//! the probes.
+//!
+//! An isolate answers from probes at most [`FRESH_MS`] old: monitors and load
+//! balancers poll this endpoint, all the more during an incident, and every
+//! set of probes writes to KV and opens a database connection. (Only the
+//! finished report is shared between requests. A request may not wait on
+//! another's I/O: workerd cancels it as hung, or refuses the I/O.)
 
 use super::{bindings, log, pg, time};
 use crate::api::Readiness;
+use crate::domain::catalogue::due;
 use crate::domain::problem::ProblemCode;
 use crate::domain::readiness::{Component, Failure, Probe, Report};
 use crate::http::{ApiError, Reply};
+use std::cell::RefCell;
+use std::rc::Rc;
 use worker::{Env, Headers, Method, Request, RequestInit};
 
 /// Time budget of each probe.
@@ -18,23 +28,34 @@ const PROBE_OBJECT: &str = "__readyz";
 /// KV's minimum TTL; probe keys expire by themselves.
 const KV_PROBE_TTL_SECS: u64 = 60;
 
+/// How long an isolate answers from its last probes.
+pub const FRESH_MS: u64 = 2_000;
+
+thread_local! {
+    /// The isolate's last finished probes and when they started.
+    static LAST: RefCell<Option<(u64, Rc<Report>)>> = const { RefCell::new(None) };
+}
+
 pub async fn handle(env: &Env, request_id: &str) -> Reply {
-    let (kv, durable, db) = futures::join!(
-        probe(Component::Kv, request_id, kv_probe(env, request_id)),
-        probe(
-            Component::DurableObject,
-            request_id,
-            durable_probe(env, request_id)
-        ),
-        probe(Component::Database, request_id, db_probe(env)),
-    );
-    let report = Report::new(vec![kv, durable, db]);
+    let now = time::now_ms();
+    let recent = LAST.with(|last| match &*last.borrow() {
+        Some((at, report)) if !due(*at, now, FRESH_MS) => Some(Rc::clone(report)),
+        _ => None,
+    });
+    let report = match recent {
+        Some(report) => report,
+        None => {
+            let report = Rc::new(run(env, request_id).await);
+            LAST.with(|last| *last.borrow_mut() = Some((now, Rc::clone(&report))));
+            report
+        }
+    };
     if report.is_ready() {
         return Reply::json(
             200,
             &Readiness {
                 status: "ready",
-                components: report.components,
+                components: report.components.clone(),
             },
         );
     }
@@ -48,6 +69,20 @@ pub async fn handle(env: &Env, request_id: &str) -> Reply {
         serde_json::to_value(&report.components).unwrap_or_default(),
     );
     Reply::problem(&err, request_id)
+}
+
+/// Runs the three probes at once.
+async fn run(env: &Env, request_id: &str) -> Report {
+    let (kv, durable, db) = futures::join!(
+        probe(Component::Kv, request_id, kv_probe(env, request_id)),
+        probe(
+            Component::DurableObject,
+            request_id,
+            durable_probe(env, request_id)
+        ),
+        probe(Component::Database, request_id, db_probe(env)),
+    );
+    Report::new(vec![kv, durable, db])
 }
 
 /// Times one probe and maps its outcome, logging the cause of a failure.

@@ -28,3 +28,8 @@ pub async fn timeout<T>(ms: u64, fut: impl Future<Output = T>) -> Option<T> {
         Either::Right(_) => None,
     }
 }
+
+/// Waits `ms` milliseconds on a timer of the calling request's own.
+pub async fn sleep(ms: u64) {
+    Delay::from(Duration::from_millis(ms)).await;
+}

@@ -36,7 +36,6 @@ use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
 };
-use futures::lock::Mutex as AsyncMutex;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,6 +68,13 @@ struct Mirrors {
     devices: Option<String>,
     /// Failed writes in a row, for the retry's backoff.
     failures: u32,
+    /// A request is writing the copies: another that changes them meanwhile
+    /// marks them here and leaves them to it, rather than wait for it (a
+    /// request must not wait on another's I/O) or write alongside it (the
+    /// older copy could land last).
+    writing: bool,
+    sessions_due: bool,
+    devices_due: bool,
 }
 
 impl Mirrors {
@@ -77,6 +83,31 @@ impl Mirrors {
             Copy::Sessions => &mut self.sessions,
             Copy::Devices => &mut self.devices,
         }
+    }
+
+    fn due(&mut self, copy: Copy) -> &mut bool {
+        match copy {
+            Copy::Sessions => &mut self.sessions_due,
+            Copy::Devices => &mut self.devices_due,
+        }
+    }
+
+    /// Takes the copies marked due, sessions first.
+    fn take_due(&mut self) -> Vec<Copy> {
+        [Copy::Sessions, Copy::Devices]
+            .into_iter()
+            .filter(|&c| std::mem::take(self.due(c)))
+            .collect()
+    }
+}
+
+/// Marks the copies' writer gone when the writing request ends, however it
+/// ends.
+struct Writing<'a>(&'a RefCell<Mirrors>);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.borrow_mut().writing = false;
     }
 }
 
@@ -223,9 +254,8 @@ pub struct UserSession {
     env: Env,
     /// The device registrations running in this instance right now.
     running: RefCell<Running>,
+    /// The KV copies and their writer (see the module docs).
     mirrors: RefCell<Mirrors>,
-    /// One copy written at a time (see the module docs).
-    mirror_turn: AsyncMutex<()>,
     /// Device operations started in this instance and not seen through.
     device_ops: Cell<u32>,
     /// Whether this instance has seen every device operation it started
@@ -356,18 +386,49 @@ impl UserSession {
         }
     }
 
-    /// Writes `copies` to KV from the state as it is now, one writer at a
-    /// time, skipping a copy this instance already wrote with the same text.
-    /// A failure is logged and retried by the alarm, with backoff. `fault` is
-    /// the development-only fault point, at which every write fails.
+    /// Brings `copies` in KV up to date: writes them if no other request is
+    /// writing, and then whatever other requests marked due meanwhile, each
+    /// from the state as it is when its turn comes; otherwise leaves them to
+    /// that writer. A failure is logged and retried by the alarm, with
+    /// backoff. `fault` is the development-only fault point, at which every
+    /// write fails.
     async fn mirror(&self, copies: &[Copy], fault: Option<&str>) -> bool {
-        let _turn = self.mirror_turn.lock().await;
-        let stored = match self.load().await {
-            Ok(stored) => stored,
-            Err(e) => return self.mirror_failed("state read", &e.to_string()).await,
-        };
+        {
+            let mut m = self.mirrors.borrow_mut();
+            for &copy in copies {
+                *m.due(copy) = true;
+            }
+            if m.writing {
+                return true;
+            }
+            m.writing = true;
+        }
+        let _writing = Writing(&self.mirrors);
+        loop {
+            let due = self.mirrors.borrow_mut().take_due();
+            if due.is_empty() {
+                self.mirrors.borrow_mut().failures = 0;
+                return true;
+            }
+            if let Err(e) = self.write_copies(&due, fault).await {
+                return self.mirror_failed(e.0, &e.1).await;
+            }
+        }
+    }
+
+    /// Writes `copies` from the state as it is now, skipping a copy this
+    /// instance already wrote with the same text.
+    async fn write_copies(
+        &self,
+        copies: &[Copy],
+        fault: Option<&str>,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        let stored = self
+            .load()
+            .await
+            .map_err(|e| ("state read", e.to_string()))?;
         let Some(user_id) = &stored.user_id else {
-            return true;
+            return Ok(());
         };
         let now = time::now_secs();
         for &copy in copies {
@@ -407,12 +468,11 @@ impl UserSession {
                 Err(e) => {
                     // Whatever the store holds now is unknown.
                     *self.mirrors.borrow_mut().written(copy) = None;
-                    return self.mirror_failed("mirror write", &e).await;
+                    return Err(("mirror write", e));
                 }
             }
         }
-        self.mirrors.borrow_mut().failures = 0;
-        true
+        Ok(())
     }
 
     /// Logs a failed step of keeping the copies (`what`) and arms the alarm to
@@ -954,7 +1014,6 @@ impl DurableObject for UserSession {
             env,
             running: RefCell::default(),
             mirrors: RefCell::default(),
-            mirror_turn: AsyncMutex::new(()),
             device_ops: Cell::new(0),
             devices_settled: Cell::new(false),
         }

@@ -16,6 +16,10 @@ pub const TESTS: &[(&str, Test)] = &[
         readyz_is_200_with_every_component_up,
     ),
     (
+        "health::readyz_reuses_probes_for_two_seconds",
+        recent_readyz_probes_are_reused,
+    ),
+    (
         "health::unknown_paths_are_problem_json_404_with_a_request_id",
         unknown_paths_are_404,
     ),
@@ -32,6 +36,28 @@ pub const TESTS: &[(&str, Test)] = &[
         readyz_names_the_database_when_postgres_stops_and_recovers,
     ),
 ];
+
+/// `/readyz` calls in quick succession are answered from one set of probes
+/// (one KV write, one database connection) for up to 2 s, not a set each:
+/// the answers report the same latencies. Each used to run its own probes.
+fn recent_readyz_probes_are_reused(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            let resp = ctx.http.get(ctx.url("/readyz")).send().await?;
+            let status = resp.status();
+            let body = resp.json::<Value>().await?;
+            assert_eq!(status, 200, "{body}");
+            answers.push(body["components"].clone());
+        }
+        // At least two consecutive answers fall within one 2 s window.
+        assert!(
+            answers.windows(2).any(|w| w[0] == w[1]),
+            "every answer from probes of its own: {answers:?}"
+        );
+        Ok(())
+    })
+}
 
 fn healthz_answers_200_without_io(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {

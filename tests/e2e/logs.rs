@@ -156,3 +156,42 @@ pub fn webcrypto_in_use() -> bool {
     }
     refused == 0
 }
+
+/// What workerd logs when a request touched, or waited on, another request's
+/// I/O (a promise, a stream, a socket): the I/O is refused, or the waiting
+/// request is cancelled as hung. Caches shared by an isolate's requests must
+/// share finished data only, so the run fails on either. (A worker made to
+/// panic is exempt from the second: the requests its trapped instance was
+/// serving never finish, and workerd reports them as hung.)
+const OTHER_REQUESTS_IO: &str = "Cannot perform I/O on behalf of a different request";
+const HUNG: &str = "detected that your Worker's code had hung";
+const INJECTED_PANIC: &str = "injected panic";
+
+/// False when a worker of the run reported a request using another's I/O.
+pub fn no_cross_request_io() -> bool {
+    let mut ok = true;
+    for log in crate::support::finished_logs() {
+        let mut patterns = vec![OTHER_REQUESTS_IO];
+        if !log.contains(INJECTED_PANIC) {
+            patterns.push(HUNG);
+        }
+        for pattern in patterns {
+            let n = log.matches(pattern).count();
+            if n > 0 {
+                eprintln!("log check: a worker logged \"{pattern}\" {n} time(s):");
+                let lines: Vec<&str> = log.lines().collect();
+                for (i, _) in lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.contains(pattern))
+                {
+                    for context in &lines[i.saturating_sub(3)..(i + 3).min(lines.len())] {
+                        eprintln!("    {context}");
+                    }
+                }
+                ok = false;
+            }
+        }
+    }
+    ok
+}
