@@ -795,8 +795,17 @@ impl UserSession {
         {
             let body = serde_json::to_string(existing)
                 .map_err(|e| worker::Error::RustError(e.to_string()))?;
+            // Kept like any answer to the key, so that the key cannot be used
+            // again with another body.
             if let Some((k, _)) = &r.idempotency {
-                stored.idempotency.abandon(k);
+                stored.idempotency.complete(
+                    k,
+                    StoredResponse {
+                        status: 200,
+                        body: body.clone(),
+                    },
+                    now,
+                );
             }
             self.persist(&mut stored, now).await?;
             return Ok(Response::ok(body)?.with_status(200));

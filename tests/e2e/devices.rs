@@ -358,6 +358,19 @@ fn idempotency(ctx: &Ctx) -> Result<(), Failed> {
             2,
             "tablet + watch, each once"
         );
+        // A key whose first answer was the existing device (200) is bound
+        // to that body like any other.
+        let again = post("tablet-again", body.clone()).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_eq!(again.body["id"], first.body["id"]);
+        let reused = post(
+            "tablet-again",
+            json!({"name": "phone", "public_key": wg_key()}),
+        )
+        .await;
+        assert_eq!(reused.status, 422, "{}", reused.body);
+        assert_eq!(reused.body["code"], "idempotency_key_reused");
+        assert_eq!(device_count(ctx, &user.id).await, 2);
         let bad = send_with(
             ctx,
             "POST",
