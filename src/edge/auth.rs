@@ -11,7 +11,7 @@ use super::durable::call;
 use super::incoming::Incoming;
 use super::login_throttle::{AttemptReq, Scope};
 use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
-use super::{Fail, bindings, kv, random, secrets, store, time, webcrypto};
+use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
 use crate::domain::account::{Email, Password};
 use crate::domain::password;
@@ -113,11 +113,13 @@ async fn open_session(
     user_id: &str,
     label: Option<String>,
     inputs: store::EntitlementInputs,
+    fault: Option<String>,
 ) -> Result<IssuedResp, Fail> {
     let req = CreateReq {
         user_id: user_id.to_owned(),
         label: label.unwrap_or_default(),
         inputs,
+        fault,
     };
     let (status, body) = call(env, bindings::USER_SESSIONS, user_id, "/create", &req).await?;
     if status != 200 {
@@ -140,7 +142,23 @@ pub async fn signup(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
         )
         .into());
     };
-    let issued = open_session(env, &row.user_id, b.device_label, row.inputs).await?;
+    let fault = req.header(fault::HEADER);
+    let issued = match open_session(env, &row.user_id, b.device_label, row.inputs, fault).await {
+        Ok(issued) => issued,
+        Err(fail) => {
+            // No session, no account: remove the row just made, so that the
+            // retry the 503 invites signs up instead of meeting `email_taken`
+            // (a session the object may have stored is for an id no one
+            // will use again).
+            if let Err(e) = store::delete_new_user(&db, &row.user_id).await {
+                worker::console_error!(
+                    "{}",
+                    serde_json::json!({"level": "error", "msg": "sign-up not undone", "user_id": row.user_id, "error": e.cause})
+                );
+            }
+            return Err(fail);
+        }
+    };
     Ok(token_pair(keys, &row.user_id, &issued, 201).await)
 }
 
@@ -225,7 +243,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
         &json!({}),
     )
     .await;
-    let issued = open_session(env, &row.user_id, b.device_label, row.inputs).await?;
+    let issued = open_session(env, &row.user_id, b.device_label, row.inputs, None).await?;
     Ok(token_pair(keys, &row.user_id, &issued, 200).await)
 }
 

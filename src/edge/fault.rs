@@ -24,6 +24,9 @@ pub const CATALOGUE_KV: &str = "catalogue.kv";
 /// user's `UserSession` fails to write its KV copy of the devices, as KV's
 /// limit of one write per key per second would make it.
 pub const MIRROR_KV: &str = "mirror.kv";
+/// The point, on `POST /v1/auth/signup`, at which the new user's
+/// `UserSession` throws after storing the session (the answer is lost).
+pub const SESSION_CREATE: &str = "session.create";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

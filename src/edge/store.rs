@@ -163,6 +163,20 @@ pub async fn create_user(
     json_row(client, &q).await
 }
 
+/// Removes a user created by a sign-up that could not open its session, if
+/// nothing has been attached to it since (a device or a subscription).
+pub async fn delete_new_user(client: &Client, user_id: &str) -> Result<(), Fail> {
+    let u = user_literal(user_id)?;
+    let q = format!(
+        "WITH del AS (DELETE FROM users WHERE id = {u}
+                        AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {u})
+                        AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE user_id = {u})
+                      RETURNING id)
+         SELECT json_build_object('deleted', EXISTS (SELECT 1 FROM del))::text"
+    );
+    json_row::<serde_json::Value>(client, &q).await.map(|_| ())
+}
+
 /// The account behind a verified access token.
 pub async fn account(client: &Client, user_id: &str) -> Result<Option<AccountRow>, Fail> {
     let id = sql::uuid(user_id)

@@ -228,6 +228,9 @@ pub struct CreateReq {
     pub user_id: String,
     pub label: String,
     pub inputs: EntitlementInputs,
+    /// A fault point to throw at (development only; see `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -664,6 +667,10 @@ impl UserSession {
             pepper,
         );
         self.save(&mut stored, now, false).await?;
+        fault::at(
+            &fault::armed(&self.env, r.fault.clone()),
+            fault::SESSION_CREATE,
+        )?;
         let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
         self.cache_entitlement(&r.user_id, &ent).await;
         Self::issued(issued, ent)

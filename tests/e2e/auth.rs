@@ -19,6 +19,10 @@ pub const TESTS: &[(&str, Test)] = &[
         duplicate_signup,
     ),
     (
+        "auth::a_signup_whose_session_failed_can_be_retried",
+        signup_retried,
+    ),
+    (
         "auth::the_demo_account_logs_in_with_its_plus_plan",
         demo_login,
     ),
@@ -276,6 +280,37 @@ fn chunked_body_cut_off(ctx: &Ctx) -> Result<(), Failed> {
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
         assert!(answer.contains("payload_too_large"), "{answer}");
+        Ok(())
+    })
+}
+
+/// The user's object throwing after it stored the new session (the
+/// development-only fault point `session.create`: the answer is lost) makes
+/// the sign-up a 503 with `Retry-After` and leaves no account behind, so the
+/// retry signs up (201) rather than meeting 409 `email_taken`, as it did.
+fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let failed = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/signup",
+            Some(body.clone()),
+            None,
+            &[("x-keenvpn-fault", "session.create")],
+        )
+        .await;
+        assert_eq!(failed.status, 503, "{}", failed.body);
+        assert!(failed.headers.contains_key("retry-after"));
+        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
+            .await?
+            .get(0);
+        assert_eq!(n, 0, "no account without a session");
+        let retried = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
+        assert_eq!(retried.status, 201, "{}", retried.body);
         Ok(())
     })
 }
