@@ -523,14 +523,7 @@ fn stale_sign_in(ctx: &Ctx) -> Result<(), Failed> {
             &[&user.id],
         )
         .await?;
-        let login = send(
-            ctx,
-            "POST",
-            "/v1/auth/login",
-            Some(json!({"email": user.email, "password": PASSWORD})),
-            None,
-        )
-        .await;
+        let login = user.login(ctx).await;
         assert_eq!(login.status, 200, "{}", login.body);
         assert_eq!(
             claims(s(&login.body["access_token"]))["ent"]["plan"],

@@ -200,7 +200,28 @@ pub async fn new_user_at(ctx: &Ctx, base: &str) -> User {
     }
 }
 
+/// The region `id` in a `GET /v1/regions` answer.
+pub fn region_in(list: &Value, id: &str) -> Value {
+    list["regions"]
+        .as_array()
+        .and_then(|regions| regions.iter().find(|r| r["id"] == id))
+        .cloned()
+        .unwrap_or_else(|| panic!("no region {id} in {list}"))
+}
+
 impl User {
+    /// Signs in again, with the password every test user has.
+    pub async fn login(&self, ctx: &Ctx) -> Resp {
+        send(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": self.email, "password": PASSWORD})),
+            None,
+        )
+        .await
+    }
+
     /// Refreshes and keeps the new pair; returns the new access token's claims.
     pub async fn refresh(&mut self, ctx: &Ctx) -> Value {
         self.refresh_at(ctx, &ctx.stack().wrangler.base_url).await

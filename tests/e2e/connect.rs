@@ -233,13 +233,7 @@ fn failover(ctx: &Ctx) -> Result<(), Failed> {
         for health in ["down", "draining"] {
             set_region(ctx, "eu-west", json!({"health": health})).await;
             let regions = send(ctx, "GET", "/v1/regions", None, None).await;
-            let eu_west = regions.body["regions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["id"] == "eu-west")
-                .cloned()
-                .unwrap();
+            let eu_west = region_in(&regions.body, "eu-west");
             assert_eq!(
                 eu_west["health"], health,
                 "the admin change republished the catalogue"
@@ -518,14 +512,7 @@ fn expired_subscription(ctx: &Ctx) -> Result<(), Failed> {
             &[&user.id],
         )
         .await?;
-        let r = send(
-            ctx,
-            "POST",
-            "/v1/auth/login",
-            Some(json!({"email": user.email, "password": PASSWORD})),
-            None,
-        )
-        .await;
+        let r = user.login(ctx).await;
         user.access = s(&r.body["access_token"]).to_owned();
         assert_eq!(claims(&user.access)["ent"]["plan"], "free");
         let d = send(
@@ -769,13 +756,7 @@ fn concurrent_admin_changes(ctx: &Ctx) -> Result<(), Failed> {
                 .await?
                 .get(0);
             let list = send(ctx, "GET", "/v1/regions", None, None).await;
-            let published = list.body["regions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|r| r["id"] == "eu-west")
-                .cloned()
-                .unwrap();
+            let published = region_in(&list.body, "eu-west");
             assert_eq!(published["health"], in_db.as_str(), "round {round}");
         }
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
