@@ -1,8 +1,8 @@
 //! Accounts, tokens and sessions, end to end.
 
-use crate::common::{Resp, claims, fresh_ip, s, send, send_with, unique_email};
+use crate::common::{Resp, claims, fresh_ip, s, send, send_to, send_with, unique_email};
 use crate::harness::{Ctx, Test};
-use crate::support::DB_NAME;
+use crate::support::{DB_NAME, Stack};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use libtest_mimic::Failed;
@@ -21,6 +21,10 @@ pub const TESTS: &[(&str, Test)] = &[
     (
         "auth::a_signup_whose_session_failed_can_be_retried",
         signup_retried,
+    ),
+    (
+        "auth::a_missing_secret_answers_not_configured",
+        missing_secrets,
     ),
     (
         "auth::the_demo_account_logs_in_with_its_plus_plan",
@@ -311,6 +315,50 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(n, 0, "no account without a session");
         let retried = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
         assert_eq!(retried.status, 201, "{}", retried.body);
+        Ok(())
+    })
+}
+
+/// A worker deployed without its refresh-token pepper and webhook secret
+/// answers every route that needs one with 500 `not_configured` (a refresh
+/// used to be relayed as a retryable 503), and the rest as usual.
+fn missing_secrets(ctx: &Ctx) -> Result<(), Failed> {
+    // A real refresh token, from the shared stack.
+    let (_, pair) = ctx.rt.block_on(new_user(ctx));
+    let refresh_token = s(&pair.body["refresh_token"]).to_owned();
+    let stack = Stack::start_without(&["REFRESH_TOKEN_PEPPER", "STRIPE_WEBHOOK_SECRET"]);
+    ctx.rt.block_on(async {
+        let post = |path: &str, body: Value| {
+            let base = stack.wrangler.base_url.clone();
+            let path = path.to_owned();
+            async move { send_to(ctx, &base, "POST", &path, Some(body), None, &[]).await }
+        };
+        let credentials = json!({"email": unique_email(), "password": "correct horse battery"});
+        for (path, body) in [
+            ("/v1/auth/signup", credentials.clone()),
+            ("/v1/auth/login", credentials),
+            ("/v1/auth/refresh", json!({"refresh_token": refresh_token})),
+            ("/v1/webhooks/stripe", json!({"id": "evt_1"})),
+        ] {
+            let r = post(path, body).await;
+            assert_eq!(
+                (r.status, r.body["code"].as_str()),
+                (500, Some("not_configured")),
+                "{path}: {}",
+                r.body
+            );
+        }
+        let health = send_to(
+            ctx,
+            &stack.wrangler.base_url,
+            "GET",
+            "/healthz",
+            None,
+            None,
+            &[],
+        )
+        .await;
+        assert_eq!(health.status, 200);
         Ok(())
     })
 }

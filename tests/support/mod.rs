@@ -527,7 +527,7 @@ pub fn build_worker() {
 /// the source tree and rebuilds and reloads the worker on any change, dropping
 /// requests in flight; serving a snapshot keeps a test run independent of edits
 /// made while it runs, and it serves exactly the artifact `build_worker` made.
-fn snapshot_app(dir: &Path) -> PathBuf {
+fn snapshot_app(dir: &Path, without: &[&str]) -> PathBuf {
     let app = dir.join("app");
     fs::create_dir_all(&app).expect("app dir");
     let config = fs::read_to_string(root().join("wrangler.toml")).expect("wrangler.toml");
@@ -555,7 +555,18 @@ fn snapshot_app(dir: &Path) -> PathBuf {
         1,
     );
     fs::write(app.join("wrangler.toml"), filtered).expect("write wrangler.toml");
-    fs::copy(root().join(".dev.vars"), app.join(".dev.vars")).expect("copy .dev.vars");
+    // `.dev.vars`, less the secrets named in `without`.
+    let secrets = fs::read_to_string(root().join(".dev.vars")).expect("read .dev.vars");
+    let kept: String = secrets
+        .lines()
+        .filter(|line| {
+            !without
+                .iter()
+                .any(|name| line.starts_with(&format!("{name}=")))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(app.join(".dev.vars"), kept).expect("write .dev.vars");
     let status = Command::new("cp")
         .arg("-R")
         .arg(root().join("build"))
@@ -580,9 +591,15 @@ pub struct Wrangler {
 
 impl Wrangler {
     pub fn start(db_url: &str) -> Wrangler {
+        Wrangler::start_without(db_url, &[])
+    }
+
+    /// [`Wrangler::start`] with the secrets named in `without` left out of
+    /// its `.dev.vars`.
+    pub fn start_without(db_url: &str, without: &[&str]) -> Wrangler {
         build_worker();
         let dir = stack_dir("wrangler");
-        let app = snapshot_app(&dir);
+        let app = snapshot_app(&dir, without);
         let mut w = Wrangler {
             keep: false,
             port: 0,
@@ -815,6 +832,11 @@ impl Stack {
     /// Starts PostgreSQL (migrated and seeded) and the worker. Safe to call from
     /// inside or outside an async context: it blocks on a runtime of its own.
     pub fn start() -> Stack {
+        Stack::start_without(&[])
+    }
+
+    /// [`Stack::start`] with the worker's secrets named in `without` unset.
+    pub fn start_without(without: &[&str]) -> Stack {
         let pg = Postgres::start();
         let url = pg.url(DB_NAME);
         std::thread::spawn(move || {
@@ -826,7 +848,7 @@ impl Stack {
         })
         .join()
         .expect("migrations and seed");
-        let wrangler = Wrangler::start(&pg.url(DB_NAME));
+        let wrangler = Wrangler::start_without(&pg.url(DB_NAME), without);
         Stack { wrangler, pg }
     }
 
