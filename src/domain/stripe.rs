@@ -305,6 +305,9 @@ pub struct SubscriptionState {
     /// `metadata.user_id`, set by our checkout; `None` unless it is a
     /// lowercase hyphenated UUID.
     pub user_id: Option<String>,
+    /// When the subscription was created (unix seconds), if the object says:
+    /// of a user's two subscriptions, the newer one is the one they chose.
+    pub created_at: Option<i64>,
 }
 
 /// A verified, parsed webhook event.
@@ -480,6 +483,7 @@ fn subscription_state(
         cancel_at_period_end,
         plan_id,
         user_id,
+        created_at: timestamp(sub.get("created")),
     })
 }
 
@@ -1343,6 +1347,7 @@ mod tests {
                     cancel_at_period_end: false,
                     plan_id: Some("plus".into()),
                     user_id: Some(USER.into()),
+                    created_at: Some(1_700_000_000),
                 }),
             }
         );
@@ -1695,6 +1700,7 @@ mod tests {
                         cancel_at_period_end: false,
                         plan_id: Some("plus".into()),
                         user_id: Some(USER.into()),
+                        created_at: Some(ex.current_period_end - EXAMPLE_PERIOD_SECS),
                     }),
                 },
                 "{kind}"

@@ -374,15 +374,26 @@ const STATUS_SET_AT: &str =
     "greatest(subscriptions.status_event_at, subscriptions.provider_event_at)";
 
 /// Whether an event of another subscription than the row's, in `status`,
-/// makes the row follow that subscription (SQL, in the upsert's `WHERE`): a
-/// running one does, except that one still waiting for its first payment
-/// (incomplete) does not displace a subscription that is being paid for; an
-/// ended one never does.
-fn takes_over(status: Status) -> &'static str {
+/// created at `created_at`, makes the row follow that subscription (SQL, in
+/// the upsert's `WHERE`). One that is being paid for (trialing, active, past
+/// due) does if the row's is not, or if it is the newer subscription of the
+/// two: the one the user chose last. One still waiting for its first payment
+/// (incomplete) does only if the row's is not being paid for, so a stalled
+/// checkout takes no one's plan away. An ended one never does. Its age
+/// against the row's last event does not matter: that event was another
+/// subscription's.
+fn takes_over(status: Status, created_at: Option<i64>) -> String {
+    let row_unpaid = "subscriptions.status NOT IN ('trialing', 'active', 'past_due')";
     match status {
-        Status::Incomplete => "subscriptions.status NOT IN ('trialing', 'active', 'past_due')",
-        s if s.is_live() => "true",
-        _ => "false",
+        Status::Trialing | Status::Active | Status::PastDue => match created_at {
+            Some(at) => format!(
+                "({row_unpaid} OR subscriptions.provider_created_at IS NULL
+                  OR subscriptions.provider_created_at < to_timestamp({at}))"
+            ),
+            None => row_unpaid.to_owned(),
+        },
+        Status::Incomplete => row_unpaid.to_owned(),
+        _ => "false".to_owned(),
     }
 }
 
@@ -443,11 +454,11 @@ pub async fn apply_billing_event(
                  up AS (
                      INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, cancel_at_period_end,
                                                 provider_customer_id, provider_subscription_id,
-                                                provider_event_at, status_event_at)
+                                                provider_event_at, status_event_at, provider_created_at)
                      SELECT t.user_id, coalesce((SELECT id FROM plan),
                                                 (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)),
                             {status}, to_timestamp({end}), {cancel}, {cus}, {sub},
-                            to_timestamp({created}), to_timestamp({created})
+                            to_timestamp({created}), to_timestamp({created}), {sub_created}
                      FROM target t
                      WHERE EXISTS (SELECT 1 FROM ev)
                        AND coalesce((SELECT id FROM plan), (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)) IS NOT NULL
@@ -458,13 +469,16 @@ pub async fn apply_billing_event(
                          provider_customer_id = EXCLUDED.provider_customer_id,
                          provider_subscription_id = EXCLUDED.provider_subscription_id,
                          provider_event_at = EXCLUDED.provider_event_at,
+                         provider_created_at = CASE WHEN {same}
+                                                    THEN coalesce(EXCLUDED.provider_created_at, subscriptions.provider_created_at)
+                                                    ELSE EXCLUDED.provider_created_at END,
                          status = CASE WHEN {sets_status} THEN EXCLUDED.status ELSE subscriptions.status END,
                          status_event_at = CASE WHEN {sets_status} THEN EXCLUDED.status_event_at
                                                 ELSE subscriptions.status_event_at END,
                          updated_at = now(), version = subscriptions.version + 1
-                     WHERE (subscriptions.provider_event_at IS NULL
-                            OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at)
-                       AND ({same} OR {takes_over})
+                     WHERE ({same} AND (subscriptions.provider_event_at IS NULL
+                                        OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at))
+                        OR (NOT {same} AND {takes_over})
                      RETURNING user_id)
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
                                           'user_id', (SELECT user_id FROM target),
@@ -474,7 +488,10 @@ pub async fn apply_billing_event(
                 status = quoted(&status)?,
                 end = s.current_period_end,
                 cancel = s.cancel_at_period_end,
-                takes_over = takes_over(s.status),
+                takes_over = takes_over(s.status, s.created_at),
+                sub_created = s
+                    .created_at
+                    .map_or_else(|| "NULL".to_owned(), |at| format!("to_timestamp({at})")),
             )
         }
         Change::Invoice {

@@ -378,6 +378,19 @@ fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
         ));
         assert_eq!(row_in_db(ctx, &user.id).await, family);
 
+        // A later change to the older Plus subscription (Stripe renders it
+        // active until its period ends) does not take the row back.
+        let mut still_cancelling = next(&cancelling, t + 180);
+        still_cancelling.cancel_at_period_end = true;
+        expect_applied(
+            ctx,
+            "customer.subscription.updated",
+            &still_cancelling,
+            false,
+        )
+        .await;
+        assert_eq!(row_in_db(ctx, &user.id).await, family);
+
         // The Plus subscription ends: acknowledged, nothing changes.
         let ended = next(&a, t + 3600);
         expect_applied(ctx, "customer.subscription.deleted", &ended, false).await;
