@@ -58,8 +58,9 @@ impl From<LoadError> for Fail {
 }
 
 /// How long a request waits for another's load of the first copy before
-/// loading one itself, and how often it checks.
-const LOAD_WAIT_MS: u64 = 5_000;
+/// loading one itself (longer than a load can take: a KV read, then a
+/// publish bounded by [`PUBLISH_TIMEOUT_MS`]), and how often it checks.
+const LOAD_WAIT_MS: u64 = PUBLISH_TIMEOUT_MS + 3_000;
 const LOAD_POLL_MS: u64 = 10;
 
 /// This isolate's copy and when it was last checked.

@@ -8,7 +8,7 @@
 //! skipped when the snapshot's content hash is unchanged, which keeps within
 //! KV's one-write-per-second-per-key limit and costs nothing.
 
-use super::{bindings, kv, pg};
+use super::{bindings, kv, pg, time};
 use crate::domain::catalogue::{self, Region, Snapshot};
 use worker::{Env, ScheduleContext, ScheduledEvent, event};
 
@@ -61,6 +61,8 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
 /// How many times [`publish`] reads the catalogue again after a write that
 /// another publisher may have overtaken.
 const PUBLISH_ROUNDS: usize = 3;
+/// KV's limit: one write per key per second.
+const KV_WRITE_SPACING_MS: u64 = 1_000;
 
 /// Reads the catalogue through `binding` and stores it in KV when it changed.
 /// Returns the snapshot and whether KV was written.
@@ -85,6 +87,8 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
             break;
         }
         snapshot = again;
+        // KV takes one write per key per second.
+        time::sleep(KV_WRITE_SPACING_MS).await;
     }
     Ok((snapshot, written))
 }

@@ -32,7 +32,7 @@ const KV_PROBE_TTL_SECS: u64 = 60;
 pub const FRESH_MS: u64 = 2_000;
 
 thread_local! {
-    /// The isolate's last finished probes and when they started.
+    /// The isolate's last finished probes and when they finished.
     static LAST: RefCell<Option<(u64, Rc<Report>)>> = const { RefCell::new(None) };
 }
 
@@ -46,7 +46,9 @@ pub async fn handle(env: &Env, request_id: &str) -> Reply {
         Some(report) => report,
         None => {
             let report = Rc::new(run(env, request_id).await);
-            LAST.with(|last| *last.borrow_mut() = Some((now, Rc::clone(&report))));
+            // Stamped when the probes finished: a probe that timed out took
+            // as long as the freshness window itself.
+            LAST.with(|last| *last.borrow_mut() = Some((time::now_ms(), Rc::clone(&report))));
             report
         }
     };

@@ -59,6 +59,15 @@ enum Copy {
     Devices,
 }
 
+/// The steps the alarm retries, each with its own backoff.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Writing a copy to KV.
+    Write,
+    /// Reading the user's devices from PostgreSQL.
+    Resync,
+}
+
 /// What this instance knows of its KV copies.
 #[derive(Default)]
 struct Mirrors {
@@ -66,8 +75,10 @@ struct Mirrors {
     /// has not changed is not written again.
     sessions: Option<String>,
     devices: Option<String>,
-    /// Failed writes in a row, for the retry's backoff.
-    failures: u32,
+    /// Failed copy writes in a row, for the retry's backoff.
+    write_failures: u32,
+    /// Failed reads of the device list (in the alarm) in a row, likewise.
+    resync_failures: u32,
     /// A request is writing the copies: another that changes them meanwhile
     /// marks them here and leaves them to it, rather than wait for it (a
     /// request must not wait on another's I/O) or write alongside it (the
@@ -261,6 +272,9 @@ pub struct UserSession {
     mirrors: RefCell<Mirrors>,
     /// Device operations started in this instance and not seen through.
     device_ops: Cell<u32>,
+    /// Device operations ever started in this instance: the alarm applies a
+    /// device list only if none started while it read the list.
+    device_generation: Cell<u64>,
     /// Whether this instance has seen every device operation it started
     /// through to the records (false in a fresh instance: an operation of an
     /// earlier one may have been cut short).
@@ -365,11 +379,14 @@ impl UserSession {
     /// Starts a device operation (see [`DeviceOp`]).
     async fn device_op(&self) -> DeviceOp<'_> {
         self.device_ops.set(self.device_ops.get() + 1);
-        self.arm(MIRROR_CHECK_MS).await;
-        DeviceOp {
+        self.device_generation
+            .set(self.device_generation.get().wrapping_add(1));
+        let op = DeviceOp {
             object: self,
             done: false,
-        }
+        };
+        self.arm(MIRROR_CHECK_MS).await;
+        op
     }
 
     /// Makes sure the alarm fires within `in_ms` (an earlier one stays).
@@ -410,11 +427,11 @@ impl UserSession {
         loop {
             let due = self.mirrors.borrow_mut().take_due();
             if due.is_empty() {
-                self.mirrors.borrow_mut().failures = 0;
+                self.mirrors.borrow_mut().write_failures = 0;
                 return true;
             }
             if let Err(e) = self.write_copies(&due, fault).await {
-                return self.mirror_failed(e.0, &e.1).await;
+                return self.retry_later(Retry::Write, e.0, &e.1).await;
             }
         }
     }
@@ -479,12 +496,16 @@ impl UserSession {
     }
 
     /// Logs a failed step of keeping the copies (`what`) and arms the alarm to
-    /// try again, with backoff.
-    async fn mirror_failed(&self, what: &str, error: &str) -> bool {
+    /// try again, with backoff (each kind of step counts its own failures).
+    async fn retry_later(&self, kind: Retry, what: &str, error: &str) -> bool {
         let failures = {
             let mut m = self.mirrors.borrow_mut();
-            m.failures = m.failures.saturating_add(1);
-            m.failures
+            let n = match kind {
+                Retry::Write => &mut m.write_failures,
+                Retry::Resync => &mut m.resync_failures,
+            };
+            *n = n.saturating_add(1);
+            *n
         };
         let retry_ms = MIRROR_RETRY_MS
             .saturating_mul(1 << (failures - 1).min(20))
@@ -504,29 +525,40 @@ impl UserSession {
 
     /// The alarm: brings the KV copies up to date; first, if this instance
     /// did not see every device operation through (it is fresh, or one failed
-    /// part-way), the device records from PostgreSQL.
+    /// part-way), the device records from PostgreSQL. A list read while a
+    /// device operation started is not applied (it may predate that
+    /// operation's change); the alarm looks again later instead, as it does
+    /// while an operation is under way.
     async fn check(&self) -> Result<()> {
         let stored = self.load().await?;
         let Some(user_id) = stored.user_id else {
             return Ok(());
         };
-        if !self.devices_settled.get() && self.device_ops.get() == 0 {
+        if self.device_ops.get() > 0 {
+            self.arm(MIRROR_CHECK_MS).await;
+        } else if !self.devices_settled.get() {
+            let generation = self.device_generation.get();
             let mark = stored.devices.mark();
             let listed = match store::connect(&self.env).await {
                 Ok(db) => store::list_devices(&db, &user_id).await,
                 Err(fail) => Err(fail),
             };
+            let unchanged = || self.device_generation.get() == generation;
             match listed {
-                Ok(devices) => {
+                // No await but storage ones between this check and the list's
+                // application, so no operation can start in between.
+                Ok(devices) if unchanged() => {
                     self.apply_devices(mark, devices, Own::Nothing, None)
                         .await?;
-                    if self.device_ops.get() == 0 {
+                    if unchanged() {
                         self.devices_settled.set(true);
                     }
+                    self.mirrors.borrow_mut().resync_failures = 0;
                 }
+                Ok(_) => self.arm(MIRROR_CHECK_MS).await,
                 Err(fail) => {
-                    self.mirror_failed("device list", &fail.cause.unwrap_or_default())
-                        .await;
+                    let cause = fail.cause.unwrap_or_default();
+                    self.retry_later(Retry::Resync, "device list", &cause).await;
                 }
             }
         }
@@ -658,6 +690,11 @@ impl UserSession {
         if r.inputs.supersedes(stored.inputs.as_ref()) {
             stored.inputs = Some(r.inputs);
         }
+        let revoked = |stored: &Stored| {
+            let views = stored.sessions.mirror(now);
+            views.iter().filter(|v| v.revoked).count()
+        };
+        let revoked_before = revoked(&stored);
         let issued = stored.sessions.create(
             &r.user_id,
             &r.label,
@@ -666,7 +703,9 @@ impl UserSession {
             random::bytes(),
             pepper,
         );
-        self.save(&mut stored, now, false).await?;
+        // At the session limit, a new session ends the oldest: a revocation.
+        let evicted = revoked(&stored) > revoked_before;
+        self.save(&mut stored, now, evicted).await?;
         fault::at(
             &fault::armed(&self.env, r.fault.clone()),
             fault::SESSION_CREATE,
@@ -1031,6 +1070,7 @@ impl DurableObject for UserSession {
             running: RefCell::default(),
             mirrors: RefCell::default(),
             device_ops: Cell::new(0),
+            device_generation: Cell::new(0),
             devices_settled: Cell::new(false),
         }
     }
