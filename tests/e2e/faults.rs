@@ -38,6 +38,10 @@ pub const TESTS: &[(&str, Test)] = &[
         object_throws_mid_registration,
     ),
     (
+        "faults::a_registration_cut_short_reaches_the_connect_path_without_a_retry",
+        registration_cut_short_is_repaired,
+    ),
+    (
         "faults::a_panic_is_followed_by_a_fresh_wasm_instance",
         a_panic_is_followed_by_a_fresh_instance,
     ),
@@ -948,6 +952,68 @@ fn object_throws_mid_registration(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(r.status, 201, "{}", r.body);
     });
     Ok(())
+}
+
+/// A registration whose object throws after PostgreSQL committed the device,
+/// and that the client never retries: the alarm the operation armed before it
+/// wrote anything reads the user's devices from PostgreSQL again (this
+/// instance did not see the operation through), and the device reaches the
+/// connect path within about 30 s. Before, the object never learnt of it
+/// until a retry or the user's next device change.
+fn registration_cut_short_is_repaired(ctx: &Ctx) -> Result<(), Failed> {
+    let stack = ctx.stack();
+    let base = stack.wrangler.base_url.as_str();
+    ctx.rt.block_on(async {
+        let db = keenvpn_edge::db::connect(&stack.pg.url(DB_NAME)).await?;
+        let user = new_user_at(ctx, base).await;
+        let body = json!({"name": "laptop", "public_key": wg_key()});
+        let fault = [("x-keenvpn-fault", "device.after_insert")];
+        let crashed = send_to(
+            ctx,
+            base,
+            "POST",
+            "/v1/devices",
+            Some(body),
+            Some(&user.access),
+            &fault,
+        )
+        .await;
+        assert_eq!(crashed.status, 503, "{}", crashed.body);
+        let in_db = devices_in_db(&db, &user.id).await;
+        assert_eq!(in_db.len(), 1, "committed: {in_db:?}");
+        let id = in_db.keys().next().cloned().unwrap_or_default();
+        let connect = || {
+            let id = id.clone();
+            let access = user.access.clone();
+            async move {
+                let location = [("x-keenvpn-client-location", "51.5,-0.13")];
+                let body = Some(json!({"device_id": id}));
+                send_to(
+                    ctx,
+                    base,
+                    "POST",
+                    "/v1/connect",
+                    body,
+                    Some(&access),
+                    &location,
+                )
+                .await
+            }
+        };
+        let before = connect().await;
+        assert_eq!(
+            before.status, 404,
+            "not yet known to the object: {}",
+            before.body
+        );
+        eventually(
+            Duration::from_secs(60),
+            "the committed device reaching the connect path",
+            || async { (connect().await.status == 200).then_some(()) },
+        )
+        .await;
+        Ok(())
+    })
 }
 
 /// A panic aborts the wasm instance (`panic = "abort"`: the instance traps and
