@@ -2,7 +2,7 @@
 
 use crate::common::{Resp, claims, fresh_ip, s, send, send_to, send_with, unique_email};
 use crate::harness::{Ctx, Test};
-use crate::support::{DB_NAME, Stack};
+use crate::support::{DB_NAME, Stack, eventually};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use libtest_mimic::Failed;
@@ -359,6 +359,15 @@ fn missing_secrets(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(health.status, 200);
+        // wrangler writes the worker's lines to its log a moment later: let
+        // them arrive before the stack stops, for the run's log check.
+        let id = health.headers["x-request-id"].to_str()?.to_owned();
+        eventually(
+            Duration::from_secs(10),
+            "the last request logged",
+            || async { stack.wrangler.log().contains(&id).then_some(()) },
+        )
+        .await;
         Ok(())
     })
 }
