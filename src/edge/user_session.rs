@@ -52,11 +52,11 @@ const MIRROR_CHECK_MS: u64 = 30_000;
 const MIRROR_RETRY_MS: u64 = 1_000;
 const MIRROR_RETRY_MAX_MS: u64 = 300_000;
 
-/// The KV copies an object keeps.
+/// The KV copies an object keeps (an index into [`Mirrors`]' arrays).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Copy {
-    Sessions,
-    Devices,
+enum Mirrored {
+    Sessions = 0,
+    Devices = 1,
 }
 
 /// The steps the alarm retries, each with its own backoff.
@@ -68,46 +68,30 @@ enum Retry {
     Resync,
 }
 
-/// What this instance knows of its KV copies.
+/// What this instance knows of its KV copies, by [`Mirrored`].
 #[derive(Default)]
 struct Mirrors {
     /// The text this instance last wrote under each key: a copy whose text
     /// has not changed is not written again.
-    sessions: Option<String>,
-    devices: Option<String>,
+    written: [Option<String>; 2],
     /// Failed copy writes in a row, for the retry's backoff.
     write_failures: u32,
     /// Failed reads of the device list (in the alarm) in a row, likewise.
     resync_failures: u32,
     /// A request is writing the copies: another that changes them meanwhile
-    /// marks them here and leaves them to it, rather than wait for it (a
+    /// marks them `due` and leaves them to it, rather than wait for it (a
     /// request must not wait on another's I/O) or write alongside it (the
     /// older copy could land last).
     writing: bool,
-    sessions_due: bool,
-    devices_due: bool,
+    due: [bool; 2],
 }
 
 impl Mirrors {
-    fn written(&mut self, copy: Copy) -> &mut Option<String> {
-        match copy {
-            Copy::Sessions => &mut self.sessions,
-            Copy::Devices => &mut self.devices,
-        }
-    }
-
-    fn due(&mut self, copy: Copy) -> &mut bool {
-        match copy {
-            Copy::Sessions => &mut self.sessions_due,
-            Copy::Devices => &mut self.devices_due,
-        }
-    }
-
     /// Takes the copies marked due, sessions first.
-    fn take_due(&mut self) -> Vec<Copy> {
-        [Copy::Sessions, Copy::Devices]
+    fn take_due(&mut self) -> Vec<Mirrored> {
+        [Mirrored::Sessions, Mirrored::Devices]
             .into_iter()
-            .filter(|&c| std::mem::take(self.due(c)))
+            .filter(|&c| std::mem::take(&mut self.due[c as usize]))
             .collect()
     }
 }
@@ -372,7 +356,7 @@ impl UserSession {
             self.arm(MIRROR_CHECK_MS).await;
         }
         self.persist(stored, now).await?;
-        self.mirror(&[Copy::Sessions], None).await;
+        self.mirror(&[Mirrored::Sessions], None).await;
         Ok(())
     }
 
@@ -412,14 +396,14 @@ impl UserSession {
     /// that writer. A failure is logged and retried by the alarm, with
     /// backoff. `fault` is the development-only fault point, at which every
     /// write fails.
-    async fn mirror(&self, copies: &[Copy], fault: Option<&str>) -> bool {
+    async fn mirror(&self, copies: &[Mirrored], fault: Option<&str>) {
         {
             let mut m = self.mirrors.borrow_mut();
             for &copy in copies {
-                *m.due(copy) = true;
+                m.due[copy as usize] = true;
             }
             if m.writing {
-                return true;
+                return;
             }
             m.writing = true;
         }
@@ -428,7 +412,7 @@ impl UserSession {
             let due = self.mirrors.borrow_mut().take_due();
             if due.is_empty() {
                 self.mirrors.borrow_mut().write_failures = 0;
-                return true;
+                return;
             }
             if let Err(e) = self.write_copies(&due, fault).await {
                 return self.retry_later(Retry::Write, e.0, &e.1).await;
@@ -440,7 +424,7 @@ impl UserSession {
     /// instance already wrote with the same text.
     async fn write_copies(
         &self,
-        copies: &[Copy],
+        copies: &[Mirrored],
         fault: Option<&str>,
     ) -> std::result::Result<(), (&'static str, String)> {
         let stored = self
@@ -453,13 +437,13 @@ impl UserSession {
         let now = time::now_secs();
         for &copy in copies {
             let (key, text) = match copy {
-                Copy::Sessions => (
+                Mirrored::Sessions => (
                     mirror_key(user_id),
                     serde_json::to_string(&Mirror {
                         sessions: stored.sessions.mirror(now),
                     }),
                 ),
-                Copy::Devices => (
+                Mirrored::Devices => (
                     devices_key(user_id),
                     serde_json::to_string(&DeviceMirror {
                         devices: stored.device_records.clone(),
@@ -469,7 +453,7 @@ impl UserSession {
             let Ok(text) = text else {
                 continue;
             };
-            if self.mirrors.borrow_mut().written(copy).as_ref() == Some(&text) {
+            if self.mirrors.borrow().written[copy as usize].as_ref() == Some(&text) {
                 continue;
             }
             let written = if fault == Some(fault::MIRROR_KV) {
@@ -484,10 +468,10 @@ impl UserSession {
                 }
             };
             match written {
-                Ok(()) => *self.mirrors.borrow_mut().written(copy) = Some(text),
+                Ok(()) => self.mirrors.borrow_mut().written[copy as usize] = Some(text),
                 Err(e) => {
                     // Whatever the store holds now is unknown.
-                    *self.mirrors.borrow_mut().written(copy) = None;
+                    self.mirrors.borrow_mut().written[copy as usize] = None;
                     return Err(("mirror write", e));
                 }
             }
@@ -497,7 +481,7 @@ impl UserSession {
 
     /// Logs a failed step of keeping the copies (`what`) and arms the alarm to
     /// try again, with backoff (each kind of step counts its own failures).
-    async fn retry_later(&self, kind: Retry, what: &str, error: &str) -> bool {
+    async fn retry_later(&self, kind: Retry, what: &str, error: &str) {
         let failures = {
             let mut m = self.mirrors.borrow_mut();
             let n = match kind {
@@ -520,7 +504,6 @@ impl UserSession {
             })
         );
         self.arm(retry_ms).await;
-        false
     }
 
     /// The alarm: brings the KV copies up to date; first, if this instance
@@ -562,7 +545,8 @@ impl UserSession {
                 }
             }
         }
-        self.mirror(&[Copy::Sessions, Copy::Devices], None).await;
+        self.mirror(&[Mirrored::Sessions, Mirrored::Devices], None)
+            .await;
         Ok(())
     }
 
@@ -580,7 +564,7 @@ impl UserSession {
         let mut stored = self.load().await?;
         Self::sync_devices(&mut stored, mark, devices, own);
         self.persist(&mut stored, now).await?;
-        self.mirror(&[Copy::Devices], fault).await;
+        self.mirror(&[Mirrored::Devices], fault).await;
         Ok(())
     }
 
@@ -824,7 +808,7 @@ impl UserSession {
                 Begin::Replay(resp) => {
                     // The first answer may never have reached the mirror (a
                     // crash right after the state was written): write it again.
-                    self.mirror(&[Copy::Devices], None).await;
+                    self.mirror(&[Mirrored::Devices], None).await;
                     return Ok(Response::ok(resp.body)?.with_status(resp.status));
                 }
                 Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
@@ -929,7 +913,7 @@ impl UserSession {
                 self.persist(&mut stored, now).await?;
                 op.done();
                 if changed {
-                    self.mirror(&[Copy::Devices], fault.as_deref()).await;
+                    self.mirror(&[Mirrored::Devices], fault.as_deref()).await;
                 }
                 return refuse(403, "device_limit_reached", None);
             }
@@ -955,7 +939,7 @@ impl UserSession {
         fault::at(&fault, "device.after_confirm")?;
         op.done();
         if changed {
-            self.mirror(&[Copy::Devices], fault.as_deref()).await;
+            self.mirror(&[Mirrored::Devices], fault.as_deref()).await;
         }
         drop(owned);
         Ok(Response::ok(body)?.with_status(status))
