@@ -66,9 +66,8 @@ const LOAD_POLL_MS: u64 = 10;
 /// This isolate's copy and when it was last checked.
 struct Cache {
     current: Option<(Rc<Placer>, u64)>,
-    /// When a request started loading the first copy (none is under way
-    /// if `None`).
-    loading_since: Option<u64>,
+    /// A request is loading the first copy; the others wait for it.
+    loading: bool,
     /// A request is asking KV whether the copy is still current; the others
     /// go on with the copy meanwhile instead of asking too.
     revalidating: bool,
@@ -81,7 +80,7 @@ thread_local! {
     static CACHE: RefCell<Cache> = const {
         RefCell::new(Cache {
             current: None,
-            loading_since: None,
+            loading: false,
             revalidating: false,
             generation: 0,
         })
@@ -97,20 +96,13 @@ pub fn invalidate() {
     });
 }
 
-/// Marks a revalidation under way for as long as it lives, also when the
-/// request doing it is cancelled part-way.
-struct Revalidating;
+/// Holds one of the cache's flags (`revalidating`, `loading`) set for as long
+/// as it lives, also when the request holding it is cancelled part-way.
+struct Busy(fn(&mut Cache) -> &mut bool);
 
-impl Revalidating {
-    fn start() -> Revalidating {
-        CACHE.with(|c| c.borrow_mut().revalidating = true);
-        Revalidating
-    }
-}
-
-impl Drop for Revalidating {
+impl Drop for Busy {
     fn drop(&mut self) {
-        CACHE.with(|c| c.borrow_mut().revalidating = false);
+        CACHE.with(|c| *(self.0)(&mut c.borrow_mut()) = false);
     }
 }
 
@@ -125,23 +117,13 @@ fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
     });
 }
 
-/// Marks the first copy's load under way for as long as it lives, also when
-/// the request doing it is cancelled part-way.
-struct Loading;
-
-impl Drop for Loading {
-    fn drop(&mut self) {
-        CACHE.with(|c| c.borrow_mut().loading_since = None);
-    }
-}
-
 /// What a request does with the isolate's cache.
 enum Step {
     Use(Rc<Placer>),
-    Revalidate(Rc<Placer>, u64),
+    Revalidate(Busy, Rc<Placer>, u64),
     /// Another request is loading the first copy.
     Wait,
-    Load(Loading, u64),
+    Load(Busy, u64),
 }
 
 /// The current snapshot, ready for placement.
@@ -154,8 +136,8 @@ enum Step {
 pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
     let kv_down = fault == Some(fault::CATALOGUE_KV);
     let started = time::now_ms();
+    let mut now = started;
     loop {
-        let now = time::now_ms();
         let step = CACHE.with(|c| {
             let mut c = c.borrow_mut();
             let generation = c.generation;
@@ -166,28 +148,30 @@ pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail>
                 {
                     Step::Use(Rc::clone(p))
                 }
-                Some((p, _)) => Step::Revalidate(Rc::clone(p), generation),
-                None if c.loading_since.is_some()
-                    && !catalogue::due(started, now, LOAD_WAIT_MS) =>
-                {
-                    Step::Wait
+                Some((p, _)) => {
+                    let placer = Rc::clone(p);
+                    c.revalidating = true;
+                    Step::Revalidate(Busy(|c| &mut c.revalidating), placer, generation)
                 }
+                None if c.loading && !catalogue::due(started, now, LOAD_WAIT_MS) => Step::Wait,
                 None => {
-                    c.loading_since = Some(now);
-                    Step::Load(Loading, generation)
+                    c.loading = true;
+                    Step::Load(Busy(|c| &mut c.loading), generation)
                 }
             }
         });
         match step {
             Step::Use(placer) => return Ok(placer),
-            Step::Wait => time::sleep(LOAD_POLL_MS).await,
+            Step::Wait => {
+                time::sleep(LOAD_POLL_MS).await;
+                now = time::now_ms();
+            }
             Step::Load(_loading, generation) => {
                 let placer = load(env, kv_down).await?;
                 keep(&placer, now, generation);
                 return Ok(placer);
             }
-            Step::Revalidate(placer, generation) => {
-                let _revalidating = Revalidating::start();
+            Step::Revalidate(_revalidating, placer, generation) => {
                 let placer = match revalidate(env, &placer, kv_down).await {
                     Ok(Some(newer)) => newer,
                     Ok(None) => placer,
