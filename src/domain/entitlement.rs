@@ -42,19 +42,31 @@ impl Status {
         serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
     }
 
-    /// Whether a subscription in this status is still running: being set up,
-    /// paid for or retried (trialing, active, past due, incomplete), as
-    /// opposed to ended (cancelled, expired, unpaid, paused). A user has one
-    /// subscription row; an event for another subscription replaces it only
-    /// if that subscription is live, so the end of a subscription the user
-    /// has already replaced changes nothing.
-    pub fn is_live(self) -> bool {
+    /// The provider's spelling, as [`Status::parse`] reads it.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Status::Trialing | Status::Active | Status::PastDue | Status::Incomplete => true,
-            Status::Canceled | Status::IncompleteExpired | Status::Unpaid | Status::Paused => false,
+            Status::Trialing => "trialing",
+            Status::Active => "active",
+            Status::PastDue => "past_due",
+            Status::Canceled => "canceled",
+            Status::Unpaid => "unpaid",
+            Status::Incomplete => "incomplete",
+            Status::IncompleteExpired => "incomplete_expired",
+            Status::Paused => "paused",
         }
     }
+
+    /// Whether a subscription in this status is being paid for (see
+    /// [`PAID_FOR`]).
+    pub fn is_paid_for(self) -> bool {
+        PAID_FOR.contains(&self)
+    }
 }
+
+/// The statuses of a subscription that is being paid for: trialing, active,
+/// or past due while its payment is retried. Of a user's two subscriptions,
+/// one in these takes the row from one that is not (`store::apply_billing_event`).
+pub const PAID_FOR: [Status; 3] = [Status::Trialing, Status::Active, Status::PastDue];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
@@ -224,23 +236,22 @@ mod tests {
     }
 
     #[test]
-    fn only_running_subscriptions_are_live() {
-        for status in [
+    fn statuses_are_spelled_as_they_parse_and_three_are_paid_for() {
+        let all = [
             Status::Trialing,
             Status::Active,
             Status::PastDue,
-            Status::Incomplete,
-        ] {
-            assert!(status.is_live(), "{status:?}");
-        }
-        for status in [
             Status::Canceled,
-            Status::IncompleteExpired,
             Status::Unpaid,
+            Status::Incomplete,
+            Status::IncompleteExpired,
             Status::Paused,
-        ] {
-            assert!(!status.is_live(), "{status:?}");
+        ];
+        for status in all {
+            assert_eq!(Status::parse(status.as_str()), Some(status));
         }
+        let paid: Vec<Status> = all.into_iter().filter(|s| s.is_paid_for()).collect();
+        assert_eq!(paid, PAID_FOR);
     }
 
     #[test]

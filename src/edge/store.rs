@@ -8,7 +8,7 @@
 use super::{Fail, bindings, pg, time};
 use crate::domain::account::Email;
 use crate::domain::device::{DeviceName, PublicKey};
-use crate::domain::entitlement::{Plan, Status, Subscription};
+use crate::domain::entitlement::{PAID_FOR, Plan, Status, Subscription};
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{Change, Envelope};
 use crate::http::ApiError;
@@ -383,16 +383,20 @@ const STATUS_SET_AT: &str =
 /// against the row's last event does not matter: that event was another
 /// subscription's.
 fn takes_over(status: Status, created_at: Option<i64>) -> String {
-    let row_unpaid = "subscriptions.status NOT IN ('trialing', 'active', 'past_due')";
+    let paid: Vec<String> = PAID_FOR
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    let row_unpaid = format!("subscriptions.status NOT IN ({})", paid.join(", "));
     match status {
-        Status::Trialing | Status::Active | Status::PastDue => match created_at {
+        s if s.is_paid_for() => match created_at {
             Some(at) => format!(
                 "({row_unpaid} OR subscriptions.provider_created_at IS NULL
                   OR subscriptions.provider_created_at < to_timestamp({at}))"
             ),
-            None => row_unpaid.to_owned(),
+            None => row_unpaid,
         },
-        Status::Incomplete => row_unpaid.to_owned(),
+        Status::Incomplete => row_unpaid,
         _ => "false".to_owned(),
     }
 }
@@ -429,10 +433,7 @@ pub async fn apply_billing_event(
                 Some(u) => format!("SELECT id FROM users WHERE id = {u}"),
                 None => "SELECT NULL::uuid WHERE false".to_owned(),
             };
-            let status = serde_json::to_value(s.status)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
+            let status = s.status.as_str();
             let plan = match &s.plan_id {
                 Some(p) => quoted(p)?,
                 None => "NULL".to_owned(),
@@ -485,7 +486,7 @@ pub async fn apply_billing_event(
                                           'changed', EXISTS (SELECT 1 FROM up))::text",
                 cus = quoted(&s.customer_id)?,
                 sub = quoted(&s.subscription_id)?,
-                status = quoted(&status)?,
+                status = quoted(status)?,
                 end = s.current_period_end,
                 cancel = s.cancel_at_period_end,
                 takes_over = takes_over(s.status, s.created_at),
