@@ -518,6 +518,12 @@ impl UserSessions {
     }
 
     /// Whether `sid` names a session that is neither revoked nor expired.
+    /// Whether the user has [`MAX_ACTIVE_SESSIONS`] active sessions, so that a
+    /// new one ([`UserSessions::create`]) ends the least recently used.
+    pub fn is_full(&self, now: i64) -> bool {
+        self.families.values().filter(|f| f.is_active(now)).count() >= MAX_ACTIVE_SESSIONS
+    }
+
     pub fn is_active(&self, sid: &str, now: i64) -> bool {
         self.families.get(sid).is_some_and(|f| f.is_active(now))
     }
@@ -1018,6 +1024,17 @@ mod tests {
                 .enumerate()
                 .all(|(n, i)| n == 3 || s.is_active(&i.sid, now))
         );
+    }
+
+    #[test]
+    fn a_user_is_full_at_the_session_limit() {
+        let mut s = UserSessions::default();
+        for n in 0..MAX_ACTIVE_SESSIONS as u8 - 1 {
+            create(&mut s, n, T0);
+        }
+        assert!(!s.is_full(T0));
+        create(&mut s, 0xfe, T0);
+        assert!(s.is_full(T0), "the next session evicts one");
     }
 
     #[test]

@@ -674,11 +674,8 @@ impl UserSession {
         if r.inputs.supersedes(stored.inputs.as_ref()) {
             stored.inputs = Some(r.inputs);
         }
-        let revoked = |stored: &Stored| {
-            let views = stored.sessions.mirror(now);
-            views.iter().filter(|v| v.revoked).count()
-        };
-        let revoked_before = revoked(&stored);
+        // At the session limit, a new session ends the oldest: a revocation.
+        let evicts = stored.sessions.is_full(now);
         let issued = stored.sessions.create(
             &r.user_id,
             &r.label,
@@ -687,9 +684,7 @@ impl UserSession {
             random::bytes(),
             pepper,
         );
-        // At the session limit, a new session ends the oldest: a revocation.
-        let evicted = revoked(&stored) > revoked_before;
-        self.save(&mut stored, now, evicted).await?;
+        self.save(&mut stored, now, evicts).await?;
         fault::at(
             &fault::armed(&self.env, r.fault.clone()),
             fault::SESSION_CREATE,
