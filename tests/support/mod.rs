@@ -713,42 +713,46 @@ impl Wrangler {
     }
 
     /// Runs `wrangler kv key <verb> <key> ...` against the worker's local KV
-    /// namespace (binding `KV`), as an operator would.
+    /// namespace (binding `KV`), as an operator would. The CLI and the running
+    /// worker share the local store, and the CLI can lose a race for it (the
+    /// command then fails with a 500): a failed command is run again, up to
+    /// five times. Both verbs used here (get, delete) are safe to repeat.
     fn kv(&self, verb: &str, key: &str, extra: &[&str]) -> std::process::Output {
         let bin = root().join("node_modules/.bin");
-        Command::new(bin.join("wrangler"))
-            .current_dir(self.dir.join("app"))
-            .args(["kv", "key", verb, key, "--binding", "KV", "--local"])
-            .args(extra)
-            .arg("--persist-to")
-            .arg(self.dir.join("state"))
-            .env(
-                "PATH",
-                format!(
-                    "{}:{}",
-                    bin.display(),
-                    std::env::var("PATH").unwrap_or_default()
-                ),
-            )
-            .env("WRANGLER_SEND_METRICS", "false")
-            .output()
-            .unwrap_or_else(|e| panic!("run wrangler kv key {verb}: {e}"))
-    }
-
-    /// Reads a key from the worker's local KV namespace; `None` when it is
-    /// absent. A failed read (the CLI and the running worker share the local
-    /// store, and a read can lose a race for it) is retried, and is never
-    /// mistaken for an absent key.
-    pub fn kv_get(&self, key: &str) -> Option<String> {
+        let run = || {
+            Command::new(bin.join("wrangler"))
+                .current_dir(self.dir.join("app"))
+                .args(["kv", "key", verb, key, "--binding", "KV", "--local"])
+                .args(extra)
+                .arg("--persist-to")
+                .arg(self.dir.join("state"))
+                .env(
+                    "PATH",
+                    format!(
+                        "{}:{}",
+                        bin.display(),
+                        std::env::var("PATH").unwrap_or_default()
+                    ),
+                )
+                .env("WRANGLER_SEND_METRICS", "false")
+                .output()
+                .unwrap_or_else(|e| panic!("run wrangler kv key {verb}: {e}"))
+        };
         let mut attempt = 1;
-        let out = loop {
-            let out = self.kv("get", key, &["--text"]);
+        loop {
+            let out = run();
             if out.status.success() || attempt == 5 {
-                break out;
+                return out;
             }
             attempt += 1;
             std::thread::sleep(Duration::from_millis(200));
-        };
+        }
+    }
+
+    /// Reads a key from the worker's local KV namespace; `None` when it is
+    /// absent. A failed read is never mistaken for an absent key.
+    pub fn kv_get(&self, key: &str) -> Option<String> {
+        let out = self.kv("get", key, &["--text"]);
         assert!(
             out.status.success(),
             "wrangler kv key get {key}: {}",
