@@ -235,18 +235,21 @@ mod tests {
         }
     }
 
+    /// Every status there is.
+    pub(super) const ALL_STATUSES: [Status; 8] = [
+        Status::Trialing,
+        Status::Active,
+        Status::PastDue,
+        Status::Canceled,
+        Status::Unpaid,
+        Status::Incomplete,
+        Status::IncompleteExpired,
+        Status::Paused,
+    ];
+
     #[test]
     fn statuses_are_spelled_as_they_parse_and_three_are_paid_for() {
-        let all = [
-            Status::Trialing,
-            Status::Active,
-            Status::PastDue,
-            Status::Canceled,
-            Status::Unpaid,
-            Status::Incomplete,
-            Status::IncompleteExpired,
-            Status::Paused,
-        ];
+        let all = ALL_STATUSES;
         for status in all {
             assert_eq!(Status::parse(status.as_str()), Some(status));
         }
@@ -294,16 +297,7 @@ mod properties {
     }
 
     fn status() -> impl Strategy<Value = Status> {
-        prop::sample::select(vec![
-            Status::Trialing,
-            Status::Active,
-            Status::PastDue,
-            Status::Canceled,
-            Status::Unpaid,
-            Status::Incomplete,
-            Status::IncompleteExpired,
-            Status::Paused,
-        ])
+        prop::sample::select(super::tests::ALL_STATUSES.to_vec())
     }
 
     /// Times near each other (so the boundaries are hit) and at the extremes.
