@@ -34,4 +34,4 @@ ON CONFLICT (id) DO NOTHING;
 
 INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, provider_customer_id, provider_subscription_id)
 VALUES ('00000000-0000-4000-8000-00000000d001', 'plus', 'active', '2099-01-01T00:00:00Z', 'cus_demo', 'sub_demo')
-ON CONFLICT (user_id) DO NOTHING;
+ON CONFLICT (provider_subscription_id) DO NOTHING;

@@ -1,9 +1,15 @@
-//! Entitlements: what a user may do right now, as a pure function of their plan,
-//! their subscription and `now`.
+//! Entitlements: what a user may do right now, as a pure function of the free
+//! plan, their subscriptions and `now`.
 //!
 //! The result travels in every access token (so the reconnect hot path needs no
 //! database) and is recomputed at each refresh from the inputs the user's Durable
 //! Object holds, so a subscription that lapses takes effect at the next refresh.
+//!
+//! A user may hold several subscriptions at once: the billing provider lets a
+//! customer have more than one (Plus running to the end of its period after
+//! Family was bought, or Family cancelled while Plus goes on). Each grants
+//! what it grants on its own, and the user gets the best of them
+//! ([`Entitlement::rank`]).
 
 use super::catalogue::Tier;
 use serde::{Deserialize, Serialize};
@@ -64,8 +70,8 @@ impl Status {
 }
 
 /// The statuses of a subscription that is being paid for: trialing, active,
-/// or past due while its payment is retried. Of a user's two subscriptions,
-/// one in these takes the row from one that is not (`store::apply_billing_event`).
+/// or past due while its payment is retried. Only these grant a paid plan, so
+/// a user's entitlement inputs carry only subscriptions in them.
 pub const PAID_FOR: [Status; 3] = [Status::Trialing, Status::Active, Status::PastDue];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,19 +106,28 @@ impl Entitlement {
     pub fn allows_tier(&self, tier: Tier) -> bool {
         self.region_tiers.contains(&tier)
     }
+
+    /// How much it grants, to choose among several: more region tiers first,
+    /// then more devices, then the later lapse; the plan id breaks a tie, so
+    /// the choice does not depend on the order of the subscriptions.
+    pub fn rank(&self) -> (usize, u32, Option<i64>, &str) {
+        (
+            self.region_tiers.len(),
+            self.max_devices,
+            self.until,
+            &self.plan,
+        )
+    }
 }
 
-/// The entitlement at `now` given the free plan and the user's subscription, if any.
+/// Until when one subscription grants its plan, if it does at all:
 ///
-/// - trialing or active: the paid plan until the period end, plus [`GRACE_SECS`]
-///   unless it was cancelled at period end (then it ends exactly there);
-/// - past due: the paid plan until the period end plus [`GRACE_SECS`];
-/// - cancelled, unpaid, incomplete, expired, paused: the free plan.
-pub fn entitlement(free: &Plan, subscription: Option<&Subscription>, now: i64) -> Entitlement {
-    let Some(sub) = subscription else {
-        return Entitlement::of_plan(free, None);
-    };
-    let paid_until = match sub.status {
+/// - trialing or active: the period end, plus [`GRACE_SECS`] unless it was
+///   cancelled at period end (then it ends exactly there);
+/// - past due: the period end plus [`GRACE_SECS`];
+/// - cancelled, unpaid, incomplete, expired, paused: never.
+fn paid_until(sub: &Subscription) -> Option<i64> {
+    match sub.status {
         Status::Trialing | Status::Active if sub.cancel_at_period_end => {
             Some(sub.current_period_end)
         }
@@ -124,16 +139,82 @@ pub fn entitlement(free: &Plan, subscription: Option<&Subscription>, now: i64) -
         | Status::Incomplete
         | Status::IncompleteExpired
         | Status::Paused => None,
-    };
-    match paid_until {
-        Some(until) if now < until => Entitlement::of_plan(&sub.plan, Some(until)),
-        _ => Entitlement::of_plan(free, None),
+    }
+}
+
+/// The entitlement at `now` given the free plan and the user's subscriptions:
+/// the best ([`Entitlement::rank`]) paid plan that one of them still grants
+/// (see [`paid_until`]), else the free plan.
+pub fn entitlement(free: &Plan, subscriptions: &[Subscription], now: i64) -> Entitlement {
+    subscriptions
+        .iter()
+        .filter_map(|sub| match paid_until(sub) {
+            Some(until) if now < until => Some(Entitlement::of_plan(&sub.plan, Some(until))),
+            _ => None,
+        })
+        .max_by(|a, b| a.rank().cmp(&b.rank()))
+        .unwrap_or_else(|| Entitlement::of_plan(free, None))
+}
+
+/// What the entitlement is computed from, kept by the user's Durable Object:
+/// the free plan and the user's subscriptions that are being paid for
+/// ([`PAID_FOR`]; the others grant nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredInputs")]
+pub struct EntitlementInputs {
+    pub free: Plan,
+    pub subscriptions: Vec<Subscription>,
+    /// The sum of the versions of the user's subscription rows, each raised
+    /// by every change to its row (0: none), so it grows with every change.
+    /// Of two copies the object keeps the newer (see
+    /// [`EntitlementInputs::supersedes`]).
+    pub version: i64,
+}
+
+impl EntitlementInputs {
+    /// Whether these inputs may replace `current`: they are at least as new.
+    /// A sign-in reads the inputs before it checks the password, and a billing
+    /// event can change and push them meanwhile; the sign-in's older copy,
+    /// arriving last, must not undo that change.
+    pub fn supersedes(&self, current: Option<&EntitlementInputs>) -> bool {
+        current.is_none_or(|c| self.version >= c.version)
+    }
+
+    /// The entitlement these inputs give at `now`.
+    pub fn at(&self, now: i64) -> Entitlement {
+        entitlement(&self.free, &self.subscriptions, now)
+    }
+}
+
+/// [`EntitlementInputs`] as stored: objects written before users could hold
+/// several subscriptions keep one, or none, under `subscription`.
+#[derive(Deserialize)]
+struct StoredInputs {
+    free: Plan,
+    #[serde(default)]
+    subscriptions: Vec<Subscription>,
+    #[serde(default)]
+    subscription: Option<Subscription>,
+    #[serde(default)]
+    version: i64,
+}
+
+impl From<StoredInputs> for EntitlementInputs {
+    fn from(s: StoredInputs) -> EntitlementInputs {
+        let mut subscriptions = s.subscriptions;
+        subscriptions.extend(s.subscription);
+        EntitlementInputs {
+            free: s.free,
+            subscriptions,
+            version: s.version,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::slice::from_ref;
 
     fn free() -> Plan {
         Plan {
@@ -160,7 +241,7 @@ mod tests {
 
     #[test]
     fn no_subscription_is_the_free_plan_forever() {
-        let e = entitlement(&free(), None, 1_000);
+        let e = entitlement(&free(), &[], 1_000);
         assert_eq!(e.plan, "free");
         assert_eq!(e.max_devices, 1);
         assert_eq!(e.until, None);
@@ -170,19 +251,19 @@ mod tests {
     #[test]
     fn active_is_paid_until_period_end_plus_grace() {
         let s = sub(Status::Active, 1_000, false);
-        let e = entitlement(&free(), Some(&s), 999);
+        let e = entitlement(&free(), from_ref(&s), 999);
         assert_eq!(
             (e.plan.as_str(), e.max_devices, e.until),
             ("plus", 5, Some(1_000 + GRACE_SECS))
         );
         // A late renewal event does not cut the user off at the period end...
         assert_eq!(
-            entitlement(&free(), Some(&s), 1_000 + GRACE_SECS - 1).plan,
+            entitlement(&free(), from_ref(&s), 1_000 + GRACE_SECS - 1).plan,
             "plus"
         );
         // ...but the grace is bounded.
         assert_eq!(
-            entitlement(&free(), Some(&s), 1_000 + GRACE_SECS).plan,
+            entitlement(&free(), from_ref(&s), 1_000 + GRACE_SECS).plan,
             "free"
         );
     }
@@ -190,20 +271,20 @@ mod tests {
     #[test]
     fn cancelled_at_period_end_ends_exactly_at_period_end() {
         let s = sub(Status::Active, 1_000, true);
-        assert_eq!(entitlement(&free(), Some(&s), 999).plan, "plus");
-        assert_eq!(entitlement(&free(), Some(&s), 999).until, Some(1_000));
-        assert_eq!(entitlement(&free(), Some(&s), 1_000).plan, "free");
+        assert_eq!(entitlement(&free(), from_ref(&s), 999).plan, "plus");
+        assert_eq!(entitlement(&free(), from_ref(&s), 999).until, Some(1_000));
+        assert_eq!(entitlement(&free(), from_ref(&s), 1_000).plan, "free");
     }
 
     #[test]
     fn past_due_keeps_the_plan_through_the_grace_period() {
         let s = sub(Status::PastDue, 1_000, false);
         assert_eq!(
-            entitlement(&free(), Some(&s), 1_000 + GRACE_SECS - 1).plan,
+            entitlement(&free(), from_ref(&s), 1_000 + GRACE_SECS - 1).plan,
             "plus"
         );
         assert_eq!(
-            entitlement(&free(), Some(&s), 1_000 + GRACE_SECS).plan,
+            entitlement(&free(), from_ref(&s), 1_000 + GRACE_SECS).plan,
             "free"
         );
     }
@@ -218,7 +299,11 @@ mod tests {
             Status::Paused,
         ] {
             let s = sub(status, 10_000, false);
-            assert_eq!(entitlement(&free(), Some(&s), 1).plan, "free", "{status:?}");
+            assert_eq!(
+                entitlement(&free(), from_ref(&s), 1).plan,
+                "free",
+                "{status:?}"
+            );
         }
     }
 
@@ -227,12 +312,95 @@ mod tests {
         // A later period end never yields a shorter or smaller entitlement.
         for status in [Status::Active, Status::Trialing, Status::PastDue] {
             for now in [0, 500, 1_000, 1_000 + GRACE_SECS] {
-                let early = entitlement(&free(), Some(&sub(status, 1_000, false)), now);
-                let late = entitlement(&free(), Some(&sub(status, 2_000, false)), now);
+                let early = entitlement(&free(), from_ref(&sub(status, 1_000, false)), now);
+                let late = entitlement(&free(), from_ref(&sub(status, 2_000, false)), now);
                 assert!(late.max_devices >= early.max_devices, "{status:?} {now}");
                 assert!(late.until.unwrap_or(0) >= early.until.unwrap_or(0));
             }
         }
+    }
+
+    fn family_sub(status: Status, end: i64, cancel: bool) -> Subscription {
+        Subscription {
+            plan: Plan {
+                id: "family".into(),
+                max_devices: 10,
+                region_tiers: vec![Tier::Free, Tier::Premium],
+            },
+            ..sub(status, end, cancel)
+        }
+    }
+
+    #[test]
+    fn the_best_of_several_subscriptions_is_granted_until_it_lapses() {
+        // Family bought while Plus runs on; Family cancelled at its period end.
+        let subs = [
+            sub(Status::Active, 2_000, false),
+            family_sub(Status::Active, 1_000, true),
+        ];
+        for order in [[0, 1], [1, 0]] {
+            let subs = order.map(|i| subs[i].clone());
+            let e = entitlement(&free(), &subs, 999);
+            assert_eq!((e.plan.as_str(), e.until), ("family", Some(1_000)));
+            // Family lapsed: Plus, still paid for, takes over, not free.
+            let e = entitlement(&free(), &subs, 1_000);
+            assert_eq!(
+                (e.plan.as_str(), e.until),
+                ("plus", Some(2_000 + GRACE_SECS))
+            );
+            let e = entitlement(&free(), &subs, 2_000 + GRACE_SECS);
+            assert_eq!((e.plan.as_str(), e.until), ("free", None));
+        }
+    }
+
+    #[test]
+    fn a_subscription_that_grants_nothing_takes_nothing_from_another() {
+        for status in [Status::Canceled, Status::Incomplete, Status::Unpaid] {
+            let subs = [
+                family_sub(status, 10_000, false),
+                sub(Status::Active, 2_000, false),
+            ];
+            assert_eq!(entitlement(&free(), &subs, 1).plan, "plus", "{status:?}");
+        }
+        // Of two of the same plan, the one that lapses later.
+        let subs = [
+            sub(Status::Active, 3_000, true),
+            sub(Status::PastDue, 2_000, false),
+        ];
+        assert_eq!(
+            entitlement(&free(), &subs, 1).until,
+            Some(2_000 + GRACE_SECS)
+        );
+    }
+
+    #[test]
+    fn inputs_stored_with_one_subscription_read_as_a_list_of_it() {
+        let plus = serde_json::to_value(sub(Status::Active, 2_000, false)).unwrap();
+        let free_plan = serde_json::to_value(free()).unwrap();
+        let old = serde_json::json!({"free": free_plan, "subscription": plus, "version": 3});
+        let inputs: EntitlementInputs = serde_json::from_value(old).unwrap();
+        assert_eq!(inputs.subscriptions, [sub(Status::Active, 2_000, false)]);
+        assert_eq!(inputs.version, 3);
+        // None at all, and from before inputs had a version.
+        let old = serde_json::json!({"free": free_plan, "subscription": null});
+        let inputs: EntitlementInputs = serde_json::from_value(old).unwrap();
+        assert_eq!((inputs.subscriptions.len(), inputs.version), (0, 0));
+        assert_eq!(inputs.at(1).plan, "free");
+        // Today's form reads back as written.
+        let now = EntitlementInputs {
+            free: free(),
+            subscriptions: vec![
+                sub(Status::Active, 2_000, false),
+                family_sub(Status::Trialing, 900, false),
+            ],
+            version: 7,
+        };
+        let text = serde_json::to_string(&now).unwrap();
+        assert!(!text.contains("\"subscription\""), "{text}");
+        assert_eq!(
+            serde_json::from_str::<EntitlementInputs>(&text).unwrap(),
+            now
+        );
     }
 
     /// Every status there is.
@@ -274,6 +442,7 @@ mod tests {
 mod properties {
     use super::*;
     use proptest::prelude::*;
+    use std::slice::from_ref;
 
     fn free() -> Plan {
         Plan {
@@ -325,6 +494,26 @@ mod properties {
         Ok(())
     }
 
+    /// A subscription of some plan, in any status, ending any time.
+    fn subscription() -> impl Strategy<Value = Subscription> {
+        (
+            paid(),
+            prop::sample::select(vec!["plus", "family", "paid"]),
+            status(),
+            any::<bool>(),
+            time(),
+        )
+            .prop_map(|(mut plan, id, status, cancel_at_period_end, end)| {
+                plan.id = id.into();
+                Subscription {
+                    plan,
+                    status,
+                    current_period_end: end,
+                    cancel_at_period_end,
+                }
+            })
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1024))]
 
@@ -345,8 +534,8 @@ mod properties {
                 current_period_end: end,
                 cancel_at_period_end,
             };
-            let e_early = entitlement(&free(), Some(&sub(early)), now);
-            let e_late = entitlement(&free(), Some(&sub(late)), now);
+            let e_early = entitlement(&free(), from_ref(&sub(early)), now);
+            let e_late = entitlement(&free(), from_ref(&sub(late)), now);
             at_least(&e_late, &e_early)?;
         }
 
@@ -363,8 +552,8 @@ mod properties {
         ) {
             let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end };
             let (before, after) = (now_a.min(now_b), now_a.max(now_b));
-            let e_before = entitlement(&free(), Some(&sub), before);
-            let e_after = entitlement(&free(), Some(&sub), after);
+            let e_before = entitlement(&free(), from_ref(&sub), before);
+            let e_after = entitlement(&free(), from_ref(&sub), after);
             at_least(&e_before, &e_after)?;
             for (now, e) in [(before, &e_before), (after, &e_after)] {
                 match e.until {
@@ -388,11 +577,47 @@ mod properties {
             now in time(),
         ) {
             let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end };
-            let e = entitlement(&free(), Some(&sub), now);
+            let e = entitlement(&free(), from_ref(&sub), now);
             if let Some(until) = e.until {
                 prop_assert!(matches!(status, Status::Trialing | Status::Active | Status::PastDue));
                 prop_assert!(until <= end.saturating_add(GRACE_SECS));
             }
+        }
+
+        /// The order in which the subscriptions come does not matter, and
+        /// the user gets what one of them grants on its own (or free).
+        #[test]
+        fn several_subscriptions_give_what_the_best_one_gives(
+            subs in prop::collection::vec(subscription(), 0..5),
+            now in time(),
+        ) {
+            let e = entitlement(&free(), &subs, now);
+            let mut reversed = subs.clone();
+            reversed.reverse();
+            prop_assert_eq!(&entitlement(&free(), &reversed, now), &e);
+            let alone: Vec<Entitlement> =
+                subs.iter().map(|s| entitlement(&free(), from_ref(s), now)).collect();
+            prop_assert!(
+                alone.contains(&e) || e == Entitlement::of_plan(&free(), None),
+                "{:?} is none of {:?}", e, alone
+            );
+            for a in &alone {
+                prop_assert!(e.rank() >= a.rank(), "{:?} ranks below {:?}", e, a);
+            }
+        }
+
+        /// Another subscription never makes the entitlement rank lower.
+        #[test]
+        fn another_subscription_never_gives_less(
+            subs in prop::collection::vec(subscription(), 0..4),
+            extra in subscription(),
+            now in time(),
+        ) {
+            let before = entitlement(&free(), &subs, now);
+            let mut more = subs.clone();
+            more.push(extra);
+            let after = entitlement(&free(), &more, now);
+            prop_assert!(after.rank() >= before.rank(), "{:?} < {:?}", after, before);
         }
     }
 }

@@ -305,8 +305,8 @@ pub struct SubscriptionState {
     /// `metadata.user_id`, set by our checkout; `None` unless it is a
     /// lowercase hyphenated UUID.
     pub user_id: Option<String>,
-    /// When the subscription was created (unix seconds), if the object says:
-    /// of a user's two subscriptions, the newer one is the one they chose.
+    /// When the subscription was created (unix seconds), if the object says;
+    /// recorded with the subscription's row.
     pub created_at: Option<i64>,
 }
 

@@ -401,11 +401,7 @@ pub async fn me(req: Incoming, env: &Env) -> Result<Reply, Fail> {
         )
         .into());
     };
-    let ent = crate::domain::entitlement::entitlement(
-        &account.inputs.free,
-        account.inputs.subscription.as_ref(),
-        time::now_secs(),
-    );
+    let ent = account.inputs.at(time::now_secs());
     let sessions: Vec<_> = mirror
         .map(|m| m.sessions)
         .unwrap_or_default()

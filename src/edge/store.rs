@@ -8,7 +8,8 @@
 use super::{Fail, bindings, pg, time};
 use crate::domain::account::Email;
 use crate::domain::device::{DeviceName, PublicKey};
-use crate::domain::entitlement::{PAID_FOR, Plan, Status, Subscription};
+pub use crate::domain::entitlement::EntitlementInputs;
+use crate::domain::entitlement::PAID_FOR;
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{Change, Envelope};
 use crate::http::ApiError;
@@ -20,27 +21,6 @@ use worker::Env;
 
 /// Connecting and each query are bounded so a dead database answers 503 quickly.
 const DB_TIMEOUT_MS: u64 = 5_000;
-
-/// What the entitlement is computed from; kept by the user's Durable Object.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub struct EntitlementInputs {
-    pub free: Plan,
-    pub subscription: Option<Subscription>,
-    /// The version of the user's subscription row (0: none). Of two copies
-    /// the object keeps the newer (see [`EntitlementInputs::supersedes`]).
-    #[serde(default)]
-    pub version: i64,
-}
-
-impl EntitlementInputs {
-    /// Whether these inputs may replace `current`: they are at least as new.
-    /// A sign-in reads the inputs before it checks the password, and a billing
-    /// event can change and push them meanwhile; the sign-in's older copy,
-    /// arriving last, must not undo that change.
-    pub fn supersedes(&self, current: Option<&EntitlementInputs>) -> bool {
-        current.is_none_or(|c| self.version >= c.version)
-    }
-}
 
 #[derive(Debug, Deserialize)]
 pub struct LoginRow {
@@ -63,20 +43,33 @@ pub struct AccountRow {
     pub inputs: EntitlementInputs,
 }
 
-/// The SQL expression building [`EntitlementInputs`] for the user whose id is `user`.
+/// The SQL expression building [`EntitlementInputs`] for the user whose id is
+/// `user`: the subscriptions being paid for (the others grant nothing), and
+/// the sum of all the user's rows' versions, which every change raises.
 fn inputs_sql(user: &str) -> String {
     format!(
         "json_build_object(
            'free', (SELECT json_build_object('id', p.id, 'max_devices', p.max_devices, 'region_tiers', p.region_tiers)
                     FROM plans p WHERE p.id = 'free'),
-           'subscription', (SELECT json_build_object(
+           'subscriptions', coalesce((SELECT json_agg(json_build_object(
                                'plan', json_build_object('id', p.id, 'max_devices', p.max_devices, 'region_tiers', p.region_tiers),
                                'status', s.status,
                                'current_period_end', extract(epoch FROM s.current_period_end)::bigint,
-                               'cancel_at_period_end', s.cancel_at_period_end)
-                            FROM subscriptions s JOIN plans p ON p.id = s.plan_id WHERE s.user_id = {user}),
-           'version', coalesce((SELECT s.version FROM subscriptions s WHERE s.user_id = {user}), 0))"
+                               'cancel_at_period_end', s.cancel_at_period_end) ORDER BY s.id)
+                            FROM subscriptions s JOIN plans p ON p.id = s.plan_id
+                            WHERE s.user_id = {user} AND s.status IN ({paid})), '[]'::json),
+           'version', coalesce((SELECT sum(s.version) FROM subscriptions s WHERE s.user_id = {user}), 0)::bigint)",
+        paid = paid_for_list()
     )
+}
+
+/// [`PAID_FOR`] as an SQL list of string literals.
+fn paid_for_list() -> String {
+    PAID_FOR
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub async fn connect(env: &Env) -> Result<Client, Fail> {
@@ -361,8 +354,7 @@ pub struct Applied {
     pub new_event: bool,
     /// The user the event concerns, if we know them.
     pub user_id: Option<String>,
-    /// Whether the subscription row changed (false for stale or unknown events,
-    /// and for the end of a subscription the user has already replaced).
+    /// Whether a subscription row changed (false for stale or unknown events).
     pub changed: bool,
 }
 
@@ -373,48 +365,20 @@ pub struct Applied {
 const STATUS_SET_AT: &str =
     "greatest(subscriptions.status_event_at, subscriptions.provider_event_at)";
 
-/// Whether an event of another subscription than the row's, in `status`,
-/// created at `created_at`, makes the row follow that subscription (SQL, in
-/// the upsert's `WHERE`). One that is being paid for (trialing, active, past
-/// due) does if the row's is not, or if it is the newer subscription of the
-/// two: the one the user chose last. One still waiting for its first payment
-/// (incomplete) does only if the row's is not being paid for, so a stalled
-/// checkout takes no one's plan away. An ended one never does. Its age
-/// against the row's last event does not matter: that event was another
-/// subscription's.
-fn takes_over(status: Status, created_at: Option<i64>) -> String {
-    let paid: Vec<String> = PAID_FOR
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect();
-    let row_unpaid = format!("subscriptions.status NOT IN ({})", paid.join(", "));
-    match status {
-        s if s.is_paid_for() => match created_at {
-            Some(at) => format!(
-                "({row_unpaid} OR subscriptions.provider_created_at IS NULL
-                  OR subscriptions.provider_created_at < to_timestamp({at}))"
-            ),
-            None => row_unpaid,
-        },
-        Status::Incomplete => row_unpaid,
-        _ => "false".to_owned(),
-    }
-}
-
 /// Applies a verified billing event in one statement (one transaction): records
 /// the event id (a replay or a concurrent duplicate then changes nothing) and
-/// updates the subscription unless a newer event already did.
+/// updates the subscription's row unless a newer event already did.
 ///
-/// Subscription events and invoice events are ordered apart, because invoice
-/// events carry only a status: `provider_event_at` is the creation time of
-/// the newest subscription event applied, and only those advance it; they set
-/// the plan, period end, cancellation and ids when at least as new as it.
-/// `status_event_at` is that of the newest event of either kind that set the
-/// status; each sets the status only when at least as new as that. So a
-/// renewal delivered after its invoice still brings the new period, and keeps
-/// the invoice's status. A user has one row: an event for a subscription other than the
-/// row's replaces it only if that subscription is live (a new one taking
-/// over; see [`takes_over`]); the end of a replaced one changes nothing.
+/// Each subscription of the provider has a row of its own, changed only by
+/// its own events; the user's entitlement is the best that any of them
+/// grants (`domain::entitlement`). Subscription events and invoice events are
+/// ordered apart, because invoice events carry only a status:
+/// `provider_event_at` is the creation time of the newest subscription event
+/// applied, and only those advance it; they set the plan, period end,
+/// cancellation and ids when at least as new as it. `status_event_at` is that
+/// of the newest event of either kind that set the status; each sets the
+/// status only when at least as new as that. So a renewal delivered after its
+/// invoice still brings the new period, and keeps the invoice's status.
 pub async fn apply_billing_event(
     client: &Client,
     env: &Envelope,
@@ -438,58 +402,48 @@ pub async fn apply_billing_event(
                 Some(p) => quoted(p)?,
                 None => "NULL".to_owned(),
             };
-            // The row follows this subscription already (or none yet).
-            let same = "(subscriptions.provider_subscription_id IS NULL
-                         OR subscriptions.provider_subscription_id = EXCLUDED.provider_subscription_id)";
-            // Another subscription's status replaces the row's whatever its
-            // age; the same one's only if at least as new as the row's.
-            let sets_status = format!(
-                "(NOT {same} OR {STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= EXCLUDED.status_event_at)"
-            );
+            // The status only from an event at least as new as the one that set it.
+            let sets_status =
+                format!("({STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= EXCLUDED.status_event_at)");
             format!(
                 "WITH {record},
                  target AS (SELECT id AS user_id FROM ({by_metadata}
                                 UNION ALL SELECT user_id FROM subscriptions
                                           WHERE provider = 'stripe' AND provider_customer_id = {cus}) t LIMIT 1),
-                 plan AS (SELECT id FROM plans WHERE id = {plan}),
+                 plan AS (SELECT coalesce((SELECT id FROM plans WHERE id = {plan}),
+                                          (SELECT plan_id FROM subscriptions
+                                           WHERE provider = 'stripe' AND provider_subscription_id = {sub})) AS id),
                  up AS (
                      INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, cancel_at_period_end,
                                                 provider_customer_id, provider_subscription_id,
                                                 provider_event_at, status_event_at, provider_created_at)
-                     SELECT t.user_id, coalesce((SELECT id FROM plan),
-                                                (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)),
+                     SELECT t.user_id, (SELECT id FROM plan),
                             {status}, to_timestamp({end}), {cancel}, {cus}, {sub},
                             to_timestamp({created}), to_timestamp({created}), {sub_created}
                      FROM target t
-                     WHERE EXISTS (SELECT 1 FROM ev)
-                       AND coalesce((SELECT id FROM plan), (SELECT plan_id FROM subscriptions WHERE user_id = t.user_id)) IS NOT NULL
-                     ON CONFLICT (user_id) DO UPDATE SET
+                     WHERE EXISTS (SELECT 1 FROM ev) AND (SELECT id FROM plan) IS NOT NULL
+                     ON CONFLICT (provider_subscription_id) DO UPDATE SET
                          plan_id = EXCLUDED.plan_id,
                          current_period_end = EXCLUDED.current_period_end,
                          cancel_at_period_end = EXCLUDED.cancel_at_period_end,
                          provider_customer_id = EXCLUDED.provider_customer_id,
-                         provider_subscription_id = EXCLUDED.provider_subscription_id,
                          provider_event_at = EXCLUDED.provider_event_at,
-                         provider_created_at = CASE WHEN {same}
-                                                    THEN coalesce(EXCLUDED.provider_created_at, subscriptions.provider_created_at)
-                                                    ELSE EXCLUDED.provider_created_at END,
+                         provider_created_at = coalesce(EXCLUDED.provider_created_at, subscriptions.provider_created_at),
                          status = CASE WHEN {sets_status} THEN EXCLUDED.status ELSE subscriptions.status END,
                          status_event_at = CASE WHEN {sets_status} THEN EXCLUDED.status_event_at
                                                 ELSE subscriptions.status_event_at END,
                          updated_at = now(), version = subscriptions.version + 1
-                     WHERE ({same} AND (subscriptions.provider_event_at IS NULL
-                                        OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at))
-                        OR (NOT {same} AND {takes_over})
+                     WHERE subscriptions.provider_event_at IS NULL
+                        OR subscriptions.provider_event_at <= EXCLUDED.provider_event_at
                      RETURNING user_id)
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
-                                          'user_id', (SELECT user_id FROM target),
+                                          'user_id', coalesce((SELECT user_id FROM up), (SELECT user_id FROM target)),
                                           'changed', EXISTS (SELECT 1 FROM up))::text",
                 cus = quoted(&s.customer_id)?,
                 sub = quoted(&s.subscription_id)?,
                 status = quoted(status)?,
                 end = s.current_period_end,
                 cancel = s.cancel_at_period_end,
-                takes_over = takes_over(s.status, s.created_at),
                 sub_created = s
                     .created_at
                     .map_or_else(|| "NULL".to_owned(), |at| format!("to_timestamp({at})")),

@@ -31,7 +31,7 @@ use super::durable::{body, ping, refuse};
 use super::store::{self, EntitlementInputs};
 use super::{Fail, bindings, fault, random, secrets, time};
 use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
-use crate::domain::entitlement::{self, Entitlement};
+use crate::domain::entitlement::Entitlement;
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
@@ -642,12 +642,7 @@ impl UserSession {
     }
 
     fn entitlement(stored: &Stored, now: i64) -> Option<Entitlement> {
-        let inputs = stored.inputs.as_ref()?;
-        Some(entitlement::entitlement(
-            &inputs.free,
-            inputs.subscription.as_ref(),
-            now,
-        ))
+        Some(stored.inputs.as_ref()?.at(now))
     }
 
     fn issued(issued: Issued, ent: Entitlement) -> Result<Response> {

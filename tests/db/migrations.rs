@@ -30,6 +30,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "migrations::existing_subscriptions_order_their_status_from_their_last_event",
         |pg| Box::pin(status_order_backfill(pg)),
     ),
+    (
+        "migrations::a_user_may_hold_several_subscriptions_each_once",
+        |pg| Box::pin(several_subscriptions(pg)),
+    ),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -193,5 +197,53 @@ async fn status_order_backfill(pg: &Postgres) -> Result<(), Failed> {
         rows,
         [(Some("sub_1".into()), Some(1_767_323_045)), (None, None)]
     );
+    Ok(())
+}
+
+/// V8 lets a user hold several subscriptions, a row for each: a row from
+/// before stays, a second subscription of the same user is accepted, and the
+/// same provider subscription twice is not.
+async fn several_subscriptions(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(7))
+        .run_async(&mut client)
+        .await?;
+    let insert = |sub: &str| {
+        format!(
+            "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, provider_subscription_id)
+             VALUES ('00000000-0000-4000-8000-000000000001', 'plus', 'active', now(), '{sub}')"
+        )
+    };
+    client
+        .batch_execute(&format!(
+            "INSERT INTO users (id, email, password_hash) VALUES
+                 ('00000000-0000-4000-8000-000000000001', 'a@example.test', '$argon2id$x');
+             {};",
+            insert("sub_1")
+        ))
+        .await?;
+    assert!(
+        client.batch_execute(&insert("sub_2")).await.is_err(),
+        "before V8 a user has one row"
+    );
+    let applied = db::migrate(&mut client).await?;
+    assert!(applied.contains(&8), "applied {applied:?}");
+    client.batch_execute(&insert("sub_2")).await?;
+    assert!(
+        client.batch_execute(&insert("sub_2")).await.is_err(),
+        "the same provider subscription twice"
+    );
+    let subs: Vec<String> = client
+        .query(
+            "SELECT provider_subscription_id FROM subscriptions
+             WHERE user_id = '00000000-0000-4000-8000-000000000001' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(subs, ["sub_1", "sub_2"]);
     Ok(())
 }

@@ -34,6 +34,10 @@ pub const TESTS: &[(&str, Test)] = &[
         replaced_subscription_ends,
     ),
     (
+        "billing::the_end_of_a_second_subscription_leaves_the_first_ones_plan",
+        second_subscription_ends,
+    ),
+    (
         "billing::an_upgrade_reaches_the_next_refresh_and_the_device_limit",
         upgrade_then_downgrade,
     ),
@@ -127,29 +131,24 @@ fn next(s: &Sub, created: i64) -> Sub {
     }
 }
 
-async fn plan_in_db(ctx: &Ctx, user_id: &str) -> Option<(String, String)> {
-    let db = db(ctx).await;
-    db.query_opt(
-        "SELECT plan_id, status FROM subscriptions WHERE user_id = $1::text::uuid",
-        &[&user_id],
-    )
-    .await
-    .unwrap()
-    .map(|r| (r.get(0), r.get(1)))
+/// The plan and status of `s`'s row.
+async fn plan_in_db(ctx: &Ctx, s: &Sub) -> Option<(String, String)> {
+    row_in_db(ctx, s)
+        .await
+        .map(|(plan, status, _)| (plan, status))
 }
 
-/// The user's subscription row: plan, status, period end (unix seconds) and
-/// the Stripe subscription it follows.
-async fn row_in_db(ctx: &Ctx, user_id: &str) -> Option<(String, String, i64, String)> {
+/// The row of `s`'s subscription: plan, status and period end (unix seconds).
+async fn row_in_db(ctx: &Ctx, s: &Sub) -> Option<(String, String, i64)> {
     let db = db(ctx).await;
     db.query_opt(
-        "SELECT plan_id, status, extract(epoch FROM current_period_end)::bigint, provider_subscription_id
-         FROM subscriptions WHERE user_id = $1::text::uuid",
-        &[&user_id],
+        "SELECT plan_id, status, extract(epoch FROM current_period_end)::bigint
+         FROM subscriptions WHERE provider_subscription_id = $1",
+        &[&s.sub],
     )
     .await
     .unwrap()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
 }
 
 /// Delivers `kind` for `s` and checks the answer's `applied`.
@@ -206,7 +205,7 @@ fn bad_signatures(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(json["code"], code, "{what}");
         }
         assert_eq!(events_recorded(ctx, &s.event).await, 0);
-        assert_eq!(plan_in_db(ctx, &user.id).await, None, "nothing applied");
+        assert_eq!(plan_in_db(ctx, &s).await, None, "nothing applied");
         Ok(())
     })
 }
@@ -227,7 +226,7 @@ fn concurrent_replays(ctx: &Ctx) -> Result<(), Failed> {
         );
         assert_eq!(events_recorded(ctx, &s.event).await, 1);
         assert_eq!(
-            plan_in_db(ctx, &user.id).await,
+            plan_in_db(ctx, &s).await,
             Some(("plus".into(), "active".into()))
         );
         Ok(())
@@ -256,7 +255,7 @@ fn out_of_order(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(status, 200);
         assert_eq!(json["applied"], false, "{json}");
         assert_eq!(
-            plan_in_db(ctx, &user.id).await,
+            plan_in_db(ctx, &newer).await,
             Some(("family".into(), "active".into()))
         );
         Ok(())
@@ -284,13 +283,8 @@ fn renewal_after_invoice(ctx: &Ctx) -> Result<(), Failed> {
         // ...then the retry of the renewal.
         expect_applied(ctx, "customer.subscription.updated", &renewal, true).await;
         assert_eq!(
-            row_in_db(ctx, &user.id).await,
-            Some((
-                "family".into(),
-                "active".into(),
-                renewal.period_end,
-                s.sub.clone()
-            ))
+            row_in_db(ctx, &s).await,
+            Some(("family".into(), "active".into(), renewal.period_end))
         );
         let c = user.refresh(ctx).await;
         assert_eq!(c["ent"]["plan"], "family");
@@ -323,29 +317,32 @@ fn stale_invoice(ctx: &Ctx) -> Result<(), Failed> {
         renewal.period_end = s.period_end + 30 * 86400;
         expect_applied(ctx, "invoice.paid", &next(&s, t + 7200), true).await;
         expect_applied(ctx, "customer.subscription.updated", &renewal, true).await;
-        let renewed = Some((
-            "plus".into(),
-            "active".into(),
-            renewal.period_end,
-            s.sub.clone(),
-        ));
-        assert_eq!(row_in_db(ctx, &user.id).await, renewed);
+        let renewed = Some(("plus".into(), "active".into(), renewal.period_end));
+        assert_eq!(row_in_db(ctx, &s).await, renewed);
 
         expect_applied(ctx, "invoice.payment_failed", &next(&s, t + 3600), false).await;
-        assert_eq!(row_in_db(ctx, &user.id).await, renewed);
+        assert_eq!(row_in_db(ctx, &s).await, renewed);
         // A newer failure still applies.
         expect_applied(ctx, "invoice.payment_failed", &next(&s, t + 9000), true).await;
         assert_eq!(
-            plan_in_db(ctx, &user.id).await,
+            plan_in_db(ctx, &s).await,
             Some(("plus".into(), "past_due".into()))
         );
         Ok(())
     })
 }
 
+/// The plan the user's next refresh carries.
+async fn plan_after_refresh(ctx: &Ctx, user: &mut User) -> String {
+    let c = user.refresh(ctx).await;
+    c["ent"]["plan"].as_str().unwrap_or_default().to_owned()
+}
+
 /// A Plus subscription set to cancel at period end, then Family bought as a
-/// second subscription: the end of the first one (a newer event) leaves the
-/// user on Family, and the second one's invoices still apply.
+/// second subscription: each has a row of its own, and the user gets the
+/// better plan of the two that are paid for. A checkout stalled before its
+/// first payment takes nothing away; the changes and the end of the Plus
+/// subscription leave the user on Family, whose invoices still apply.
 fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let mut user = new_user(ctx).await;
@@ -361,54 +358,96 @@ fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
         b.customer = a.customer.clone();
         b.period_end = a.period_end + 10 * 86400;
         // Family's checkout waits for its first payment (incomplete): the
-        // paying Plus subscription keeps the row meanwhile.
+        // paying Plus subscription still decides.
         let mut pending = next(&b, t + 90);
         pending.status = Status::Incomplete;
-        let plus_row = row_in_db(ctx, &user.id).await;
-        expect_applied(ctx, "customer.subscription.created", &pending, false).await;
-        assert_eq!(row_in_db(ctx, &user.id).await, plus_row);
-        // Paid, it takes over.
+        expect_applied(ctx, "customer.subscription.created", &pending, true).await;
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "plus");
+        // Paid, it does.
         b.created = t + 120;
         expect_applied(ctx, "customer.subscription.updated", &b, true).await;
-        let family = Some((
-            "family".into(),
-            "active".into(),
-            b.period_end,
-            b.sub.clone(),
-        ));
-        assert_eq!(row_in_db(ctx, &user.id).await, family);
+        let family = Some(("family".into(), "active".into(), b.period_end));
+        assert_eq!(row_in_db(ctx, &b).await, family);
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "family");
 
         // A later change to the older Plus subscription (Stripe renders it
-        // active until its period ends) does not take the row back.
+        // active until its period ends) changes its own row only.
         let mut still_cancelling = next(&cancelling, t + 180);
         still_cancelling.cancel_at_period_end = true;
         expect_applied(
             ctx,
             "customer.subscription.updated",
             &still_cancelling,
-            false,
+            true,
         )
         .await;
-        assert_eq!(row_in_db(ctx, &user.id).await, family);
+        assert_eq!(row_in_db(ctx, &b).await, family);
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "family");
 
-        // The Plus subscription ends: acknowledged, nothing changes.
+        // The Plus subscription ends.
         let ended = next(&a, t + 3600);
-        expect_applied(ctx, "customer.subscription.deleted", &ended, false).await;
-        assert_eq!(row_in_db(ctx, &user.id).await, family);
+        expect_applied(ctx, "customer.subscription.deleted", &ended, true).await;
+        assert_eq!(
+            plan_in_db(ctx, &a).await,
+            Some(("plus".into(), "canceled".into()))
+        );
+        assert_eq!(row_in_db(ctx, &b).await, family);
         let c = user.refresh(ctx).await;
         assert_eq!(
             (c["ent"]["plan"].as_str(), c["ent"]["max_devices"].as_u64()),
             (Some("family"), Some(10))
         );
 
-        // Family's invoices still reach the row.
+        // Family's invoices reach its row.
         expect_applied(ctx, "invoice.payment_failed", &next(&b, t + 7200), true).await;
         assert_eq!(
-            plan_in_db(ctx, &user.id).await,
+            plan_in_db(ctx, &b).await,
             Some(("family".into(), "past_due".into()))
         );
         expect_applied(ctx, "invoice.paid", &next(&b, t + 7300), true).await;
-        assert_eq!(row_in_db(ctx, &user.id).await, family);
+        assert_eq!(row_in_db(ctx, &b).await, family);
+        Ok(())
+    })
+}
+
+/// Family bought beside a running Plus subscription, then cancelled at once:
+/// the user is back on Plus, which they still pay for, not on the free plan.
+/// (With one subscription row per user, Family's end overwrote the row that
+/// had followed it, and the user fell to free.)
+fn second_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let t = now() - 3 * 3600;
+        let mut plus = sub_for(&user, "plus");
+        plus.created = t;
+        expect_applied(ctx, "customer.subscription.created", &plus, true).await;
+        let mut family = sub_for(&user, "family");
+        family.customer = plus.customer.clone();
+        family.created = t + 60;
+        // Bought later, so created later and renewing later.
+        family.period_end = plus.period_end + 10 * 86400;
+        expect_applied(ctx, "customer.subscription.created", &family, true).await;
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "family");
+
+        let mut cancelled = next(&family, t + 120);
+        cancelled.status = Status::Canceled;
+        expect_applied(ctx, "customer.subscription.deleted", &cancelled, true).await;
+        let c = user.refresh(ctx).await;
+        assert_eq!(
+            (c["ent"]["plan"].as_str(), c["ent"]["max_devices"].as_u64()),
+            (Some("plus"), Some(5))
+        );
+        assert_eq!(
+            plan_in_db(ctx, &plus).await,
+            Some(("plus".into(), "active".into()))
+        );
+        // And a sign-in reads the same from PostgreSQL.
+        let login = user.login(ctx).await;
+        assert_eq!(login.status, 200, "{}", login.body);
+        assert_eq!(
+            claims(s(&login.body["access_token"]))["ent"]["plan"],
+            "plus"
+        );
         Ok(())
     })
 }
@@ -458,7 +497,7 @@ fn upgrade_then_downgrade(ctx: &Ctx) -> Result<(), Failed> {
             200
         );
         assert_eq!(
-            plan_in_db(ctx, &user.id).await,
+            plan_in_db(ctx, &s).await,
             Some(("plus".into(), "past_due".into()))
         );
         assert_eq!(user.refresh(ctx).await["ent"]["plan"], "plus");
