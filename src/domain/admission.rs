@@ -31,9 +31,14 @@
 //! and a change of rate needs no migration.
 //!
 //! Nothing here reads a clock: `now_ms` (unix milliseconds) is an argument.
-//! The clock is never allowed to run backwards inside the bucket: a `now_ms`
-//! earlier than the last one refills nothing and does not rewind, or the same
-//! interval would be refilled twice.
+//! A `now_ms` a little earlier than the last one (up to [`CLOCK_STEP_MS`])
+//! refills nothing and does not rewind the bucket, or the same interval would
+//! be refilled twice. One further back is a clock that was stepped back, or
+//! one that had jumped ahead and was corrected: the bucket follows it,
+//! refilling nothing for the step, rather than refilling nothing until the
+//! clock reached its old reading again, refusing a region's clients all that
+//! time. The interval stepped over may then be refilled again, at most one
+//! bucket's capacity per step.
 
 use super::placement::stable_hash;
 use serde::{Deserialize, Serialize};
@@ -44,6 +49,10 @@ pub const MAX_SHARD_RATE: u32 = 200;
 /// Bucket capacity in seconds of refill: `rate * BURST_SECS` tokens (at least
 /// one), so a gate that has been idle admits a short burst at once.
 pub const BURST_SECS: f64 = 2.0;
+
+/// How far back a reading may be from the bucket's last one before the
+/// bucket takes it as a clock stepped back and follows it.
+pub const CLOCK_STEP_MS: i64 = 5_000;
 
 /// Thousandths of a token per token.
 const MILLI: u64 = 1_000;
@@ -126,7 +135,8 @@ impl Admit {
 pub struct Bucket {
     /// Thousandths of a token taken and not yet refilled (0 = full).
     spent_milli: u64,
-    /// When the bucket was last refilled (unix ms); never moves backwards.
+    /// When the bucket was last refilled (unix ms); moves backwards only
+    /// with a clock stepped back by more than [`CLOCK_STEP_MS`].
     updated_ms: i64,
 }
 
@@ -135,7 +145,7 @@ impl Bucket {
     /// then takes one token if there is one: `Admitted`. Otherwise `Wait`
     /// with the exact time until one token is available, or `Closed` when
     /// `rate` is 0. A new bucket starts full; time going backwards never adds
-    /// tokens.
+    /// tokens, and a step back of more than [`CLOCK_STEP_MS`] is followed.
     pub fn take(&mut self, rate: u32, now_ms: i64) -> Admit {
         if rate == 0 {
             return Admit::Closed;
@@ -143,6 +153,9 @@ impl Bucket {
         let capacity = capacity_milli(rate);
         let per_ms = u64::from(rate);
 
+        if now_ms < self.updated_ms.saturating_sub(CLOCK_STEP_MS) {
+            self.updated_ms = now_ms;
+        }
         let elapsed = u64::try_from(now_ms.saturating_sub(self.updated_ms)).unwrap_or(0);
         let refill = elapsed.saturating_mul(per_ms);
         // `min(capacity)`: after the rate is lowered, the old debt may exceed
@@ -216,6 +229,34 @@ mod tests {
     use crate::domain::test_rng::Rng;
 
     /// Takes until refused; returns how many were admitted.
+    /// The bucket's own time after a reading at `now`, as [`Bucket::take`]
+    /// keeps it: the latest reading, or one more than [`CLOCK_STEP_MS`]
+    /// behind it, which it follows. `true`: the clock stepped back that far,
+    /// and the windows of [`over_the_bound`] end there.
+    pub(super) fn follow(clock: i64, now: i64) -> (i64, bool) {
+        if now < clock.saturating_sub(CLOCK_STEP_MS) {
+            (now, true)
+        } else {
+            (clock.max(now), false)
+        }
+    }
+
+    /// The first admission at which some window of `T` ms held more than
+    /// `capacity + rate * T / 1000` admissions (`admitted_at`: their times,
+    /// in a clock that never runs back). For admissions i..=j, in
+    /// thousandths, with g(k) = 1000 k - rate t_k, the bound is g(j) - g(i)
+    /// <= capacity - 1000: one pass with the running minimum of g checks
+    /// every window at once.
+    pub(super) fn over_the_bound(admitted_at: &[i64], rate: u32) -> Option<usize> {
+        let bound = capacity_milli(rate) as i128 - 1000;
+        let mut min_g = i128::MAX;
+        admitted_at.iter().enumerate().position(|(k, t)| {
+            let g = 1000 * k as i128 - i128::from(rate) * i128::from(*t);
+            min_g = min_g.min(g);
+            g - min_g > bound
+        })
+    }
+
     fn drain(b: &mut Bucket, rate: u32, now: i64) -> u32 {
         let mut n = 0;
         while b.take(rate, now) == Admit::Admitted {
@@ -383,13 +424,13 @@ mod tests {
         let mut b = Bucket::default();
         drain(&mut b, 10, T0);
         assert_eq!(
-            b.take(10, T0 - 60_000),
+            b.take(10, T0 - CLOCK_STEP_MS),
             Admit::Wait {
                 retry_after_ms: 100
             }
         );
         // The earlier reading did not rewind the bucket: coming back to T0
-        // does not refill the minute in between a second time.
+        // does not refill the seconds in between a second time.
         assert_eq!(
             b.take(10, T0),
             Admit::Wait {
@@ -403,6 +444,26 @@ mod tests {
                 retry_after_ms: 100
             }
         );
+    }
+
+    #[test]
+    fn a_clock_that_jumped_ahead_and_came_back_does_not_stall_the_bucket() {
+        let mut b = Bucket::default();
+        // One reading an hour ahead (it refills a full bucket: nothing more).
+        assert_eq!(b.take(10, T0 + 3_600_000), Admit::Admitted);
+        drain(&mut b, 10, T0 + 3_600_000);
+        // The clock is right again: the bucket follows it at once, refilling
+        // nothing for the step back...
+        assert_eq!(
+            b.take(10, T0),
+            Admit::Wait {
+                retry_after_ms: 100
+            }
+        );
+        // ...and refills from there, instead of refusing everyone for an hour.
+        assert_eq!(b.take(10, T0 + 100), Admit::Admitted);
+        assert_eq!(drain(&mut b, 10, T0 + 1_000), 9);
+        assert_eq!(b.take(10, T0 + 1_100), Admit::Admitted);
     }
 
     #[test]
@@ -437,14 +498,13 @@ mod tests {
         let mut rng = Rng(0xadd);
         for case in 0..500 {
             let rate = [1, 2, 3, 10, 99, 200][rng.below(6) as usize];
-            let capacity = (f64::from(rate) * BURST_SECS).max(1.0);
             let mut b = Bucket::default();
             // Requests at random times, bunched and sparse, sometimes with a
             // clock that steps backwards. The bound holds in the bucket's own
-            // time (the latest `now` it has seen), which never runs backwards.
+            // time ([`follow`]) between the steps back it follows.
             let mut now = T0;
             let mut clock = i64::MIN;
-            let mut admitted_at = Vec::new();
+            let (mut admitted_at, mut admitted) = (Vec::new(), 0);
             for _ in 0..2_000 {
                 now += match rng.below(10) {
                     0 => -(rng.below(500) as i64),
@@ -452,29 +512,23 @@ mod tests {
                     4..=8 => rng.below(20) as i64,
                     _ => rng.below(3_000) as i64,
                 };
-                clock = clock.max(now);
+                let stepped_back;
+                (clock, stepped_back) = follow(clock, now);
+                if stepped_back {
+                    assert_eq!(over_the_bound(&admitted_at, rate), None, "case {case}");
+                    admitted_at.clear();
+                }
                 if b.take(rate, now) == Admit::Admitted {
                     admitted_at.push(clock);
+                    admitted += 1;
                 }
             }
-            // For admissions i..=j: (j - i + 1) <= capacity + rate * (t_j - t_i)
-            // / 1000. In thousandths, with g(k) = 1000 k - rate t_k, that is
-            // g(j) - g(i) <= 1000 capacity - 1000 for every i <= j: one pass
-            // with the running minimum of g checks every window at once.
-            let bound = (capacity * 1000.0) as i64 - 1000;
-            let mut min_g = i64::MAX;
-            for (k, t) in admitted_at.iter().enumerate() {
-                let g = 1000 * k as i64 - i64::from(rate) * t;
-                min_g = min_g.min(g);
-                assert!(
-                    g - min_g <= bound,
-                    "case {case}: rate {rate}, admission {k}"
-                );
-            }
-            assert!(
-                admitted_at.len() > 100,
-                "case {case}: the test exercised little"
+            assert_eq!(
+                over_the_bound(&admitted_at, rate),
+                None,
+                "case {case}: rate {rate}"
             );
+            assert!(admitted > 100, "case {case}: the test exercised little");
         }
     }
 
@@ -516,6 +570,7 @@ mod tests {
 /// Native only: the property-test library is a host dev-dependency.
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod properties {
+    use super::tests::{follow, over_the_bound};
     use super::*;
     use proptest::prelude::*;
 
@@ -544,7 +599,7 @@ mod properties {
 
         /// Over any window of T ms the bucket admits at most
         /// `capacity + rate * T / 1000`, measured in the bucket's own time
-        /// (the latest `now` it has seen, which never runs backwards).
+        /// (the latest `now` it has seen) between the steps back it follows.
         #[test]
         fn admissions_never_exceed_what_the_bucket_allows(
             rate in prop_oneof![1u32..=10, 1u32..=MAX_SHARD_RATE, 1u32..=1_000_000],
@@ -555,23 +610,18 @@ mod properties {
             let mut admitted_at = Vec::new();
             for dt in steps {
                 now += dt;
-                clock = clock.max(now);
+                let stepped_back;
+                (clock, stepped_back) = follow(clock, now);
+                if stepped_back {
+                    prop_assert_eq!(over_the_bound(&admitted_at, rate), None);
+                    admitted_at.clear();
+                }
                 bucket = stored(&bucket);
                 if bucket.take(rate, now) == Admit::Admitted {
                     admitted_at.push(clock);
                 }
             }
-            // Admissions i..=j are j - i + 1 tokens in t_j - t_i ms. In
-            // thousandths, with g(k) = 1000 k - rate t_k, the bound is
-            // g(j) - g(i) <= capacity - 1000; the running minimum of g checks
-            // every window in one pass.
-            let bound = capacity_milli(rate) as i128 - 1000;
-            let mut min_g = i128::MAX;
-            for (k, t) in admitted_at.iter().enumerate() {
-                let g = 1000 * k as i128 - i128::from(rate) * i128::from(*t);
-                min_g = min_g.min(g);
-                prop_assert!(g - min_g <= bound, "admission {} at {}", k, t);
-            }
+            prop_assert_eq!(over_the_bound(&admitted_at, rate), None);
         }
 
         /// Whatever happened before, including rate changes in both
