@@ -150,11 +150,16 @@ pub async fn signup(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
             // retry the 503 invites signs up instead of meeting `email_taken`
             // (a session the object may have stored is for an id no one
             // will use again).
-            if let Err(e) = store::delete_new_user(&db, &row.user_id).await {
-                worker::console_error!(
+            match store::delete_new_user(&db, &row.user_id).await {
+                Ok(true) => {}
+                Ok(false) => worker::console_warn!(
+                    "{}",
+                    serde_json::json!({"level": "warn", "msg": "sign-up not undone: the account has a device or subscription", "user_id": row.user_id})
+                ),
+                Err(e) => worker::console_error!(
                     "{}",
                     serde_json::json!({"level": "error", "msg": "sign-up not undone", "user_id": row.user_id, "error": e.cause})
-                );
+                ),
             }
             return Err(fail);
         }

@@ -158,16 +158,17 @@ pub async fn create_user(
 
 /// Removes a user created by a sign-up that could not open its session, if
 /// nothing has been attached to it since (a device or a subscription).
-pub async fn delete_new_user(client: &Client, user_id: &str) -> Result<(), Fail> {
+/// `false`: the row stays (something was attached, or it was gone already).
+pub async fn delete_new_user(client: &Client, user_id: &str) -> Result<bool, Fail> {
     let u = user_literal(user_id)?;
     let q = format!(
         "WITH del AS (DELETE FROM users WHERE id = {u}
                         AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {u})
                         AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE user_id = {u})
                       RETURNING id)
-         SELECT json_build_object('deleted', EXISTS (SELECT 1 FROM del))::text"
+         SELECT (EXISTS (SELECT 1 FROM del))::text"
     );
-    json_row::<serde_json::Value>(client, &q).await.map(|_| ())
+    Ok(json_row::<bool>(client, &q).await? == Some(true))
 }
 
 /// The account behind a verified access token.
