@@ -25,26 +25,38 @@ SELECT coalesce(json_agg(json_build_object(
         FROM servers s WHERE s.region_id = r.id AND s.enabled), '[]'::json)
 ) ORDER BY r.id), '[]'::json)::text FROM regions r";
 
-const MAINTENANCE_SQL: &str = "\
-UPDATE regions SET health = 'down', updated_at = now()
- WHERE health_reported_at < now() - interval '3 minutes' AND health <> 'down';
-SELECT ensure_connection_event_partitions(2);";
+/// The cron's maintenance, each step sent as a query of its own: statements
+/// sent together run as one transaction, and a failure to create a partition
+/// must not undo marking silent regions down.
+const MAINTENANCE_SQL: [(&str, &str); 2] = [
+    (
+        "mark silent regions down",
+        "UPDATE regions SET health = 'down', updated_at = now()
+          WHERE health_reported_at < now() - interval '3 minutes' AND health <> 'down'",
+    ),
+    (
+        "create connection event partitions",
+        "SELECT ensure_connection_event_partitions(2)",
+    ),
+];
 
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
-    let maintenance = async {
-        let client = pg::connect(&env, bindings::DB).await?;
-        client
-            .simple_query(MAINTENANCE_SQL)
-            .await
-            .map_err(|e| format!("maintenance: {e}"))?;
-        Ok::<_, String>(())
-    };
-    if let Err(e) = maintenance.await {
+    let failed = |step: &str, e: String| {
         worker::console_error!(
             "{}",
-            serde_json::json!({"level": "error", "msg": "cron maintenance failed", "error": e})
-        );
+            serde_json::json!({"level": "error", "msg": "cron maintenance failed", "step": step, "error": e})
+        )
+    };
+    match pg::connect(&env, bindings::DB).await {
+        Ok(client) => {
+            for (step, sql) in MAINTENANCE_SQL {
+                if let Err(e) = client.simple_query(sql).await {
+                    failed(step, e.to_string());
+                }
+            }
+        }
+        Err(e) => failed("connect", e),
     }
     match publish(&env, bindings::DB).await {
         Ok((snapshot, written)) => worker::console_log!(
