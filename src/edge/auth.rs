@@ -100,7 +100,7 @@ pub(super) fn refusal(status: u16, body: &serde_json::Value) -> Fail {
         .unwrap_or(ProblemCode::Internal);
     let mut err = ApiError::new(code, code.title());
     if let Some(secs) = body["retry_after"].as_u64() {
-        err.retry_after = Some(secs.min(u64::from(u32::MAX)) as u32);
+        err = err.with_retry_after(secs.min(u64::from(u32::MAX)) as u32);
     }
     if code == ProblemCode::Internal {
         return Fail::internal(format!("durable object answered {status}: {body}"));

@@ -155,11 +155,11 @@ async fn devices(env: &Env, user_id: &str, device_id: &str) -> Result<Vec<store:
 }
 
 fn refused(code: ProblemCode, detail: &str, failover: &[&str], retry_after: Option<u32>) -> Fail {
-    let mut err = ApiError::new(code, detail).with("failover", json!(failover));
-    if retry_after.is_some() {
-        err.retry_after = retry_after;
+    let err = ApiError::new(code, detail).with("failover", json!(failover));
+    match retry_after {
+        Some(secs) => err.with_retry_after(secs).into(),
+        None => err.into(),
     }
-    err.into()
 }
 
 pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Reply, Fail> {
@@ -229,10 +229,17 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 PlacementError::UnknownRegion => {
                     (ProblemCode::RegionNotFound, "No region with this id.")
                 }
-                PlacementError::NoEligibleRegion => (
-                    ProblemCode::NoRegionAvailable,
-                    "No region your plan includes is up right now.",
-                ),
+                PlacementError::NoEligibleRegion => {
+                    // Nothing to fail over to; the default `Retry-After`,
+                    // spread by the shell, says when to ask again.
+                    return Fail::from(
+                        ApiError::new(
+                            ProblemCode::NoRegionAvailable,
+                            "No region your plan includes is up right now.",
+                        )
+                        .with("failover", json!([])),
+                    );
+                }
             };
             Fail::from(ApiError::new(code, detail))
         })?;
@@ -243,7 +250,14 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    match durable::admit(env, &gate, rate, fault.as_deref()).await? {
+    let verdict = durable::admit(env, &gate, rate, fault.as_deref())
+        .await
+        .map_err(|mut fail| {
+            // Another region's gate is another object: the client may fail over.
+            fail.api = fail.api.with("failover", json!(failover));
+            fail
+        })?;
+    match verdict {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {
             events::enqueue(
@@ -277,7 +291,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             ProblemCode::RegionClosed,
             "The region has no server available.",
             failover,
-            Some(5),
+            Some(admission::retry_after_secs(5_000, random::u32())),
         ));
     };
     let now = time::now_secs();

@@ -204,10 +204,11 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
     let result = handler.await;
     let reply = match result {
         Ok(reply) => reply,
-        Err(fail) => {
+        Err(mut fail) => {
             if let Some(cause) = &fail.cause {
                 log::error(&request_id, fail.api.code.as_str(), cause);
             }
+            fail.api.spread_retry_after(random::u32());
             Reply::problem(&fail.api, &request_id)
         }
     };

@@ -62,7 +62,7 @@ pub async fn handle(env: &Env, request_id: &str) -> Reply {
         );
     }
     let down: Vec<&str> = report.down().map(Component::as_str).collect();
-    let err = ApiError::new(
+    let mut err = ApiError::new(
         ProblemCode::NotReady,
         format!("Unavailable: {}.", down.join(", ")),
     )
@@ -70,6 +70,7 @@ pub async fn handle(env: &Env, request_id: &str) -> Reply {
         "components",
         serde_json::to_value(&report.components).unwrap_or_default(),
     );
+    err.spread_retry_after(super::random::u32());
     Reply::problem(&err, request_id)
 }
 
@@ -139,11 +140,12 @@ async fn kv_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> 
 
 /// Calls a probe object of each Durable Object class; each writes and reads back its storage.
 async fn durable_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> {
-    let (a, b) = futures::join!(
+    let (a, b, c) = futures::join!(
         ping_object(env, bindings::USER_SESSIONS, request_id),
-        ping_object(env, bindings::REGION_GATES, request_id)
+        ping_object(env, bindings::REGION_GATES, request_id),
+        ping_object(env, bindings::LOGIN_THROTTLES, request_id)
     );
-    a.and(b)
+    a.and(b).and(c)
 }
 
 async fn ping_object(

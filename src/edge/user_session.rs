@@ -214,7 +214,11 @@ fn refuse_fail(fail: &Fail) -> Result<Response> {
     refuse(
         fail.api.code.status(),
         fail.api.code.as_str(),
-        fail.api.retry_after.map(u64::from),
+        // A default one is left to the worker, which spreads it.
+        (!fail.api.default_retry_after)
+            .then_some(fail.api.retry_after)
+            .flatten()
+            .map(u64::from),
     )
 }
 

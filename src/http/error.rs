@@ -12,6 +12,10 @@ pub struct ApiError {
     pub detail: String,
     /// Seconds, sent as `Retry-After` (429 and 503 always carry one).
     pub retry_after: Option<u32>,
+    /// `retry_after` is [`DEFAULT_RETRY_AFTER_SECS`] because nothing more
+    /// precise was known; the shell spreads it before answering
+    /// ([`ApiError::spread_retry_after`]).
+    pub default_retry_after: bool,
     /// Methods sent as `Allow` on 405.
     pub allow: Option<&'static str>,
     /// Extra members of the problem object (RFC 9457 extension members).
@@ -28,6 +32,7 @@ impl ApiError {
         ApiError {
             code,
             detail: detail.into(),
+            default_retry_after: retry_after.is_some(),
             retry_after,
             allow: None,
             extensions: Map::new(),
@@ -52,6 +57,26 @@ impl ApiError {
             ProblemCode::Internal,
             "An unexpected error occurred; it has been logged.",
         )
+    }
+
+    /// Sets the `Retry-After` the caller worked out (jittered already, or
+    /// exact, such as the end of a lockout).
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self.default_retry_after = false;
+        self
+    }
+
+    /// Turns a default `Retry-After` into a uniform draw from
+    /// [`DEFAULT_RETRY_AFTER_SECS`] to twice that (`random`: a uniform u32),
+    /// so that the clients one failure refuses in the same instant do not
+    /// all come back in the same second. Others are left as they are.
+    pub fn spread_retry_after(&mut self, random: u32) {
+        if self.default_retry_after {
+            let base_ms = u64::from(DEFAULT_RETRY_AFTER_SECS) * 1_000;
+            self.retry_after = Some(crate::domain::admission::retry_after_secs(base_ms, random));
+            self.default_retry_after = false;
+        }
     }
 
     /// Adds an extension member to the problem object.

@@ -133,6 +133,27 @@ mod tests {
     }
 
     #[test]
+    fn a_default_retry_after_is_spread_and_a_chosen_one_kept() {
+        let mut seen = std::collections::BTreeSet::new();
+        for random in 0..12 {
+            let mut e = ApiError::new(ProblemCode::ServiceUnavailable, "x");
+            e.spread_retry_after(random);
+            seen.insert(e.retry_after.unwrap());
+            // Spread once only.
+            let again = e.retry_after;
+            e.spread_retry_after(random + 1);
+            assert_eq!(e.retry_after, again);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [5, 6, 7, 8, 9, 10]);
+        let mut e = ApiError::new(ProblemCode::TooManyAttempts, "x").with_retry_after(42);
+        e.spread_retry_after(3);
+        assert_eq!(e.retry_after, Some(42));
+        let mut e = ApiError::not_found();
+        e.spread_retry_after(3);
+        assert_eq!(e.retry_after, None);
+    }
+
+    #[test]
     fn a_401_about_an_access_token_carries_www_authenticate() {
         let r = Reply::problem(&ApiError::new(ProblemCode::TokenExpired, "x"), "r");
         assert_eq!(r.status, 401);

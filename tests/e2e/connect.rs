@@ -285,7 +285,16 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(broken.status, 503, "{}", broken.body);
         assert_eq!(broken.headers["content-type"], "application/problem+json");
         assert_eq!(broken.body["code"], "service_unavailable");
-        assert!(broken.headers.contains_key("retry-after"));
+        // Spread over 5-10 s, and another region's gate may answer.
+        let retry: u32 = broken.headers["retry-after"].to_str()?.parse()?;
+        assert!((5..=10).contains(&retry), "Retry-After {retry}");
+        assert!(
+            broken.body["failover"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty()),
+            "{}",
+            broken.body
+        );
         let id = broken.headers["x-request-id"].to_str()?.to_owned();
         // wrangler writes the worker's output to its log a moment later.
         eventually(
