@@ -54,8 +54,16 @@ pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
             .cloned()
             .collect(),
     )?;
-    let fingerprint =
-        idempotency_key.map(|k| (k, idempotency::fingerprint("POST", "/v1/devices", &bytes)));
+    // The parsed body, re-serialised: the same request with its members in
+    // another order or spaced otherwise is the same request.
+    let canonical =
+        serde_json::to_vec(&(&b.name, &b.public_key)).map_err(|e| Fail::internal(e.to_string()))?;
+    let fingerprint = idempotency_key.map(|k| {
+        (
+            k,
+            idempotency::fingerprint("POST", "/v1/devices", &canonical),
+        )
+    });
     let r = CreateDeviceReq {
         user_id: claims.sub.clone(),
         name: b.name,
@@ -79,14 +87,15 @@ pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     if status != 201 {
         let mut fail = refusal(status, &json);
         if fail.api.code == ProblemCode::DeviceLimitReached {
+            // The limit the object enforced, which follows billing at once.
+            let limit = json["max_devices"]
+                .as_u64()
+                .unwrap_or(u64::from(claims.ent.max_devices));
             fail.api = ApiError::new(
                 ProblemCode::DeviceLimitReached,
-                format!(
-                    "Your plan allows {} device(s); remove one to add another.",
-                    claims.ent.max_devices
-                ),
+                format!("Your plan allows {limit} device(s); remove one to add another."),
             )
-            .with("max_devices", serde_json::json!(claims.ent.max_devices));
+            .with("max_devices", serde_json::json!(limit));
         }
         return Err(fail);
     }

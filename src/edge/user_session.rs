@@ -222,6 +222,16 @@ fn refuse_fail(fail: &Fail) -> Result<Response> {
     )
 }
 
+/// The refusal of a registration at the device limit, with the limit the
+/// object enforced (it follows billing at once; the caller's token may be
+/// up to one refresh behind).
+fn limit_reached(limit: u32) -> Result<Response> {
+    Ok(Response::from_json(
+        &serde_json::json!({ "code": "device_limit_reached", "max_devices": limit }),
+    )?
+    .with_status(403))
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateReq {
     pub user_id: String,
@@ -842,7 +852,7 @@ impl UserSession {
                     stored.idempotency.abandon(k);
                 }
                 self.persist(&mut stored, now).await?;
-                return refuse(403, "device_limit_reached", None);
+                return limit_reached(limit);
             }
         };
         self.running
@@ -909,7 +919,7 @@ impl UserSession {
                 if changed {
                     self.mirror(&[Mirrored::Devices], fault.as_deref()).await;
                 }
-                return refuse(403, "device_limit_reached", None);
+                return limit_reached(limit);
             }
             Err(fail) => {
                 stored.devices.release(&reservation);

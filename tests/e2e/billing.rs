@@ -511,6 +511,23 @@ fn upgrade_then_downgrade(ctx: &Ctx) -> Result<(), Failed> {
                 .0,
             200
         );
+        // Before the next refresh the token still says Plus; the refusal
+        // names the limit enforced, the free plan's.
+        let refused = send(
+            ctx,
+            "POST",
+            "/v1/devices",
+            Some(json!({"name": unique("d"), "public_key": wg_key()})),
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(refused.status, 403, "{}", refused.body);
+        assert_eq!(
+            (&refused.body["code"], &refused.body["max_devices"]),
+            (&json!("device_limit_reached"), &json!(1)),
+            "{}",
+            refused.body
+        );
         let c = user.refresh(ctx).await;
         assert_eq!(c["ent"]["plan"], "free");
         assert_eq!(c["ent"]["max_devices"], 1);

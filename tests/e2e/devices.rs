@@ -326,6 +326,20 @@ fn idempotency(ctx: &Ctx) -> Result<(), Failed> {
         let replay = post("create-tablet-1", body.clone()).await;
         assert_eq!(replay.status, 201);
         assert_eq!(replay.body, first.body, "same key and body: same response");
+        // The same body with its members in another order and spaced
+        // otherwise (another app build's encoder) is the same request.
+        let reordered = ctx
+            .http
+            .post(ctx.url("/v1/devices"))
+            .header("content-type", "application/json")
+            .header("cf-connecting-ip", fresh_ip())
+            .header("idempotency-key", "create-tablet-1")
+            .bearer_auth(&user.access)
+            .body(format!(r#"{{ "public_key" : "{key}",  "name":"tablet" }}"#))
+            .send()
+            .await?;
+        assert_eq!(reordered.status().as_u16(), 201);
+        assert_eq!(reordered.json::<Value>().await?, first.body);
         assert_eq!(device_count(ctx, &user.id).await, 1);
         let other = post(
             "create-tablet-1",
