@@ -117,8 +117,22 @@ async fn consume(
     env: Env,
     _ctx: Context,
 ) -> worker::Result<()> {
-    let messages = batch.messages()?;
-    let rows: Vec<String> = messages.iter().filter_map(|m| row(m.body())).collect();
+    // A body that does not even parse is dropped like any malformed event:
+    // failing the batch for it would hold back every other event in it
+    // through all its retries, and then send them to the dead-letter queue.
+    let rows: Vec<String> = batch
+        .iter()
+        .filter_map(|m| match m {
+            Ok(m) => row(m.body()),
+            Err(e) => {
+                worker::console_error!(
+                    "{}",
+                    serde_json::json!({"level": "error", "msg": "connection event unreadable, dropped", "error": e.to_string()})
+                );
+                None
+            }
+        })
+        .collect();
     if rows.is_empty() {
         batch.ack_all();
         return Ok(());

@@ -51,7 +51,9 @@ pub fn parse_json<T: DeserializeOwned>(
         ));
     }
     serde_json::from_slice(body).map_err(|e| {
-        // serde's message names the field and position but never echoes values.
+        // serde's message names the field and position; a type mismatch
+        // also quotes the value sent. It goes back only to the client that
+        // sent it, and is not logged.
         let detail = match e.classify() {
             serde_json::error::Category::Data => {
                 format!("The JSON does not have the expected shape: {e}.")
