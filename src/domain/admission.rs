@@ -228,7 +228,6 @@ mod tests {
 
     use crate::domain::test_rng::Rng;
 
-    /// Takes until refused; returns how many were admitted.
     /// The bucket's own time after a reading at `now`, as [`Bucket::take`]
     /// keeps it: the latest reading, or one more than [`CLOCK_STEP_MS`]
     /// behind it, which it follows. `true`: the clock stepped back that far,
@@ -257,6 +256,7 @@ mod tests {
         })
     }
 
+    /// Takes until refused; returns how many were admitted.
     fn drain(b: &mut Bucket, rate: u32, now: i64) -> u32 {
         let mut n = 0;
         while b.take(rate, now) == Admit::Admitted {

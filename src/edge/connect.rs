@@ -232,12 +232,11 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 PlacementError::NoEligibleRegion => {
                     // Nothing to fail over to; the default `Retry-After`,
                     // spread by the shell, says when to ask again.
-                    return Fail::from(
-                        ApiError::new(
-                            ProblemCode::NoRegionAvailable,
-                            "No region your plan includes is up right now.",
-                        )
-                        .with("failover", json!([])),
+                    return refused(
+                        ProblemCode::NoRegionAvailable,
+                        "No region your plan includes is up right now.",
+                        &[],
+                        None,
                     );
                 }
             };

@@ -215,9 +215,9 @@ fn refuse_fail(fail: &Fail) -> Result<Response> {
         fail.api.code.status(),
         fail.api.code.as_str(),
         // A default one is left to the worker, which spreads it.
-        (!fail.api.default_retry_after)
-            .then_some(fail.api.retry_after)
-            .flatten()
+        fail.api
+            .retry_after
+            .filter(|_| !fail.api.default_retry_after)
             .map(u64::from),
     )
 }

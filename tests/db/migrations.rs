@@ -41,6 +41,16 @@ async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
     Ok(db::connect(&pg.url(&name)).await?)
 }
 
+/// A fresh database with the migrations up to `version` applied.
+async fn fresh_at(pg: &Postgres, version: i32) -> Result<tokio_postgres::Client, Failed> {
+    let mut client = fresh(pg).await?;
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(&mut client)
+        .await?;
+    Ok(client)
+}
+
 async fn apply_cleanly(pg: &Postgres) -> Result<(), Failed> {
     let mut client = fresh(pg).await?;
     let applied = db::migrate(&mut client).await?;
@@ -164,11 +174,7 @@ async fn constraints(pg: &Postgres) -> Result<(), Failed> {
 /// V5 splits the ordering of a subscription's status from that of its other
 /// fields: rows written before it get the status time of their last event.
 async fn status_order_backfill(pg: &Postgres) -> Result<(), Failed> {
-    let mut client = fresh(pg).await?;
-    embedded::migrations::runner()
-        .set_target(refinery::Target::Version(4))
-        .run_async(&mut client)
-        .await?;
+    let mut client = fresh_at(pg, 4).await?;
     client
         .batch_execute(
             "INSERT INTO users (id, email, password_hash) VALUES
@@ -204,11 +210,7 @@ async fn status_order_backfill(pg: &Postgres) -> Result<(), Failed> {
 /// before stays, a second subscription of the same user is accepted, and the
 /// same provider subscription twice is not.
 async fn several_subscriptions(pg: &Postgres) -> Result<(), Failed> {
-    let mut client = fresh(pg).await?;
-    embedded::migrations::runner()
-        .set_target(refinery::Target::Version(7))
-        .run_async(&mut client)
-        .await?;
+    let mut client = fresh_at(pg, 7).await?;
     let insert = |sub: &str| {
         format!(
             "INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, provider_subscription_id)

@@ -151,6 +151,15 @@ async fn row_in_db(ctx: &Ctx, s: &Sub) -> Option<(String, String, i64)> {
     .map(|r| (r.get(0), r.get(1), r.get(2)))
 }
 
+/// A new user with a Plus subscription created at `t`, its first event applied.
+async fn plus_subscriber(ctx: &Ctx, t: i64) -> (User, Sub) {
+    let user = new_user(ctx).await;
+    let mut s = sub_for(&user, "plus");
+    s.created = t;
+    expect_applied(ctx, "customer.subscription.created", &s, true).await;
+    (user, s)
+}
+
 /// Delivers `kind` for `s` and checks the answer's `applied`.
 async fn expect_applied(ctx: &Ctx, kind: &str, s: &Sub, applied: bool) {
     let (status, json) = deliver_signed(ctx, &event(kind, s)).await;
@@ -268,11 +277,8 @@ fn out_of_order(ctx: &Ctx) -> Result<(), Failed> {
 /// period and plan; the status stays the newer invoice's.
 fn renewal_after_invoice(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let mut user = new_user(ctx).await;
         let t = now() - 3 * 3600;
-        let mut s = sub_for(&user, "plus");
-        s.created = t;
-        expect_applied(ctx, "customer.subscription.created", &s, true).await;
+        let (mut user, s) = plus_subscriber(ctx, t).await;
 
         let mut renewal = next(&s, t + 3600);
         renewal.plan = "family";
@@ -307,11 +313,8 @@ fn renewal_after_invoice(ctx: &Ctx) -> Result<(), Failed> {
 /// the renewal (the newest subscription event applied).
 fn stale_invoice(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let user = new_user(ctx).await;
         let t = now() - 3 * 3600;
-        let mut s = sub_for(&user, "plus");
-        s.created = t;
-        expect_applied(ctx, "customer.subscription.created", &s, true).await;
+        let (_, s) = plus_subscriber(ctx, t).await;
 
         let mut renewal = next(&s, t + 1800);
         renewal.period_end = s.period_end + 30 * 86400;
@@ -345,11 +348,8 @@ async fn plan_after_refresh(ctx: &Ctx, user: &mut User) -> String {
 /// subscription leave the user on Family, whose invoices still apply.
 fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let mut user = new_user(ctx).await;
         let t = now() - 3 * 3600;
-        let mut a = sub_for(&user, "plus");
-        a.created = t;
-        expect_applied(ctx, "customer.subscription.created", &a, true).await;
+        let (mut user, a) = plus_subscriber(ctx, t).await;
         let mut cancelling = next(&a, t + 60);
         cancelling.cancel_at_period_end = true;
         expect_applied(ctx, "customer.subscription.updated", &cancelling, true).await;
@@ -416,11 +416,8 @@ fn replaced_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
 /// had followed it, and the user fell to free.)
 fn second_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let mut user = new_user(ctx).await;
         let t = now() - 3 * 3600;
-        let mut plus = sub_for(&user, "plus");
-        plus.created = t;
-        expect_applied(ctx, "customer.subscription.created", &plus, true).await;
+        let (mut user, plus) = plus_subscriber(ctx, t).await;
         let mut family = sub_for(&user, "family");
         family.customer = plus.customer.clone();
         family.created = t + 60;
@@ -576,11 +573,8 @@ fn unknown_customer(ctx: &Ctx) -> Result<(), Failed> {
 /// that copy; before inputs carried a version, the sign-in's copy won.
 fn stale_sign_in(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let mut user = new_user(ctx).await;
         let t = now() - 600;
-        let mut plus = sub_for(&user, "plus");
-        plus.created = t;
-        expect_applied(ctx, "customer.subscription.created", &plus, true).await;
+        let (mut user, plus) = plus_subscriber(ctx, t).await;
         let mut family = next(&plus, t + 60);
         family.plan = "family";
         expect_applied(ctx, "customer.subscription.updated", &family, true).await;
