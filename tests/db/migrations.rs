@@ -41,6 +41,16 @@ async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
     Ok(db::connect(&pg.url(&name)).await?)
 }
 
+/// The first two columns of every row `sql` returns.
+async fn pairs<A, B>(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<(A, B)>, Failed>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let rows = client.query(sql, &[]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// A fresh database with the migrations up to `version` applied.
 async fn fresh_at(pg: &Postgres, version: i32) -> Result<tokio_postgres::Client, Failed> {
     let mut client = fresh(pg).await?;
@@ -75,15 +85,11 @@ async fn apply_cleanly(pg: &Postgres) -> Result<(), Failed> {
             "table {t} missing from {tables:?}"
         );
     }
-    let plans: Vec<(String, i32)> = client
-        .query(
-            "SELECT id, max_devices FROM plans ORDER BY max_devices",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let plans: Vec<(String, i32)> = pairs(
+        &client,
+        "SELECT id, max_devices FROM plans ORDER BY max_devices",
+    )
+    .await?;
     assert_eq!(
         plans,
         [
@@ -189,16 +195,12 @@ async fn status_order_backfill(pg: &Postgres) -> Result<(), Failed> {
         .await?;
     let applied = db::migrate(&mut client).await?;
     assert!(applied.contains(&5), "applied {applied:?}");
-    let rows: Vec<(Option<String>, Option<i64>)> = client
-        .query(
-            "SELECT provider_subscription_id, extract(epoch FROM status_event_at)::bigint
-             FROM subscriptions ORDER BY user_id",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let rows: Vec<(Option<String>, Option<i64>)> = pairs(
+        &client,
+        "SELECT provider_subscription_id, extract(epoch FROM status_event_at)::bigint
+         FROM subscriptions ORDER BY user_id",
+    )
+    .await?;
     assert_eq!(
         rows,
         [(Some("sub_1".into()), Some(1_767_323_045)), (None, None)]
