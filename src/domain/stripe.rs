@@ -300,8 +300,12 @@ pub struct SubscriptionState {
     /// `cancel_at_period_end`, or a `cancel_at` no later than the period end
     /// (newer dashboards schedule end-of-period cancellations that way).
     pub cancel_at_period_end: bool,
-    /// `items.data[0].price.lookup_key`, else `metadata.plan_id`.
-    pub plan_id: Option<String>,
+    /// The plan ids the subscription names, in precedence order: the price's
+    /// `lookup_key`, then `metadata.plan_id` (each once, odd values dropped).
+    /// The first that names one of our plans is the subscription's plan, so a
+    /// price whose lookup key is not a plan id still finds its plan through
+    /// the metadata our checkout sets.
+    pub plan_ids: Vec<String>,
     /// `metadata.user_id`, set by our checkout; `None` unless it is a
     /// lowercase hyphenated UUID.
     pub user_id: Option<String>,
@@ -467,8 +471,15 @@ fn subscription_state(
     let cancel_at = field_timestamp(sub.get("cancel_at"), "data.object.cancel_at")?;
     let cancel_at_period_end = cancel_flag || cancel_at.is_some_and(|at| at <= current_period_end);
 
-    let plan_id = bounded_id(sub.pointer("/items/data/0/price/lookup_key"))
-        .or_else(|| bounded_id(sub.pointer("/metadata/plan_id")));
+    let mut plan_ids = Vec::with_capacity(2);
+    for candidate in [
+        sub.pointer("/items/data/0/price/lookup_key"),
+        sub.pointer("/metadata/plan_id"),
+    ] {
+        if let Some(id) = bounded_id(candidate).filter(|id| !plan_ids.contains(id)) {
+            plan_ids.push(id);
+        }
+    }
     let user_id = sub
         .pointer("/metadata/user_id")
         .and_then(Value::as_str)
@@ -481,7 +492,7 @@ fn subscription_state(
         status,
         current_period_end,
         cancel_at_period_end,
-        plan_id,
+        plan_ids,
         user_id,
         created_at: timestamp(sub.get("created")),
     })
@@ -1345,7 +1356,7 @@ mod tests {
                     status: Status::Active,
                     current_period_end: 1_702_592_000,
                     cancel_at_period_end: false,
-                    plan_id: Some("plus".into()),
+                    plan_ids: vec!["plus".into()],
                     user_id: Some(USER.into()),
                     created_at: Some(1_700_000_000),
                 }),
@@ -1362,8 +1373,8 @@ mod tests {
         assert_eq!(state.status, Status::PastDue);
         assert_eq!(state.current_period_end, 1_705_184_000);
         assert!(state.cancel_at_period_end);
-        // The price's lookup key wins over the metadata.
-        assert_eq!(state.plan_id.as_deref(), Some("family"));
+        // The price's lookup key comes before the metadata.
+        assert_eq!(state.plan_ids, ["family", "plus"]);
     }
 
     #[test]
@@ -1418,15 +1429,24 @@ mod tests {
     }
 
     #[test]
-    fn the_plan_falls_back_to_metadata_and_odd_values_are_dropped() {
+    fn the_plan_candidates_are_listed_once_each_and_odd_values_are_dropped() {
         let mut body = fixture(BASIL_SUBSCRIPTION_UPDATED);
+        let plans = |body: &Value| {
+            subscription_of(&parse_value(body).unwrap())
+                .plan_ids
+                .clone()
+        };
+        body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!("plus");
+        assert_eq!(plans(&body), ["plus"], "the same id twice is one candidate");
+
         body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = Value::Null;
-        let state = subscription_of(&parse_value(&body).unwrap()).clone();
-        assert_eq!(state.plan_id.as_deref(), Some("plus"));
+        assert_eq!(plans(&body), ["plus"]);
 
         body["data"]["object"]["metadata"]["plan_id"] = json!("a plan with spaces");
-        let state = subscription_of(&parse_value(&body).unwrap()).clone();
-        assert_eq!(state.plan_id, None);
+        assert!(plans(&body).is_empty());
+
+        body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!("plus_eur_2026");
+        assert_eq!(plans(&body), ["plus_eur_2026"]);
     }
 
     #[test]
@@ -1450,8 +1470,8 @@ mod tests {
             .remove("metadata");
         let state = subscription_of(&parse_value(&body).unwrap()).clone();
         assert_eq!(
-            (state.user_id, state.plan_id.as_deref()),
-            (None, Some("plus"))
+            (state.user_id, state.plan_ids.as_slice()),
+            (None, ["plus".to_owned()].as_slice())
         );
     }
 
@@ -1698,7 +1718,7 @@ mod tests {
                         },
                         current_period_end: ex.current_period_end,
                         cancel_at_period_end: false,
-                        plan_id: Some("plus".into()),
+                        plan_ids: vec!["plus".into()],
                         user_id: Some(USER.into()),
                         created_at: Some(ex.current_period_end - EXAMPLE_PERIOD_SECS),
                     }),

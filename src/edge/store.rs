@@ -357,6 +357,14 @@ pub struct Applied {
     pub user_id: Option<String>,
     /// Whether a subscription row changed (false for stale or unknown events).
     pub changed: bool,
+    /// A subscription event none of whose plan ids names one of our plans (a
+    /// known subscription keeps its plan).
+    #[serde(default)]
+    pub unknown_plan: bool,
+    /// ... and the subscription, one of our users', has no row yet: nothing
+    /// was written, and the event id was not recorded.
+    #[serde(default)]
+    pub unresolved_plan: bool,
 }
 
 /// When the row's status was last set: `status_event_at`, or
@@ -386,12 +394,16 @@ pub async fn apply_billing_event(
     change: &Change,
 ) -> Result<Applied, Fail> {
     let created = env.created;
-    let record = format!(
-        "ev AS (INSERT INTO webhook_events (id, type, event_created_at) VALUES ({}, {}, to_timestamp({created}))
-                ON CONFLICT (id) DO NOTHING RETURNING id)",
-        quoted(&env.id)?,
-        quoted(&env.kind)?
-    );
+    // Records the event id, when `condition` holds.
+    let record = |condition: &str| -> Result<String, Fail> {
+        Ok(format!(
+            "ev AS (INSERT INTO webhook_events (id, type, event_created_at)
+                    SELECT {}, {}, to_timestamp({created}) WHERE {condition}
+                    ON CONFLICT (id) DO NOTHING RETURNING id)",
+            quoted(&env.id)?,
+            quoted(&env.kind)?
+        ))
+    };
     let q = match change {
         Change::Subscription(s) => {
             let by_metadata = match s.user_id.as_deref().and_then(sql::uuid) {
@@ -399,21 +411,31 @@ pub async fn apply_billing_event(
                 None => "SELECT NULL::uuid WHERE false".to_owned(),
             };
             let status = s.status.as_str();
-            let plan = match &s.plan_id {
-                Some(p) => quoted(p)?,
-                None => "NULL".to_owned(),
-            };
+            // The plan is the first candidate that names one of ours, else
+            // (for a subscription we know) the row's plan.
+            let mut plans = String::new();
+            for id in &s.plan_ids {
+                plans.push_str(&format!(
+                    "(SELECT id FROM plans WHERE id = {}), ",
+                    quoted(id)?
+                ));
+            }
             // The status only from an event at least as new as the one that set it.
             let sets_status =
                 format!("({STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= EXCLUDED.status_event_at)");
+            // An event that would give one of our users a subscription with
+            // no plan is not recorded, so that the provider's retries (or a
+            // re-send) apply it once the plan exists.
+            let unresolved = "(SELECT id FROM plan) IS NULL AND EXISTS (SELECT 1 FROM target)";
             format!(
-                "WITH {record},
-                 target AS (SELECT id AS user_id FROM ({by_metadata}
+                "WITH target AS (SELECT id AS user_id FROM ({by_metadata}
                                 UNION ALL SELECT user_id FROM subscriptions
                                           WHERE provider = 'stripe' AND provider_customer_id = {cus}) t LIMIT 1),
-                 plan AS (SELECT coalesce((SELECT id FROM plans WHERE id = {plan}),
+                 named AS (SELECT coalesce({plans}NULL::text) AS id),
+                 plan AS (SELECT coalesce((SELECT id FROM named),
                                           (SELECT plan_id FROM subscriptions
                                            WHERE provider = 'stripe' AND provider_subscription_id = {sub})) AS id),
+                 {record},
                  up AS (
                      INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, cancel_at_period_end,
                                                 provider_customer_id, provider_subscription_id,
@@ -439,7 +461,10 @@ pub async fn apply_billing_event(
                      RETURNING user_id)
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
                                           'user_id', coalesce((SELECT user_id FROM up), (SELECT user_id FROM target)),
-                                          'changed', EXISTS (SELECT 1 FROM up))::text",
+                                          'changed', EXISTS (SELECT 1 FROM up),
+                                          'unknown_plan', (SELECT id FROM named) IS NULL,
+                                          'unresolved_plan', {unresolved})::text",
+                record = record(&format!("NOT ({unresolved})"))?,
                 cus = quoted(&s.customer_id)?,
                 sub = quoted(&s.subscription_id)?,
                 status = quoted(status)?,
@@ -478,6 +503,7 @@ pub async fn apply_billing_event(
                  SELECT json_build_object('new_event', EXISTS (SELECT 1 FROM ev),
                                           'user_id', (SELECT user_id FROM target),
                                           'changed', EXISTS (SELECT 1 FROM up))::text",
+                record = record("true")?,
                 sub = quoted(subscription_id)?,
             )
         }

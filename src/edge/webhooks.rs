@@ -16,7 +16,7 @@ use super::user_session::InputsReq;
 use super::{Fail, bindings, store, time};
 use crate::api::WebhookAck;
 use crate::domain::problem::ProblemCode;
-use crate::domain::stripe::{self, Event};
+use crate::domain::stripe::{self, Change, Event};
 use crate::http::{ApiError, Reply};
 use serde_json::json;
 use worker::Env;
@@ -39,6 +39,10 @@ const NOT_APPLIED: WebhookAck = WebhookAck {
 
 fn log(msg: &str, fields: serde_json::Value) {
     worker::console_log!("{}", json!({"level": "info", "msg": msg, "event": fields}));
+}
+
+fn log_error(msg: &str, fields: serde_json::Value) {
+    worker::console_error!("{}", json!({"level": "error", "msg": msg, "event": fields}));
 }
 
 pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
@@ -72,6 +76,29 @@ pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let db = store::connect(env).await?;
     let applied = store::apply_billing_event(&db, &envelope, &change).await?;
     let fields = json!({"id": envelope.id, "type": envelope.kind, "new": applied.new_event, "changed": applied.changed});
+    if let Change::Subscription(s) = &change
+        && (applied.unresolved_plan || applied.unknown_plan && applied.new_event)
+    {
+        // A price whose lookup key and metadata name none of our plans: the
+        // plan must be added (or the price fixed). A subscription we know
+        // keeps its plan, and the rest of the event applies. A new one cannot
+        // be recorded without a plan: its event is refused unrecorded, so the
+        // provider retries it (for days) until the plan exists.
+        let what = format!(
+            "subscription {} names no known plan (candidates {:?})",
+            s.subscription_id, s.plan_ids
+        );
+        if applied.unresolved_plan {
+            return Err(Fail::new(
+                ApiError::new(
+                    ProblemCode::NotConfigured,
+                    "The subscription's plan is not configured; it has been logged.",
+                ),
+                format!("{what}; event {} not recorded", envelope.id),
+            ));
+        }
+        log_error(&format!("{what}; its plan is unchanged"), fields.clone());
+    }
     let Some(user_id) = applied.user_id else {
         // Not ours (or not yet linked): acknowledge, or the provider retries for days.
         log("webhook for an unknown customer", fields);

@@ -38,6 +38,10 @@ pub const TESTS: &[(&str, Test)] = &[
         second_subscription_ends,
     ),
     (
+        "billing::a_price_whose_lookup_key_is_no_plan_falls_back_to_metadata_or_is_retried",
+        unknown_lookup_key,
+    ),
+    (
         "billing::an_upgrade_reaches_the_next_refresh_and_the_device_limit",
         upgrade_then_downgrade,
     ),
@@ -445,6 +449,69 @@ fn second_subscription_ends(ctx: &Ctx) -> Result<(), Failed> {
             claims(s(&login.body["access_token"]))["ent"]["plan"],
             "plus"
         );
+        Ok(())
+    })
+}
+
+/// `kind` for `s`, with the price's lookup key and the metadata's plan id
+/// set apart.
+async fn deliver_priced(
+    ctx: &Ctx,
+    kind: &str,
+    s: &Sub,
+    lookup_key: &str,
+    plan_id: &str,
+) -> (u16, Value) {
+    let mut body: Value = serde_json::from_slice(&event(kind, s)).unwrap();
+    body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!(lookup_key);
+    body["data"]["object"]["metadata"]["plan_id"] = json!(plan_id);
+    deliver_signed(ctx, &serde_json::to_vec(&body).unwrap()).await
+}
+
+/// Prices are often looked up by keys such as `plus_eur_2026`, which name no
+/// plan: the plan id our checkout puts in the metadata then decides. An event
+/// that names no plan of ours for a new subscription is refused unrecorded,
+/// so that the provider's retry applies it once the plan exists; one for a
+/// subscription we know still applies, and the plan stays.
+fn unknown_lookup_key(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let s = sub_for(&user, "plus");
+        let (status, json) =
+            deliver_priced(ctx, "customer.subscription.created", &s, "plus_eur_2026", "plus").await;
+        assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "plus");
+
+        // A later change whose price names no plan at all: the status applies,
+        // the plan stays.
+        let mut lapsed = next(&s, s.created + 60);
+        lapsed.status = Status::PastDue;
+        let (status, json) =
+            deliver_priced(ctx, "customer.subscription.updated", &lapsed, "gold_2026", "gold").await;
+        assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
+        assert_eq!(plan_in_db(ctx, &s).await, Some(("plus".into(), "past_due".into())));
+
+        // A new subscription for a plan this deployment does not have yet.
+        let mut other = new_user(ctx).await;
+        let plan = unique("e2e_plan_").replace('-', "_");
+        let s = sub_for(&other, "plus");
+        let kind = "customer.subscription.created";
+        let (status, json) = deliver_priced(ctx, kind, &s, &format!("{plan}_eur"), &plan).await;
+        assert_eq!((status, json["code"].as_str()), (500, Some("not_configured")), "{json}");
+        assert_eq!(events_recorded(ctx, &s.event).await, 0, "not recorded");
+        assert_eq!(plan_in_db(ctx, &s).await, None);
+        // The plan is added; the provider's retry of the same event applies.
+        db(ctx)
+            .await
+            .execute(
+                "INSERT INTO plans (id, name, max_devices, region_tiers) VALUES ($1, 'Test plan', 2, '{free}')",
+                &[&plan],
+            )
+            .await
+            .unwrap();
+        let (status, json) = deliver_priced(ctx, kind, &s, &format!("{plan}_eur"), &plan).await;
+        assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
+        assert_eq!(plan_after_refresh(ctx, &mut other).await, plan);
         Ok(())
     })
 }
