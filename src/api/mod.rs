@@ -57,7 +57,8 @@ wire! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct CreateDevice {
-        /// 1 to 64 characters, no control characters, not only spaces.
+        /// 1 to 64 characters, no control characters, not only white space (stored
+        /// trimmed).
         #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 1, max = 64), regex(pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")))]
         pub name: String,
         /// The device's WireGuard public key: 32 bytes (not all zero), canonical

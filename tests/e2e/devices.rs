@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 pub const TESTS: &[(&str, Test)] = &[
     ("devices::create_list_rotate_and_delete_a_device", lifecycle),
     (
-        "devices::bad_keys_are_422_and_a_key_in_use_is_409",
+        "devices::bad_keys_and_names_are_422_and_a_key_in_use_is_409",
         bad_and_taken_keys,
     ),
     (
@@ -170,9 +170,18 @@ fn bad_and_taken_keys(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(r.status, 422, "{bad:?}: {}", r.body);
             assert_eq!(r.body["errors"][0]["field"], "public_key");
         }
-        let r = create(ctx, &a, &"n".repeat(65), &wg_key()).await;
-        assert_eq!(r.status, 422);
-        assert_eq!(r.body["errors"][0]["field"], "name");
+        // Names the contract refuses, also where trimming would hide it.
+        for bad in [
+            "n".repeat(65),
+            format!(" {} ", "n".repeat(63)),
+            "Laptop\n".into(),
+            " \u{a0} ".into(),
+        ] {
+            let r = create(ctx, &a, &bad, &wg_key()).await;
+            assert_eq!(r.status, 422, "{bad:?}: {}", r.body);
+            assert_eq!(r.body["errors"][0]["field"], "name");
+        }
+        assert_eq!(device_count(ctx, &a.id).await, 0);
         let key = wg_key();
         let mine = create(ctx, &a, "mine", &key).await;
         assert_eq!(mine.status, 201);
