@@ -51,8 +51,17 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     match pg::connect(&env, bindings::DB).await {
         Ok(client) => {
             for (step, sql) in MAINTENANCE_SQL {
-                if let Err(e) = client.simple_query(sql).await {
-                    failed(step, e.to_string());
+                match client.simple_query(sql).await {
+                    // The partition step answers with a line per month it
+                    // had to skip (its rows go to the default partition).
+                    Ok(messages) => messages
+                        .iter()
+                        .filter_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                            _ => None,
+                        })
+                        .for_each(|skipped| failed(step, skipped.to_owned())),
+                    Err(e) => failed(step, e.to_string()),
                 }
             }
         }

@@ -34,6 +34,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "migrations::a_user_may_hold_several_subscriptions_each_once",
         |pg| Box::pin(several_subscriptions(pg)),
     ),
+    (
+        "migrations::event_partitions_are_utc_months_made_once_or_skipped_with_a_reason",
+        |pg| Box::pin(event_partitions(pg)),
+    ),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -249,5 +253,107 @@ async fn several_subscriptions(pg: &Postgres) -> Result<(), Failed> {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(subs, ["sub_1", "sub_2"]);
+    Ok(())
+}
+
+/// The next two months' partition names (UTC), and the SQL that drops them.
+async fn next_months(client: &tokio_postgres::Client) -> Result<(String, String, String), Failed> {
+    let (m1, m2): (String, String) = pairs(
+        client,
+        "SELECT to_char(m + interval '1 month', 'YYYY_MM'), to_char(m + interval '2 months', 'YYYY_MM')
+         FROM date_trunc('month', now() AT TIME ZONE 'UTC') m",
+    )
+    .await?
+    .remove(0);
+    let drop = format!(
+        "DROP TABLE IF EXISTS connection_events_{m1}; DROP TABLE IF EXISTS connection_events_{m2}"
+    );
+    Ok((m1, m2, drop))
+}
+
+/// The bounds of a partition, printed in UTC.
+async fn bounds(client: &tokio_postgres::Client, part: &str) -> Result<String, Failed> {
+    client.batch_execute("SET TimeZone = 'UTC'").await?;
+    let row = client
+        .query_one(
+            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = $1",
+            &[&part],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// V9: partitions are bounded by UTC months whatever the session's time zone,
+/// a month that an older partition overlaps is skipped with a reason (its rows
+/// go to the default partition) rather than failing the run, and concurrent
+/// runs do not fail each other.
+async fn event_partitions(pg: &Postgres) -> Result<(), Failed> {
+    let name = pg.create_database("mig");
+    let mut client = db::connect(&pg.url(&name)).await?;
+    db::migrate(&mut client).await?;
+    let (m1, m2, drop) = next_months(&client).await?;
+    let ensure = "SELECT * FROM ensure_connection_event_partitions(2)";
+
+    // Next month made as V4 made it from a session in New York: its bounds
+    // run to 04:00 or 05:00 UTC of the month after. A run from a session in
+    // UTC (as V4's would have failed) skips that month.
+    client
+        .batch_execute(&format!(
+            "{drop}; SET TimeZone = 'America/New_York';
+             CREATE TABLE connection_events_{m1} PARTITION OF connection_events
+                 FOR VALUES FROM ('{}-01') TO ('{}-01');
+             SET TimeZone = 'UTC'",
+            m1.replace('_', "-"),
+            m2.replace('_', "-")
+        ))
+        .await?;
+    let skipped: Vec<String> = client
+        .query(ensure, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(
+        skipped[0].starts_with(&format!("connection_events_{m2} not created: "))
+            && skipped[0].contains("overlap"),
+        "{skipped:?}"
+    );
+
+    // Without it, both months are made, bounded at UTC midnights although
+    // the session is in New York.
+    client
+        .batch_execute(&format!("{drop}; SET TimeZone = 'America/New_York'"))
+        .await?;
+    assert!(client.query(ensure, &[]).await?.is_empty());
+    let (y, m) = m1.split_once('_').unwrap();
+    let expected = format!(
+        "FOR VALUES FROM ('{y}-{m}-01 00:00:00+00') TO ('{}-01 00:00:00+00')",
+        m2.replace('_', "-")
+    );
+    assert_eq!(
+        bounds(&client, &format!("connection_events_{m1}")).await?,
+        expected
+    );
+
+    // Runs racing to make the same months all succeed, each month made once.
+    let other = db::connect(&pg.url(&name)).await?;
+    for _ in 0..10 {
+        client.batch_execute(&drop).await?;
+        let (a, b) = futures::join!(client.query(ensure, &[]), other.query(ensure, &[]));
+        assert!(a?.is_empty() && b?.is_empty());
+    }
+    let made: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'connection_events'::regclass AND c.relname = ANY($1)",
+            &[&vec![
+                format!("connection_events_{m1}"),
+                format!("connection_events_{m2}"),
+            ]],
+        )
+        .await?
+        .get(0);
+    assert_eq!(made, 2);
     Ok(())
 }
