@@ -95,6 +95,9 @@ wire! {
     ])))]
     #[serde(deny_unknown_fields)]
     pub struct SetRegion {
+        /// The operator's decision: `draining` or `down` holds the region out
+        /// whatever its monitors report, until an operator sets `up`, which
+        /// lifts the restriction (a monitor's `down` still holds).
         #[serde(default)]
         pub health: Option<Health>,
         /// Reconnects per second the region admits (0 to 1,000,000; 0 admits no one).
@@ -286,7 +289,14 @@ wire! {
     #[derive(Debug, Serialize, Deserialize)]
     pub struct RegionState {
         pub id: String,
+        /// What clients are steered by: the worse of `reported_health` and
+        /// `operator_health`.
         pub health: Health,
+        /// The last monitor's report (`down` once reports stop for 3 minutes);
+        /// `up` if never reported.
+        pub reported_health: Health,
+        /// The operator's restriction (`draining` or `down`); null if none.
+        pub operator_health: Option<Health>,
         pub admission_rate: u32,
         /// When a monitor last reported (unix seconds); null if never.
         pub health_reported_at: Option<i64>,

@@ -572,7 +572,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "reportRegionHealth",
             tag: "admin",
             summary: "A monitor's health report",
-            description: "Records the health a monitor observed; a region whose reports stop is marked down by the cron.",
+            description: "Records the health a monitor observed; a region whose reports stop is marked down by the cron. A report never lifts an operator's `draining` or `down`: the region's health is the worse of the two.",
             auth: Auth::Admin,
             needs: Needs::BOTH,
             body: s.request::<HealthReport>(),

@@ -2,9 +2,13 @@
 //! token (the `ADMIN_TOKEN` secret), never by a user token.
 //!
 //! - `PUT /v1/admin/regions/{id}` `{health?, admission_rate?}`: an operator's
-//!   decision (e.g. drain a region, or throttle its reconnects);
+//!   decision (e.g. drain a region, or throttle its reconnects); `up` lifts
+//!   the operator's restriction;
 //! - `POST /v1/admin/regions/{id}/health-report` `{health}`: a monitor's report;
 //!   a region whose monitor stops reporting for 3 minutes is marked down by the cron;
+//!
+//! The two are kept apart (migration V10): a region's health is the worse of
+//! the operator's and the last report, so a monitor's `up` never ends a drain.
 //! - `GET /v1/admin/servers`: the fleet.
 //!
 //! A change republishes the catalogue snapshot to KV at once.
@@ -61,6 +65,14 @@ fn health_str(h: Health) -> &'static str {
     }
 }
 
+/// The operator's restriction as SQL: none for `up`.
+fn operator_health_sql(h: Health) -> String {
+    match h {
+        Health::Up => "NULL".to_owned(),
+        restricted => format!("'{}'", health_str(restricted)),
+    }
+}
+
 /// When an update republishes the catalogue.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Republish {
@@ -94,6 +106,7 @@ async fn update_region(
           WHERE r.id = before.id
          RETURNING json_build_object(
              'region', json_build_object('id', r.id, 'health', r.health, 'admission_rate', r.admission_rate,
+                                         'reported_health', r.reported_health, 'operator_health', r.operator_health,
                                          'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint),
              'changed', (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate))::text"
     );
@@ -121,7 +134,7 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     let b: SetRegion = json_body(&mut req).await?;
     let mut sets = Vec::new();
     if let Some(h) = b.health {
-        sets.push(format!("health = '{}'", health_str(h)));
+        sets.push(format!("operator_health = {}", operator_health_sql(h)));
     }
     if let Some(rate) = b.admission_rate {
         if rate > MAX_ADMISSION_RATE {
@@ -154,7 +167,7 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
         env,
         id,
         &format!(
-            "health = '{}', health_reported_at = now()",
+            "reported_health = '{}', health_reported_at = now()",
             health_str(b.health)
         ),
         Republish::IfChanged,

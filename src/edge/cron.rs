@@ -31,8 +31,8 @@ SELECT coalesce(json_agg(json_build_object(
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
     (
         "mark silent regions down",
-        "UPDATE regions SET health = 'down', updated_at = now()
-          WHERE health_reported_at < now() - interval '3 minutes' AND health <> 'down'",
+        "UPDATE regions SET reported_health = 'down', updated_at = now()
+          WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'",
     ),
     (
         "create connection event partitions",

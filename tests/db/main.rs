@@ -32,6 +32,11 @@ fn main() -> std::process::ExitCode {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
+    // Connection tasks of the tests' clients may still be closing; stop them
+    // before the cluster, which would otherwise end them with an error.
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    }
     drop(pg);
     conclusion.exit_code()
 }

@@ -35,6 +35,10 @@ pub const TESTS: &[(&str, Test)] = &[
         |pg| Box::pin(several_subscriptions(pg)),
     ),
     (
+        "migrations::a_regions_health_is_the_worse_of_its_report_and_its_operators",
+        |pg| Box::pin(operator_and_reported_health(pg)),
+    ),
+    (
         "migrations::event_partitions_are_utc_months_made_once_or_skipped_with_a_reason",
         |pg| Box::pin(event_partitions(pg)),
     ),
@@ -171,7 +175,9 @@ async fn constraints(pg: &Postgres) -> Result<(), Failed> {
         "INSERT INTO users (email, password_hash) VALUES ('Mixed@Example.com', '$argon2id$x')",
         "INSERT INTO users (email, password_hash) VALUES ('a@example.com', 'plaintext')",
         "INSERT INTO regions (id, name, country, latitude, longitude, tier) VALUES ('xx-1', 'X', 'XX', 91, 0, 'free')",
-        "INSERT INTO regions (id, name, country, latitude, longitude, tier, health) VALUES ('xx-2', 'X', 'XX', 0, 0, 'free', 'sideways')",
+        "INSERT INTO regions (id, name, country, latitude, longitude, tier, reported_health) VALUES ('xx-2', 'X', 'XX', 0, 0, 'free', 'sideways')",
+        "INSERT INTO regions (id, name, country, latitude, longitude, tier, operator_health) VALUES ('xx-3', 'X', 'XX', 0, 0, 'free', 'up')",
+        "UPDATE regions SET health = 'down' WHERE id = 'eu-central'",
         "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-x', 'eu-central', 'h', 70000, 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', 1)",
         "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-y', 'eu-central', 'h', 51820, 'not-a-key', 1)",
     ];
@@ -355,5 +361,60 @@ async fn event_partitions(pg: &Postgres) -> Result<(), Failed> {
         .await?
         .get(0);
     assert_eq!(made, 2);
+    Ok(())
+}
+
+/// The test regions' `id: reported operator -> health` (`-`: no operator's).
+async fn region_health(client: &tokio_postgres::Client) -> Result<Vec<String>, Failed> {
+    let rows = client
+        .query(
+            "SELECT format('%s: %s %s -> %s', id, reported_health, coalesce(operator_health, '-'), health)
+             FROM regions WHERE id LIKE 'r-%' ORDER BY id",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// V10 keeps a monitor's report and an operator's decision apart, and derives
+/// `health` as the worse of the two. Existing health is kept: as the report
+/// for a region a monitor has reported on, as the operator's otherwise.
+async fn operator_and_reported_health(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh_at(pg, 9).await?;
+    client
+        .batch_execute(
+            "INSERT INTO regions (id, name, country, latitude, longitude, tier, health, health_reported_at) VALUES
+                 ('r-operator', 'A', 'DE', 0, 0, 'free', 'down', NULL),
+                 ('r-reported', 'B', 'DE', 0, 0, 'free', 'draining', now()),
+                 ('r-up', 'C', 'DE', 0, 0, 'free', 'up', NULL)",
+        )
+        .await?;
+    let applied = db::migrate(&mut client).await?;
+    assert!(applied.contains(&10), "applied {applied:?}");
+    assert_eq!(
+        region_health(&client).await?,
+        [
+            "r-operator: up down -> down",
+            "r-reported: draining - -> draining",
+            "r-up: up - -> up"
+        ]
+    );
+    // A report of `up` does not lift an operator's `down`, nor an operator's
+    // lifting a report of `down`; the worse of the two holds.
+    client
+        .batch_execute(
+            "UPDATE regions SET reported_health = 'up' WHERE id = 'r-operator';
+             UPDATE regions SET reported_health = 'down', operator_health = 'draining' WHERE id = 'r-reported';
+             UPDATE regions SET operator_health = 'draining' WHERE id = 'r-up'",
+        )
+        .await?;
+    assert_eq!(
+        region_health(&client).await?,
+        [
+            "r-operator: up down -> down",
+            "r-reported: down draining -> down",
+            "r-up: up draining -> draining"
+        ]
+    );
     Ok(())
 }

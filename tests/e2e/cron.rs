@@ -11,7 +11,7 @@ pub const TESTS: &[(&str, Test)] = &[
         publishes_catalogue,
     ),
     (
-        "cron::a_region_whose_monitor_went_silent_is_marked_down",
+        "cron::a_region_whose_monitor_went_silent_is_marked_down_and_no_report_ends_a_drain",
         stale_monitor,
     ),
 ];
@@ -79,15 +79,18 @@ fn publishes_catalogue(ctx: &Ctx) -> Result<(), Failed> {
         // does not cache, so the next run sees it at once; deployed, the cached
         // binding may lag by up to its cache TTL.)
         db.execute(
-            "UPDATE regions SET health = 'draining' WHERE id = 'eu-west'",
+            "UPDATE regions SET operator_health = 'draining' WHERE id = 'eu-west'",
             &[],
         )
         .await?;
         trigger(ctx).await?;
         let changed = snapshot(ctx);
         let changed_tag = wrangler.kv_get("catalogue/v1/etag");
-        db.execute("UPDATE regions SET health = 'up' WHERE id = 'eu-west'", &[])
-            .await?;
+        db.execute(
+            "UPDATE regions SET operator_health = NULL WHERE id = 'eu-west'",
+            &[],
+        )
+        .await?;
         // Publish the restored state, as the next minute's run would.
         trigger(ctx).await?;
         assert_ne!(changed["etag"], etag.as_str());
@@ -136,9 +139,34 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         // Isolates reuse a parsed catalogue for up to 5 s.
         let within = std::time::Duration::from_secs(15);
         crate::support::eventually(within, "sa-east down", || async { (health().await == "down").then_some(()) }).await;
-        // The monitor reporting again brings it back; forget the monitor afterwards.
+        // The monitor reporting again brings it back.
         assert_eq!(report("up").await?.status(), 200);
         crate::support::eventually(within, "sa-east up", || async { (health().await == "up").then_some(()) }).await;
+
+        // An operator drains it: the monitor's next report of `up` does not
+        // end the drain, and its `down` outranks the drain. Only the
+        // operator's `up` lifts the drain.
+        let operator = |health: &'static str| {
+            ctx.http
+                .put(ctx.url("/v1/admin/regions/sa-east"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({ "health": health }))
+                .send()
+        };
+        let state = |r: Value| (r["health"].clone(), r["reported_health"].clone(), r["operator_health"].clone());
+        let drained: Value = operator("draining").await?.json().await?;
+        assert_eq!(state(drained), ("draining".into(), "up".into(), "draining".into()));
+        let reported: Value = report("up").await?.json().await?;
+        assert_eq!(state(reported), ("draining".into(), "up".into(), "draining".into()));
+        crate::support::eventually(within, "sa-east draining", || async { (health().await == "draining").then_some(()) }).await;
+        let reported: Value = report("down").await?.json().await?;
+        assert_eq!(state(reported), ("down".into(), "down".into(), "draining".into()));
+        let lifted: Value = operator("up").await?.json().await?;
+        assert_eq!(state(lifted), ("down".into(), "down".into(), Value::Null));
+        let reported: Value = report("up").await?.json().await?;
+        assert_eq!(state(reported), ("up".into(), "up".into(), Value::Null));
+        crate::support::eventually(within, "sa-east up again", || async { (health().await == "up").then_some(()) }).await;
+        // Forget the monitor.
         db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
         Ok(())
     })
