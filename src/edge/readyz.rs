@@ -7,9 +7,11 @@
 //!
 //! An isolate answers from probes at most [`FRESH_MS`] old: monitors and load
 //! balancers poll this endpoint, all the more during an incident, and every
-//! set of probes writes to KV and opens a database connection. (Only the
-//! finished report is shared between requests. A request may not wait on
-//! another's I/O: workerd cancels it as hung, or refuses the I/O.)
+//! set of probes writes to KV and opens a database connection. Requests that
+//! arrive while a set runs wait for its report rather than probing too (for
+//! up to [`WAIT_MS`], on timers of their own: a request may not wait on
+//! another's I/O, which workerd cancels as hung), so a dependency that hangs
+//! for the whole probe timeout still costs one set of probes per isolate.
 
 use super::{bindings, log, pg, time};
 use crate::api::Readiness;
@@ -30,26 +32,70 @@ const KV_PROBE_TTL_SECS: u64 = 60;
 
 /// How long an isolate answers from its last probes.
 pub const FRESH_MS: u64 = 2_000;
+/// How long a request waits for another's probes before running its own
+/// (longer than a set of probes can take), and how often it looks.
+const WAIT_MS: u64 = PROBE_TIMEOUT_MS + 1_000;
+const POLL_MS: u64 = 10;
+
+struct State {
+    /// The isolate's last finished probes and when they finished.
+    last: Option<(u64, Rc<Report>)>,
+    /// How many requests are running probes.
+    probing: u32,
+}
 
 thread_local! {
-    /// The isolate's last finished probes and when they finished.
-    static LAST: RefCell<Option<(u64, Rc<Report>)>> = const { RefCell::new(None) };
+    static STATE: RefCell<State> = const { RefCell::new(State { last: None, probing: 0 }) };
+}
+
+/// Counts its request among those probing while it lives, also when the
+/// request is cancelled part-way.
+struct Probing;
+
+impl Probing {
+    fn start(state: &mut State) -> Probing {
+        state.probing += 1;
+        Probing
+    }
+}
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.probing = s.probing.saturating_sub(1);
+        });
+    }
+}
+
+enum Step {
+    Use(Rc<Report>),
+    Wait,
+    Probe(Probing),
 }
 
 pub async fn handle(env: &Env, request_id: &str) -> Reply {
-    let now = time::now_ms();
-    let recent = LAST.with(|last| match &*last.borrow() {
-        Some((at, report)) if !due(*at, now, FRESH_MS) => Some(Rc::clone(report)),
-        _ => None,
-    });
-    let report = match recent {
-        Some(report) => report,
-        None => {
-            let report = Rc::new(run(env, request_id).await);
-            // Stamped when the probes finished: a probe that timed out took
-            // as long as the freshness window itself.
-            LAST.with(|last| *last.borrow_mut() = Some((time::now_ms(), Rc::clone(&report))));
-            report
+    let arrived = time::now_ms();
+    let report = loop {
+        let now = time::now_ms();
+        let step = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            match &s.last {
+                Some((at, report)) if !due(*at, now, FRESH_MS) => Step::Use(Rc::clone(report)),
+                _ if s.probing > 0 && !due(arrived, now, WAIT_MS) => Step::Wait,
+                _ => Step::Probe(Probing::start(&mut s)),
+            }
+        });
+        match step {
+            Step::Use(report) => break report,
+            Step::Wait => time::sleep(POLL_MS).await,
+            Step::Probe(_probing) => {
+                let report = Rc::new(run(env, request_id).await);
+                // Stamped when the probes finished: a probe that timed out took
+                // as long as the freshness window itself.
+                STATE.with(|s| s.borrow_mut().last = Some((time::now_ms(), Rc::clone(&report))));
+                break report;
+            }
         }
     };
     if report.is_ready() {

@@ -20,6 +20,10 @@ pub const TESTS: &[(&str, Test)] = &[
         recent_readyz_probes_are_reused,
     ),
     (
+        "health::concurrent_readyz_calls_share_one_set_of_probes",
+        concurrent_readyz_calls_share_probes,
+    ),
+    (
         "health::unknown_paths_are_problem_json_404_with_a_request_id",
         unknown_paths_are_404,
     ),
@@ -54,6 +58,43 @@ fn recent_readyz_probes_are_reused(ctx: &Ctx) -> Result<(), Failed> {
         assert!(
             answers.windows(2).any(|w| w[0] == w[1]),
             "every answer from probes of its own: {answers:?}"
+        );
+        Ok(())
+    })
+}
+
+/// `/readyz` calls that arrive while probes run wait for their report rather
+/// than probing too: of a burst, at most one request wrote its KV probe key
+/// (`readyz/<request id>`), and all report the same latencies. Each used to
+/// run its own probes, so a dependency that hung for the whole probe timeout
+/// cost a set of probes (a database connection among them) per request.
+fn concurrent_readyz_calls_share_probes(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        // Past the 2 s in which the last report is reused.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let call = || async {
+            let resp = ctx.http.get(ctx.url("/readyz")).send().await.unwrap();
+            let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+            let status = resp.status();
+            let body = resp.json::<Value>().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            (id, body["components"].clone())
+        };
+        let answers = futures::future::join_all((0..8).map(|_| call())).await;
+        let keys = ctx.stack().wrangler.kv_list("readyz/");
+        let probed: Vec<&String> = answers
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| keys.contains(&format!("readyz/{id}")))
+            .collect();
+        assert!(
+            probed.len() <= 1,
+            "{} of 8 ran probes: {probed:?}",
+            probed.len()
+        );
+        assert!(
+            answers.windows(2).all(|w| w[0].1 == w[1].1),
+            "answers from different probes: {answers:?}"
         );
         Ok(())
     })

@@ -762,6 +762,24 @@ impl Wrangler {
         (!text.is_empty() && text != "Value not found").then_some(text)
     }
 
+    /// The names of the keys in the worker's local KV namespace that start
+    /// with `prefix`.
+    pub fn kv_list(&self, prefix: &str) -> Vec<String> {
+        let out = self.kv("list", &format!("--prefix={prefix}"), &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "wrangler kv key list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json = stdout.find('[').map_or("", |at| &stdout[at..]);
+        let keys: Vec<serde_json::Value> = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("wrangler kv key list: {e}: {stdout}"));
+        keys.iter()
+            .filter_map(|k| k["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// Deletes a key from the worker's local KV namespace.
     pub fn kv_delete(&self, key: &str) {
         let out = self.kv("delete", key, &[]);
