@@ -86,7 +86,7 @@ const PUBLISH_ROUNDS: usize = 3;
 const KV_WRITE_SPACING_MS: u64 = 1_000;
 
 /// Reads the catalogue through `binding` and stores it in KV when it changed.
-/// Returns the snapshot and whether KV was written.
+/// Returns the snapshot KV holds and whether this call wrote it.
 ///
 /// Two publishers can race (an operator's change and a monitor's report, or
 /// either and the cron): one that read the catalogue before the other's change
@@ -98,11 +98,17 @@ pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), Strin
     let client = pg::connect(env, binding).await?;
     let mut snapshot = read_catalogue(&client).await?;
     let mut written = false;
-    for _ in 0..PUBLISH_ROUNDS {
+    for round in 1..=PUBLISH_ROUNDS {
         if !store_snapshot(env, &snapshot).await? {
             break;
         }
         written = true;
+        // After the last write, a newer catalogue read again would not be
+        // stored: return the snapshot stored, which the cron corrects within
+        // a minute if it has moved on.
+        if round == PUBLISH_ROUNDS {
+            break;
+        }
         let again = read_catalogue(&client).await?;
         if again.etag == snapshot.etag {
             break;
