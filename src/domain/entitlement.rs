@@ -74,6 +74,18 @@ impl Status {
 /// a user's entitlement inputs carry only subscriptions in them.
 pub const PAID_FOR: [Status; 3] = [Status::Trialing, Status::Active, Status::PastDue];
 
+/// The statuses a paid invoice makes `active` again: those being paid for,
+/// and those lapsed for want of a payment (`unpaid`, `incomplete`). A
+/// subscription that has ended (`canceled`, `incomplete_expired`) or is
+/// `paused` is never revived by a payment.
+pub const REVIVED_BY_PAYMENT: [Status; 5] = [
+    Status::Trialing,
+    Status::Active,
+    Status::PastDue,
+    Status::Unpaid,
+    Status::Incomplete,
+];
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
     pub plan: Plan,
@@ -423,6 +435,11 @@ mod tests {
         }
         let paid: Vec<Status> = all.into_iter().filter(|s| s.is_paid_for()).collect();
         assert_eq!(paid, PAID_FOR);
+        // A payment revives what is paid for or lapsed, never what ended.
+        assert!(PAID_FOR.iter().all(|s| REVIVED_BY_PAYMENT.contains(s)));
+        for ended in [Status::Canceled, Status::IncompleteExpired, Status::Paused] {
+            assert!(!REVIVED_BY_PAYMENT.contains(&ended), "{ended:?}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::{Fail, bindings, pg, time};
 use crate::domain::account::Email;
 use crate::domain::device::{DeviceName, PublicKey};
 pub use crate::domain::entitlement::EntitlementInputs;
-use crate::domain::entitlement::PAID_FOR;
+use crate::domain::entitlement::{PAID_FOR, REVIVED_BY_PAYMENT, Status};
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{Change, Envelope};
 use crate::http::ApiError;
@@ -59,13 +59,13 @@ fn inputs_sql(user: &str) -> String {
                             FROM subscriptions s JOIN plans p ON p.id = s.plan_id
                             WHERE s.user_id = {user} AND s.status IN ({paid})), '[]'::json),
            'version', coalesce((SELECT sum(s.version) FROM subscriptions s WHERE s.user_id = {user}), 0)::bigint)",
-        paid = paid_for_list()
+        paid = status_list(&PAID_FOR)
     )
 }
 
-/// [`PAID_FOR`] as an SQL list of string literals.
-fn paid_for_list() -> String {
-    PAID_FOR
+/// Statuses as an SQL list of string literals.
+fn status_list(statuses: &[Status]) -> String {
+    statuses
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
         .collect::<Vec<_>>()
@@ -484,19 +484,17 @@ pub async fn apply_billing_event(
             // resurrects one that has ended; a failed one makes it past due.
             // Only the status changes, so only its time advances.
             let (new_status, allowed) = if *paid {
-                (
-                    "'active'",
-                    "status IN ('active', 'trialing', 'past_due', 'unpaid', 'incomplete')",
-                )
+                (Status::Active, status_list(&REVIVED_BY_PAYMENT))
             } else {
-                ("'past_due'", "status IN ('active', 'trialing', 'past_due')")
+                (Status::PastDue, status_list(&PAID_FOR))
             };
+            let new_status = format!("'{}'", new_status.as_str());
             format!(
                 "WITH {record},
                  target AS (SELECT user_id FROM subscriptions WHERE provider = 'stripe' AND provider_subscription_id = {sub}),
                  up AS (UPDATE subscriptions SET status = {new_status}, status_event_at = to_timestamp({created}), updated_at = now(),
                                                 version = version + 1
-                        WHERE provider = 'stripe' AND provider_subscription_id = {sub} AND {allowed}
+                        WHERE provider = 'stripe' AND provider_subscription_id = {sub} AND status IN ({allowed})
                           AND EXISTS (SELECT 1 FROM ev)
                           AND ({STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= to_timestamp({created}))
                         RETURNING user_id)
