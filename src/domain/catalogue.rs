@@ -18,15 +18,6 @@ pub const KV_KEY: &str = "catalogue/v1";
 /// snapshot once more, or keeps its copy until the new etag arrives.
 pub const ETAG_KV_KEY: &str = "catalogue/v1/etag";
 
-/// Whether a copy last checked at `checked_ms` is due for another check at
-/// `now_ms`: once `ttl_ms` have passed, or at once if the clock has gone back
-/// (a copy is never trusted for longer because of a clock step).
-pub fn due(checked_ms: u64, now_ms: u64, ttl_ms: u64) -> bool {
-    now_ms
-        .checked_sub(checked_ms)
-        .is_none_or(|age| age >= ttl_ms)
-}
-
 #[cfg_attr(not(target_arch = "wasm32"), derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,14 +91,6 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_copy_is_due_after_its_ttl_or_when_the_clock_goes_back() {
-        assert!(!due(10_000, 10_000, 5_000));
-        assert!(!due(10_000, 14_999, 5_000));
-        assert!(due(10_000, 15_000, 5_000));
-        assert!(due(10_000, 9_999, 5_000), "a clock step back");
-    }
 
     fn region(id: &str, servers: &[&str]) -> Region {
         Region {

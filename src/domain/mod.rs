@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod catalogue;
 pub mod device;
 pub mod entitlement;
+pub mod freshness;
 pub mod geo;
 pub mod idempotency;
 pub mod password;

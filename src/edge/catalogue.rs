@@ -26,6 +26,7 @@
 
 use super::{Fail, bindings, cron, fault, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
+use crate::domain::freshness::due;
 use crate::domain::placement::Placer;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -143,9 +144,7 @@ pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail>
             let generation = c.generation;
             match &c.current {
                 // (The fault point checks at once, so a test need not wait.)
-                Some((p, at))
-                    if (!catalogue::due(*at, now, TTL_MS) && !kv_down) || c.revalidating =>
-                {
+                Some((p, at)) if (!due(*at, now, TTL_MS) && !kv_down) || c.revalidating => {
                     Step::Use(Rc::clone(p))
                 }
                 Some((p, _)) => {
@@ -153,7 +152,7 @@ pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail>
                     c.revalidating = true;
                     Step::Revalidate(Busy(|c| &mut c.revalidating), placer, generation)
                 }
-                None if c.loading && !catalogue::due(started, now, LOAD_WAIT_MS) => Step::Wait,
+                None if c.loading && !due(started, now, LOAD_WAIT_MS) => Step::Wait,
                 None => {
                     c.loading = true;
                     Step::Load(Busy(|c| &mut c.loading), generation)

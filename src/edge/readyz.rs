@@ -15,7 +15,7 @@
 
 use super::{bindings, log, pg, time};
 use crate::api::Readiness;
-use crate::domain::catalogue::due;
+use crate::domain::freshness::due;
 use crate::domain::problem::ProblemCode;
 use crate::domain::readiness::{Component, Failure, Probe, Report};
 use crate::http::{ApiError, Reply};
