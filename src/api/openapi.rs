@@ -598,12 +598,12 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
 }
 
 /// How apps must retry a refused connect (also in the README).
-const CONNECT_GUIDANCE: &str = "A server assignment for one of the caller's devices: the requested region if the plan allows it and it is up, otherwise the nearest allowed healthy region; within a region the same server for the same device while it is healthy. The answer lists failover regions, nearest first.\n\n**Retrying.** A 429 (`region_busy`) or 503 (`region_closed`, `no_region_available`, `service_unavailable`) carries `Retry-After` and the failover list. Retry with capped exponential backoff and full jitter: before retry *n* (0-based) sleep a uniformly random time in [0, min(cap, base × 2^n)], and never less than `Retry-After`. Move to the next failover region after a 503 for a region. Never retry immediately or on a fixed schedule: when a region fails, all its clients fail in the same instant, and only jitter spreads them out.";
+const CONNECT_GUIDANCE: &str = "A server assignment for one of the caller's devices: the requested region if the plan allows it and it is up, otherwise the nearest allowed healthy region; within a region the same server for the same device while it is healthy. The answer lists failover regions, nearest first.\n\n**Retrying.** A 429 (`region_busy`) or 503 (`region_closed`, `no_region_available`, `service_unavailable`) carries `Retry-After`, and the failover list (empty for `no_region_available`; absent when the failure came before a region was chosen). For `region_busy`, `Retry-After` is the client's turn in the region's queue: the clients it refuses are told to come back in the order refused, as many a second as it admits, up to 30 s ahead (15-30 s, spread, beyond that). Retry with capped exponential backoff and full jitter: before retry *n* (0-based) sleep a uniformly random time in [0, min(cap, base × 2^n)], and never less than `Retry-After`. Move to the next failover region after a 503 for a region. Never retry immediately or on a fixed schedule: when a region fails, all its clients fail in the same instant, and only jitter spreads them out.";
 
 fn header(name: &str) -> Value {
     let (description, schema) = match name {
         "Retry-After" => (
-            "Seconds to wait before retrying (already jittered by the server).",
+            "Seconds to wait before retrying, already spread by the server (jittered, or for `region_busy` the client's turn in the region's queue).",
             json!({"type": "integer", "minimum": 0}),
         ),
         "ETag" => ("The catalogue's version.", json!({"type": "string"})),

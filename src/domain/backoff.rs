@@ -13,8 +13,9 @@
 //!
 //! A server that refuses a client (admission full) sends `Retry-After`; the
 //! client never comes back sooner than that, whatever its own schedule says,
-//! because the server knows when it will have room and has already jittered
-//! the value (see `admission::retry_after_secs`). After `max_attempts`
+//! because the server knows when it will have room and has already spread
+//! the value (see `admission::busy_retry_after_secs`: a refused client's
+//! turn in the region's queue). After `max_attempts`
 //! retries a client stops and reports the failure to its user.
 //!
 //! Nothing here is random: the uniform random value is an argument.

@@ -268,7 +268,10 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 ProblemCode::RegionBusy,
                 "The region is admitting clients as fast as it can; retry after the delay or use a failover region.",
                 failover,
-                Some(admission::retry_after_secs(retry_after_ms, random::u32())),
+                Some(admission::busy_retry_after_secs(
+                    retry_after_ms,
+                    random::u32(),
+                )),
             ));
         }
         Admit::Closed => {

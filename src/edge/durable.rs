@@ -12,7 +12,7 @@
 //! Callers talk to objects with JSON over internal `fetch` via [`call`].
 
 use super::{Fail, fault, time};
-use crate::domain::admission::{Admit, Bucket};
+use crate::domain::admission::{Admit, Gate};
 use serde::Serialize;
 use wasm_bindgen::{JsCast, JsValue};
 use worker::wasm_bindgen_futures::JsFuture;
@@ -137,10 +137,11 @@ pub async fn body<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// One shard of a region's admission control: a token bucket
-/// (`domain::admission`). The bucket lives in memory only: admission is soft
-/// state, a restarted shard simply starts with a full bucket (one burst), and
-/// writing storage at every admission would cost more than it protects.
+/// One shard of a region's admission control: a token bucket and the queue
+/// of the clients it refused (`domain::admission::Gate`). Both live in memory
+/// only: admission is soft state, a restarted shard simply starts with a full
+/// bucket (one burst) and an empty queue, and writing storage at every
+/// admission would cost more than it protects.
 ///
 /// Admission is called over Durable Object RPC ([`RegionGate::admit`], through
 /// [`admit`]), not `fetch`: it is one call per connect, and an RPC call with a
@@ -151,7 +152,7 @@ pub async fn body<T: serde::de::DeserializeOwned>(
 pub struct RegionGate {
     state: State,
     env: Env,
-    bucket: std::cell::RefCell<Bucket>,
+    gate: std::cell::RefCell<Gate>,
 }
 
 impl DurableObject for RegionGate {
@@ -159,7 +160,7 @@ impl DurableObject for RegionGate {
         RegionGate {
             state,
             env,
-            bucket: std::cell::RefCell::new(Bucket::default()),
+            gate: std::cell::RefCell::new(Gate::default()),
         }
     }
 
@@ -185,9 +186,9 @@ impl RegionGate {
         fault::at(&fault::armed(&self.env, fault), fault::GATE_ADMIT)
             .map_err(|e| wasm_bindgen::JsError::new(&e.to_string()))?;
         Ok(self
-            .bucket
+            .gate
             .borrow_mut()
-            .take(rate, time::now_ms() as i64)
+            .admit(rate, time::now_ms() as i64)
             .to_wire())
     }
 }

@@ -455,14 +455,23 @@ fn burst(ctx: &Ctx) -> Result<(), Failed> {
             (1..=6).contains(&admitted),
             "about the bucket's four (plus refill): {admitted}"
         );
-        for r in busy {
+        let mut turns = std::collections::BTreeMap::<u32, usize>::new();
+        for r in &busy {
             assert_eq!(r.body["code"], "region_busy");
             assert_eq!(r.headers["content-type"], "application/problem+json");
             let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
             assert!((1..=30).contains(&retry), "{retry}");
+            *turns.entry(retry).or_default() += 1;
             let failover = r.body["failover"].as_array().unwrap();
             assert!(!failover.is_empty() && !failover.iter().any(|f| f == "af-south"));
         }
+        // The refused clients queue: each is told its turn, two a second
+        // (the rate), not all the next second.
+        assert!(
+            turns.values().all(|n| *n <= 2)
+                && turns.keys().max() <= Some(&(busy.len() as u32).div_ceil(2)),
+            "{turns:?}"
+        );
         Ok(())
     })
 }
