@@ -14,6 +14,11 @@
 //! every admitted attempt as a failure *before* the verification, and
 //! [`Throttle::succeeded`] takes it back when the password turns out right:
 //! at most `max_failures` guesses get through per window, however they race.
+//! An attempt that never reached the verification (the other throttle refused
+//! it, or the database could not be asked) is given back with
+//! [`Throttle::refund`]: it guessed nothing, and counting it would let a
+//! locked client network lock accounts it never guessed at, or an outage's
+//! retries lock users out.
 //!
 //! # Windows and locks
 //!
@@ -133,6 +138,18 @@ impl Throttle {
     pub fn succeeded(&mut self) {
         self.failures.clear();
         self.locked_until = self.locked_until.min(self.last_attempt_at);
+    }
+
+    /// Gives back the failure counted in advance by the attempt admitted at
+    /// `at` (the time [`Throttle::attempt`] was called with), which never
+    /// reached a password check. If that attempt reached the limit and
+    /// locked the throttle, its failures are gone and the lock stays: such an
+    /// attempt had `max_failures - 1` others in flight or just before it, and
+    /// erring towards the lock is the safe side.
+    pub fn refund(&mut self, at: i64) {
+        if let Some(i) = self.failures.iter().rposition(|&t| t == at) {
+            self.failures.remove(i);
+        }
     }
 
     /// Seconds until the lock ends (at least 1), or `None` if not locked.
@@ -304,6 +321,29 @@ mod tests {
         now += ACCOUNT.window_secs - 1;
         fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, now);
         assert_eq!(t.retry_after(now), Some(60));
+    }
+
+    #[test]
+    fn a_refunded_attempt_no_longer_counts() {
+        let mut t = Throttle::default();
+        // Three failures, then attempts refunded one after another: the
+        // count stays at three, never a lock.
+        fail(&mut t, &ACCOUNT, 3, 1_000);
+        for i in 0..10 {
+            let at = 1_001 + i;
+            assert_eq!(t.attempt(&ACCOUNT, at), Ok(()));
+            t.refund(at);
+        }
+        assert_eq!(t.retry_after(1_100), None);
+        // The fourth and fifth real failures lock, as they would have.
+        assert_eq!(t.attempt(&ACCOUNT, 1_100), Ok(()));
+        assert_eq!(t.retry_after(1_100), None);
+        assert_eq!(t.attempt(&ACCOUNT, 1_100), Ok(()));
+        assert!(t.retry_after(1_100).is_some());
+        // A refund of an attempt that is not counted changes nothing.
+        let before = t.clone();
+        t.refund(5);
+        assert_eq!(t, before);
     }
 
     #[test]

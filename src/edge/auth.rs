@@ -9,7 +9,7 @@
 
 use super::durable::call;
 use super::incoming::Incoming;
-use super::login_throttle::{AttemptReq, Scope};
+use super::login_throttle::{Admitted, AttemptReq, Scope};
 use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
@@ -177,7 +177,9 @@ fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
     )
 }
 
-async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<(), Fail> {
+/// Counts a sign-in attempt in the throttle `name`; `Ok(when)` names the
+/// admitted attempt for [`throttle_refund`].
+async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<i64, Fail> {
     let (status, body) = call(
         env,
         bindings::LOGIN_THROTTLES,
@@ -186,10 +188,35 @@ async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<(), Fai
         &AttemptReq { scope },
     )
     .await?;
-    if status == 200 {
-        Ok(())
-    } else {
-        Err(refusal(status, &body))
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    serde_json::from_value::<Admitted>(body)
+        .map(|a| a.at)
+        .map_err(|e| Fail::unavailable(format!("login throttle answer: {e}")))
+}
+
+/// Gives back an attempt `name` admitted at `at` that reached no password
+/// check. Best effort: a refund that fails leaves the attempt counted, as it
+/// was before refunds existed, and is logged.
+async fn throttle_refund(env: &Env, name: &str, at: i64) {
+    let refunded = call(
+        env,
+        bindings::LOGIN_THROTTLES,
+        name,
+        "/refund",
+        &Admitted { at },
+    )
+    .await;
+    if let Err(e) = refunded.and_then(|(status, _)| {
+        (status == 200)
+            .then_some(())
+            .ok_or_else(|| Fail::unavailable(format!("status {status}")))
+    }) {
+        worker::console_error!(
+            "{}",
+            json!({"level": "warn", "msg": "login throttle refund failed", "error": e.cause})
+        );
     }
 }
 
@@ -206,12 +233,38 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
         throttle_attempt(env, &account_obj, Scope::Account),
         throttle_attempt(env, &ip_obj, Scope::ClientIp)
     );
-    by_account?;
-    by_ip?;
+    // An attempt one throttle refused checks no password: the other's count
+    // is given back, or a locked client network would lock every account it
+    // named (and a locked account use up its callers' network budget).
+    let (account_at, ip_at) = match (by_account, by_ip) {
+        (Ok(account_at), Ok(ip_at)) => (account_at, ip_at),
+        (Ok(account_at), Err(refused)) => {
+            throttle_refund(env, &account_obj, account_at).await;
+            return Err(refused);
+        }
+        (Err(refused), Ok(ip_at)) => {
+            throttle_refund(env, &ip_obj, ip_at).await;
+            return Err(refused);
+        }
+        (Err(refused), Err(_)) => return Err(refused),
+    };
 
-    let db = store::connect(env).await?;
-    let row = store::find_for_login(&db, &email).await?;
-    drop(db);
+    let found = async {
+        let db = store::connect(env).await?;
+        store::find_for_login(&db, &email).await
+    };
+    let row = match found.await {
+        Ok(row) => row,
+        Err(unavailable) => {
+            // No password was checked: an outage's retries must not lock the
+            // user out once it is over.
+            futures::join!(
+                throttle_refund(env, &account_obj, account_at),
+                throttle_refund(env, &ip_obj, ip_at)
+            );
+            return Err(unavailable);
+        }
+    };
     // An unknown email costs one argon2 verification too, so the answer and its
     // timing do not reveal whether the account exists.
     let stored_hash = row

@@ -22,6 +22,12 @@ pub struct AttemptReq {
     pub scope: Scope,
 }
 
+/// An admitted attempt: when it was counted, to name it in a refund.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Admitted {
+    pub at: i64,
+}
+
 #[durable_object(fetch)]
 pub struct LoginThrottle {
     state: State,
@@ -46,13 +52,24 @@ impl DurableObject for LoginThrottle {
                     Scope::ClientIp => &throttle::CLIENT_IP,
                 };
                 let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
-                let outcome = t.attempt(policy, time::now_secs());
+                let at = time::now_secs();
+                let outcome = t.attempt(policy, at);
                 // Persist before answering: a counted attempt must survive a restart.
                 storage.put(KEY, &t).await?;
                 match outcome {
-                    Ok(()) => Response::from_json(&serde_json::json!({})),
+                    Ok(()) => Response::from_json(&Admitted { at }),
                     Err(retry_after) => refuse(429, "too_many_attempts", Some(retry_after)),
                 }
+            }
+            (Method::Post, "/refund") => {
+                let r: Admitted = match body(&mut req).await {
+                    Ok(r) => r,
+                    Err(resp) => return Ok(resp),
+                };
+                let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
+                t.refund(r.at);
+                storage.put(KEY, &t).await?;
+                Response::from_json(&serde_json::json!({}))
             }
             (Method::Post, "/succeeded") => {
                 let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();

@@ -48,6 +48,10 @@ pub const TESTS: &[(&str, Test)] = &[
         network_throttle,
     ),
     (
+        "auth::a_locked_network_locks_no_account_it_names",
+        locked_network_spares_accounts,
+    ),
+    (
         "auth::refresh_rotates_and_a_retry_within_grace_gets_the_same_successor",
         refresh_rotation,
     ),
@@ -517,19 +521,26 @@ fn throttling(ctx: &Ctx) -> Result<(), Failed> {
 /// Thirty failed sign-ins from thirty addresses of one IPv6 /64 (for thirty
 /// accounts, so no account lock is reached) lock that network, whichever of
 /// its addresses comes next; another /64 is not locked.
+/// A fresh IPv6 /64, locked by thirty failed sign-ins (for thirty accounts,
+/// so no account lock is reached) from thirty of its addresses.
+async fn locked_network(ctx: &Ctx) -> String {
+    let network = fresh_ip().trim_end_matches("::1").to_owned();
+    for i in 1..=30 {
+        let r = login(
+            ctx,
+            &unique_email(),
+            "wrong password",
+            &format!("{network}::{i:x}"),
+        )
+        .await;
+        assert_eq!(r.status, 401, "attempt {i}: {}", r.body);
+    }
+    network
+}
+
 fn network_throttle(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let network = fresh_ip().trim_end_matches("::1").to_owned();
-        for i in 1..=30 {
-            let r = login(
-                ctx,
-                &unique_email(),
-                "wrong password",
-                &format!("{network}::{i:x}"),
-            )
-            .await;
-            assert_eq!(r.status, 401, "attempt {i}: {}", r.body);
-        }
+        let network = locked_network(ctx).await;
         let locked = login(
             ctx,
             &unique_email(),
@@ -541,6 +552,23 @@ fn network_throttle(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(locked.body["code"], "too_many_attempts");
         let elsewhere = login(ctx, &unique_email(), "wrong password", &fresh_ip()).await;
         assert_eq!(elsewhere.status, 401, "{}", elsewhere.body);
+        Ok(())
+    })
+}
+
+/// Attempts a locked network makes check no password, so they do not count
+/// against the accounts they name: each used to count, and five of them
+/// locked any account without a guess.
+fn locked_network_spares_accounts(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        let network = locked_network(ctx).await;
+        for i in 1..=6 {
+            let r = login(ctx, &email, "wrong password", &format!("{network}::{i:x}")).await;
+            assert_eq!(r.status, 429, "attempt {i}: {}", r.body);
+        }
+        let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
         Ok(())
     })
 }

@@ -36,8 +36,8 @@ pub const TESTS: &[(&str, Test)] = &[
         cf_ray_becomes_the_request_id,
     ),
     (
-        "health::readyz_names_the_database_when_postgres_stops_and_recovers",
-        readyz_names_the_database_when_postgres_stops_and_recovers,
+        "health::while_postgres_is_down_readyz_names_it_and_sign_ins_lock_no_one",
+        postgres_down_readyz_and_sign_ins,
     ),
 ];
 
@@ -192,7 +192,7 @@ fn cf_ray_becomes_the_request_id(ctx: &Ctx) -> Result<(), Failed> {
 }
 
 /// Its own stack: stopping PostgreSQL must not disturb the other tests.
-fn readyz_names_the_database_when_postgres_stops_and_recovers(ctx: &Ctx) -> Result<(), Failed> {
+fn postgres_down_readyz_and_sign_ins(ctx: &Ctx) -> Result<(), Failed> {
     let mut stack = Stack::start();
     let readyz = stack.url("/readyz");
     ctx.rt.block_on(async {
@@ -236,6 +236,25 @@ fn readyz_names_the_database_when_postgres_stops_and_recovers(ctx: &Ctx) -> Resu
         }
     }
 
+    // Sign-ins meanwhile check no password: an app retrying through the
+    // outage must not lock its user out once it is over (each used to count,
+    // and the fifth locked the account).
+    let login_url = stack.url("/v1/auth/login");
+    let login = |password: &'static str, ip: &'static str| {
+        ctx.http
+            .post(&login_url)
+            .header("cf-connecting-ip", ip)
+            .json(&serde_json::json!({"email": "demo@keenvpn.test", "password": password}))
+            .send()
+    };
+    ctx.rt.block_on(async {
+        for _ in 0..6 {
+            let resp = login("keenvpn-demo-2026", "203.0.113.7").await?;
+            assert_eq!(resp.status(), 503, "{}", resp.text().await?);
+        }
+        Ok::<_, Failed>(())
+    })?;
+
     stack.pg.start_server();
     ctx.rt.block_on(eventually(
         Duration::from_secs(30),
@@ -245,5 +264,10 @@ fn readyz_names_the_database_when_postgres_stops_and_recovers(ctx: &Ctx) -> Resu
             (resp.status() == 200).then_some(())
         },
     ));
+    ctx.rt.block_on(async {
+        let resp = login("keenvpn-demo-2026", "203.0.113.8").await?;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await?);
+        Ok::<_, Failed>(())
+    })?;
     Ok(())
 }
