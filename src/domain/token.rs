@@ -27,7 +27,10 @@
 //!   up to [`MAX_JITTER_SECS`], so clients that signed in together do not all
 //!   refresh in the same second. Verification refuses any token whose own
 //!   `exp - iat` exceeds the TTL, so a bug (or a misconfigured issuer sharing
-//!   the key) cannot mint a token that is good for years.
+//!   the key) cannot mint a token that is good for years. Nor does a token
+//!   outlive its entitlement: one issued shortly before a paid plan lapses
+//!   expires when it does (`ent.until`), so the app refreshes then and gets
+//!   the plan it has, instead of connecting on the old one for 15 minutes.
 //!
 //! `ed25519-compact` signs and checks signatures, in plain deterministic
 //! RFC 8032 mode, so the same inputs always give the same token. No JWT
@@ -543,7 +546,8 @@ impl KeySet {
         pkcs8(&self.verifiers[0].seed)
     }
 
-    /// Signs an access token. `exp = now + ACCESS_TTL_SECS - (jitter % (MAX_JITTER_SECS + 1))`.
+    /// Signs an access token. `exp = now + ACCESS_TTL_SECS - (jitter % (MAX_JITTER_SECS + 1))`,
+    /// or `ent.until` when that comes first (at least `now + 1`).
     /// Returns `(token, expires_in_secs)`.
     pub fn issue(
         &self,
@@ -568,6 +572,10 @@ impl KeySet {
         let lifetime = ACCESS_TTL_SECS - i64::from(jitter) % (MAX_JITTER_SECS + 1);
         // Saturating: `now` is an argument, and an absurd one must not panic.
         let exp = now.saturating_add(lifetime);
+        // Not past the entitlement it carries (and always after `iat`).
+        let exp = ent
+            .until
+            .map_or(exp, |until| exp.min(until.max(now.saturating_add(1))));
         let claims = Claims {
             iss: Cow::Borrowed(ISSUER),
             aud: Cow::Borrowed(AUDIENCE),
@@ -927,6 +935,29 @@ mod tests {
             token.len() < 1024,
             "a real token is far below MAX_TOKEN_LEN"
         );
+    }
+
+    #[test]
+    fn a_token_expires_when_its_entitlement_lapses_if_that_comes_first() {
+        let keys = keys(&[("k1", 1)]);
+        let mut lapsing = ent();
+        for (until, lifetime) in [
+            (NOW + 60, 60),
+            (NOW + ACCESS_TTL_SECS, ACCESS_TTL_SECS),
+            (NOW + 30 * 86_400, ACCESS_TTL_SECS),
+            // An entitlement computed as lapsed could never be issued, but
+            // the token would still be well formed, and over at once.
+            (NOW - 5, 1),
+        ] {
+            lapsing.until = Some(until);
+            let (token, expires_in) = keys.issue("u", "s", &lapsing, NOW, 0);
+            assert_eq!(expires_in, lifetime, "until {until}");
+            let claims = keys.verify(&token, NOW).expect("verifies");
+            assert_eq!(claims.exp, NOW + lifetime);
+        }
+        // A free entitlement has no end: the full lifetime.
+        lapsing.until = None;
+        assert_eq!(keys.issue("u", "s", &lapsing, NOW, 0).1, ACCESS_TTL_SECS);
     }
 
     #[test]
@@ -1942,7 +1973,9 @@ mod properties {
 
         /// Whatever we issue verifies, with the same claims, from its `iat`
         /// (minus the leeway) until its `exp` (plus the leeway), and not a
-        /// second outside that; a token over the size limit is refused whole.
+        /// second outside that; it lives its jittered lifetime, or until its
+        /// entitlement lapses if sooner; a token over the size limit is
+        /// refused whole.
         #[test]
         fn issued_tokens_verify_exactly_within_their_lifetime(
             sub in ".{0,40}",
@@ -1953,7 +1986,12 @@ mod properties {
         ) {
             let set = keys();
             let (token, expires_in) = set.issue(&sub, &sid, &ent, now, jitter);
-            prop_assert!((ACCESS_TTL_SECS - MAX_JITTER_SECS..=ACCESS_TTL_SECS).contains(&expires_in));
+            // The jittered lifetime, or less if the entitlement lapses sooner.
+            let lifetime = ACCESS_TTL_SECS - i64::from(jitter) % (MAX_JITTER_SECS + 1);
+            let expected = ent
+                .until
+                .map_or(lifetime, |until| lifetime.min(until.saturating_sub(now).max(1)));
+            prop_assert_eq!(expires_in, expected);
             if token.len() > MAX_TOKEN_LEN {
                 prop_assert_eq!(set.verify(&token, now), Err(TokenError::TooLarge));
                 return Ok(());

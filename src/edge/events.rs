@@ -13,6 +13,9 @@ use worker::js_sys::{JSON, Promise};
 use worker::wasm_bindgen_futures::JsFuture;
 use worker::{Context, Env, MessageBatch, event};
 
+/// How long the consumer waits for PostgreSQL to take a batch.
+const WRITE_TIMEOUT_MS: u64 = 15_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnectionEvent {
     pub event_id: String,
@@ -149,8 +152,13 @@ async fn consume(
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, String>(())
-    }
-    .await;
+    };
+    // A database that hangs rather than refuses must not hold a consumer
+    // (at most five run) until the platform's own limit: the batch comes
+    // back later instead.
+    let written = time::timeout(WRITE_TIMEOUT_MS, written)
+        .await
+        .unwrap_or_else(|| Err(format!("timed out after {WRITE_TIMEOUT_MS} ms")));
     match written {
         Ok(()) => batch.ack_all(),
         Err(e) => {
