@@ -172,6 +172,8 @@ pub fn entitlement_key(user_id: &str) -> String {
     format!("entitlement/{user_id}")
 }
 const ENTITLEMENT_CACHE_TTL_SECS: u64 = 300;
+/// How many times [`UserSession::cache_entitlement`] writes at most.
+const CACHE_ROUNDS: usize = 3;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreateDeviceReq {
@@ -635,24 +637,43 @@ impl UserSession {
 
     /// Refreshes the KV copy of the user's entitlement (best effort: it serves
     /// only reads that need no strong consistency).
-    async fn cache_entitlement(&self, user_id: &str, ent: &Entitlement) {
+    /// Writes the entitlement of the inputs the object holds now to the KV
+    /// cache. Other requests may store newer inputs while the write is under
+    /// way, and their own writes may land first; so after writing it reads
+    /// the state again and writes again if the inputs moved on meanwhile
+    /// (at most [`CACHE_ROUNDS`] times): the last write is then of the
+    /// newest inputs, and an older copy never stays for the cache's TTL.
+    async fn cache_entitlement(&self, user_id: &str, now: i64) -> Result<()> {
         let Ok(kv) = self.env.kv(bindings::KV) else {
-            return;
+            return Ok(());
         };
-        let written = match kv.put(&entitlement_key(user_id), ent) {
-            Ok(put) => put
-                .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
-                .execute()
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(e) = written {
-            worker::console_error!(
-                "{}",
-                serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
-            );
+        let mut version = None;
+        for _ in 0..CACHE_ROUNDS {
+            let stored = self.load().await?;
+            let Some(inputs) = stored.inputs.as_ref() else {
+                return Ok(());
+            };
+            if version == Some(inputs.version) {
+                break;
+            }
+            version = Some(inputs.version);
+            let written = match kv.put(&entitlement_key(user_id), inputs.at(now)) {
+                Ok(put) => put
+                    .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = written {
+                worker::console_error!(
+                    "{}",
+                    serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
+                );
+                break;
+            }
         }
+        Ok(())
     }
 
     fn entitlement(stored: &Stored, now: i64) -> Option<Entitlement> {
@@ -698,8 +719,11 @@ impl UserSession {
             &fault::armed(&self.env, r.fault.clone()),
             fault::SESSION_CREATE,
         )?;
+        self.cache_entitlement(&r.user_id, now).await?;
+        // Read again: saving waited on KV, and a billing change may have
+        // stored newer inputs meanwhile, which the token must carry.
+        let stored = self.load().await?;
         let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
-        self.cache_entitlement(&r.user_id, &ent).await;
         Self::issued(issued, ent)
     }
 
@@ -725,6 +749,11 @@ impl UserSession {
         // revoke the family); only a token that matched nothing leaves it as it was.
         if !matches!(outcome, Err(RefreshError::Invalid)) {
             self.save(&mut stored, now, outcome.is_err()).await?;
+        }
+        // Saving waited on KV (the session copy): newer inputs a billing
+        // change stored meanwhile are the ones the token must carry.
+        if outcome.is_ok() {
+            stored = self.load().await?;
         }
         match outcome {
             Ok(issued) => match Self::entitlement(&stored, now) {
@@ -1045,7 +1074,7 @@ impl UserSession {
         }
         self.persist(&mut stored, now).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
-        self.cache_entitlement(&r.user_id, &ent).await;
+        self.cache_entitlement(&r.user_id, now).await?;
         Response::from_json(&serde_json::json!({ "entitlement": ent }))
     }
 }
