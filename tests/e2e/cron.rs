@@ -116,13 +116,16 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
         let token = crate::common::dev_var("ADMIN_TOKEN");
-        let report = |health: &'static str| {
+        // `{health}` to an admin route of sa-east: a monitor's report, or an
+        // operator's decision.
+        let send = |method: reqwest::Method, path: &str, health: &'static str| {
             ctx.http
-                .post(ctx.url("/v1/admin/regions/sa-east/health-report"))
+                .request(method, ctx.url(&format!("/v1/admin/regions/sa-east{path}")))
                 .bearer_auth(&token)
                 .json(&serde_json::json!({ "health": health }))
                 .send()
         };
+        let report = |health| send(reqwest::Method::POST, "/health-report", health);
         assert_eq!(report("up").await?.status(), 200);
         let db = keenvpn_edge::db::connect(&db_url).await?;
         let health = || async {
@@ -146,13 +149,7 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         // An operator drains it: the monitor's next report of `up` does not
         // end the drain, and its `down` outranks the drain. Only the
         // operator's `up` lifts the drain.
-        let operator = |health: &'static str| {
-            ctx.http
-                .put(ctx.url("/v1/admin/regions/sa-east"))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({ "health": health }))
-                .send()
-        };
+        let operator = |health| send(reqwest::Method::PUT, "", health);
         let state = |r: Value| (r["health"].clone(), r["reported_health"].clone(), r["operator_health"].clone());
         let drained: Value = operator("draining").await?.json().await?;
         assert_eq!(state(drained), ("draining".into(), "up".into(), "draining".into()));
