@@ -317,7 +317,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "signup",
             tag: "auth",
             summary: "Create an account",
-            description: "Creates an account on the free plan and signs it in.",
+            description: "Creates an account on the free plan and signs it in. Sign-ups are counted per client network (an IPv4 address or an IPv6 /64): 20 in 15 minutes, made or not, lock further ones for 60 s, doubling up to 15 minutes.",
             auth: Auth::Public,
             needs: Needs::BOTH,
             body: s.request::<Credentials>(),
@@ -327,7 +327,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
                 201,
                 "The account exists and is signed in.",
             )],
-            problems: &[P::EmailTaken],
+            problems: &[P::EmailTaken, P::TooManyAttempts],
         },
         Op {
             method: "post",

@@ -60,6 +60,18 @@ pub const ACCOUNT: Policy = Policy {
     max_lock_secs: 900,
 };
 
+/// Sign-ups per client network: every sign-up counts, made or not. An
+/// account made costs an argon2 hash, and `email_taken` says whether an
+/// email has an account, which sign-in takes care never to reveal; this
+/// bounds both for one client, while leaving room for a household or a
+/// shared address.
+pub const SIGN_UP: Policy = Policy {
+    max_failures: 20,
+    window_secs: 900,
+    base_lock_secs: 60,
+    max_lock_secs: 900,
+};
+
 /// Per client IP: looser, since many users may share an address (NAT, CGNAT),
 /// but it bounds one client spraying guesses across many accounts.
 pub const CLIENT_IP: Policy = Policy {

@@ -128,13 +128,24 @@ async fn open_session(
     serde_json::from_value(body).map_err(|e| Fail::internal(format!("create answer: {e}")))
 }
 
-pub async fn signup(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
+pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
+    // Counted per client network before the hash: an account costs one, and
+    // `email_taken` tells whether an email has an account.
+    let throttle = format!("signup:{}", throttle::client_network(client_ip));
+    let counted = throttle_attempt(env, &throttle, Scope::SignUp).await?;
     let phc = password::hash(password.expose(), random::bytes());
-    let db = store::connect(env).await?;
+    let db = match store::connect(env).await {
+        Ok(db) => db,
+        Err(unavailable) => {
+            // Nothing was asked of the database: the retry it invites is free.
+            throttle_refund(env, &throttle, counted).await;
+            return Err(unavailable);
+        }
+    };
     let Some(row) = store::create_user(&db, &email, &phc).await? else {
         return Err(ApiError::new(
             ProblemCode::EmailTaken,

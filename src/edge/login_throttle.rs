@@ -15,6 +15,7 @@ const KEY: &str = "throttle";
 pub enum Scope {
     Account,
     ClientIp,
+    SignUp,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,6 +51,7 @@ impl DurableObject for LoginThrottle {
                 let policy = match r.scope {
                     Scope::Account => &throttle::ACCOUNT,
                     Scope::ClientIp => &throttle::CLIENT_IP,
+                    Scope::SignUp => &throttle::SIGN_UP,
                 };
                 let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
                 let at = time::now_secs();

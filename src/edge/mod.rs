@@ -165,13 +165,12 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
             body: crate::api::OPENAPI_JSON.as_bytes().to_vec(),
         })),
         Routed::Found(Route::Jwks) => ready(auth::jwks(&env)),
-        Routed::Found(Route::Signup) => auth::signup(req, &env).boxed_local(),
+        Routed::Found(Route::Signup) => {
+            let client_ip = client_ip(&req);
+            async move { auth::signup(req, &env, &client_ip).await }.boxed_local()
+        }
         Routed::Found(Route::Login) => {
-            // Set by Cloudflare's edge (and by wrangler dev locally); never
-            // trusted for anything but rate limiting. Only sign-in reads it.
-            let client_ip = req
-                .header("cf-connecting-ip")
-                .unwrap_or_else(|| "unknown".into());
+            let client_ip = client_ip(&req);
             async move { auth::login(req, &env, &client_ip).await }.boxed_local()
         }
         Routed::Found(Route::Refresh) => auth::refresh(req, &env).boxed_local(),
@@ -226,4 +225,12 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
 /// A route answered without waiting, as a (boxed) future like the others.
 fn ready<'a>(result: Result<Reply, Fail>) -> LocalBoxFuture<'a, Result<Reply, Fail>> {
     futures::future::ready(result).boxed_local()
+}
+
+/// The client's address, set by Cloudflare's edge (and by wrangler dev
+/// locally); never trusted for anything but rate limiting. Only sign-up and
+/// sign-in read it.
+fn client_ip(req: &Incoming) -> String {
+    req.header("cf-connecting-ip")
+        .unwrap_or_else(|| "unknown".into())
 }

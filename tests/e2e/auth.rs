@@ -48,6 +48,10 @@ pub const TESTS: &[(&str, Test)] = &[
         network_throttle,
     ),
     (
+        "auth::sign_ups_are_limited_per_client_network",
+        sign_up_throttle,
+    ),
+    (
         "auth::a_locked_network_locks_no_account_it_names",
         locked_network_spares_accounts,
     ),
@@ -569,6 +573,37 @@ fn locked_network_spares_accounts(ctx: &Ctx) -> Result<(), Failed> {
         }
         let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
         assert_eq!(ok.status, 200, "{}", ok.body);
+        Ok(())
+    })
+}
+
+/// Twenty sign-ups from one IPv6 /64 in 15 minutes, then it is locked (the
+/// refused one makes no account); another network is not. Sign-ups used to
+/// have no limit, so `email_taken` could test any number of emails.
+fn sign_up_throttle(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let network = fresh_ip().trim_end_matches("::1").to_owned();
+        let sign_up = |email: String, ip: String| async move {
+            let body = json!({"email": email, "password": "correct horse battery"});
+            post(ctx, "/v1/auth/signup", body, &ip).await
+        };
+        for i in 1..=20 {
+            let r = sign_up(unique_email(), format!("{network}::{i:x}")).await;
+            assert_eq!(r.status, 201, "sign-up {i}: {}", r.body);
+        }
+        let email = unique_email();
+        let locked = sign_up(email.clone(), format!("{network}:ffff::9")).await;
+        assert_eq!(locked.status, 429, "{}", locked.body);
+        assert_eq!(locked.body["code"], "too_many_attempts");
+        assert!(locked.headers.contains_key("retry-after"));
+        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
+            .await?
+            .get(0);
+        assert_eq!(n, 0, "a refused sign-up makes no account");
+        let elsewhere = sign_up(email, fresh_ip()).await;
+        assert_eq!(elsewhere.status, 201, "{}", elsewhere.body);
         Ok(())
     })
 }
