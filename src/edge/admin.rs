@@ -6,12 +6,11 @@
 //!   the operator's restriction;
 //! - `POST /v1/admin/regions/{id}/health-report` `{health}`: a monitor's report;
 //!   a region whose monitor stops reporting for 3 minutes is marked down by the cron;
-//!
-//! The two are kept apart (migration V10): a region's health is the worse of
-//! the operator's and the last report, so a monitor's `up` never ends a drain.
 //! - `GET /v1/admin/servers`: the fleet.
 //!
-//! A change republishes the catalogue snapshot to KV at once.
+//! The operator's decision and the reports are kept apart (migration V10): a
+//! region's health is the worse of the two, so a monitor's `up` never ends a
+//! drain. A change republishes the catalogue snapshot to KV at once.
 
 use super::auth::json_body;
 use super::incoming::Incoming;

@@ -211,24 +211,23 @@ async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<i64, Fa
 /// check. Best effort: a refund that fails leaves the attempt counted, as it
 /// was before refunds existed, and is logged.
 async fn throttle_refund(env: &Env, name: &str, at: i64) {
-    let refunded = call(
+    let error = match call(
         env,
         bindings::LOGIN_THROTTLES,
         name,
         "/refund",
         &Admitted { at },
     )
-    .await;
-    if let Err(e) = refunded.and_then(|(status, _)| {
-        (status == 200)
-            .then_some(())
-            .ok_or_else(|| Fail::unavailable(format!("status {status}")))
-    }) {
-        worker::console_error!(
-            "{}",
-            json!({"level": "warn", "msg": "login throttle refund failed", "error": e.cause})
-        );
-    }
+    .await
+    {
+        Ok((200, _)) => return,
+        Ok((status, _)) => Some(format!("status {status}")),
+        Err(e) => e.cause,
+    };
+    worker::console_warn!(
+        "{}",
+        json!({"level": "warn", "msg": "login throttle refund failed", "error": error})
+    );
 }
 
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {

@@ -54,12 +54,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
                 match client.simple_query(sql).await {
                     // The partition step answers with a line per month it
                     // had to skip (its rows go to the default partition).
-                    Ok(messages) => messages
-                        .iter()
-                        .filter_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
-                            _ => None,
-                        })
+                    Ok(messages) => pg::first_column(&messages)
                         .for_each(|skipped| failed(step, skipped.to_owned())),
                     Err(e) => failed(step, e.to_string()),
                 }
@@ -125,15 +120,11 @@ async fn read_catalogue(client: &tokio_postgres::Client) -> Result<Snapshot, Str
         .simple_query(CATALOGUE_SQL)
         .await
         .map_err(|e| format!("query: {e}"))?;
-    let json = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-            _ => None,
-        })
+    let json = pg::first_column(&rows)
+        .next()
         .ok_or("catalogue query returned no row")?;
     let regions: Vec<Region> =
-        serde_json::from_str(&json).map_err(|e| format!("catalogue rows: {e}"))?;
+        serde_json::from_str(json).map_err(|e| format!("catalogue rows: {e}"))?;
     Ok(Snapshot::new(regions))
 }
 

@@ -4,7 +4,7 @@
 //! endpoint and closed when the `Client` is dropped. Hyperdrive owns the pool to
 //! the real database, so a surge of isolates does not become a connection storm.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 use worker::postgres_tls::PassthroughTls;
 use worker::{Env, SecureTransport, Socket};
 
@@ -31,4 +31,13 @@ pub async fn connect(env: &Env, binding: &str) -> Result<Client, String> {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The first column of each row a simple query answered (a NULL is skipped),
+/// in order.
+pub fn first_column(messages: &[SimpleQueryMessage]) -> impl DoubleEndedIterator<Item = &str> {
+    messages.iter().filter_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0),
+        _ => None,
+    })
 }

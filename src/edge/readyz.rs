@@ -236,11 +236,7 @@ async fn db_probe(env: &Env) -> Result<(), (Failure, String)> {
         .await
         .map_err(|e| (Failure::Error, e))?;
     let rows = client.simple_query("SELECT 1").await.map_err(err)?;
-    let one = rows.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-        _ => None,
-    });
-    match one.as_deref() {
+    match pg::first_column(&rows).next() {
         Some("1") => Ok(()),
         other => Err((Failure::WrongAnswer, format!("SELECT 1 returned {other:?}"))),
     }

@@ -111,13 +111,9 @@ async fn json_row_or<T: DeserializeOwned>(
         }
         None => return Err(Fail::unavailable("database query: timed out".into())),
     };
-    let text = messages.iter().rev().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
-        _ => None,
-    });
-    match text {
+    match pg::first_column(&messages).next_back() {
         None => Ok(None),
-        Some(t) => serde_json::from_str(&t)
+        Some(t) => serde_json::from_str(t)
             .map(Some)
             .map_err(|e| Fail::internal(format!("database row: {e}"))),
     }

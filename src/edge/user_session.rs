@@ -635,10 +635,9 @@ impl UserSession {
         changed
     }
 
-    /// Refreshes the KV copy of the user's entitlement (best effort: it serves
-    /// only reads that need no strong consistency).
-    /// Writes the entitlement of the inputs the object holds now to the KV
-    /// cache. Other requests may store newer inputs while the write is under
+    /// Writes the entitlement of the inputs the object holds now to its KV
+    /// copy (best effort: it serves only reads that need no strong
+    /// consistency). Other requests may store newer inputs while the write is under
     /// way, and their own writes may land first; so after writing it reads
     /// the state again and writes again if the inputs moved on meanwhile
     /// (at most [`CACHE_ROUNDS`] times): the last write is then of the
@@ -650,14 +649,15 @@ impl UserSession {
         let mut version = None;
         for _ in 0..CACHE_ROUNDS {
             let stored = self.load().await?;
-            let Some(inputs) = stored.inputs.as_ref() else {
+            let (Some(inputs), Some(ent)) = (&stored.inputs, Self::entitlement(&stored, now))
+            else {
                 return Ok(());
             };
             if version == Some(inputs.version) {
                 break;
             }
             version = Some(inputs.version);
-            let written = match kv.put(&entitlement_key(user_id), inputs.at(now)) {
+            let written = match kv.put(&entitlement_key(user_id), ent) {
                 Ok(put) => put
                     .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
                     .execute()
