@@ -306,6 +306,67 @@ pub fn retry_after_secs(retry_after_ms: u64, random: u32) -> u32 {
     (base + random % (base + 1)).min(MAX_RETRY_AFTER_SECS)
 }
 
+/// How long an isolate takes a shard's word that its queue is full: for
+/// this long after hearing it, the isolate refuses that shard's clients
+/// itself, as the shard would ([`QUEUE_FULL_MS`]), without asking it. No
+/// longer than the shortest wait a full queue hands out (1 s), so a client
+/// refused from memory comes back to an answer no staler than the one it
+/// would have had.
+pub const FULL_MEMO_MS: i64 = 1_000;
+
+/// The most shards one isolate remembers as full at once.
+pub const FULL_MEMO_SHARDS: usize = 64;
+
+/// The shards one isolate last heard say their queue was full, and when.
+///
+/// In a surge a region's clients are refused far faster than it admits
+/// them, and each refusal would otherwise be a call to the one object that
+/// is the shard. With the shard's queue full, every answer for the next
+/// moment is the same "full", so each isolate asks at most once per
+/// [`FULL_MEMO_MS`] per shard and answers the rest itself: the object's
+/// load during an outage is bounded by the number of isolates, not of
+/// clients. A memory is for one `(gate, rate)`: a change of rate asks
+/// again. Soft state like the gate's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FullShards {
+    /// `(gate, rate, heard_ms)`, at most [`FULL_MEMO_SHARDS`].
+    heard: Vec<(String, u32, i64)>,
+}
+
+impl FullShards {
+    /// Whether `gate`, asked at `rate`, said its queue was full within the
+    /// last [`FULL_MEMO_MS`] before `now_ms` (never for a `now_ms` before
+    /// the answer: a clock stepped back asks again).
+    pub fn is_full(&self, gate: &str, rate: u32, now_ms: i64) -> bool {
+        self.heard.iter().any(|(g, r, heard)| {
+            g == gate && *r == rate && (0..FULL_MEMO_MS).contains(&now_ms.saturating_sub(*heard))
+        })
+    }
+
+    /// Takes in the gate's `verdict` heard at `now_ms`: a full queue is
+    /// remembered, any other answer forgets the gate. When
+    /// [`FULL_MEMO_SHARDS`] are already remembered, the expired ones go
+    /// first, then the oldest.
+    pub fn note(&mut self, gate: &str, rate: u32, now_ms: i64, verdict: Admit) {
+        self.heard.retain(|(g, _, _)| g != gate);
+        let full =
+            matches!(verdict, Admit::Wait { retry_after_ms } if retry_after_ms >= QUEUE_FULL_MS);
+        if !full {
+            return;
+        }
+        if self.heard.len() >= FULL_MEMO_SHARDS {
+            self.heard
+                .retain(|(_, _, heard)| (0..FULL_MEMO_MS).contains(&now_ms.saturating_sub(*heard)));
+        }
+        if self.heard.len() >= FULL_MEMO_SHARDS
+            && let Some(oldest) = (0..self.heard.len()).min_by_key(|&i| self.heard[i].2)
+        {
+            self.heard.swap_remove(oldest);
+        }
+        self.heard.push((gate.to_owned(), rate, now_ms));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -858,6 +919,68 @@ mod tests {
                 "{ms}"
             );
         }
+    }
+
+    const FULL: Admit = Admit::Wait {
+        retry_after_ms: QUEUE_FULL_MS,
+    };
+
+    #[test]
+    fn a_full_queue_is_remembered_for_its_gate_and_rate_for_a_moment() {
+        let mut memo = FullShards::default();
+        assert!(!memo.is_full("eu-west#0", 200, T0));
+        memo.note("eu-west#0", 200, T0, FULL);
+        assert!(memo.is_full("eu-west#0", 200, T0));
+        assert!(memo.is_full("eu-west#0", 200, T0 + FULL_MEMO_MS - 1));
+        assert!(!memo.is_full("eu-west#0", 200, T0 + FULL_MEMO_MS));
+        // Another shard, another rate, or a clock stepped back: ask.
+        assert!(!memo.is_full("eu-west#1", 200, T0));
+        assert!(!memo.is_full("eu-west#0", 199, T0));
+        assert!(!memo.is_full("eu-west#0", 200, T0 - 1));
+    }
+
+    #[test]
+    fn only_a_full_queue_is_remembered_and_any_other_answer_forgets_it() {
+        let mut memo = FullShards::default();
+        // A turn in the queue, however long, is not "full".
+        for verdict in [
+            Admit::Admitted,
+            Admit::Closed,
+            Admit::Wait { retry_after_ms: 1 },
+            Admit::Wait {
+                retry_after_ms: QUEUE_FULL_MS - 1,
+            },
+        ] {
+            memo.note("eu-west#0", 200, T0, verdict);
+            assert!(!memo.is_full("eu-west#0", 200, T0), "{verdict:?}");
+        }
+        memo.note("eu-west#0", 200, T0, FULL);
+        memo.note("eu-west#0", 200, T0 + 10, Admit::Admitted);
+        assert!(!memo.is_full("eu-west#0", 200, T0 + 10));
+        // A full answer again starts a new moment.
+        memo.note("eu-west#0", 200, T0 + 20, FULL);
+        memo.note("eu-west#0", 200, T0 + 900, FULL);
+        assert!(memo.is_full("eu-west#0", 200, T0 + 900 + FULL_MEMO_MS - 1));
+    }
+
+    #[test]
+    fn the_memory_is_bounded_dropping_expired_then_oldest() {
+        let mut memo = FullShards::default();
+        for i in 0..FULL_MEMO_SHARDS as i64 {
+            memo.note(&format!("r{i}#0"), 10, T0 + i, FULL);
+        }
+        // Full: the oldest goes.
+        memo.note("new#0", 10, T0 + 100, FULL);
+        assert_eq!(memo.heard.len(), FULL_MEMO_SHARDS);
+        assert!(!memo.is_full("r0#0", 10, T0 + 100));
+        assert!(memo.is_full("r1#0", 10, T0 + 100));
+        assert!(memo.is_full("new#0", 10, T0 + 100));
+        // Later, every old one has expired: they all go at once.
+        let later = T0 + FULL_MEMO_SHARDS as i64 + FULL_MEMO_MS;
+        memo.note("newer#0", 10, later, FULL);
+        assert_eq!(memo.heard.len(), 2, "{:?}", memo.heard);
+        assert!(memo.is_full("new#0", 10, later));
+        assert!(memo.is_full("newer#0", 10, later));
     }
 }
 

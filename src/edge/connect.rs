@@ -8,7 +8,9 @@
 //!      which holds the same list; still no database);
 //!    - the region catalogue (KV, parsed once per isolate every few seconds);
 //! 2. a region and a server: pure placement rules (`domain::placement`);
-//! 3. admission: one RPC call to the region's `RegionGate` shard;
+//! 3. admission: one RPC call to the region's `RegionGate` shard, unless
+//!    the shard said a moment ago that its queue is full
+//!    (`admission::FullShards`: the isolate then refuses as the shard would);
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
 //!    the answer.
 
@@ -19,7 +21,7 @@ use super::incoming::Incoming;
 use super::user_session::{DeviceMirror, devices_key};
 use super::{Fail, bindings, catalogue, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
-use crate::domain::admission::{self, Admit};
+use crate::domain::admission::{self, Admit, FullShards};
 use crate::domain::catalogue::Snapshot;
 use crate::domain::geo::Point;
 use crate::domain::placement::{self, ClientLocation, PlacementError};
@@ -50,6 +52,26 @@ thread_local! {
     /// request: with a thousand regions that serialisation was most of the
     /// request's CPU.
     static REGIONS_REPLY: RefCell<Option<(String, Reply)>> = const { RefCell::new(None) };
+
+    /// The gate shards this isolate last heard say their queue was full.
+    static FULL_SHARDS: RefCell<FullShards> = RefCell::new(FullShards::default());
+}
+
+/// Asks the gate `gate` for one admission at `rate`, or answers as it did a
+/// moment ago if it said its queue was full (`FullShards`).
+async fn admit(env: &Env, gate: &str, rate: u32, fault: Option<&str>) -> Result<Admit, Fail> {
+    let full = FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, time::now_ms() as i64));
+    if full {
+        return Ok(Admit::Wait {
+            retry_after_ms: admission::QUEUE_FULL_MS,
+        });
+    }
+    let verdict = durable::admit(env, gate, rate, fault).await?;
+    FULL_SHARDS.with(|m| {
+        m.borrow_mut()
+            .note(gate, rate, time::now_ms() as i64, verdict)
+    });
+    Ok(verdict)
 }
 
 fn regions_reply(snapshot: &Snapshot) -> Reply {
@@ -249,7 +271,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    let verdict = durable::admit(env, &gate, rate, fault.as_deref())
+    let verdict = admit(env, &gate, rate, fault.as_deref())
         .await
         .map_err(|mut fail| {
             // Another region's gate is another object: the client may fail over.

@@ -67,11 +67,16 @@ pub const TESTS: &[(&str, Test)] = &[
         "connect::a_gate_that_throws_is_a_503_and_admits_again_after",
         gate_throws,
     ),
+    (
+        "connect::a_shard_whose_queue_is_full_is_not_asked_again_for_a_moment",
+        full_queue_remembered,
+    ),
 ];
 
 const LONDON: &str = "51.5074,-0.1278";
 const TOKYO: &str = "35.6762,139.6503";
 const JOHANNESBURG: &str = "-26.2041,28.0473";
+const SINGAPORE: &str = "1.3521,103.8198";
 
 /// A user with one registered device; `plus` upgrades them first.
 async fn user_with_device(ctx: &Ctx, plus: bool) -> (User, String) {
@@ -312,6 +317,85 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
 
         let again = connect_from(ctx, &user, &device, LONDON, None).await;
         assert_eq!(again.status, 200, "{}", again.body);
+        Ok(())
+    })
+}
+
+/// Once a shard has said its queue is full, the isolate answers that
+/// shard's clients itself for `FULL_MEMO_MS` (1 s) instead of calling it
+/// for every refusal. Seen through the gate's fault point: a connect that
+/// would make the gate throw (503) is refused 429 while the memory lasts,
+/// so the gate was not asked, and reaches the gate (503) after it.
+fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let (user, device) = user_with_device(ctx, true).await;
+        let connect = |fault: bool| {
+            let mut headers = vec![("x-keenvpn-client-location", SINGAPORE)];
+            if fault {
+                headers.push(("x-keenvpn-fault", "gate.admit"));
+            }
+            let body = json!({"device_id": device, "region": "ap-southeast"});
+            let access = user.access.clone();
+            async move {
+                send_with(
+                    ctx,
+                    "POST",
+                    "/v1/connect",
+                    Some(body),
+                    Some(&access),
+                    &headers,
+                )
+                .await
+            }
+        };
+        // One admission a second: a bucket of two, a queue of 30 turns.
+        set_region(ctx, "ap-southeast", json!({"admission_rate": 1})).await;
+        let checked = async {
+            // Until the queue is full: after turns of 20 s and more, a
+            // refusal of 1-2 s.
+            let mut longest = 0;
+            let mut full = false;
+            for _ in 0..60 {
+                let r = connect(false).await;
+                if r.status != 429 {
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    continue;
+                }
+                let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
+                if longest >= 20 && retry <= 2 {
+                    full = true;
+                    break;
+                }
+                longest = longest.max(retry);
+            }
+            assert!(full, "the queue never filled; longest turn {longest} s");
+
+            let remembered = connect(true).await;
+            assert_eq!(remembered.status, 429, "{}", remembered.body);
+            assert_eq!(remembered.body["code"], "region_busy");
+            let retry: u32 = remembered.headers["retry-after"].to_str()?.parse()?;
+            assert!((1..=2).contains(&retry), "Retry-After {retry}");
+            assert!(
+                remembered.body["failover"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty() && !f.iter().any(|r| r == "ap-southeast")),
+                "{}",
+                remembered.body
+            );
+
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            let asked = connect(true).await;
+            assert_eq!(asked.status, 503, "{}", asked.body);
+            assert_eq!(asked.body["code"], "service_unavailable");
+            Ok::<(), Failed>(())
+        }
+        .await;
+        set_region(ctx, "ap-southeast", json!({"admission_rate": 150})).await;
+        checked?;
+        // A change of rate is another question: the gate is asked again.
+        let r = connect(false).await;
+        assert_eq!(r.status, 200, "{}", r.body);
         Ok(())
     })
 }
