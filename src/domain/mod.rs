@@ -14,6 +14,7 @@ pub mod entitlement;
 pub mod freshness;
 pub mod geo;
 pub mod idempotency;
+pub mod outbox;
 pub mod password;
 pub mod placement;
 pub mod problem;

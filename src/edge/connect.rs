@@ -12,7 +12,8 @@
 //!    the shard said a moment ago that its queue is full
 //!    (`admission::FullShards`: the isolate then refuses as the shard would);
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
-//!    the answer.
+//!    the answer (a refusal's with the isolate's other refusals:
+//!    `domain::outbox`).
 
 use super::auth::{check_not_revoked, json_body, verify_bearer};
 use super::durable::{self, call};
@@ -281,7 +282,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     match verdict {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {
-            events::enqueue(
+            events::enqueue_refusal(
                 env,
                 ctx,
                 ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "throttled"),
@@ -297,7 +298,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             ));
         }
         Admit::Closed => {
-            events::enqueue(
+            events::enqueue_refusal(
                 env,
                 ctx,
                 ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),

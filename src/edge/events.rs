@@ -1,13 +1,17 @@
 //! Connection events: the connect path enqueues one per decision (it never
 //! writes to PostgreSQL itself); the queue consumer writes them in batches.
 //!
+//! A message is one event (`{event_id, ..}`, an admission) or several
+//! (`{"events": [..]}`, refusals an isolate collected: `domain::outbox`).
 //! Delivery is at least once, so each event carries an id chosen by the
 //! producer and the insert ignores ids it has already written.
 
 use super::durable::js_error;
 use super::{bindings, pg, random, time};
+use crate::domain::outbox::{self, Outbox, Push};
 use crate::sql;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use wasm_bindgen::JsValue;
 use worker::js_sys::{JSON, Promise};
 use worker::wasm_bindgen_futures::JsFuture;
@@ -64,15 +68,24 @@ thread_local! {
     /// `{contentType: "json"}`: messages stay readable by any consumer (an HTTP
     /// pull consumer, say), not only by a Worker. Built once per isolate.
     static JSON_MESSAGE: JsValue = JSON::parse(r#"{"contentType":"json"}"#).unwrap_or_default();
+
+    /// This isolate's refusal events not yet sent.
+    static REFUSALS: RefCell<Outbox<ConnectionEvent>> = RefCell::new(Outbox::default());
+}
+
+/// Several events in one message.
+#[derive(Serialize, Deserialize)]
+struct Many<T> {
+    events: T,
 }
 
 /// Sends one event. workers-rs's `Queue::send` builds the message object
 /// field by field across the boundary, and its options object through serde,
 /// on every send; here the event crosses once, as JSON text, which the
 /// runtime's own `JSON.parse` turns into the object.
-async fn send(env: &Env, event: &ConnectionEvent) -> Result<(), String> {
+async fn send(env: &Env, message: &impl Serialize) -> Result<(), String> {
     let queue: QueueProducer = bindings::object(env, bindings::CONNECTION_EVENTS)?;
-    let text = serde_json::to_string(event).map_err(|e| e.to_string())?;
+    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
     let body = JSON::parse(&text).map_err(|e| js_error(&e))?;
     let promise = JSON_MESSAGE
         .with(|options| queue.send_with(&body, options))
@@ -91,6 +104,48 @@ pub fn enqueue(env: &Env, ctx: &Context, event: ConnectionEvent) {
             worker::console_error!("{}", serde_json::json!({"level": "error", "msg": "connection event not enqueued", "error": e}));
         }
     });
+}
+
+/// Collects a refusal (`throttled` or `closed`) in this isolate's outbox,
+/// sent with the others after the response: within
+/// [`outbox::FLUSH_AFTER_MS`] by the request whose event found the outbox
+/// empty, or at once by the one that filled it.
+pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
+    let push = REFUSALS.with(|o| o.borrow_mut().push(event));
+    let env = env.clone();
+    match push {
+        Push::Queued => {}
+        Push::SendNow => {
+            let events = REFUSALS.with(|o| o.borrow_mut().take_full());
+            ctx.wait_until(async move { send_many(&env, events).await });
+        }
+        Push::Schedule => ctx.wait_until(async move {
+            time::sleep(outbox::FLUSH_AFTER_MS).await;
+            let events = REFUSALS.with(|o| o.borrow_mut().take_scheduled());
+            send_many(&env, events).await;
+        }),
+    }
+}
+
+async fn send_many(env: &Env, events: Vec<ConnectionEvent>) {
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = send(env, &Many { events: &events }).await {
+        worker::console_error!(
+            "{}",
+            serde_json::json!({"level": "error", "msg": "connection events not enqueued", "error": e, "count": events.len()})
+        );
+    }
+}
+
+/// The events in one message body: one event, or `{"events": [..]}`.
+fn events_in(body: serde_json::Value) -> Result<Vec<ConnectionEvent>, serde_json::Error> {
+    if body.get("events").is_some() {
+        serde_json::from_value::<Many<Vec<ConnectionEvent>>>(body).map(|m| m.events)
+    } else {
+        serde_json::from_value(body).map(|e| vec![e])
+    }
 }
 
 /// One VALUES row, or `None` for a malformed event (which is dropped: retrying
@@ -116,25 +171,33 @@ fn row(e: &ConnectionEvent) -> Option<String> {
 
 #[event(queue)]
 async fn consume(
-    batch: MessageBatch<ConnectionEvent>,
+    batch: MessageBatch<serde_json::Value>,
     env: Env,
     _ctx: Context,
 ) -> worker::Result<()> {
     // A body that does not even parse is dropped like any malformed event:
     // failing the batch for it would hold back every other event in it
     // through all its retries, and then send them to the dead-letter queue.
+    let mut messages = 0;
     let rows: Vec<String> = batch
         .iter()
-        .filter_map(|m| match m {
-            Ok(m) => row(m.body()),
-            Err(e) => {
-                worker::console_error!(
-                    "{}",
-                    serde_json::json!({"level": "error", "msg": "connection event unreadable, dropped", "error": e.to_string()})
-                );
-                None
+        .flat_map(|m| {
+            messages += 1;
+            match m
+                .map_err(|e| e.to_string())
+                .and_then(|m| events_in(m.into_body()).map_err(|e| e.to_string()))
+            {
+                Ok(events) => events,
+                Err(e) => {
+                    worker::console_error!(
+                        "{}",
+                        serde_json::json!({"level": "error", "msg": "connection event unreadable, dropped", "error": e})
+                    );
+                    Vec::new()
+                }
             }
         })
+        .filter_map(|e| row(&e))
         .collect();
     if rows.is_empty() {
         batch.ack_all();
@@ -160,7 +223,13 @@ async fn consume(
         .await
         .unwrap_or_else(|| Err(format!("timed out after {WRITE_TIMEOUT_MS} ms")));
     match written {
-        Ok(()) => batch.ack_all(),
+        Ok(()) => {
+            worker::console_log!(
+                "{}",
+                serde_json::json!({"level": "info", "msg": "connection events written", "messages": messages, "events": rows.len()})
+            );
+            batch.ack_all();
+        }
         Err(e) => {
             // The whole batch comes back later; ids make the retry idempotent.
             worker::console_error!(

@@ -326,9 +326,15 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
 /// for every refusal. Seen through the gate's fault point: a connect that
 /// would make the gate throw (503) is refused 429 while the memory lasts,
 /// so the gate was not asked, and reaches the gate (503) after it.
+///
+/// The refusals' events reach PostgreSQL each once, collected into a few
+/// queue messages (`domain::outbox`): the consumer's log lines count
+/// messages and events.
 fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
+        let log_from = ctx.stack().wrangler.log().len();
+        let mut refused = 0_i64;
         let (user, device) = user_with_device(ctx, true).await;
         let connect = |fault: bool| {
             let mut headers = vec![("x-keenvpn-client-location", SINGAPORE)];
@@ -362,6 +368,7 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
                     assert_eq!(r.status, 200, "{}", r.body);
                     continue;
                 }
+                refused += 1;
                 let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
                 if longest >= 20 && retry <= 2 {
                     full = true;
@@ -373,6 +380,7 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
 
             let remembered = connect(true).await;
             assert_eq!(remembered.status, 429, "{}", remembered.body);
+            refused += 1;
             assert_eq!(remembered.body["code"], "region_busy");
             let retry: u32 = remembered.headers["retry-after"].to_str()?.parse()?;
             assert!((1..=2).contains(&retry), "Retry-After {retry}");
@@ -396,6 +404,32 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
         // A change of rate is another question: the gate is asked again.
         let r = connect(false).await;
         assert_eq!(r.status, 200, "{}", r.body);
+
+        let db = db(ctx).await;
+        let written: i64 = eventually(Duration::from_secs(60), "every refusal's event written", || async {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM connection_events WHERE device_id = $1::text::uuid AND outcome = 'throttled'", &[&device])
+                .await
+                .ok()?
+                .get(0);
+            (n >= refused).then_some(n)
+        })
+        .await;
+        assert_eq!(written, refused, "each refusal's event once");
+        // Only refusals share messages, and only this test refuses while it
+        // holds the regions: without the outbox, events = messages.
+        let shared: i64 = eventually(Duration::from_secs(10), "the consumer's log lines", || async {
+            let log = ctx.stack().wrangler.log();
+            let shared: i64 = log[log_from..]
+                .lines()
+                .filter(|l| l.contains("connection events written"))
+                .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
+                .map(|v| v["events"].as_i64().unwrap_or(0) - v["messages"].as_i64().unwrap_or(0))
+                .sum();
+            (shared >= refused / 2).then_some(shared)
+        })
+        .await;
+        assert!(shared <= refused, "{shared} of {refused}");
         Ok(())
     })
 }
