@@ -405,29 +405,26 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
         let r = connect(false).await;
         assert_eq!(r.status, 200, "{}", r.body);
 
-        let db = db(ctx).await;
-        let written: i64 = eventually(Duration::from_secs(60), "every refusal's event written", || async {
-            let n: i64 = db
-                .query_one("SELECT count(*) FROM connection_events WHERE device_id = $1::text::uuid AND outcome = 'throttled'", &[&device])
-                .await
-                .ok()?
-                .get(0);
-            (n >= refused).then_some(n)
-        })
-        .await;
+        let written = events_reach(ctx, &device, "throttled", refused).await;
         assert_eq!(written, refused, "each refusal's event once");
         // Only refusals share messages, and only this test refuses while it
         // holds the regions: without the outbox, events = messages.
-        let shared: i64 = eventually(Duration::from_secs(10), "the consumer's log lines", || async {
-            let log = ctx.stack().wrangler.log();
-            let shared: i64 = log[log_from..]
-                .lines()
-                .filter(|l| l.contains("connection events written"))
-                .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
-                .map(|v| v["events"].as_i64().unwrap_or(0) - v["messages"].as_i64().unwrap_or(0))
-                .sum();
-            (shared >= refused / 2).then_some(shared)
-        })
+        let shared: i64 = eventually(
+            Duration::from_secs(10),
+            "the consumer's log lines",
+            || async {
+                let log = ctx.stack().wrangler.log();
+                let shared: i64 = log[log_from..]
+                    .lines()
+                    .filter(|l| l.contains("connection events written"))
+                    .filter_map(|l| serde_json::from_str::<Value>(&l[l.find('{')?..]).ok())
+                    .map(|v| {
+                        v["events"].as_i64().unwrap_or(0) - v["messages"].as_i64().unwrap_or(0)
+                    })
+                    .sum();
+                (shared >= refused / 2).then_some(shared)
+            },
+        )
         .await;
         assert!(shared <= refused, "{shared} of {refused}");
         Ok(())
@@ -709,23 +706,31 @@ fn ticket(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// Waits (up to a minute) until PostgreSQL holds at least `at_least` events
+/// of `device` with `outcome`; how many it holds then.
+async fn events_reach(ctx: &Ctx, device: &str, outcome: &str, at_least: i64) -> i64 {
+    let db = db(ctx).await;
+    let what = format!("{at_least} {outcome} events written");
+    eventually(Duration::from_secs(60), &what, || async {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM connection_events WHERE device_id = $1::text::uuid AND outcome = $2", &[&device, &outcome])
+            .await
+            .ok()?
+            .get(0);
+        (n >= at_least).then_some(n)
+    })
+    .await
+}
+
 fn events_written(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (user, dev) = user_with_device(ctx, false).await;
         for _ in 0..3 {
             assert_eq!(connect_from(ctx, &user, &dev, LONDON, None).await.status, 200);
         }
-        let db = db(ctx).await;
-        let n: i64 = eventually(Duration::from_secs(60), "three events written", || async {
-            let n: i64 = db
-                .query_one("SELECT count(*) FROM connection_events WHERE device_id = $1::text::uuid AND outcome = 'admitted'", &[&dev])
-                .await
-                .ok()?
-                .get(0);
-            (n >= 3).then_some(n)
-        })
-        .await;
+        let n = events_reach(ctx, &dev, "admitted", 3).await;
         assert_eq!(n, 3, "each event once");
+        let db = db(ctx).await;
         let part: String = db
             .query_one("SELECT tableoid::regclass::text FROM connection_events WHERE device_id = $1::text::uuid LIMIT 1", &[&dev])
             .await?
