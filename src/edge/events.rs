@@ -13,7 +13,7 @@ use crate::sql;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use wasm_bindgen::JsValue;
-use worker::js_sys::{JSON, Promise};
+use worker::js_sys::{JSON, Promise, Reflect};
 use worker::wasm_bindgen_futures::JsFuture;
 use worker::{Context, Env, MessageBatch, event};
 
@@ -74,9 +74,9 @@ thread_local! {
 }
 
 /// Several events in one message.
-#[derive(Serialize, Deserialize)]
-struct Many<T> {
-    events: T,
+#[derive(Serialize)]
+struct Many<'a> {
+    events: &'a [ConnectionEvent],
 }
 
 /// Sends one event. workers-rs's `Queue::send` builds the message object
@@ -111,41 +111,46 @@ pub fn enqueue(env: &Env, ctx: &Context, event: ConnectionEvent) {
 /// [`outbox::FLUSH_AFTER_MS`] by the request whose event found the outbox
 /// empty, or at once by the one that filled it.
 pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
-    let push = REFUSALS.with(|o| o.borrow_mut().push(event));
-    let env = env.clone();
-    match push {
-        Push::Queued => {}
-        Push::SendNow => {
-            let events = REFUSALS.with(|o| o.borrow_mut().take_full());
-            ctx.wait_until(async move { send_many(&env, events).await });
+    let full = REFUSALS.with(|o| {
+        let mut o = o.borrow_mut();
+        match o.push(event) {
+            Push::Queued => None,
+            // Taken now: later refusals go to the next batch.
+            Push::SendNow => Some(Some(o.take_full())),
+            Push::Schedule => Some(None),
         }
-        Push::Schedule => ctx.wait_until(async move {
-            time::sleep(outbox::FLUSH_AFTER_MS).await;
-            let events = REFUSALS.with(|o| o.borrow_mut().take_scheduled());
-            send_many(&env, events).await;
-        }),
-    }
-}
-
-async fn send_many(env: &Env, events: Vec<ConnectionEvent>) {
-    if events.is_empty() {
+    });
+    let Some(full) = full else {
         return;
-    }
-    if let Err(e) = send(env, &Many { events: &events }).await {
-        worker::console_error!(
-            "{}",
-            serde_json::json!({"level": "error", "msg": "connection events not enqueued", "error": e, "count": events.len()})
-        );
-    }
+    };
+    let env = env.clone();
+    ctx.wait_until(async move {
+        let events = match full {
+            Some(events) => events,
+            None => {
+                time::sleep(outbox::FLUSH_AFTER_MS).await;
+                REFUSALS.with(|o| o.borrow_mut().take_scheduled())
+            }
+        };
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = send(&env, &Many { events: &events }).await {
+            worker::console_error!("{}", serde_json::json!({"level": "error", "msg": "connection events not enqueued", "error": e, "count": events.len()}));
+        }
+    });
 }
 
-/// The events in one message body: one event, or `{"events": [..]}`.
-fn events_in(body: serde_json::Value) -> Result<Vec<ConnectionEvent>, serde_json::Error> {
-    if body.get("events").is_some() {
-        serde_json::from_value::<Many<Vec<ConnectionEvent>>>(body).map(|m| m.events)
+/// The events in one message body: one event, or `{"events": [..]}`. Read
+/// from the runtime's object directly, as workers-rs reads a typed batch.
+fn events_in(body: JsValue) -> Result<Vec<ConnectionEvent>, String> {
+    let many = Reflect::get(&body, &JsValue::from_str("events")).map_err(|e| js_error(&e))?;
+    if many.is_undefined() {
+        serde_wasm_bindgen::from_value(body).map(|e| vec![e])
     } else {
-        serde_json::from_value(body).map(|e| vec![e])
+        serde_wasm_bindgen::from_value(many)
     }
+    .map_err(|e| e.to_string())
 }
 
 /// One VALUES row, or `None` for a malformed event (which is dropped: retrying
@@ -171,7 +176,7 @@ fn row(e: &ConnectionEvent) -> Option<String> {
 
 #[event(queue)]
 async fn consume(
-    batch: MessageBatch<serde_json::Value>,
+    batch: MessageBatch<ConnectionEvent>,
     env: Env,
     _ctx: Context,
 ) -> worker::Result<()> {
@@ -180,13 +185,10 @@ async fn consume(
     // through all its retries, and then send them to the dead-letter queue.
     let mut messages = 0;
     let rows: Vec<String> = batch
-        .iter()
+        .raw_iter()
         .flat_map(|m| {
             messages += 1;
-            match m
-                .map_err(|e| e.to_string())
-                .and_then(|m| events_in(m.into_body()).map_err(|e| e.to_string()))
-            {
+            match events_in(m.body()) {
                 Ok(events) => events,
                 Err(e) => {
                     worker::console_error!(
