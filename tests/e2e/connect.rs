@@ -407,9 +407,10 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
 
         let written = events_reach(ctx, &device, "throttled", refused).await;
         assert_eq!(written, refused, "each refusal's event once");
-        // Only refusals share messages, and only this test refuses while it
-        // holds the regions: without the outbox, events = messages.
-        let shared: i64 = eventually(
+        // Only refusals share messages: without the outbox, events =
+        // messages. (Another test's refusals can be in the batches logged
+        // meanwhile too, but none refuses anywhere near half as many.)
+        eventually(
             Duration::from_secs(10),
             "the consumer's log lines",
             || async {
@@ -422,11 +423,10 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
                         v["events"].as_i64().unwrap_or(0) - v["messages"].as_i64().unwrap_or(0)
                     })
                     .sum();
-                (shared >= refused / 2).then_some(shared)
+                (shared >= refused / 2).then_some(())
             },
         )
         .await;
-        assert!(shared <= refused, "{shared} of {refused}");
         Ok(())
     })
 }
