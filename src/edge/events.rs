@@ -111,26 +111,27 @@ pub fn enqueue(env: &Env, ctx: &Context, event: ConnectionEvent) {
 /// [`outbox::FLUSH_AFTER_MS`] by the request whose event found the outbox
 /// empty, or at once by the one that filled it.
 pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
-    let full = REFUSALS.with(|o| {
+    let (push, full) = REFUSALS.with(|o| {
         let mut o = o.borrow_mut();
-        match o.push(event) {
-            Push::Queued => None,
-            // Taken now: later refusals go to the next batch.
-            Push::SendNow => Some(Some(o.take_full())),
-            Push::Schedule => Some(None),
-        }
+        let push = o.push(event);
+        // A full batch is taken now: later refusals go to the next one.
+        let full = if push == Push::SendNow {
+            o.take_full()
+        } else {
+            Vec::new()
+        };
+        (push, full)
     });
-    let Some(full) = full else {
+    if push == Push::Queued {
         return;
-    };
+    }
     let env = env.clone();
     ctx.wait_until(async move {
-        let events = match full {
-            Some(events) => events,
-            None => {
-                time::sleep(outbox::FLUSH_AFTER_MS).await;
-                REFUSALS.with(|o| o.borrow_mut().take_scheduled())
-            }
+        let events = if push == Push::Schedule {
+            time::sleep(outbox::FLUSH_AFTER_MS).await;
+            REFUSALS.with(|o| o.borrow_mut().take_scheduled())
+        } else {
+            full
         };
         if events.is_empty() {
             return;

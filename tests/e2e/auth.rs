@@ -522,9 +522,6 @@ fn throttling(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
-/// Thirty failed sign-ins from thirty addresses of one IPv6 /64 (for thirty
-/// accounts, so no account lock is reached) lock that network, whichever of
-/// its addresses comes next; another /64 is not locked.
 /// A fresh IPv6 /64, locked by thirty failed sign-ins (for thirty accounts,
 /// so no account lock is reached) from thirty of its addresses.
 async fn locked_network(ctx: &Ctx) -> String {
@@ -542,6 +539,9 @@ async fn locked_network(ctx: &Ctx) -> String {
     network
 }
 
+/// Thirty failed sign-ins from thirty addresses of one IPv6 /64 (for thirty
+/// accounts, so no account lock is reached) lock that network, whichever of
+/// its addresses comes next; another /64 is not locked.
 fn network_throttle(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let network = locked_network(ctx).await;
