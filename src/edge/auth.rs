@@ -311,7 +311,8 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
         &json!({}),
     )
     .await;
-    let issued = open_session(env, &row.user_id, b.device_label, row.inputs, None).await?;
+    let fault = req.header(fault::HEADER);
+    let issued = open_session(env, &row.user_id, b.device_label, row.inputs, fault).await?;
     Ok(token_pair(keys, &row.user_id, &issued, 200).await)
 }
 

@@ -24,6 +24,12 @@ pub const CATALOGUE_KV: &str = "catalogue.kv";
 /// user's `UserSession` fails to write its KV copy of the devices, as KV's
 /// limit of one write per key per second would make it.
 pub const MIRROR_KV: &str = "mirror.kv";
+/// The point, on `POST /v1/auth/login` and `POST /v1/auth/signup`, at which
+/// each KV write the user's `UserSession` makes for the request (its copy of
+/// the sessions, then any copy the same writer takes on from other requests,
+/// and the entitlement cache) starts [`KV_SLOW_MS`] late, as in a KV stall.
+pub const KV_SLOW: &str = "kv.slow";
+pub const KV_SLOW_MS: u64 = 5_000;
 /// The point, on `POST /v1/auth/signup`, at which the new user's
 /// `UserSession` throws after storing the session (the answer is lost).
 pub const SESSION_CREATE: &str = "session.create";
@@ -36,6 +42,14 @@ pub fn armed(env: &Env, asked: Option<String>) -> Option<String> {
         var("ENVIRONMENT").as_deref() == Some("development")
             && var(VAR).as_deref() == Some("enabled")
     })
+}
+
+/// Waits [`KV_SLOW_MS`] when `armed` names [`KV_SLOW`] (a KV write about to
+/// be made).
+pub async fn kv_delay(armed: Option<&str>) {
+    if armed == Some(KV_SLOW) {
+        super::time::sleep(KV_SLOW_MS).await;
+    }
 }
 
 /// Throws (returns the error a crash would surface as) when `armed` names `point`.

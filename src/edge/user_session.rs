@@ -36,9 +36,13 @@ use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
 };
+use futures::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use wasm_bindgen::{JsCast, JsValue};
+use worker::worker_sys::DurableObjectState;
 use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
 
 const KEY: &str = "state";
@@ -51,6 +55,11 @@ const MIRROR_CHECK_MS: u64 = 30_000;
 /// further failure, up to [`MIRROR_RETRY_MAX_MS`].
 const MIRROR_RETRY_MS: u64 = 1_000;
 const MIRROR_RETRY_MAX_MS: u64 = 300_000;
+/// How long an answer waits for each of the object's KV writes (its copies,
+/// the entitlement cache) before it goes out without them; a write that takes
+/// longer goes on after the answer (see [`UserSession::within_wait`]). A KV
+/// write takes tens of milliseconds; this bounds a stalled one.
+const KV_WAIT_MS: u64 = 1_000;
 
 /// The KV copies an object keeps (an index into [`Mirrors`]' arrays).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,23 +271,46 @@ pub struct IssuedResp {
     pub entitlement: Entitlement,
 }
 
+/// The fields live behind `Rc`s so that a copy of the object (`clone`, which
+/// shares them) can finish a KV write after the request that started it has
+/// answered (see [`UserSession::within_wait`]).
 #[durable_object(alarm)]
 pub struct UserSession {
     state: State,
     env: Env,
     /// The device registrations running in this instance right now.
-    running: RefCell<Running>,
+    running: Rc<RefCell<Running>>,
     /// The KV copies and their writer (see the module docs).
-    mirrors: RefCell<Mirrors>,
+    mirrors: Rc<RefCell<Mirrors>>,
     /// Device operations started in this instance and not seen through.
-    device_ops: Cell<u32>,
+    device_ops: Rc<Cell<u32>>,
     /// Device operations ever started in this instance: the alarm applies a
     /// device list only if none started while it read the list.
-    device_generation: Cell<u64>,
+    device_generation: Rc<Cell<u64>>,
     /// Whether this instance has seen every device operation it started
     /// through to the records (false in a fresh instance: an operation of an
     /// earlier one may have been cut short).
-    devices_settled: Cell<bool>,
+    devices_settled: Rc<Cell<bool>>,
+}
+
+impl Clone for UserSession {
+    /// The same instance: the same storage, bindings and in-memory state.
+    fn clone(&self) -> Self {
+        UserSession {
+            // (workers-rs's `State` is not `Clone`; its JavaScript object is.)
+            state: State::from(
+                AsRef::<JsValue>::as_ref(self.state.as_raw())
+                    .clone()
+                    .unchecked_into::<DurableObjectState>(),
+            ),
+            env: self.env.clone(),
+            running: Rc::clone(&self.running),
+            mirrors: Rc::clone(&self.mirrors),
+            device_ops: Rc::clone(&self.device_ops),
+            device_generation: Rc::clone(&self.device_generation),
+            devices_settled: Rc::clone(&self.devices_settled),
+        }
+    }
 }
 
 /// A device operation under way: arms the alarm before it changes anything,
@@ -366,13 +398,19 @@ impl UserSession {
     /// Persists the state, then mirrors the session list to KV. A revocation
     /// (`revokes`) arms the alarm first, so that its copy is written even if
     /// the object goes away before it writes it.
-    async fn save(&self, stored: &mut Stored, now: i64, revokes: bool) -> Result<()> {
+    async fn save(
+        &self,
+        stored: &mut Stored,
+        now: i64,
+        revokes: bool,
+        fault: Option<&str>,
+    ) -> Result<()> {
         stored.sessions.prune(now);
         if revokes {
             self.arm(MIRROR_CHECK_MS).await;
         }
         self.persist(stored, now).await?;
-        self.mirror(&[Mirrored::Sessions], None).await;
+        self.mirror(&[Mirrored::Sessions], fault).await;
         Ok(())
     }
 
@@ -406,12 +444,40 @@ impl UserSession {
         }
     }
 
+    /// Runs `work` (KV writes) to its end, and waits for it at most
+    /// [`KV_WAIT_MS`]: a KV stall must not hold the answer (a sign-in's
+    /// caller would give up and retry, and each retry store another session).
+    /// Work that takes longer goes on after the answer, kept alive by
+    /// `waitUntil`. It is not dropped part-way: a put already sent lands
+    /// anyway, and a writer started beside it could then see its newer copy
+    /// overwritten by the older one. The alarm is armed too, in case the
+    /// object goes away before the work ends.
+    async fn within_wait(&self, work: LocalBoxFuture<'static, ()>) {
+        let (done, finished) = futures::channel::oneshot::channel::<()>();
+        self.state.wait_until(async move {
+            work.await;
+            let _ = done.send(());
+        });
+        if time::timeout(KV_WAIT_MS, finished).await.is_none() {
+            worker::console_warn!(
+                "{}",
+                serde_json::json!({
+                    "level": "warn",
+                    "msg": "KV write outlasted its wait; it goes on after the answer",
+                    "waited_ms": KV_WAIT_MS,
+                })
+            );
+            self.arm(MIRROR_CHECK_MS).await;
+        }
+    }
+
     /// Brings `copies` in KV up to date: writes them if no other request is
     /// writing, and then whatever other requests marked due meanwhile, each
     /// from the state as it is when its turn comes; otherwise leaves them to
-    /// that writer. A failure is logged and retried by the alarm, with
-    /// backoff. `fault` is the development-only fault point, at which every
-    /// write fails.
+    /// that writer. The caller waits for the writer within
+    /// [`UserSession::within_wait`]'s bound. A failure is logged and retried
+    /// by the alarm, with backoff. `fault` is the development-only fault
+    /// point: at `mirror.kv` every write fails, at `kv.slow` each is late.
     async fn mirror(&self, copies: &[Mirrored], fault: Option<&str>) {
         {
             let mut m = self.mirrors.borrow_mut();
@@ -423,6 +489,17 @@ impl UserSession {
             }
             m.writing = true;
         }
+        let this = self.clone();
+        let fault = fault.map(str::to_owned);
+        self.within_wait(Box::pin(
+            async move { this.write_due(fault.as_deref()).await },
+        ))
+        .await;
+    }
+
+    /// The writer [`UserSession::mirror`] starts: writes the copies marked
+    /// due until none is, then marks itself gone.
+    async fn write_due(&self, fault: Option<&str>) {
         let _writing = Writing(&self.mirrors);
         loop {
             let due = self.mirrors.borrow_mut().take_due();
@@ -472,6 +549,7 @@ impl UserSession {
             if self.mirrors.borrow().written[copy as usize].as_ref() == Some(&text) {
                 continue;
             }
+            fault::kv_delay(fault).await;
             let written = if fault == Some(fault::MIRROR_KV) {
                 Err(format!("{key}: injected fault at {}", fault::MIRROR_KV))
             } else {
@@ -642,13 +720,35 @@ impl UserSession {
     /// the state again and writes again if the inputs moved on meanwhile
     /// (at most [`CACHE_ROUNDS`] times): the last write is then of the
     /// newest inputs, and an older copy never stays for the cache's TTL.
-    async fn cache_entitlement(&self, user_id: &str, now: i64) -> Result<()> {
-        let Ok(kv) = self.env.kv(bindings::KV) else {
-            return Ok(());
-        };
+    /// The caller waits for it within [`UserSession::within_wait`]'s bound.
+    async fn cache_entitlement(&self, user_id: &str, now: i64, fault: Option<&str>) {
+        let this = self.clone();
+        let (user_id, fault) = (user_id.to_owned(), fault.map(str::to_owned));
+        self.within_wait(Box::pin(async move {
+            if let Err(e) = this
+                .write_entitlement(&user_id, now, fault.as_deref())
+                .await
+            {
+                worker::console_error!(
+                    "{}",
+                    serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
+                );
+            }
+        }))
+        .await;
+    }
+
+    /// The rounds of [`UserSession::cache_entitlement`].
+    async fn write_entitlement(
+        &self,
+        user_id: &str,
+        now: i64,
+        fault: Option<&str>,
+    ) -> std::result::Result<(), String> {
+        let kv = self.env.kv(bindings::KV).map_err(|e| e.to_string())?;
         let mut version = None;
         for _ in 0..CACHE_ROUNDS {
-            let stored = self.load().await?;
+            let stored = self.load().await.map_err(|e| e.to_string())?;
             let (Some(inputs), Some(ent)) = (&stored.inputs, Self::entitlement(&stored, now))
             else {
                 return Ok(());
@@ -657,21 +757,13 @@ impl UserSession {
                 break;
             }
             version = Some(inputs.version);
-            let written = match kv.put(&entitlement_key(user_id), ent) {
-                Ok(put) => put
-                    .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = written {
-                worker::console_error!(
-                    "{}",
-                    serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
-                );
-                break;
-            }
+            fault::kv_delay(fault).await;
+            kv.put(&entitlement_key(user_id), ent)
+                .map_err(|e| e.to_string())?
+                .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -714,12 +806,12 @@ impl UserSession {
             random::bytes(),
             pepper,
         );
-        self.save(&mut stored, now, evicts).await?;
-        fault::at(
-            &fault::armed(&self.env, r.fault.clone()),
-            fault::SESSION_CREATE,
-        )?;
-        self.cache_entitlement(&r.user_id, now).await?;
+        let fault = fault::armed(&self.env, r.fault.clone());
+        self.save(&mut stored, now, evicts, fault.as_deref())
+            .await?;
+        fault::at(&fault, fault::SESSION_CREATE)?;
+        self.cache_entitlement(&r.user_id, now, fault.as_deref())
+            .await;
         // Read again: saving waited on KV, and a billing change may have
         // stored newer inputs meanwhile, which the token must carry.
         let stored = self.load().await?;
@@ -748,7 +840,7 @@ impl UserSession {
         // A rotation, a detected reuse and an expiry all change state (the last two
         // revoke the family); only a token that matched nothing leaves it as it was.
         if !matches!(outcome, Err(RefreshError::Invalid)) {
-            self.save(&mut stored, now, outcome.is_err()).await?;
+            self.save(&mut stored, now, outcome.is_err(), None).await?;
         }
         // Saving waited on KV (the session copy): newer inputs a billing
         // change stored meanwhile are the ones the token must carry.
@@ -779,7 +871,7 @@ impl UserSession {
             Some(sid) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
             None => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
-        self.save(&mut stored, now, true).await?;
+        self.save(&mut stored, now, true, None).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
 }
@@ -1074,7 +1166,7 @@ impl UserSession {
         }
         self.persist(&mut stored, now).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
-        self.cache_entitlement(&r.user_id, now).await?;
+        self.cache_entitlement(&r.user_id, now, None).await;
         Response::from_json(&serde_json::json!({ "entitlement": ent }))
     }
 }
@@ -1084,11 +1176,11 @@ impl DurableObject for UserSession {
         UserSession {
             state,
             env,
-            running: RefCell::default(),
-            mirrors: RefCell::default(),
-            device_ops: Cell::new(0),
-            device_generation: Cell::new(0),
-            devices_settled: Cell::new(false),
+            running: Rc::default(),
+            mirrors: Rc::default(),
+            device_ops: Rc::default(),
+            device_generation: Rc::default(),
+            devices_settled: Rc::default(),
         }
     }
 

@@ -76,6 +76,10 @@ pub const TESTS: &[(&str, Test)] = &[
         logout_flows,
     ),
     (
+        "auth::a_stalled_kv_write_holds_no_sign_in_and_lands_in_order",
+        stalled_kv,
+    ),
+    (
         "auth::every_bad_access_token_is_a_401_with_a_stable_code",
         bad_token_corpus,
     ),
@@ -762,6 +766,68 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
                 .to_str()?
                 .starts_with("Bearer")
         );
+        Ok(())
+    })
+}
+
+/// How late each KV write starts at the fault point `kv.slow`
+/// (`fault::KV_SLOW_MS` in the worker).
+const KV_SLOW: Duration = Duration::from_millis(5_000);
+
+/// A KV stall (the development-only fault point `kv.slow`: each KV write the
+/// user's object makes for the sign-in starts 5 s late) holds neither the
+/// sign-in's answer nor the order of the session copies. The answer comes
+/// after the object's bounded waits; the copy with the new session lands
+/// later; and a logout made meanwhile is the copy that stays, because its
+/// write waits for the stalled one instead of going beside it (the stalled
+/// one would then land last and bring the session back).
+fn stalled_kv(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, a) = new_user(ctx).await;
+        let a_access = s(&a.body["access_token"]);
+        let started = std::time::Instant::now();
+        let b = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": email, "password": "correct horse battery"})),
+            None,
+            &[
+                ("cf-connecting-ip", &fresh_ip()),
+                ("x-keenvpn-fault", "kv.slow"),
+            ],
+        )
+        .await;
+        let answered = started.elapsed();
+        assert_eq!(b.status, 200, "{}", b.body);
+        assert!(
+            answered < KV_SLOW,
+            "the sign-in waited {answered:?} for a stalled KV write"
+        );
+        // The copy with the new session has not landed: the stall was real,
+        // and the answer did not wait for it.
+        let listed = me(ctx, a_access).await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert_eq!(listed.body["sessions"].as_array().unwrap().len(), 1);
+
+        let b_access = s(&b.body["access_token"]);
+        let out = send(ctx, "POST", "/v1/auth/logout", None, Some(b_access)).await;
+        assert_eq!(out.status, 204, "{}", out.body);
+        eventually(
+            Duration::from_secs(30),
+            "logged-out session refused",
+            || async { (me(ctx, b_access).await.body["code"] == "session_revoked").then_some(()) },
+        )
+        .await;
+        // Well past the moment the stalled write went out: the logout's copy
+        // is still the one KV holds.
+        let past_stall = KV_SLOW + Duration::from_secs(2);
+        if let Some(rest) = past_stall.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        assert_eq!(me(ctx, b_access).await.body["code"], "session_revoked");
+        let listed = me(ctx, a_access).await;
+        assert_eq!(listed.body["sessions"].as_array().unwrap().len(), 1);
         Ok(())
     })
 }
