@@ -92,7 +92,7 @@ function source() {
   const head = sh("git", ["-C", root, "rev-parse", "--short", "HEAD"]);
   let dirty = "";
   try {
-    dirty = execFileSync("git", ["-C", root, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock", "bench/peers"]).toString().trim();
+    dirty = execFileSync("git", ["-C", root, "status", "--porcelain", "--", "src", "patches", "Cargo.toml", "Cargo.lock", "bench/peers"]).toString().trim();
   } catch {}
   return head ? `${head}${dirty ? " with uncommitted changes" : ""}` : null;
 }

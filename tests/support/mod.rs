@@ -26,7 +26,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const DB_USER: &str = "keenvpn";
-pub const DB_PASSWORD: &str = "keenvpn-test";
+/// The test cluster's password. SASLprep (RFC 4013) maps its full-width
+/// letters to `keenvpn-test`, and the server keeps the SCRAM verifier of that
+/// form; so every connection the tests make proves that its client prepares a
+/// non-ASCII password as PostgreSQL does: the Worker's (wasm, the runtime's
+/// NFKC) and the harness's and migration tool's (native, ICU4X's). See
+/// `patches/unicode-normalization`.
+pub const DB_PASSWORD: &str = "keenvpn-\u{FF54}\u{FF45}\u{FF53}\u{FF54}";
 pub const DB_NAME: &str = "keenvpn";
 
 /// The repository root (where Cargo.toml is).
@@ -302,8 +308,18 @@ impl Postgres {
 
     /// The URL the application uses (password auth over TCP).
     pub fn url(&self, db: &str) -> String {
+        // Percent-encoded: a URL's userinfo is ASCII.
+        let password: String = DB_PASSWORD
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
         format!(
-            "postgres://{DB_USER}:{DB_PASSWORD}@127.0.0.1:{}/{db}",
+            "postgres://{DB_USER}:{password}@127.0.0.1:{}/{db}",
             self.port
         )
     }
