@@ -18,7 +18,9 @@
 //! it, or the database could not be asked) is given back with
 //! [`Throttle::refund`]: it guessed nothing, and counting it would let a
 //! locked client network lock accounts it never guessed at, or an outage's
-//! retries lock users out.
+//! retries lock users out. That holds for a lock too: the attempts that set
+//! one are remembered while it lasts, and a refund of any of them lifts it
+//! (the lock needed every one), leaving the others counted.
 //!
 //! # Windows and locks
 //!
@@ -97,6 +99,18 @@ pub struct Throttle {
     /// The last admitted attempt (0 = none), the other end of quiet periods.
     #[serde(default, skip_serializing_if = "is_zero_i64")]
     last_attempt_at: i64,
+    /// What set the current lock, until the next admitted attempt: a refund
+    /// of one of its attempts undoes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lock: Option<LockCause>,
+}
+
+/// The attempts that set a lock, and whether it added to `lockouts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct LockCause {
+    failures: Vec<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    escalated: bool,
 }
 
 impl Throttle {
@@ -121,6 +135,8 @@ impl Throttle {
             self.lockouts = self.lockouts.saturating_sub(decay);
         }
 
+        // Any earlier lock is over: its attempts can no longer lift it.
+        self.lock = None;
         self.failures.retain(|&at| now.saturating_sub(at) < window);
         self.failures.push(now);
         self.last_attempt_at = now;
@@ -128,12 +144,16 @@ impl Throttle {
         if self.failures.len() >= policy.max_failures as usize {
             let duration = lock_duration(policy, self.lockouts);
             self.locked_until = now.saturating_add(duration);
-            self.failures.clear();
             // Stop escalating once the cap is reached, so the quiet time
             // needed to decay back down stays bounded too.
-            if duration < policy.max_lock_secs {
+            let escalated = duration < policy.max_lock_secs;
+            if escalated {
                 self.lockouts += 1;
             }
+            self.lock = Some(LockCause {
+                failures: std::mem::take(&mut self.failures),
+                escalated,
+            });
         }
         Ok(())
     }
@@ -149,19 +169,41 @@ impl Throttle {
     /// valid account would otherwise let a client reset its IP's budget.
     pub fn succeeded(&mut self) {
         self.failures.clear();
+        self.lock = None;
+        self.lift();
+    }
+
+    /// Ends the current lock now: at the last admitted attempt, which set it
+    /// (attempts are refused while locked), so a quiet period is measured
+    /// from where it would have been without the lock.
+    fn lift(&mut self) {
         self.locked_until = self.locked_until.min(self.last_attempt_at);
     }
 
     /// Gives back the failure counted in advance by the attempt admitted at
     /// `at` (the time [`Throttle::attempt`] was called with), which never
-    /// reached a password check. If that attempt reached the limit and
-    /// locked the throttle, its failures are gone and the lock stays: such an
-    /// attempt had `max_failures - 1` others in flight or just before it, and
-    /// erring towards the lock is the safe side.
+    /// reached a password check. If that attempt was one of those that set
+    /// the current lock, the lock is lifted and its escalation undone: it
+    /// needed every one of them. The others count again, as failures in the
+    /// window, so the next attempt can lock as it would have.
     pub fn refund(&mut self, at: i64) {
         if let Some(i) = self.failures.iter().rposition(|&t| t == at) {
             self.failures.remove(i);
+            return;
         }
+        let Some(cause) = &mut self.lock else {
+            return;
+        };
+        let Some(i) = cause.failures.iter().rposition(|&t| t == at) else {
+            return;
+        };
+        cause.failures.remove(i);
+        let cause = self.lock.take().expect("matched above");
+        if cause.escalated {
+            self.lockouts = self.lockouts.saturating_sub(1);
+        }
+        self.failures = cause.failures;
+        self.lift();
     }
 
     /// Seconds until the lock ends (at least 1), or `None` if not locked.
@@ -359,6 +401,71 @@ mod tests {
     }
 
     #[test]
+    fn an_outage_that_set_a_lock_lifts_it_as_its_attempts_are_refunded() {
+        // Five sign-ins in flight at once through a database outage: the
+        // fifth locks the account, and none reaches a password check.
+        let mut t = Throttle::default();
+        let ats: Vec<i64> = (0..5).map(|i| T0 + i).collect();
+        for &at in &ats {
+            assert_eq!(t.attempt(&ACCOUNT, at), Ok(()));
+        }
+        assert_eq!(t.retry_after(T0 + 4), Some(30));
+        // The first refund lifts the lock; the other four count until their
+        // own refunds come.
+        t.refund(ats[0]);
+        assert_eq!(t.retry_after(T0 + 4), None);
+        for &at in &ats[1..] {
+            t.refund(at);
+        }
+        // A full budget again, and the next lock is a first lock (30 s).
+        fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0 + 5);
+        assert_eq!(t.retry_after(T0 + 5), None);
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 5), Ok(()));
+        assert_eq!(t.retry_after(T0 + 5), Some(30));
+    }
+
+    #[test]
+    fn a_refunded_locking_attempt_leaves_the_real_failures_counted() {
+        // Four wrong passwords, then an attempt the other throttle refused
+        // (the shell refunds it): it set the lock, so the lock goes...
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0 - 100);
+        let escalated = lock(&mut t, &ACCOUNT, T0);
+        assert_eq!(escalated, 60);
+        t.refund(T0);
+        assert_eq!(t.retry_after(T0), None);
+        // ...but the four failures before it still count, and the lock it
+        // would have been is the one the next attempt sets, at 60 s again:
+        // the refunded lock's escalation was undone.
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 1), Ok(()));
+        assert_eq!(t.retry_after(T0 + 1), Some(60));
+    }
+
+    #[test]
+    fn a_lock_that_ended_or_was_lifted_by_a_success_is_not_touched_by_refunds() {
+        // The lock ran out and an attempt was admitted after it.
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0);
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 30), Ok(()));
+        let before = t.clone();
+        t.refund(T0);
+        assert_eq!(t, before);
+        // The locking attempt's password was right.
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0);
+        t.succeeded();
+        let before = t.clone();
+        t.refund(T0);
+        assert_eq!(t, before);
+        // Refused attempts are not refundable: a locked throttle stays locked.
+        let mut t = Throttle::default();
+        lock(&mut t, &ACCOUNT, T0);
+        assert_eq!(t.attempt(&ACCOUNT, T0 + 1), Err(29));
+        t.refund(T0 + 1);
+        assert_eq!(t.retry_after(T0 + 1), Some(29));
+    }
+
+    #[test]
     fn success_forgets_the_failures_and_lifts_the_current_lock() {
         let mut t = Throttle::default();
         fail(&mut t, &ACCOUNT, ACCOUNT.max_failures - 1, T0);
@@ -408,6 +515,11 @@ mod tests {
         let json = serde_json::to_string(&t).unwrap();
         let back: Throttle = serde_json::from_str(&json).unwrap();
         assert_eq!(back, t);
+        // A lock, with what set it (the failures above have left the window).
+        lock(&mut t, &ACCOUNT, T0 + 30 + ACCOUNT.window_secs);
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.contains("\"lock\""), "{json}");
+        assert_eq!(serde_json::from_str::<Throttle>(&json).unwrap(), t);
         assert_eq!(
             serde_json::from_str::<Throttle>("{}").unwrap(),
             Throttle::default()
