@@ -191,14 +191,12 @@ impl Throttle {
             self.failures.remove(i);
             return;
         }
-        let Some(cause) = &mut self.lock else {
+        let Some(mut cause) = self.lock.take_if(|c| c.failures.contains(&at)) else {
             return;
         };
-        let Some(i) = cause.failures.iter().rposition(|&t| t == at) else {
-            return;
-        };
-        cause.failures.remove(i);
-        let cause = self.lock.take().expect("matched above");
+        if let Some(i) = cause.failures.iter().rposition(|&t| t == at) {
+            cause.failures.remove(i);
+        }
         if cause.escalated {
             self.lockouts = self.lockouts.saturating_sub(1);
         }
