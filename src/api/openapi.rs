@@ -309,7 +309,8 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
                 schema: s.response::<Jwks>(),
                 headers: &["Cache-Control"],
             }],
-            problems: &[P::NotConfigured],
+            // The public halves come from the runtime's WebCrypto.
+            problems: &[P::NotConfigured, P::ServiceUnavailable],
         },
         Op {
             method: "post",

@@ -510,13 +510,22 @@ impl KeySet {
     /// The public keys as a JWKS document (RFC 7517, OKP keys per RFC 8037),
     /// for anyone who wants to check our tokens themselves.
     pub fn jwks(&self) -> crate::api::Jwks {
+        let public: Vec<[u8; 32]> = self.verifying_keys().copied().collect();
+        self.jwks_from(&public)
+    }
+
+    /// [`KeySet::jwks`] with the public halves given, in the set's order, as
+    /// a platform's Ed25519 implementation derived them from
+    /// [`KeySet::pkcs8_keys`] (the Worker's, which has no derivation of its own).
+    pub fn jwks_from(&self, public: &[[u8; 32]]) -> crate::api::Jwks {
         let keys = self
             .verifiers
             .iter()
-            .map(|v| crate::api::Jwk {
+            .zip(public)
+            .map(|(v, x)| crate::api::Jwk {
                 kty: "OKP",
                 crv: "Ed25519",
-                x: URL_SAFE_NO_PAD.encode(v.public_key().as_ref()),
+                x: URL_SAFE_NO_PAD.encode(x),
                 kid: v.kid.clone(),
                 alg: ALG,
                 use_: "sig",
@@ -1057,6 +1066,25 @@ mod tests {
             assert_eq!(jwk["use"], "sig");
             assert_eq!(jwk.as_object().unwrap().len(), 6, "no private `d`");
         }
+    }
+
+    #[test]
+    fn jwks_from_lists_the_given_public_halves_by_the_keys_ids() {
+        // The Worker's JWKS: the halves come from the platform, not from here.
+        let set = keys(&[("k2", 2), ("k1", 1)]);
+        let given = [[7_u8; 32], [8_u8; 32]];
+        let jwks = set.jwks_from(&given);
+        assert_eq!(jwks.keys.len(), 2);
+        for (jwk, (kid, x)) in jwks.keys.iter().zip([("k2", given[0]), ("k1", given[1])]) {
+            assert_eq!(jwk.kid, kid);
+            assert_eq!(URL_SAFE_NO_PAD.decode(&jwk.x).unwrap(), x);
+        }
+        // With the halves derived here, it is `jwks` exactly.
+        let derived: Vec<[u8; 32]> = set.verifying_keys().copied().collect();
+        assert_eq!(
+            serde_json::to_value(set.jwks_from(&derived)).unwrap(),
+            serde_json::to_value(set.jwks()).unwrap()
+        );
     }
 
     // ---- Parsing the key set ---------------------------------------------

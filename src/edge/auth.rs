@@ -70,7 +70,12 @@ fn parse_credentials(b: &Credentials) -> Result<(Email, Password), Fail> {
 }
 
 /// The token pair answer, with the OAuth 2.0 field names.
-async fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u16) -> Reply {
+async fn token_pair(
+    keys: &KeySet,
+    user_id: &str,
+    issued: &IssuedResp,
+    status: u16,
+) -> Result<Reply, Fail> {
     let unsigned = keys.access_token(
         user_id,
         &issued.sid,
@@ -78,7 +83,7 @@ async fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u
         time::now_secs(),
         random::u32(),
     );
-    let (access_token, expires_in) = webcrypto::sign(keys, unsigned).await;
+    let (access_token, expires_in) = webcrypto::sign(keys, unsigned).await?;
     let mut reply = Reply::json(
         status,
         &TokenPair {
@@ -89,7 +94,20 @@ async fn token_pair(keys: &KeySet, user_id: &str, issued: &IssuedResp, status: u
         },
     );
     reply.headers.push(("pragma", "no-cache".into()));
-    reply
+    Ok(reply)
+}
+
+/// Whether this request can be answered with signed tokens: the check a
+/// route makes before its first write, so that a refusal of the signing keys
+/// (a 503) leaves no account, session or throttle count behind.
+async fn signing_ready(req: &Incoming, env: &Env, keys: &KeySet) -> Result<(), Fail> {
+    if fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::KEYS_REFUSED) {
+        return Err(Fail::unavailable(format!(
+            "injected fault at {}",
+            fault::KEYS_REFUSED
+        )));
+    }
+    webcrypto::ready(keys).await
 }
 
 /// Maps an object's refusal (`{code}`) to our problem, keeping its status.
@@ -133,6 +151,7 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
+    signing_ready(&req, env, keys).await?;
     // Counted per client network before the hash: an account costs one, and
     // `email_taken` tells whether an email has an account.
     let throttle = format!("signup:{}", throttle::client_network(client_ip));
@@ -154,13 +173,17 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
         .into());
     };
     let fault = req.header(fault::HEADER);
-    let issued = match open_session(env, &row.user_id, b.device_label, row.inputs, fault).await {
-        Ok(issued) => issued,
+    let answer = async {
+        let issued = open_session(env, &row.user_id, b.device_label, row.inputs, fault).await?;
+        token_pair(keys, &row.user_id, &issued, 201).await
+    };
+    match answer.await {
+        Ok(reply) => Ok(reply),
         Err(fail) => {
-            // No session, no account: remove the row just made, so that the
-            // retry the 503 invites signs up instead of meeting `email_taken`
-            // (a session the object may have stored is for an id no one
-            // will use again).
+            // No session or no tokens, no account: remove the row just made,
+            // so that the retry the 503 invites signs up instead of meeting
+            // `email_taken` (a session the object may have stored is for an
+            // id no one will use again).
             match store::delete_new_user(&db, &row.user_id).await {
                 Ok(true) => {}
                 Ok(false) => worker::console_warn!(
@@ -172,10 +195,9 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
                     serde_json::json!({"level": "error", "msg": "sign-up not undone", "user_id": row.user_id, "error": e.cause})
                 ),
             }
-            return Err(fail);
+            Err(fail)
         }
-    };
-    Ok(token_pair(keys, &row.user_id, &issued, 201).await)
+    }
 }
 
 /// The throttle object names: a hash of the email (no address in object names
@@ -235,6 +257,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     let (email, password) = parse_credentials(&b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
+    signing_ready(&req, env, keys).await?;
 
     // Count the attempt before checking the password, atomically per account and
     // per client, so concurrent guesses cannot slip past the limit.
@@ -313,7 +336,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     .await;
     let fault = req.header(fault::HEADER);
     let issued = open_session(env, &row.user_id, b.device_label, row.inputs, fault).await?;
-    Ok(token_pair(keys, &row.user_id, &issued, 200).await)
+    token_pair(keys, &row.user_id, &issued, 200).await
 }
 
 pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
@@ -322,6 +345,7 @@ pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     // The object needs the pepper too; without it, answer `not_configured`
     // here rather than relay the object's refusal as a retryable 503.
     secrets::pepper_or_fail(env)?;
+    signing_ready(&req, env, keys).await?;
     let token = crate::domain::session::RefreshToken::parse(&b.refresh_token).map_err(|e| {
         Fail::from(ApiError::new(
             ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::RefreshTokenMalformed),
@@ -344,7 +368,7 @@ pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     }
     let issued: IssuedResp =
         serde_json::from_value(body).map_err(|e| Fail::internal(format!("refresh answer: {e}")))?;
-    Ok(token_pair(keys, &user_id, &issued, 200).await)
+    token_pair(keys, &user_id, &issued, 200).await
 }
 
 /// Verifies the bearer token and that its session has not been revoked.
@@ -385,7 +409,7 @@ pub async fn verify_bearer(req: &Incoming, env: &Env) -> Result<AccessClaims, Fa
     };
     let keys = secrets::keys(env)?;
     webcrypto::verify(keys, token, time::now_secs())
-        .await
+        .await?
         .map_err(|e| {
             Fail::from(ApiError::new(
                 ProblemCode::from_code(e.code()).unwrap_or(ProblemCode::TokenMalformed),
@@ -501,9 +525,9 @@ pub async fn me(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     ))
 }
 
-pub fn jwks(env: &Env) -> Result<Reply, Fail> {
+pub async fn jwks(env: &Env) -> Result<Reply, Fail> {
     let keys = secrets::keys(env)?;
-    let mut reply = Reply::json(200, &keys.jwks());
+    let mut reply = Reply::json(200, &webcrypto::jwks(keys).await?);
     // Verifiers may cache the key set briefly; a rotation adds the new key
     // before it signs anything, so a cached copy is never missing a live key.
     reply

@@ -332,7 +332,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         },
         now,
     );
-    let (ticket, ticket_expires_in) = webcrypto::sign(keys, unsigned).await;
+    let (ticket, ticket_expires_in) = webcrypto::sign(keys, unsigned).await?;
     events::enqueue(
         env,
         ctx,

@@ -33,6 +33,9 @@ pub const KV_SLOW_MS: u64 = 5_000;
 /// The point, on `POST /v1/auth/signup`, at which the new user's
 /// `UserSession` throws after storing the session (the answer is lost).
 pub const SESSION_CREATE: &str = "session.create";
+/// The point, on `POST /v1/auth/signup`, `/login` and `/refresh`, at which
+/// the Worker finds its signing keys refused by the runtime's WebCrypto.
+pub const KEYS_REFUSED: &str = "keys.refused";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

@@ -9,13 +9,22 @@
 //! not depend on which implementation made them.
 //!
 //! The keys are imported once per isolate from the parsed [`KeySet`] (a static,
-//! like the set itself). Should the platform refuse them, or a call fail, the
-//! domain's own implementation does the work instead: slower, never different.
+//! like the set itself). The Worker has no second implementation: Ed25519 is
+//! part of the platform's WebCrypto, and carrying the domain's in the module
+//! for the day it is not would cost every isolate about 50 KB of wasm. Should
+//! the platform refuse the keys, or a call fail, the request gets a 503
+//! (`service_unavailable`) and the refusal is logged; an import that failed is
+//! tried again by the next request. The routes that write before they sign
+//! (sign-up, sign-in, refresh) call [`ready`] before their first write, so
+//! such a refusal leaves nothing behind.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use crate::domain::token::{AccessClaims, KeySet, SIGNATURE_LEN, TokenError, Unsigned, Unverified};
+use super::Fail;
+use super::durable::js_error;
+use crate::api::Jwks;
+use crate::domain::token::{AccessClaims, KeySet, SIGNATURE_LEN, TokenError, Unsigned};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use js_sys::{Array, Promise, Reflect, Uint8Array};
@@ -28,16 +37,15 @@ const ALGORITHM: &str = "Ed25519";
 struct Imported {
     /// In the order of [`KeySet::pkcs8_keys`] (and of [`KeySet::verifying_keys`]).
     verify: Vec<CryptoKey>,
+    /// The public halves, in the same order, as the runtime derived them.
+    public: Vec<[u8; 32]>,
     sign: CryptoKey,
 }
 
-/// `None` until the first import; `Some(None)` once the platform refused.
-type Cache = Option<Option<Rc<Imported>>>;
-
 thread_local! {
-    static KEYS: RefCell<Cache> = const { RefCell::new(None) };
+    /// `None` until an import succeeds.
+    static KEYS: RefCell<Option<Rc<Imported>>> = const { RefCell::new(None) };
 }
-
 thread_local! {
     /// `crypto.subtle`, looked up once per instance (three calls across the
     /// boundary each time otherwise, and a connect signs and verifies).
@@ -66,6 +74,7 @@ async fn import(set: &KeySet) -> Result<Imported, JsValue> {
     // key's JWK carries the public `x`), natively. Deriving them in wasm would
     // cost a fresh isolate milliseconds per key in baseline-compiled code.
     let mut verify = Vec::with_capacity(set.pkcs8_keys().len());
+    let mut public = Vec::with_capacity(set.pkcs8_keys().len());
     for der in set.pkcs8_keys() {
         let private: CryptoKey = call(import("pkcs8", &der, true, "sign"))
             .await?
@@ -74,56 +83,77 @@ async fn import(set: &KeySet) -> Result<Imported, JsValue> {
         let x = Reflect::get(&jwk, &JsValue::from_str("x"))?
             .as_string()
             .and_then(|x| URL_SAFE_NO_PAD.decode(x).ok())
-            .filter(|x| x.len() == 32)
+            .and_then(|x| <[u8; 32]>::try_from(x).ok())
             .ok_or_else(|| JsValue::from_str("the exported Ed25519 key has no 32-byte x"))?;
         verify.push(
             call(import("raw", &x, false, "verify"))
                 .await?
                 .unchecked_into(),
         );
+        public.push(x);
     }
     // Signing uses a key of its own that cannot be exported.
     let sign = call(import("pkcs8", &set.signing_key_pkcs8(), false, "sign"))
         .await?
         .unchecked_into();
-    Ok(Imported { verify, sign })
+    Ok(Imported {
+        verify,
+        public,
+        sign,
+    })
 }
 
-/// The imported keys, importing them on first use; `None` if the platform
-/// cannot (then the domain's implementation is used).
-async fn keys(set: &KeySet) -> Option<Rc<Imported>> {
+/// The imported keys, importing them on first use.
+async fn keys(set: &KeySet) -> Result<Rc<Imported>, Fail> {
     if let Some(cached) = KEYS.with(|k| k.borrow().clone()) {
-        return cached;
+        return Ok(cached);
     }
     // Concurrent first requests may both import; the keys are equal, and the
     // last one stored wins.
-    let imported = match import(set).await {
-        Ok(keys) => Some(Rc::new(keys)),
+    match import(set).await {
+        Ok(keys) => {
+            let keys = Rc::new(keys);
+            KEYS.with(|k| *k.borrow_mut() = Some(keys.clone()));
+            Ok(keys)
+        }
         Err(e) => {
+            let error = js_error(&e);
             worker::console_error!(
                 "{}",
-                serde_json::json!({"level": "error", "msg": "WebCrypto refused the Ed25519 keys; verifying in wasm", "error": format!("{e:?}")})
+                serde_json::json!({"level": "error", "msg": REFUSED, "error": error})
             );
-            None
+            Err(Fail::unavailable(format!("{REFUSED}: {error}")))
         }
-    };
-    KEYS.with(|k| *k.borrow_mut() = Some(imported.clone()));
-    imported
+    }
 }
 
-/// [`KeySet::verify`], with the signature checked by WebCrypto.
-pub async fn verify(set: &KeySet, token: &str, now: i64) -> Result<AccessClaims, TokenError> {
-    let unverified = set.check(token)?;
-    let valid = match verify_signature(set, &unverified).await {
-        Some(valid) => valid,
-        None => set.verify_signature(&unverified),
-    };
-    unverified.claims(valid, now)
+/// What the log line says when the runtime refuses the keys (the end-to-end
+/// run fails if any worker logged it).
+const REFUSED: &str = "WebCrypto refused the Ed25519 keys";
+
+/// Whether the keys are imported (importing them now if need be): the check
+/// a route makes before writes that a signature must follow.
+pub async fn ready(set: &KeySet) -> Result<(), Fail> {
+    keys(set).await.map(drop)
 }
 
-async fn verify_signature(set: &KeySet, unverified: &Unverified<'_>) -> Option<bool> {
+/// [`KeySet::verify`], with the signature checked by WebCrypto. The outer
+/// error is the platform's (a 503), the inner one the token's verdict.
+pub async fn verify(
+    set: &KeySet,
+    token: &str,
+    now: i64,
+) -> Result<Result<AccessClaims, TokenError>, Fail> {
+    let unverified = match set.check(token) {
+        Ok(unverified) => unverified,
+        Err(e) => return Ok(Err(e)),
+    };
     let keys = keys(set).await?;
-    let key = keys.verify.get(unverified.key_index())?;
+    // `check` found the key by its id, so the index is in range.
+    let key = keys
+        .verify
+        .get(unverified.key_index())
+        .ok_or_else(|| Fail::internal("a checked token's key is not imported".into()))?;
     let verdict = call(subtle().and_then(|s| {
         s.verify_with_str_and_u8_array_and_u8_array(
             ALGORITHM,
@@ -133,30 +163,35 @@ async fn verify_signature(set: &KeySet, unverified: &Unverified<'_>) -> Option<b
         )
     }))
     .await
-    .ok()?;
-    verdict.as_bool()
+    .map_err(|e| Fail::unavailable(format!("WebCrypto verify: {}", js_error(&e))))?;
+    let valid = verdict
+        .as_bool()
+        .ok_or_else(|| Fail::unavailable("WebCrypto verify answered no boolean".into()))?;
+    Ok(unverified.claims(valid, now))
 }
 
 /// [`KeySet::sign`], with the signature made by WebCrypto.
-pub async fn sign(set: &KeySet, unsigned: Unsigned) -> (String, i64) {
-    match sign_input(set, &unsigned).await {
-        Some(signature) => unsigned.signed(&signature),
-        None => set.sign(unsigned),
-    }
-}
-
-async fn sign_input(set: &KeySet, unsigned: &Unsigned) -> Option<[u8; SIGNATURE_LEN]> {
+pub async fn sign(set: &KeySet, unsigned: Unsigned) -> Result<(String, i64), Fail> {
     let keys = keys(set).await?;
     let signature = call(subtle().and_then(|s| {
         s.sign_with_str_and_u8_array(ALGORITHM, &keys.sign, unsigned.signing_input())
     }))
     .await
-    .ok()?;
+    .map_err(|e| Fail::unavailable(format!("WebCrypto sign: {}", js_error(&e))))?;
     let bytes = Uint8Array::new(&signature);
     let mut out = [0_u8; SIGNATURE_LEN];
     if bytes.length() as usize != SIGNATURE_LEN {
-        return None;
+        return Err(Fail::unavailable(format!(
+            "WebCrypto signed {} bytes",
+            bytes.length()
+        )));
     }
     bytes.copy_to(&mut out);
-    Some(out)
+    Ok(unsigned.signed(&out))
+}
+
+/// The key set as a JWKS document, with the public halves the runtime
+/// derived.
+pub async fn jwks(set: &KeySet) -> Result<Jwks, Fail> {
+    Ok(set.jwks_from(&keys(set).await?.public))
 }

@@ -23,6 +23,10 @@ pub const TESTS: &[(&str, Test)] = &[
         signup_retried,
     ),
     (
+        "auth::refused_signing_keys_leave_no_account_and_count_no_attempt",
+        keys_refused,
+    ),
+    (
         "auth::a_missing_secret_answers_not_configured",
         missing_secrets,
     ),
@@ -327,6 +331,70 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(n, 0, "no account without a session");
         let retried = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
         assert_eq!(retried.status, 201, "{}", retried.body);
+        Ok(())
+    })
+}
+
+/// When the runtime refuses the signing keys (a dev-only fault point), the
+/// routes that sign answer 503 `service_unavailable` before their first
+/// write: a sign-up makes no account, and sign-ins count no attempt in the
+/// throttles (more of them than the account's lock allows still leave the
+/// right password working); the refresh token still works afterwards.
+fn keys_refused(ctx: &Ctx) -> Result<(), Failed> {
+    const REFUSED: (&str, &str) = ("x-keenvpn-fault", "keys.refused");
+    let unavailable = |r: &Resp, what: &str| {
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (503, Some("service_unavailable")),
+            "{what}: {}",
+            r.body
+        );
+        assert!(r.headers.contains_key("retry-after"), "{what}");
+    };
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let credentials = json!({"email": email, "password": "correct horse battery"});
+        let ip = fresh_ip();
+        let post_refused = |path: &'static str, body: Value| {
+            let ip = ip.clone();
+            async move {
+                send_with(
+                    ctx,
+                    "POST",
+                    path,
+                    Some(body),
+                    None,
+                    &[("cf-connecting-ip", &ip), REFUSED],
+                )
+                .await
+            }
+        };
+
+        let r = post_refused("/v1/auth/signup", credentials.clone()).await;
+        unavailable(&r, "sign-up");
+        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
+            .await?
+            .get(0);
+        assert_eq!(n, 0, "no account without tokens");
+        let made = signup(ctx, &email, "correct horse battery").await;
+        assert_eq!(made.status, 201, "{}", made.body);
+
+        // One more than the account's limit of failures.
+        for i in 0..6 {
+            let r = post_refused("/v1/auth/login", credentials.clone()).await;
+            unavailable(&r, &format!("sign-in {i}"));
+        }
+        let r = login(ctx, &email, "correct horse battery", &ip).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+
+        let token = s(&made.body["refresh_token"]).to_owned();
+        let r = post_refused("/v1/auth/refresh", json!({"refresh_token": token})).await;
+        unavailable(&r, "refresh");
+        let rotated = refresh(ctx, &token).await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        assert_pair(&rotated);
         Ok(())
     })
 }

@@ -140,18 +140,18 @@ pub fn no_secrets_in_logs() -> bool {
 }
 
 /// The line `edge::webcrypto` logs when the runtime refuses to import or derive
-/// the signing keys, after which every signature is made and checked in wasm:
-/// correct, but several times slower, and a cold start then derives every
-/// public key in wasm. Nothing else would show it, so the run fails on it.
+/// the signing keys: every request that signs or verifies then answers 503.
+/// The tests that sign would fail too, but this names the cause, so the run
+/// fails on it.
 const WEBCRYPTO_REFUSED: &str = "WebCrypto refused the Ed25519 keys";
 
-/// False when a worker of the run fell back from WebCrypto to wasm Ed25519.
+/// False when the runtime of a worker of the run refused the signing keys.
 pub fn webcrypto_in_use() -> bool {
     let logs = crate::support::finished_logs().join("\n");
     let refused = logs.matches(WEBCRYPTO_REFUSED).count();
     if refused > 0 {
         eprintln!(
-            "log check: WebCrypto was refused {refused} time(s): a worker signed and verified Ed25519 in wasm (\"{WEBCRYPTO_REFUSED}\")"
+            "log check: WebCrypto refused the signing keys {refused} time(s) (\"{WEBCRYPTO_REFUSED}\")"
         );
     }
     refused == 0
