@@ -304,6 +304,15 @@ fn chunked_body_cut_off(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// How many accounts the database holds with this (normalised) email.
+async fn accounts_with(ctx: &Ctx, email: &str) -> Result<i64, Failed> {
+    let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+    let row = db
+        .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
+        .await?;
+    Ok(row.get(0))
+}
+
 /// The user's object throwing after it stored the new session (the
 /// development-only fault point `session.create`: the answer is lost) makes
 /// the sign-up a 503 with `Retry-After` and leaves no account behind, so the
@@ -323,12 +332,11 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
         .await;
         assert_eq!(failed.status, 503, "{}", failed.body);
         assert!(failed.headers.contains_key("retry-after"));
-        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
-        let n: i64 = db
-            .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
-            .await?
-            .get(0);
-        assert_eq!(n, 0, "no account without a session");
+        assert_eq!(
+            accounts_with(ctx, &email).await?,
+            0,
+            "no account without a session"
+        );
         let retried = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
         assert_eq!(retried.status, 201, "{}", retried.body);
         Ok(())
@@ -372,12 +380,11 @@ fn keys_refused(ctx: &Ctx) -> Result<(), Failed> {
 
         let r = post_refused("/v1/auth/signup", credentials.clone()).await;
         unavailable(&r, "sign-up");
-        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
-        let n: i64 = db
-            .query_one("SELECT count(*) FROM users WHERE email = $1", &[&email])
-            .await?
-            .get(0);
-        assert_eq!(n, 0, "no account without tokens");
+        assert_eq!(
+            accounts_with(ctx, &email).await?,
+            0,
+            "no account without tokens"
+        );
         let made = signup(ctx, &email, "correct horse battery").await;
         assert_eq!(made.status, 201, "{}", made.body);
 
