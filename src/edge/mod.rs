@@ -164,7 +164,7 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
             headers: vec![("content-type", "application/json".into())],
             body: crate::api::OPENAPI_JSON.as_bytes().to_vec(),
         })),
-        Routed::Found(Route::Jwks) => async { auth::jwks(&env).await }.boxed_local(),
+        Routed::Found(Route::Jwks) => auth::jwks(&env).boxed_local(),
         Routed::Found(Route::Signup) => {
             let client_ip = client_ip(&req);
             async move { auth::signup(req, &env, &client_ip).await }.boxed_local()

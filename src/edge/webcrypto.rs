@@ -46,6 +46,7 @@ thread_local! {
     /// `None` until an import succeeds.
     static KEYS: RefCell<Option<Rc<Imported>>> = const { RefCell::new(None) };
 }
+
 thread_local! {
     /// `crypto.subtle`, looked up once per instance (three calls across the
     /// boundary each time otherwise, and a connect signs and verifies).
@@ -116,19 +117,13 @@ async fn keys(set: &KeySet) -> Result<Rc<Imported>, Fail> {
             KEYS.with(|k| *k.borrow_mut() = Some(keys.clone()));
             Ok(keys)
         }
-        Err(e) => {
-            let error = js_error(&e);
-            worker::console_error!(
-                "{}",
-                serde_json::json!({"level": "error", "msg": REFUSED, "error": error})
-            );
-            Err(Fail::unavailable(format!("{REFUSED}: {error}")))
-        }
+        // The request's error line logs the cause, with its request id.
+        Err(e) => Err(Fail::unavailable(format!("{REFUSED}: {}", js_error(&e)))),
     }
 }
 
-/// What the log line says when the runtime refuses the keys (the end-to-end
-/// run fails if any worker logged it).
+/// How the cause of the 503 begins when the runtime refuses the keys (the
+/// end-to-end run fails if any worker logged it).
 const REFUSED: &str = "WebCrypto refused the Ed25519 keys";
 
 /// Whether the keys are imported (importing them now if need be): the check

@@ -139,8 +139,9 @@ pub fn no_secrets_in_logs() -> bool {
     ok
 }
 
-/// The line `edge::webcrypto` logs when the runtime refuses to import or derive
-/// the signing keys: every request that signs or verifies then answers 503.
+/// How the logged cause of a 503 begins when the runtime refuses to import or
+/// derive the signing keys (`edge::webcrypto`): every request that signs or
+/// verifies then answers 503.
 /// The tests that sign would fail too, but this names the cause, so the run
 /// fails on it.
 const WEBCRYPTO_REFUSED: &str = "WebCrypto refused the Ed25519 keys";
