@@ -138,13 +138,8 @@ async fn store_snapshot(env: &Env, snapshot: &Snapshot) -> Result<bool, String> 
     }
     let stored: Option<Stored> = kv::get_json(env, catalogue::KV_KEY).await.ok().flatten();
     let changed = stored.is_none_or(|s| s.etag != snapshot.etag);
-    let ns = env.kv(bindings::KV).map_err(|e| e.to_string())?;
     if changed {
-        ns.put(catalogue::KV_KEY, snapshot)
-            .map_err(|e| e.to_string())?
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
+        kv::put_json(env, catalogue::KV_KEY, snapshot, None).await?;
     }
     // The etag follows the snapshot it names (and is written on its own where
     // a snapshot was stored before this key existed).
@@ -155,11 +150,7 @@ async fn store_snapshot(env: &Env, snapshot: &Snapshot) -> Result<bool, String> 
             .flatten()
             .is_some_and(|tag| tag == snapshot.etag);
     if !tag_current {
-        ns.put(catalogue::ETAG_KV_KEY, snapshot.etag.as_str())
-            .map_err(|e| e.to_string())?
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
+        kv::put(env, catalogue::ETAG_KV_KEY, &snapshot.etag, None).await?;
     }
     Ok(changed)
 }

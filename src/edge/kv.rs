@@ -1,13 +1,17 @@
-//! Reading Workers KV.
+//! Reading and writing Workers KV.
 //!
-//! Reads go straight to the binding's `get(key, "text")`: one call across the
-//! JS/wasm boundary. workers-rs's `KvStore` looks up five methods of the
+//! Reads go straight to the binding's `get(key, "text")`, writes to its
+//! `put(key, text, options)`: one call across the JS/wasm boundary each. workers-rs's `KvStore` looks up five methods of the
 //! binding each time one is made and builds every read's options object
 //! through serde, which on the reconnect hot path (two reads per connect) was
 //! a measurable share of the request. JSON values are read as text and parsed
 //! in wasm with `serde_json`: KV's own `json` type parses in JavaScript, and the
 //! result would then be walked from wasm field by field, a crossing per step.
+//! Values are written as the same JSON text: `KvStore::put` would first build
+//! them as JavaScript objects through `serde-wasm-bindgen` and then
+//! `JSON.stringify` them.
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use wasm_bindgen::JsValue;
 use worker::Env;
@@ -19,10 +23,19 @@ use super::durable::js_error;
 
 #[wasm_bindgen::prelude::wasm_bindgen]
 extern "C" {
-    /// A KV namespace binding, as far as reading goes.
+    /// A KV namespace binding, as far as this module uses it.
     type KvNamespace;
     #[wasm_bindgen(method, catch, js_name = get)]
     fn get_as(this: &KvNamespace, key: &str, kind: &str) -> Result<Promise, JsValue>;
+    #[wasm_bindgen(method, catch, js_name = put)]
+    fn put_text(this: &KvNamespace, key: &str, value: &str) -> Result<Promise, JsValue>;
+    #[wasm_bindgen(method, catch, js_name = put)]
+    fn put_with(
+        this: &KvNamespace,
+        key: &str,
+        value: &str,
+        options: &js_sys::Object,
+    ) -> Result<Promise, JsValue>;
 }
 
 /// The text under `key` in the `KV` namespace; `None` when there is none.
@@ -42,4 +55,33 @@ pub async fn get_json<T: DeserializeOwned>(env: &Env, key: &str) -> Result<Optio
             .map_err(|e| format!("{key}: {e}")),
         None => Ok(None),
     }
+}
+
+/// Stores `text` under `key`; with `ttl_secs`, KV drops it that many seconds
+/// later (KV's floor is 60).
+pub async fn put(env: &Env, key: &str, text: &str, ttl_secs: Option<u32>) -> Result<(), String> {
+    let failed = |e: JsValue| format!("{key}: {}", js_error(&e));
+    let ns: KvNamespace = bindings::object(env, bindings::KV)?;
+    let promise = match ttl_secs {
+        None => ns.put_text(key, text),
+        Some(ttl) => {
+            let options = js_sys::Object::new();
+            js_sys::Reflect::set(&options, &"expirationTtl".into(), &ttl.into()).map_err(failed)?;
+            ns.put_with(key, text, &options)
+        }
+    }
+    .map_err(failed)?;
+    JsFuture::from(promise).await.map_err(failed)?;
+    Ok(())
+}
+
+/// Stores `value` as JSON text under `key` (see [`put`]).
+pub async fn put_json<T: Serialize + ?Sized>(
+    env: &Env,
+    key: &str,
+    value: &T,
+    ttl_secs: Option<u32>,
+) -> Result<(), String> {
+    let text = serde_json::to_string(value).map_err(|e| format!("{key}: {e}"))?;
+    put(env, key, &text, ttl_secs).await
 }

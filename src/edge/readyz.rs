@@ -13,7 +13,7 @@
 //! another's I/O, which workerd cancels as hung), so a dependency that hangs
 //! for the whole probe timeout still costs one set of probes per isolate.
 
-use super::{bindings, log, pg, time};
+use super::{bindings, kv, log, pg, time};
 use crate::api::Readiness;
 use crate::domain::freshness::due;
 use crate::domain::problem::ProblemCode;
@@ -28,7 +28,7 @@ pub const PROBE_TIMEOUT_MS: u64 = 2_000;
 /// The Durable Object name used only by readiness probes.
 const PROBE_OBJECT: &str = "__readyz";
 /// KV's minimum TTL; probe keys expire by themselves.
-const KV_PROBE_TTL_SECS: u64 = 60;
+const KV_PROBE_TTL_SECS: u32 = 60;
 
 /// How long an isolate answers from its last probes.
 pub const FRESH_MS: u64 = 2_000;
@@ -170,15 +170,11 @@ fn err(e: impl std::fmt::Display) -> (Failure, String) {
 
 /// Writes a key unique to this request and reads it back.
 async fn kv_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> {
-    let kv = env.kv(bindings::KV).map_err(err)?;
     let key = format!("readyz/{request_id}");
-    kv.put(&key, request_id)
-        .map_err(err)?
-        .expiration_ttl(KV_PROBE_TTL_SECS)
-        .execute()
+    kv::put(env, &key, request_id, Some(KV_PROBE_TTL_SECS))
         .await
         .map_err(err)?;
-    match kv.get(&key).text().await.map_err(err)? {
+    match kv::get_text(env, &key).await.map_err(err)? {
         Some(v) if v == request_id => Ok(()),
         other => Err((Failure::WrongAnswer, format!("read back {other:?}"))),
     }

@@ -29,7 +29,7 @@
 
 use super::durable::{body, ping, refuse};
 use super::store::{self, EntitlementInputs};
-use super::{Fail, bindings, fault, random, secrets, time};
+use super::{Fail, fault, kv, random, secrets, time};
 use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
 use crate::domain::entitlement::Entitlement;
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
@@ -180,7 +180,7 @@ impl Stored {
 pub fn entitlement_key(user_id: &str) -> String {
     format!("entitlement/{user_id}")
 }
-const ENTITLEMENT_CACHE_TTL_SECS: u64 = 300;
+const ENTITLEMENT_CACHE_TTL_SECS: u32 = 300;
 /// How many times [`UserSession::cache_entitlement`] writes at most.
 const CACHE_ROUNDS: usize = 3;
 
@@ -553,13 +553,7 @@ impl UserSession {
             let written = if fault == Some(fault::MIRROR_KV) {
                 Err(format!("{key}: injected fault at {}", fault::MIRROR_KV))
             } else {
-                match self.env.kv(bindings::KV) {
-                    Ok(kv) => match kv.put(&key, text.as_str()) {
-                        Ok(put) => put.execute().await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                }
+                kv::put(&self.env, &key, &text, None).await
             };
             match written {
                 Ok(()) => self.mirrors.borrow_mut().written[copy as usize] = Some(text),
@@ -745,7 +739,6 @@ impl UserSession {
         now: i64,
         fault: Option<&str>,
     ) -> std::result::Result<(), String> {
-        let kv = self.env.kv(bindings::KV).map_err(|e| e.to_string())?;
         let mut version = None;
         for _ in 0..CACHE_ROUNDS {
             let stored = self.load().await.map_err(|e| e.to_string())?;
@@ -758,12 +751,13 @@ impl UserSession {
             }
             version = Some(inputs.version);
             fault::kv_delay(fault).await;
-            kv.put(&entitlement_key(user_id), ent)
-                .map_err(|e| e.to_string())?
-                .expiration_ttl(ENTITLEMENT_CACHE_TTL_SECS)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
+            kv::put_json(
+                &self.env,
+                &entitlement_key(user_id),
+                &ent,
+                Some(ENTITLEMENT_CACHE_TTL_SECS),
+            )
+            .await?;
         }
         Ok(())
     }

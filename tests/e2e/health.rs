@@ -39,7 +39,82 @@ pub const TESTS: &[(&str, Test)] = &[
         "health::while_postgres_is_down_readyz_names_it_and_sign_ins_lock_no_one",
         postgres_down_readyz_and_sign_ins,
     ),
+    (
+        "health::kv_writes_carry_their_lifetimes",
+        kv_writes_carry_their_lifetimes,
+    ),
 ];
+
+/// The Worker writes KV through the binding's `put` itself. What it writes
+/// with a TTL expires (the readiness probe's key after 60 s, the cached
+/// entitlement after 300 s); the copies the hot path reads instead of a
+/// Durable Object (the session and device mirrors) never do. A TTL that the
+/// write dropped, or one given to the mirrors, fails here.
+fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+        };
+        let wrangler = &ctx.stack().wrangler;
+        let user = crate::common::new_user(ctx).await;
+        let before = now();
+        // A sign-up stores the entitlement and the session mirror before it
+        // answers; the device mirror follows a device's creation.
+        let device = crate::common::send(
+            ctx,
+            "POST",
+            "/v1/devices",
+            Some(serde_json::json!({"name": "laptop", "public_key": crate::common::wg_key()})),
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(device.status, 201, "{}", device.body);
+        let expiring = |prefix: String| {
+            let listed = wrangler.kv_list_expiring(&prefix);
+            listed
+                .iter()
+                .find(|(name, _)| *name == prefix)
+                .map(|(_, expiration)| *expiration)
+                .unwrap_or_else(|| panic!("no KV key {prefix}: {listed:?}"))
+        };
+        let ttl = |expiration: Option<i64>| expiration.map(|at| at - before);
+        let entitlement = ttl(expiring(format!("entitlement/{}", user.id)));
+        assert!(
+            entitlement.is_some_and(|t| (240..=310).contains(&t)),
+            "the cached entitlement expires in {entitlement:?} s, not about 300"
+        );
+        let cached: Value = serde_json::from_str(
+            &wrangler
+                .kv_get(&format!("entitlement/{}", user.id))
+                .expect("the cached entitlement"),
+        )?;
+        assert_eq!(cached["plan"], "free", "{cached}");
+        assert_eq!(expiring(format!("sessions/{}", user.id)), None);
+        let devices = eventually(Duration::from_secs(10), "the device mirror", || async {
+            wrangler
+                .kv_list_expiring(&format!("devices/{}", user.id))
+                .into_iter()
+                .next()
+        })
+        .await;
+        assert_eq!(devices.1, None, "the device mirror expires");
+
+        // Past the 2 s in which the last readiness report is reused.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let resp = ctx.http.get(ctx.url("/readyz")).send().await?;
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-request-id"].to_str()?.to_owned();
+        let probe = ttl(expiring(format!("readyz/{id}")));
+        assert!(
+            probe.is_some_and(|t| (40..=70).contains(&t)),
+            "the readiness probe's key expires in {probe:?} s, not about 60"
+        );
+        Ok(())
+    })
+}
 
 /// `/readyz` calls in quick succession are answered from one set of probes
 /// (one KV write, one database connection) for up to 2 s, not a set each:

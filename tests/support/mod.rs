@@ -781,6 +781,15 @@ impl Wrangler {
     /// The names of the keys in the worker's local KV namespace that start
     /// with `prefix`.
     pub fn kv_list(&self, prefix: &str) -> Vec<String> {
+        self.kv_list_expiring(prefix)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// The keys that start with `prefix`, each with when KV drops it (unix
+    /// seconds; `None` for a key without a TTL).
+    pub fn kv_list_expiring(&self, prefix: &str) -> Vec<(String, Option<i64>)> {
         let out = self.kv("list", &format!("--prefix={prefix}"), &[]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -792,7 +801,7 @@ impl Wrangler {
         let keys: Vec<serde_json::Value> = serde_json::from_str(json)
             .unwrap_or_else(|e| panic!("wrangler kv key list: {e}: {stdout}"));
         keys.iter()
-            .filter_map(|k| k["name"].as_str().map(str::to_owned))
+            .filter_map(|k| Some((k["name"].as_str()?.to_owned(), k["expiration"].as_i64())))
             .collect()
     }
 
