@@ -9,6 +9,7 @@
 
 use super::durable::call;
 use super::incoming::Incoming;
+use super::log::{self, Level};
 use super::login_throttle::{Admitted, AttemptReq, Scope};
 use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
@@ -161,7 +162,7 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
         Ok(db) => db,
         Err(unavailable) => {
             // Nothing was asked of the database: the retry it invites is free.
-            throttle_refund(env, &throttle, counted).await;
+            throttle_refund(env, req.request_id(), &throttle, counted).await;
             return Err(unavailable);
         }
     };
@@ -186,13 +187,17 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
             // id no one will use again).
             match store::delete_new_user(&db, &row.user_id).await {
                 Ok(true) => {}
-                Ok(false) => worker::console_warn!(
-                    "{}",
-                    serde_json::json!({"level": "warn", "msg": "sign-up not undone: the account has a device or subscription", "user_id": row.user_id})
+                Ok(false) => log::event(
+                    Level::Warn,
+                    Some(req.request_id()),
+                    "sign-up not undone: the account has a device or subscription",
+                    json!({"user_id": row.user_id}),
                 ),
-                Err(e) => worker::console_error!(
-                    "{}",
-                    serde_json::json!({"level": "error", "msg": "sign-up not undone", "user_id": row.user_id, "error": e.cause})
+                Err(e) => log::event(
+                    Level::Error,
+                    Some(req.request_id()),
+                    "sign-up not undone",
+                    json!({"user_id": row.user_id, "error": e.cause}),
                 ),
             }
             Err(fail)
@@ -232,7 +237,7 @@ async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<i64, Fa
 /// Gives back an attempt `name` admitted at `at` that reached no password
 /// check. Best effort: a refund that fails leaves the attempt counted, as it
 /// was before refunds existed, and is logged.
-async fn throttle_refund(env: &Env, name: &str, at: i64) {
+async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
     let error = match call(
         env,
         bindings::LOGIN_THROTTLES,
@@ -246,9 +251,11 @@ async fn throttle_refund(env: &Env, name: &str, at: i64) {
         Ok((status, _)) => Some(format!("status {status}")),
         Err(e) => e.cause,
     };
-    worker::console_warn!(
-        "{}",
-        json!({"level": "warn", "msg": "login throttle refund failed", "error": error})
+    log::event(
+        Level::Warn,
+        Some(request_id),
+        "login throttle refund failed",
+        json!({"throttle": name, "error": error}),
     );
 }
 
@@ -272,11 +279,11 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     let (account_at, ip_at) = match (by_account, by_ip) {
         (Ok(account_at), Ok(ip_at)) => (account_at, ip_at),
         (Ok(account_at), Err(refused)) => {
-            throttle_refund(env, &account_obj, account_at).await;
+            throttle_refund(env, req.request_id(), &account_obj, account_at).await;
             return Err(refused);
         }
         (Err(refused), Ok(ip_at)) => {
-            throttle_refund(env, &ip_obj, ip_at).await;
+            throttle_refund(env, req.request_id(), &ip_obj, ip_at).await;
             return Err(refused);
         }
         (Err(refused), Err(_)) => return Err(refused),
@@ -292,8 +299,8 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
             // No password was checked: an outage's retries must not lock the
             // user out once it is over.
             futures::join!(
-                throttle_refund(env, &account_obj, account_at),
-                throttle_refund(env, &ip_obj, ip_at)
+                throttle_refund(env, req.request_id(), &account_obj, account_at),
+                throttle_refund(env, req.request_id(), &ip_obj, ip_at)
             );
             return Err(unavailable);
         }
@@ -312,9 +319,11 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
                 Err(password::VerifyError::TooWeak | password::VerifyError::Unreadable),
             ) = (&row, &result)
             {
-                worker::console_error!(
-                    "{}",
-                    json!({"level": "error", "msg": "stored password hash refused", "reason": format!("{result:?}")})
+                log::event(
+                    Level::Error,
+                    Some(req.request_id()),
+                    "stored password hash refused",
+                    json!({"reason": format!("{result:?}")}),
                 );
             }
             return Err(ApiError::new(

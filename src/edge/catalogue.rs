@@ -24,6 +24,7 @@
 //! alternative, each isolate reading PostgreSQL, is the herd the design
 //! keeps the database away from. The copy is checked again every [`TTL_MS`].
 
+use super::log::{self, Level};
 use super::{Fail, bindings, cron, fault, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
 use crate::domain::freshness::due;
@@ -133,8 +134,9 @@ enum Step {
 /// the whole snapshot (a megabyte with a thousand regions, and the longest
 /// piece of work an isolate does) is read and parsed again only when that
 /// etag differs from the copy's. Requests arriving while that read is under
-/// way use the copy they have. `fault` is the development-only fault header.
-pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
+/// way use the copy they have. A failed check is logged with `request_id`, the
+/// request that made it. `fault` is the development-only fault header.
+pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
     let kv_down = fault == Some(fault::CATALOGUE_KV);
     let started = time::now_ms();
     let mut now = started;
@@ -175,14 +177,14 @@ pub async fn current(env: &Env, fault: Option<&str>) -> Result<Rc<Placer>, Fail>
                     Ok(Some(newer)) => newer,
                     Ok(None) => placer,
                     Err(e) => {
-                        worker::console_error!(
-                            "{}",
+                        log::event(
+                            Level::Error,
+                            Some(request_id),
+                            "catalogue check failed; the isolate keeps its copy",
                             serde_json::json!({
-                                "level": "error",
-                                "msg": "catalogue check failed; the isolate keeps its copy",
                                 "etag": placer.snapshot().etag,
                                 "error": e.cause,
-                            })
+                            }),
                         );
                         placer
                     }

@@ -106,7 +106,7 @@ fn regions_reply(snapshot: &Snapshot) -> Reply {
 
 pub async fn regions(req: &Incoming, env: &Env) -> Result<Reply, Fail> {
     let fault = fault::armed(env, req.header(fault::HEADER));
-    let placer = catalogue::current(env, fault.as_deref()).await?;
+    let placer = catalogue::current(env, req.request_id(), fault.as_deref()).await?;
     let snapshot = placer.snapshot();
     let tag = etag(snapshot);
     let cache = ("cache-control", "public, max-age=15".to_owned());
@@ -214,7 +214,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 None => None,
             }
         },
-        catalogue::current(env, fault.as_deref())
+        catalogue::current(env, req.request_id(), fault.as_deref())
     );
     not_revoked?;
     let b = body?;
@@ -336,6 +336,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     events::enqueue(
         env,
         ctx,
+        req.request_id(),
         ConnectionEvent::new(
             &claims.sub,
             &device.id,

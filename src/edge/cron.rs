@@ -8,8 +8,10 @@
 //! skipped when the snapshot's content hash is unchanged, which keeps within
 //! KV's one-write-per-second-per-key limit and costs nothing.
 
+use super::log::{self, Level};
 use super::{bindings, kv, pg, time};
 use crate::domain::catalogue::{self, Region, Snapshot};
+use serde_json::json;
 use worker::{Env, ScheduleContext, ScheduledEvent, event};
 
 /// One query builds the whole document as JSON inside PostgreSQL.
@@ -43,9 +45,11 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let failed = |step: &str, e: String| {
-        worker::console_error!(
-            "{}",
-            serde_json::json!({"level": "error", "msg": "cron maintenance failed", "step": step, "error": e})
+        log::event(
+            Level::Error,
+            None,
+            "cron maintenance failed",
+            json!({"step": step, "error": e}),
         )
     };
     match pg::connect(&env, bindings::DB).await {
@@ -63,13 +67,17 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         Err(e) => failed("connect", e),
     }
     match publish(&env, bindings::DB).await {
-        Ok((snapshot, written)) => worker::console_log!(
-            "{}",
-            serde_json::json!({"level": "info", "msg": "catalogue published", "etag": snapshot.etag, "written": written})
+        Ok((snapshot, written)) => log::event(
+            Level::Info,
+            None,
+            "catalogue published",
+            json!({"etag": snapshot.etag, "written": written}),
         ),
-        Err(e) => worker::console_error!(
-            "{}",
-            serde_json::json!({"level": "error", "msg": "catalogue publish failed", "error": e})
+        Err(e) => log::event(
+            Level::Error,
+            None,
+            "catalogue publish failed",
+            json!({"error": e}),
         ),
     }
 }

@@ -7,10 +7,12 @@
 //! producer and the insert ignores ids it has already written.
 
 use super::durable::js_error;
+use super::log::{self, Level};
 use super::{bindings, pg, random, time};
 use crate::domain::outbox::{self, Outbox, Push};
 use crate::sql;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::cell::RefCell;
 use wasm_bindgen::JsValue;
 use worker::js_sys::{JSON, Promise, Reflect};
@@ -97,11 +99,17 @@ async fn send(env: &Env, message: &impl Serialize) -> Result<(), String> {
 }
 
 /// Enqueues `event` after the response is sent (the hot path does not wait).
-pub fn enqueue(env: &Env, ctx: &Context, event: ConnectionEvent) {
+pub fn enqueue(env: &Env, ctx: &Context, request_id: &str, event: ConnectionEvent) {
     let env = env.clone();
+    let request_id = request_id.to_owned();
     ctx.wait_until(async move {
         if let Err(e) = send(&env, &event).await {
-            worker::console_error!("{}", serde_json::json!({"level": "error", "msg": "connection event not enqueued", "error": e}));
+            log::event(
+                Level::Error,
+                Some(&request_id),
+                "connection event not enqueued",
+                json!({"error": e}),
+            );
         }
     });
 }
@@ -137,7 +145,12 @@ pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
             return;
         }
         if let Err(e) = send(&env, &Many { events: &events }).await {
-            worker::console_error!("{}", serde_json::json!({"level": "error", "msg": "connection events not enqueued", "error": e, "count": events.len()}));
+            log::event(
+                Level::Error,
+                None,
+                "connection events not enqueued",
+                json!({"error": e, "count": events.len()}),
+            );
         }
     });
 }
@@ -192,9 +205,11 @@ async fn consume(
             match events_in(m.body()) {
                 Ok(events) => events,
                 Err(e) => {
-                    worker::console_error!(
-                        "{}",
-                        serde_json::json!({"level": "error", "msg": "connection event unreadable, dropped", "error": e})
+                    log::event(
+                        Level::Error,
+                        None,
+                        "connection event unreadable, dropped",
+                        json!({"error": e}),
                     );
                     Vec::new()
                 }
@@ -227,17 +242,21 @@ async fn consume(
         .unwrap_or_else(|| Err(format!("timed out after {WRITE_TIMEOUT_MS} ms")));
     match written {
         Ok(()) => {
-            worker::console_log!(
-                "{}",
-                serde_json::json!({"level": "info", "msg": "connection events written", "messages": messages, "events": rows.len()})
+            log::event(
+                Level::Info,
+                None,
+                "connection events written",
+                json!({"messages": messages, "events": rows.len()}),
             );
             batch.ack_all();
         }
         Err(e) => {
             // The whole batch comes back later; ids make the retry idempotent.
-            worker::console_error!(
-                "{}",
-                serde_json::json!({"level": "error", "msg": "connection events not written", "error": e, "count": rows.len()})
+            log::event(
+                Level::Error,
+                None,
+                "connection events not written",
+                json!({"error": e, "count": rows.len()}),
             );
             batch.retry_all();
         }

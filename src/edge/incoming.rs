@@ -62,6 +62,7 @@ pub struct Incoming {
     url: String,
     known: [Option<String>; KNOWN.len()],
     body_used: bool,
+    request_id: String,
 }
 
 impl Incoming {
@@ -76,13 +77,25 @@ impl Incoming {
                 .and_then(|v| v.strip_prefix('='))
                 .map(str::to_owned)
         });
-        Incoming {
+        let mut incoming = Incoming {
             raw,
             method,
             url,
             known,
             body_used: false,
-        }
+            request_id: String::new(),
+        };
+        incoming.request_id = crate::domain::request_id::choose(
+            incoming.header("cf-ray").as_deref(),
+            super::random::bytes,
+        );
+        incoming
+    }
+
+    /// The id that the response's `x-request-id` and every log line about
+    /// this request carry.
+    pub fn request_id(&self) -> &str {
+        &self.request_id
     }
 
     /// The method as sent (`worker::Method` would turn methods it does not

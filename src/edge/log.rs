@@ -1,8 +1,10 @@
-//! Structured logs: one JSON object per line, always with the request id, never
-//! with credentials, tokens or key material.
+//! Structured logs: one JSON object per line, with the request id wherever a
+//! request is at hand, never with credentials, tokens or key material.
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Map, Value, json};
+use wasm_bindgen::JsValue;
+use worker::web_sys::console;
 
 /// The line every request logs. A struct rather than a `json!` map: it is
 /// written once per request, and serialises without building a tree first.
@@ -29,13 +31,55 @@ pub fn request(request_id: &str, method: &str, path: &str, status: u16, ms: u64)
     };
     if let Ok(line) = serde_json::to_string(&line) {
         // Straight to `console.log`: `console_log!` would format a copy first.
-        worker::web_sys::console::log_1(&line.as_str().into());
+        console::log_1(&line.as_str().into());
     }
 }
 
+/// Why a request failed (a failure's cause, which its answer does not show).
 pub fn error(request_id: &str, what: &str, err: &dyn std::fmt::Display) {
-    worker::console_error!(
-        "{}",
-        json!({"level": "error", "msg": what, "request_id": request_id, "error": err.to_string()})
+    event(
+        Level::Error,
+        Some(request_id),
+        what,
+        json!({"error": err.to_string()}),
     );
+}
+
+#[derive(Clone, Copy)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// A line about one step, beyond a request's own line: its level, `msg`, the
+/// id of the request it belongs to, and the members of `fields`, an object.
+/// The id is `None` where no one request is at hand: the cron trigger, the
+/// queue consumer, a batch of several requests' events, and the Durable
+/// Objects (the Worker's calls to them do not carry the id).
+pub fn event(level: Level, request_id: Option<&str>, msg: &str, fields: Value) {
+    let mut line = Map::new();
+    let name = match level {
+        Level::Info => "info",
+        Level::Warn => "warn",
+        Level::Error => "error",
+    };
+    line.insert("level".into(), name.into());
+    line.insert("msg".into(), msg.into());
+    if let Some(id) = request_id {
+        line.insert("request_id".into(), id.into());
+    }
+    match fields {
+        Value::Object(members) => line.extend(members),
+        Value::Null => {}
+        other => {
+            line.insert("detail".into(), other);
+        }
+    }
+    let text = JsValue::from_str(&Value::Object(line).to_string());
+    match level {
+        Level::Info => console::log_1(&text),
+        Level::Warn => console::warn_1(&text),
+        Level::Error => console::error_1(&text),
+    }
 }

@@ -30,7 +30,6 @@ mod webcrypto;
 mod webhooks;
 
 use crate::domain::problem::ProblemCode;
-use crate::domain::request_id;
 use crate::http::{self, ApiError, Reply, Route, Routed};
 use futures::FutureExt as _;
 use futures::future::LocalBoxFuture;
@@ -138,7 +137,7 @@ fn start() {
 async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<web_sys::Response> {
     let req = Incoming::new(req);
     let started = time::now_ms();
-    let request_id = request_id::choose(req.header("cf-ray").as_deref(), random::bytes);
+    let request_id = req.request_id().to_owned();
     let method = req.method();
     let path = req.path();
 

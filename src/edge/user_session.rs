@@ -28,6 +28,7 @@
 //! the user's devices from PostgreSQL again.
 
 use super::durable::{body, ping, refuse};
+use super::log::{self, Level};
 use super::store::{self, EntitlementInputs};
 use super::{Fail, fault, kv, random, secrets, time};
 use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
@@ -217,9 +218,11 @@ pub struct InputsReq {
 /// Relays a shell failure (its problem code and status) as an object answer.
 fn refuse_fail(fail: &Fail) -> Result<Response> {
     if let Some(cause) = &fail.cause {
-        worker::console_error!(
-            "{}",
-            serde_json::json!({"level": "error", "msg": "user session", "error": cause})
+        log::event(
+            Level::Error,
+            None,
+            "user session",
+            serde_json::json!({"error": cause}),
         );
     }
     refuse(
@@ -437,9 +440,11 @@ impl UserSession {
             return;
         }
         if let Err(e) = storage.set_alarm(in_ms as i64).await {
-            worker::console_error!(
-                "{}",
-                serde_json::json!({"level": "error", "msg": "alarm not set", "error": e.to_string()})
+            log::event(
+                Level::Error,
+                None,
+                "alarm not set",
+                serde_json::json!({"error": e.to_string()}),
             );
         }
     }
@@ -459,13 +464,11 @@ impl UserSession {
             let _ = done.send(());
         });
         if time::timeout(KV_WAIT_MS, finished).await.is_none() {
-            worker::console_warn!(
-                "{}",
-                serde_json::json!({
-                    "level": "warn",
-                    "msg": "KV write outlasted its wait; it goes on after the answer",
-                    "waited_ms": KV_WAIT_MS,
-                })
+            log::event(
+                Level::Warn,
+                None,
+                "KV write outlasted its wait; it goes on after the answer",
+                serde_json::json!({"waited_ms": KV_WAIT_MS}),
             );
             self.arm(MIRROR_CHECK_MS).await;
         }
@@ -582,14 +585,11 @@ impl UserSession {
         let retry_ms = MIRROR_RETRY_MS
             .saturating_mul(1 << (failures - 1).min(20))
             .min(MIRROR_RETRY_MAX_MS);
-        worker::console_error!(
-            "{}",
-            serde_json::json!({
-                "level": "error",
-                "msg": format!("{what} failed; the alarm tries again"),
-                "retry_in_ms": retry_ms,
-                "error": error,
-            })
+        log::event(
+            Level::Error,
+            None,
+            &format!("{what} failed; the alarm tries again"),
+            serde_json::json!({"retry_in_ms": retry_ms, "error": error}),
         );
         self.arm(retry_ms).await;
     }
@@ -723,9 +723,11 @@ impl UserSession {
                 .write_entitlement(&user_id, now, fault.as_deref())
                 .await
             {
-                worker::console_error!(
-                    "{}",
-                    serde_json::json!({"level": "error", "msg": "entitlement cache write failed", "error": e})
+                log::event(
+                    Level::Error,
+                    None,
+                    "entitlement cache write failed",
+                    serde_json::json!({"error": e}),
                 );
             }
         }))

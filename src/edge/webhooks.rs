@@ -12,6 +12,7 @@
 use super::auth::{read_body, refusal};
 use super::durable::call;
 use super::incoming::Incoming;
+use super::log::{self, Level};
 use super::user_session::InputsReq;
 use super::{Fail, bindings, store, time};
 use crate::api::WebhookAck;
@@ -37,12 +38,9 @@ const NOT_APPLIED: WebhookAck = WebhookAck {
     duplicate: None,
 };
 
-fn log(msg: &str, fields: serde_json::Value) {
-    worker::console_log!("{}", json!({"level": "info", "msg": msg, "event": fields}));
-}
-
-fn log_error(msg: &str, fields: serde_json::Value) {
-    worker::console_error!("{}", json!({"level": "error", "msg": msg, "event": fields}));
+/// Logs `msg` about the delivery `req`, with the event's `fields`.
+fn log(req: &Incoming, level: Level, msg: &str, fields: serde_json::Value) {
+    log::event(level, Some(req.request_id()), msg, json!({"event": fields}));
 }
 
 pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
@@ -68,7 +66,12 @@ pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
 
     let (envelope, change) = match stripe::parse_event(&body).map_err(|e| problem(e.code()))? {
         Event::Ignored { id, kind } => {
-            log("webhook ignored", json!({"id": id, "type": kind}));
+            log(
+                &req,
+                Level::Info,
+                "webhook ignored",
+                json!({"id": id, "type": kind}),
+            );
             return Ok(Reply::json(200, &NOT_APPLIED));
         }
         Event::Relevant { envelope, change } => (envelope, change),
@@ -97,15 +100,20 @@ pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
                 format!("{what}; event {} not recorded", envelope.id),
             ));
         }
-        log_error(&format!("{what}; its plan is unchanged"), fields.clone());
+        log(
+            &req,
+            Level::Error,
+            &format!("{what}; its plan is unchanged"),
+            fields.clone(),
+        );
     }
     let Some(user_id) = applied.user_id else {
         // Not ours (or not yet linked): acknowledge, or the provider retries for days.
-        log("webhook for an unknown customer", fields);
+        log(&req, Level::Info, "webhook for an unknown customer", fields);
         return Ok(Reply::json(200, &NOT_APPLIED));
     };
     let Some(inputs) = store::inputs_for(&db, &user_id).await? else {
-        log("webhook for a deleted user", fields);
+        log(&req, Level::Info, "webhook for a deleted user", fields);
         return Ok(Reply::json(200, &NOT_APPLIED));
     };
     drop(db);
@@ -123,7 +131,7 @@ pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     if status != 200 {
         return Err(refusal(status, &answer));
     }
-    log("webhook applied", fields);
+    log(&req, Level::Info, "webhook applied", fields);
     Ok(Reply::json(
         200,
         &WebhookAck {

@@ -3,10 +3,12 @@
 
 use crate::common::*;
 use crate::harness::{Ctx, Test};
+use crate::support::eventually;
 use keenvpn_edge::domain::entitlement::Status;
 use keenvpn_edge::domain::stripe::{self, Example};
 use libtest_mimic::Failed;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 pub const TESTS: &[(&str, Test)] = &[
     (
@@ -46,7 +48,7 @@ pub const TESTS: &[(&str, Test)] = &[
         upgrade_then_downgrade,
     ),
     (
-        "billing::events_for_unknown_customers_are_acknowledged",
+        "billing::events_for_unknown_customers_are_acknowledged_and_logged_with_their_request_ids",
         unknown_customer,
     ),
     (
@@ -95,6 +97,16 @@ fn event(kind: &str, s: &Sub) -> Vec<u8> {
 }
 
 async fn deliver(ctx: &Ctx, body: &[u8], signature: Option<String>) -> (u16, Value) {
+    let (status, json, _) = deliver_with_id(ctx, body, signature).await;
+    (status, json)
+}
+
+/// [`deliver`], with the answer's request id.
+async fn deliver_with_id(
+    ctx: &Ctx,
+    body: &[u8],
+    signature: Option<String>,
+) -> (u16, Value, String) {
     let mut req = ctx
         .http
         .post(ctx.url("/v1/webhooks/stripe"))
@@ -105,7 +117,11 @@ async fn deliver(ctx: &Ctx, body: &[u8], signature: Option<String>) -> (u16, Val
     }
     let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    let id = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("a request id")
+        .to_owned();
+    (status, resp.json().await.unwrap_or(Value::Null), id)
 }
 
 async fn deliver_signed(ctx: &Ctx, body: &[u8]) -> (u16, Value) {
@@ -623,12 +639,31 @@ fn unknown_customer(ctx: &Ctx) -> Result<(), Failed> {
             period_end: now() + 30 * 86400,
             cancel_at_period_end: false,
         };
-        let (status, json) = deliver_signed(ctx, &event("customer.subscription.created", &s)).await;
+        let signed = |body: Vec<u8>| {
+            let signature = stripe::sign(&secret(), now(), &body);
+            async move { deliver_with_id(ctx, &body, Some(signature)).await }
+        };
+        let (status, json, unknown) = signed(event("customer.subscription.created", &s)).await;
         assert_eq!(status, 200, "{json}");
         assert_eq!(json["applied"], false);
         // An event type we do not handle is acknowledged too.
-        let (status, _) = deliver_signed(ctx, &event("customer.created", &s)).await;
+        let (status, _, ignored) = signed(event("customer.created", &s)).await;
         assert_eq!(status, 200);
+        // Each says in the log what became of it, under its request's id.
+        for (id, msg) in [
+            (unknown, "webhook for an unknown customer"),
+            (ignored, "webhook ignored"),
+        ] {
+            let field = format!("\"request_id\":\"{id}\"");
+            let line = eventually(Duration::from_secs(10), msg, || async {
+                let log = ctx.stack().wrangler.log();
+                log.lines()
+                    .find(|l| l.contains(msg) && l.contains(&field))
+                    .map(str::to_owned)
+            })
+            .await;
+            assert!(line.contains(&s.event), "{line}");
+        }
         Ok(())
     })
 }
