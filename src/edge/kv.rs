@@ -1,8 +1,9 @@
 //! Reading and writing Workers KV.
 //!
 //! Reads go straight to the binding's `get(key, "text")`, writes to its
-//! `put(key, text, options)`: one call across the JS/wasm boundary each. workers-rs's `KvStore` looks up five methods of the
-//! binding each time one is made and builds every read's options object
+//! `put(key, text, options)`: one call across the JS/wasm boundary each.
+//! workers-rs's `KvStore` looks up five methods of the binding each time one
+//! is made and builds every read's options object
 //! through serde, which on the reconnect hot path (two reads per connect) was
 //! a measurable share of the request. JSON values are read as text and parsed
 //! in wasm with `serde_json`: KV's own `json` type parses in JavaScript, and the
@@ -27,14 +28,12 @@ extern "C" {
     type KvNamespace;
     #[wasm_bindgen(method, catch, js_name = get)]
     fn get_as(this: &KvNamespace, key: &str, kind: &str) -> Result<Promise, JsValue>;
-    #[wasm_bindgen(method, catch, js_name = put)]
-    fn put_text(this: &KvNamespace, key: &str, value: &str) -> Result<Promise, JsValue>;
-    #[wasm_bindgen(method, catch, js_name = put)]
-    fn put_with(
+    #[wasm_bindgen(method, catch)]
+    fn put(
         this: &KvNamespace,
         key: &str,
         value: &str,
-        options: &js_sys::Object,
+        options: &JsValue,
     ) -> Result<Promise, JsValue>;
 }
 
@@ -62,15 +61,11 @@ pub async fn get_json<T: DeserializeOwned>(env: &Env, key: &str) -> Result<Optio
 pub async fn put(env: &Env, key: &str, text: &str, ttl_secs: Option<u32>) -> Result<(), String> {
     let failed = |e: JsValue| format!("{key}: {}", js_error(&e));
     let ns: KvNamespace = bindings::object(env, bindings::KV)?;
-    let promise = match ttl_secs {
-        None => ns.put_text(key, text),
-        Some(ttl) => {
-            let options = js_sys::Object::new();
-            js_sys::Reflect::set(&options, &"expirationTtl".into(), &ttl.into()).map_err(failed)?;
-            ns.put_with(key, text, &options)
-        }
+    let options = JsValue::from(js_sys::Object::new());
+    if let Some(ttl) = ttl_secs {
+        js_sys::Reflect::set(&options, &"expirationTtl".into(), &ttl.into()).map_err(failed)?;
     }
-    .map_err(failed)?;
+    let promise = ns.put(key, text, &options).map_err(failed)?;
     JsFuture::from(promise).await.map_err(failed)?;
     Ok(())
 }

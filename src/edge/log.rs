@@ -71,7 +71,6 @@ pub fn event(level: Level, request_id: Option<&str>, msg: &str, fields: Value) {
     }
     match fields {
         Value::Object(members) => line.extend(members),
-        Value::Null => {}
         other => {
             line.insert("detail".into(), other);
         }
