@@ -32,9 +32,8 @@ pub const CALL_TIMEOUT_MS: u64 = 20_000;
 
 pub async fn ping(state: &State, req: &Request) -> Result<Response> {
     let nonce = req.headers().get("x-ping-nonce")?.unwrap_or_default();
-    let storage = state.storage();
-    storage.put(PING_KEY, &nonce).await?;
-    let read: Option<String> = storage.get(PING_KEY).await?;
+    super::storage::put(state, PING_KEY, &nonce).await?;
+    let read: Option<String> = super::storage::get(state, PING_KEY).await?;
     Response::from_json(&serde_json::json!({ "nonce": read }))
 }
 

@@ -155,14 +155,23 @@ pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
     });
 }
 
-/// The events in one message body: one event, or `{"events": [..]}`. Read
-/// from the runtime's object directly, as workers-rs reads a typed batch.
+/// The events in one message body: one event, or `{"events": [..]}`. The
+/// runtime hands the body over as an object; it crosses into wasm once, as
+/// the JSON text `JSON.stringify` makes of it, for `serde_json` to read
+/// (workers-rs's typed batches walk it field by field through
+/// `serde-wasm-bindgen` instead).
 fn events_in(body: JsValue) -> Result<Vec<ConnectionEvent>, String> {
     let many = Reflect::get(&body, &JsValue::from_str("events")).map_err(|e| js_error(&e))?;
+    let text = |v: &JsValue| {
+        JSON::stringify(v)
+            .map_err(|e| js_error(&e))?
+            .as_string()
+            .ok_or_else(|| "the body is not JSON".to_owned())
+    };
     if many.is_undefined() {
-        serde_wasm_bindgen::from_value(body).map(|e| vec![e])
+        serde_json::from_str(&text(&body)?).map(|e| vec![e])
     } else {
-        serde_wasm_bindgen::from_value(many)
+        serde_json::from_str(&text(&many)?)
     }
     .map_err(|e| e.to_string())
 }

@@ -3,7 +3,7 @@
 //! identically) or one client IP. The counting rules are `domain::throttle`.
 
 use super::durable::{body, ping, refuse};
-use super::time;
+use super::{storage, time};
 use crate::domain::throttle::{self, Throttle};
 use serde::{Deserialize, Serialize};
 use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
@@ -40,7 +40,6 @@ impl DurableObject for LoginThrottle {
     }
 
     async fn fetch(&self, mut req: Request) -> Result<Response> {
-        let storage = self.state.storage();
         match (req.method(), req.path().as_str()) {
             (Method::Get, "/ping") => ping(&self.state, &req).await,
             (Method::Post, "/attempt") => {
@@ -53,11 +52,11 @@ impl DurableObject for LoginThrottle {
                     Scope::ClientIp => &throttle::CLIENT_IP,
                     Scope::SignUp => &throttle::SIGN_UP,
                 };
-                let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
+                let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 let at = time::now_secs();
                 let outcome = t.attempt(policy, at);
                 // Persist before answering: a counted attempt must survive a restart.
-                storage.put(KEY, &t).await?;
+                storage::put(&self.state, KEY, &t).await?;
                 match outcome {
                     Ok(()) => Response::from_json(&Admitted { at }),
                     Err(retry_after) => refuse(429, "too_many_attempts", Some(retry_after)),
@@ -68,15 +67,15 @@ impl DurableObject for LoginThrottle {
                     Ok(r) => r,
                     Err(resp) => return Ok(resp),
                 };
-                let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
+                let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 t.refund(r.at);
-                storage.put(KEY, &t).await?;
+                storage::put(&self.state, KEY, &t).await?;
                 Response::from_json(&serde_json::json!({}))
             }
             (Method::Post, "/succeeded") => {
-                let mut t: Throttle = storage.get(KEY).await?.unwrap_or_default();
+                let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 t.succeeded();
-                storage.put(KEY, &t).await?;
+                storage::put(&self.state, KEY, &t).await?;
                 Response::from_json(&serde_json::json!({}))
             }
             _ => Response::error("unknown durable object route", 404),

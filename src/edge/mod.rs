@@ -23,6 +23,7 @@ mod pg;
 mod random;
 mod readyz;
 mod secrets;
+mod storage;
 mod store;
 mod time;
 mod user_session;

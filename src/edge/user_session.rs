@@ -30,7 +30,7 @@
 use super::durable::{body, ping, refuse};
 use super::log::{self, Level};
 use super::store::{self, EntitlementInputs};
-use super::{Fail, fault, kv, random, secrets, time};
+use super::{Fail, fault, kv, random, secrets, storage, time};
 use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
 use crate::domain::entitlement::Entitlement;
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
@@ -389,13 +389,13 @@ impl Drop for Owned<'_> {
 
 impl UserSession {
     async fn load(&self) -> Result<Stored> {
-        Ok(self.state.storage().get(KEY).await?.unwrap_or_default())
+        Ok(storage::get(&self.state, KEY).await?.unwrap_or_default())
     }
 
     /// Persists the state only (no KV mirror): device and idempotency changes.
     async fn persist(&self, stored: &mut Stored, now: i64) -> Result<()> {
         stored.idempotency.prune(now);
-        self.state.storage().put(KEY, &*stored).await
+        storage::put(&self.state, KEY, &*stored).await
     }
 
     /// Persists the state, then mirrors the session list to KV. A revocation
