@@ -129,6 +129,7 @@ pub(super) fn refusal(status: u16, body: &serde_json::Value) -> Fail {
 
 async fn open_session(
     env: &Env,
+    request_id: &str,
     user_id: &str,
     label: Option<String>,
     inputs: store::EntitlementInputs,
@@ -140,7 +141,15 @@ async fn open_session(
         inputs,
         fault,
     };
-    let (status, body) = call(env, bindings::USER_SESSIONS, user_id, "/create", &req).await?;
+    let (status, body) = call(
+        env,
+        request_id,
+        bindings::USER_SESSIONS,
+        user_id,
+        "/create",
+        &req,
+    )
+    .await?;
     if status != 200 {
         return Err(refusal(status, &body));
     }
@@ -156,7 +165,7 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
     // Counted per client network before the hash: an account costs one, and
     // `email_taken` tells whether an email has an account.
     let throttle = format!("signup:{}", throttle::client_network(client_ip));
-    let counted = throttle_attempt(env, &throttle, Scope::SignUp).await?;
+    let counted = throttle_attempt(env, req.request_id(), &throttle, Scope::SignUp).await?;
     let phc = password::hash(password.expose(), random::bytes());
     let db = match store::connect(env).await {
         Ok(db) => db,
@@ -175,7 +184,15 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
     };
     let fault = req.header(fault::HEADER);
     let answer = async {
-        let issued = open_session(env, &row.user_id, b.device_label, row.inputs, fault).await?;
+        let issued = open_session(
+            env,
+            req.request_id(),
+            &row.user_id,
+            b.device_label,
+            row.inputs,
+            fault,
+        )
+        .await?;
         token_pair(keys, &row.user_id, &issued, 201).await
     };
     match answer.await {
@@ -217,9 +234,15 @@ fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
 
 /// Counts a sign-in attempt in the throttle `name`; `Ok(when)` names the
 /// admitted attempt for [`throttle_refund`].
-async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<i64, Fail> {
+async fn throttle_attempt(
+    env: &Env,
+    request_id: &str,
+    name: &str,
+    scope: Scope,
+) -> Result<i64, Fail> {
     let (status, body) = call(
         env,
+        request_id,
         bindings::LOGIN_THROTTLES,
         name,
         "/attempt",
@@ -240,6 +263,7 @@ async fn throttle_attempt(env: &Env, name: &str, scope: Scope) -> Result<i64, Fa
 async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
     let error = match call(
         env,
+        request_id,
         bindings::LOGIN_THROTTLES,
         name,
         "/refund",
@@ -270,8 +294,8 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     // per client, so concurrent guesses cannot slip past the limit.
     let (account_obj, ip_obj) = throttle_names(&email, client_ip);
     let (by_account, by_ip) = futures::join!(
-        throttle_attempt(env, &account_obj, Scope::Account),
-        throttle_attempt(env, &ip_obj, Scope::ClientIp)
+        throttle_attempt(env, req.request_id(), &account_obj, Scope::Account),
+        throttle_attempt(env, req.request_id(), &ip_obj, Scope::ClientIp)
     );
     // An attempt one throttle refused checks no password: the other's count
     // is given back, or a locked client network would lock every account it
@@ -337,6 +361,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     // address trying many accounts is the pattern that limit exists for).
     let _ = call(
         env,
+        req.request_id(),
         bindings::LOGIN_THROTTLES,
         &account_obj,
         "/succeeded",
@@ -344,7 +369,15 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     )
     .await;
     let fault = req.header(fault::HEADER);
-    let issued = open_session(env, &row.user_id, b.device_label, row.inputs, fault).await?;
+    let issued = open_session(
+        env,
+        req.request_id(),
+        &row.user_id,
+        b.device_label,
+        row.inputs,
+        fault,
+    )
+    .await?;
     token_pair(keys, &row.user_id, &issued, 200).await
 }
 
@@ -364,6 +397,7 @@ pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let user_id = token.user_id().to_owned();
     let (status, body) = call(
         env,
+        req.request_id(),
         bindings::USER_SESSIONS,
         &user_id,
         "/refresh",
@@ -459,6 +493,7 @@ pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> 
     let (status, body) = if all {
         call(
             env,
+            req.request_id(),
             bindings::USER_SESSIONS,
             &claims.sub,
             "/revoke-all",
@@ -468,6 +503,7 @@ pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> 
     } else {
         call(
             env,
+            req.request_id(),
             bindings::USER_SESSIONS,
             &claims.sub,
             "/revoke",

@@ -155,7 +155,12 @@ fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
 }
 
 /// The user's devices: the KV mirror, else the user's object (no database).
-async fn devices(env: &Env, user_id: &str, device_id: &str) -> Result<Vec<store::Device>, Fail> {
+async fn devices(
+    env: &Env,
+    request_id: &str,
+    user_id: &str,
+    device_id: &str,
+) -> Result<Vec<store::Device>, Fail> {
     if let Ok(Some(m)) = kv::get_json::<DeviceMirror>(env, &devices_key(user_id)).await
         && m.devices.iter().any(|d| d.id == device_id)
     {
@@ -163,6 +168,7 @@ async fn devices(env: &Env, user_id: &str, device_id: &str) -> Result<Vec<store:
     }
     let (status, body) = call(
         env,
+        request_id,
         bindings::USER_SESSIONS,
         user_id,
         "/devices/list",
@@ -210,7 +216,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         check_not_revoked(env, &claims),
         async {
             match device_id {
-                Some(id) => Some(devices(env, &claims.sub, id).await),
+                Some(id) => Some(devices(env, req.request_id(), &claims.sub, id).await),
                 None => None,
             }
         },

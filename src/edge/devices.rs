@@ -74,6 +74,7 @@ pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     };
     let (status, json) = call(
         env,
+        req.request_id(),
         bindings::USER_SESSIONS,
         &claims.sub,
         "/devices/create",
@@ -140,6 +141,7 @@ pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     };
     let (status, json) = call(
         env,
+        req.request_id(),
         bindings::USER_SESSIONS,
         &claims.sub,
         "/devices/delete",
@@ -177,6 +179,7 @@ pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     };
     let (status, json) = call(
         env,
+        req.request_id(),
         bindings::USER_SESSIONS,
         &claims.sub,
         "/devices/rotate",

@@ -21,6 +21,9 @@ use worker::{
     worker_sys,
 };
 
+/// The header that carries the id of the request an object call is made for.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// The storage key `ping` writes; never used for anything else.
 const PING_KEY: &str = "__ping";
 /// A Durable Object call that takes longer than this is answered 503. It is
@@ -45,7 +48,9 @@ pub fn refuse(status: u16, code: &str, retry_after: Option<u64>) -> Result<Respo
     )
 }
 
-/// POSTs `body` as JSON to `path` of the object `name` in `namespace`.
+/// POSTs `body` as JSON to `path` of the object `name` in `namespace`, on
+/// behalf of the request `request_id` (sent as [`REQUEST_ID_HEADER`], so that
+/// the object's log lines name it).
 /// Returns the status and JSON body; transport failures and timeouts are 503s.
 ///
 /// This is on the reconnect hot path (one `RegionGate` call per connect), so
@@ -54,6 +59,7 @@ pub fn refuse(status: u16, code: &str, retry_after: Option<u64>) -> Result<Respo
 /// chunk by chunk through a stream reader.
 pub async fn call<B: Serialize>(
     env: &Env,
+    request_id: &str,
     namespace: &'static str,
     name: &str,
     path: &str,
@@ -66,6 +72,7 @@ pub async fn call<B: Serialize>(
     let fut = async {
         let headers = web_sys::Headers::new()?;
         headers.set("content-type", "application/json")?;
+        headers.set(REQUEST_ID_HEADER, request_id)?;
         let init = web_sys::RequestInit::new();
         init.set_method("POST");
         init.set_headers(&headers);

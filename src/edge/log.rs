@@ -55,8 +55,9 @@ pub enum Level {
 /// A line about one step, beyond a request's own line: its level, `msg`, the
 /// id of the request it belongs to, and the members of `fields`, an object.
 /// The id is `None` where no one request is at hand: the cron trigger, the
-/// queue consumer, a batch of several requests' events, and the Durable
-/// Objects (the Worker's calls to them do not carry the id).
+/// queue consumer, a batch of several requests' events, and a Durable
+/// Object's alarm. (An object's work for a request has the id the Worker's
+/// call sent it.)
 pub fn event(level: Level, request_id: Option<&str>, msg: &str, fields: Value) {
     let mut line = Map::new();
     let name = match level {

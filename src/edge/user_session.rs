@@ -27,7 +27,7 @@
 //! alarm of an instance that did not see its device changes through reads
 //! the user's devices from PostgreSQL again.
 
-use super::durable::{body, ping, refuse};
+use super::durable::{self, body, ping, refuse};
 use super::log::{self, Level};
 use super::store::{self, EntitlementInputs};
 use super::{Fail, fault, kv, random, secrets, storage, time};
@@ -215,12 +215,52 @@ pub struct InputsReq {
     pub inputs: EntitlementInputs,
 }
 
+/// What a request hands down to the steps it runs in the object: the id of
+/// the Worker's request it is made for (sent as
+/// [`durable::REQUEST_ID_HEADER`]), which the lines they log carry, and the
+/// development-only fault point armed for it. The alarm runs with neither.
+#[derive(Clone, Default)]
+struct Origin {
+    request_id: Option<String>,
+    fault: Option<String>,
+}
+
+impl Origin {
+    fn of(req: &Request) -> Origin {
+        Origin {
+            request_id: req.headers().get(durable::REQUEST_ID_HEADER).ok().flatten(),
+            fault: None,
+        }
+    }
+
+    /// The same request, with the fault point `fault` armed.
+    fn with_fault(self, fault: Option<String>) -> Origin {
+        Origin { fault, ..self }
+    }
+
+    /// The same request, with no fault point armed.
+    fn unfaulted(&self) -> Origin {
+        Origin {
+            request_id: self.request_id.clone(),
+            fault: None,
+        }
+    }
+
+    fn fault(&self) -> Option<&str> {
+        self.fault.as_deref()
+    }
+
+    fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+}
+
 /// Relays a shell failure (its problem code and status) as an object answer.
-fn refuse_fail(fail: &Fail) -> Result<Response> {
+fn refuse_fail(fail: &Fail, origin: &Origin) -> Result<Response> {
     if let Some(cause) = &fail.cause {
         log::event(
             Level::Error,
-            None,
+            origin.request_id(),
             "user session",
             serde_json::json!({"error": cause}),
         );
@@ -406,19 +446,19 @@ impl UserSession {
         stored: &mut Stored,
         now: i64,
         revokes: bool,
-        fault: Option<&str>,
+        origin: &Origin,
     ) -> Result<()> {
         stored.sessions.prune(now);
         if revokes {
-            self.arm(MIRROR_CHECK_MS).await;
+            self.arm(MIRROR_CHECK_MS, origin).await;
         }
         self.persist(stored, now).await?;
-        self.mirror(&[Mirrored::Sessions], fault).await;
+        self.mirror(&[Mirrored::Sessions], origin).await;
         Ok(())
     }
 
     /// Starts a device operation (see [`DeviceOp`]).
-    async fn device_op(&self) -> DeviceOp<'_> {
+    async fn device_op(&self, origin: &Origin) -> DeviceOp<'_> {
         self.device_ops.set(self.device_ops.get() + 1);
         self.device_generation
             .set(self.device_generation.get().wrapping_add(1));
@@ -426,12 +466,12 @@ impl UserSession {
             object: self,
             done: false,
         };
-        self.arm(MIRROR_CHECK_MS).await;
+        self.arm(MIRROR_CHECK_MS, origin).await;
         op
     }
 
     /// Makes sure the alarm fires within `in_ms` (an earlier one stays).
-    async fn arm(&self, in_ms: u64) {
+    async fn arm(&self, in_ms: u64, origin: &Origin) {
         let storage = self.state.storage();
         let due = time::now_ms() + in_ms;
         if let Ok(Some(at)) = storage.get_alarm().await
@@ -442,7 +482,7 @@ impl UserSession {
         if let Err(e) = storage.set_alarm(in_ms as i64).await {
             log::event(
                 Level::Error,
-                None,
+                origin.request_id(),
                 "alarm not set",
                 serde_json::json!({"error": e.to_string()}),
             );
@@ -457,7 +497,7 @@ impl UserSession {
     /// anyway, and a writer started beside it could then see its newer copy
     /// overwritten by the older one. The alarm is armed too, in case the
     /// object goes away before the work ends.
-    async fn within_wait(&self, work: LocalBoxFuture<'static, ()>) {
+    async fn within_wait(&self, work: LocalBoxFuture<'static, ()>, origin: &Origin) {
         let (done, finished) = futures::channel::oneshot::channel::<()>();
         self.state.wait_until(async move {
             work.await;
@@ -466,11 +506,11 @@ impl UserSession {
         if time::timeout(KV_WAIT_MS, finished).await.is_none() {
             log::event(
                 Level::Warn,
-                None,
+                origin.request_id(),
                 "KV write outlasted its wait; it goes on after the answer",
                 serde_json::json!({"waited_ms": KV_WAIT_MS}),
             );
-            self.arm(MIRROR_CHECK_MS).await;
+            self.arm(MIRROR_CHECK_MS, origin).await;
         }
     }
 
@@ -481,7 +521,7 @@ impl UserSession {
     /// [`UserSession::within_wait`]'s bound. A failure is logged and retried
     /// by the alarm, with backoff. `fault` is the development-only fault
     /// point: at `mirror.kv` every write fails, at `kv.slow` each is late.
-    async fn mirror(&self, copies: &[Mirrored], fault: Option<&str>) {
+    async fn mirror(&self, copies: &[Mirrored], origin: &Origin) {
         {
             let mut m = self.mirrors.borrow_mut();
             for &copy in copies {
@@ -493,16 +533,17 @@ impl UserSession {
             m.writing = true;
         }
         let this = self.clone();
-        let fault = fault.map(str::to_owned);
-        self.within_wait(Box::pin(
-            async move { this.write_due(fault.as_deref()).await },
-        ))
+        let writer = origin.clone();
+        self.within_wait(
+            Box::pin(async move { this.write_due(&writer).await }),
+            origin,
+        )
         .await;
     }
 
     /// The writer [`UserSession::mirror`] starts: writes the copies marked
     /// due until none is, then marks itself gone.
-    async fn write_due(&self, fault: Option<&str>) {
+    async fn write_due(&self, origin: &Origin) {
         let _writing = Writing(&self.mirrors);
         loop {
             let due = self.mirrors.borrow_mut().take_due();
@@ -510,8 +551,8 @@ impl UserSession {
                 self.mirrors.borrow_mut().write_failures = 0;
                 return;
             }
-            if let Err(e) = self.write_copies(&due, fault).await {
-                return self.retry_later(Retry::Write, e.0, &e.1).await;
+            if let Err(e) = self.write_copies(&due, origin.fault()).await {
+                return self.retry_later(Retry::Write, e.0, &e.1, origin).await;
             }
         }
     }
@@ -572,7 +613,7 @@ impl UserSession {
 
     /// Logs a failed step of keeping the copies (`what`) and arms the alarm to
     /// try again, with backoff (each kind of step counts its own failures).
-    async fn retry_later(&self, kind: Retry, what: &str, error: &str) {
+    async fn retry_later(&self, kind: Retry, what: &str, error: &str, origin: &Origin) {
         let failures = {
             let mut m = self.mirrors.borrow_mut();
             let n = match kind {
@@ -587,11 +628,11 @@ impl UserSession {
             .min(MIRROR_RETRY_MAX_MS);
         log::event(
             Level::Error,
-            None,
+            origin.request_id(),
             &format!("{what} failed; the alarm tries again"),
             serde_json::json!({"retry_in_ms": retry_ms, "error": error}),
         );
-        self.arm(retry_ms).await;
+        self.arm(retry_ms, origin).await;
     }
 
     /// The alarm: brings the KV copies up to date; first, if this instance
@@ -601,12 +642,13 @@ impl UserSession {
     /// operation's change); the alarm looks again later instead, as it does
     /// while an operation is under way.
     async fn check(&self) -> Result<()> {
+        let origin = Origin::default();
         let stored = self.load().await?;
         let Some(user_id) = stored.user_id else {
             return Ok(());
         };
         if self.device_ops.get() > 0 {
-            self.arm(MIRROR_CHECK_MS).await;
+            self.arm(MIRROR_CHECK_MS, &origin).await;
         } else if !self.devices_settled.get() {
             let generation = self.device_generation.get();
             let mark = stored.devices.mark();
@@ -619,21 +661,22 @@ impl UserSession {
                 // No await but storage ones between this check and the list's
                 // application, so no operation can start in between.
                 Ok(devices) if unchanged() => {
-                    self.apply_devices(mark, devices, Own::Nothing, None)
+                    self.apply_devices(mark, devices, Own::Nothing, &origin)
                         .await?;
                     if unchanged() {
                         self.devices_settled.set(true);
                     }
                     self.mirrors.borrow_mut().resync_failures = 0;
                 }
-                Ok(_) => self.arm(MIRROR_CHECK_MS).await,
+                Ok(_) => self.arm(MIRROR_CHECK_MS, &origin).await,
                 Err(fail) => {
                     let cause = fail.cause.unwrap_or_default();
-                    self.retry_later(Retry::Resync, "device list", &cause).await;
+                    self.retry_later(Retry::Resync, "device list", &cause, &origin)
+                        .await;
                 }
             }
         }
-        self.mirror(&[Mirrored::Sessions, Mirrored::Devices], None)
+        self.mirror(&[Mirrored::Sessions, Mirrored::Devices], &origin)
             .await;
         Ok(())
     }
@@ -646,13 +689,13 @@ impl UserSession {
         mark: SyncMark,
         devices: Vec<store::Device>,
         own: Own<'_>,
-        fault: Option<&str>,
+        origin: &Origin,
     ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
         Self::sync_devices(&mut stored, mark, devices, own);
         self.persist(&mut stored, now).await?;
-        self.mirror(&[Mirrored::Devices], fault).await;
+        self.mirror(&[Mirrored::Devices], origin).await;
         Ok(())
     }
 
@@ -715,22 +758,22 @@ impl UserSession {
     /// (at most [`CACHE_ROUNDS`] times): the last write is then of the
     /// newest inputs, and an older copy never stays for the cache's TTL.
     /// The caller waits for it within [`UserSession::within_wait`]'s bound.
-    async fn cache_entitlement(&self, user_id: &str, now: i64, fault: Option<&str>) {
+    async fn cache_entitlement(&self, user_id: &str, now: i64, origin: &Origin) {
         let this = self.clone();
-        let (user_id, fault) = (user_id.to_owned(), fault.map(str::to_owned));
-        self.within_wait(Box::pin(async move {
-            if let Err(e) = this
-                .write_entitlement(&user_id, now, fault.as_deref())
-                .await
-            {
-                log::event(
-                    Level::Error,
-                    None,
-                    "entitlement cache write failed",
-                    serde_json::json!({"error": e}),
-                );
-            }
-        }))
+        let (user_id, writer) = (user_id.to_owned(), origin.clone());
+        self.within_wait(
+            Box::pin(async move {
+                if let Err(e) = this.write_entitlement(&user_id, now, writer.fault()).await {
+                    log::event(
+                        Level::Error,
+                        writer.request_id(),
+                        "entitlement cache write failed",
+                        serde_json::json!({"error": e}),
+                    );
+                }
+            }),
+            origin,
+        )
         .await;
     }
 
@@ -776,7 +819,7 @@ impl UserSession {
         })
     }
 
-    async fn create(&self, mut req: Request) -> Result<Response> {
+    async fn create(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: CreateReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
@@ -802,12 +845,10 @@ impl UserSession {
             random::bytes(),
             pepper,
         );
-        let fault = fault::armed(&self.env, r.fault.clone());
-        self.save(&mut stored, now, evicts, fault.as_deref())
-            .await?;
-        fault::at(&fault, fault::SESSION_CREATE)?;
-        self.cache_entitlement(&r.user_id, now, fault.as_deref())
-            .await;
+        let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
+        self.save(&mut stored, now, evicts, &origin).await?;
+        fault::at(&origin.fault, fault::SESSION_CREATE)?;
+        self.cache_entitlement(&r.user_id, now, &origin).await;
         // Read again: saving waited on KV, and a billing change may have
         // stored newer inputs meanwhile, which the token must carry.
         let stored = self.load().await?;
@@ -815,7 +856,7 @@ impl UserSession {
         Self::issued(issued, ent)
     }
 
-    async fn refresh(&self, mut req: Request) -> Result<Response> {
+    async fn refresh(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: RefreshReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
@@ -836,7 +877,8 @@ impl UserSession {
         // A rotation, a detected reuse and an expiry all change state (the last two
         // revoke the family); only a token that matched nothing leaves it as it was.
         if !matches!(outcome, Err(RefreshError::Invalid)) {
-            self.save(&mut stored, now, outcome.is_err(), None).await?;
+            self.save(&mut stored, now, outcome.is_err(), &origin)
+                .await?;
         }
         // Saving waited on KV (the session copy): newer inputs a billing
         // change stored meanwhile are the ones the token must carry.
@@ -852,7 +894,7 @@ impl UserSession {
         }
     }
 
-    async fn revoke(&self, mut req: Request, all: bool) -> Result<Response> {
+    async fn revoke(&self, mut req: Request, all: bool, origin: Origin) -> Result<Response> {
         let sid = if all {
             None
         } else {
@@ -867,7 +909,7 @@ impl UserSession {
             Some(sid) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
             None => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
-        self.save(&mut stored, now, true, None).await?;
+        self.save(&mut stored, now, true, &origin).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
 }
@@ -888,15 +930,15 @@ impl UserSession {
     /// which the next registration drops (see [`Running`]), and possibly a row
     /// PostgreSQL committed that the object never confirmed, which the retry
     /// finds by its key and answers with (see `store::insert_device`).
-    async fn create_device(&self, mut req: Request) -> Result<Response> {
+    async fn create_device(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: CreateDeviceReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
-        let fault = match r.fault.clone() {
+        let origin = origin.with_fault(match r.fault.clone() {
             None => None,
             asked => fault::armed(&self.env, asked),
-        };
+        });
         let (Ok(name), Ok(key)) = (DeviceName::parse(&r.name), PublicKey::parse(&r.public_key))
         else {
             return refuse(400, "validation_failed", None);
@@ -929,7 +971,7 @@ impl UserSession {
                 Begin::Replay(resp) => {
                     // The first answer may never have reached the mirror (a
                     // crash right after the state was written): write it again.
-                    self.mirror(&[Mirrored::Devices], None).await;
+                    self.mirror(&[Mirrored::Devices], &origin.unfaulted()).await;
                     return Ok(Response::ok(resp.body)?.with_status(resp.status));
                 }
                 Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
@@ -983,16 +1025,16 @@ impl UserSession {
         let mark = stored.devices.mark();
         // From here PostgreSQL may be written; the alarm is armed first (a
         // storage operation, which lets no other request in).
-        let op = self.device_op().await;
+        let op = self.device_op(&origin).await;
         // The reservation (and the in-flight idempotency record) must be durable
         // before the first await that lets other requests in.
         self.persist(&mut stored, now).await?;
         drop(stored);
-        fault::at(&fault, "device.after_reserve")?;
+        fault::at(&origin.fault, "device.after_reserve")?;
 
         let outcome = self.insert_device(&r.user_id, &name, &key, limit).await;
         if outcome.is_ok() {
-            fault::at(&fault, "device.after_insert")?;
+            fault::at(&origin.fault, "device.after_insert")?;
         }
 
         let now = time::now_secs();
@@ -1034,7 +1076,7 @@ impl UserSession {
                 self.persist(&mut stored, now).await?;
                 op.done();
                 if changed {
-                    self.mirror(&[Mirrored::Devices], fault.as_deref()).await;
+                    self.mirror(&[Mirrored::Devices], &origin).await;
                 }
                 return limit_reached(limit);
             }
@@ -1042,7 +1084,7 @@ impl UserSession {
                 stored.devices.release(&reservation);
                 abandon(&mut stored);
                 self.persist(&mut stored, now).await?;
-                return refuse_fail(&fail);
+                return refuse_fail(&fail, &origin);
             }
         };
         let body = body.unwrap_or_default();
@@ -1057,10 +1099,10 @@ impl UserSession {
             );
         }
         self.persist(&mut stored, now).await?;
-        fault::at(&fault, "device.after_confirm")?;
+        fault::at(&origin.fault, "device.after_confirm")?;
         op.done();
         if changed {
-            self.mirror(&[Mirrored::Devices], fault.as_deref()).await;
+            self.mirror(&[Mirrored::Devices], &origin).await;
         }
         drop(owned);
         Ok(Response::ok(body)?.with_status(status))
@@ -1080,13 +1122,13 @@ impl UserSession {
         store::insert_device(&db, user_id, name, key, (&v4, &v6), limit).await
     }
 
-    async fn delete_device(&self, mut req: Request) -> Result<Response> {
+    async fn delete_device(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: DeleteDeviceReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
-        let fault = fault::armed(&self.env, r.fault.clone());
-        let op = self.device_op().await;
+        let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
+        let op = self.device_op(&origin).await;
         let mark = self.load().await?.devices.mark();
         let outcome = match store::connect(&self.env).await {
             Ok(db) => store::delete_device(&db, &r.user_id, &r.device_id).await,
@@ -1099,16 +1141,16 @@ impl UserSession {
                 } else {
                     Own::Nothing
                 };
-                self.apply_devices(mark, deleted.devices, own, fault.as_deref())
+                self.apply_devices(mark, deleted.devices, own, &origin)
                     .await?;
                 op.done();
                 Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
             }
-            Err(fail) => refuse_fail(&fail),
+            Err(fail) => refuse_fail(&fail, &origin),
         }
     }
 
-    async fn rotate_key(&self, mut req: Request) -> Result<Response> {
+    async fn rotate_key(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: RotateKeyReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
@@ -1116,7 +1158,7 @@ impl UserSession {
         let Ok(key) = PublicKey::parse(&r.public_key) else {
             return refuse(400, "validation_failed", None);
         };
-        let op = self.device_op().await;
+        let op = self.device_op(&origin).await;
         let mark = self.load().await?.devices.mark();
         let outcome = match store::connect(&self.env).await {
             Ok(db) => store::rotate_key(&db, &r.user_id, &r.device_id, &key).await,
@@ -1125,14 +1167,15 @@ impl UserSession {
         match outcome {
             Ok(rotated) => {
                 let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
-                self.apply_devices(mark, rotated.devices, own, None).await?;
+                self.apply_devices(mark, rotated.devices, own, &origin)
+                    .await?;
                 op.done();
                 match rotated.device {
                     Some(d) => Response::from_json(&d),
                     None => refuse(404, "device_not_found", None),
                 }
             }
-            Err(fail) => refuse_fail(&fail),
+            Err(fail) => refuse_fail(&fail, &origin),
         }
     }
 
@@ -1147,7 +1190,7 @@ impl UserSession {
 
     /// The user's billing changed: store the new inputs so the next refresh (and
     /// the device limit) follow them, and refresh the KV entitlement cache.
-    async fn set_inputs(&self, mut req: Request) -> Result<Response> {
+    async fn set_inputs(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: InputsReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
@@ -1162,7 +1205,7 @@ impl UserSession {
         }
         self.persist(&mut stored, now).await?;
         let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
-        self.cache_entitlement(&r.user_id, now, None).await;
+        self.cache_entitlement(&r.user_id, now, &origin).await;
         Response::from_json(&serde_json::json!({ "entitlement": ent }))
     }
 }
@@ -1181,17 +1224,18 @@ impl DurableObject for UserSession {
     }
 
     async fn fetch(&self, req: Request) -> Result<Response> {
+        let origin = Origin::of(&req);
         match (req.method(), req.path().as_str()) {
             (Method::Get, "/ping") => ping(&self.state, &req).await,
-            (Method::Post, "/create") => self.create(req).await,
-            (Method::Post, "/refresh") => self.refresh(req).await,
-            (Method::Post, "/revoke") => self.revoke(req, false).await,
-            (Method::Post, "/revoke-all") => self.revoke(req, true).await,
-            (Method::Post, "/devices/create") => self.create_device(req).await,
-            (Method::Post, "/devices/delete") => self.delete_device(req).await,
-            (Method::Post, "/devices/rotate") => self.rotate_key(req).await,
+            (Method::Post, "/create") => self.create(req, origin).await,
+            (Method::Post, "/refresh") => self.refresh(req, origin).await,
+            (Method::Post, "/revoke") => self.revoke(req, false, origin).await,
+            (Method::Post, "/revoke-all") => self.revoke(req, true, origin).await,
+            (Method::Post, "/devices/create") => self.create_device(req, origin).await,
+            (Method::Post, "/devices/delete") => self.delete_device(req, origin).await,
+            (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).await,
             (Method::Post, "/devices/list") => self.list_devices().await,
-            (Method::Post, "/inputs") => self.set_inputs(req).await,
+            (Method::Post, "/inputs") => self.set_inputs(req, origin).await,
             _ => Response::error("unknown durable object route", 404),
         }
     }

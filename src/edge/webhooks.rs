@@ -119,6 +119,7 @@ pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     drop(db);
     let (status, answer) = call(
         env,
+        req.request_id(),
         bindings::USER_SESSIONS,
         &user_id,
         "/inputs",

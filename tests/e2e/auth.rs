@@ -886,6 +886,22 @@ fn stalled_kv(ctx: &Ctx) -> Result<(), Failed> {
             answered < KV_SLOW,
             "the sign-in waited {answered:?} for a stalled KV write"
         );
+        // The object logged the wait it gave up on, with the sign-in's id.
+        let request_id = b.headers["x-request-id"].to_str()?.to_owned();
+        let logged = format!("\"request_id\":\"{request_id}\"");
+        eventually(
+            Duration::from_secs(5),
+            "the outlasted wait, logged with the sign-in's request id",
+            || async {
+                ctx.stack()
+                    .wrangler
+                    .log()
+                    .lines()
+                    .any(|l| l.contains("outlasted its wait") && l.contains(&logged))
+                    .then_some(())
+            },
+        )
+        .await;
         // The copy with the new session has not landed: the stall was real,
         // and the answer did not wait for it.
         let listed = me(ctx, a_access).await;

@@ -410,7 +410,8 @@ fn idempotency(ctx: &Ctx) -> Result<(), Failed> {
 
 /// The user's object failing to write its KV copy of the devices after a
 /// delete (the development-only fault point `mirror.kv`; KV's limit of one
-/// write per key per second in production) logs it and writes the copy again
+/// write per key per second in production) logs it, with the delete's request
+/// id, and writes the copy again
 /// from its alarm: the deleted device stops connecting. Before, the copy kept
 /// the device until the user's next device change, and it kept connecting.
 fn mirror_retried(ctx: &Ctx) -> Result<(), Failed> {
@@ -442,15 +443,21 @@ fn mirror_retried(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(del.status, 204, "{}", del.body);
+        // Logged by the object, with the id of the request it failed for.
+        let request_id = del.headers["x-request-id"].to_str()?.to_owned();
         eventually(
             std::time::Duration::from_secs(10),
-            "the failed copy, logged",
+            "the failed copy, logged with the delete's request id",
             || async {
                 ctx.stack()
                     .wrangler
                     .log()
                     .lines()
-                    .any(|l| l.contains("mirror write failed") && l.contains(&user.id))
+                    .any(|l| {
+                        l.contains("mirror write failed")
+                            && l.contains(&user.id)
+                            && l.contains(&format!("\"request_id\":\"{request_id}\""))
+                    })
                     .then_some(())
             },
         )
