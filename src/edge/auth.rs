@@ -127,27 +127,28 @@ pub(super) fn refusal(status: u16, body: &serde_json::Value) -> Fail {
     err.into()
 }
 
+/// Opens a session for `user_id` in the user's object, for the sign-up or
+/// sign-in `req` (its id and fault header go with the call).
 async fn open_session(
     env: &Env,
-    request_id: &str,
+    req: &Incoming,
     user_id: &str,
     label: Option<String>,
     inputs: store::EntitlementInputs,
-    fault: Option<String>,
 ) -> Result<IssuedResp, Fail> {
-    let req = CreateReq {
+    let create = CreateReq {
         user_id: user_id.to_owned(),
         label: label.unwrap_or_default(),
         inputs,
-        fault,
+        fault: req.header(fault::HEADER),
     };
     let (status, body) = call(
         env,
-        request_id,
+        req.request_id(),
         bindings::USER_SESSIONS,
         user_id,
         "/create",
-        &req,
+        &create,
     )
     .await?;
     if status != 200 {
@@ -182,17 +183,8 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
         )
         .into());
     };
-    let fault = req.header(fault::HEADER);
     let answer = async {
-        let issued = open_session(
-            env,
-            req.request_id(),
-            &row.user_id,
-            b.device_label,
-            row.inputs,
-            fault,
-        )
-        .await?;
+        let issued = open_session(env, &req, &row.user_id, b.device_label, row.inputs).await?;
         token_pair(keys, &row.user_id, &issued, 201).await
     };
     match answer.await {
@@ -368,16 +360,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
         &json!({}),
     )
     .await;
-    let fault = req.header(fault::HEADER);
-    let issued = open_session(
-        env,
-        req.request_id(),
-        &row.user_id,
-        b.device_label,
-        row.inputs,
-        fault,
-    )
-    .await?;
+    let issued = open_session(env, &req, &row.user_id, b.device_label, row.inputs).await?;
     token_pair(keys, &row.user_id, &issued, 200).await
 }
 

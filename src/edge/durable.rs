@@ -53,8 +53,8 @@ pub fn refuse(status: u16, code: &str, retry_after: Option<u64>) -> Result<Respo
 /// the object's log lines name it).
 /// Returns the status and JSON body; transport failures and timeouts are 503s.
 ///
-/// This is on the reconnect hot path (one `RegionGate` call per connect), so
-/// it speaks to the platform's `Request` and `Response` directly: one call
+/// It is on every sign-in, refresh and device change, and on the connect
+/// path for a device the KV copy does not list yet, so it speaks to the platform's `Request` and `Response` directly: one call
 /// builds the request, and the answer is read whole with `text()` rather than
 /// chunk by chunk through a stream reader.
 pub async fn call<B: Serialize>(

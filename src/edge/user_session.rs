@@ -519,8 +519,10 @@ impl UserSession {
     /// from the state as it is when its turn comes; otherwise leaves them to
     /// that writer. The caller waits for the writer within
     /// [`UserSession::within_wait`]'s bound. A failure is logged and retried
-    /// by the alarm, with backoff. `fault` is the development-only fault
-    /// point: at `mirror.kv` every write fails, at `kv.slow` each is late.
+    /// by the alarm, with backoff, under the id of the request that started
+    /// the writer (whose copies it may be writing alongside others'). The
+    /// development-only fault point in `origin`: at `mirror.kv` every write
+    /// fails, at `kv.slow` each is late.
     async fn mirror(&self, copies: &[Mirrored], origin: &Origin) {
         {
             let mut m = self.mirrors.borrow_mut();
