@@ -361,7 +361,48 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     )
     .await;
     let issued = open_session(env, &req, &row.user_id, b.device_label, row.inputs).await?;
-    token_pair(keys, &row.user_id, &issued, 200).await
+    let signed =
+        if fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::TOKEN_UNSIGNED) {
+            Err(Fail::unavailable(format!(
+                "injected fault at {}",
+                fault::TOKEN_UNSIGNED
+            )))
+        } else {
+            token_pair(keys, &row.user_id, &issued, 200).await
+        };
+    if signed.is_err() {
+        end_unanswered(env, &req, &row.user_id, &issued.sid).await;
+    }
+    signed
+}
+
+/// Ends a session the sign-in opened but could not answer with (its tokens
+/// were not signed): no client holds its refresh token, and left alone it
+/// would be listed among the user's sessions until it went idle. Best
+/// effort: a failure is logged, and the session then expires as any other.
+async fn end_unanswered(env: &Env, req: &Incoming, user_id: &str, sid: &str) {
+    let ended = call(
+        env,
+        req.request_id(),
+        bindings::USER_SESSIONS,
+        user_id,
+        "/revoke",
+        &RevokeReq {
+            sid: sid.to_owned(),
+        },
+    )
+    .await;
+    let error = match ended {
+        Ok((200, _)) => return,
+        Ok((status, body)) => format!("status {status}: {body}"),
+        Err(fail) => fail.cause.unwrap_or_default(),
+    };
+    log::event(
+        Level::Error,
+        Some(req.request_id()),
+        "unanswered session not ended",
+        json!({"user_id": user_id, "error": error}),
+    );
 }
 
 pub async fn refresh(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {

@@ -36,6 +36,9 @@ pub const SESSION_CREATE: &str = "session.create";
 /// The point, on `POST /v1/auth/signup`, `/login` and `/refresh`, at which
 /// the Worker finds its signing keys refused by the runtime's WebCrypto.
 pub const KEYS_REFUSED: &str = "keys.refused";
+/// The point, on `POST /v1/auth/login`, at which signing the new session's
+/// access token fails, after the user's object has stored the session.
+pub const TOKEN_UNSIGNED: &str = "token.unsigned";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

@@ -27,6 +27,10 @@ pub const TESTS: &[(&str, Test)] = &[
         keys_refused,
     ),
     (
+        "auth::a_sign_in_whose_token_was_not_signed_leaves_no_session",
+        unsigned_login,
+    ),
+    (
         "auth::a_missing_secret_answers_not_configured",
         missing_secrets,
     ),
@@ -258,6 +262,25 @@ fn unknown_vs_wrong(ctx: &Ctx) -> Result<(), Failed> {
 /// as it passes the limit, while the client is still sending: the worker does
 /// not read an unbounded body into memory first (it used to wait for the end).
 fn chunked_body_cut_off(ctx: &Ctx) -> Result<(), Failed> {
+    // `wrangler dev`'s local proxy, under the full suite's load, has once
+    // closed such a connection without passing on the worker's answer (its
+    // log showed the 413 going out). One more try tells that apart from a
+    // worker that does not answer early; a second empty answer fails.
+    let first = chunked_answer(ctx)?;
+    let answer = if first.is_empty() {
+        eprintln!("chunked body: the connection closed with no answer; trying once more");
+        chunked_answer(ctx)?
+    } else {
+        first
+    };
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("payload_too_large"), "{answer}");
+    Ok(())
+}
+
+/// Sends [`chunked_body_cut_off`]'s never-ending chunked body and returns
+/// what came back before the connection closed or the answer was whole.
+fn chunked_answer(ctx: &Ctx) -> Result<String, Failed> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     ctx.rt.block_on(async {
         let base = ctx.stack().wrangler.base_url.clone();
@@ -297,10 +320,7 @@ fn chunked_body_cut_off(ctx: &Ctx) -> Result<(), Failed> {
             }
             answer.extend_from_slice(&buf[..n]);
         }
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-        assert!(answer.contains("payload_too_large"), "{answer}");
-        Ok(())
+        Ok(String::from_utf8_lossy(&answer).into_owned())
     })
 }
 
@@ -402,6 +422,41 @@ fn keys_refused(ctx: &Ctx) -> Result<(), Failed> {
         let rotated = refresh(ctx, &token).await;
         assert_eq!(rotated.status, 200, "{}", rotated.body);
         assert_pair(&rotated);
+        Ok(())
+    })
+}
+
+/// A sign-in whose access token could not be signed (the dev-only fault
+/// point `token.unsigned`, reached after the user's object stored the
+/// session) answers 503 and ends the session it opened: no client holds it,
+/// so it is not left among the user's sessions until it goes idle.
+fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, a) = new_user(ctx).await;
+        let a_access = s(&a.body["access_token"]);
+        let r = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": email, "password": "correct horse battery"})),
+            None,
+            &[
+                ("cf-connecting-ip", &fresh_ip()),
+                ("x-keenvpn-fault", "token.unsigned"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (503, Some("service_unavailable")),
+            "{}",
+            r.body
+        );
+        let listed = me(ctx, a_access).await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        let sessions = listed.body["sessions"].as_array().unwrap();
+        assert_eq!(sessions.len(), 1, "{}", listed.body);
+        assert_eq!(sessions[0]["current"], true, "{}", listed.body);
         Ok(())
     })
 }
