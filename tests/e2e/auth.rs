@@ -136,6 +136,23 @@ async fn login(ctx: &Ctx, email: &str, password: &str, ip: &str) -> Resp {
     .await
 }
 
+/// A sign-in of a [`new_user`] (from a fresh client address) with the
+/// development-only fault point `fault` armed.
+async fn login_at_fault(ctx: &Ctx, email: &str, fault: &str) -> Resp {
+    send_with(
+        ctx,
+        "POST",
+        "/v1/auth/login",
+        Some(json!({"email": email, "password": "correct horse battery"})),
+        None,
+        &[
+            ("cf-connecting-ip", &fresh_ip()),
+            ("x-keenvpn-fault", fault),
+        ],
+    )
+    .await
+}
+
 async fn refresh(ctx: &Ctx, token: &str) -> Resp {
     post(
         ctx,
@@ -434,18 +451,7 @@ fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (email, a) = new_user(ctx).await;
         let a_access = s(&a.body["access_token"]);
-        let r = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/login",
-            Some(json!({"email": email, "password": "correct horse battery"})),
-            None,
-            &[
-                ("cf-connecting-ip", &fresh_ip()),
-                ("x-keenvpn-fault", "token.unsigned"),
-            ],
-        )
-        .await;
+        let r = login_at_fault(ctx, &email, "token.unsigned").await;
         assert_eq!(
             (r.status, r.body["code"].as_str()),
             (503, Some("service_unavailable")),
@@ -923,18 +929,7 @@ fn stalled_kv(ctx: &Ctx) -> Result<(), Failed> {
         let (email, a) = new_user(ctx).await;
         let a_access = s(&a.body["access_token"]);
         let started = std::time::Instant::now();
-        let b = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/login",
-            Some(json!({"email": email, "password": "correct horse battery"})),
-            None,
-            &[
-                ("cf-connecting-ip", &fresh_ip()),
-                ("x-keenvpn-fault", "kv.slow"),
-            ],
-        )
-        .await;
+        let b = login_at_fault(ctx, &email, "kv.slow").await;
         let answered = started.elapsed();
         assert_eq!(b.status, 200, "{}", b.body);
         assert!(
