@@ -218,6 +218,9 @@ pub enum RevokeReason {
     Reuse,
     Expired,
     Evicted,
+    /// The account was removed: a sign-up undone after a failure, which ends
+    /// any session a sign-in opened for it meanwhile.
+    AccountRemoved,
 }
 
 /// A new or rotated refresh token, to hand to the client.
@@ -947,6 +950,17 @@ mod tests {
         assert_eq!(s.revoke_all(T0 + 4, RevokeReason::LogoutAll), 0);
         assert_eq!(refresh(&mut s, &c, T0 + 4), Err(RefreshError::Revoked));
         assert!(!s.is_active("nope", T0));
+    }
+
+    #[test]
+    fn a_removed_accounts_sessions_refuse_refresh_as_revoked_and_stay_so_when_stored() {
+        let mut s = UserSessions::default();
+        let a = create(&mut s, 1, T0);
+        assert_eq!(s.revoke_all(T0 + 1, RevokeReason::AccountRemoved), 1);
+        let mut s: UserSessions =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(refresh(&mut s, &a, T0 + 2), Err(RefreshError::Revoked));
+        assert!(s.mirror(T0 + 2)[0].revoked);
     }
 
     #[test]

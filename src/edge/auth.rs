@@ -11,7 +11,7 @@ use super::durable::call;
 use super::incoming::Incoming;
 use super::log::{self, Level};
 use super::login_throttle::{Admitted, AttemptReq, Scope};
-use super::user_session::{self, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
+use super::user_session::{self, CloseReq, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
 use crate::domain::account::{Email, Password};
@@ -190,28 +190,55 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
     match answer.await {
         Ok(reply) => Ok(reply),
         Err(fail) => {
-            // No session or no tokens, no account: remove the row just made,
-            // so that the retry the 503 invites signs up instead of meeting
-            // `email_taken` (a session the object may have stored is for an
-            // id no one will use again).
-            match store::delete_new_user(&db, &row.user_id).await {
-                Ok(true) => {}
-                Ok(false) => log::event(
-                    Level::Warn,
-                    Some(req.request_id()),
-                    "sign-up not undone: the account has a device or subscription",
-                    json!({"user_id": row.user_id}),
-                ),
-                Err(e) => log::event(
-                    Level::Error,
-                    Some(req.request_id()),
-                    "sign-up not undone",
-                    json!({"user_id": row.user_id, "error": e.cause}),
-                ),
-            }
+            undo_signup(env, &req, &db, &row.user_id).await;
             Err(fail)
         }
     }
+}
+
+/// Undoes a sign-up that could not answer (no session or no tokens, no
+/// account). It removes the account just made, so that the retry the 503
+/// invites signs up instead of meeting `email_taken`. Then it closes the
+/// user's object: a sign-in may have found the account meanwhile, and the
+/// session it opened (or opens later) must not outlive the account. An
+/// account that has a device or a subscription by then is kept, sessions
+/// and all: someone is using it. Best effort: a step that fails is logged.
+async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, user_id: &str) {
+    if fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::UNDO_SLOW) {
+        time::sleep(fault::KV_SLOW_MS).await;
+    }
+    match store::delete_new_user(db, user_id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return log::event(
+                Level::Warn,
+                Some(req.request_id()),
+                "sign-up not undone: the account has a device or subscription",
+                json!({"user_id": user_id}),
+            );
+        }
+        Err(e) => {
+            return log::event(
+                Level::Error,
+                Some(req.request_id()),
+                "sign-up not undone",
+                json!({"user_id": user_id, "error": e.cause}),
+            );
+        }
+    }
+    let close = CloseReq {
+        user_id: user_id.to_owned(),
+    };
+    let closed = call(
+        env,
+        req.request_id(),
+        bindings::USER_SESSIONS,
+        user_id,
+        "/close",
+        &close,
+    )
+    .await;
+    log_unless_done(req, closed, "removed account's sessions not ended", user_id);
 }
 
 /// The throttle object names: a hash of the email (no address in object names
@@ -360,16 +387,19 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
         &json!({}),
     )
     .await;
+    let armed = fault::armed(env, req.header(fault::HEADER));
+    if armed.as_deref() == Some(fault::LOGIN_LATE) {
+        time::sleep(fault::LOGIN_LATE_MS).await;
+    }
     let issued = open_session(env, &req, &row.user_id, b.device_label, row.inputs).await?;
-    let signed =
-        if fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::TOKEN_UNSIGNED) {
-            Err(Fail::unavailable(format!(
-                "injected fault at {}",
-                fault::TOKEN_UNSIGNED
-            )))
-        } else {
-            token_pair(keys, &row.user_id, &issued, 200).await
-        };
+    let signed = if armed.as_deref() == Some(fault::TOKEN_UNSIGNED) {
+        Err(Fail::unavailable(format!(
+            "injected fault at {}",
+            fault::TOKEN_UNSIGNED
+        )))
+    } else {
+        token_pair(keys, &row.user_id, &issued, 200).await
+    };
     if signed.is_err() {
         end_unanswered(env, &req, &row.user_id, &issued.sid).await;
     }
@@ -392,7 +422,17 @@ async fn end_unanswered(env: &Env, req: &Incoming, user_id: &str, sid: &str) {
         },
     )
     .await;
-    let error = match ended {
+    log_unless_done(req, ended, "unanswered session not ended", user_id);
+}
+
+/// Logs a best-effort object call for `user_id` that did not answer 200.
+fn log_unless_done(
+    req: &Incoming,
+    answer: Result<(u16, serde_json::Value), Fail>,
+    message: &str,
+    user_id: &str,
+) {
+    let error = match answer {
         Ok((200, _)) => return,
         Ok((status, body)) => format!("status {status}: {body}"),
         Err(fail) => fail.cause.unwrap_or_default(),
@@ -400,7 +440,7 @@ async fn end_unanswered(env: &Env, req: &Incoming, user_id: &str, sid: &str) {
     log::event(
         Level::Error,
         Some(req.request_id()),
-        "unanswered session not ended",
+        message,
         json!({"user_id": user_id, "error": error}),
     );
 }

@@ -39,6 +39,16 @@ pub const KEYS_REFUSED: &str = "keys.refused";
 /// The point, on `POST /v1/auth/login`, at which signing the new session's
 /// access token fails, after the user's object has stored the session.
 pub const TOKEN_UNSIGNED: &str = "token.unsigned";
+/// The point, on `POST /v1/auth/signup`, at which the new user's
+/// `UserSession` throws after storing the session (as at [`SESSION_CREATE`])
+/// and the sign-up's undo then starts [`KV_SLOW_MS`] late, as behind a slow
+/// database: a window in which the new account can be signed in to.
+pub const UNDO_SLOW: &str = "signup.undo_slow";
+/// The point, on `POST /v1/auth/login`, at which the sign-in opens its
+/// session [`LOGIN_LATE_MS`] after finding the account and checking the
+/// password: late enough to meet an account that [`UNDO_SLOW`] removed.
+pub const LOGIN_LATE: &str = "login.late";
+pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.
@@ -58,10 +68,13 @@ pub async fn kv_delay(armed: Option<&str>) {
     }
 }
 
-/// Throws (returns the error a crash would surface as) when `armed` names `point`.
+/// Throws (returns the error a crash would surface as) when `armed` names
+/// `point`, or [`UNDO_SLOW`], which includes [`SESSION_CREATE`].
 pub fn at(armed: &Option<String>, point: &str) -> Result<()> {
     match armed.as_deref() {
-        Some(p) if p == point => Err(Error::RustError(format!("injected fault at {point}"))),
+        Some(p) if p == point || (p == UNDO_SLOW && point == SESSION_CREATE) => {
+            Err(Error::RustError(format!("injected fault at {p}")))
+        }
         _ => Ok(()),
     }
 }

@@ -142,6 +142,11 @@ struct Stored {
     /// the connect path needs (mirrored to KV), so it never queries PostgreSQL.
     #[serde(default)]
     device_records: Vec<store::Device>,
+    /// Set by `/close` when the account was removed: the object then opens
+    /// no session again, so a sign-in that read the account before it went
+    /// cannot leave one behind. (A removed account's id is never reused.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    closed: bool,
 }
 
 /// The KV key of a user's device mirror.
@@ -304,6 +309,12 @@ pub struct RefreshReq {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RevokeReq {
     pub sid: String,
+}
+
+/// `/close`: the account `user_id` was removed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CloseReq {
+    pub user_id: String,
 }
 
 /// A new or rotated session: what the worker needs to answer with a token pair.
@@ -834,6 +845,11 @@ impl UserSession {
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
+        if stored.closed {
+            // The account is gone: as a sign-in would have found, had it
+            // read the database a moment later.
+            return refuse(401, "invalid_credentials", None);
+        }
         if r.inputs.supersedes(stored.inputs.as_ref()) {
             stored.inputs = Some(r.inputs);
         }
@@ -911,6 +927,27 @@ impl UserSession {
             Some(sid) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
             None => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
+        self.save(&mut stored, now, true, &origin).await?;
+        Response::from_json(&serde_json::json!({ "revoked": revoked }))
+    }
+
+    /// The account was removed (a sign-up undone): ends every session, as a
+    /// sign-out of all sessions does (their KV copy too, which the connect
+    /// path checks), and refuses new ones from now on.
+    async fn close(&self, mut req: Request, origin: Origin) -> Result<Response> {
+        let r: CloseReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        if !stored.claim(&r.user_id) {
+            return refuse(400, "wrong_object", None);
+        }
+        stored.closed = true;
+        let revoked = stored
+            .sessions
+            .revoke_all(now, RevokeReason::AccountRemoved);
         self.save(&mut stored, now, true, &origin).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
@@ -1233,6 +1270,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/refresh") => self.refresh(req, origin).await,
             (Method::Post, "/revoke") => self.revoke(req, false, origin).await,
             (Method::Post, "/revoke-all") => self.revoke(req, true, origin).await,
+            (Method::Post, "/close") => self.close(req, origin).await,
             (Method::Post, "/devices/create") => self.create_device(req, origin).await,
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).await,
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).await,

@@ -23,6 +23,10 @@ pub const TESTS: &[(&str, Test)] = &[
         signup_retried,
     ),
     (
+        "auth::a_sign_in_during_a_failed_sign_ups_undo_keeps_no_session",
+        signin_during_undo,
+    ),
+    (
         "auth::refused_signing_keys_leave_no_account_and_count_no_attempt",
         keys_refused,
     ),
@@ -376,6 +380,71 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
         );
         let retried = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
         assert_eq!(retried.status, 201, "{}", retried.body);
+        Ok(())
+    })
+}
+
+/// A sign-in can find a new account while its failed sign-up is being
+/// undone: with the dev-only fault point `signup.undo_slow`, the user's
+/// object throws after storing the sign-up's session (a 503, as at
+/// `session.create`) and the undo starts 5 s late. A sign-in in that window
+/// gets its tokens, but the undo ends its session with the account: the
+/// refresh token is refused as revoked. A sign-in that found the account in
+/// the window but opens its session after the undo (the fault point
+/// `login.late`, 10 s) is refused as if it had found no account. The email
+/// can then be signed up again.
+fn signin_during_undo(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let credentials = json!({"email": email, "password": "correct horse battery"});
+        let failing = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/signup",
+            Some(credentials.clone()),
+            None,
+            &[("x-keenvpn-fault", "signup.undo_slow")],
+        );
+        let signins = async {
+            eventually(Duration::from_secs(4), "the account to be made", || async {
+                accounts_with(ctx, &email).await.ok().filter(|n| *n == 1)
+            })
+            .await;
+            let ip = fresh_ip();
+            let now = login(ctx, &email, "correct horse battery", &ip);
+            tokio::join!(now, login_at_fault(ctx, &email, "login.late"))
+        };
+        let (failed, (signed_in, late)) = tokio::join!(failing, signins);
+        assert_eq!(
+            signed_in.status, 200,
+            "sign-in in the window: {}",
+            signed_in.body
+        );
+        assert_eq!(failed.status, 503, "{}", failed.body);
+        assert_eq!(
+            (late.status, late.body["code"].as_str()),
+            (401, Some("invalid_credentials")),
+            "a session opened after the undo: {}",
+            late.body
+        );
+        assert_eq!(
+            accounts_with(ctx, &email).await?,
+            0,
+            "the sign-up was undone"
+        );
+
+        let r = refresh(ctx, s(&signed_in.body["refresh_token"])).await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (401, Some("refresh_token_revoked")),
+            "the sign-in's session outlived the account: {}",
+            r.body
+        );
+        let r = me(ctx, s(&signed_in.body["access_token"])).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+
+        let again = signup(ctx, &email, "correct horse battery").await;
+        assert_eq!(again.status, 201, "{}", again.body);
         Ok(())
     })
 }
