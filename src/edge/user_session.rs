@@ -317,6 +317,14 @@ pub struct CloseReq {
     pub user_id: String,
 }
 
+/// Which sessions a revocation ends (see `UserSession::revoke`).
+#[derive(Clone, Copy)]
+enum Ending {
+    One,
+    All,
+    Close,
+}
+
 /// A new or rotated session: what the worker needs to answer with a token pair.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct IssuedResp {
@@ -912,42 +920,37 @@ impl UserSession {
         }
     }
 
-    async fn revoke(&self, mut req: Request, all: bool, origin: Origin) -> Result<Response> {
-        let sid = if all {
-            None
-        } else {
-            match body::<RevokeReq>(&mut req).await {
-                Ok(r) => Some(r.sid),
+    /// Ends one session (`/revoke`), every session (`/revoke-all`), or every
+    /// session for good (`/close`: the account was removed, a sign-up
+    /// undone; the object then opens no session again). Their KV copy is
+    /// written as for any revocation: the connect path checks it.
+    async fn revoke(&self, mut req: Request, ending: Ending, origin: Origin) -> Result<Response> {
+        let (sid, owner) = match ending {
+            Ending::All => (None, None),
+            Ending::One => match body::<RevokeReq>(&mut req).await {
+                Ok(r) => (Some(r.sid), None),
                 Err(resp) => return Ok(resp),
-            }
+            },
+            Ending::Close => match body::<CloseReq>(&mut req).await {
+                Ok(r) => (None, Some(r.user_id)),
+                Err(resp) => return Ok(resp),
+            },
         };
         let now = time::now_secs();
         let mut stored = self.load().await?;
+        if let Some(owner) = &owner {
+            if !stored.claim(owner) {
+                return refuse(400, "wrong_object", None);
+            }
+            stored.closed = true;
+        }
         let revoked = match &sid {
             Some(sid) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
+            None if owner.is_some() => stored
+                .sessions
+                .revoke_all(now, RevokeReason::AccountRemoved),
             None => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
-        self.save(&mut stored, now, true, &origin).await?;
-        Response::from_json(&serde_json::json!({ "revoked": revoked }))
-    }
-
-    /// The account was removed (a sign-up undone): ends every session, as a
-    /// sign-out of all sessions does (their KV copy too, which the connect
-    /// path checks), and refuses new ones from now on.
-    async fn close(&self, mut req: Request, origin: Origin) -> Result<Response> {
-        let r: CloseReq = match body(&mut req).await {
-            Ok(r) => r,
-            Err(resp) => return Ok(resp),
-        };
-        let now = time::now_secs();
-        let mut stored = self.load().await?;
-        if !stored.claim(&r.user_id) {
-            return refuse(400, "wrong_object", None);
-        }
-        stored.closed = true;
-        let revoked = stored
-            .sessions
-            .revoke_all(now, RevokeReason::AccountRemoved);
         self.save(&mut stored, now, true, &origin).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
@@ -1268,9 +1271,9 @@ impl DurableObject for UserSession {
             (Method::Get, "/ping") => ping(&self.state, &req).await,
             (Method::Post, "/create") => self.create(req, origin).await,
             (Method::Post, "/refresh") => self.refresh(req, origin).await,
-            (Method::Post, "/revoke") => self.revoke(req, false, origin).await,
-            (Method::Post, "/revoke-all") => self.revoke(req, true, origin).await,
-            (Method::Post, "/close") => self.close(req, origin).await,
+            (Method::Post, "/revoke") => self.revoke(req, Ending::One, origin).await,
+            (Method::Post, "/revoke-all") => self.revoke(req, Ending::All, origin).await,
+            (Method::Post, "/close") => self.revoke(req, Ending::Close, origin).await,
             (Method::Post, "/devices/create") => self.create_device(req, origin).await,
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).await,
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).await,
