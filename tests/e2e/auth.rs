@@ -140,19 +140,17 @@ async fn login(ctx: &Ctx, email: &str, password: &str, ip: &str) -> Resp {
     .await
 }
 
-/// A sign-in of a [`new_user`] (from a fresh client address) with the
-/// development-only fault point `fault` armed.
-async fn login_at_fault(ctx: &Ctx, email: &str, fault: &str) -> Resp {
+/// A sign-up or sign-in (`path`) of `email`, with the password every test
+/// user has, from a fresh client address, with the development-only fault
+/// point `fault` armed.
+async fn at_fault(ctx: &Ctx, path: &str, email: &str, fault: &str) -> Resp {
     send_with(
         ctx,
         "POST",
-        "/v1/auth/login",
+        path,
         Some(json!({"email": email, "password": "correct horse battery"})),
         None,
-        &[
-            ("cf-connecting-ip", &fresh_ip()),
-            ("x-keenvpn-fault", fault),
-        ],
+        &[("x-keenvpn-fault", fault)],
     )
     .await
 }
@@ -362,15 +360,7 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let email = unique_email();
         let body = json!({"email": email, "password": "correct horse battery"});
-        let failed = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/signup",
-            Some(body.clone()),
-            None,
-            &[("x-keenvpn-fault", "session.create")],
-        )
-        .await;
+        let failed = at_fault(ctx, "/v1/auth/signup", &email, "session.create").await;
         assert_eq!(failed.status, 503, "{}", failed.body);
         assert!(failed.headers.contains_key("retry-after"));
         assert_eq!(
@@ -396,15 +386,7 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
 fn signin_during_undo(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let email = unique_email();
-        let credentials = json!({"email": email, "password": "correct horse battery"});
-        let failing = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/signup",
-            Some(credentials.clone()),
-            None,
-            &[("x-keenvpn-fault", "signup.undo_slow")],
-        );
+        let failing = at_fault(ctx, "/v1/auth/signup", &email, "signup.undo_slow");
         let signins = async {
             eventually(Duration::from_secs(4), "the account to be made", || async {
                 accounts_with(ctx, &email).await.ok().filter(|n| *n == 1)
@@ -412,7 +394,7 @@ fn signin_during_undo(ctx: &Ctx) -> Result<(), Failed> {
             .await;
             let ip = fresh_ip();
             let now = login(ctx, &email, "correct horse battery", &ip);
-            tokio::join!(now, login_at_fault(ctx, &email, "login.late"))
+            tokio::join!(now, at_fault(ctx, "/v1/auth/login", &email, "login.late"))
         };
         let (failed, (signed_in, late)) = tokio::join!(failing, signins);
         assert_eq!(
@@ -520,7 +502,7 @@ fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (email, a) = new_user(ctx).await;
         let a_access = s(&a.body["access_token"]);
-        let r = login_at_fault(ctx, &email, "token.unsigned").await;
+        let r = at_fault(ctx, "/v1/auth/login", &email, "token.unsigned").await;
         assert_eq!(
             (r.status, r.body["code"].as_str()),
             (503, Some("service_unavailable")),
@@ -998,7 +980,7 @@ fn stalled_kv(ctx: &Ctx) -> Result<(), Failed> {
         let (email, a) = new_user(ctx).await;
         let a_access = s(&a.body["access_token"]);
         let started = std::time::Instant::now();
-        let b = login_at_fault(ctx, &email, "kv.slow").await;
+        let b = at_fault(ctx, "/v1/auth/login", &email, "kv.slow").await;
         let answered = started.elapsed();
         assert_eq!(b.status, 200, "{}", b.body);
         assert!(
