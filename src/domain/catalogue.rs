@@ -69,9 +69,9 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds a snapshot, normalising the order so equal content hashes equally.
     pub fn new(mut regions: Vec<Region>) -> Snapshot {
-        regions.sort_by(|a, b| a.id.cmp(&b.id));
+        regions.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         for r in &mut regions {
-            r.servers.sort_by(|a, b| a.id.cmp(&b.id));
+            r.servers.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         }
         let bytes = serde_json::to_vec(&regions).unwrap_or_default();
         Snapshot {

@@ -284,7 +284,8 @@ impl Ledger {
         }
         self.synced = mark.0;
         self.confirms.retain(|_, &mut seq| seq > mark.0);
-        self.devices = device_ids.into_iter().collect();
+        self.devices.clear();
+        self.devices.extend(device_ids);
         self.devices.extend(self.confirms.keys().cloned());
         true
     }
@@ -295,7 +296,8 @@ impl Ledger {
     pub fn sync(&mut self, device_ids: Vec<String>) {
         self.synced = self.seq;
         self.confirms.clear();
-        self.devices = device_ids.into_iter().collect();
+        self.devices.clear();
+        self.devices.extend(device_ids);
     }
 
     /// Confirmed devices plus live reservations.

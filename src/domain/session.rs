@@ -546,7 +546,7 @@ impl UserSessions {
                 Some(_) => None,
             })
             .collect();
-        views.sort_by(|a, b| {
+        views.sort_unstable_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
                 .then_with(|| b.id.cmp(&a.id))
@@ -569,7 +569,7 @@ impl UserSessions {
             .filter_map(|(sid, family)| family.ended(now).map(|end| (end.at, sid.clone())))
             .collect();
         if ended.len() > MAX_ENDED_KEPT {
-            ended.sort();
+            ended.sort_unstable();
             let excess = ended.len() - MAX_ENDED_KEPT;
             for (_, sid) in ended.into_iter().take(excess) {
                 self.families.remove(&sid);

@@ -765,7 +765,7 @@ impl UserSession {
         if let Some(id) = removed {
             records.retain(|r| r.id != id);
         }
-        records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        records.sort_unstable_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         let changed = records != old;
         stored.device_records = records;
         changed
