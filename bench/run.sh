@@ -69,3 +69,4 @@ note "bench/peers/nest/dist/{lambda,main}.js"
 
 step "measuring${QUICK:+ (quick mode)}"
 "$BIN/node" bench/lib/bench.mjs
+"$BIN/node" bench/lib/history.mjs
