@@ -50,6 +50,7 @@ function row({ results, source, label }) {
   };
   const main = (results.scenarios ?? []).find((s) => s.main) ?? results.scenarios?.[0];
   const floor = (stack) => main?.warm?.healthz?.[stack]?.median?.cpu_us_per_req ?? "–";
+  const stub = main?.cold_start_split_ms?.ours?.median?.empty_ms ?? "–";
   return [
     label,
     results.generated_at?.slice(0, 16).replace("T", " ") ?? "–",
@@ -57,6 +58,7 @@ function row({ results, source, label }) {
     source,
     results.noisy ? "yes" : "",
     `${floor("ours")} / ${floor("hono")}`,
+    stub,
     ...COLUMNS.map((column, i) => (i === 2 ? `${figure(column)}${faster(main)}` : figure(column))),
   ];
 }
@@ -80,7 +82,7 @@ const tree = JSON.parse(readFileSync(join(bench, "results.json"), "utf8"));
 const last = runs.at(-1)?.results;
 if (!tree.quick && tree.generated_at !== last?.generated_at) runs.push({ results: tree, source: "not yet committed", label: "" });
 
-const header = ["run", "at (UTC)", "measured", "recorded in", "noisy", "`/healthz` CPU µs ours / Hono", ...COLUMNS.map(([, h]) => h)];
+const header = ["run", "at (UTC)", "measured", "recorded in", "noisy", "`/healthz` CPU µs ours / Hono", "stub cold start ms", ...COLUMNS.map(([, h]) => h)];
 const lines = [
   `| ${header.join(" | ")} |`,
   `|${"---|".repeat(header.length)}`,
@@ -109,6 +111,9 @@ in git, which \`run.sh\` calls after each run; the last run's whole report is
   scenario: the floor of each stack on the machine of that day, and so the best
   single sign of how fast the machine was during the run. Compare ratios within a
   row, not absolute figures across rows.
+- The stub cold start is the same sign for cold starts: process exec to the
+  first answer of a worker that does nothing, with our bindings (measured from
+  the runs that timed a cold start in parts).
 - Runs flagged noisy had other work on the machine (load average or CPU share
   of other processes; see \`bench/README.md\`).
 
