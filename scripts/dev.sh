@@ -2,6 +2,8 @@
 # Starts the whole local stack: PostgreSQL (a throwaway cluster under .local/pg,
 # migrated and seeded with demo data) and the worker under `wrangler dev`.
 # Ctrl-C stops both. Data survives restarts; `make clean-dev` wipes it.
+# DEV_PORT and DEV_PG_PORT change the ports, DEV_STATE the directory that
+# holds the stack's data (.local).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -11,7 +13,8 @@ WORKER_PORT=${DEV_PORT:-8787}
 DB_USER=keenvpn
 DB_PASSWORD=keenvpn-dev   # dev-only; matches localConnectionString in wrangler.toml
 DB_NAME=keenvpn
-PGDIR="$ROOT/.local/pg"
+STATE=${DEV_STATE:-$ROOT/.local}
+PGDIR="$STATE/pg"
 DB_URL="postgres://$DB_USER:$DB_PASSWORD@127.0.0.1:$PG_PORT/$DB_NAME"
 
 sh scripts/setup.sh
@@ -22,7 +25,7 @@ pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-step "PostgreSQL cluster in .local/pg (port $PG_PORT)"
+step "PostgreSQL cluster in $PGDIR (port $PG_PORT)"
 mkdir -p "$PGDIR"
 [ "$(id -u)" = 0 ] && chown postgres: "$PGDIR"
 if [ ! -f "$PGDIR/data/PG_VERSION" ]; then
@@ -39,7 +42,7 @@ if pg "$bindir/pg_ctl" -D "$PGDIR/data" status >/dev/null 2>&1; then
 else
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 30 \
     -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PGDIR'" start >/dev/null \
-    || die "PostgreSQL did not start; see .local/pg/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
+    || die "PostgreSQL did not start; see $PGDIR/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
   note "started"
 fi
 stop_pg() {
@@ -81,4 +84,4 @@ export CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE="$DB_URL"
 export CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE_CACHED="$DB_URL"
 export WRANGLER_SEND_METRICS=false
 step "wrangler dev"
-wrangler dev --ip 127.0.0.1 --port "$WORKER_PORT" --persist-to "$ROOT/.local/wrangler" "$@"
+wrangler dev --ip 127.0.0.1 --port "$WORKER_PORT" --persist-to "$STATE/wrangler" "$@"

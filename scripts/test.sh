@@ -1,7 +1,7 @@
 #!/bin/sh
 # Runs every check and test: formatting, clippy (host and wasm32), a dry run of
-# the staging and production deploys, unit tests, PostgreSQL adapter tests, and
-# end-to-end tests against wrangler dev + PostgreSQL.
+# the staging and production deploys, unit tests, PostgreSQL adapter tests,
+# end-to-end tests against wrangler dev + PostgreSQL, and `make dev` itself.
 set -eu
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -57,5 +57,67 @@ done
 
 step "cargo test (unit, PostgreSQL adapters, end to end)"
 cargo test --locked
+
+step "make dev: the local stack starts migrated and seeded, and Ctrl-C stops it"
+# The README's first command, on ports and a data directory of its own (so a
+# stack the developer is running is left alone).
+free_port() {
+  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+dev_state=$(mktemp -d)
+chmod 755 "$dev_state" # PostgreSQL runs as 'postgres' when we are root
+dev_port=$(free_port)
+dev_pg_port=$(free_port)
+# In a process group of its own, so that a signal to the group reaches it as
+# Ctrl-C reaches a terminal's; and with SIGINT handled as in a terminal (a job
+# started with & from a script ignores it, and so would its children).
+DEV_STATE="$dev_state" DEV_PORT=$dev_port DEV_PG_PORT=$dev_pg_port python3 -c '
+import os, signal, sys
+for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ):
+    signal.signal(sig, signal.SIG_DFL)
+os.setsid()
+os.execvp(sys.argv[1], sys.argv[1:])
+' bash scripts/dev.sh > "$dev_state/dev.log" 2>&1 &
+dev_pid=$!
+dev_fail() {
+  kill -KILL "-$dev_pid" 2>/dev/null || true
+  # pg_ctl starts PostgreSQL in a session of its own; SIGQUIT shuts it down at once.
+  if [ -f "$dev_state/pg/data/postmaster.pid" ]; then
+    kill -QUIT "$(head -n 1 "$dev_state/pg/data/postmaster.pid")" 2>/dev/null || true
+  fi
+  cat "$dev_state/dev.log" >&2
+  die "$*"
+}
+# Whether dev.sh still runs (an exited one stays a zombie until waited for).
+dev_alive() {
+  dev_stat=$(ps -o stat= -p "$dev_pid" 2>/dev/null) && [ "${dev_stat#Z}" = "$dev_stat" ]
+}
+dev_url="http://127.0.0.1:$dev_port"
+waited=0
+until curl -sf -m 2 "$dev_url/readyz" 2>/dev/null | grep -q '"status":"ready"'; do
+  dev_alive || dev_fail "make dev exited before the stack was ready"
+  [ "$waited" -lt 240 ] || dev_fail "the stack was not ready after 240 s"
+  sleep 1
+  waited=$((waited + 1))
+done
+login=$(curl -s -m 10 -X POST "$dev_url/v1/auth/login" -H 'content-type: application/json' \
+  -d '{"email":"demo@keenvpn.test","password":"keenvpn-demo-2026"}')
+printf '%s' "$login" | grep -q '"access_token"' \
+  || dev_fail "the demo account's sign-in answered: $login"
+note "ready after ${waited} s; the demo account signs in"
+kill -INT "-$dev_pid"
+waited=0
+while dev_alive; do
+  [ "$waited" -lt 30 ] || dev_fail "make dev still running 30 s after Ctrl-C"
+  sleep 1
+  waited=$((waited + 1))
+done
+wait "$dev_pid" || true
+if [ -f "$dev_state/pg/data/postmaster.pid" ]; then
+  dev_fail "PostgreSQL still running after Ctrl-C (postmaster.pid left)"
+fi
+curl -s -m 2 "$dev_url/healthz" >/dev/null 2>&1 && dev_fail "the worker still answers after Ctrl-C"
+rm -rf "$dev_state"
+note "stopped, worker and database"
 
 step "all tests passed in $(( $(date +%s) - started ))s"
