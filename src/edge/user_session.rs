@@ -944,12 +944,12 @@ impl UserSession {
             }
             stored.closed = true;
         }
-        let revoked = match &sid {
-            Some(sid) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
-            None if owner.is_some() => stored
+        let revoked = match (&sid, ending) {
+            (Some(sid), _) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
+            (None, Ending::Close) => stored
                 .sessions
                 .revoke_all(now, RevokeReason::AccountRemoved),
-            None => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
+            (None, _) => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
         self.save(&mut stored, now, true, &origin).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
