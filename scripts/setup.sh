@@ -68,6 +68,15 @@ else
   [ -n "$bindir" ] || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
   note "$bindir"
 fi
+step "curl and ps (the make dev check in scripts/test.sh)"
+if command -v curl >/dev/null 2>&1 && command -v ps >/dev/null 2>&1; then
+  note "present"
+else
+  note "installing curl and procps from the Debian packages"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl procps >/dev/null \
+    || die "apt-get install curl procps failed"
+fi
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   # PostgreSQL refuses to run as root; the scripts and tests run it as 'postgres'.
   useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres || die "could not create the postgres user"
