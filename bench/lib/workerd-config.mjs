@@ -1,7 +1,7 @@
 // Writes a `workerd serve` config (Cap'n Proto text) for one stack and scenario.
 //
 // usage: node workerd-config.mjs --stack ours|hono --data DIR --port PORT --out FILE
-//          [--variant full|load|empty]
+//          [--variant full|load|empty] [--build DIR] [--v8-flags FLAG,FLAG]
 // (the harness overrides the port at start with --socket-addr=http=127.0.0.1:PORT)
 //
 // The variants time what loading a worker costs (bench.mjs, the cold start in
@@ -9,6 +9,10 @@
 // workerd compiles them and runs their top level, which instantiates our wasm)
 // but answers every request from a stub; `empty` is the stub alone, with the
 // same bindings and Durable Object classes that do nothing.
+//
+// --build takes our worker from another directory than build/ (one holding
+// entry.mjs, index.js and index_bg.wasm), to compare two builds; --v8-flags
+// passes flags to V8 (compile-trace.mjs traces wasm compilation with it).
 //
 // Both stacks get the same surroundings: the in-memory KV service seeded with the
 // scenario's kv.json (bound as KV), a queue sink (bound as CONNECTION_EVENTS), the
@@ -29,12 +33,15 @@ const outDir = dirname(resolve(args.out));
 const file = (p) => str(relative(outDir, p));
 const compatibilityDate = readFileSync(join(root, "wrangler.toml"), "utf8").match(/^compatibility_date\s*=\s*"([^"]+)"/m)[1];
 
+const build = resolve(args.build ?? join(root, "build"));
+const v8Flags = args["v8-flags"] ? `\n  v8Flags = [${args["v8-flags"].split(",").map(str).join(", ")}],` : "";
+
 const stacks = {
   ours: {
     modules: [
-      `(name = "entry.mjs", esModule = embed ${file(join(root, "build/entry.mjs"))})`,
-      `(name = "index.js", esModule = embed ${file(join(root, "build/index.js"))})`,
-      `(name = "index_bg.wasm", wasm = embed ${file(join(root, "build/index_bg.wasm"))})`,
+      `(name = "entry.mjs", esModule = embed ${file(join(build, "entry.mjs"))})`,
+      `(name = "index.js", esModule = embed ${file(join(build, "index.js"))})`,
+      `(name = "index_bg.wasm", wasm = embed ${file(join(build, "index_bg.wasm"))})`,
     ],
     entry: "entry.mjs",
     bindings: Object.entries(vars).map(([k, v]) => `(name = ${str(k)}, text = ${str(v)})`),
@@ -65,7 +72,7 @@ if (variant === "load") {
 
 const config = `using Workerd = import "/workerd/workerd.capnp";
 
-const config :Workerd.Config = (
+const config :Workerd.Config = (${v8Flags}
   services = [
     (name = "main", worker = .main),
     (name = "kv", worker = .kv),

@@ -37,6 +37,7 @@ use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
     Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
 };
+use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
@@ -1267,20 +1268,27 @@ impl DurableObject for UserSession {
 
     async fn fetch(&self, req: Request) -> Result<Response> {
         let origin = Origin::of(&req);
-        match (req.method(), req.path().as_str()) {
-            (Method::Get, "/ping") => ping(&self.state, &req).await,
-            (Method::Post, "/create") => self.create(req, origin).await,
-            (Method::Post, "/refresh") => self.refresh(req, origin).await,
-            (Method::Post, "/revoke") => self.revoke(req, Ending::One, origin).await,
-            (Method::Post, "/revoke-all") => self.revoke(req, Ending::All, origin).await,
-            (Method::Post, "/close") => self.revoke(req, Ending::Close, origin).await,
-            (Method::Post, "/devices/create") => self.create_device(req, origin).await,
-            (Method::Post, "/devices/delete") => self.delete_device(req, origin).await,
-            (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).await,
-            (Method::Post, "/devices/list") => self.list_devices().await,
-            (Method::Post, "/inputs") => self.set_inputs(req, origin).await,
-            _ => Response::error("unknown durable object route", 404),
-        }
+        // Each route's future is boxed, as the Worker's are (`edge::fetch`):
+        // its state machine is then a wasm function of its own, compiled
+        // lazily on its first call. Unboxed, every route was inlined into one
+        // 62 KB function that an isolate's first request of any kind (a
+        // refresh, say) compiled whole.
+        let route: LocalBoxFuture<'_, Result<Response>> = match (req.method(), req.path().as_str())
+        {
+            (Method::Get, "/ping") => async move { ping(&self.state, &req).await }.boxed_local(),
+            (Method::Post, "/create") => self.create(req, origin).boxed_local(),
+            (Method::Post, "/refresh") => self.refresh(req, origin).boxed_local(),
+            (Method::Post, "/revoke") => self.revoke(req, Ending::One, origin).boxed_local(),
+            (Method::Post, "/revoke-all") => self.revoke(req, Ending::All, origin).boxed_local(),
+            (Method::Post, "/close") => self.revoke(req, Ending::Close, origin).boxed_local(),
+            (Method::Post, "/devices/create") => self.create_device(req, origin).boxed_local(),
+            (Method::Post, "/devices/delete") => self.delete_device(req, origin).boxed_local(),
+            (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
+            (Method::Post, "/devices/list") => self.list_devices().boxed_local(),
+            (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),
+            _ => return Response::error("unknown durable object route", 404),
+        };
+        route.await
     }
 
     async fn alarm(&self) -> Result<Response> {
