@@ -3,7 +3,7 @@
 // by function on first call, in V8's baseline compiler (Liftoff), and that
 // compilation runs on the request that first calls the function.
 //
-// usage: node compile-trace.mjs [--data DIR] [--runs 5] [--build DIR] [--compare DIR]
+// usage: node compile-trace.mjs [--data DIR] [--runs 5] [--build DIR] [--compare DIR] [--top N]
 //
 // Each run starts `workerd serve` with V8's --trace-wasm-compilation-times on
 // the scenario's config (see workerd-config.mjs), then sends, one at a time:
@@ -11,9 +11,12 @@
 // requests.txt), POST /v1/auth/logout (the same token: the isolate's first
 // call into its UserSession object). It prints, for each request, the median
 // over the runs of the functions compiled, the bytes of their bodies and the
-// compile time V8 reports. --build measures another build than build/ (a
+// compile time V8 reports (V8 reports a few functions twice; they count
+// twice, as their compile time was spent twice). --build measures another build than build/ (a
 // directory with entry.mjs, index.js and index_bg.wasm); --compare DIR
-// measures that build too, the runs interleaved.
+// measures that build too, the runs interleaved. --top N lists the N largest
+// functions each request compiled (named when the build kept its name
+// section: KEEP_WASM_NAMES=1 sh scripts/build-worker.sh).
 // DIR is a scenario directory the benchmark seeded (bench/.work/<scenario>);
 // re-seed it (bench/README.md) when its tokens have expired.
 import { spawn, spawnSync } from "node:child_process";
@@ -54,7 +57,39 @@ const steps = [
 ];
 
 // "Compiled function 0x..#1234 using Liftoff, took 71 μs and 21136 bytes; bodysize 494 codesize 2072"
-const TRACE = /Compiled function \S+ using (\w+), took (\d+) μs and \d+ bytes; bodysize (\d+)/;
+const TRACE = /Compiled function \S+#(\d+) using (\w+), took (\d+) μs and \d+ bytes; bodysize (\d+)/;
+const top = Number(args.top ?? 0);
+
+/** Function index -> name, from the module's "name" section (empty without one). */
+function functionNames(wasm) {
+  const names = new Map();
+  const [section] = WebAssembly.Module.customSections(new WebAssembly.Module(wasm), "name");
+  if (!section) return names;
+  const b = new Uint8Array(section);
+  let at = 0;
+  const leb = () => {
+    let n = 0;
+    for (let shift = 0; ; shift += 7) {
+      const byte = b[at++];
+      n += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) return n;
+    }
+  };
+  while (at < b.length) {
+    const [id, size] = [b[at++], leb()];
+    const end = at + size;
+    if (id === 1) {
+      for (let count = leb(); count > 0; count--) {
+        const index = leb();
+        const len = leb();
+        names.set(index, new TextDecoder().decode(b.subarray(at, at + len)));
+        at += len;
+      }
+    }
+    at = end;
+  }
+  return names;
+}
 
 async function once(build, i) {
   const config = join(work, `ours-${i}.capnp`);
@@ -79,14 +114,20 @@ async function once(build, i) {
         if (!res.ok) throw new Error(`${name}: ${res.status} (re-seed the scenario if its tokens expired)`);
       } else await untilUp(port);
       await settle();
-      const [functions, bytes, micros, tiers] = lines.reduce(
-        ([n, b, t, tiers], l) => {
-          const [, tier, took, body] = l.match(TRACE);
-          return [n + 1, b + Number(body), t + Number(took), tiers.add(tier)];
-        },
-        [0, 0, 0, new Set()],
-      );
-      out.push({ name, functions, bytes, micros, tiers: [...tiers].join("+") });
+      const compiled = lines.map((l) => l.match(TRACE)).map(([, index, tier, took, body]) => ({
+        index: Number(index),
+        tier,
+        took: Number(took),
+        body: Number(body),
+      }));
+      out.push({
+        name,
+        functions: compiled.length,
+        bytes: compiled.reduce((sum, c) => sum + c.body, 0),
+        micros: compiled.reduce((sum, c) => sum + c.took, 0),
+        tiers: [...new Set(compiled.map((c) => c.tier))].join("+"),
+        largest: compiled.sort((x, y) => y.body - x.body).slice(0, top),
+      });
       lines = [];
     }
   } finally {
@@ -99,6 +140,7 @@ const results = builds.map(() => []);
 for (let i = 0; i < runs; i++) for (const [b, build] of builds.entries()) results[b].push(await once(build, `${b}-${i}`));
 
 for (const [b, build] of builds.entries()) {
+  const names = top ? functionNames(readFileSync(join(build, "index_bg.wasm"))) : new Map();
   console.log(`${build} (median of ${runs} fresh isolates)`);
   for (const [s, [name]] of steps.entries()) {
     const at = (k) => median(results[b].map((r) => r[s][k]));
@@ -106,5 +148,8 @@ for (const [b, build] of builds.entries()) {
       `  ${name.padEnd(22)} ${String(at("functions")).padStart(4)} functions, ${(at("bytes") / 1000).toFixed(1).padStart(6)} KB of code, ` +
         `${(at("micros") / 1000).toFixed(1).padStart(5)} ms compiling (${results[b][0][s].tiers || "none"})`,
     );
+    // The largest functions of the first run (the same functions in every run).
+    for (const c of results[b][0][s].largest)
+      console.log(`      ${String(c.body).padStart(6)} B  #${c.index} ${names.get(c.index) ?? ""}`.trimEnd());
   }
 }
