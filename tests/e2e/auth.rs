@@ -150,7 +150,10 @@ async fn at_fault(ctx: &Ctx, path: &str, email: &str, fault: &str) -> Resp {
         path,
         Some(json!({"email": email, "password": "correct horse battery"})),
         None,
-        &[("x-keenvpn-fault", fault)],
+        &[
+            ("cf-connecting-ip", &fresh_ip()),
+            ("x-keenvpn-fault", fault),
+        ],
     )
     .await
 }
