@@ -538,7 +538,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "stripeWebhook",
             tag: "billing",
             summary: "Stripe events",
-            description: "Subscription events from Stripe. The `Stripe-Signature` HMAC is checked over the raw body before it is parsed; each event applies once, and only if newer than what is known. An event that would give a user a subscription to a plan this deployment does not have is refused with `not_configured` and not recorded, so Stripe retries it.",
+            description: "Subscription events from Stripe. The `Stripe-Signature` HMAC is checked over the raw body before it is parsed; each event applies once, and only if newer than what is known, except that the end of a subscription is final whenever it is delivered. An event that would give a user a subscription to a plan this deployment does not have is refused with `not_configured` and not recorded, so Stripe retries it.",
             auth: Auth::Stripe,
             needs: Needs::BOTH,
             body: Some(Schema::from(true)),

@@ -86,6 +86,10 @@ pub const REVIVED_BY_PAYMENT: [Status; 5] = [
     Status::Incomplete,
 ];
 
+/// The statuses of a subscription that has ended for good: the provider
+/// never moves one out of them (a new purchase is a new subscription).
+pub const ENDED: [Status; 2] = [Status::Canceled, Status::IncompleteExpired];
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subscription {
     pub plan: Plan,

@@ -9,7 +9,7 @@ use super::{Fail, bindings, pg, time};
 use crate::domain::account::Email;
 use crate::domain::device::{DeviceName, PublicKey};
 pub use crate::domain::entitlement::EntitlementInputs;
-use crate::domain::entitlement::{PAID_FOR, REVIVED_BY_PAYMENT, Status};
+use crate::domain::entitlement::{ENDED, PAID_FOR, REVIVED_BY_PAYMENT, Status};
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{Change, Envelope};
 use crate::http::ApiError;
@@ -384,6 +384,16 @@ const STATUS_SET_AT: &str =
 /// of the newest event of either kind that set the status; each sets the
 /// status only when at least as new as that. So a renewal delivered after its
 /// invoice still brings the new period, and keeps the invoice's status.
+///
+/// Two exceptions, for what the order of creation times cannot tell:
+/// - an end ([`ENDED`]) is final: a subscription event that ends the
+///   subscription sets the status whatever set it last (the final invoice,
+///   paid a second after the cancellation, may be delivered first), and
+///   nothing sets it again;
+/// - an event created in the same second as the one that set the status sets
+///   it too (the later delivery wins), except `incomplete`, which only a
+///   checkout's first event carries: its retry after the payment's events of
+///   the same second does not undo them.
 pub async fn apply_billing_event(
     client: &Client,
     env: &Envelope,
@@ -416,9 +426,18 @@ pub async fn apply_billing_event(
                     quoted(id)?
                 ));
             }
-            // The status only from an event at least as new as the one that set it.
-            let sets_status =
-                format!("({STATUS_SET_AT} IS NULL OR {STATUS_SET_AT} <= EXCLUDED.status_event_at)");
+            // The status only from an event at least as new as the one that
+            // set it (`incomplete` only from a newer one), or one that ends
+            // the subscription; never once it has ended.
+            let ended = status_list(&ENDED);
+            let sets_status = format!(
+                "(subscriptions.status NOT IN ({ended})
+                  AND (EXCLUDED.status IN ({ended}) OR {STATUS_SET_AT} IS NULL
+                       OR {STATUS_SET_AT} < EXCLUDED.status_event_at
+                       OR ({STATUS_SET_AT} = EXCLUDED.status_event_at
+                           AND EXCLUDED.status <> '{incomplete}')))",
+                incomplete = Status::Incomplete.as_str()
+            );
             // An event that would give one of our users a subscription with
             // no plan is not recorded, so that the provider's retries (or a
             // re-send) apply it once the plan exists.
@@ -449,7 +468,8 @@ pub async fn apply_billing_event(
                          provider_event_at = EXCLUDED.provider_event_at,
                          provider_created_at = coalesce(EXCLUDED.provider_created_at, subscriptions.provider_created_at),
                          status = CASE WHEN {sets_status} THEN EXCLUDED.status ELSE subscriptions.status END,
-                         status_event_at = CASE WHEN {sets_status} THEN EXCLUDED.status_event_at
+                         status_event_at = CASE WHEN {sets_status}
+                                                THEN greatest(subscriptions.status_event_at, EXCLUDED.status_event_at)
                                                 ELSE subscriptions.status_event_at END,
                          updated_at = now(), version = subscriptions.version + 1
                      WHERE subscriptions.provider_event_at IS NULL

@@ -32,6 +32,14 @@ pub const TESTS: &[(&str, Test)] = &[
         stale_invoice,
     ),
     (
+        "billing::an_end_delivered_after_the_final_invoice_still_ends_the_subscription_for_good",
+        end_after_final_invoice,
+    ),
+    (
+        "billing::a_checkout_s_first_event_retried_after_its_payment_in_the_same_second_undoes_nothing",
+        checkout_retried_after_payment,
+    ),
+    (
         "billing::a_new_subscription_survives_the_end_of_the_one_it_replaced",
         replaced_subscription_ends,
     ),
@@ -350,6 +358,79 @@ fn stale_invoice(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(
             plan_in_db(ctx, &s).await,
             Some(("plus".into(), "past_due".into()))
+        );
+        Ok(())
+    })
+}
+
+/// The user cancels at once: Stripe sends `customer.subscription.deleted`,
+/// and `invoice.paid` for the final invoice a second later. The deletion's
+/// first delivery fails, and its retry comes after the invoice: the
+/// subscription still ends, although the invoice set the status last and
+/// is newer. (It stayed active, granting Plus to the end of the period and
+/// its grace.) And once ended, nothing brings it back: not a subscription
+/// event of the same second, nor a later invoice.
+fn end_after_final_invoice(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let t = now() - 3 * 3600;
+        let (mut user, s) = plus_subscriber(ctx, t).await;
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "plus");
+
+        let end = next(&s, t + 600);
+        expect_applied(ctx, "invoice.paid", &next(&s, t + 601), true).await;
+        expect_applied(ctx, "customer.subscription.deleted", &end, true).await;
+        let ended = Some(("plus".into(), "canceled".into()));
+        assert_eq!(plan_in_db(ctx, &s).await, ended);
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "free");
+
+        // An update of the same second as the end is applied (its period and
+        // plan), but the status stays ended.
+        expect_applied(
+            ctx,
+            "customer.subscription.updated",
+            &next(&s, t + 600),
+            true,
+        )
+        .await;
+        expect_applied(ctx, "invoice.paid", &next(&s, t + 900), false).await;
+        assert_eq!(plan_in_db(ctx, &s).await, ended);
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "free");
+        Ok(())
+    })
+}
+
+/// A checkout: `customer.subscription.created` (incomplete), then, in the
+/// same second, the payment's `invoice.paid` and
+/// `customer.subscription.updated` (active). The first delivery of the
+/// creation fails, and its retry comes last: the subscription stays active.
+/// (Events of the same second took the status in the order delivered, and
+/// the paying user fell back to the free plan until the next event.)
+fn checkout_retried_after_payment(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let t = now() - 60;
+        let mut paid = sub_for(&user, "plus");
+        paid.created = t;
+        let mut created = next(&paid, t);
+        created.status = Status::Incomplete;
+
+        expect_applied(ctx, "invoice.paid", &next(&paid, t), false).await;
+        expect_applied(ctx, "customer.subscription.updated", &paid, true).await;
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "plus");
+        expect_applied(ctx, "customer.subscription.created", &created, true).await;
+        assert_eq!(
+            plan_in_db(ctx, &paid).await,
+            Some(("plus".into(), "active".into()))
+        );
+        assert_eq!(plan_after_refresh(ctx, &mut user).await, "plus");
+
+        // A newer `incomplete` would still apply (not that Stripe sends one).
+        let mut later = next(&paid, t + 1);
+        later.status = Status::Incomplete;
+        expect_applied(ctx, "customer.subscription.updated", &later, true).await;
+        assert_eq!(
+            plan_in_db(ctx, &paid).await,
+            Some(("plus".into(), "incomplete".into()))
         );
         Ok(())
     })
