@@ -176,7 +176,17 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
             return Err(unavailable);
         }
     };
-    let Some(row) = store::create_user(&db, &email, &phc).await? else {
+    let created = match store::create_user(&db, &email, &phc).await {
+        Ok(created) => created,
+        Err(failed) => {
+            // The database did not take it (or could not say it did): given
+            // back as well, or a database in trouble would lock a network out
+            // of sign-up for its retries.
+            throttle_refund(env, req.request_id(), &throttle, counted).await;
+            return Err(failed);
+        }
+    };
+    let Some(row) = created else {
         return Err(ApiError::new(
             ProblemCode::EmailTaken,
             "An account with this email already exists; sign in instead.",
