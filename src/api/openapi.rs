@@ -336,7 +336,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "login",
             tag: "auth",
             summary: "Sign in",
-            description: "An unknown email and a wrong password get the same answer. Failed attempts are throttled per account and per client address.",
+            description: "An unknown email and a wrong password get the same answer. Attempts are throttled per account (5 in 15 minutes; a success clears the count) and per client network (30 in 15 minutes, successful ones included: an IPv4 address or an IPv6 /64).",
             auth: Auth::Public,
             needs: Needs::BOTH,
             body: s.request::<Credentials>(),
