@@ -133,7 +133,7 @@ fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
     if dev {
         if let Some(point) = header("x-keenvpn-client-location").and_then(|v| {
             let (lat, lon) = v.split_once(',')?;
-            Point::new(lat.trim().parse().ok()?, lon.trim().parse().ok()?)
+            point(lat, lon)
         }) {
             return ClientLocation::Coordinates(point);
         }
@@ -144,14 +144,20 @@ fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
     let Some(cf) = req.cf() else {
         return ClientLocation::Unknown;
     };
-    if let Some(point) = cf
-        .coordinates()
-        .and_then(|(lat, lon)| Point::new(f64::from(lat), f64::from(lon)))
+    let text = |read: Result<Option<String>, wasm_bindgen::JsValue>| read.ok().flatten();
+    if let Some(point) = text(cf.latitude())
+        .zip(text(cf.longitude()))
+        .and_then(|(lat, lon)| point(&lat, &lon))
     {
         return ClientLocation::Coordinates(point);
     }
-    cf.country()
-        .map_or(ClientLocation::Unknown, ClientLocation::Country)
+    text(cf.country()).map_or(ClientLocation::Unknown, ClientLocation::Country)
+}
+
+/// A position from its latitude and longitude as text (decimal degrees);
+/// `None` unless both are numbers in range.
+fn point(lat: &str, lon: &str) -> Option<Point> {
+    Point::new(lat.trim().parse().ok()?, lon.trim().parse().ok()?)
 }
 
 /// The user's devices: the KV mirror, else the user's object (no database).

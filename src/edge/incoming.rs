@@ -119,9 +119,11 @@ impl Incoming {
     }
 
     /// Cloudflare's properties of the request (geolocation and more); `None`
-    /// in local development.
-    pub fn cf(&self) -> Option<worker::Cf> {
-        self.raw.cf().map(Into::into)
+    /// in local development. The runtime's own object: `worker::Cf` would
+    /// panic on a latitude or longitude that is not a number, and reads them
+    /// as `f32`.
+    pub fn cf(&self) -> Option<worker::worker_sys::IncomingRequestCfProperties> {
+        self.raw.cf()
     }
 
     /// The whole body if it is at most `max` bytes, `None` if it is longer.

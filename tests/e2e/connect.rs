@@ -210,6 +210,25 @@ fn nearest(ctx: &Ctx) -> Result<(), Failed> {
         // From London, the free plan's failover holds only free regions.
         let r = connect_from(ctx, &free, &free_dev, LONDON, None).await;
         assert_eq!(r.body["failover"], json!(["us-east"]));
+        // With no location header, the runtime's geolocation of the request
+        // decides (the harness's stand-in: Tokyo).
+        for (user, device, expected) in [
+            (&plus, &plus_dev, "ap-northeast"),
+            (&free, &free_dev, "eu-central"),
+        ] {
+            let body = json!({"device_id": device});
+            let r = send_with(
+                ctx,
+                "POST",
+                "/v1/connect",
+                Some(body),
+                Some(&user.access),
+                &[],
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.body["region"], expected, "from the request's cf");
+        }
         Ok(())
     })
 }

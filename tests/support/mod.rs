@@ -595,6 +595,11 @@ fn snapshot_app(dir: &Path, without: &[&str]) -> PathBuf {
 /// What wrangler prints when a port it was given is in use.
 const PORT_TAKEN: &str = "Address already in use";
 
+/// The `cf` properties every request to the test stack carries: Cloudflare's
+/// geolocation of a client in Tokyo (`tests/e2e/connect.rs` counts on it).
+pub const CF_STAND_IN: &str = r#"{"colo":"NRT","country":"JP","city":"Tokyo","continent":"AS",
+"latitude":"35.68950","longitude":"139.69171","timezone":"Asia/Tokyo","asn":2516}"#;
+
 /// `wrangler dev` serving the worker, with its Hyperdrive bindings pointed at `db_url`.
 pub struct Wrangler {
     pub port: u16,
@@ -660,6 +665,13 @@ impl Wrangler {
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        // The request's `cf` geolocation, which wrangler dev otherwise
+        // fetches (or, offline, replaces with a placeholder): a fixed stand-in,
+        // so that a connect with no location header is placed from a known
+        // place on any machine. Written at each start: wrangler takes the file
+        // only while it is less than 30 days old.
+        let cf = self.dir.join("cf.json");
+        fs::write(&cf, CF_STAND_IN).expect("write cf.json");
         let mut cmd = Command::new(bin.join("wrangler"));
         cmd.current_dir(app)
             .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string()])
@@ -681,6 +693,7 @@ impl Wrangler {
                 "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE_CACHED",
                 db_url,
             )
+            .env("CLOUDFLARE_CF_FETCH_PATH", &cf)
             .env("WRANGLER_SEND_METRICS", "false")
             .env("WRANGLER_LOG_PATH", self.dir.join("wrangler-logs"))
             .stdin(Stdio::null())
