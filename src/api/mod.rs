@@ -240,6 +240,9 @@ wire! {
         pub latitude: f64,
         pub longitude: f64,
         pub tier: Tier,
+        /// For new connections: `up` takes them; `draining` keeps its tunnels
+        /// and takes no new ones (the operator's choice, or a region whose
+        /// admission rate is 0 or whose servers have no capacity); `down`.
         pub health: Health,
         /// Reported load of the region's servers, weighted by capacity (0 to 1).
         pub load: f32,

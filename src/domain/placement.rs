@@ -155,7 +155,7 @@ struct Site {
 impl Site {
     fn of(region: &Region) -> Site {
         Site {
-            usable: region.health == Health::Up && region.servers.iter().any(|s| s.capacity > 0),
+            usable: region.health == Health::Up && has_capacity(region),
             tier: region.tier,
             unit: position(region).map(geo::unit_vector),
         }
@@ -538,6 +538,21 @@ fn fmix64(mut h: u64) -> u64 {
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^= h >> 33;
     h
+}
+
+/// A region's health as `GET /v1/regions` lists it: its state for new
+/// connections. One that is up but takes no one new (its admission rate is
+/// 0, or none of its servers has capacity) is listed `draining`: it keeps its
+/// tunnels and is not offered, as placement treats it.
+pub fn listed_health(region: &Region) -> Health {
+    match region.health {
+        Health::Up if region.admission_rate == 0 || !has_capacity(region) => Health::Draining,
+        health => health,
+    }
+}
+
+fn has_capacity(region: &Region) -> bool {
+    region.servers.iter().any(|s| s.capacity > 0)
 }
 
 /// A region's load for the catalogue API: the capacity-weighted mean of its
@@ -1378,6 +1393,30 @@ mod tests {
         assert_eq!(region_load(&servers_region(vec![])), 0.0);
         small.capacity = 0;
         assert_eq!(region_load(&servers_region(vec![small])), 0.0);
+    }
+
+    #[test]
+    fn a_region_listed_up_takes_new_clients() {
+        let up = servers_region(vec![server("a", 100)]);
+        assert_eq!(listed_health(&up), Health::Up);
+        // Up, but closed or without capacity: listed draining, as placement
+        // offers it to no one.
+        let mut closed = up.clone();
+        closed.admission_rate = 0;
+        assert_eq!(listed_health(&closed), Health::Draining);
+        assert_eq!(
+            listed_health(&servers_region(vec![server("a", 0)])),
+            Health::Draining
+        );
+        assert_eq!(listed_health(&servers_region(vec![])), Health::Draining);
+        // The operator's or the monitor's state otherwise.
+        for health in [Health::Draining, Health::Down] {
+            let mut r = closed.clone();
+            r.health = health;
+            assert_eq!(listed_health(&r), health);
+            r.admission_rate = 10;
+            assert_eq!(listed_health(&r), health);
+        }
     }
 }
 

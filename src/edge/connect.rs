@@ -95,7 +95,7 @@ fn regions_reply(snapshot: &Snapshot) -> Reply {
             latitude: r.latitude,
             longitude: r.longitude,
             tier: r.tier,
-            health: r.health,
+            health: placement::listed_health(r),
             load: placement::region_load(r),
         })
         .collect();

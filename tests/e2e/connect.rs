@@ -281,6 +281,26 @@ fn failover(ctx: &Ctx) -> Result<(), Failed> {
             connect_from(ctx, &plus, &dev, LONDON, None).await.body["region"],
             "eu-west"
         );
+        // Up, but admitting no one: listed as draining (it used to be listed
+        // up, and offered to users who were then steered elsewhere), and
+        // not offered.
+        set_region(ctx, "eu-west", json!({"admission_rate": 0})).await;
+        let regions = send(ctx, "GET", "/v1/regions", None, None).await;
+        assert_eq!(region_in(&regions.body, "eu-west")["health"], "draining");
+        let r = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        assert_eq!(
+            (r.status, s(&r.body["region"])),
+            (200, "eu-central"),
+            "{}",
+            r.body
+        );
+        set_region(ctx, "eu-west", json!({"admission_rate": 200})).await;
+        let regions = send(ctx, "GET", "/v1/regions", None, None).await;
+        assert_eq!(region_in(&regions.body, "eu-west")["health"], "up");
+        assert_eq!(
+            connect_from(ctx, &plus, &dev, LONDON, None).await.body["region"],
+            "eu-west"
+        );
         Ok(())
     })
 }

@@ -749,6 +749,13 @@ export function chooseServer(region: Region, deviceId: string): Server | undefin
   return best;
 }
 
+/** The health /v1/regions lists: a region up but taking no one new is draining. */
+export function listedHealth(r: Region): Health {
+  return r.health === "up" && (r.admission_rate === 0 || !r.servers.some((s) => s.capacity > 0))
+    ? "draining"
+    : r.health;
+}
+
 /** Capacity-weighted mean load, as an f32 like the worker's. */
 export function regionLoad(r: Region): number {
   let w = 0;
@@ -831,7 +838,7 @@ export function regionsBody(snapshot: Snapshot): string {
     body = JSON.stringify({
       regions: snapshot.regions.map((r) => ({
         country: r.country,
-        health: r.health,
+        health: listedHealth(r),
         id: r.id,
         latitude: r.latitude,
         load: regionLoad(r),
