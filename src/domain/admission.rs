@@ -54,7 +54,10 @@
 //! it, in the order it was refused, and most clients are admitted on their
 //! first retry. Nothing is reserved: a client that comes back takes a token
 //! like anyone else (so the bucket's bound below still holds), and one that
-//! goes to a failover region instead costs the region nothing. The queue
+//! goes to a failover region instead costs the region nothing. The turn is
+//! therefore a forecast: while others arrive faster than the rate, a client
+//! that comes back at its turn may find the tokens taken, and queues again
+//! (the README's Admission section says what bounds this). The queue
 //! holds at most [`QUEUE_SECS`] of the rate: a client refused beyond that
 //! is told [`QUEUE_FULL_MS`], which [`busy_retry_after_secs`] turns into a
 //! short wait, so that under the documented policy (a failover region after
