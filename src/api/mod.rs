@@ -61,9 +61,11 @@ wire! {
         /// trimmed).
         #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 1, max = 64), regex(pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")))]
         pub name: String,
-        /// The device's WireGuard public key: 32 bytes (not all zero), canonical
-        /// standard base64 (44 characters).
-        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")))]
+        /// The device's WireGuard public key: 32 bytes in canonical standard
+        /// base64 (44 characters), a canonical Curve25519 key (below 2^255 - 19,
+        /// so the last byte's top bit clear), not zero nor another point of
+        /// small order.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{41}[A-HQ-Xg-nw-z0-3][AEIMQUYcgkosw048]=$")))]
         pub public_key: String,
     }
 
@@ -71,8 +73,8 @@ wire! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct RotateKey {
-        /// The new WireGuard public key: 32 bytes (not all zero), canonical standard base64.
-        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")))]
+        /// The new WireGuard public key, as for registration.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^(?!A{43}=)[A-Za-z0-9+/]{41}[A-HQ-Xg-nw-z0-3][AEIMQUYcgkosw048]=$")))]
         pub public_key: String,
     }
 

@@ -1736,7 +1736,10 @@ up in the current directory, its parents, then the crate root.";
                 .map(|(i, u)| {
                     let (url, pb) = (&url, &pb);
                     async move {
-                        let key = STANDARD.encode(random_bytes::<32>());
+                        // A WireGuard public key: the top bit is clear.
+                        let mut key = random_bytes::<32>();
+                        key[31] &= 0x7f;
+                        let key = STANDARD.encode(key);
                         let body =
                             json!({ "name": format!("surge {run_id} {i}"), "public_key": key });
                         let idempotency_key = format!("surge-{run_id}-{i}");

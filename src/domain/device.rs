@@ -83,8 +83,13 @@ const IPV6_BASE: u128 = 0xfd4b_6565_6e00_u128 << 80;
 /// Only the canonical spelling is accepted (re-encoding gives the same string:
 /// no stray bits in the last character, no URL-safe alphabet, no whitespace),
 /// so one key has one spelling and a uniqueness constraint on the stored text
-/// is a uniqueness constraint on the key. The all-zero key is refused: it is
-/// what an unset key looks like, and no peer can use it.
+/// is a uniqueness constraint on the key. That takes the key's canonical
+/// encoding too: X25519 ignores the top bit of the last byte, and reads a
+/// number from 2^255 - 19 up as that much smaller one, so such a key is a
+/// second spelling of another; WireGuard never makes one. Refused as well:
+/// the all-zero key (what an unset key looks like) and the other points of
+/// small order, with which every handshake fails (WireGuard refuses the
+/// all-zero shared secret they give).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PublicKey(String);
 
@@ -114,12 +119,50 @@ impl PublicKey {
         if key == [0; KEY_LEN] {
             return Err(bad("is the all-zero key"));
         }
+        if key[KEY_LEN - 1] & 0x80 != 0 || is_at_least_p(&key) {
+            return Err(bad("is not a canonical Curve25519 key"));
+        }
+        if SMALL_ORDER.contains(&key) {
+            return Err(bad("is a point of small order, which no handshake can use"));
+        }
         Ok(PublicKey(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The Curve25519 points of small order below 2^255 - 19, as little-endian
+/// u-coordinates (0 is refused on its own): 1, the two of order 8, and
+/// p - 1.
+const SMALL_ORDER: [[u8; KEY_LEN]; 4] = {
+    let mut one = [0; KEY_LEN];
+    one[0] = 1;
+    let mut p_minus_1 = [0xff; KEY_LEN];
+    p_minus_1[0] = 0xec;
+    p_minus_1[KEY_LEN - 1] = 0x7f;
+    [
+        one,
+        [
+            0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
+            0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
+            0x5f, 0x49, 0xb8, 0x00,
+        ],
+        [
+            0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83,
+            0xef, 0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd,
+            0xd0, 0x9f, 0x11, 0x57,
+        ],
+        p_minus_1,
+    ]
+};
+
+/// Whether a key with its top bit clear reads as a number of at least
+/// p = 2^255 - 19: the top byte 0x7f, the 30 below it 0xff, the lowest at
+/// least 0xed.
+fn is_at_least_p(key: &[u8; KEY_LEN]) -> bool {
+    key[KEY_LEN - 1] == 0x7f && key[1..KEY_LEN - 1].iter().all(|b| *b == 0xff) && key[0] >= 0xed
 }
 
 /// A device's display name: at most 64 characters, no control characters
@@ -366,7 +409,10 @@ mod tests {
 
     #[test]
     fn canonical_keys_are_accepted_verbatim() {
-        for bytes in [[1u8; 32], [0xff; 32], core::array::from_fn(|i| i as u8)] {
+        let mut highest = [0xff; 32];
+        highest[0] = 0xec - 1; // p - 2: the largest canonical key but p - 1
+        highest[31] = 0x7f;
+        for bytes in [[1u8; 32], highest, core::array::from_fn(|i| i as u8)] {
             let s = key_of(bytes);
             assert_eq!(s.len(), 44);
             assert_eq!(PublicKey::parse(&s).unwrap().as_str(), s);
@@ -437,6 +483,43 @@ mod tests {
         ] {
             assert!(PublicKey::parse(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn second_spellings_of_a_key_are_refused() {
+        // X25519 ignores the top bit: this is the key below, spelled again.
+        let key: [u8; 32] = core::array::from_fn(|i| i as u8 * 3 + 1);
+        assert!(PublicKey::parse(&key_of(key)).is_ok());
+        let mut top = key;
+        top[31] |= 0x80;
+        // And reads p + k as k: p itself is 0, p + 1 is 1, up to 2^255 - 1.
+        let mut p = [0xff; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        let mut p_plus_18 = p;
+        p_plus_18[0] = 0xff;
+        for bad in [top, p, p_plus_18, [0xff; 32]] {
+            assert_eq!(
+                reason(PublicKey::parse(&key_of(bad))),
+                "is not a canonical Curve25519 key",
+                "{bad:x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn points_of_small_order_are_refused() {
+        for point in SMALL_ORDER {
+            assert_eq!(
+                reason(PublicKey::parse(&key_of(point))),
+                "is a point of small order, which no handshake can use",
+                "{point:x?}"
+            );
+        }
+        // Their neighbours are ordinary keys.
+        let mut two = [0; 32];
+        two[0] = 2;
+        assert!(PublicKey::parse(&key_of(two)).is_ok());
     }
 
     #[test]
@@ -1095,15 +1178,24 @@ mod properties {
             prop_assert_eq!(ledger, before);
         }
 
-        /// Every key of 32 bytes other than zero parses from its canonical
-        /// spelling and keeps it; the URL-safe alphabet, missing padding or
-        /// surrounding space never parse.
+        /// Exactly the canonical Curve25519 keys (below p) other than the
+        /// points of small order parse, from their canonical spelling, and
+        /// keep it; the URL-safe alphabet, missing padding or surrounding
+        /// space never parse.
         #[test]
         fn public_keys_parse_exactly_in_their_canonical_spelling(key in any::<[u8; 32]>()) {
             let canonical = STANDARD.encode(key);
+            // A number below p (top bit clear), neither zero nor of small order.
+            let usable = key[31] & 0x80 == 0
+                && !is_at_least_p(&key)
+                && key != [0; 32]
+                && !SMALL_ORDER.contains(&key);
             match PublicKey::parse(&canonical) {
-                Ok(parsed) => prop_assert_eq!(parsed.as_str(), canonical.as_str()),
-                Err(_) => prop_assert_eq!(key, [0; 32]),
+                Ok(parsed) => {
+                    prop_assert!(usable, "{:x?}", key);
+                    prop_assert_eq!(parsed.as_str(), canonical.as_str());
+                }
+                Err(_) => prop_assert!(!usable, "{:x?}", key),
             }
             let url_safe = canonical.replace('+', "-").replace('/', "_");
             if url_safe != canonical {
@@ -1115,13 +1207,15 @@ mod properties {
         }
 
         /// Whatever text is offered, a key that parses is 44 characters that
-        /// decode to 32 non-zero bytes and re-encode to the same text.
+        /// decode to 32 non-zero bytes, the top bit clear, and re-encode to
+        /// the same text.
         #[test]
         fn whatever_parses_as_a_key_is_canonical(s in "[A-Za-z0-9+/=_-]{42,46}") {
             if let Ok(key) = PublicKey::parse(&s) {
                 let bytes = STANDARD.decode(key.as_str()).unwrap();
                 prop_assert_eq!(bytes.len(), 32);
                 prop_assert!(bytes.iter().any(|b| *b != 0));
+                prop_assert_eq!(bytes[31] & 0x80, 0);
                 prop_assert_eq!(STANDARD.encode(&bytes), s);
             }
         }

@@ -267,11 +267,13 @@ pub fn dev_var(name: &str) -> String {
         .to_owned()
 }
 
-/// A random WireGuard-shaped public key (32 bytes, standard base64).
+/// A random WireGuard public key (32 bytes, standard base64), canonical as
+/// X25519 makes them: the last byte's top bit clear.
 pub fn wg_key() -> String {
     let mut bytes = [0u8; 32];
     let seed = unique("k");
     let digest = <sha2::Sha256 as sha2::Digest>::digest(seed.as_bytes());
     bytes.copy_from_slice(&digest);
+    bytes[31] &= 0x7f;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }

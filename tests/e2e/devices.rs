@@ -3,6 +3,8 @@
 use crate::common::*;
 use crate::harness::{Ctx, Test};
 use crate::support::eventually;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use libtest_mimic::Failed;
 use serde_json::{Value, json};
 
@@ -194,6 +196,18 @@ fn bad_and_taken_keys(ctx: &Ctx) -> Result<(), Failed> {
         let taken = create(ctx, &b, "theirs", &key).await;
         assert_eq!(taken.status, 409, "{}", taken.body);
         assert_eq!(taken.body["code"], "public_key_in_use");
+        // The same key spelled again: with the top bit X25519 ignores set
+        // (it was taken as another key, 201), and a point of small order.
+        let mut alias = STANDARD.decode(&key).unwrap();
+        alias[31] |= 0x80;
+        for bad in [
+            STANDARD.encode(alias),
+            "7P///////////////////////////////////////38=".into(),
+        ] {
+            let r = create(ctx, &b, "theirs", &bad).await;
+            assert_eq!(r.status, 422, "{bad}: {}", r.body);
+            assert_eq!(r.body["errors"][0]["field"], "public_key");
+        }
         assert_eq!(
             device_count(ctx, &b.id).await,
             0,
