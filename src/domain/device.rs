@@ -45,6 +45,14 @@
 //! the newer sync already covered everything the older one could. The error
 //! is then always an over-count, which only lasts until the next sync.
 //!
+//! A delete is the mirror image: a list read before the delete committed
+//! still shows the device. So the delete's own answer calls
+//! [`Ledger::forget`], which drops the device at once (its own list may be
+//! the stale one, ignored) and keeps it dropped against every list read
+//! under an older mark. (Without it, a delete answered after a newer sync
+//! whose list predated the delete left the device counted, and nothing
+//! re-read the list: at the limit, every later registration was refused.)
+//!
 //! # Downgrades
 //!
 //! The limit is an argument, not state: a plan downgrade below the current
@@ -255,7 +263,12 @@ pub struct Ledger {
     /// if it still exists.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     confirms: BTreeMap<String, u64>,
-    /// Counts confirms; the clock that [`SyncMark`]s read.
+    /// Devices a committed delete dropped -> the `seq` of that
+    /// [`Ledger::forget`]; kept out of any list read under an older mark,
+    /// which may predate the delete.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    forgotten: BTreeMap<String, u64>,
+    /// Counts confirms and forgets; the clock that [`SyncMark`]s read.
     #[serde(default, skip_serializing_if = "is_zero")]
     seq: u64,
     /// The mark of the last sync applied; older ones are stale.
@@ -297,6 +310,15 @@ impl Ledger {
         self.confirms.insert(device_id.to_owned(), self.seq);
     }
 
+    /// The delete committed: the device stops counting now, and no list read
+    /// before this call (under an older mark) brings it back.
+    pub fn forget(&mut self, device_id: &str) {
+        self.seq += 1;
+        self.devices.remove(device_id);
+        self.confirms.remove(device_id);
+        self.forgotten.insert(device_id.to_owned(), self.seq);
+    }
+
     /// The insert failed: drops the reservation, freeing its slot. Unknown
     /// reservations are ignored.
     pub fn release(&mut self, reservation: &str) {
@@ -312,8 +334,9 @@ impl Ledger {
     /// Replaces the device set with PostgreSQL's `device_ids`, read by a query
     /// started after `mark` was taken, but keeps the devices confirmed after
     /// the mark: the query may have missed their rows, and dropping them would
-    /// under-count (see the module docs). A list read under an older mark
-    /// than the last sync's is stale and ignored. Reservations are untouched;
+    /// under-count (see the module docs), and leaves out the devices
+    /// forgotten after the mark, which the list may still show. A list read
+    /// under an older mark than the last sync's is stale and ignored. Reservations are untouched;
     /// one whose row the list already shows counts twice until its confirm,
     /// which errs on the safe side.
     ///
@@ -327,8 +350,13 @@ impl Ledger {
         }
         self.synced = mark.0;
         self.confirms.retain(|_, &mut seq| seq > mark.0);
+        self.forgotten.retain(|_, &mut seq| seq > mark.0);
         self.devices.clear();
-        self.devices.extend(device_ids);
+        self.devices.extend(
+            device_ids
+                .into_iter()
+                .filter(|id| !self.forgotten.contains_key(id)),
+        );
         self.devices.extend(self.confirms.keys().cloned());
         true
     }
@@ -339,6 +367,7 @@ impl Ledger {
     pub fn sync(&mut self, device_ids: Vec<String>) {
         self.synced = self.seq;
         self.confirms.clear();
+        self.forgotten.clear();
         self.devices.clear();
         self.devices.extend(device_ids);
     }
@@ -1104,7 +1133,7 @@ mod properties {
             let mut now = 1_000_000_i64;
             let mut db: BTreeSet<String> = BTreeSet::new();
             let mut pending: Vec<(String, i64)> = Vec::new();
-            let mut queries: Vec<(SyncMark, Vec<String>)> = Vec::new();
+            let mut queries: Vec<(SyncMark, Vec<String>, Option<String>)> = Vec::new();
             let mut next_device = 0u32;
             let mut next_id = 0u64;
             for step in steps {
@@ -1142,14 +1171,22 @@ mod properties {
                     Step::Reap => {
                         ledger.release_unless(|id| pending.iter().any(|(r, _)| r == id));
                     }
+                    // The delete request: a mark, the DELETE, then the list;
+                    // its answer is delivered like any sync's, with the
+                    // device it deleted.
                     Step::Delete(i) if !db.is_empty() => {
+                        let mark = ledger.mark();
                         let device = db.iter().nth(i.index(db.len())).cloned().unwrap();
                         db.remove(&device);
+                        queries.push((mark, db.iter().cloned().collect(), Some(device)));
                     }
-                    Step::SyncStart => queries.push((ledger.mark(), db.iter().cloned().collect())),
+                    Step::SyncStart => queries.push((ledger.mark(), db.iter().cloned().collect(), None)),
                     Step::SyncDeliver(i) if !queries.is_empty() => {
-                        let (mark, ids) = queries.remove(i.index(queries.len()));
+                        let (mark, ids, deleted) = queries.remove(i.index(queries.len()));
                         ledger.sync_since(mark, ids);
+                        if let Some(device) = deleted {
+                            ledger.forget(&device);
+                        }
                     }
                     Step::Advance(secs) => now += secs,
                     _ => {}
@@ -1159,6 +1196,20 @@ mod properties {
                 prop_assert!(exist <= limit as usize, "{} devices and inserts, limit {}", exist, limit);
                 prop_assert!(ledger.in_use(now) as usize >= exist, "the ledger under-counts");
             }
+            // Once every request has finished and every answer has arrived
+            // (in order), the ledger counts exactly the devices that exist:
+            // any over-count was temporary.
+            for (reservation, _) in pending.drain(..) {
+                ledger.release(&reservation);
+            }
+            for (mark, ids, deleted) in queries.drain(..) {
+                ledger.sync_since(mark, ids);
+                if let Some(device) = deleted {
+                    ledger.forget(&device);
+                }
+            }
+            let counted: BTreeSet<&String> = ledger.devices.iter().collect();
+            prop_assert_eq!(counted, db.iter().collect::<BTreeSet<_>>());
         }
 
         /// After a downgrade below the current count, every reservation is

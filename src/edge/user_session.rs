@@ -741,6 +741,9 @@ impl UserSession {
         let applied = stored
             .devices
             .sync_since(mark, list.iter().map(|d| d.id.clone()).collect());
+        if let Some(id) = removed {
+            stored.devices.forget(id);
+        }
         let old = std::mem::take(&mut stored.device_records);
         // The newer of the two is the base; the other only adds devices the
         // ledger counts that the base lacks.
