@@ -1,6 +1,8 @@
 //! The cron trigger, every minute:
 //! - marks down the regions whose monitors stopped reporting (a report older
-//!   than 3 minutes; regions never reported by a monitor are left alone);
+//!   than 3 minutes; regions never reported by a monitor are left alone),
+//!   unless its own runs had a gap in the last 3 minutes: the database was
+//!   down then (it needs it too), and refused the reports;
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
 //! - republishes the region catalogue snapshot to KV.
 //!
@@ -31,10 +33,25 @@ SELECT coalesce(json_agg(json_build_object(
 /// sent together run as one transaction, and a failure to create a partition
 /// must not undo marking silent regions down.
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
+    // A run more than 90 s after the last one (the cron runs every minute)
+    // followed a gap: the database was down, so monitors' reports were
+    // refused, or the cron stalled. Silence then counts from 3 minutes on
+    // (migration V11); so it does after the first run of all.
     (
         "mark silent regions down",
-        "UPDATE regions SET reported_health = 'down', updated_at = now()
-          WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'",
+        "WITH run AS (
+             INSERT INTO cron_state (last_run_at, marks_down_from)
+             VALUES (now(), now() + interval '3 minutes')
+             ON CONFLICT (id) DO UPDATE SET
+                 last_run_at = now(),
+                 marks_down_from = CASE
+                     WHEN cron_state.last_run_at < now() - interval '90 seconds'
+                     THEN now() + interval '3 minutes'
+                     ELSE cron_state.marks_down_from END
+             RETURNING marks_down_from)
+         UPDATE regions SET reported_health = 'down', updated_at = now()
+          WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'
+            AND now() >= (SELECT marks_down_from FROM run)",
     ),
     (
         "create connection event partitions",

@@ -14,7 +14,28 @@ pub const TESTS: &[(&str, Test)] = &[
         "cron::a_region_whose_monitor_went_silent_is_marked_down_and_no_report_ends_a_drain",
         stale_monitor,
     ),
+    (
+        "cron::after_a_gap_in_its_runs_the_cron_reads_no_silence_for_three_minutes",
+        gap_in_runs,
+    ),
 ];
+
+/// The cron has run every minute for a while: silence counts.
+const STEADY: &str = "INSERT INTO cron_state (last_run_at, marks_down_from)
+                      VALUES (now(), now() - interval '1 minute')
+                      ON CONFLICT (id) DO UPDATE
+                      SET last_run_at = now(), marks_down_from = now() - interval '1 minute'";
+
+/// What the monitors last reported of `region`, as PostgreSQL holds it.
+async fn reported(db: &tokio_postgres::Client, region: &str) -> String {
+    db.query_one(
+        "SELECT reported_health FROM regions WHERE id = $1",
+        &[&region],
+    )
+    .await
+    .expect("region")
+    .get(0)
+}
 
 async fn trigger(ctx: &Ctx) -> Result<(), Failed> {
     let resp = ctx
@@ -133,12 +154,14 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
             r["regions"].as_array().unwrap().iter().find(|r| r["id"] == "sa-east").unwrap()["health"].clone()
         };
         // A fresh report keeps the region up through a cron run...
+        db.execute(STEADY, &[]).await?;
         trigger(ctx).await?;
-        assert_eq!(health().await, "up");
+        assert_eq!(reported(&db, "sa-east").await, "up");
         // ...a report older than three minutes marks it down.
         db.execute("UPDATE regions SET health_reported_at = now() - interval '4 minutes' WHERE id = 'sa-east'", &[])
             .await?;
         trigger(ctx).await?;
+        assert_eq!(reported(&db, "sa-east").await, "down");
         // Isolates reuse a parsed catalogue for up to 5 s.
         let within = std::time::Duration::from_secs(15);
         crate::support::eventually(within, "sa-east down", || async { (health().await == "down").then_some(()) }).await;
@@ -163,6 +186,61 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         let reported: Value = report("up").await?.json().await?;
         assert_eq!(state(reported), ("up".into(), "up".into(), Value::Null));
         crate::support::eventually(within, "sa-east up again", || async { (health().await == "up").then_some(()) }).await;
+        // Forget the monitor.
+        db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
+        Ok(())
+    })
+}
+
+/// PostgreSQL was down for five minutes: the monitors' reports were refused
+/// (503), and the cron, which needs the database too, did not run. Its first
+/// run after the outage finds every monitored region silent for over three
+/// minutes, and used to mark them all down: every connect then got 503
+/// `no_region_available`. Now the gap in its own runs holds the marking off
+/// for three minutes, long enough for the monitors to report again; after
+/// that, silence counts again.
+fn gap_in_runs(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let token = crate::common::dev_var("ADMIN_TOKEN");
+        let report = |health: &'static str| {
+            ctx.http
+                .post(ctx.url("/v1/admin/regions/sa-east/health-report"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({ "health": health }))
+                .send()
+        };
+        assert_eq!(report("up").await?.status(), 200);
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        // The outage: the last run five minutes ago, the last report four.
+        db.batch_execute(&format!(
+            "{STEADY};
+             UPDATE cron_state SET last_run_at = now() - interval '5 minutes';
+             UPDATE regions SET health_reported_at = now() - interval '4 minutes' WHERE id = 'sa-east';"
+        ))
+        .await?;
+        trigger(ctx).await?;
+        assert_eq!(reported(&db, "sa-east").await, "up", "silence during the outage is not read");
+        let held: bool = db
+            .query_one(
+                "SELECT marks_down_from > now() + interval '170 seconds' FROM cron_state",
+                &[],
+            )
+            .await?
+            .get(0);
+        assert!(held, "marking waits three minutes from the first run after the gap");
+        // The next minute's run (no gap now) still waits.
+        trigger(ctx).await?;
+        assert_eq!(reported(&db, "sa-east").await, "up");
+        // Three minutes on, a monitor still silent is marked down.
+        db.execute("UPDATE cron_state SET marks_down_from = now() - interval '1 second'", &[])
+            .await?;
+        trigger(ctx).await?;
+        assert_eq!(reported(&db, "sa-east").await, "down");
+
+        assert_eq!(report("up").await?.status(), 200);
+        assert_eq!(reported(&db, "sa-east").await, "up");
         // Forget the monitor.
         db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
         Ok(())
