@@ -24,6 +24,9 @@ use sha2::{Digest, Sha256};
 use worker::Env;
 
 pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
+
+/// The shortest admin token the API accepts being configured with.
+const MIN_TOKEN_LEN: usize = 16;
 /// No region admits more than this many reconnects per second (sanity bound).
 const MAX_ADMISSION_RATE: u32 = 1_000_000;
 
@@ -42,11 +45,23 @@ fn authorize(req: &Incoming, env: &Env) -> Result<(), Fail> {
                 format!("secret {TOKEN_SECRET} is not set"),
             )
         })?;
-    let presented = req.header("authorization").unwrap_or_default();
-    let presented = presented.strip_prefix("Bearer ").unwrap_or_default();
-    if expected.len() < 16
-        || Sha256::digest(presented.as_bytes()) != Sha256::digest(expected.as_bytes())
-    {
+    if expected.len() < MIN_TOKEN_LEN {
+        // As good as unset: a guessable token would be worse than none.
+        return Err(Fail::new(
+            ApiError::new(
+                ProblemCode::NotConfigured,
+                "The admin API is not configured; it has been logged.",
+            ),
+            format!("secret {TOKEN_SECRET} is shorter than {MIN_TOKEN_LEN} characters"),
+        ));
+    }
+    let header = req.header("authorization").unwrap_or_default();
+    // The scheme's name is case-insensitive (RFC 9110, 11.1).
+    let presented = match header.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token,
+        _ => "",
+    };
+    if Sha256::digest(presented.as_bytes()) != Sha256::digest(expected.as_bytes()) {
         return Err(ApiError::new(
             ProblemCode::AdminUnauthorized,
             "Send the admin service token as a Bearer token.",

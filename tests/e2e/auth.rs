@@ -525,14 +525,20 @@ fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
-/// A worker deployed without its refresh-token pepper and webhook secret
-/// answers every route that needs one with 500 `not_configured` (a refresh
-/// used to be relayed as a retryable 503), and the rest as usual.
+/// A worker deployed without its refresh-token pepper and webhook secret,
+/// and with an admin token shorter than the 16 characters it needs, answers
+/// every route that needs one with 500 `not_configured` (a refresh used to be
+/// relayed as a retryable 503, and the admin API answered 401, as if every
+/// caller had sent the wrong token), and the rest as usual.
 fn missing_secrets(ctx: &Ctx) -> Result<(), Failed> {
     // A real refresh token, from the shared stack.
     let (_, pair) = ctx.rt.block_on(new_user(ctx));
     let refresh_token = s(&pair.body["refresh_token"]).to_owned();
-    let stack = Stack::start_without(&["REFRESH_TOKEN_PEPPER", "STRIPE_WEBHOOK_SECRET"]);
+    let short = "fifteen-chars-x";
+    let stack = Stack::start_with(
+        &["REFRESH_TOKEN_PEPPER", "STRIPE_WEBHOOK_SECRET"],
+        &[("ADMIN_TOKEN", short)],
+    );
     ctx.rt.block_on(async {
         let post = |path: &str, body: Value| {
             let base = stack.wrangler.base_url.clone();
@@ -554,6 +560,23 @@ fn missing_secrets(ctx: &Ctx) -> Result<(), Failed> {
                 r.body
             );
         }
+        let auth = format!("Bearer {short}");
+        let admin = send_to(
+            ctx,
+            &stack.wrangler.base_url,
+            "GET",
+            "/v1/admin/servers",
+            None,
+            None,
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(
+            (admin.status, admin.body["code"].as_str()),
+            (500, Some("not_configured")),
+            "{}",
+            admin.body
+        );
         let health = send_to(
             ctx,
             &stack.wrangler.base_url,

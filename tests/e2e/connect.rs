@@ -963,6 +963,18 @@ fn admin_auth(ctx: &Ctx) -> Result<(), Failed> {
         let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
         assert_eq!(r.status, 200);
         assert!(r.body["servers"].as_array().unwrap().len() >= 12);
+        // The scheme's name in any case, as HTTP allows.
+        let lower = format!("bearer {}", dev_var("ADMIN_TOKEN"));
+        let r = send_with(
+            ctx,
+            "GET",
+            "/v1/admin/servers",
+            None,
+            None,
+            &[("authorization", &lower)],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
         let r = admin(
             ctx,
             "PUT",

@@ -543,7 +543,7 @@ pub fn build_worker() {
 /// the source tree and rebuilds and reloads the worker on any change, dropping
 /// requests in flight; serving a snapshot keeps a test run independent of edits
 /// made while it runs, and it serves exactly the artifact `build_worker` made.
-fn snapshot_app(dir: &Path, without: &[&str]) -> PathBuf {
+fn snapshot_app(dir: &Path, without: &[&str], set: &[(&str, &str)]) -> PathBuf {
     let app = dir.join("app");
     fs::create_dir_all(&app).expect("app dir");
     let config = fs::read_to_string(root().join("wrangler.toml")).expect("wrangler.toml");
@@ -571,17 +571,22 @@ fn snapshot_app(dir: &Path, without: &[&str]) -> PathBuf {
         1,
     );
     fs::write(app.join("wrangler.toml"), filtered).expect("write wrangler.toml");
-    // `.dev.vars`, less the secrets named in `without`.
+    // `.dev.vars`, less the secrets named in `without`, with those in `set`
+    // given the values there.
     let secrets = fs::read_to_string(root().join(".dev.vars")).expect("read .dev.vars");
-    let kept: String = secrets
+    let mut kept: String = secrets
         .lines()
         .filter(|line| {
             !without
                 .iter()
+                .chain(set.iter().map(|(name, _)| name))
                 .any(|name| line.starts_with(&format!("{name}=")))
         })
         .map(|l| format!("{l}\n"))
         .collect();
+    for (name, value) in set {
+        kept.push_str(&format!("{name}={value}\n"));
+    }
     fs::write(app.join(".dev.vars"), kept).expect("write .dev.vars");
     let status = Command::new("cp")
         .arg("-R")
@@ -612,15 +617,15 @@ pub struct Wrangler {
 
 impl Wrangler {
     pub fn start(db_url: &str) -> Wrangler {
-        Wrangler::start_without(db_url, &[])
+        Wrangler::start_with(db_url, &[], &[])
     }
 
     /// [`Wrangler::start`] with the secrets named in `without` left out of
-    /// its `.dev.vars`.
-    pub fn start_without(db_url: &str, without: &[&str]) -> Wrangler {
+    /// its `.dev.vars`, and those in `set` set to the values there.
+    pub fn start_with(db_url: &str, without: &[&str], set: &[(&str, &str)]) -> Wrangler {
         build_worker();
         let dir = stack_dir("wrangler");
-        let app = snapshot_app(&dir, without);
+        let app = snapshot_app(&dir, without, set);
         let mut w = Wrangler {
             keep: false,
             port: 0,
@@ -892,11 +897,12 @@ impl Stack {
     /// Starts PostgreSQL (migrated and seeded) and the worker. Safe to call from
     /// inside or outside an async context: it blocks on a runtime of its own.
     pub fn start() -> Stack {
-        Stack::start_without(&[])
+        Stack::start_with(&[], &[])
     }
 
-    /// [`Stack::start`] with the worker's secrets named in `without` unset.
-    pub fn start_without(without: &[&str]) -> Stack {
+    /// [`Stack::start`] with the worker's secrets named in `without` unset,
+    /// and those in `set` set to the values there.
+    pub fn start_with(without: &[&str], set: &[(&str, &str)]) -> Stack {
         let pg = Postgres::start();
         let url = pg.url(DB_NAME);
         std::thread::spawn(move || {
@@ -908,7 +914,7 @@ impl Stack {
         })
         .join()
         .expect("migrations and seed");
-        let wrangler = Wrangler::start_without(&pg.url(DB_NAME), without);
+        let wrangler = Wrangler::start_with(&pg.url(DB_NAME), without, set);
         Stack { wrangler, pg }
     }
 
