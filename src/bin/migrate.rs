@@ -37,7 +37,15 @@ async fn main() -> std::process::ExitCode {
     let mut client = match keenvpn_edge::db::connect(&url).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("migrate: cannot connect to the database: {e}");
+            // The causes too: "error performing TLS handshake" alone does
+            // not say that the certificate's issuer is unknown.
+            let mut why = e.to_string();
+            let mut cause = e.source();
+            while let Some(c) = cause {
+                why.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            eprintln!("migrate: cannot connect to the database: {why}");
             return ExitCode::FAILURE;
         }
     };

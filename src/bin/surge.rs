@@ -2684,7 +2684,10 @@ up in the current directory, its parents, then the crate root.";
                     "cannot connect to PostgreSQL at {} ({}): start the stack with `make dev` \
                      (or pass --database-url)",
                     redact_url(&args.database_url),
-                    pg_error(&e)
+                    match e.downcast_ref::<tokio_postgres::Error>() {
+                        Some(e) => pg_error(e),
+                        None => e.to_string(),
+                    }
                 )
             })?;
 
