@@ -13,14 +13,16 @@ INSERT INTO regions (id, name, country, latitude, longitude, tier, admission_rat
 ON CONFLICT (id) DO NOTHING;
 
 -- Three servers per region. Public keys are derived deterministically from the
--- server id (sha256 is 32 bytes, the size of a Curve25519 key), so the seed is
--- reproducible; real servers register their own keys.
+-- server id (sha256 is 32 bytes, the size of a Curve25519 key, with the top bit
+-- cleared, as X25519 keys have it), so the seed is reproducible; real servers
+-- register their own keys.
 INSERT INTO servers (id, region_id, hostname, port, public_key, capacity)
 SELECT r.id || '-' || n,
        r.id,
        r.id || '-' || n || '.vpn.keenvpn.test',
        51820,
-       encode(sha256(convert_to(r.id || '-' || n, 'UTF8')), 'base64'),
+       encode(set_byte(sha256(convert_to(r.id || '-' || n, 'UTF8')), 31,
+                       get_byte(sha256(convert_to(r.id || '-' || n, 'UTF8')), 31) & 127), 'base64'),
        CASE n WHEN 1 THEN 100 WHEN 2 THEN 100 ELSE 50 END
 FROM regions r CROSS JOIN generate_series(1, 3) AS n
 ON CONFLICT (id) DO NOTHING;

@@ -154,14 +154,17 @@ async fn dev_seed(pg: &Postgres) -> Result<(), Failed> {
         .await?
         .get(0);
     assert_eq!(thin, 0, "every region has at least two servers");
-    let keys: i64 = client
-        .query_one(
-            "SELECT count(*) FROM servers WHERE length(decode(public_key, 'base64')) <> 32",
-            &[],
-        )
+    // Every server key passes the check a device's key must pass: 32 bytes,
+    // canonical base64, a canonical Curve25519 key.
+    for row in client
+        .query("SELECT id, public_key FROM servers", &[])
         .await?
-        .get(0);
-    assert_eq!(keys, 0, "every server key is 32 bytes");
+    {
+        let (id, key): (String, String) = (row.get(0), row.get(1));
+        if let Err(e) = keenvpn_edge::domain::device::PublicKey::parse(&key) {
+            panic!("server {id}: key {key} {}", e.reason);
+        }
+    }
     Ok(())
 }
 
