@@ -48,6 +48,8 @@ if [ -n "$registry" ]; then
   CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS="${CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS:-}$remap"
   export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS
 fi
+# Written again last: a build interrupted from here on is not up to date.
+rm -f build/.kind
 worker-build --release
 # The entry module wrangler and the benchmark load: index.js, re-exported with
 # the RegionGate class made a DurableObject (for RPC) and a default export that

@@ -37,15 +37,20 @@ if [ ! -f "$PGDIR/data/PG_VERSION" ]; then
   rm -f "$pwfile"
   note "initialised"
 fi
+started_pg=
 if pg "$bindir/pg_ctl" -D "$PGDIR/data" status >/dev/null 2>&1; then
-  note "already running"
+  # Another `make dev` (or an earlier one that was killed) runs it: leave it
+  # running when this one stops.
+  note "already running (left running on exit)"
 else
+  started_pg=1
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 30 \
     -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PGDIR'" start >/dev/null \
     || die "PostgreSQL did not start; see $PGDIR/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
   note "started"
 fi
 stop_pg() {
+  [ -n "$started_pg" ] || return 0
   step "stopping PostgreSQL"
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -m fast stop >/dev/null 2>&1 || true
 }

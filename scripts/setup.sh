@@ -89,9 +89,22 @@ have=$(.venv/bin/schemathesis --version 2>/dev/null | awk '{print $NF}' || true)
 if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
   note "schemathesis $have"
 else
-  command -v python3 >/dev/null 2>&1 || die "python3 not found: install Python (>= 3.10) with venv and pip"
+  if ! command -v python3 >/dev/null 2>&1; then
+    note "installing python3 from the Debian packages"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null \
+      || die "python3 not found, and apt-get could not install it: install Python (>= 3.10) with venv"
+  fi
   note "installing schemathesis $SCHEMATHESIS_VERSION from PyPI (have: ${have:-none})"
-  [ -x .venv/bin/pip ] || python3 -m venv .venv || die "could not create .venv (is python3-venv installed?)"
+  if [ ! -x .venv/bin/pip ] && ! python3 -m venv .venv; then
+    # Debian and Ubuntu ship the venv module apart from python3.
+    rm -rf .venv
+    note "installing python3-venv from the Debian packages"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+      || die "could not create .venv, and apt-get could not install python3-venv"
+    python3 -m venv .venv || die "could not create .venv"
+  fi
   .venv/bin/pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
     || die "could not install schemathesis $SCHEMATHESIS_VERSION"
 fi

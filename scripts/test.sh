@@ -101,7 +101,8 @@ until curl -sf -m 2 "$dev_url/readyz" 2>/dev/null | grep -q '"status":"ready"'; 
   waited=$((waited + 1))
 done
 login=$(curl -s -m 10 -X POST "$dev_url/v1/auth/login" -H 'content-type: application/json' \
-  -d '{"email":"demo@keenvpn.test","password":"keenvpn-demo-2026"}')
+  -d '{"email":"demo@keenvpn.test","password":"keenvpn-demo-2026"}') \
+  || dev_fail "the demo account's sign-in did not answer (curl exit $?)"
 printf '%s' "$login" | grep -q '"access_token"' \
   || dev_fail "the demo account's sign-in answered: $login"
 note "ready after ${waited} s; the demo account signs in"
