@@ -1033,6 +1033,33 @@ mod properties {
         ]
     }
 
+    /// Takes one token per call (`(rate, step)`: the call's rate, and the
+    /// milliseconds since the one before) from a new bucket, and checks that
+    /// no window held more admissions than `bound_rate` allows, in the
+    /// bucket's own time between the steps back it follows.
+    fn within_the_bound(
+        calls: impl IntoIterator<Item = (u32, i64)>,
+        bound_rate: u32,
+    ) -> Result<(), TestCaseError> {
+        let mut bucket = Bucket::default();
+        let (mut now, mut clock) = (T0, i64::MIN);
+        let mut admitted_at = Vec::new();
+        for (rate, dt) in calls {
+            now += dt;
+            let stepped_back;
+            (clock, stepped_back) = follow(clock, now);
+            if stepped_back {
+                prop_assert_eq!(over_the_bound(&admitted_at, bound_rate), None);
+                admitted_at.clear();
+            }
+            if bucket.take(rate, now) == Admit::Admitted {
+                admitted_at.push(clock);
+            }
+        }
+        prop_assert_eq!(over_the_bound(&admitted_at, bound_rate), None);
+        Ok(())
+    }
+
     proptest! {
         // Enough to find a broken refill within a few cases (checked against
         // deliberately broken buckets), cheap enough for every test run.
@@ -1046,22 +1073,7 @@ mod properties {
             rate in prop_oneof![1u32..=10, 1u32..=MAX_SHARD_RATE, 1u32..=1_000_000],
             steps in prop::collection::vec(step(), 1..300),
         ) {
-            let mut bucket = Bucket::default();
-            let (mut now, mut clock) = (T0, i64::MIN);
-            let mut admitted_at = Vec::new();
-            for dt in steps {
-                now += dt;
-                let stepped_back;
-                (clock, stepped_back) = follow(clock, now);
-                if stepped_back {
-                    prop_assert_eq!(over_the_bound(&admitted_at, rate), None);
-                    admitted_at.clear();
-                }
-                if bucket.take(rate, now) == Admit::Admitted {
-                    admitted_at.push(clock);
-                }
-            }
-            prop_assert_eq!(over_the_bound(&admitted_at, rate), None);
+            within_the_bound(steps.into_iter().map(|dt| (rate, dt)), rate)?;
         }
 
         /// Whatever happened before, including rate changes in both
@@ -1095,23 +1107,8 @@ mod properties {
             history in prop::collection::vec((any::<prop::sample::Index>(), step()), 1..400),
         ) {
             let top = *rates.iter().max().unwrap();
-            let mut bucket = Bucket::default();
-            let (mut now, mut clock) = (T0, i64::MIN);
-            let mut admitted_at = Vec::new();
-            for (pick, dt) in history {
-                let rate = rates[pick.index(rates.len())];
-                now += dt;
-                let stepped_back;
-                (clock, stepped_back) = follow(clock, now);
-                if stepped_back {
-                    prop_assert_eq!(over_the_bound(&admitted_at, top), None);
-                    admitted_at.clear();
-                }
-                if bucket.take(rate, now) == Admit::Admitted {
-                    admitted_at.push(clock);
-                }
-            }
-            prop_assert_eq!(over_the_bound(&admitted_at, top), None);
+            let calls = history.into_iter().map(|(pick, dt)| (rates[pick.index(rates.len())], dt));
+            within_the_bound(calls, top)?;
         }
 
         /// A refusal's wait is exact: one millisecond earlier is still too
