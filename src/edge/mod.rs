@@ -211,7 +211,11 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
             Reply::problem(&fail.api, &request_id)
         }
     };
-    let reply = http::finish(reply, &request_id);
+    let mut reply = http::finish(reply, &request_id);
+    if method == "HEAD" {
+        // The GET's status and headers, without its body (RFC 9110, 9.3.2).
+        reply.body.clear();
+    }
     log::request(
         &request_id,
         &method,

@@ -1,5 +1,7 @@
 //! The route table. Paths are matched exactly (no trailing-slash guessing), and a
 //! path that exists under another method yields 405 with an `Allow` header.
+//! `HEAD` is routed as `GET` wherever `GET` is (RFC 9110, 9.3.2: the shell
+//! answers it without the body), and `Allow` lists it there.
 
 /// A matched endpoint. Path parameters are carried as they appeared; handlers
 /// parse them (an id that cannot be ours is answered like an unknown one).
@@ -60,25 +62,26 @@ pub enum Routed {
 
 /// Matches a request line to a route.
 pub fn route(method: &str, path: &str) -> Routed {
+    let method = if method == "HEAD" { "GET" } else { method };
     let (allow, found) = match path {
-        "/healthz" => ("GET", Route::Healthz),
-        "/readyz" => ("GET", Route::Readyz),
-        "/openapi.json" => ("GET", Route::OpenApi),
-        "/.well-known/jwks.json" => ("GET", Route::Jwks),
+        "/healthz" => (GET, Route::Healthz),
+        "/readyz" => (GET, Route::Readyz),
+        "/openapi.json" => (GET, Route::OpenApi),
+        "/.well-known/jwks.json" => (GET, Route::Jwks),
         "/v1/auth/signup" => ("POST", Route::Signup),
         "/v1/auth/login" => ("POST", Route::Login),
         "/v1/auth/refresh" => ("POST", Route::Refresh),
         "/v1/auth/logout" => ("POST", Route::Logout),
         "/v1/auth/logout-all" => ("POST", Route::LogoutAll),
-        "/v1/me" => ("GET", Route::Me),
+        "/v1/me" => (GET, Route::Me),
         "/v1/devices" => match method {
-            "GET" => ("GET, POST", Route::ListDevices),
-            _ => ("GET, POST", Route::CreateDevice),
+            "GET" => ("GET, HEAD, POST", Route::ListDevices),
+            _ => ("GET, HEAD, POST", Route::CreateDevice),
         },
         "/v1/webhooks/stripe" => ("POST", Route::StripeWebhook),
-        "/v1/regions" => ("GET", Route::Regions),
+        "/v1/regions" => (GET, Route::Regions),
         "/v1/connect" => ("POST", Route::Connect),
-        "/v1/admin/servers" => ("GET", Route::AdminServers),
+        "/v1/admin/servers" => (GET, Route::AdminServers),
         _ => match (device_path(path), admin_region_path(path)) {
             (Some((id, false)), _) => ("DELETE", Route::DeleteDevice(id.to_owned())),
             (Some((id, true)), _) => ("PUT", Route::RotateDeviceKey(id.to_owned())),
@@ -93,6 +96,9 @@ pub fn route(method: &str, path: &str) -> Routed {
         Routed::MethodNotAllowed { allow }
     }
 }
+
+/// The `Allow` of a path that only reads.
+const GET: &str = "GET, HEAD";
 
 /// `/v1/devices/{id}` → (id, false); `/v1/devices/{id}/public_key` → (id, true).
 fn device_path(path: &str) -> Option<(&str, bool)> {
@@ -194,12 +200,29 @@ mod tests {
     fn a_known_path_with_another_method_is_405_with_allow() {
         assert_eq!(
             route("POST", "/healthz"),
-            Routed::MethodNotAllowed { allow: "GET" }
+            Routed::MethodNotAllowed { allow: "GET, HEAD" }
         );
         assert_eq!(
             route("DELETE", "/readyz"),
-            Routed::MethodNotAllowed { allow: "GET" }
+            Routed::MethodNotAllowed { allow: "GET, HEAD" }
         );
+    }
+
+    #[test]
+    fn head_is_routed_as_get_and_nowhere_else() {
+        for (path, found) in [
+            ("/healthz", Route::Healthz),
+            ("/v1/regions", Route::Regions),
+            ("/v1/devices", Route::ListDevices),
+            ("/v1/me", Route::Me),
+        ] {
+            assert_eq!(route("HEAD", path), Routed::Found(found), "{path}");
+        }
+        assert_eq!(
+            route("HEAD", "/v1/connect"),
+            Routed::MethodNotAllowed { allow: "POST" }
+        );
+        assert_eq!(route("HEAD", "/nowhere"), Routed::NotFound);
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn methods_the_runtime_does_not_know_are_405_not_get(ctx: &Ctx) -> Result<(), Fa
                 .await
                 .expect("request");
             assert_eq!(resp.status(), 405, "{method} {path}");
-            assert_eq!(resp.headers()["allow"], "GET", "{method} {path}");
+            assert_eq!(resp.headers()["allow"], "GET, HEAD", "{method} {path}");
         }
         Ok(())
     })

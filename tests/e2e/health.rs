@@ -32,6 +32,10 @@ pub const TESTS: &[(&str, Test)] = &[
         a_wrong_method_is_405_with_allow,
     ),
     (
+        "health::head_answers_as_get_without_the_body",
+        head_answers_as_get,
+    ),
+    (
         "health::cf_ray_becomes_the_request_id",
         cf_ray_becomes_the_request_id,
     ),
@@ -258,9 +262,40 @@ fn a_wrong_method_is_405_with_allow(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let resp = ctx.http.post(ctx.url("/readyz")).body("{}").send().await?;
         assert_eq!(resp.status(), 405);
-        assert_eq!(resp.headers()["allow"], "GET");
+        assert_eq!(resp.headers()["allow"], "GET, HEAD");
         let body: Value = resp.json().await?;
         assert_eq!(body["code"], "method_not_allowed");
+        Ok(())
+    })
+}
+
+/// Monitors and load balancers often probe with HEAD, which every
+/// general-purpose server must take (RFC 9110): the GET's status and
+/// headers, no body. (It was 405.) Where GET is not allowed, neither is HEAD.
+fn head_answers_as_get(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        for path in ["/healthz", "/v1/regions", "/.well-known/jwks.json"] {
+            let get = ctx.http.get(ctx.url(path)).send().await?;
+            let head = ctx.http.head(ctx.url(path)).send().await?;
+            assert_eq!(
+                (head.status().as_u16(), get.status().as_u16()),
+                (200, 200),
+                "{path}"
+            );
+            assert!(head.headers().contains_key("x-request-id"), "{path}");
+            for name in ["content-type", "cache-control", "etag"] {
+                assert_eq!(
+                    head.headers().get(name),
+                    get.headers().get(name),
+                    "{path}: {name}"
+                );
+            }
+            assert!(!get.bytes().await?.is_empty(), "{path}");
+            assert!(head.bytes().await?.is_empty(), "{path}: a body to HEAD");
+        }
+        let resp = ctx.http.head(ctx.url("/v1/connect")).send().await?;
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers()["allow"], "POST");
         Ok(())
     })
 }
