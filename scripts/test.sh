@@ -79,12 +79,20 @@ os.setsid()
 os.execvp(sys.argv[1], sys.argv[1:])
 ' bash scripts/dev.sh > "$dev_state/dev.log" 2>&1 &
 dev_pid=$!
-dev_fail() {
+# Stops what dev.sh started, if it still runs.
+dev_stop() {
   kill -KILL "-$dev_pid" 2>/dev/null || true
   # pg_ctl starts PostgreSQL in a session of its own; SIGQUIT shuts it down at once.
   if [ -f "$dev_state/pg/data/postmaster.pid" ]; then
     kill -QUIT "$(head -n 1 "$dev_state/pg/data/postmaster.pid")" 2>/dev/null || true
   fi
+}
+# However this script ends from here on (Ctrl-C included), the stack stops
+# and its data goes.
+trap 'dev_stop; rm -rf "$dev_state"' EXIT
+trap 'exit 130' INT TERM
+dev_fail() {
+  dev_stop
   cat "$dev_state/dev.log" >&2
   die "$*"
 }
