@@ -7,6 +7,12 @@ cd "$ROOT"
 started=$(date +%s)
 
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust with rustup first"
+
+# Installs Debian packages (as root, through sudo when not root).
+apt_install() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || die "node and npm not found: install Node.js (>= 20) first"
 
 step "Rust target wasm32-unknown-unknown"
@@ -61,9 +67,7 @@ if [ -n "$bindir" ]; then
   note "$bindir"
 else
   note "installing postgresql from the Debian packages"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
-    || die "apt-get install postgresql failed"
+  apt_install postgresql || die "apt-get install postgresql failed"
   bindir=$(pg_bindir)
   [ -n "$bindir" ] || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
   note "$bindir"
@@ -73,9 +77,7 @@ if command -v curl >/dev/null 2>&1 && command -v ps >/dev/null 2>&1; then
   note "present"
 else
   note "installing curl and procps from the Debian packages"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl procps >/dev/null \
-    || die "apt-get install curl procps failed"
+  apt_install curl procps || die "apt-get install curl procps failed"
 fi
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   # PostgreSQL refuses to run as root; the scripts and tests run it as 'postgres'.
@@ -91,8 +93,7 @@ if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
 else
   if ! command -v python3 >/dev/null 2>&1; then
     note "installing python3 from the Debian packages"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null \
+    apt_install python3 python3-venv \
       || die "python3 not found, and apt-get could not install it: install Python (>= 3.10) with venv"
   fi
   note "installing schemathesis $SCHEMATHESIS_VERSION from PyPI (have: ${have:-none})"
@@ -100,9 +101,7 @@ else
     # Debian and Ubuntu ship the venv module apart from python3.
     rm -rf .venv
     note "installing python3-venv from the Debian packages"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || die "apt-get update failed"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
-      || die "could not create .venv, and apt-get could not install python3-venv"
+    apt_install python3-venv || die "could not create .venv, and apt-get could not install python3-venv"
     python3 -m venv .venv || die "could not create .venv"
   fi
   .venv/bin/pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \

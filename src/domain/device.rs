@@ -336,9 +336,9 @@ impl Ledger {
     /// the mark: the query may have missed their rows, and dropping them would
     /// under-count (see the module docs), and leaves out the devices
     /// forgotten after the mark, which the list may still show. A list read
-    /// under an older mark than the last sync's is stale and ignored. Reservations are untouched;
-    /// one whose row the list already shows counts twice until its confirm,
-    /// which errs on the safe side.
+    /// under an older mark than the last sync's is stale and ignored.
+    /// Reservations are untouched; one whose row the list already shows
+    /// counts twice until its confirm, which errs on the safe side.
     ///
     /// Returns whether the list was applied (false: it was stale).
     pub fn sync_since(&mut self, mark: SyncMark, device_ids: Vec<String>) -> bool {
@@ -1133,7 +1133,16 @@ mod properties {
             let mut now = 1_000_000_i64;
             let mut db: BTreeSet<String> = BTreeSet::new();
             let mut pending: Vec<(String, i64)> = Vec::new();
+            // A device-id query's answer: its mark, the ids, and the device
+            // the request deleted, if it was a delete.
             let mut queries: Vec<(SyncMark, Vec<String>, Option<String>)> = Vec::new();
+            // The shell applies an answer: the list, then its own delete.
+            let deliver = |ledger: &mut Ledger, (mark, ids, deleted): (SyncMark, Vec<String>, Option<String>)| {
+                ledger.sync_since(mark, ids);
+                if let Some(device) = deleted {
+                    ledger.forget(&device);
+                }
+            };
             let mut next_device = 0u32;
             let mut next_id = 0u64;
             for step in steps {
@@ -1182,11 +1191,7 @@ mod properties {
                     }
                     Step::SyncStart => queries.push((ledger.mark(), db.iter().cloned().collect(), None)),
                     Step::SyncDeliver(i) if !queries.is_empty() => {
-                        let (mark, ids, deleted) = queries.remove(i.index(queries.len()));
-                        ledger.sync_since(mark, ids);
-                        if let Some(device) = deleted {
-                            ledger.forget(&device);
-                        }
+                        deliver(&mut ledger, queries.remove(i.index(queries.len())));
                     }
                     Step::Advance(secs) => now += secs,
                     _ => {}
@@ -1202,11 +1207,8 @@ mod properties {
             for (reservation, _) in pending.drain(..) {
                 ledger.release(&reservation);
             }
-            for (mark, ids, deleted) in queries.drain(..) {
-                ledger.sync_since(mark, ids);
-                if let Some(device) = deleted {
-                    ledger.forget(&device);
-                }
+            for answer in queries.drain(..) {
+                deliver(&mut ledger, answer);
             }
             let counted: BTreeSet<&String> = ledger.devices.iter().collect();
             prop_assert_eq!(counted, db.iter().collect::<BTreeSet<_>>());

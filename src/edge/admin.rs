@@ -24,7 +24,6 @@ use sha2::{Digest, Sha256};
 use worker::Env;
 
 pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
-
 /// The shortest admin token the API accepts being configured with.
 const MIN_TOKEN_LEN: usize = 16;
 /// No region admits more than this many reconnects per second (sanity bound).
@@ -33,27 +32,24 @@ const MAX_ADMISSION_RATE: u32 = 1_000_000;
 /// Checks the bearer service token. Digests are compared, so the comparison
 /// takes the same time wherever the presented token differs.
 fn authorize(req: &Incoming, env: &Env) -> Result<(), Fail> {
-    let expected = env
-        .secret(TOKEN_SECRET)
-        .map(|s| s.to_string())
-        .map_err(|_| {
-            Fail::new(
-                ApiError::new(
-                    ProblemCode::NotConfigured,
-                    "The admin API is not configured; it has been logged.",
-                ),
-                format!("secret {TOKEN_SECRET} is not set"),
-            )
-        })?;
-    if expected.len() < MIN_TOKEN_LEN {
-        // As good as unset: a guessable token would be worse than none.
-        return Err(Fail::new(
+    let not_configured = |cause: String| {
+        Fail::new(
             ApiError::new(
                 ProblemCode::NotConfigured,
                 "The admin API is not configured; it has been logged.",
             ),
-            format!("secret {TOKEN_SECRET} is shorter than {MIN_TOKEN_LEN} characters"),
-        ));
+            cause,
+        )
+    };
+    let expected = env
+        .secret(TOKEN_SECRET)
+        .map(|s| s.to_string())
+        .map_err(|_| not_configured(format!("secret {TOKEN_SECRET} is not set")))?;
+    if expected.len() < MIN_TOKEN_LEN {
+        // As good as unset: a guessable token would be worse than none.
+        return Err(not_configured(format!(
+            "secret {TOKEN_SECRET} is shorter than {MIN_TOKEN_LEN} characters"
+        )));
     }
     let header = req.header("authorization").unwrap_or_default();
     // The scheme's name is case-insensitive (RFC 9110, 11.1).

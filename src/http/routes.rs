@@ -64,24 +64,24 @@ pub enum Routed {
 pub fn route(method: &str, path: &str) -> Routed {
     let method = if method == "HEAD" { "GET" } else { method };
     let (allow, found) = match path {
-        "/healthz" => (GET, Route::Healthz),
-        "/readyz" => (GET, Route::Readyz),
-        "/openapi.json" => (GET, Route::OpenApi),
-        "/.well-known/jwks.json" => (GET, Route::Jwks),
+        "/healthz" => (READ_ONLY, Route::Healthz),
+        "/readyz" => (READ_ONLY, Route::Readyz),
+        "/openapi.json" => (READ_ONLY, Route::OpenApi),
+        "/.well-known/jwks.json" => (READ_ONLY, Route::Jwks),
         "/v1/auth/signup" => ("POST", Route::Signup),
         "/v1/auth/login" => ("POST", Route::Login),
         "/v1/auth/refresh" => ("POST", Route::Refresh),
         "/v1/auth/logout" => ("POST", Route::Logout),
         "/v1/auth/logout-all" => ("POST", Route::LogoutAll),
-        "/v1/me" => (GET, Route::Me),
+        "/v1/me" => (READ_ONLY, Route::Me),
         "/v1/devices" => match method {
             "GET" => ("GET, HEAD, POST", Route::ListDevices),
             _ => ("GET, HEAD, POST", Route::CreateDevice),
         },
         "/v1/webhooks/stripe" => ("POST", Route::StripeWebhook),
-        "/v1/regions" => (GET, Route::Regions),
+        "/v1/regions" => (READ_ONLY, Route::Regions),
         "/v1/connect" => ("POST", Route::Connect),
-        "/v1/admin/servers" => (GET, Route::AdminServers),
+        "/v1/admin/servers" => (READ_ONLY, Route::AdminServers),
         _ => match (device_path(path), admin_region_path(path)) {
             (Some((id, false)), _) => ("DELETE", Route::DeleteDevice(id.to_owned())),
             (Some((id, true)), _) => ("PUT", Route::RotateDeviceKey(id.to_owned())),
@@ -98,7 +98,7 @@ pub fn route(method: &str, path: &str) -> Routed {
 }
 
 /// The `Allow` of a path that only reads.
-const GET: &str = "GET, HEAD";
+const READ_ONLY: &str = "GET, HEAD";
 
 /// `/v1/devices/{id}` → (id, false); `/v1/devices/{id}/public_key` → (id, true).
 fn device_path(path: &str) -> Option<(&str, bool)> {

@@ -26,6 +26,23 @@ const STEADY: &str = "INSERT INTO cron_state (last_run_at, marks_down_from)
                       ON CONFLICT (id) DO UPDATE
                       SET last_run_at = now(), marks_down_from = now() - interval '1 minute'";
 
+/// `{health}` to an admin route of sa-east (`path` after the region's): a
+/// monitor's report (`POST /health-report`), or an operator's decision
+/// (`PUT`, no path).
+async fn to_sa_east(
+    ctx: &Ctx,
+    method: reqwest::Method,
+    path: &str,
+    health: &str,
+) -> reqwest::Result<reqwest::Response> {
+    ctx.http
+        .request(method, ctx.url(&format!("/v1/admin/regions/sa-east{path}")))
+        .bearer_auth(crate::common::dev_var("ADMIN_TOKEN"))
+        .json(&serde_json::json!({ "health": health }))
+        .send()
+        .await
+}
+
 /// What the monitors last reported of `region`, as PostgreSQL holds it.
 async fn reported(db: &tokio_postgres::Client, region: &str) -> String {
     db.query_one(
@@ -136,16 +153,7 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
     let db_url = ctx.stack().pg.url(DB_NAME);
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
-        let token = crate::common::dev_var("ADMIN_TOKEN");
-        // `{health}` to an admin route of sa-east: a monitor's report, or an
-        // operator's decision.
-        let send = |method: reqwest::Method, path: &str, health: &'static str| {
-            ctx.http
-                .request(method, ctx.url(&format!("/v1/admin/regions/sa-east{path}")))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({ "health": health }))
-                .send()
-        };
+        let send = |method, path, health| to_sa_east(ctx, method, path, health);
         let report = |health| send(reqwest::Method::POST, "/health-report", health);
         assert_eq!(report("up").await?.status(), 200);
         let db = keenvpn_edge::db::connect(&db_url).await?;
@@ -203,14 +211,7 @@ fn gap_in_runs(ctx: &Ctx) -> Result<(), Failed> {
     let db_url = ctx.stack().pg.url(DB_NAME);
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
-        let token = crate::common::dev_var("ADMIN_TOKEN");
-        let report = |health: &'static str| {
-            ctx.http
-                .post(ctx.url("/v1/admin/regions/sa-east/health-report"))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({ "health": health }))
-                .send()
-        };
+        let report = |health| to_sa_east(ctx, reqwest::Method::POST, "/health-report", health);
         assert_eq!(report("up").await?.status(), 200);
         let db = keenvpn_edge::db::connect(&db_url).await?;
         // The outage: the last run five minutes ago, the last report four.
