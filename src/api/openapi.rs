@@ -614,7 +614,7 @@ fn header(name: &str) -> Value {
         ),
         "Location" => ("The new device's URL.", json!({"type": "string"})),
         "WWW-Authenticate" => (
-            "`Bearer`, with the error when a token was presented.",
+            "`Bearer` and the realm (`keenvpn`, or `keenvpn-admin` for the admin token), with the error when an access token was presented and refused.",
             json!({"type": "string"}),
         ),
         other => unreachable!("undocumented header {other}"),
@@ -678,7 +678,7 @@ fn operation(op: &Op) -> Value {
         if status == 429 || status == 503 {
             hs.push("Retry-After");
         }
-        if status == 401 && op.auth == Auth::User {
+        if status == 401 {
             hs.push("WWW-Authenticate");
         }
         let schema = json!({

@@ -251,7 +251,28 @@ impl ProblemCode {
         }
     }
 
-    /// Whether this is an access-token failure (answered with `WWW-Authenticate`).
+    /// The `WWW-Authenticate` challenge a 401 with this code carries (RFC 9110
+    /// asks one of every 401), `None` for every other status. An access-token
+    /// failure names the error (RFC 6750, section 3), except when no token was
+    /// sent at all; the 401s about other credentials (a password, a refresh
+    /// token in the body, the admin token) only say which scheme and realm a
+    /// request needs. `realm="keenvpn-admin"` tells the operator's token from a
+    /// user's.
+    pub fn challenge(self) -> Option<String> {
+        const USER: &str = r#"Bearer realm="keenvpn""#;
+        match self {
+            ProblemCode::TokenMissing => Some(USER.to_owned()),
+            code if code.is_bearer_failure() => Some(format!(
+                r#"{USER}, error="invalid_token", error_description="{}""#,
+                code.as_str()
+            )),
+            ProblemCode::AdminUnauthorized => Some(r#"Bearer realm="keenvpn-admin""#.to_owned()),
+            code if code.status() == 401 => Some(USER.to_owned()),
+            _ => None,
+        }
+    }
+
+    /// Whether this is an access-token failure (its challenge names the error).
     pub const fn is_bearer_failure(self) -> bool {
         use ProblemCode::*;
         matches!(
@@ -362,5 +383,37 @@ mod tests {
                 assert!(code.as_str().starts_with("token_") || code == ProblemCode::SessionRevoked);
             }
         }
+    }
+
+    #[test]
+    fn every_401_and_only_a_401_carries_a_challenge() {
+        let mut unauthorized = 0;
+        for code in ProblemCode::ALL {
+            let challenge = code.challenge();
+            if code.status() != 401 {
+                assert_eq!(challenge, None, "{code:?}");
+                continue;
+            }
+            unauthorized += 1;
+            let challenge = challenge.unwrap_or_else(|| panic!("{code:?} has no challenge"));
+            let realm = if code == ProblemCode::AdminUnauthorized {
+                r#"Bearer realm="keenvpn-admin""#
+            } else {
+                r#"Bearer realm="keenvpn""#
+            };
+            assert!(challenge.starts_with(realm), "{code:?}: {challenge}");
+            // The error is named exactly when an access token was sent and refused.
+            let named = code.is_bearer_failure() && code != ProblemCode::TokenMissing;
+            assert_eq!(
+                challenge.contains(r#"error="invalid_token""#),
+                named,
+                "{code:?}: {challenge}"
+            );
+            if named {
+                assert!(challenge.ends_with(&format!(r#"error_description="{}""#, code.as_str())));
+            }
+        }
+        // The access-token codes, the refresh-token codes, the password and the admin token.
+        assert!(unauthorized >= 20, "{unauthorized}");
     }
 }

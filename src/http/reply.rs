@@ -39,17 +39,8 @@ impl Reply {
         if let Some(allow) = err.allow {
             headers.push(("allow", allow.to_owned()));
         }
-        if err.code.is_bearer_failure() {
-            // RFC 6750 section 3: no error attribute when no credentials were sent.
-            let value = if err.code == crate::domain::problem::ProblemCode::TokenMissing {
-                r#"Bearer realm="keenvpn""#.to_owned()
-            } else {
-                format!(
-                    r#"Bearer realm="keenvpn", error="invalid_token", error_description="{}""#,
-                    err.code.as_str()
-                )
-            };
-            headers.push(("www-authenticate", value));
+        if let Some(challenge) = err.code.challenge() {
+            headers.push(("www-authenticate", challenge));
         }
         Reply {
             status: err.code.status(),
@@ -154,7 +145,7 @@ mod tests {
     }
 
     #[test]
-    fn a_401_about_an_access_token_carries_www_authenticate() {
+    fn every_401_carries_www_authenticate_naming_the_error_of_a_refused_access_token() {
         let r = Reply::problem(&ApiError::new(ProblemCode::TokenExpired, "x"), "r");
         assert_eq!(r.status, 401);
         let h = r.header("www-authenticate").unwrap();
@@ -168,6 +159,16 @@ mod tests {
             Some(r#"Bearer realm="keenvpn""#)
         );
         let r = Reply::problem(&ApiError::new(ProblemCode::InvalidCredentials, "x"), "r");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="keenvpn""#)
+        );
+        let r = Reply::problem(&ApiError::new(ProblemCode::AdminUnauthorized, "x"), "r");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="keenvpn-admin""#)
+        );
+        let r = Reply::problem(&ApiError::new(ProblemCode::TooManyAttempts, "x"), "r");
         assert_eq!(r.header("www-authenticate"), None);
     }
 

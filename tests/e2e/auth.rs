@@ -279,7 +279,12 @@ fn unknown_vs_wrong(ctx: &Ctx) -> Result<(), Failed> {
             strip(unknown.body),
             "same body apart from the request id"
         );
-        assert!(wrong.headers.get("www-authenticate").is_none());
+        // RFC 9110 asks a challenge of every 401; no access token was sent, so
+        // it names no error.
+        assert_eq!(
+            wrong.headers["www-authenticate"],
+            r#"Bearer realm="keenvpn""#
+        );
         Ok(())
     })
 }
@@ -941,6 +946,11 @@ fn reuse_two_back(ctx: &Ctx) -> Result<(), Failed> {
         let reused = refresh(ctx, &t0).await;
         assert_eq!(reused.status, 401);
         assert_eq!(reused.body["code"], "refresh_token_reused");
+        // A refusal the user's object made carries the challenge too.
+        assert_eq!(
+            reused.headers["www-authenticate"],
+            r#"Bearer realm="keenvpn""#
+        );
         // The whole family is dead, including its newest token...
         assert_eq!(
             refresh(ctx, &t2).await.body["code"],

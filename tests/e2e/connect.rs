@@ -959,6 +959,10 @@ fn admin_auth(ctx: &Ctx) -> Result<(), Failed> {
             let r = send_with(ctx, "GET", "/v1/admin/servers", None, None, &headers).await;
             assert_eq!(r.status, 401, "{auth:?}");
             assert_eq!(r.body["code"], "admin_unauthorized");
+            assert_eq!(
+                r.headers["www-authenticate"], r#"Bearer realm="keenvpn-admin""#,
+                "{auth:?}"
+            );
         }
         let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
         assert_eq!(r.status, 200);
