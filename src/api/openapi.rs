@@ -194,6 +194,14 @@ fn problems_of(op: &Op) -> Vec<ProblemCode> {
     if op.body.is_some() {
         codes.extend_from_slice(BODY_PROBLEMS);
     }
+    if op.idempotent {
+        // A malformed key is refused like a body, whether or not there is one.
+        codes.extend_from_slice(&[
+            P::IdempotencyKeyInFlight,
+            P::IdempotencyKeyReused,
+            P::ValidationFailed,
+        ]);
+    }
     codes.push(P::Internal);
     codes.sort_by_key(|c| (c.status(), c.as_str()));
     codes.dedup();
@@ -370,7 +378,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "logout",
             tag: "auth",
             summary: "End this session",
-            description: "Ends the session of the presented access token: its refresh token stops at once, its access tokens once the revocation reaches the edge (about 60 s, at most at their expiry).",
+            description: "Ends the session of the presented access token: its refresh token stops at once, its access tokens once the revocation reaches the edge (about 60 s, at most at their expiry). The token must be valid; its session need not be live, so a retry whose first answer was lost is 204 again.",
             auth: Auth::User,
             needs: Needs::BOTH,
             body: None,
@@ -384,7 +392,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "logoutAll",
             tag: "auth",
             summary: "End every session",
-            description: "Ends every session of the user.",
+            description: "Ends every session of the user. Needs a live session: a revoked session's token is 401 `session_revoked`.",
             auth: Auth::User,
             needs: Needs::BOTH,
             body: None,
@@ -444,12 +452,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
                     "This device was already registered by this request (a retry).",
                 ),
             ],
-            problems: &[
-                P::DeviceLimitReached,
-                P::PublicKeyInUse,
-                P::IdempotencyKeyInFlight,
-                P::IdempotencyKeyReused,
-            ],
+            problems: &[P::DeviceLimitReached, P::PublicKeyInUse],
         },
         Op {
             method: "delete",
@@ -457,11 +460,11 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "deleteDevice",
             tag: "devices",
             summary: "Remove a device",
-            description: "Removes one of the user's devices; its slot is free at once.",
+            description: "Removes one of the user's devices; its slot is free at once. With an `Idempotency-Key`, a retry after a lost answer gets the 204 again rather than 404.",
             auth: Auth::User,
             needs: Needs::BOTH,
             body: None,
-            idempotent: false,
+            idempotent: true,
             answers: vec![empty(204, "Removed.")],
             problems: &[P::DeviceNotFound],
         },
@@ -471,11 +474,11 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "rotateDeviceKey",
             tag: "devices",
             summary: "Rotate a device's key",
-            description: "Replaces the device's WireGuard public key; its addresses stay.",
+            description: "Replaces the device's WireGuard public key; its addresses stay. With an `Idempotency-Key`, a retry after a lost answer gets the first answer again.",
             auth: Auth::User,
             needs: Needs::BOTH,
             body: s.request::<RotateKey>(),
-            idempotent: false,
+            idempotent: true,
             answers: vec![answer::<Device>(s, 200, "The device with its new key.")],
             problems: &[P::DeviceNotFound, P::PublicKeyInUse],
         },

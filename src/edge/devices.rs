@@ -1,8 +1,12 @@
 //! WireGuard devices: `/v1/devices`.
 //!
-//! Creating and deleting go through the user's `UserSession` object, which owns
-//! the device limit (see `user_session.rs`); listing and key rotation do not
-//! change the count and go straight to PostgreSQL. Every query is scoped to the
+//! Registering, deleting and rotating a key honour `Idempotency-Key`: the
+//! user's object keeps the records (`domain::idempotency`).
+//!
+//! Creating, deleting and rotating go through the user's `UserSession` object,
+//! which owns the device limit and the connect path's copy of the devices (see
+//! `user_session.rs`); listing goes straight to PostgreSQL. Every query is
+//! scoped to the
 //! token's user, so another user's device id behaves exactly like one that does
 //! not exist.
 
@@ -38,12 +42,37 @@ fn check(errors: Vec<Invalid>) -> Result<(), Fail> {
     }
 }
 
+/// The request's `Idempotency-Key`, checked (422 if malformed), if it has one.
+fn idempotency_key(req: &Incoming) -> Result<Option<String>, Fail> {
+    match req.header("idempotency-key") {
+        Some(k) => Ok(Some(
+            idempotency::parse_key(&k).map_err(|e| Fail::from(body::invalid(&[e])))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// `key` with the fingerprint of the request it came with, as the user's
+/// object takes them. `canonical`: the parsed body, re-serialised, so that the
+/// same request with its members in another order or spaced otherwise is the
+/// same request.
+fn keyed(
+    key: Option<String>,
+    method: &str,
+    path: &str,
+    canonical: &impl serde::Serialize,
+) -> Result<Option<(String, String)>, Fail> {
+    let Some(key) = key else { return Ok(None) };
+    let canonical = serde_json::to_vec(canonical).map_err(|e| Fail::internal(e.to_string()))?;
+    Ok(Some((
+        key,
+        idempotency::fingerprint(method, path, &canonical),
+    )))
+}
+
 pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
-    let idempotency_key = match req.header("idempotency-key") {
-        Some(k) => Some(idempotency::parse_key(&k).map_err(|e| Fail::from(body::invalid(&[e])))?),
-        None => None,
-    };
+    let idempotency_key = idempotency_key(&req)?;
     let (content_type, bytes) = read_body(&mut req, MAX_JSON_BODY).await?;
     let b: CreateDevice = body::parse_json(content_type.as_deref(), &bytes, MAX_JSON_BODY)?;
     let (name, key) = (DeviceName::parse(&b.name), PublicKey::parse(&b.public_key));
@@ -54,16 +83,12 @@ pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
             .cloned()
             .collect(),
     )?;
-    // The parsed body, re-serialised: the same request with its members in
-    // another order or spaced otherwise is the same request.
-    let canonical =
-        serde_json::to_vec(&(&b.name, &b.public_key)).map_err(|e| Fail::internal(e.to_string()))?;
-    let fingerprint = idempotency_key.map(|k| {
-        (
-            k,
-            idempotency::fingerprint("POST", "/v1/devices", &canonical),
-        )
-    });
+    let fingerprint = keyed(
+        idempotency_key,
+        "POST",
+        "/v1/devices",
+        &(&b.name, &b.public_key),
+    )?;
     let r = CreateDeviceReq {
         user_id: claims.sub.clone(),
         name: b.name,
@@ -131,12 +156,14 @@ pub async fn list(req: Incoming, env: &Env) -> Result<Reply, Fail> {
 
 pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
+    let idempotency_key = idempotency_key(&req)?;
     if !device::is_device_id(id) {
         return Err(not_found());
     }
     let r = DeleteDeviceReq {
         user_id: claims.sub.clone(),
         device_id: id.to_owned(),
+        idempotency: keyed(idempotency_key, "DELETE", &format!("/v1/devices/{id}"), &())?,
         fault: req.header(fault::HEADER),
     };
     let (status, json) = call(
@@ -164,6 +191,7 @@ pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
 
 pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
+    let idempotency_key = idempotency_key(&req)?;
     // Parse the body before deciding on the id, so a bad body is a 4xx whatever the id.
     let b: RotateKey = auth::json_body(&mut req).await?;
     PublicKey::parse(&b.public_key).map_err(|e| Fail::from(body::invalid(&[e])))?;
@@ -174,6 +202,12 @@ pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     // device (and its key) current.
     let r = RotateKeyReq {
         user_id: claims.sub.clone(),
+        idempotency: keyed(
+            idempotency_key,
+            "PUT",
+            &format!("/v1/devices/{id}/public_key"),
+            &b.public_key,
+        )?,
         device_id: id.to_owned(),
         public_key: b.public_key,
     };

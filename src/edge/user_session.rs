@@ -166,6 +166,34 @@ pub struct RotateKeyReq {
     pub user_id: String,
     pub device_id: String,
     pub public_key: String,
+    /// `(key, fingerprint)` when the request carried an `Idempotency-Key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<(String, String)>,
+}
+
+/// What a device change under [`UserSession::keyed`] answers.
+enum Answer {
+    /// It took effect: this status and JSON body, kept for the request's
+    /// `Idempotency-Key`.
+    Changed(u16, String),
+    /// Anything else (no such device, a refusal): sent as it is, and the key
+    /// is given back, so a retry runs again.
+    Other(Response),
+}
+
+impl Answer {
+    fn changed(status: u16, value: &impl Serialize) -> Result<Answer> {
+        let body =
+            serde_json::to_string(value).map_err(|e| worker::Error::RustError(e.to_string()))?;
+        Ok(Answer::Changed(status, body))
+    }
+
+    fn into_response(self) -> Result<Response> {
+        match self {
+            Answer::Changed(status, body) => Ok(Response::ok(body)?.with_status(status)),
+            Answer::Other(response) => Ok(response),
+        }
+    }
 }
 
 impl Stored {
@@ -210,6 +238,9 @@ pub struct CreateDeviceReq {
 pub struct DeleteDeviceReq {
     pub user_id: String,
     pub device_id: String,
+    /// `(key, fingerprint)` when the request carried an `Idempotency-Key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<(String, String)>,
     /// A fault point to fail at (development only; see `fault`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
@@ -1168,32 +1199,107 @@ impl UserSession {
         store::insert_device(&db, user_id, name, key, (&v4, &v6), limit).await
     }
 
+    /// Runs `change` under the request's `Idempotency-Key` (`idempotency`:
+    /// the key and the request's fingerprint), as [`Self::create_device`]
+    /// runs a registration: the key is recorded in flight (and durable) before
+    /// the change starts, then completed with the change's answer if it took
+    /// effect, or given back if not. A retry then gets the first answer; one
+    /// that arrives while the first still runs, 409; the key with another
+    /// request, 422. Without a key, `change` just runs.
+    async fn keyed(
+        &self,
+        user_id: &str,
+        idempotency: Option<&(String, String)>,
+        change: impl Future<Output = Result<Answer>>,
+    ) -> Result<Response> {
+        let Some((key, fingerprint)) = idempotency else {
+            return change.await?.into_response();
+        };
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        if !stored.claim(user_id) {
+            return refuse(400, "wrong_object", None);
+        }
+        {
+            let running = self.running.borrow();
+            stored
+                .idempotency
+                .abandon_unless(|k| running.keys.contains_key(k));
+        }
+        match stored.idempotency.begin(key, fingerprint, now) {
+            Begin::Proceed => {}
+            Begin::Replay(resp) => return Ok(Response::ok(resp.body)?.with_status(resp.status)),
+            Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
+            Begin::Mismatch => return refuse(422, "idempotency_key_reused", None),
+        }
+        *self
+            .running
+            .borrow_mut()
+            .keys
+            .entry(key.clone())
+            .or_default() += 1;
+        let owned = Owned {
+            running: &self.running,
+            key: Some(key.clone()),
+            reservation: None,
+        };
+        self.persist(&mut stored, now).await?;
+        drop(stored);
+
+        let answer = change.await;
+
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        match &answer {
+            Ok(Answer::Changed(status, body)) => stored.idempotency.complete(
+                key,
+                StoredResponse {
+                    status: *status,
+                    body: body.clone(),
+                },
+                now,
+            ),
+            _ => stored.idempotency.abandon(key),
+        }
+        self.persist(&mut stored, now).await?;
+        drop(owned);
+        answer?.into_response()
+    }
+
     async fn delete_device(&self, mut req: Request, origin: Origin) -> Result<Response> {
         let r: DeleteDeviceReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
         let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
-        let op = self.device_op(&origin).await;
-        let mark = self.load().await?.devices.mark();
-        let outcome = match store::connect(&self.env).await {
-            Ok(db) => store::delete_device(&db, &r.user_id, &r.device_id).await,
-            Err(fail) => Err(fail),
-        };
-        match outcome {
-            Ok(deleted) => {
-                let own = if deleted.deleted {
-                    Own::Deleted(&r.device_id)
-                } else {
-                    Own::Nothing
-                };
-                self.apply_devices(mark, deleted.devices, own, &origin)
-                    .await?;
-                op.done();
-                Response::from_json(&serde_json::json!({ "deleted": deleted.deleted }))
+        let change = async {
+            let op = self.device_op(&origin).await;
+            let mark = self.load().await?.devices.mark();
+            let outcome = match store::connect(&self.env).await {
+                Ok(db) => store::delete_device(&db, &r.user_id, &r.device_id).await,
+                Err(fail) => Err(fail),
+            };
+            match outcome {
+                Ok(deleted) => {
+                    let own = if deleted.deleted {
+                        Own::Deleted(&r.device_id)
+                    } else {
+                        Own::Nothing
+                    };
+                    self.apply_devices(mark, deleted.devices, own, &origin)
+                        .await?;
+                    op.done();
+                    let answer = serde_json::json!({ "deleted": deleted.deleted });
+                    if deleted.deleted {
+                        Answer::changed(200, &answer)
+                    } else {
+                        Ok(Answer::Other(Response::from_json(&answer)?))
+                    }
+                }
+                Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
-            Err(fail) => refuse_fail(&fail, &origin),
-        }
+        };
+        self.keyed(&r.user_id, r.idempotency.as_ref(), change).await
     }
 
     async fn rotate_key(&self, mut req: Request, origin: Origin) -> Result<Response> {
@@ -1204,25 +1310,28 @@ impl UserSession {
         let Ok(key) = PublicKey::parse(&r.public_key) else {
             return refuse(400, "validation_failed", None);
         };
-        let op = self.device_op(&origin).await;
-        let mark = self.load().await?.devices.mark();
-        let outcome = match store::connect(&self.env).await {
-            Ok(db) => store::rotate_key(&db, &r.user_id, &r.device_id, &key).await,
-            Err(fail) => Err(fail),
-        };
-        match outcome {
-            Ok(rotated) => {
-                let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
-                self.apply_devices(mark, rotated.devices, own, &origin)
-                    .await?;
-                op.done();
-                match rotated.device {
-                    Some(d) => Response::from_json(&d),
-                    None => refuse(404, "device_not_found", None),
+        let change = async {
+            let op = self.device_op(&origin).await;
+            let mark = self.load().await?.devices.mark();
+            let outcome = match store::connect(&self.env).await {
+                Ok(db) => store::rotate_key(&db, &r.user_id, &r.device_id, &key).await,
+                Err(fail) => Err(fail),
+            };
+            match outcome {
+                Ok(rotated) => {
+                    let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
+                    self.apply_devices(mark, rotated.devices, own, &origin)
+                        .await?;
+                    op.done();
+                    match rotated.device {
+                        Some(d) => Answer::changed(200, &d),
+                        None => Ok(Answer::Other(refuse(404, "device_not_found", None)?)),
+                    }
                 }
+                Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
-            Err(fail) => refuse_fail(&fail, &origin),
-        }
+        };
+        self.keyed(&r.user_id, r.idempotency.as_ref(), change).await
     }
 
     /// The user's devices as this object knows them (no PostgreSQL): the

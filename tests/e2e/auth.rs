@@ -1024,6 +1024,13 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
             || async { (me(ctx, a_access).await.body["code"] == "session_revoked").then_some(()) },
         )
         .await;
+        // A retried logout (its first answer lost) is answered as the first.
+        let again = send(ctx, "POST", "/v1/auth/logout", None, Some(a_access)).await;
+        assert_eq!(again.status, 204, "{}", again.body);
+        // Ending every session takes a live one.
+        let all = send(ctx, "POST", "/v1/auth/logout-all", None, Some(a_access)).await;
+        assert_eq!(all.status, 401);
+        assert_eq!(all.body["code"], "session_revoked");
         // The other sessions are untouched and no longer list the ended one.
         let m = me(ctx, b_access).await;
         assert_eq!(m.status, 200);

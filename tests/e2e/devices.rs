@@ -31,6 +31,10 @@ pub const TESTS: &[(&str, Test)] = &[
         idempotency,
     ),
     (
+        "devices::deletes_and_key_rotations_replay_their_first_answer_under_a_key",
+        idempotent_changes,
+    ),
+    (
         "devices::a_deleted_device_stops_connecting_when_its_kv_copy_failed_to_be_written",
         mirror_retried,
     ),
@@ -418,6 +422,109 @@ fn idempotency(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(bad.status, 422);
+        Ok(())
+    })
+}
+
+/// `DELETE` and `PUT .../public_key` honour `Idempotency-Key` as `POST` does:
+/// a retry whose first answer was lost gets that answer, not a 404 for the
+/// device it deleted or a second rotation; the key with another request is
+/// 422; an attempt without effect (404) is not recorded.
+fn idempotent_changes(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        make_plus(ctx, &mut user).await;
+        let mut ids = Vec::new();
+        for name in ["laptop", "phone", "tablet"] {
+            let r = create(ctx, &user, name, &wg_key()).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            ids.push(s(&r.body["id"]).to_owned());
+        }
+        let keyed = |method: &'static str, path: String, body: Option<Value>, key: &'static str| {
+            let access = user.access.clone();
+            async move {
+                send_with(
+                    ctx,
+                    method,
+                    &path,
+                    body,
+                    Some(&access),
+                    &[("idempotency-key", key)],
+                )
+                .await
+            }
+        };
+        let device = |id: &str| format!("/v1/devices/{id}");
+        let rotate = |id: &str| format!("/v1/devices/{id}/public_key");
+
+        // Delete, and its retry.
+        let first = keyed("DELETE", device(&ids[0]), None, "delete-laptop").await;
+        assert_eq!(first.status, 204, "{}", first.body);
+        let retry = keyed("DELETE", device(&ids[0]), None, "delete-laptop").await;
+        assert_eq!(retry.status, 204, "the first answer again: {}", retry.body);
+        let unkeyed = send(ctx, "DELETE", &device(&ids[0]), None, Some(&user.access)).await;
+        assert_eq!(unkeyed.status, 404, "without the key, the device is gone");
+        let other = keyed("DELETE", device(&ids[1]), None, "delete-laptop").await;
+        assert_eq!(other.status, 422);
+        assert_eq!(other.body["code"], "idempotency_key_reused");
+        assert_eq!(device_count(ctx, &user.id).await, 2);
+        // A delete that found nothing is not recorded: the key is free.
+        let missing = keyed("DELETE", device(&ids[0]), None, "delete-again").await;
+        assert_eq!(missing.status, 404);
+        let freed = keyed("DELETE", device(&ids[2]), None, "delete-again").await;
+        assert_eq!(freed.status, 204, "{}", freed.body);
+        assert_eq!(device_count(ctx, &user.id).await, 1);
+
+        // Rotate, and its retry after another rotation: the first answer,
+        // and no second effect.
+        let (k1, k2) = (wg_key(), wg_key());
+        let first = keyed(
+            "PUT",
+            rotate(&ids[1]),
+            Some(json!({"public_key": k1})),
+            "rotate-1",
+        )
+        .await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(first.body["public_key"], k1);
+        let later = send(
+            ctx,
+            "PUT",
+            &rotate(&ids[1]),
+            Some(json!({"public_key": k2})),
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(later.status, 200, "{}", later.body);
+        let retry = keyed(
+            "PUT",
+            rotate(&ids[1]),
+            Some(json!({"public_key": k1})),
+            "rotate-1",
+        )
+        .await;
+        assert_eq!(retry.status, 200);
+        assert_eq!(retry.body, first.body, "the first answer, replayed");
+        let list = send(ctx, "GET", "/v1/devices", None, Some(&user.access)).await;
+        assert_eq!(
+            list.body["devices"][0]["public_key"], k2,
+            "the replay rotated nothing back"
+        );
+        let mismatch = keyed(
+            "PUT",
+            rotate(&ids[1]),
+            Some(json!({"public_key": wg_key()})),
+            "rotate-1",
+        )
+        .await;
+        assert_eq!(mismatch.status, 422);
+        assert_eq!(mismatch.body["code"], "idempotency_key_reused");
+
+        // A malformed key is refused before anything runs.
+        let bad = keyed("DELETE", device(&ids[1]), None, "two words").await;
+        assert_eq!(bad.status, 422);
+        assert_eq!(bad.body["code"], "validation_failed");
+        assert_eq!(device_count(ctx, &user.id).await, 1);
         Ok(())
     })
 }
