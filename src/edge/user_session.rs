@@ -1210,7 +1210,8 @@ impl UserSession {
         &self,
         user_id: &str,
         idempotency: Option<&(String, String)>,
-        change: impl Future<Output = Result<Answer>>,
+        // Boxed: one copy of this function serves every change.
+        change: LocalBoxFuture<'_, Result<Answer>>,
     ) -> Result<Response> {
         let Some((key, fingerprint)) = idempotency else {
             return change.await?.into_response();
@@ -1299,7 +1300,8 @@ impl UserSession {
                 Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
         };
-        self.keyed(&r.user_id, r.idempotency.as_ref(), change).await
+        self.keyed(&r.user_id, r.idempotency.as_ref(), change.boxed_local())
+            .await
     }
 
     async fn rotate_key(&self, mut req: Request, origin: Origin) -> Result<Response> {
@@ -1331,7 +1333,8 @@ impl UserSession {
                 Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
         };
-        self.keyed(&r.user_id, r.idempotency.as_ref(), change).await
+        self.keyed(&r.user_id, r.idempotency.as_ref(), change.boxed_local())
+            .await
     }
 
     /// The user's devices as this object knows them (no PostgreSQL): the
