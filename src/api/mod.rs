@@ -87,11 +87,6 @@ wire! {
         /// A region id from `/v1/regions`; omitted: the nearest allowed healthy region.
         #[serde(default)]
         pub region: Option<String>,
-        /// `true` when coming back for a turn a `region_busy` refusal gave
-        /// (`queued: true` in it): the region is then always asked, even
-        /// while its queue is full for newcomers.
-        #[serde(default)]
-        pub queued: bool,
     }
 
     /// `PUT /v1/admin/regions/{id}`: at least one member that is not null.

@@ -41,12 +41,6 @@ struct Problem {
     /// next, nearest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     failover: Option<Vec<String>>,
-    /// `region_busy`: whether the client holds a turn in the region's queue.
-    /// `true`: the region holds it for the client, who should come back at
-    /// `Retry-After` (within a second after it) and send `queued: true`.
-    /// `false`: the queue is full; try a failover region.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    queued: Option<bool>,
     /// `payload_too_large`: the largest body the route accepts.
     #[serde(skip_serializing_if = "Option::is_none")]
     max_bytes: Option<u64>,
@@ -608,7 +602,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
 }
 
 /// How apps must retry a refused connect (also in the README).
-const CONNECT_GUIDANCE: &str = "A server assignment for one of the caller's devices: the requested region if the plan allows it and it is up, otherwise the nearest allowed healthy region; within a region the same server for the same device while it is healthy. The answer lists failover regions, nearest first.\n\n**Retrying.** A 429 (`region_busy`) or 503 (`region_closed`, `no_region_available`, `service_unavailable`) carries `Retry-After`, and the failover list (empty for `no_region_available`; absent when the failure came before a region was chosen). For `region_busy` with `queued: true`, `Retry-After` is the client's turn in the region's queue, which the region holds for it: the clients it refuses are given turns in the order refused, as many a second as it admits, up to 30 s ahead. Come back at `Retry-After` plus a random part of a second (not at a point of the backoff window, which would miss the turn), send `queued: true`, and stay with the region while it keeps saying `queued: true`. With `queued: false` the queue is full, and `Retry-After` is 1-2 s: move to a failover region after the second such refusal in a row. Otherwise retry with capped exponential backoff and full jitter: before retry *n* (0-based) sleep a uniformly random time in [0, min(cap, base × 2^n)], and never less than `Retry-After`. Move to the next failover region after a 503 for a region. Never retry immediately or on a fixed schedule: when a region fails, all its clients fail in the same instant, and only jitter spreads them out.";
+const CONNECT_GUIDANCE: &str = "A server assignment for one of the caller's devices: the requested region if the plan allows it and it is up, otherwise the nearest allowed healthy region; within a region the same server for the same device while it is healthy. The answer lists failover regions, nearest first.\n\n**Retrying.** A 429 (`region_busy`) or 503 (`region_closed`, `no_region_available`, `service_unavailable`) carries `Retry-After`, and the failover list (empty for `no_region_available`; absent when the failure came before a region was chosen). For `region_busy`, `Retry-After` is the client's turn in the region's queue: the clients it refuses are told to come back in the order refused, as many a second as it admits, up to 30 s ahead; beyond that the queue is full, and `Retry-After` is 1-2 s: move to a failover region. Retry with capped exponential backoff and full jitter: before retry *n* (0-based) sleep a uniformly random time in [0, min(cap, base × 2^n)], and never less than `Retry-After`. Move to the next failover region after a 503 for a region. Never retry immediately or on a fixed schedule: when a region fails, all its clients fail in the same instant, and only jitter spreads them out.";
 
 fn header(name: &str) -> Value {
     let (description, schema) = match name {
@@ -789,7 +783,6 @@ pub fn document() -> Value {
                 "cap_ms": p.cap_ms,
                 "max_attempts": p.max_attempts,
                 "honour_retry_after": true,
-                "turn_jitter_ms": crate::domain::backoff::TURN_JITTER_MS,
             },
         },
         "servers": [{"url": "/"}],
@@ -965,9 +958,8 @@ mod tests {
             .as_object()
             .expect("properties")
             .clone();
-        let err = crate::http::ApiError::new(P::RegionBusy, "busy")
-            .with("failover", json!(["eu-west"]))
-            .with("queued", json!(true));
+        let err =
+            crate::http::ApiError::new(P::RegionBusy, "busy").with("failover", json!(["eu-west"]));
         let body = err.to_body("req-1");
         for key in body.as_object().expect("object").keys() {
             assert!(
@@ -988,7 +980,5 @@ mod tests {
             .as_str()
             .expect("description");
         assert!(connect.contains("full jitter") && connect.contains("Retry-After"));
-        assert!(connect.contains("queued: true"));
-        assert_eq!(b["turn_jitter_ms"], backoff::TURN_JITTER_MS);
     }
 }

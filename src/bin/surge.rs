@@ -24,9 +24,7 @@
 //! starts, and one task per client, all released together, asks `POST
 //! /v1/connect` for the dead region (the server must steer it). On 429/503/5xx
 //! or a transport error a `policy` client waits `domain::backoff::delay_ms`
-//! (full jitter, never sooner than `Retry-After`), or, given a turn in the
-//! region's queue (`queued: true`), comes back for it
-//! (`domain::backoff::turn_delay_ms`) and says so; a `naive` one waits 50 ms; so it
+//! (full jitter, never sooner than `Retry-After`), a `naive` one 50 ms; so it
 //! does after a 200 that places it in the dead region (a catalogue not yet
 //! updated), whose tunnel would never come up. The
 //! tasks share one HTTP client, and at most `--pool` requests are in flight
@@ -2018,9 +2016,8 @@ up in the current directory, its parents, then the crate root.";
 
     enum Answer {
         Connected(String),
-        /// Retry after at least this many seconds, perhaps in one of these
-        /// regions, or (`true`) come back for the turn the region holds.
-        Retry(Option<u32>, Vec<String>, bool),
+        /// Retry after at least this many seconds, perhaps in one of these regions.
+        Retry(Option<u32>, Vec<String>),
         Rejected(u16),
     }
 
@@ -2039,7 +2036,6 @@ up in the current directory, its parents, then the crate root.";
         sh: &Shared,
         user: &SurgeUser,
         target: &str,
-        queued: bool,
         deadline_at: Instant,
     ) -> Answer {
         let c = &sh.counters;
@@ -2055,14 +2051,14 @@ up in the current directory, its parents, then the crate root.";
                 "x-keenvpn-client-location",
                 client_location(sh.origin, &user.device_id),
             )
-            .json(&json!({ "device_id": user.device_id, "region": target, "queued": queued }))
+            .json(&json!({ "device_id": user.device_id, "region": target }))
             .send()
             .await;
         let r = match sent {
             Ok(r) => r,
             Err(_) => {
                 c.transport.fetch_add(1, Ordering::Relaxed);
-                return Answer::Retry(None, Vec::new(), false);
+                return Answer::Retry(None, Vec::new());
             }
         };
         let status = r.status().as_u16();
@@ -2075,7 +2071,7 @@ up in the current directory, its parents, then the crate root.";
             Ok(b) => b,
             Err(_) => {
                 c.transport.fetch_add(1, Ordering::Relaxed);
-                return Answer::Retry(None, Vec::new(), false);
+                return Answer::Retry(None, Vec::new());
             }
         };
         match classify(status) {
@@ -2087,7 +2083,7 @@ up in the current directory, its parents, then the crate root.";
                     // Steered into the dead region: the tunnel would fail.
                     Some(region) if region == sh.region => {
                         c.ok_dead.fetch_add(1, Ordering::Relaxed);
-                        Answer::Retry(None, Vec::new(), false)
+                        Answer::Retry(None, Vec::new())
                     }
                     Some(region) => {
                         c.ok.fetch_add(1, Ordering::Relaxed);
@@ -2095,32 +2091,27 @@ up in the current directory, its parents, then the crate root.";
                     }
                     None => {
                         c.bad_bodies.fetch_add(1, Ordering::Relaxed);
-                        Answer::Retry(None, Vec::new(), false)
+                        Answer::Retry(None, Vec::new())
                     }
                 }
             }
             Class::Throttled => {
                 c.s429.fetch_add(1, Ordering::Relaxed);
-                Answer::Retry(retry_after, failover(&body), holds_turn(&body))
+                Answer::Retry(retry_after, failover(&body))
             }
             Class::Unavailable => {
                 c.s503.fetch_add(1, Ordering::Relaxed);
-                Answer::Retry(retry_after, failover(&body), false)
+                Answer::Retry(retry_after, failover(&body))
             }
             Class::ServerError => {
                 c.s5xx.fetch_add(1, Ordering::Relaxed);
-                Answer::Retry(retry_after, Vec::new(), false)
+                Answer::Retry(retry_after, Vec::new())
             }
             Class::Rejected => {
                 c.s4xx.fetch_add(1, Ordering::Relaxed);
                 Answer::Rejected(status)
             }
         }
-    }
-
-    /// Whether a 429 problem body gave the client a turn (`queued: true`).
-    fn holds_turn(body: &[u8]) -> bool {
-        serde_json::from_slice::<Value>(body).is_ok_and(|v| v["queued"] == true)
     }
 
     /// The `failover` regions of a 429/503 problem body.
@@ -2139,10 +2130,9 @@ up in the current directory, its parents, then the crate root.";
 
     /// One client: reconnect to the dead region (the server steers it), and
     /// retry as its mode says until it is back, out of retries or past the
-    /// deadline. Under the policy, a client refused twice in a row without a
-    /// turn moves on to the failover regions the server offered, one after
-    /// another, and one given a turn comes back for it; a naive client keeps
-    /// asking for the same thing.
+    /// deadline. Under the policy, a client refused twice in a row moves on to
+    /// the failover regions the server offered, one after another; a naive
+    /// client keeps asking for the same thing.
     async fn reconnect(
         sh: Arc<Shared>,
         users: Arc<Vec<SurgeUser>>,
@@ -2155,8 +2145,6 @@ up in the current directory, its parents, then the crate root.";
         let mut attempts = 0_u32;
         let mut target = sh.region.clone();
         let (mut refused_in_a_row, mut switches) = (0_u32, 0_usize);
-        // Back for a turn the target region holds (the policy only).
-        let mut queued = false;
         loop {
             let permit = match tokio::time::timeout_at(deadline_at.into(), sh.pool.acquire()).await
             {
@@ -2170,7 +2158,7 @@ up in the current directory, its parents, then the crate root.";
             };
             attempts += 1;
             let sent = Instant::now();
-            let answer = one_attempt(&sh, user, &target, queued, deadline_at).await;
+            let answer = one_attempt(&sh, user, &target, deadline_at).await;
             let latency = sent.elapsed();
             drop(permit);
             let retry_after = match answer {
@@ -2191,11 +2179,8 @@ up in the current directory, its parents, then the crate root.";
                         ending: Ending::Rejected(status),
                     };
                 }
-                Answer::Retry(retry_after, failover, turn) => {
-                    // A client with a turn stays for it; a refusal without one
-                    // counts towards moving on.
-                    queued = sh.mode == Mode::Policy && turn;
-                    refused_in_a_row = if queued { 0 } else { refused_in_a_row + 1 };
+                Answer::Retry(retry_after, failover) => {
+                    refused_in_a_row += 1;
                     if sh.mode == Mode::Policy && refused_in_a_row >= 2 && !failover.is_empty() {
                         target = failover[switches % failover.len()].clone();
                         switches += 1;
@@ -2212,10 +2197,7 @@ up in the current directory, its parents, then the crate root.";
                     ending: Ending::OutOfRetries,
                 };
             }
-            let delay = match retry_after {
-                Some(secs) if queued => backoff::turn_delay_ms(secs, random_u64()),
-                _ => retry_delay_ms(sh.mode, retries, retry_after, random_u64()),
-            };
+            let delay = retry_delay_ms(sh.mode, retries, retry_after, random_u64());
             let wake = Instant::now().checked_add(Duration::from_millis(delay));
             let Some(wake) = wake.filter(|w| *w < deadline_at) else {
                 return ClientOutcome {
@@ -3142,14 +3124,6 @@ up in the current directory, its parents, then the crate root.";
             assert_eq!(failover(body), ["eu-west", "us-east"]);
             assert!(failover(b"{}").is_empty());
             assert!(failover(b"not json").is_empty());
-        }
-
-        #[test]
-        fn a_turn_is_read_from_a_problem_body() {
-            assert!(holds_turn(br#"{"code":"region_busy","queued":true}"#));
-            assert!(!holds_turn(br#"{"code":"region_busy","queued":false}"#));
-            assert!(!holds_turn(br#"{"code":"region_busy"}"#));
-            assert!(!holds_turn(b"not json"));
         }
 
         #[test]

@@ -14,11 +14,9 @@
 //! A server that refuses a client (admission full) sends `Retry-After`; the
 //! client never comes back sooner than that, whatever its own schedule says,
 //! because the server knows when it will have room and has already spread
-//! the value. When the refusal gave the client a turn in the region's queue
-//! (`queued`: see `admission::Gate`), the client comes back at that turn,
-//! within a second after it ([`turn_delay_ms`]), not at a point of its own
-//! window, and says `queued` again: the region holds the turn for it. After
-//! `max_attempts` retries a client stops and reports the failure to its user.
+//! the value (see `admission::busy_retry_after_secs`: a refused client's
+//! turn in the region's queue). After `max_attempts`
+//! retries a client stops and reports the failure to its user.
 //!
 //! Nothing here is random: the uniform random value is an argument.
 
@@ -58,21 +56,6 @@ pub fn delay_ms(policy: &Policy, attempt: u32, retry_after_secs: Option<u32>, ra
     jittered.max(floor)
 }
 
-/// How long the first second's spread is after a turn: see [`turn_delay_ms`].
-pub const TURN_JITTER_MS: u64 = 1_000;
-
-/// The delay before coming back for a turn in a region's queue (a
-/// `region_busy` refusal that says `queued`): the turn itself
-/// (`retry_after_secs`) and a uniformly random part of a second from
-/// `random`, whatever the schedule's window has grown to. The server spread
-/// the crowd already and holds the turn for a while (see
-/// `admission::TURN_GRACE_MS`); jitter over a window of up to 30 s would
-/// make a client miss it, and join the back of the queue again. The part of
-/// a second spreads the clients whose turns round up to the same second.
-pub fn turn_delay_ms(retry_after_secs: u32, random: u64) -> u64 {
-    u64::from(retry_after_secs) * 1000 + random % TURN_JITTER_MS
-}
-
 /// `min(cap, base * 2^attempt)` without overflow.
 fn window_ms(policy: &Policy, attempt: u32) -> u64 {
     2u64.checked_pow(attempt)
@@ -96,24 +79,6 @@ mod tests {
         for attempt in [8, 19, 63, 64, 65, u32::MAX] {
             assert_eq!(window_ms(&RECOMMENDED, attempt), 30_000, "{attempt}");
         }
-    }
-
-    #[test]
-    fn a_turn_is_kept_whatever_the_window() {
-        let mut rng = Rng(11);
-        for _ in 0..1_000 {
-            let secs = (rng.next() % 31) as u32;
-            let d = turn_delay_ms(secs, rng.next());
-            let at = u64::from(secs) * 1000;
-            assert!((at..at + TURN_JITTER_MS).contains(&d), "{secs} s: {d}");
-        }
-        assert_eq!(turn_delay_ms(3, 0), 3_000);
-        assert_eq!(turn_delay_ms(3, 999), 3_999);
-        assert_eq!(turn_delay_ms(3, 1_000), 3_000);
-        assert_eq!(
-            turn_delay_ms(u32::MAX, u64::MAX),
-            u64::from(u32::MAX) * 1000 + 615
-        );
     }
 
     #[test]

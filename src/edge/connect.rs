@@ -10,8 +10,7 @@
 //! 2. a region and a server: pure placement rules (`domain::placement`);
 //! 3. admission: one RPC call to the region's `RegionGate` shard, unless
 //!    the shard said a moment ago that its queue is full
-//!    (`admission::FullShards`: the isolate then refuses as the shard would)
-//!    and the client is not back for a turn the shard gave it (`queued`);
+//!    (`admission::FullShards`: the isolate then refuses as the shard would);
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
 //!    the answer (a refusal's with the isolate's other refusals:
 //!    `domain::outbox`).
@@ -59,31 +58,20 @@ thread_local! {
     static FULL_SHARDS: RefCell<FullShards> = RefCell::new(FullShards::default());
 }
 
-/// Asks the gate `gate` to admit `client` at `rate`, or answers as it did a
-/// moment ago if it said its queue was full (`FullShards`). A client back
-/// for its turn (`queued`) always reaches the gate, which holds the turn for
-/// it while the queue is full for everyone else; its answer says nothing of
-/// the queue, so the memory is left as it was.
-async fn admit(
-    env: &Env,
-    gate: &str,
-    rate: u32,
-    client: u64,
-    queued: bool,
-    fault: Option<&str>,
-) -> Result<Admit, Fail> {
-    if !queued && FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, time::now_ms() as i64)) {
+/// Asks the gate `gate` for one admission at `rate`, or answers as it did a
+/// moment ago if it said its queue was full (`FullShards`).
+async fn admit(env: &Env, gate: &str, rate: u32, fault: Option<&str>) -> Result<Admit, Fail> {
+    let full = FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, time::now_ms() as i64));
+    if full {
         return Ok(Admit::Wait {
             retry_after_ms: admission::QUEUE_FULL_MS,
         });
     }
-    let verdict = durable::admit(env, gate, rate, client, fault).await?;
-    if !queued {
-        FULL_SHARDS.with(|m| {
-            m.borrow_mut()
-                .note(gate, rate, time::now_ms() as i64, verdict)
-        });
-    }
+    let verdict = durable::admit(env, gate, rate, fault).await?;
+    FULL_SHARDS.with(|m| {
+        m.borrow_mut()
+            .note(gate, rate, time::now_ms() as i64, verdict)
+    });
     Ok(verdict)
 }
 
@@ -296,8 +284,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    let client = admission::client_of(&device.id);
-    let verdict = admit(env, &gate, rate, client, b.queued, fault.as_deref())
+    let verdict = admit(env, &gate, rate, fault.as_deref())
         .await
         .map_err(|mut fail| {
             // Another region's gate is another object: the client may fail over.
@@ -312,7 +299,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 ctx,
                 ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "throttled"),
             );
-            let mut fail = refused(
+            return Err(refused(
                 ProblemCode::RegionBusy,
                 "The region is admitting clients as fast as it can; retry after the delay or use a failover region.",
                 failover,
@@ -320,11 +307,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                     retry_after_ms,
                     random::u32(),
                 )),
-            );
-            // A turn in the queue, held for the client: come back for it.
-            let turn = retry_after_ms < admission::QUEUE_FULL_MS;
-            fail.api = fail.api.with("queued", json!(turn));
-            return Err(fail);
+            ));
         }
         Admit::Closed => {
             events::enqueue_refusal(

@@ -180,41 +180,37 @@ impl DurableObject for RegionGate {
 
 #[wasm_bindgen::prelude::wasm_bindgen]
 impl RegionGate {
-    /// RPC: admits `client` (`admission::client_of` its device, a whole
-    /// number below 2^53) at `rate` tokens/s, or queues it; the verdict as
-    /// [`Admit::to_wire`]'s number. Synchronous: the gate is in memory.
+    /// RPC: takes one admission token at `rate` tokens/s; the verdict as
+    /// [`Admit::to_wire`]'s number. Synchronous: the bucket is in memory.
     /// `fault` is the development-only [`fault::GATE_ADMIT`] point (absent
     /// otherwise): the call then throws, as a broken object's would.
     pub fn admit(
         &self,
         rate: u32,
-        client: f64,
         fault: Option<String>,
     ) -> std::result::Result<f64, wasm_bindgen::JsError> {
         fault::at(&fault::armed(&self.env, fault), fault::GATE_ADMIT)
             .map_err(|e| wasm_bindgen::JsError::new(&e.to_string()))?;
-        // `as` saturates (and reads NaN as 0); the worker sends whole numbers.
-        let client = client as u64;
         Ok(self
             .gate
             .borrow_mut()
-            .admit(rate, time::now_ms() as i64, client)
+            .admit(rate, time::now_ms() as i64)
             .to_wire())
     }
 }
 
 #[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
-export function admitWithin(stub, rate, client, ms, fault) {
+export function admitWithin(stub, rate, ms, fault) {
   let timer;
   const late = new Promise((_, reject) => {
     timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
   });
-  const call = fault === undefined ? stub.admit(rate, client) : stub.admit(rate, client, fault);
+  const call = fault === undefined ? stub.admit(rate) : stub.admit(rate, fault);
   return Promise.race([call, late]).finally(() => clearTimeout(timer));
 }
 "#)]
 extern "C" {
-    /// `stub.admit(rate, client[, fault])`, rejected after `ms` milliseconds. The bound is set
+    /// `stub.admit(rate[, fault])`, rejected after `ms` milliseconds. The bound is set
     /// on the JavaScript side: one promise for Rust to await, instead of the
     /// call's and a `Delay`'s (whose closure costs a wasm-bindgen callback
     /// created and destroyed on every connect).
@@ -222,21 +218,18 @@ extern "C" {
     fn admit_within(
         stub: &JsValue,
         rate: u32,
-        client: f64,
         ms: f64,
         fault: Option<&str>,
     ) -> std::result::Result<js_sys::Promise, JsValue>;
 }
 
-/// Asks the `RegionGate` named `name` to admit `client` (see
-/// `admission::client_of`) at `rate` tokens/s (`fault`: an armed fault
-/// point, passed on to the object).
+/// Asks the `RegionGate` named `name` for one admission at `rate` tokens/s
+/// (`fault`: an armed fault point, passed on to the object).
 /// Transport failures, timeouts, thrown errors and unreadable answers are 503s.
 pub async fn admit(
     env: &Env,
     name: &str,
     rate: u32,
-    client: u64,
     fault: Option<&str>,
 ) -> std::result::Result<Admit, Fail> {
     let unavailable = |e: String| {
@@ -248,8 +241,7 @@ pub async fn admit(
     let stub: JsValue = stub(env, super::bindings::REGION_GATES, name)
         .map_err(unavailable)?
         .into();
-    // Below 2^53 (`client_of`), so the number is exact.
-    let answer = match admit_within(&stub, rate, client as f64, CALL_TIMEOUT_MS as f64, fault) {
+    let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64, fault) {
         Ok(promise) => JsFuture::from(promise).await,
         Err(thrown) => Err(thrown),
     }

@@ -382,8 +382,6 @@ export function sessionRevoked(mirror: any, sid: string): boolean {
 export interface ConnectBody {
   device_id: string;
   region: string | null;
-  /** Back for a turn a region_busy refusal gave (the worker's memo of full shards is skipped). */
-  queued: boolean;
 }
 
 /** Size and media type before parsing; then the exact shape, no unknown fields. */
@@ -418,11 +416,10 @@ export function connectBodyFrom(contentType: string | null | undefined, parsed: 
 function connectShape(v: any): ConnectBody {
   const shape = () => new Problem(400, "malformed_json", "Bad Request", "The JSON does not have the expected shape.");
   if (v === null || v === undefined || typeof v !== "object" || Array.isArray(v)) throw shape();
-  for (const k of Object.keys(v)) if (k !== "device_id" && k !== "region" && k !== "queued") throw shape();
+  for (const k of Object.keys(v)) if (k !== "device_id" && k !== "region") throw shape();
   if (!isStr(v.device_id)) throw shape();
   if (v.region !== undefined && v.region !== null && !isStr(v.region)) throw shape();
-  if (v.queued !== undefined && typeof v.queued !== "boolean") throw shape();
-  return { device_id: v.device_id, region: v.region ?? null, queued: v.queued ?? false };
+  return { device_id: v.device_id, region: v.region ?? null };
 }
 
 export function isDeviceId(s: string): boolean {
@@ -783,12 +780,6 @@ export function shardFor(deviceId: string, shards: number): number {
   return ((((((hi % n) * 65536) % n) * 65536) % n) + lo) % n;
 }
 
-/** The device's number in its shard's queue: the hash's top 53 bits, exact in a double (admission::client_of). */
-export function clientOf(deviceId: string): number {
-  const [hi, lo] = stableHash(deviceId, "admission-turn");
-  return hi * 2097152 + (lo >>> 11);
-}
-
 export function shardRate(rate: number, shards: number, shard: number): number {
   shards = Math.max(1, shards);
   if (shard >= shards) return 0;
@@ -921,7 +912,7 @@ export function placeConnect(
   devices: Device[],
   snapshot: Snapshot,
   location: ClientLocation,
-): { device: Device; choice: Choice; gate: string; rate: number; client: number } {
+): { device: Device; choice: Choice; gate: string; rate: number } {
   const rank = devices.findIndex((d) => d.id === body.device_id);
   if (rank < 0) throw deviceNotFound();
   if (rank >= claims.ent.max_devices)
@@ -947,7 +938,6 @@ export function placeConnect(
     choice,
     gate: `${choice.region.id}#${shard}`,
     rate: shardRate(choice.region.admission_rate, shards, shard),
-    client: clientOf(device.id),
   };
 }
 

@@ -21,8 +21,7 @@ interface Env {
 export class RegionGate extends DurableObject<Env> {
   private bucket = new core.Bucket();
 
-  /** The client's number crosses the RPC boundary as the worker's does; this peer's gate is a bucket only. */
-  admit(rate: number, _client: number): core.Verdict {
+  admit(rate: number): core.Verdict {
     return this.bucket.take(rate, Date.now());
   }
 }
@@ -103,13 +102,13 @@ async function snapshot(env: Env): Promise<core.Snapshot> {
  * The region gate's verdict, bounded in time as the worker bounds it: a gate
  * that throws or does not answer within GATE_CALL_TIMEOUT_MS is a 503.
  */
-async function admit(env: Env, gate: string, rate: number, client: number): Promise<core.Verdict> {
+async function admit(env: Env, gate: string, rate: number): Promise<core.Verdict> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const late = new Promise<never>((_, reject) => {
     timer = setTimeout(() => reject(new Error("timed out")), core.GATE_CALL_TIMEOUT_MS);
   });
   try {
-    return await Promise.race([env.REGION_GATES.getByName(gate).admit(rate, client), late]);
+    return await Promise.race([env.REGION_GATES.getByName(gate).admit(rate), late]);
   } catch (e) {
     console.error(JSON.stringify({ error: String(e), level: "error", msg: "region gate unavailable" }));
     throw new core.Problem(503, "service_unavailable", "Service Unavailable", "A backing service is unavailable; retry shortly.");
@@ -212,7 +211,7 @@ app.post("/v1/connect", async (c) => {
   const p = core.placeConnect(claims, body, devices, s, location);
   const region = p.choice.region;
 
-  const verdict = await admit(env, p.gate, p.rate, p.client);
+  const verdict = await admit(env, p.gate, p.rate);
   const refused = core.refusal(verdict, p.choice.failover, randomU32());
   if (refused) {
     const outcome = verdict.outcome === "wait" ? "throttled" : "closed";

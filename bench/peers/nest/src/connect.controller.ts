@@ -86,7 +86,7 @@ export class ConnectController {
     const p = core.placeConnect(claims, body, devices, this.snapshot(), location);
     const region = p.choice.region;
 
-    const verdict = this.gates.admit(p.gate, p.rate, p.client);
+    const verdict = this.gates.admit(p.gate, p.rate);
     const refused = core.refusal(verdict, p.choice.failover, randomInt(2 ** 32 - 1));
     if (refused) {
       this.event(claims.sub, p.device.id, region.id, null, verdict.outcome === "wait" ? "throttled" : "closed");

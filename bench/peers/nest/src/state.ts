@@ -28,8 +28,7 @@ export class MemoryKv {
 export class RegionGates {
   private readonly buckets = new Map<string, core.Bucket>();
 
-  /** `_client`: the device's number, as the worker's gate takes it; this peer's gate is a bucket only. */
-  admit(gate: string, rate: number, _client: number): core.Verdict {
+  admit(gate: string, rate: number): core.Verdict {
     let b = this.buckets.get(gate);
     if (!b) {
       b = new core.Bucket();
