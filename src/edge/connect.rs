@@ -356,6 +356,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             Some(&server.id),
             "admitted",
         ),
+        fault,
     );
     Ok(Reply::json(
         200,

@@ -8,7 +8,7 @@
 
 use super::durable::js_error;
 use super::log::{self, Level};
-use super::{bindings, pg, random, time};
+use super::{bindings, fault, pg, random, time};
 use crate::domain::outbox::{self, Outbox, Push};
 use crate::sql;
 use serde::{Deserialize, Serialize};
@@ -98,12 +98,52 @@ async fn send(env: &Env, message: &impl Serialize) -> Result<(), String> {
         .map_err(|e| js_error(&e))
 }
 
-/// Enqueues `event` after the response is sent (the hot path does not wait).
-pub fn enqueue(env: &Env, ctx: &Context, request_id: &str, event: ConnectionEvent) {
+/// How long to wait before each retry of a send the queue refused: a
+/// failed send is tried three times in all, within about 1.3 s of the
+/// response, well inside the runtime's 30 s for work after it. A retry of a
+/// send that did reach the queue is harmless: the consumer inserts each
+/// event id once (`ON CONFLICT DO NOTHING`).
+const SEND_RETRY_DELAYS_MS: [u64; 2] = [250, 1_000];
+
+/// [`send`], retried after [`SEND_RETRY_DELAYS_MS`] while it fails; the last
+/// error if every attempt did. `fault`: an armed fault point; at
+/// [`fault::EVENTS_SEND`] the first attempt fails, as a queue that refused
+/// it would.
+async fn send_retried(
+    env: &Env,
+    message: &impl Serialize,
+    fault: Option<&str>,
+) -> Result<(), String> {
+    let first = if fault == Some(fault::EVENTS_SEND) {
+        Err(format!("injected fault at {}", fault::EVENTS_SEND))
+    } else {
+        send(env, message).await
+    };
+    let mut outcome = first;
+    for delay in SEND_RETRY_DELAYS_MS {
+        if outcome.is_ok() {
+            break;
+        }
+        time::sleep(delay).await;
+        outcome = send(env, message).await;
+    }
+    outcome
+}
+
+/// Enqueues `event` after the response is sent (the hot path does not wait),
+/// retrying a failed send (see [`SEND_RETRY_DELAYS_MS`]). `fault`: an armed
+/// fault point of the request.
+pub fn enqueue(
+    env: &Env,
+    ctx: &Context,
+    request_id: &str,
+    event: ConnectionEvent,
+    fault: Option<String>,
+) {
     let env = env.clone();
     let request_id = request_id.to_owned();
     ctx.wait_until(async move {
-        if let Err(e) = send(&env, &event).await {
+        if let Err(e) = send_retried(&env, &event, fault.as_deref()).await {
             log::event(
                 Level::Error,
                 Some(&request_id),
@@ -144,7 +184,7 @@ pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
         if events.is_empty() {
             return;
         }
-        if let Err(e) = send(&env, &Many { events: &events }).await {
+        if let Err(e) = send_retried(&env, &Many { events: &events }, None).await {
             log::event(
                 Level::Error,
                 None,

@@ -49,6 +49,10 @@ pub const UNDO_SLOW: &str = "signup.undo_slow";
 /// password: late enough to meet an account that [`UNDO_SLOW`] removed.
 pub const LOGIN_LATE: &str = "login.late";
 pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
+/// The point, on `POST /v1/connect`, at which the first attempt to send the
+/// admitted connection's event to the queue fails, as a queue that refused
+/// it would.
+pub const EVENTS_SEND: &str = "events.send";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

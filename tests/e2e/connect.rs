@@ -64,6 +64,10 @@ pub const TESTS: &[(&str, Test)] = &[
         concurrent_admin_changes,
     ),
     (
+        "connect::a_connection_event_the_queue_refused_once_is_sent_again",
+        event_send_retried,
+    ),
+    (
         "connect::a_gate_that_throws_is_a_503_and_admits_again_after",
         gate_throws,
     ),
@@ -759,6 +763,41 @@ async fn events_reach(ctx: &Ctx, device: &str, outcome: &str, at_least: i64) -> 
         (n >= at_least).then_some(n)
     })
     .await
+}
+
+/// A queue that refuses a connection event's first send (the
+/// development-only fault point `events.send`) loses nothing: the worker
+/// sends it again after the answer, and PostgreSQL gets it once. Before, the
+/// failure was logged and the event lost.
+fn event_send_retried(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (user, dev) = user_with_device(ctx, false).await;
+        let r = send_with(
+            ctx,
+            "POST",
+            "/v1/connect",
+            Some(json!({"device_id": dev})),
+            Some(&user.access),
+            &[
+                ("x-keenvpn-client-location", LONDON),
+                ("x-keenvpn-fault", "events.send"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(events_reach(ctx, &dev, "admitted", 1).await, 1);
+        // Once: a later batch brings no second copy.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(events_reach(ctx, &dev, "admitted", 1).await, 1);
+        let log = ctx.stack().wrangler.log();
+        let request_id = r.headers["x-request-id"].to_str()?;
+        assert!(
+            !log.lines()
+                .any(|l| l.contains(request_id) && l.contains("not enqueued")),
+            "the retry succeeded, so nothing was logged as lost"
+        );
+        Ok(())
+    })
 }
 
 fn events_written(ctx: &Ctx) -> Result<(), Failed> {
