@@ -181,6 +181,11 @@ const BODY_PROBLEMS: &[ProblemCode] = &[
 fn problems_of(op: &Op) -> Vec<ProblemCode> {
     let mut codes = op.problems.to_vec();
     match op.auth {
+        // Logout takes the token of a session that has ended already (a
+        // retried logout): it never answers `session_revoked`.
+        Auth::User if op.id == "logout" => {
+            codes.extend(TOKEN_PROBLEMS.iter().filter(|c| **c != P::SessionRevoked))
+        }
         Auth::User => codes.extend_from_slice(TOKEN_PROBLEMS),
         Auth::Admin => codes.push(P::AdminUnauthorized),
         Auth::Public | Auth::Stripe => {}
@@ -967,6 +972,15 @@ mod tests {
                 "problem member {key} is undocumented"
             );
         }
+    }
+
+    #[test]
+    fn logout_alone_of_the_bearer_routes_never_answers_session_revoked() {
+        let doc = document();
+        let codes = |path: &str| doc["paths"][path]["post"]["responses"]["401"].to_string();
+        assert!(!codes("/v1/auth/logout").contains("session_revoked"));
+        assert!(codes("/v1/auth/logout").contains("token_expired"));
+        assert!(codes("/v1/auth/logout-all").contains("session_revoked"));
     }
 
     #[test]
