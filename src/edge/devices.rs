@@ -6,9 +6,8 @@
 //! Creating, deleting and rotating go through the user's `UserSession` object,
 //! which owns the device limit and the connect path's copy of the devices (see
 //! `user_session.rs`); listing goes straight to PostgreSQL. Every query is
-//! scoped to the
-//! token's user, so another user's device id behaves exactly like one that does
-//! not exist.
+//! scoped to the token's user, so another user's device id behaves exactly
+//! like one that does not exist.
 
 use super::auth::{self, authenticate, read_body, refusal};
 use super::durable::call;

@@ -85,10 +85,9 @@ struct Many<'a> {
 /// field by field across the boundary, and its options object through serde,
 /// on every send; here the event crosses once, as JSON text, which the
 /// runtime's own `JSON.parse` turns into the object.
-async fn send(env: &Env, message: &impl Serialize) -> Result<(), String> {
+async fn send(env: &Env, text: &str) -> Result<(), String> {
     let queue: QueueProducer = bindings::object(env, bindings::CONNECTION_EVENTS)?;
-    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-    let body = JSON::parse(&text).map_err(|e| js_error(&e))?;
+    let body = JSON::parse(text).map_err(|e| js_error(&e))?;
     let promise = JSON_MESSAGE
         .with(|options| queue.send_with(&body, options))
         .map_err(|e| js_error(&e))?;
@@ -105,27 +104,32 @@ async fn send(env: &Env, message: &impl Serialize) -> Result<(), String> {
 /// event id once (`ON CONFLICT DO NOTHING`).
 const SEND_RETRY_DELAYS_MS: [u64; 2] = [250, 1_000];
 
-/// [`send`], retried after [`SEND_RETRY_DELAYS_MS`] while it fails; the last
-/// error if every attempt did. `fault`: an armed fault point; at
-/// [`fault::EVENTS_SEND`] the first attempt fails, as a queue that refused
-/// it would.
+/// `message` as JSON text, [`send`] and retried after
+/// [`SEND_RETRY_DELAYS_MS`] while it fails; the last error if every attempt
+/// did. `fault`: an armed fault point; at [`fault::EVENTS_SEND`] the first
+/// attempt fails, as a queue that refused it would.
 async fn send_retried(
     env: &Env,
     message: &impl Serialize,
-    fault: Option<&str>,
+    fault: &Option<String>,
 ) -> Result<(), String> {
-    let first = if fault == Some(fault::EVENTS_SEND) {
-        Err(format!("injected fault at {}", fault::EVENTS_SEND))
-    } else {
-        send(env, message).await
+    let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
+    retry_send(env, &text, fault).await
+}
+
+/// [`send_retried`] once the message is text: one copy for every kind of
+/// message.
+async fn retry_send(env: &Env, text: &str, fault: &Option<String>) -> Result<(), String> {
+    let mut outcome = match fault::at(fault, fault::EVENTS_SEND) {
+        Ok(()) => send(env, text).await,
+        Err(e) => Err(e.to_string()),
     };
-    let mut outcome = first;
     for delay in SEND_RETRY_DELAYS_MS {
         if outcome.is_ok() {
             break;
         }
         time::sleep(delay).await;
-        outcome = send(env, message).await;
+        outcome = send(env, text).await;
     }
     outcome
 }
@@ -143,7 +147,7 @@ pub fn enqueue(
     let env = env.clone();
     let request_id = request_id.to_owned();
     ctx.wait_until(async move {
-        if let Err(e) = send_retried(&env, &event, fault.as_deref()).await {
+        if let Err(e) = send_retried(&env, &event, &fault).await {
             log::event(
                 Level::Error,
                 Some(&request_id),
@@ -184,7 +188,7 @@ pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
         if events.is_empty() {
             return;
         }
-        if let Err(e) = send_retried(&env, &Many { events: &events }, None).await {
+        if let Err(e) = send_retried(&env, &Many { events: &events }, &None).await {
             log::event(
                 Level::Error,
                 None,
