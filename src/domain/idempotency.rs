@@ -179,6 +179,13 @@ impl Records {
         }
     }
 
+    /// Forgets the key's record, in flight or completed: its first request's
+    /// effect is gone (a session opened under it has ended), so the key
+    /// names nothing to replay.
+    pub fn forget(&mut self, key: &str) {
+        self.records.remove(key);
+    }
+
     /// Forgets every in-flight record for which `alive` is false: the shell
     /// knows which requests are still running, and a key whose request died
     /// (threw, or its object restarted) would otherwise answer

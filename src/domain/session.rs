@@ -47,6 +47,7 @@
 //! revoked so edge caches drop their access tokens, and a replayed token gets a
 //! precise error), then [`UserSessions::prune`] forgets them.
 
+use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -221,6 +222,21 @@ pub enum RevokeReason {
     /// The account was removed: a sign-up undone after a failure, which ends
     /// any session a sign-in opened for it meanwhile.
     AccountRemoved,
+}
+
+/// What [`UserSessions::reopen`] decides for a keyed sign-in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reopen {
+    /// The key's first request opened this session, still unused: answer
+    /// with its first token again.
+    Again(Issued),
+    /// Nothing to answer with: open a session, then record it with
+    /// [`UserSessions::opened`].
+    Open,
+    /// The key's first request is still running (answer 409).
+    InFlight,
+    /// The key was used for another request (answer 422).
+    Mismatch,
 }
 
 /// A new or rotated refresh token, to hand to the client.
@@ -520,15 +536,69 @@ impl UserSessions {
         count
     }
 
-    /// Whether `sid` names a session that is neither revoked nor expired.
     /// Whether the user has [`MAX_ACTIVE_SESSIONS`] active sessions, so that a
     /// new one ([`UserSessions::create`]) ends the least recently used.
     pub fn is_full(&self, now: i64) -> bool {
         self.families.values().filter(|f| f.is_active(now)).count() >= MAX_ACTIVE_SESSIONS
     }
 
+    /// Whether `sid` names a session that is neither revoked nor expired.
     pub fn is_active(&self, sid: &str, now: i64) -> bool {
         self.families.get(sid).is_some_and(|f| f.is_active(now))
+    }
+
+    /// What a sign-in (or sign-up) sent with the `Idempotency-Key` `key`
+    /// gets, `records` holding the user's keys. A retry whose first answer
+    /// was lost must not open a second session; it gets the first one's
+    /// tokens again. So the key's record names the session it opened
+    /// ([`UserSessions::opened`]), and a retry of the same request
+    /// ([`fingerprint`](crate::domain::idempotency::fingerprint)) is answered
+    /// with that session's first refresh token, while that token is still
+    /// the one to use: the session is active and was never refreshed.
+    ///
+    /// Once it was refreshed, the client had the first answer, and handing
+    /// out its first token again would only set off reuse detection when
+    /// used; once it ended, there is nothing to answer with. Either way the
+    /// record is spent: it is started afresh and the request opens a new
+    /// session ([`Reopen::Open`]), as it would with a key never seen.
+    pub fn reopen(
+        &self,
+        records: &mut Records,
+        key: &str,
+        fingerprint: &str,
+        now: i64,
+        pepper: &[u8],
+    ) -> Reopen {
+        match records.begin(key, fingerprint, now) {
+            Begin::Replay(first) => {
+                let sid = first.body.as_str();
+                match self.families.get(sid) {
+                    Some(f) if f.is_active(now) && f.generation == 0 => {
+                        Reopen::Again(f.issue(sid, pepper))
+                    }
+                    _ => {
+                        records.forget(key);
+                        let begun = records.begin(key, fingerprint, now);
+                        debug_assert_eq!(begun, Begin::Proceed);
+                        Reopen::Open
+                    }
+                }
+            }
+            Begin::Proceed => Reopen::Open,
+            Begin::InFlight => Reopen::InFlight,
+            Begin::Mismatch => Reopen::Mismatch,
+        }
+    }
+
+    /// Records that the request under `key` that [`UserSessions::reopen`]
+    /// let through opened the session `sid`. (The record's response is the
+    /// session id; the answer is made again from it, so its status is moot.)
+    pub fn opened(records: &mut Records, key: &str, sid: &str, now: i64) {
+        let first = StoredResponse {
+            status: 200,
+            body: sid.to_owned(),
+        };
+        records.complete(key, first, now);
     }
 
     /// What to mirror to KV (and list in `GET /v1/me`): the active sessions,
@@ -1161,6 +1231,106 @@ mod tests {
                 "refresh_token_reused",
             ]
         );
+    }
+
+    // --- sign-ins under an Idempotency-Key ---------------------------------
+
+    /// A keyed sign-in as the user's object runs it: reopen, or open and
+    /// record. Returns the answer, or the refusal.
+    fn sign_in(
+        s: &mut UserSessions,
+        records: &mut Records,
+        key: &str,
+        fp: &str,
+        n: u8,
+        now: i64,
+    ) -> Result<Issued, Reopen> {
+        match s.reopen(records, key, fp, now, PEPPER) {
+            Reopen::Again(issued) => Ok(issued),
+            Reopen::Open => {
+                let issued = create(s, n, now);
+                UserSessions::opened(records, key, &issued.sid, now);
+                Ok(issued)
+            }
+            refused => Err(refused),
+        }
+    }
+
+    fn active_count(s: &UserSessions, now: i64) -> usize {
+        s.mirror(now).iter().filter(|v| !v.revoked).count()
+    }
+
+    #[test]
+    fn a_retried_keyed_sign_in_gets_the_first_session_and_token_again() {
+        let (mut s, mut records) = (UserSessions::default(), Records::default());
+        let first = sign_in(&mut s, &mut records, "k", "fp", 1, T0).unwrap();
+        let again = sign_in(&mut s, &mut records, "k", "fp", 2, T0 + 30).unwrap();
+        assert_eq!(again, first, "the same session and refresh token");
+        assert_eq!(active_count(&s, T0 + 30), 1, "no second session");
+        // The token answered twice is one token: it refreshes once.
+        let next = refresh(&mut s, &again, T0 + 40).unwrap();
+        assert_eq!(parse(&next).generation, 1);
+        // Another key is another sign-in.
+        let other = sign_in(&mut s, &mut records, "k2", "fp", 3, T0 + 50).unwrap();
+        assert_ne!(other.sid, first.sid);
+    }
+
+    #[test]
+    fn a_keyed_sign_in_with_another_request_is_a_mismatch_and_changes_nothing() {
+        let (mut s, mut records) = (UserSessions::default(), Records::default());
+        sign_in(&mut s, &mut records, "k", "fp", 1, T0).unwrap();
+        let (sessions, kept) = (s.clone(), records.clone());
+        assert_eq!(
+            sign_in(&mut s, &mut records, "k", "other fp", 2, T0 + 1),
+            Err(Reopen::Mismatch)
+        );
+        assert_eq!((s, records), (sessions, kept));
+    }
+
+    #[test]
+    fn a_key_whose_session_was_refreshed_or_ended_opens_a_new_session() {
+        let (mut s, mut records) = (UserSessions::default(), Records::default());
+        let first = sign_in(&mut s, &mut records, "k", "fp", 1, T0).unwrap();
+        refresh(&mut s, &first, T0 + 10).unwrap();
+        // Its first token is spent: answering with it would be reuse.
+        let second = sign_in(&mut s, &mut records, "k", "fp", 2, T0 + 20).unwrap();
+        assert_ne!(second.sid, first.sid);
+        assert_eq!(parse(&second).generation, 0);
+        // The record now names the new session.
+        assert_eq!(
+            sign_in(&mut s, &mut records, "k", "fp", 3, T0 + 21).unwrap(),
+            second
+        );
+        // Once that session ends (a logout, or the undo of an unanswered
+        // sign-in), the key opens another.
+        assert!(s.revoke(&second.sid, T0 + 30, RevokeReason::Logout));
+        let third = sign_in(&mut s, &mut records, "k", "fp", 4, T0 + 31).unwrap();
+        assert!(third.sid != first.sid && third.sid != second.sid);
+        assert_eq!(active_count(&s, T0 + 31), 2);
+    }
+
+    #[test]
+    fn a_keyed_sign_in_is_replayed_for_a_day_at_most() {
+        let (mut s, mut records) = (UserSessions::default(), Records::default());
+        let first = sign_in(&mut s, &mut records, "k", "fp", 1, T0).unwrap();
+        let day = crate::domain::idempotency::RETENTION_SECS;
+        assert_eq!(
+            sign_in(&mut s, &mut records, "k", "fp", 2, T0 + day - 1).unwrap(),
+            first
+        );
+        let later = sign_in(&mut s, &mut records, "k", "fp", 3, T0 + day).unwrap();
+        assert_ne!(later.sid, first.sid);
+    }
+
+    #[test]
+    fn a_key_in_flight_for_the_same_request_is_refused_and_not_taken_over() {
+        let (mut s, mut records) = (UserSessions::default(), Records::default());
+        assert_eq!(records.begin("k", "fp", T0), Begin::Proceed);
+        assert_eq!(
+            sign_in(&mut s, &mut records, "k", "fp", 1, T0 + 1),
+            Err(Reopen::InFlight)
+        );
+        assert_eq!(active_count(&s, T0 + 1), 0);
     }
 }
 

@@ -15,6 +15,7 @@ use super::user_session::{self, CloseReq, CreateReq, IssuedResp, Mirror, Refresh
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
 use crate::domain::account::{Email, Password};
+use crate::domain::idempotency;
 use crate::domain::password;
 use crate::domain::problem::ProblemCode;
 use crate::domain::throttle;
@@ -58,6 +59,34 @@ pub(super) async fn json_body<T: serde::de::DeserializeOwned>(
         &bytes,
         MAX_JSON_BODY,
     )?)
+}
+
+/// The request's `Idempotency-Key`, checked (422 if malformed), if it has one.
+pub(super) fn idempotency_key(req: &Incoming) -> Result<Option<String>, Fail> {
+    match req.header("idempotency-key") {
+        Some(k) => Ok(Some(
+            idempotency::parse_key(&k).map_err(|e| Fail::from(body::invalid(&[e])))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// `key` with the fingerprint of the request it came with, as the user's
+/// object takes them. `canonical`: the parsed body, re-serialised, so that the
+/// same request with its members in another order or spaced otherwise is the
+/// same request.
+pub(super) fn keyed(
+    key: Option<String>,
+    method: &str,
+    path: &str,
+    canonical: &impl serde::Serialize,
+) -> Result<Option<(String, String)>, Fail> {
+    let Some(key) = key else { return Ok(None) };
+    let canonical = serde_json::to_vec(canonical).map_err(|e| Fail::internal(e.to_string()))?;
+    Ok(Some((
+        key,
+        idempotency::fingerprint(method, path, &canonical),
+    )))
 }
 
 fn parse_credentials(b: &Credentials) -> Result<(Email, Password), Fail> {
@@ -127,19 +156,51 @@ pub(super) fn refusal(status: u16, body: &serde_json::Value) -> Fail {
     err.into()
 }
 
+/// What makes two sign-ins (or sign-ups) under one `Idempotency-Key` the
+/// same request: the route, the email and the label. Not the password: no
+/// hash of it goes into a record (an unsalted one would be a fast hash of it),
+/// and a retry proves it against the account's argon2 hash as the first
+/// request did.
+#[derive(serde::Serialize)]
+struct SignInShape<'a> {
+    email: &'a str,
+    device_label: Option<&'a str>,
+}
+
+/// The request's `Idempotency-Key` with the fingerprint of the sign-in or
+/// sign-up at `path` it came with.
+fn keyed_sign_in(
+    req: &Incoming,
+    path: &str,
+    email: &Email,
+    b: &Credentials,
+) -> Result<Option<(String, String)>, Fail> {
+    let shape = SignInShape {
+        email: email.as_str(),
+        device_label: b.device_label.as_deref(),
+    };
+    keyed(idempotency_key(req)?, "POST", path, &shape)
+}
+
 /// Opens a session for `user_id` in the user's object, for the sign-up or
-/// sign-in `req` (its id and fault header go with the call).
+/// sign-in `req` (its id and fault header go with the call), under its
+/// `Idempotency-Key` if it has one. `again_only`: open none, answer only
+/// with the session the key's first request opened (see [`signup_again`]).
 async fn open_session(
     env: &Env,
     req: &Incoming,
     user_id: &str,
     label: Option<String>,
     inputs: store::EntitlementInputs,
+    idempotency: Option<(String, String)>,
+    again_only: bool,
 ) -> Result<IssuedResp, Fail> {
     let create = CreateReq {
         user_id: user_id.to_owned(),
         label: label.unwrap_or_default(),
         inputs,
+        idempotency,
+        again_only,
         fault: req.header(fault::HEADER),
     };
     let (status, body) = call(
@@ -157,9 +218,18 @@ async fn open_session(
     serde_json::from_value(body).map_err(|e| Fail::internal(format!("create answer: {e}")))
 }
 
+fn email_taken() -> Fail {
+    ApiError::new(
+        ProblemCode::EmailTaken,
+        "An account with this email already exists; sign in instead.",
+    )
+    .into()
+}
+
 pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
+    let idempotency = keyed_sign_in(&req, "/v1/auth/signup", &email, &b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
     signing_ready(&req, env, keys).await?;
@@ -187,14 +257,23 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
         }
     };
     let Some(row) = created else {
-        return Err(ApiError::new(
-            ProblemCode::EmailTaken,
-            "An account with this email already exists; sign in instead.",
-        )
-        .into());
+        return match idempotency {
+            Some(keyed) => signup_again(env, &req, keys, &db, &email, &password, keyed).await,
+            None => Err(email_taken()),
+        };
     };
     let answer = async {
-        let issued = open_session(env, &req, &row.user_id, b.device_label, row.inputs).await?;
+        let label = b.device_label;
+        let issued = open_session(
+            env,
+            &req,
+            &row.user_id,
+            label,
+            row.inputs,
+            idempotency,
+            false,
+        )
+        .await?;
         token_pair(keys, &row.user_id, &issued, 201).await
     };
     match answer.await {
@@ -203,6 +282,34 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
             undo_signup(env, &req, &db, &row.user_id).await;
             Err(fail)
         }
+    }
+}
+
+/// A sign-up under the `Idempotency-Key` of `keyed` whose email has an
+/// account: the retry of one whose answer was lost, if the account's object
+/// has the key's record. It is answered as the first was (201, the tokens of
+/// the session it opened) while that session's first refresh token is still
+/// the one to use. Otherwise, or if the password is not the account's, it is
+/// `email_taken`, exactly as without a key.
+async fn signup_again(
+    env: &Env,
+    req: &Incoming,
+    keys: &KeySet,
+    db: &tokio_postgres::Client,
+    email: &Email,
+    password: &Password,
+    keyed: (String, String),
+) -> Result<Reply, Fail> {
+    let Some(row) = store::find_for_login(db, email).await? else {
+        return Err(email_taken());
+    };
+    if password::verify(password.expose(), &row.password_hash).is_err() {
+        return Err(email_taken());
+    }
+    match open_session(env, req, &row.user_id, None, row.inputs, Some(keyed), true).await {
+        Ok(issued) => token_pair(keys, &row.user_id, &issued, 201).await,
+        Err(f) if f.api.code == ProblemCode::EmailTaken => Err(email_taken()),
+        Err(f) => Err(f),
     }
 }
 
@@ -315,6 +422,7 @@ async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b)?;
+    let idempotency = keyed_sign_in(&req, "/v1/auth/login", &email, &b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
     signing_ready(&req, env, keys).await?;
@@ -401,7 +509,17 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     if armed.as_deref() == Some(fault::LOGIN_LATE) {
         time::sleep(fault::LOGIN_LATE_MS).await;
     }
-    let issued = open_session(env, &req, &row.user_id, b.device_label, row.inputs).await?;
+    let label = b.device_label;
+    let issued = open_session(
+        env,
+        &req,
+        &row.user_id,
+        label,
+        row.inputs,
+        idempotency,
+        false,
+    )
+    .await?;
     let signed = if armed.as_deref() == Some(fault::TOKEN_UNSIGNED) {
         Err(Fail::unavailable(format!(
             "injected fault at {}",

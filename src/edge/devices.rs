@@ -9,7 +9,7 @@
 //! scoped to the token's user, so another user's device id behaves exactly
 //! like one that does not exist.
 
-use super::auth::{self, authenticate, read_body, refusal};
+use super::auth::{self, authenticate, idempotency_key, keyed, read_body, refusal};
 use super::durable::call;
 use super::incoming::Incoming;
 use super::user_session::{self, CreateDeviceReq, DeleteDeviceReq, RotateKeyReq};
@@ -18,7 +18,6 @@ use crate::api::{CreateDevice, Device, DeviceList, RotateKey};
 use crate::domain::account::Invalid;
 use crate::domain::device::{self, DeviceName, PublicKey};
 use crate::domain::entitlement::Entitlement;
-use crate::domain::idempotency;
 use crate::domain::problem::ProblemCode;
 use crate::http::body::{self, MAX_JSON_BODY};
 use crate::http::{ApiError, Reply};
@@ -39,34 +38,6 @@ fn check(errors: Vec<Invalid>) -> Result<(), Fail> {
     } else {
         Err(body::invalid(&errors).into())
     }
-}
-
-/// The request's `Idempotency-Key`, checked (422 if malformed), if it has one.
-fn idempotency_key(req: &Incoming) -> Result<Option<String>, Fail> {
-    match req.header("idempotency-key") {
-        Some(k) => Ok(Some(
-            idempotency::parse_key(&k).map_err(|e| Fail::from(body::invalid(&[e])))?,
-        )),
-        None => Ok(None),
-    }
-}
-
-/// `key` with the fingerprint of the request it came with, as the user's
-/// object takes them. `canonical`: the parsed body, re-serialised, so that the
-/// same request with its members in another order or spaced otherwise is the
-/// same request.
-fn keyed(
-    key: Option<String>,
-    method: &str,
-    path: &str,
-    canonical: &impl serde::Serialize,
-) -> Result<Option<(String, String)>, Fail> {
-    let Some(key) = key else { return Ok(None) };
-    let canonical = serde_json::to_vec(canonical).map_err(|e| Fail::internal(e.to_string()))?;
-    Ok(Some((
-        key,
-        idempotency::fingerprint(method, path, &canonical),
-    )))
 }
 
 pub async fn create(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {

@@ -35,7 +35,7 @@ use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, Syn
 use crate::domain::entitlement::Entitlement;
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
-    Issued, RefreshError, RefreshToken, RevokeReason, SessionView, UserSessions,
+    Issued, RefreshError, RefreshToken, Reopen, RevokeReason, SessionView, UserSessions,
 };
 use futures::FutureExt;
 use futures::future::LocalBoxFuture;
@@ -328,6 +328,15 @@ pub struct CreateReq {
     pub user_id: String,
     pub label: String,
     pub inputs: EntitlementInputs,
+    /// `(key, fingerprint)` when the sign-in or sign-up carried an
+    /// `Idempotency-Key`: see [`UserSessions::reopen`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<(String, String)>,
+    /// Open no session, only answer again with the one the key's first
+    /// request opened: a retried sign-up, whose account exists already.
+    /// Without one to answer with, the object answers 409 `email_taken`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub again_only: bool,
     /// A fault point to throw at (development only; see `fault`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
@@ -893,6 +902,26 @@ impl UserSession {
             // read the database a moment later.
             return refuse(401, "invalid_credentials", None);
         }
+        if let Some((key, fingerprint)) = &r.idempotency {
+            let reopen =
+                stored
+                    .sessions
+                    .reopen(&mut stored.idempotency, key, fingerprint, now, pepper);
+            match reopen {
+                // Nothing was changed: the record and the session stand.
+                Reopen::Again(issued) => {
+                    let ent = Self::entitlement(&stored, now)
+                        .expect("a session was opened, so inputs are set");
+                    return Self::issued(issued, ent);
+                }
+                Reopen::Open if r.again_only => return refuse(409, "email_taken", None),
+                Reopen::Open => {}
+                Reopen::InFlight => return refuse(409, "idempotency_key_in_flight", None),
+                Reopen::Mismatch => return refuse(422, "idempotency_key_reused", None),
+            }
+        } else if r.again_only {
+            return refuse(409, "email_taken", None);
+        }
         if r.inputs.supersedes(stored.inputs.as_ref()) {
             stored.inputs = Some(r.inputs);
         }
@@ -906,6 +935,9 @@ impl UserSession {
             random::bytes(),
             pepper,
         );
+        if let Some((key, _)) = &r.idempotency {
+            UserSessions::opened(&mut stored.idempotency, key, &issued.sid, now);
+        }
         let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
         self.save(&mut stored, now, evicts, &origin).await?;
         fault::at(&origin.fault, fault::SESSION_CREATE)?;

@@ -23,6 +23,14 @@ pub const TESTS: &[(&str, Test)] = &[
         signup_retried,
     ),
     (
+        "auth::a_retried_sign_up_under_its_key_gets_its_first_answer",
+        keyed_signup,
+    ),
+    (
+        "auth::a_retried_sign_in_under_its_key_opens_no_second_session",
+        keyed_login,
+    ),
+    (
         "auth::a_sign_in_during_a_failed_sign_ups_undo_keeps_no_session",
         signin_during_undo,
     ),
@@ -382,6 +390,164 @@ fn signup_retried(ctx: &Ctx) -> Result<(), Failed> {
         );
         let retried = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
         assert_eq!(retried.status, 201, "{}", retried.body);
+        Ok(())
+    })
+}
+
+/// A sign-up or sign-in (`path`) with `body`, from a fresh client address,
+/// under the `Idempotency-Key` `key`.
+async fn keyed(ctx: &Ctx, path: &str, body: &Value, key: &str) -> Resp {
+    send_with(
+        ctx,
+        "POST",
+        path,
+        Some(body.clone()),
+        None,
+        &[("cf-connecting-ip", &fresh_ip()), ("idempotency-key", key)],
+    )
+    .await
+}
+
+/// How many sessions `GET /v1/me` lists for the holder of `access`.
+async fn sessions_of(ctx: &Ctx, access: &str) -> usize {
+    let m = me(ctx, access).await;
+    assert_eq!(m.status, 200, "{}", m.body);
+    m.body["sessions"].as_array().expect("sessions").len()
+}
+
+/// A sign-up whose answer was lost, retried under its `Idempotency-Key`,
+/// gets the first answer (201, the same session and refresh token), not 409
+/// `email_taken`, and makes no second account or session. The key does not
+/// open the account to anyone else: a wrong password, another label, another
+/// key or none is 409 (or 422 for the key with another request), and once the
+/// first refresh token was used the key answers 409 too.
+fn keyed_signup(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        const PATH: &str = "/v1/auth/signup";
+        let email = unique_email();
+        let key = unique("signup-key-");
+        let body = json!({"email": email, "password": "correct horse battery", "device_label": "Pixel 8"});
+        let first = keyed(ctx, PATH, &body, &key).await;
+        assert_eq!(first.status, 201, "{}", first.body);
+        assert_pair(&first);
+        let sid = claims(s(&first.body["access_token"]))["sid"].clone();
+
+        // The email as typed differently is the same request (normalised).
+        let spelled = json!({"email": email.to_uppercase(), "password": "correct horse battery", "device_label": "Pixel 8"});
+        for retry in [&body, &spelled] {
+            let again = keyed(ctx, PATH, retry, &key).await;
+            assert_eq!(again.status, 201, "{}", again.body);
+            assert_pair(&again);
+            assert_eq!(again.body["refresh_token"], first.body["refresh_token"]);
+            assert_eq!(claims(s(&again.body["access_token"]))["sid"], sid);
+        }
+        assert_eq!(accounts_with(ctx, &email).await?, 1);
+        assert_eq!(sessions_of(ctx, s(&first.body["access_token"])).await, 1);
+
+        let wrong = json!({"email": email, "password": "not the password", "device_label": "Pixel 8"});
+        let r = keyed(ctx, PATH, &wrong, &key).await;
+        assert_eq!((r.status, &r.body["code"]), (409, &json!("email_taken")), "{}", r.body);
+        let relabelled = json!({"email": email, "password": "correct horse battery", "device_label": "iPad"});
+        let r = keyed(ctx, PATH, &relabelled, &key).await;
+        assert_eq!((r.status, &r.body["code"]), (422, &json!("idempotency_key_reused")), "{}", r.body);
+        let r = keyed(ctx, PATH, &body, &unique("other-key-")).await;
+        assert_eq!((r.status, &r.body["code"]), (409, &json!("email_taken")), "{}", r.body);
+        let r = post(ctx, PATH, body.clone(), &fresh_ip()).await;
+        assert_eq!((r.status, &r.body["code"]), (409, &json!("email_taken")), "{}", r.body);
+
+        // Once the first refresh token was used, the client had the answer.
+        let rotated = refresh(ctx, s(&first.body["refresh_token"])).await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        let r = keyed(ctx, PATH, &body, &key).await;
+        assert_eq!((r.status, &r.body["code"]), (409, &json!("email_taken")), "{}", r.body);
+        assert_eq!(sessions_of(ctx, s(&rotated.body["access_token"])).await, 1);
+
+        // A malformed key is refused before anything is made.
+        let fresh = unique_email();
+        let r = keyed(ctx, PATH, &json!({"email": fresh, "password": "correct horse battery"}), "two words").await;
+        assert_eq!((r.status, &r.body["code"]), (422, &json!("validation_failed")), "{}", r.body);
+        assert_eq!(accounts_with(ctx, &fresh).await?, 0);
+        Ok(())
+    })
+}
+
+/// A sign-in whose answer was lost, retried under its `Idempotency-Key`,
+/// gets the session the first opened (the same refresh token) instead of
+/// opening another. A wrong password is still 401, another label under the
+/// key 422; once the session's first token was used, or the session ended,
+/// the key opens a new session.
+fn keyed_login(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        const PATH: &str = "/v1/auth/login";
+        let (email, signed_up) = new_user(ctx).await;
+        let access = s(&signed_up.body["access_token"]).to_owned();
+        let key = unique("login-key-");
+        let body =
+            json!({"email": email, "password": "correct horse battery", "device_label": "laptop"});
+        let first = keyed(ctx, PATH, &body, &key).await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        let sid = claims(s(&first.body["access_token"]))["sid"].clone();
+        let again = keyed(ctx, PATH, &body, &key).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_pair(&again);
+        assert_eq!(again.body["refresh_token"], first.body["refresh_token"]);
+        assert_eq!(claims(s(&again.body["access_token"]))["sid"], sid);
+        assert_eq!(
+            sessions_of(ctx, &access).await,
+            2,
+            "the sign-up's and one more"
+        );
+
+        let wrong =
+            json!({"email": email, "password": "not the password", "device_label": "laptop"});
+        let r = keyed(ctx, PATH, &wrong, &key).await;
+        assert_eq!(
+            (r.status, &r.body["code"]),
+            (401, &json!("invalid_credentials")),
+            "{}",
+            r.body
+        );
+        let relabelled =
+            json!({"email": email, "password": "correct horse battery", "device_label": "phone"});
+        let r = keyed(ctx, PATH, &relabelled, &key).await;
+        assert_eq!(
+            (r.status, &r.body["code"]),
+            (422, &json!("idempotency_key_reused")),
+            "{}",
+            r.body
+        );
+        let r = keyed(ctx, PATH, &body, "").await;
+        assert_eq!(
+            (r.status, &r.body["code"]),
+            (422, &json!("validation_failed")),
+            "{}",
+            r.body
+        );
+        assert_eq!(sessions_of(ctx, &access).await, 2, "refusals open nothing");
+
+        // The client used the first answer: the key opens a new session.
+        let rotated = refresh(ctx, s(&first.body["refresh_token"])).await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        let later = keyed(ctx, PATH, &body, &key).await;
+        assert_eq!(later.status, 200, "{}", later.body);
+        let later_sid = claims(s(&later.body["access_token"]))["sid"].clone();
+        assert_ne!(later_sid, sid);
+        assert_eq!(sessions_of(ctx, &access).await, 3);
+        // So does it once that session ended.
+        let out = send(
+            ctx,
+            "POST",
+            "/v1/auth/logout",
+            None,
+            Some(s(&later.body["access_token"])),
+        )
+        .await;
+        assert_eq!(out.status, 204);
+        let last = keyed(ctx, PATH, &body, &key).await;
+        assert_eq!(last.status, 200, "{}", last.body);
+        let last_sid = claims(s(&last.body["access_token"]))["sid"].clone();
+        assert!(last_sid != sid && last_sid != later_sid);
+        assert_eq!(sessions_of(ctx, &access).await, 3);
         Ok(())
     })
 }
