@@ -11,6 +11,14 @@
 //! per [`MAX_BATCH`] events. Admissions are not collected: they come at most
 //! at the regions' admission rates, and each is still sent on its own.
 //!
+//! Events whose sends all failed (the queue is down) are not dropped: the
+//! outbox [`Outbox::hold`]s them, up to [`MAX_HELD`], for the next flush.
+//! Any later event schedules one, an admission included: while events are
+//! held and no flush is scheduled ([`Outbox::waiting`]), an admission joins
+//! them instead of going on its own. So a queue outage loses the events of
+//! an isolate that serves through it only beyond [`MAX_HELD`], or when the
+//! isolate itself goes (its memory with it).
+//!
 //! The caller does the waiting and the sending (the scheduled flush runs in
 //! the `waitUntil` of the request that scheduled it, which keeps the isolate
 //! alive until it is sent); this type only decides.
@@ -21,6 +29,9 @@ pub const FLUSH_AFTER_MS: u64 = 1_000;
 /// The most events in one message (well under a queue message's 128 KB: an
 /// event is about 250 bytes of JSON).
 pub const MAX_BATCH: usize = 100;
+
+/// The most events an outbox keeps, held ones included: about 250 KB.
+pub const MAX_HELD: usize = 1_000;
 
 /// What the caller of [`Outbox::push`] does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +74,8 @@ impl<T> Outbox<T> {
         }
     }
 
-    /// After [`Push::SendNow`]: the full batch. A flush scheduled before
+    /// After [`Push::SendNow`]: the full batch (more than [`MAX_BATCH`]
+    /// events when held ones are among them: sent [`MAX_BATCH`] at a time). A flush scheduled before
     /// stays scheduled, for the events that come after.
     pub fn take_full(&mut self) -> Vec<T> {
         std::mem::take(&mut self.pending)
@@ -74,6 +86,25 @@ impl<T> Outbox<T> {
     pub fn take_scheduled(&mut self) -> Vec<T> {
         self.scheduled = false;
         std::mem::take(&mut self.pending)
+    }
+
+    /// Takes back `events` whose sends all failed, to go with the next
+    /// flush, ahead of the events collected while they were tried (which are
+    /// newer). The outbox keeps at most [`MAX_HELD`] events: what of `events`
+    /// does not fit is dropped (its last ones), and the count returned.
+    pub fn hold(&mut self, mut events: Vec<T>) -> usize {
+        let room = MAX_HELD.saturating_sub(self.pending.len());
+        let dropped = events.len().saturating_sub(room);
+        events.truncate(room);
+        events.append(&mut self.pending);
+        self.pending = events;
+        dropped
+    }
+
+    /// Whether events wait with no flush scheduled for them: held ones,
+    /// which the next event (of any kind) is to carry.
+    pub fn waiting(&self) -> bool {
+        !self.pending.is_empty() && !self.scheduled
     }
 
     /// How many events wait.
@@ -129,5 +160,48 @@ mod tests {
         // A scheduled flush that finds nothing is harmless.
         assert!(o.take_scheduled().is_empty());
         assert_eq!(o.push(0), Push::Schedule);
+    }
+
+    #[test]
+    fn held_events_wait_for_the_next_event_and_go_before_it() {
+        let mut o = Outbox::default();
+        assert!(!o.waiting());
+        assert_eq!(o.hold(vec![1, 2]), 0);
+        assert!(o.waiting(), "held, and no flush scheduled for them");
+        assert_eq!(o.push(3), Push::Schedule);
+        assert!(!o.waiting());
+        assert_eq!(o.take_scheduled(), [1, 2, 3]);
+        assert!(!o.waiting());
+    }
+
+    #[test]
+    fn events_held_during_a_scheduled_flush_go_with_it_oldest_first() {
+        let mut o = Outbox::default();
+        assert_eq!(o.push(10), Push::Schedule);
+        assert_eq!(o.hold(vec![1, 2]), 0);
+        assert!(!o.waiting(), "the scheduled flush carries them");
+        assert_eq!(o.push(11), Push::Queued);
+        assert_eq!(o.take_scheduled(), [1, 2, 10, 11]);
+    }
+
+    #[test]
+    fn an_outbox_holds_at_most_max_held_events_and_drops_what_does_not_fit() {
+        let mut o = Outbox::default();
+        assert_eq!(o.hold((0..MAX_HELD as i64 - 1).collect()), 0);
+        // One place left: the first of the three failed events takes it.
+        assert_eq!(o.hold(vec![-1, -2, -3]), 2);
+        assert_eq!(o.len(), MAX_HELD);
+        assert_eq!(o.hold(vec![-4]), 1, "a full outbox takes nothing back");
+        // Every event pushed now sends at once, with all those held.
+        assert_eq!(o.push(-5), Push::SendNow);
+        let all = o.take_full();
+        assert_eq!(all.len(), MAX_HELD + 1);
+        assert_eq!(all[0], -1);
+        assert_eq!(
+            all[1..MAX_HELD],
+            (0..MAX_HELD as i64 - 1).collect::<Vec<_>>()
+        );
+        assert_eq!(all[MAX_HELD], -5);
+        assert!(o.is_empty());
     }
 }

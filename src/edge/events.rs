@@ -2,7 +2,8 @@
 //! writes to PostgreSQL itself); the queue consumer writes them in batches.
 //!
 //! A message is one event (`{event_id, ..}`, an admission) or several
-//! (`{"events": [..]}`, refusals an isolate collected: `domain::outbox`).
+//! (`{"events": [..]}`, refusals an isolate collected, and events it held
+//! while the queue refused them: `domain::outbox`).
 //! Delivery is at least once, so each event carries an id chosen by the
 //! producer and the insert ignores ids it has already written.
 
@@ -71,8 +72,9 @@ thread_local! {
     /// pull consumer, say), not only by a Worker. Built once per isolate.
     static JSON_MESSAGE: JsValue = JSON::parse(r#"{"contentType":"json"}"#).unwrap_or_default();
 
-    /// This isolate's refusal events not yet sent.
-    static REFUSALS: RefCell<Outbox<ConnectionEvent>> = RefCell::new(Outbox::default());
+    /// This isolate's events not yet sent: refusals being collected, and
+    /// events whose sends all failed (`Outbox::hold`).
+    static OUTBOX: RefCell<Outbox<ConnectionEvent>> = RefCell::new(Outbox::default());
 }
 
 /// Several events in one message.
@@ -120,23 +122,52 @@ async fn send_retried(
 /// [`send_retried`] once the message is text: one copy for every kind of
 /// message.
 async fn retry_send(env: &Env, text: &str, fault: &Option<String>) -> Result<(), String> {
-    let mut outcome = match fault::at(fault, fault::EVENTS_SEND) {
-        Ok(()) => send(env, text).await,
-        Err(e) => Err(e.to_string()),
+    let attempt = |n: usize| async move {
+        match fault::send_refused(fault, n) {
+            Some(e) => Err(e),
+            None => send(env, text).await,
+        }
     };
-    for delay in SEND_RETRY_DELAYS_MS {
+    let mut outcome = attempt(0).await;
+    for (n, delay) in SEND_RETRY_DELAYS_MS.into_iter().enumerate() {
         if outcome.is_ok() {
             break;
         }
         time::sleep(delay).await;
-        outcome = send(env, text).await;
+        outcome = attempt(n + 1).await;
     }
     outcome
 }
 
-/// Enqueues `event` after the response is sent (the hot path does not wait),
-/// retrying a failed send (see [`SEND_RETRY_DELAYS_MS`]). `fault`: an armed
-/// fault point of the request.
+/// Keeps `events`, whose sends all failed with `error`, in the isolate's
+/// outbox for its next flush (see `domain::outbox`), and logs it: a warning
+/// for those held, an error for any the full outbox could not take.
+fn hold(events: Vec<ConnectionEvent>, error: &str, request_id: Option<&str>) {
+    let count = events.len();
+    let dropped = OUTBOX.with(|o| o.borrow_mut().hold(events));
+    if count > dropped {
+        log::event(
+            Level::Warn,
+            request_id,
+            "connection events held for a later send",
+            json!({"error": error, "count": count - dropped}),
+        );
+    }
+    if dropped > 0 {
+        log::event(
+            Level::Error,
+            request_id,
+            "connection events lost: the isolate holds too many",
+            json!({"error": error, "count": dropped, "held": outbox::MAX_HELD}),
+        );
+    }
+}
+
+/// Enqueues an admission's `event` after the response is sent (the hot path
+/// does not wait), retrying a failed send (see [`SEND_RETRY_DELAYS_MS`]);
+/// held in the outbox if every attempt fails. While the outbox holds events
+/// no flush is scheduled for, the event joins them instead, so that they go
+/// too. `fault`: an armed fault point of the request.
 pub fn enqueue(
     env: &Env,
     ctx: &Context,
@@ -144,26 +175,24 @@ pub fn enqueue(
     event: ConnectionEvent,
     fault: Option<String>,
 ) {
+    if OUTBOX.with(|o| o.borrow().waiting()) {
+        return enqueue_refusal(env, ctx, event);
+    }
     let env = env.clone();
     let request_id = request_id.to_owned();
     ctx.wait_until(async move {
         if let Err(e) = send_retried(&env, &event, &fault).await {
-            log::event(
-                Level::Error,
-                Some(&request_id),
-                "connection event not enqueued",
-                json!({"error": e}),
-            );
+            hold(vec![event], &e, Some(&request_id));
         }
     });
 }
 
 /// Collects a refusal (`throttled` or `closed`) in this isolate's outbox,
 /// sent with the others after the response: within
-/// [`outbox::FLUSH_AFTER_MS`] by the request whose event found the outbox
-/// empty, or at once by the one that filled it.
+/// [`outbox::FLUSH_AFTER_MS`] by the request whose event found no flush
+/// scheduled, or at once by the one that filled it.
 pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
-    let (push, full) = REFUSALS.with(|o| {
+    let (push, full) = OUTBOX.with(|o| {
         let mut o = o.borrow_mut();
         let push = o.push(event);
         // A full batch is taken now: later refusals go to the next one.
@@ -181,22 +210,29 @@ pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
     ctx.wait_until(async move {
         let events = if push == Push::Schedule {
             time::sleep(outbox::FLUSH_AFTER_MS).await;
-            REFUSALS.with(|o| o.borrow_mut().take_scheduled())
+            OUTBOX.with(|o| o.borrow_mut().take_scheduled())
         } else {
             full
         };
-        if events.is_empty() {
-            return;
-        }
-        if let Err(e) = send_retried(&env, &Many { events: &events }, &None).await {
-            log::event(
-                Level::Error,
-                None,
-                "connection events not enqueued",
-                json!({"error": e, "count": events.len()}),
-            );
-        }
+        send_batches(&env, events).await;
     });
+}
+
+/// Sends `events`, [`outbox::MAX_BATCH`] to a message; holds the events of
+/// the first message whose sends all fail, and every later one, without
+/// trying them (the queue is refusing).
+async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>) {
+    let mut sent = 0;
+    while sent < events.len() {
+        let end = events.len().min(sent + outbox::MAX_BATCH);
+        let batch = Many {
+            events: &events[sent..end],
+        };
+        if let Err(e) = send_retried(env, &batch, &None).await {
+            return hold(events.split_off(sent), &e, None);
+        }
+        sent = end;
+    }
 }
 
 /// The events in one message body: one event, or `{"events": [..]}`. The

@@ -53,6 +53,9 @@ pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
 /// admitted connection's event to the queue fails, as a queue that refused
 /// it would.
 pub const EVENTS_SEND: &str = "events.send";
+/// The point, on `POST /v1/connect`, at which every attempt to send the
+/// admitted connection's event fails, as with a queue that is down.
+pub const EVENTS_DOWN: &str = "events.down";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.
@@ -69,6 +72,16 @@ pub fn armed(env: &Env, asked: Option<String>) -> Option<String> {
 pub async fn kv_delay(armed: Option<&str>) {
     if armed == Some(KV_SLOW) {
         super::time::sleep(KV_SLOW_MS).await;
+    }
+}
+
+/// The error attempt `n` (from 0) to send a request's event fails with:
+/// the first at [`EVENTS_SEND`], every one at [`EVENTS_DOWN`].
+pub fn send_refused(armed: &Option<String>, n: usize) -> Option<String> {
+    match armed.as_deref() {
+        Some(p @ EVENTS_SEND) if n == 0 => Some(format!("injected fault at {p}")),
+        Some(p @ EVENTS_DOWN) => Some(format!("injected fault at {p}")),
+        _ => None,
     }
 }
 
