@@ -2340,23 +2340,70 @@ up in the current directory, its parents, then the crate root.";
     /// One mode from start to end: provision, surge, measure. Cleanup is the
     /// caller's (it must happen even when this is interrupted).
     /// Sets every region's admission rate to `rate`; returns the previous rates.
+    /// Sets every region's admission rate to `rate`, having first put the
+    /// rates it had in `lowered`, so that the caller can put them back
+    /// whatever happens next ([`restore_rates`]), an interruption included.
     async fn set_all_rates(
         stack: &Stack,
         db: &tokio_postgres::Client,
         rate: u32,
-    ) -> Result<Vec<(String, i32)>, Fail> {
+        lowered: &mut Vec<(String, i32)>,
+    ) -> Result<(), Fail> {
         let rows = db
             .query("SELECT id, admission_rate FROM regions ORDER BY id", &[])
             .await
             .map_err(|e| format!("cannot read the regions' admission rates: {e}"))?;
-        let saved: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        *lowered = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         phase(&format!(
             "setting every region's admission rate to {rate}/s for the surge"
         ));
-        for (id, _) in &saved {
+        for (id, _) in lowered.iter() {
             stack.set_rate(id, rate).await?;
         }
-        Ok(saved)
+        Ok(())
+    }
+
+    /// Puts back the admission rates [`set_all_rates`] saved in `lowered`,
+    /// emptying it. A rate it cannot put back is named, with the command
+    /// that does it by hand.
+    async fn restore_rates(stack: &Stack, mode: Mode, lowered: &mut Vec<(String, i32)>) {
+        if lowered.is_empty() {
+            return;
+        }
+        phase(&format!(
+            "[{}] restoring every region's admission rate",
+            mode.name()
+        ));
+        for (id, rate) in lowered.drain(..) {
+            let rate = rate.max(0) as u32;
+            if let Err(e) = stack.set_rate(&id, rate).await {
+                phase(&format!(
+                    "WARNING: could not restore {id}'s admission rate to {rate}: {e}\n  \
+                     restore it by hand: curl -X PUT {}/v1/admin/regions/{id} \
+                     -H 'authorization: Bearer <ADMIN_TOKEN>' \
+                     -H 'content-type: application/json' -d '{{\"admission_rate\":{rate}}}'",
+                    stack.base
+                ));
+            }
+        }
+    }
+
+    /// Resolves when the process is asked to stop: Ctrl-C (SIGINT) or, on
+    /// Unix, SIGTERM (what `timeout` and most supervisors send), so that a
+    /// run cut short still cleans up after itself.
+    async fn stop_requested() -> &'static str {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                return tokio::select! {
+                    _ = tokio::signal::ctrl_c() => "interrupted",
+                    _ = term.recv() => "terminated",
+                };
+            }
+        }
+        let _ = tokio::signal::ctrl_c().await;
+        "interrupted"
     }
 
     async fn run_mode(
@@ -2366,6 +2413,7 @@ up in the current directory, its parents, then the crate root.";
         mode: Mode,
         (phc, stats): (&str, &PgStats),
         created: &mut Vec<String>,
+        lowered: &mut Vec<(String, i32)>,
     ) -> Result<SurgeReport, Fail> {
         let run_id = format!("{}-{}", hex::encode(random_bytes::<4>()), mode.name());
         phase(&format!(
@@ -2428,24 +2476,11 @@ up in the current directory, its parents, then the crate root.";
         let users = Arc::new(users);
         // Scale admission down to what this machine serves, if asked: for the
         // surge only (the clients connected above at the regions' own rates).
-        let saved_rates = match args.admission_rate {
-            Some(rate) => Some(set_all_rates(stack, db, rate).await?),
-            None => None,
-        };
-        let run = surge(stack, args, mode, users).await;
-        if let Some(saved) = &saved_rates {
-            phase(&format!(
-                "[{}] restoring every region's admission rate",
-                mode.name()
-            ));
-            for (id, rate) in saved {
-                if let Err(e) = stack.set_rate(id, (*rate).max(0) as u32).await {
-                    phase(&format!(
-                        "WARNING: could not restore {id}'s admission rate to {rate}: {e}"
-                    ));
-                }
-            }
+        if let Some(rate) = args.admission_rate {
+            set_all_rates(stack, db, rate, lowered).await?;
         }
+        let run = surge(stack, args, mode, users).await;
+        restore_rates(stack, mode, lowered).await;
         let run = run?;
 
         phase(&format!(
@@ -2700,13 +2735,15 @@ up in the current directory, its parents, then the crate root.";
         let mut reports = Vec::new();
         let mut failure = None;
         for mode in args.mode.modes() {
-            let mut created = Vec::new();
+            let (mut created, mut lowered) = (Vec::new(), Vec::new());
             let outcome = tokio::select! {
-                r = run_mode(&stack, &mut db, &args, mode, (&phc, &stats), &mut created) => r,
-                _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+                r = run_mode(&stack, &mut db, &args, mode, (&phc, &stats), &mut created, &mut lowered) => r,
+                why = stop_requested() => Err(why.to_owned()),
             };
 
-            // Cleanup, whatever happened.
+            // Cleanup, whatever happened: a run cut short (an error, Ctrl-C,
+            // SIGTERM) may have left the rates lowered.
+            restore_rates(&stack, mode, &mut lowered).await;
             phase(&format!(
                 "[{}] restoring {} to up",
                 mode.name(),
