@@ -55,6 +55,12 @@ stop_pg() {
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -m fast stop >/dev/null 2>&1 || true
 }
 trap stop_pg EXIT
+# A shell killed by a signal it has no trap for may skip its EXIT trap, and
+# did for SIGTERM (what supervisors and `kill` send): the worker stopped and
+# PostgreSQL stayed up. Trapped, the shell exits normally once the worker
+# has gone, and the EXIT trap stops PostgreSQL. (Ctrl-C already did.)
+trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 if ! pg "$bindir/psql" -X -h "$PGDIR" -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc \
      "SELECT 1 FROM pg_database WHERE datname = '$DB_NAME'" | grep -q 1; then
