@@ -44,8 +44,13 @@ if pg "$bindir/pg_ctl" -D "$PGDIR/data" status >/dev/null 2>&1; then
   note "already running (left running on exit)"
 else
   started_pg=1
+  # Deployed, Hyperdrive pools the worker's connections; `wrangler dev`
+  # connects straight to this server, one connection per request that uses
+  # it, each closed a moment after. 100 (the default) was too few for the
+  # surge tool's 64 concurrent device registrations: hundreds of requests a
+  # run were refused "too many clients" (503, retried by the tool).
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 30 \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PGDIR'" start >/dev/null \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PGDIR' -c max_connections=400" start >/dev/null \
     || die "PostgreSQL did not start; see $PGDIR/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
   note "started"
 fi
