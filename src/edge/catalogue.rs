@@ -65,6 +65,15 @@ impl From<LoadError> for Fail {
 const LOAD_WAIT_MS: u64 = PUBLISH_TIMEOUT_MS + 3_000;
 const LOAD_POLL_MS: u64 = 10;
 
+/// A development-only fault point that makes the catalogue's KV reads fail
+/// at once ([`fault::CATALOGUE_KV`]) or never answer ([`fault::KV_HANG`]);
+/// either makes a request check its copy at once, so a test need not wait.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KvDown {
+    Failing,
+    Hanging,
+}
+
 /// This isolate's copy and when it was last checked.
 struct Cache {
     current: Option<(Rc<Placer>, u64)>,
@@ -137,7 +146,11 @@ enum Step {
 /// way use the copy they have. A failed check is logged with `request_id`, the
 /// request that made it. `fault` is the development-only fault header.
 pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
-    let kv_down = fault == Some(fault::CATALOGUE_KV);
+    let kv_down = match fault {
+        Some(fault::CATALOGUE_KV) => Some(KvDown::Failing),
+        Some(fault::KV_HANG) => Some(KvDown::Hanging),
+        _ => None,
+    };
     let started = time::now_ms();
     let mut now = started;
     loop {
@@ -146,7 +159,9 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
             let generation = c.generation;
             match &c.current {
                 // (The fault point checks at once, so a test need not wait.)
-                Some((p, at)) if (!due(*at, now, TTL_MS) && !kv_down) || c.revalidating => {
+                Some((p, at))
+                    if (!due(*at, now, TTL_MS) && kv_down.is_none()) || c.revalidating =>
+                {
                     Step::Use(Rc::clone(p))
                 }
                 Some((p, _)) => {
@@ -197,21 +212,21 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
 }
 
 /// Reads the catalogue's text from KV (failing at the fault point).
-async fn read(env: &Env, key: &str, kv_down: bool) -> Result<Option<String>, LoadError> {
+async fn read(env: &Env, key: &str, kv_down: Option<KvDown>) -> Result<Option<String>, LoadError> {
     let unavailable = |cause: String| LoadError {
         unavailable: true,
         cause,
     };
-    if kv_down {
+    if kv_down == Some(KvDown::Failing) {
         return Err(unavailable(format!("kv get {key}: injected fault")));
     }
-    kv::get_text(env, key)
+    kv::read(env, key, kv_down == Some(KvDown::Hanging))
         .await
         .map_err(|e| unavailable(format!("kv get: {e}")))
 }
 
 /// The snapshot stored in KV, parsed; `None` if KV has none.
-async fn stored(env: &Env, kv_down: bool) -> Result<Option<Placer>, LoadError> {
+async fn stored(env: &Env, kv_down: Option<KvDown>) -> Result<Option<Placer>, LoadError> {
     let Some(text) = read(env, catalogue::KV_KEY, kv_down).await? else {
         return Ok(None);
     };
@@ -224,7 +239,7 @@ async fn stored(env: &Env, kv_down: bool) -> Result<Option<Placer>, LoadError> {
 
 /// The first copy of an isolate: KV's snapshot, or one published from
 /// PostgreSQL when KV holds none.
-async fn load(env: &Env, kv_down: bool) -> Result<Rc<Placer>, LoadError> {
+async fn load(env: &Env, kv_down: Option<KvDown>) -> Result<Rc<Placer>, LoadError> {
     if let Some(placer) = stored(env, kv_down).await? {
         return Ok(Rc::new(placer));
     }
@@ -244,7 +259,7 @@ async fn load(env: &Env, kv_down: bool) -> Result<Rc<Placer>, LoadError> {
 async fn revalidate(
     env: &Env,
     placer: &Placer,
-    kv_down: bool,
+    kv_down: Option<KvDown>,
 ) -> Result<Option<Rc<Placer>>, LoadError> {
     let tag = read(env, catalogue::ETAG_KV_KEY, kv_down).await?;
     if tag.as_deref() == Some(placer.snapshot().etag.as_str()) {

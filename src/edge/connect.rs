@@ -15,7 +15,7 @@
 //!    the answer (a refusal's with the isolate's other refusals:
 //!    `domain::outbox`).
 
-use super::auth::{check_not_revoked, json_body, verify_bearer};
+use super::auth::{check_not_revoked_as, json_body, verify_bearer};
 use super::durable::{self, call};
 use super::events::{self, ConnectionEvent};
 use super::incoming::Incoming;
@@ -160,14 +160,16 @@ fn point(lat: &str, lon: &str) -> Option<Point> {
     Point::new(lat.trim().parse().ok()?, lon.trim().parse().ok()?)
 }
 
-/// The user's devices: the KV mirror, else the user's object (no database).
+/// The user's devices: the KV mirror, else (no copy, an old one, or KV failing
+/// or too slow) the user's object (no database). `kv_hang`: the KV read never
+/// answers (the fault point `kv.hang`).
 async fn devices(
     env: &Env,
     request_id: &str,
-    user_id: &str,
-    device_id: &str,
+    (user_id, device_id): (&str, &str),
+    kv_hang: bool,
 ) -> Result<Vec<store::Device>, Fail> {
-    if let Ok(Some(m)) = kv::get_json::<DeviceMirror>(env, &devices_key(user_id)).await
+    if let Ok(Some(m)) = kv::read_json::<DeviceMirror>(env, &devices_key(user_id), kv_hang).await
         && m.devices.iter().any(|d| d.id == device_id)
     {
         return Ok(m.devices);
@@ -218,11 +220,15 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         .ok()
         .map(|b| b.device_id.as_str())
         .filter(|id| crate::domain::device::is_device_id(id));
+    let kv_hang = fault.as_deref() == Some(fault::KV_HANG);
     let (not_revoked, devices, placer) = futures::join!(
-        check_not_revoked(env, &claims),
+        check_not_revoked_as(env, &claims, kv_hang),
         async {
             match device_id {
-                Some(id) => Some(devices(env, req.request_id(), &claims.sub, id).await),
+                Some(id) => {
+                    let owner = (claims.sub.as_str(), id);
+                    Some(devices(env, req.request_id(), owner, kv_hang).await)
+                }
                 None => None,
             }
         },

@@ -56,6 +56,10 @@ pub const EVENTS_SEND: &str = "events.send";
 /// The point, on `POST /v1/connect`, at which every attempt to send the
 /// admitted connection's event fails, as with a queue that is down.
 pub const EVENTS_DOWN: &str = "events.down";
+/// The point, on `POST /v1/connect`, at which its KV reads (the session and
+/// device copies, and the catalogue's check) never answer, as in a KV stall:
+/// each fails after `kv::READ_TIMEOUT_MS`.
+pub const KV_HANG: &str = "kv.hang";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

@@ -1,7 +1,8 @@
 //! Reading and writing Workers KV.
 //!
-//! Reads go straight to the binding's `get(key, "text")`, writes to its
-//! `put(key, text, options)`: one call across the JS/wasm boundary each.
+//! Reads go to the binding's `get(key, "text")`, raced against a timer of
+//! [`READ_TIMEOUT_MS`] in JavaScript; writes to its `put(key, text, options)`:
+//! one call across the JS/wasm boundary each.
 //! workers-rs's `KvStore` looks up five methods of the binding each time one
 //! is made and builds every read's options object
 //! through serde, which on the reconnect hot path (two reads per connect) was
@@ -22,12 +23,37 @@ use worker::wasm_bindgen_futures::JsFuture;
 use super::bindings;
 use super::durable::js_error;
 
+/// How long a read may take before it counts as failed. KV answers a read
+/// its location has cached in milliseconds, and one it has to fetch from
+/// the central store in tens to hundreds; past this, KV is in trouble, and
+/// every reader goes on as when a read fails (the connect path: a session
+/// copy unread, as described in `auth`; the user's object for the devices;
+/// the isolate's catalogue copy) rather than waiting without end, which
+/// nothing else bounds. (The runtime cancels a request only when its client
+/// goes.)
+pub const READ_TIMEOUT_MS: u32 = 2_000;
+
+#[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
+export function kv_read(ns, key, ms, hang) {
+  const read = hang ? new Promise(() => {}) : ns.get(key, "text");
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+  });
+  return Promise.race([read, late]).finally(() => clearTimeout(timer));
+}
+"#)]
+extern "C" {
+    /// The text under `key` (or `null`), or a rejection once `ms` have
+    /// passed; `hang`: the read never answers (the fault point `kv.hang`).
+    #[wasm_bindgen(catch)]
+    fn kv_read(ns: &KvNamespace, key: &str, ms: u32, hang: bool) -> Result<Promise, JsValue>;
+}
+
 #[wasm_bindgen::prelude::wasm_bindgen]
 extern "C" {
     /// A KV namespace binding, as far as this module uses it.
     type KvNamespace;
-    #[wasm_bindgen(method, catch, js_name = get)]
-    fn get_as(this: &KvNamespace, key: &str, kind: &str) -> Result<Promise, JsValue>;
     #[wasm_bindgen(method, catch)]
     fn put(
         this: &KvNamespace,
@@ -37,18 +63,34 @@ extern "C" {
     ) -> Result<Promise, JsValue>;
 }
 
-/// The text under `key` in the `KV` namespace; `None` when there is none.
+/// The text under `key` in the `KV` namespace; `None` when there is none;
+/// an error if KV fails or takes longer than [`READ_TIMEOUT_MS`].
 pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
+    read(env, key, false).await
+}
+
+/// [`get_text`]; `hang`: as if KV never answered (the development-only fault
+/// point `kv.hang`), so the time limit is what ends the read.
+pub async fn read(env: &Env, key: &str, hang: bool) -> Result<Option<String>, String> {
     let failed = |e: JsValue| format!("{key}: {}", js_error(&e));
     let ns: KvNamespace = bindings::object(env, bindings::KV)?;
-    let promise = ns.get_as(key, "text").map_err(failed)?;
+    let promise = kv_read(&ns, key, READ_TIMEOUT_MS, hang).map_err(failed)?;
     let value = JsFuture::from(promise).await.map_err(failed)?;
     Ok(value.as_string())
 }
 
 /// The value under `key` parsed as `T`; `None` when there is none.
 pub async fn get_json<T: DeserializeOwned>(env: &Env, key: &str) -> Result<Option<T>, String> {
-    match get_text(env, key).await? {
+    read_json(env, key, false).await
+}
+
+/// [`get_json`], with [`read`]'s `hang`.
+pub async fn read_json<T: DeserializeOwned>(
+    env: &Env,
+    key: &str,
+    hang: bool,
+) -> Result<Option<T>, String> {
+    match read(env, key, hang).await? {
         Some(text) => serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| format!("{key}: {e}")),
