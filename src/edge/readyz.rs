@@ -13,7 +13,7 @@
 //! another's I/O, which workerd cancels as hung), so a dependency that hangs
 //! for the whole probe timeout still costs one set of probes per isolate.
 
-use super::{bindings, kv, log, pg, time};
+use super::{bindings, durable, kv, log, pg, time};
 use crate::api::Readiness;
 use crate::domain::freshness::due;
 use crate::domain::problem::ProblemCode;
@@ -180,14 +180,23 @@ async fn kv_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> 
     }
 }
 
-/// Calls a probe object of each Durable Object class; each writes and reads back its storage.
+/// Calls a probe object of each Durable Object class; each writes and reads
+/// back its storage. The `RegionGate` probe is also asked for an admission
+/// over RPC, the way every connect asks a gate: that path (which needs the
+/// class declared a `DurableObject`, `src/entry.mjs`) can fail while `fetch`
+/// works. The probe object is no region's shard, so it admits no one.
 async fn durable_probe(env: &Env, request_id: &str) -> Result<(), (Failure, String)> {
-    let (a, b, c) = futures::join!(
+    let (a, b, c, d) = futures::join!(
         ping_object(env, bindings::USER_SESSIONS, request_id),
         ping_object(env, bindings::REGION_GATES, request_id),
-        ping_object(env, bindings::LOGIN_THROTTLES, request_id)
+        ping_object(env, bindings::LOGIN_THROTTLES, request_id),
+        durable::admit(env, PROBE_OBJECT, 1, None)
     );
-    a.and(b).and(c)
+    let d = d.map(drop).map_err(|f| {
+        let cause = f.cause.unwrap_or_default();
+        (Failure::Error, cause)
+    });
+    a.and(b).and(c).and(d)
 }
 
 async fn ping_object(
