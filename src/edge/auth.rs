@@ -182,25 +182,41 @@ fn keyed_sign_in(
     keyed(idempotency_key(req)?, "POST", path, &shape)
 }
 
+/// What a sign-up or sign-in asks of the session it opens: its label, and
+/// its `Idempotency-Key` with the request's fingerprint, if it has one.
+/// `again_only`: open none, answer only with the session the key's first
+/// request opened (see [`signup_again`]).
+struct Opening {
+    label: Option<String>,
+    idempotency: Option<(String, String)>,
+    again_only: bool,
+}
+
+impl Opening {
+    fn new(label: Option<String>, idempotency: Option<(String, String)>) -> Opening {
+        Opening {
+            label,
+            idempotency,
+            again_only: false,
+        }
+    }
+}
+
 /// Opens a session for `user_id` in the user's object, for the sign-up or
-/// sign-in `req` (its id and fault header go with the call), under its
-/// `Idempotency-Key` if it has one. `again_only`: open none, answer only
-/// with the session the key's first request opened (see [`signup_again`]).
+/// sign-in `req` (its id and fault header go with the call).
 async fn open_session(
     env: &Env,
     req: &Incoming,
     user_id: &str,
-    label: Option<String>,
     inputs: store::EntitlementInputs,
-    idempotency: Option<(String, String)>,
-    again_only: bool,
+    opening: Opening,
 ) -> Result<IssuedResp, Fail> {
     let create = CreateReq {
         user_id: user_id.to_owned(),
-        label: label.unwrap_or_default(),
+        label: opening.label.unwrap_or_default(),
         inputs,
-        idempotency,
-        again_only,
+        idempotency: opening.idempotency,
+        again_only: opening.again_only,
         fault: req.header(fault::HEADER),
     };
     let (status, body) = call(
@@ -263,17 +279,8 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
         };
     };
     let answer = async {
-        let label = b.device_label;
-        let issued = open_session(
-            env,
-            &req,
-            &row.user_id,
-            label,
-            row.inputs,
-            idempotency,
-            false,
-        )
-        .await?;
+        let opening = Opening::new(b.device_label, idempotency);
+        let issued = open_session(env, &req, &row.user_id, row.inputs, opening).await?;
         token_pair(keys, &row.user_id, &issued, 201).await
     };
     match answer.await {
@@ -306,7 +313,12 @@ async fn signup_again(
     if password::verify(password.expose(), &row.password_hash).is_err() {
         return Err(email_taken());
     }
-    match open_session(env, req, &row.user_id, None, row.inputs, Some(keyed), true).await {
+    let opening = Opening {
+        label: None,
+        idempotency: Some(keyed),
+        again_only: true,
+    };
+    match open_session(env, req, &row.user_id, row.inputs, opening).await {
         Ok(issued) => token_pair(keys, &row.user_id, &issued, 201).await,
         Err(f) if f.api.code == ProblemCode::EmailTaken => Err(email_taken()),
         Err(f) => Err(f),
@@ -509,17 +521,8 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     if armed.as_deref() == Some(fault::LOGIN_LATE) {
         time::sleep(fault::LOGIN_LATE_MS).await;
     }
-    let label = b.device_label;
-    let issued = open_session(
-        env,
-        &req,
-        &row.user_id,
-        label,
-        row.inputs,
-        idempotency,
-        false,
-    )
-    .await?;
+    let opening = Opening::new(b.device_label, idempotency);
+    let issued = open_session(env, &req, &row.user_id, row.inputs, opening).await?;
     let signed = if armed.as_deref() == Some(fault::TOKEN_UNSIGNED) {
         Err(Fail::unavailable(format!(
             "injected fault at {}",

@@ -130,6 +130,22 @@ async fn connect_from(
     .await
 }
 
+/// A connect from London with the development-only fault point `fault` armed.
+async fn connect_at_fault(ctx: &Ctx, user: &User, device: &str, fault: &str) -> Resp {
+    send_with(
+        ctx,
+        "POST",
+        "/v1/connect",
+        Some(json!({"device_id": device})),
+        Some(&user.access),
+        &[
+            ("x-keenvpn-client-location", LONDON),
+            ("x-keenvpn-fault", fault),
+        ],
+    )
+    .await
+}
+
 async fn admin(ctx: &Ctx, method: &str, path: &str, body: Option<Value>) -> Resp {
     let token = dev_var("ADMIN_TOKEN");
     send_with(
@@ -482,43 +498,57 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// Connects of a new device, with the development-only fault point `fault`
+/// armed, until one has checked the isolate's catalogue copy (a check under
+/// way elsewhere lets a request use the copy without checking, so it may
+/// take a few) and the worker logged the check's failure with `cause`. Each
+/// must be answered 200 with the region of an unfaulted connect before, from
+/// the copy; `then` checks more of each (its answer, how long it took).
+async fn until_a_faulted_check(
+    ctx: &Ctx,
+    fault: &str,
+    cause: &str,
+    then: impl AsyncFn(&Resp, Duration),
+) -> Result<(), Failed> {
+    let _read = ctx.regions.read().await;
+    let (user, device) = user_with_device(ctx, false).await;
+    let first = connect_from(ctx, &user, &device, LONDON, None).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let logged = || {
+        ctx.stack()
+            .wrangler
+            .log()
+            .lines()
+            .filter(|l| l.contains("catalogue check failed") && l.contains(cause))
+            .count()
+    };
+    let before = logged();
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let r = connect_at_fault(ctx, &user, &device, fault).await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["region"], first.body["region"]);
+        then(&r, took).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if logged() > before {
+            return Ok(());
+        }
+    }
+    Err(format!("no request checked the catalogue at the fault point {fault}").into())
+}
+
 /// KV failing when an isolate checks its catalogue copy (the development-only
 /// fault point `catalogue.kv`, which also makes the check happen at once)
 /// leaves connects and the region list answered from that copy, and the
 /// failure logged; before, it turned them into 503s although the copy was in
 /// hand.
 fn catalogue_outlives_kv(ctx: &Ctx) -> Result<(), Failed> {
-    ctx.rt.block_on(async {
-        let _read = ctx.regions.read().await;
-        let (user, device) = user_with_device(ctx, false).await;
-        let first = connect_from(ctx, &user, &device, LONDON, None).await;
-        assert_eq!(first.status, 200, "{}", first.body);
-        let logged = || {
-            ctx.stack()
-                .wrangler
-                .log()
-                .lines()
-                .filter(|l| l.contains("catalogue check failed") && l.contains("injected fault"))
-                .count()
-        };
-        let before = logged();
-        // A check already under way elsewhere lets a request use the copy
-        // without checking; a few tries make sure one of them checked.
-        for _ in 0..5 {
-            let r = send_with(
-                ctx,
-                "POST",
-                "/v1/connect",
-                Some(json!({"device_id": device})),
-                Some(&user.access),
-                &[
-                    ("x-keenvpn-client-location", LONDON),
-                    ("x-keenvpn-fault", "catalogue.kv"),
-                ],
-            )
-            .await;
-            assert_eq!(r.status, 200, "{}", r.body);
-            assert_eq!(r.body["region"], first.body["region"]);
+    ctx.rt.block_on(until_a_faulted_check(
+        ctx,
+        "catalogue.kv",
+        "injected fault",
+        async |_, _| {
             let list = send_with(
                 ctx,
                 "GET",
@@ -529,13 +559,8 @@ fn catalogue_outlives_kv(ctx: &Ctx) -> Result<(), Failed> {
             )
             .await;
             assert_eq!(list.status, 200, "{}", list.body);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if logged() > before {
-                return Ok(());
-            }
-        }
-        Err("no request checked the catalogue at the fault point".into())
-    })
+        },
+    ))
 }
 
 /// KV reads that never answer (the development-only fault point `kv.hang`,
@@ -545,50 +570,17 @@ fn catalogue_outlives_kv(ctx: &Ctx) -> Result<(), Failed> {
 /// catalogue copy (the failed check logged). Before, nothing bounded such a
 /// read, and the connect waited for as long as its client did.
 fn kv_hang(ctx: &Ctx) -> Result<(), Failed> {
-    ctx.rt.block_on(async {
-        let _read = ctx.regions.read().await;
-        let (user, device) = user_with_device(ctx, false).await;
-        let first = connect_from(ctx, &user, &device, LONDON, None).await;
-        assert_eq!(first.status, 200, "{}", first.body);
-        let logged = || {
-            ctx.stack()
-                .wrangler
-                .log()
-                .lines()
-                .filter(|l| l.contains("catalogue check failed") && l.contains("no answer within"))
-                .count()
-        };
-        let before = logged();
-        // A check under way elsewhere lets a request use the copy without
-        // checking; a few tries make sure one of them checked.
-        for _ in 0..3 {
-            let started = std::time::Instant::now();
-            let r = send_with(
-                ctx,
-                "POST",
-                "/v1/connect",
-                Some(json!({"device_id": device})),
-                Some(&user.access),
-                &[
-                    ("x-keenvpn-client-location", LONDON),
-                    ("x-keenvpn-fault", "kv.hang"),
-                ],
-            )
-            .await;
-            let took = started.elapsed();
-            assert_eq!(r.status, 200, "{}", r.body);
-            assert_eq!(r.body["region"], first.body["region"]);
+    ctx.rt.block_on(until_a_faulted_check(
+        ctx,
+        "kv.hang",
+        "no answer within",
+        async |_, took| {
             assert!(
                 took >= Duration::from_millis(1_900) && took < Duration::from_secs(15),
                 "answered {took:?} after the request: the reads waited out their 2 s"
             );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if logged() > before {
-                return Ok(());
-            }
-        }
-        Err("no request checked the catalogue at the fault point".into())
-    })
+        },
+    ))
 }
 
 fn sticky(ctx: &Ctx) -> Result<(), Failed> {
@@ -833,18 +825,7 @@ async fn events_reach(ctx: &Ctx, device: &str, outcome: &str, at_least: i64) -> 
 fn event_send_retried(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (user, dev) = user_with_device(ctx, false).await;
-        let r = send_with(
-            ctx,
-            "POST",
-            "/v1/connect",
-            Some(json!({"device_id": dev})),
-            Some(&user.access),
-            &[
-                ("x-keenvpn-client-location", LONDON),
-                ("x-keenvpn-fault", "events.send"),
-            ],
-        )
-        .await;
+        let r = connect_at_fault(ctx, &user, &dev, "events.send").await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(events_reach(ctx, &dev, "admitted", 1).await, 1);
         // Once: a later batch brings no second copy.
@@ -870,18 +851,7 @@ fn event_send_retried(ctx: &Ctx) -> Result<(), Failed> {
 fn event_held(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (user, dev) = user_with_device(ctx, false).await;
-        let r = send_with(
-            ctx,
-            "POST",
-            "/v1/connect",
-            Some(json!({"device_id": dev})),
-            Some(&user.access),
-            &[
-                ("x-keenvpn-client-location", LONDON),
-                ("x-keenvpn-fault", "events.down"),
-            ],
-        )
-        .await;
+        let r = connect_at_fault(ctx, &user, &dev, "events.down").await;
         assert_eq!(r.status, 200, "{}", r.body);
         let request_id = r.headers["x-request-id"].to_str()?.to_owned();
         eventually(Duration::from_secs(20), "the event held", || async {
