@@ -659,25 +659,24 @@ pub async fn verify_bearer(req: &Incoming, env: &Env) -> Result<AccessClaims, Fa
 /// The second half of [`authenticate`]: refuses a session that has been
 /// signed out.
 pub async fn check_not_revoked(env: &Env, claims: &AccessClaims) -> Result<(), Fail> {
-    check_not_revoked_as(env, claims, false).await
+    check_not_revoked_as(env, claims, kv::Reading::default()).await
 }
 
-/// [`check_not_revoked`]; `kv_hang`: its KV read never answers (the fault
-/// point `kv.hang`).
+/// [`check_not_revoked`], its KV read made as `how` says.
 pub async fn check_not_revoked_as(
     env: &Env,
     claims: &AccessClaims,
-    kv_hang: bool,
+    how: kv::Reading<'_>,
 ) -> Result<(), Fail> {
-    let mirror = session_mirror(env, &claims.sub, kv_hang).await;
+    let mirror = session_mirror(env, &claims.sub, how).await;
     not_revoked_in(mirror.as_ref(), claims)
 }
 
 /// The user's sessions as the KV mirror has them. A KV failure (or a read
 /// past `kv::READ_TIMEOUT_MS`) reads as no mirror, so it does not lock every
 /// user out: the token's signature and expiry still bound it to 15 minutes.
-async fn session_mirror(env: &Env, user_id: &str, kv_hang: bool) -> Option<Mirror> {
-    kv::read_json::<Mirror>(env, &user_session::mirror_key(user_id), kv_hang)
+async fn session_mirror(env: &Env, user_id: &str, how: kv::Reading<'_>) -> Option<Mirror> {
+    kv::read_json::<Mirror>(env, &user_session::mirror_key(user_id), how)
         .await
         .ok()
         .flatten()
@@ -744,7 +743,7 @@ pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> 
 pub async fn me(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     // One read of the session mirror serves the revocation check and the list.
     let claims = verify_bearer(&req, env).await?;
-    let mirror = session_mirror(env, &claims.sub, false).await;
+    let mirror = session_mirror(env, &claims.sub, kv::Reading::default()).await;
     not_revoked_in(mirror.as_ref(), &claims)?;
     let db = store::connect(env).await?;
     let account = store::account(&db, &claims.sub).await?;

@@ -220,7 +220,11 @@ async fn read(env: &Env, key: &str, kv_down: Option<KvDown>) -> Result<Option<St
     if kv_down == Some(KvDown::Failing) {
         return Err(unavailable(format!("kv get {key}: injected fault")));
     }
-    kv::read(env, key, kv_down == Some(KvDown::Hanging))
+    let how = kv::Reading {
+        timer: None,
+        hang: kv_down == Some(KvDown::Hanging),
+    };
+    kv::read(env, key, how)
         .await
         .map_err(|e| unavailable(format!("kv get: {e}")))
 }

@@ -19,8 +19,9 @@ use super::auth::{check_not_revoked_as, json_body, verify_bearer};
 use super::durable::{self, call};
 use super::events::{self, ConnectionEvent};
 use super::incoming::Incoming;
+use super::time::{self, Timer};
 use super::user_session::{DeviceMirror, devices_key};
-use super::{Fail, bindings, catalogue, fault, kv, random, secrets, store, time, webcrypto};
+use super::{Fail, bindings, catalogue, fault, kv, random, secrets, store, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
 use crate::domain::admission::{self, Admit, FullShards};
 use crate::domain::catalogue::Snapshot;
@@ -60,14 +61,19 @@ thread_local! {
 
 /// Asks the gate `gate` for one admission at `rate`, or answers as it did a
 /// moment ago if it said its queue was full (`FullShards`).
-async fn admit(env: &Env, gate: &str, rate: u32, fault: Option<&str>) -> Result<Admit, Fail> {
+async fn admit(
+    env: &Env,
+    (gate, rate): (&str, u32),
+    fault: Option<&str>,
+    timer: &Timer,
+) -> Result<Admit, Fail> {
     let full = FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, time::now_ms() as i64));
     if full {
         return Ok(Admit::Wait {
             retry_after_ms: admission::QUEUE_FULL_MS,
         });
     }
-    let verdict = durable::admit(env, gate, rate, fault).await?;
+    let verdict = durable::admit(env, (gate, rate), fault, Some(timer)).await?;
     FULL_SHARDS.with(|m| {
         m.borrow_mut()
             .note(gate, rate, time::now_ms() as i64, verdict)
@@ -160,16 +166,15 @@ fn point(lat: &str, lon: &str) -> Option<Point> {
     Point::new(lat.trim().parse().ok()?, lon.trim().parse().ok()?)
 }
 
-/// The user's devices: the KV mirror, else (no copy, an old one, or KV failing
-/// or too slow) the user's object (no database). `kv_hang`: the KV read never
-/// answers (the fault point `kv.hang`).
+/// The user's devices: the KV mirror (read as `how` says), else (no copy, an
+/// old one, or KV failing or too slow) the user's object (no database).
 async fn devices(
     env: &Env,
     request_id: &str,
     (user_id, device_id): (&str, &str),
-    kv_hang: bool,
+    how: kv::Reading<'_>,
 ) -> Result<Vec<store::Device>, Fail> {
-    if let Ok(Some(m)) = kv::read_json::<DeviceMirror>(env, &devices_key(user_id), kv_hang).await
+    if let Ok(Some(m)) = kv::read_json::<DeviceMirror>(env, &devices_key(user_id), how).await
         && m.devices.iter().any(|d| d.id == device_id)
     {
         return Ok(m.devices);
@@ -220,14 +225,19 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         .ok()
         .map(|b| b.device_id.as_str())
         .filter(|id| crate::domain::device::is_device_id(id));
-    let kv_hang = fault.as_deref() == Some(fault::KV_HANG);
+    // One timer bounds every wait of the request (see `time::Timer`).
+    let timer = Timer::new();
+    let reading = kv::Reading {
+        timer: Some(&timer),
+        hang: fault.as_deref() == Some(fault::KV_HANG),
+    };
     let (not_revoked, devices, placer) = futures::join!(
-        check_not_revoked_as(env, &claims, kv_hang),
+        check_not_revoked_as(env, &claims, reading),
         async {
             match device_id {
                 Some(id) => {
                     let owner = (claims.sub.as_str(), id);
-                    Some(devices(env, req.request_id(), owner, kv_hang).await)
+                    Some(devices(env, req.request_id(), owner, reading).await)
                 }
                 None => None,
             }
@@ -290,7 +300,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
-    let verdict = admit(env, &gate, rate, fault.as_deref())
+    let verdict = admit(env, (&gate, rate), fault.as_deref(), &timer)
         .await
         .map_err(|mut fail| {
             // Another region's gate is another object: the client may fail over.

@@ -200,25 +200,19 @@ impl RegionGate {
 }
 
 #[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
-export function admitWithin(stub, rate, ms, fault) {
-  let timer;
-  const late = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
-  });
-  const call = fault === undefined ? stub.admit(rate) : stub.admit(rate, fault);
-  return Promise.race([call, late]).finally(() => clearTimeout(timer));
+export function admitCall(stub, rate, fault) {
+  return fault === undefined ? stub.admit(rate) : stub.admit(rate, fault);
 }
 "#)]
 extern "C" {
-    /// `stub.admit(rate[, fault])`, rejected after `ms` milliseconds. The bound is set
-    /// on the JavaScript side: one promise for Rust to await, instead of the
-    /// call's and a `Delay`'s (whose closure costs a wasm-bindgen callback
-    /// created and destroyed on every connect).
-    #[wasm_bindgen(catch, js_name = admitWithin)]
-    fn admit_within(
+    /// `stub.admit(rate[, fault])`. It is bounded on the request's timer
+    /// (`time::bounded`): one JavaScript timer for every bounded wait of a
+    /// connect, instead of a `Delay` (whose closure costs a wasm-bindgen
+    /// callback created and destroyed on every connect) or a timer each.
+    #[wasm_bindgen(catch, js_name = admitCall)]
+    fn admit_call(
         stub: &JsValue,
         rate: u32,
-        ms: f64,
         fault: Option<&str>,
     ) -> std::result::Result<js_sys::Promise, JsValue>;
 }
@@ -228,9 +222,9 @@ extern "C" {
 /// Transport failures, timeouts, thrown errors and unreadable answers are 503s.
 pub async fn admit(
     env: &Env,
-    name: &str,
-    rate: u32,
+    (name, rate): (&str, u32),
     fault: Option<&str>,
+    timer: Option<&time::Timer>,
 ) -> std::result::Result<Admit, Fail> {
     let unavailable = |e: String| {
         Fail::unavailable(format!(
@@ -241,8 +235,8 @@ pub async fn admit(
     let stub: JsValue = stub(env, super::bindings::REGION_GATES, name)
         .map_err(unavailable)?
         .into();
-    let answer = match admit_within(&stub, rate, CALL_TIMEOUT_MS as f64, fault) {
-        Ok(promise) => JsFuture::from(promise).await,
+    let answer = match admit_call(&stub, rate, fault) {
+        Ok(promise) => time::bounded(&promise, CALL_TIMEOUT_MS as u32, timer).await,
         Err(thrown) => Err(thrown),
     }
     .map_err(|e| unavailable(js_error(&e)))?;

@@ -1,8 +1,8 @@
 //! Reading and writing Workers KV.
 //!
-//! Reads go to the binding's `get(key, "text")`, raced against a timer of
-//! [`READ_TIMEOUT_MS`] in JavaScript; writes to its `put(key, text, options)`:
-//! one call across the JS/wasm boundary each.
+//! Reads go to the binding's `get(key, "text")`, bounded by
+//! [`READ_TIMEOUT_MS`] on the request's timer (`time::bounded`); writes to its
+//! `put(key, text, options)`: one call across the JS/wasm boundary each.
 //! workers-rs's `KvStore` looks up five methods of the binding each time one
 //! is made and builds every read's options object
 //! through serde, which on the reconnect hot path (two reads per connect) was
@@ -22,6 +22,7 @@ use worker::wasm_bindgen_futures::JsFuture;
 
 use super::bindings;
 use super::durable::js_error;
+use super::time::{self, Timer};
 
 /// How long a read may take before it counts as failed. KV answers a read
 /// its location has cached in milliseconds, and one it has to fetch from
@@ -33,27 +34,21 @@ use super::durable::js_error;
 /// goes.)
 pub const READ_TIMEOUT_MS: u32 = 2_000;
 
-#[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
-export function kv_read(ns, key, ms, hang) {
-  const read = hang ? new Promise(() => {}) : ns.get(key, "text");
-  let timer;
-  const late = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
-  });
-  return Promise.race([read, late]).finally(() => clearTimeout(timer));
-}
-"#)]
-extern "C" {
-    /// The text under `key` (or `null`), or a rejection once `ms` have
-    /// passed; `hang`: the read never answers (the fault point `kv.hang`).
-    #[wasm_bindgen(catch)]
-    fn kv_read(ns: &KvNamespace, key: &str, ms: u32, hang: bool) -> Result<Promise, JsValue>;
+/// How a request makes its reads: on its timer, if it has one (see
+/// `time::Timer`), and, at the development-only fault point `kv.hang`, as if
+/// KV never answered, so that the time limit is what ends them.
+#[derive(Clone, Copy, Default)]
+pub struct Reading<'a> {
+    pub timer: Option<&'a Timer>,
+    pub hang: bool,
 }
 
 #[wasm_bindgen::prelude::wasm_bindgen]
 extern "C" {
     /// A KV namespace binding, as far as this module uses it.
     type KvNamespace;
+    #[wasm_bindgen(method, catch, js_name = get)]
+    fn get_as(this: &KvNamespace, key: &str, kind: &str) -> Result<Promise, JsValue>;
     #[wasm_bindgen(method, catch)]
     fn put(
         this: &KvNamespace,
@@ -66,31 +61,36 @@ extern "C" {
 /// The text under `key` in the `KV` namespace; `None` when there is none;
 /// an error if KV fails or takes longer than [`READ_TIMEOUT_MS`].
 pub async fn get_text(env: &Env, key: &str) -> Result<Option<String>, String> {
-    read(env, key, false).await
+    read(env, key, Reading::default()).await
 }
 
-/// [`get_text`]; `hang`: as if KV never answered (the development-only fault
-/// point `kv.hang`), so the time limit is what ends the read.
-pub async fn read(env: &Env, key: &str, hang: bool) -> Result<Option<String>, String> {
+/// [`get_text`], made as `how` says.
+pub async fn read(env: &Env, key: &str, how: Reading<'_>) -> Result<Option<String>, String> {
     let failed = |e: JsValue| format!("{key}: {}", js_error(&e));
-    let ns: KvNamespace = bindings::object(env, bindings::KV)?;
-    let promise = kv_read(&ns, key, READ_TIMEOUT_MS, hang).map_err(failed)?;
-    let value = JsFuture::from(promise).await.map_err(failed)?;
+    let promise = if how.hang {
+        Promise::new(&mut |_, _| {})
+    } else {
+        let ns: KvNamespace = bindings::object(env, bindings::KV)?;
+        ns.get_as(key, "text").map_err(failed)?
+    };
+    let value = time::bounded(&promise, READ_TIMEOUT_MS, how.timer)
+        .await
+        .map_err(failed)?;
     Ok(value.as_string())
 }
 
 /// The value under `key` parsed as `T`; `None` when there is none.
 pub async fn get_json<T: DeserializeOwned>(env: &Env, key: &str) -> Result<Option<T>, String> {
-    read_json(env, key, false).await
+    read_json(env, key, Reading::default()).await
 }
 
-/// [`get_json`], with [`read`]'s `hang`.
+/// [`get_json`], made as `how` says.
 pub async fn read_json<T: DeserializeOwned>(
     env: &Env,
     key: &str,
-    hang: bool,
+    how: Reading<'_>,
 ) -> Result<Option<T>, String> {
-    match read(env, key, hang).await? {
+    match read(env, key, how).await? {
         Some(text) => serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| format!("{key}: {e}")),

@@ -190,7 +190,7 @@ async fn durable_probe(env: &Env, request_id: &str) -> Result<(), (Failure, Stri
         ping_object(env, bindings::USER_SESSIONS, request_id),
         ping_object(env, bindings::REGION_GATES, request_id),
         ping_object(env, bindings::LOGIN_THROTTLES, request_id),
-        durable::admit(env, PROBE_OBJECT, 1, None)
+        durable::admit(env, (PROBE_OBJECT, 1), None, None)
     );
     let d = d.map(drop).map_err(|f| {
         let cause = f.cause.unwrap_or_default();
