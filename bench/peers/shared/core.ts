@@ -22,6 +22,8 @@ export const CATALOGUE_ETAG_KEY = "catalogue/v1/etag";
 export const CATALOGUE_TTL_MS = 5_000;
 /** How long a call to a region's admission gate may take (src/edge/durable.rs, CALL_TIMEOUT_MS). */
 export const GATE_CALL_TIMEOUT_MS = 20_000;
+/** A KV read that takes longer has failed (`kv::READ_TIMEOUT_MS`). */
+export const KV_READ_TIMEOUT_MS = 2_000;
 const ALG = "EdDSA";
 const SIGNATURE_B64_LEN = 86;
 

@@ -72,6 +72,69 @@ function getKeys(env: Env): Promise<Keys> {
   return keys;
 }
 
+/**
+ * One request's timer for its bounded waits (its KV reads, its region gate
+ * call), as the worker has (`time::Timer`): every wait races one setTimeout,
+ * armed for the earliest pending deadline and re-armed for the next when it
+ * fires; waits due at once share the promise that rejects then.
+ */
+class RequestTimer {
+  private id: ReturnType<typeof setTimeout> | undefined;
+  private at = Infinity;
+  private lates = new Map<number, { ms: number; promise: Promise<never>; fail: (e: Error) => void }>();
+
+  race<T>(promise: Promise<T>, ms: number): Promise<T> {
+    const due = Date.now() + ms;
+    let late = this.lates.get(due);
+    if (late === undefined) {
+      let fail!: (e: Error) => void;
+      const promise = new Promise<never>((_, reject) => { fail = reject; });
+      late = { ms, promise, fail };
+      this.lates.set(due, late);
+      if (due < this.at) this.arm(due);
+    }
+    return Promise.race([promise, late.promise]);
+  }
+
+  private arm(due: number) {
+    if (this.id !== undefined) clearTimeout(this.id);
+    this.at = due;
+    this.id = setTimeout(() => this.fire(), Math.max(0, due - Date.now()));
+  }
+
+  private fire() {
+    this.id = undefined;
+    this.at = Infinity;
+    const now = Date.now();
+    let next = Infinity;
+    for (const [due, late] of this.lates) {
+      if (due <= now) {
+        this.lates.delete(due);
+        late.fail(new Error(`no answer within ${late.ms} ms`));
+      } else if (due < next) {
+        next = due;
+      }
+    }
+    if (next !== Infinity) this.arm(next);
+  }
+
+  stop() {
+    if (this.id !== undefined) clearTimeout(this.id);
+    this.id = undefined;
+    this.at = Infinity;
+  }
+}
+
+/** A KV read made outside a request's timer (the catalogue's), on a timer of its own. */
+async function kvRead<T>(read: Promise<T>): Promise<T> {
+  const own = new RequestTimer();
+  try {
+    return await own.race(read, core.KV_READ_TIMEOUT_MS);
+  } finally {
+    own.stop();
+  }
+}
+
 // The catalogue, parsed at most once per isolate every few seconds, and then
 // only when its etag changed; while one request checks, the others use the copy.
 let catalogue: { snapshot: core.Snapshot; at: number } | undefined;
@@ -83,7 +146,7 @@ async function snapshot(env: Env): Promise<core.Snapshot> {
   if (catalogue) {
     revalidating = true;
     try {
-      const tag = await env.KV.get(core.CATALOGUE_ETAG_KEY, "text");
+      const tag = await kvRead(env.KV.get(core.CATALOGUE_ETAG_KEY, "text"));
       if (tag === catalogue.snapshot.etag) {
         catalogue.at = now;
         return catalogue.snapshot;
@@ -92,7 +155,7 @@ async function snapshot(env: Env): Promise<core.Snapshot> {
       revalidating = false;
     }
   }
-  const s = await env.KV.get<core.Snapshot>(core.CATALOGUE_KEY, "json");
+  const s = await kvRead(env.KV.get<core.Snapshot>(core.CATALOGUE_KEY, "json"));
   if (!s) throw new core.Problem(503, "service_unavailable", "Service Unavailable", "No catalogue.");
   catalogue = { snapshot: s, at: now };
   return s;
@@ -102,18 +165,12 @@ async function snapshot(env: Env): Promise<core.Snapshot> {
  * The region gate's verdict, bounded in time as the worker bounds it: a gate
  * that throws or does not answer within GATE_CALL_TIMEOUT_MS is a 503.
  */
-async function admit(env: Env, gate: string, rate: number): Promise<core.Verdict> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error("timed out")), core.GATE_CALL_TIMEOUT_MS);
-  });
+async function admit(env: Env, gate: string, rate: number, timer: RequestTimer): Promise<core.Verdict> {
   try {
-    return await Promise.race([env.REGION_GATES.getByName(gate).admit(rate), late]);
+    return await timer.race(env.REGION_GATES.getByName(gate).admit(rate), core.GATE_CALL_TIMEOUT_MS);
   } catch (e) {
     console.error(JSON.stringify({ error: String(e), level: "error", msg: "region gate unavailable" }));
     throw new core.Problem(503, "service_unavailable", "Service Unavailable", "A backing service is unavailable; retry shortly.");
-  } finally {
-    clearTimeout(timer);
   }
 }
 
@@ -183,35 +240,50 @@ app.get("/v1/regions", async (c) => {
   return c.body(core.regionsBody(s), 200, { "content-type": "application/json", etag, "cache-control": cache });
 });
 
-async function authenticate(c: { env: Env; req: { header(n: string): string | undefined } }): Promise<core.AccessClaims> {
+async function authenticate(
+  c: { env: Env; req: { header(n: string): string | undefined } },
+  timer: RequestTimer,
+): Promise<core.AccessClaims> {
   const token = core.bearer(c.req.header("authorization"));
   const k = await getKeys(c.env);
   const t = core.preverify(token, k.verifiers, codec);
   if (!(await crypto.subtle.verify(ED25519, t.key, t.signature, t.signed))) throw core.badSignature();
   const claims = core.checkClaims(t.claimsB64, nowSecs(), codec);
   // A KV failure does not lock everyone out: the token still bounds the session.
-  const mirror = await c.env.KV.get(`sessions/${claims.sub}`, "json").catch(() => null);
+  const mirror = await timer
+    .race(c.env.KV.get(`sessions/${claims.sub}`, "json"), core.KV_READ_TIMEOUT_MS)
+    .catch(() => null);
   if (core.sessionRevoked(mirror, claims.sid))
     throw new core.Problem(401, "session_revoked", "Unauthorized", "This session has been signed out.");
   return claims;
 }
 
-async function devicesOf(env: Env, userId: string): Promise<core.Device[]> {
-  const m = await env.KV.get<{ devices: core.Device[] }>(`devices/${userId}`, "json");
+async function devicesOf(env: Env, userId: string, timer: RequestTimer): Promise<core.Device[]> {
+  const read = env.KV.get<{ devices: core.Device[] }>(`devices/${userId}`, "json");
+  const m = await timer.race(read, core.KV_READ_TIMEOUT_MS);
   return m?.devices ?? [];
 }
 
 app.post("/v1/connect", async (c) => {
-  const env = c.env;
-  const claims = await authenticate(c);
+  const timer = new RequestTimer();
+  try {
+    return await connect(c, timer);
+  } finally {
+    timer.stop();
+  }
+});
+
+async function connect(c: any, timer: RequestTimer) {
+  const env: Env = c.env;
+  const claims = await authenticate(c, timer);
   const location = core.clientLocation(env.ENVIRONMENT === "development", (n) => c.req.header(n), (c.req.raw as any).cf);
   const body = core.parseConnectBody(c.req.header("content-length"), c.req.header("content-type"), await c.req.text());
   if (!core.isDeviceId(body.device_id)) throw core.deviceNotFound();
-  const [devices, s] = await Promise.all([devicesOf(env, claims.sub), snapshot(env)]);
+  const [devices, s] = await Promise.all([devicesOf(env, claims.sub, timer), snapshot(env)]);
   const p = core.placeConnect(claims, body, devices, s, location);
   const region = p.choice.region;
 
-  const verdict = await admit(env, p.gate, p.rate);
+  const verdict = await admit(env, p.gate, p.rate, timer);
   const refused = core.refusal(verdict, p.choice.failover, randomU32());
   if (refused) {
     const outcome = verdict.outcome === "wait" ? "throttled" : "closed";
@@ -231,7 +303,7 @@ app.post("/v1/connect", async (c) => {
   return c.body(core.connectBody(region, server, p.device, ticket, p.choice.failover), 200, {
     "content-type": "application/json",
   });
-});
+}
 
 app.get("/healthz", (c) => c.json({ status: "ok" }));
 
