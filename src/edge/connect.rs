@@ -310,7 +310,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     match verdict {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {
-            events::enqueue_refusal(
+            events::collect(
                 env,
                 ctx,
                 ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "throttled"),
@@ -326,7 +326,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             ));
         }
         Admit::Closed => {
-            events::enqueue_refusal(
+            events::collect(
                 env,
                 ctx,
                 ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),

@@ -176,7 +176,7 @@ pub fn enqueue(
     fault: Option<String>,
 ) {
     if OUTBOX.with(|o| o.borrow().waiting()) {
-        return enqueue_refusal(env, ctx, event);
+        return collect(env, ctx, event);
     }
     let env = env.clone();
     let request_id = request_id.to_owned();
@@ -187,11 +187,12 @@ pub fn enqueue(
     });
 }
 
-/// Collects a refusal (`throttled` or `closed`) in this isolate's outbox,
+/// Collects `event` in this isolate's outbox: a refusal (`throttled` or
+/// `closed`), or an admission while held events wait ([`enqueue`]). It is
 /// sent with the others after the response: within
 /// [`outbox::FLUSH_AFTER_MS`] by the request whose event found no flush
 /// scheduled, or at once by the one that filled it.
-pub fn enqueue_refusal(env: &Env, ctx: &Context, event: ConnectionEvent) {
+pub fn collect(env: &Env, ctx: &Context, event: ConnectionEvent) {
     let (push, full) = OUTBOX.with(|o| {
         let mut o = o.borrow_mut();
         let push = o.push(event);
