@@ -292,6 +292,10 @@ struct Family {
     rotated_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     revoked: Option<Revocation>,
+    /// The sessions this one's opening evicted, until its first refresh:
+    /// what [`UserSessions::withdraw`] gives back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    evicted: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -422,7 +426,7 @@ impl UserSessions {
     ) -> Issued {
         debug_assert!(is_uuid(user_id), "user ids are lowercase hyphenated UUIDs");
         self.prune(now);
-        self.evict_down_to(MAX_ACTIVE_SESSIONS - 1, now);
+        let evicted = self.evict_down_to(MAX_ACTIVE_SESSIONS - 1, now);
 
         let sid = hex::encode(sid_random);
         let family = Family {
@@ -434,6 +438,7 @@ impl UserSessions {
             last_refresh_at: now,
             rotated_at: now,
             revoked: None,
+            evicted,
         };
         let issued = family.issue(&sid, pepper);
         // 128 random bits: a collision with an existing sid is not a case to handle.
@@ -496,6 +501,8 @@ impl UserSessions {
             family.generation = next;
             family.rotated_at = now;
             family.last_refresh_at = now;
+            // The client had its first answer: there is nothing to withdraw.
+            family.evicted = Vec::new();
             Ok(family.issue(sid, pepper))
         } else if token.generation.checked_add(1) == Some(current)
             && now.saturating_sub(family.rotated_at) <= GRACE_SECS
@@ -522,6 +529,39 @@ impl UserSessions {
             }
             _ => false,
         }
+    }
+
+    /// Takes back the session `sid` that [`UserSessions::create`] opened for
+    /// a sign-in that could not be answered (its tokens were not signed), as
+    /// if the sign-in had not happened: the session is removed, and those its
+    /// opening evicted are active again, as far as the limit allows. Nothing
+    /// is done (`false`) unless the session is active and still at its first
+    /// token: a refreshed one was answered, and one revoked since (a sign-out
+    /// everywhere) must not bring back what it evicted.
+    pub fn withdraw(&mut self, sid: &str, now: i64) -> bool {
+        let Some(family) = self
+            .families
+            .get(sid)
+            .filter(|f| f.is_active(now) && f.generation == 0)
+        else {
+            return false;
+        };
+        let eviction = Revocation {
+            at: family.created_at,
+            reason: RevokeReason::Evicted,
+        };
+        let evicted = self.families.remove(sid).map(|f| f.evicted);
+        for victim in evicted.unwrap_or_default() {
+            if self.is_full(now) {
+                break;
+            }
+            if let Some(f) = self.families.get_mut(&victim)
+                && f.revoked == Some(eviction)
+            {
+                f.revoked = None;
+            }
+        }
+        true
     }
 
     /// Revokes every active session; returns how many there were.
@@ -648,12 +688,13 @@ impl UserSessions {
     }
 
     /// Evicts the least recently refreshed active sessions until at most
-    /// `keep` are active.
-    fn evict_down_to(&mut self, keep: usize, now: i64) {
+    /// `keep` are active; returns their sids.
+    fn evict_down_to(&mut self, keep: usize, now: i64) -> Vec<String> {
+        let mut evicted = Vec::new();
         loop {
             let active = self.families.values().filter(|f| f.is_active(now));
             if active.count() <= keep {
-                return;
+                return evicted;
             }
             // Ties (same second) go to the older session, then the sid, so the
             // choice is deterministic.
@@ -667,16 +708,16 @@ impl UserSessions {
                         b.created_at,
                         b_sid,
                     ))
-                })
-                .map(|(_, f)| f);
+                });
             match victim {
-                Some(family) => {
+                Some((sid, family)) => {
                     family.revoked = Some(Revocation {
                         at: now,
                         reason: RevokeReason::Evicted,
-                    })
+                    });
+                    evicted.push(sid.clone());
                 }
-                None => return,
+                None => return evicted,
             }
         }
     }
@@ -1108,6 +1149,73 @@ mod tests {
                 .enumerate()
                 .all(|(n, i)| n == 3 || s.is_active(&i.sid, now))
         );
+    }
+
+    /// A full user: `MAX_ACTIVE_SESSIONS` sessions, #0 the least recently
+    /// refreshed, then one more session, which evicted #0.
+    fn full_then_one_more(s: &mut UserSessions, now: i64) -> (Vec<Issued>, Issued) {
+        let issued: Vec<Issued> = (0..MAX_ACTIVE_SESSIONS as u8)
+            .map(|n| create(s, n, T0 + i64::from(n)))
+            .collect();
+        let extra = create(s, 0xee, now);
+        assert!(!s.is_active(&issued[0].sid, now));
+        (issued, extra)
+    }
+
+    #[test]
+    fn a_withdrawn_session_is_gone_and_gives_back_what_it_evicted() {
+        let mut s = UserSessions::default();
+        let now = T0 + 2000;
+        let (issued, extra) = full_then_one_more(&mut s, now);
+        // Stored and loaded in between, as the object does.
+        let mut s: UserSessions =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(s.withdraw(&extra.sid, now + 1));
+        assert!(!s.is_active(&extra.sid, now + 1));
+        assert_eq!(refresh(&mut s, &extra, now + 1), Err(RefreshError::Invalid));
+        assert!(issued.iter().all(|i| s.is_active(&i.sid, now + 1)));
+        assert_eq!(
+            s.mirror(now + 1).len(),
+            MAX_ACTIVE_SESSIONS,
+            "none listed as ended"
+        );
+        assert!(refresh(&mut s, &issued[0], now + 2).is_ok());
+        assert!(!s.withdraw(&extra.sid, now + 2), "once");
+    }
+
+    #[test]
+    fn a_session_answered_or_ended_since_is_not_withdrawn() {
+        let now = T0 + 2000;
+        // Refreshed: its client had the answer.
+        let mut s = UserSessions::default();
+        let (issued, extra) = full_then_one_more(&mut s, now);
+        refresh(&mut s, &extra, now + 1).unwrap();
+        assert!(!s.withdraw(&extra.sid, now + 2));
+        assert!(s.is_active(&extra.sid, now + 2));
+        assert!(!s.is_active(&issued[0].sid, now + 2));
+        // Signed out everywhere meanwhile: what it evicted stays ended.
+        let mut s = UserSessions::default();
+        let (issued, extra) = full_then_one_more(&mut s, now);
+        s.revoke_all(now + 1, RevokeReason::LogoutAll);
+        assert!(!s.withdraw(&extra.sid, now + 2));
+        assert!(issued.iter().all(|i| !s.is_active(&i.sid, now + 2)));
+    }
+
+    #[test]
+    fn a_withdrawal_gives_back_no_more_than_the_limit() {
+        let now = T0 + 2000;
+        let mut s = UserSessions::default();
+        let (issued, extra) = full_then_one_more(&mut s, now);
+        // Another sign-in meanwhile evicted #1 and stays; withdrawing the
+        // first brings #0 back, not #1, and keeps the user at the limit.
+        let later = create(&mut s, 0xef, now + 1);
+        assert!(s.withdraw(&extra.sid, now + 2));
+        assert!(s.is_active(&issued[0].sid, now + 2));
+        assert!(!s.is_active(&issued[1].sid, now + 2));
+        assert!(s.is_active(&later.sid, now + 2));
+        assert!(s.is_full(now + 2));
+        let active = s.mirror(now + 2).iter().filter(|v| !v.revoked).count();
+        assert_eq!(active, MAX_ACTIVE_SESSIONS);
     }
 
     #[test]

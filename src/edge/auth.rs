@@ -537,17 +537,19 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     signed
 }
 
-/// Ends a session the sign-in opened but could not answer with (its tokens
-/// were not signed): no client holds its refresh token, and left alone it
-/// would be listed among the user's sessions until it went idle. Best
-/// effort: a failure is logged, and the session then expires as any other.
+/// Takes back a session the sign-in opened but could not answer with (its
+/// tokens were not signed): no client holds its refresh token, and left alone
+/// it would be listed among the user's sessions until it went idle. At the
+/// session limit, its opening ended the least recently used session, which
+/// is given back, so that the failed sign-in changes nothing. Best effort: a
+/// failure is logged, and the session then expires as any other.
 async fn end_unanswered(env: &Env, req: &Incoming, user_id: &str, sid: &str) {
     let ended = call(
         env,
         req.request_id(),
         bindings::USER_SESSIONS,
         user_id,
-        "/revoke",
+        "/withdraw",
         &RevokeReq {
             sid: sid.to_owned(),
         },

@@ -364,6 +364,9 @@ enum Ending {
     One,
     All,
     Close,
+    /// `/withdraw`: a session whose sign-in could not be answered, taken back
+    /// with what its opening evicted (`UserSessions::withdraw`).
+    Withdrawn,
 }
 
 /// A new or rotated session: what the worker needs to answer with a token pair.
@@ -989,12 +992,13 @@ impl UserSession {
 
     /// Ends one session (`/revoke`), every session (`/revoke-all`), or every
     /// session for good (`/close`: the account was removed, a sign-up
-    /// undone; the object then opens no session again). Their KV copy is
-    /// written as for any revocation: the connect path checks it.
+    /// undone; the object then opens no session again), or takes one back
+    /// (`/withdraw`). Their KV copy is written as for any revocation: the
+    /// connect path checks it.
     async fn revoke(&self, mut req: Request, ending: Ending, origin: Origin) -> Result<Response> {
         let (sid, owner) = match ending {
             Ending::All => (None, None),
-            Ending::One => match body::<RevokeReq>(&mut req).await {
+            Ending::One | Ending::Withdrawn => match body::<RevokeReq>(&mut req).await {
                 Ok(r) => (Some(r.sid), None),
                 Err(resp) => return Ok(resp),
             },
@@ -1012,6 +1016,7 @@ impl UserSession {
             stored.closed = true;
         }
         let revoked = match (&sid, ending) {
+            (Some(sid), Ending::Withdrawn) => usize::from(stored.sessions.withdraw(sid, now)),
             (Some(sid), _) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
             (None, Ending::Close) => stored
                 .sessions
@@ -1428,6 +1433,9 @@ impl DurableObject for UserSession {
             (Method::Post, "/revoke") => self.revoke(req, Ending::One, origin).boxed_local(),
             (Method::Post, "/revoke-all") => self.revoke(req, Ending::All, origin).boxed_local(),
             (Method::Post, "/close") => self.revoke(req, Ending::Close, origin).boxed_local(),
+            (Method::Post, "/withdraw") => {
+                self.revoke(req, Ending::Withdrawn, origin).boxed_local()
+            }
             (Method::Post, "/devices/create") => self.create_device(req, origin).boxed_local(),
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).boxed_local(),
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),

@@ -5,6 +5,7 @@ use crate::harness::{Ctx, Test};
 use crate::support::{DB_NAME, Stack, eventually};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use keenvpn_edge::domain::session::MAX_ACTIVE_SESSIONS;
 use libtest_mimic::Failed;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub const TESTS: &[(&str, Test)] = &[
         keys_refused,
     ),
     (
-        "auth::a_sign_in_whose_token_was_not_signed_leaves_no_session",
+        "auth::a_sign_in_whose_token_was_not_signed_leaves_the_sessions_as_they_were",
         unsigned_login,
     ),
     (
@@ -674,12 +675,19 @@ fn keys_refused(ctx: &Ctx) -> Result<(), Failed> {
 
 /// A sign-in whose access token could not be signed (the dev-only fault
 /// point `token.unsigned`, reached after the user's object stored the
-/// session) answers 503 and ends the session it opened: no client holds it,
-/// so it is not left among the user's sessions until it goes idle.
+/// session) answers 503 and takes back the session it opened: no client holds
+/// it, so it is not left among the user's sessions until it goes idle. At the
+/// session limit, opening it ended the least recently used session; that one
+/// is given back, so that the failed sign-in changes nothing.
 fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let (email, a) = new_user(ctx).await;
-        let a_access = s(&a.body["access_token"]);
+        let (email, first) = new_user(ctx).await;
+        let mut pairs = vec![first];
+        while pairs.len() < MAX_ACTIVE_SESSIONS {
+            let r = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            pairs.push(r);
+        }
         let r = at_fault(ctx, "/v1/auth/login", &email, "token.unsigned").await;
         assert_eq!(
             (r.status, r.body["code"].as_str()),
@@ -687,11 +695,17 @@ fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
             "{}",
             r.body
         );
-        let listed = me(ctx, a_access).await;
+        let listed = me(ctx, s(&pairs[0].body["access_token"])).await;
         assert_eq!(listed.status, 200, "{}", listed.body);
         let sessions = listed.body["sessions"].as_array().unwrap();
-        assert_eq!(sessions.len(), 1, "{}", listed.body);
-        assert_eq!(sessions[0]["current"], true, "{}", listed.body);
+        // Ended sessions are not listed: without the one given back, 19.
+        assert_eq!(sessions.len(), MAX_ACTIVE_SESSIONS, "{}", listed.body);
+        // Every session the user holds still refreshes, the least recently
+        // used one included.
+        for (n, pair) in pairs.iter().enumerate() {
+            let r = refresh(ctx, s(&pair.body["refresh_token"])).await;
+            assert_eq!(r.status, 200, "session {n}: {}", r.body);
+        }
         Ok(())
     })
 }
