@@ -7,6 +7,7 @@
 //!   OpenAPI document generated from them.
 //! - [`http`]: routing, replies and problem+json errors, also runtime-free.
 //! - [`sql`]: quoting for PostgreSQL's simple query protocol.
+//! - [`text`]: Unicode lower-casing, by the runtime in the Worker.
 //! - `edge` (wasm32 only): the one place `worker::` appears. Bindings (KV, the
 //!   `UserSession` and `RegionGate` Durable Objects, the two Hyperdrive bindings),
 //!   adapters, and the `#[durable_object]` shims.
@@ -20,6 +21,7 @@ pub mod api;
 pub mod domain;
 pub mod http;
 pub mod sql;
+pub mod text;
 
 #[cfg(target_arch = "wasm32")]
 mod edge;

@@ -25,7 +25,7 @@ impl Email {
             field: "email",
             reason,
         };
-        let email = raw.trim().to_lowercase();
+        let email = crate::text::to_lowercase(raw.trim());
         if email.is_empty() {
             return Err(bad("is empty"));
         }
