@@ -14,7 +14,7 @@ cd "$ROOT"
 kind=${KEEP_WASM_NAMES:+names}
 kind=${kind:-stripped}
 if [ -f build/index.js ] && [ -f build/entry.mjs ] && [ "$(cat build/.kind 2>/dev/null)" = "$kind" ] \
-  && [ -z "$(find src patches Cargo.toml Cargo.lock .cargo migrations openapi.json -newer build/index.js 2>/dev/null | head -n 1)" ]; then
+  && [ -z "$(find src patches build.rs Cargo.toml Cargo.lock .cargo migrations openapi.json -newer build/index.js 2>/dev/null | head -n 1)" ]; then
   echo "build-worker: build/index.js is up to date"
   exit 0
 fi

@@ -842,6 +842,14 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_served_document_is_the_committed_one_without_indentation() {
+        let parse = |text| serde_json::from_str::<serde_json::Value>(text).unwrap();
+        assert_eq!(parse(crate::api::OPENAPI_SERVED), parse(OPENAPI_JSON));
+        assert!(!crate::api::OPENAPI_SERVED.contains('\n'));
+        assert!(crate::api::OPENAPI_SERVED.len() < OPENAPI_JSON.len() / 2);
+    }
+
     fn example_path(path: &str) -> String {
         path.replace("{id}", "00000000-0000-4000-8000-000000000001")
     }

@@ -162,7 +162,7 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
         Routed::Found(Route::OpenApi) => ready(Ok(Reply {
             status: 200,
             headers: vec![("content-type", "application/json".into())],
-            body: crate::api::OPENAPI_JSON.as_bytes().to_vec(),
+            body: crate::api::OPENAPI_SERVED.as_bytes().to_vec(),
         })),
         Routed::Found(Route::Jwks) => auth::jwks(&env).boxed_local(),
         Routed::Found(Route::Signup) => {
