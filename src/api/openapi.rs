@@ -567,7 +567,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "setRegion",
             tag: "admin",
             summary: "Set a region's health or admission rate",
-            description: "Republishes the catalogue at once.",
+            description: "Republishes the catalogue at once. A publish that has not ended within 10 s is 503 `service_unavailable`; the change is committed, and repeating it (or the cron, within a minute) publishes it.",
             auth: Auth::Admin,
             needs: Needs::BOTH,
             body: s.request::<SetRegion>(),

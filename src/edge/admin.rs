@@ -10,11 +10,12 @@
 //!
 //! The operator's decision and the reports are kept apart (migration V10): a
 //! region's health is the worse of the two, so a monitor's `up` never ends a
-//! drain. A change republishes the catalogue snapshot to KV at once.
+//! drain. A change republishes the catalogue snapshot to KV at once, within
+//! [`PUBLISH_LIMIT_MS`].
 
 use super::auth::json_body;
 use super::incoming::Incoming;
-use super::{Fail, bindings, catalogue, cron, store};
+use super::{Fail, bindings, catalogue, cron, fault, store, time};
 use crate::api::{HealthReport, RegionState, ServerList, ServerState, SetRegion};
 use crate::domain::catalogue::Health;
 use crate::domain::problem::ProblemCode;
@@ -28,6 +29,11 @@ pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
 const MIN_TOKEN_LEN: usize = 16;
 /// No region admits more than this many reconnects per second (sanity bound).
 const MAX_ADMISSION_RATE: u32 = 1_000_000;
+/// How long a change waits for its catalogue publish (at most three rounds a
+/// second apart, normally well under a second). One that takes longer, as in
+/// a KV stall, is answered as a failed one, 503: the change is committed, a
+/// retry publishes it, and so does the cron within a minute.
+const PUBLISH_LIMIT_MS: u64 = 10_000;
 
 /// Checks the bearer service token. Digests are compared, so the comparison
 /// takes the same time wherever the presented token differs.
@@ -97,11 +103,18 @@ enum Republish {
     IfChanged,
 }
 
+/// Whether the request armed the development-only fault point
+/// [`fault::KV_HANG`]: its catalogue publish then never finishes.
+fn publish_hangs(req: &Incoming, env: &Env) -> bool {
+    fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::KV_HANG)
+}
+
 async fn update_region(
     env: &Env,
     id: &str,
     assignments: &str,
     republish: Republish,
+    hang: bool,
 ) -> Result<Reply, Fail> {
     let db = store::connect(env).await?;
     let id = sql::literal(id).map_err(|_| {
@@ -131,8 +144,15 @@ async fn update_region(
     };
     drop(db);
     if republish == Republish::Always || row.changed {
-        cron::publish(env, bindings::DB)
+        let publish = async {
+            if hang {
+                futures::future::pending::<()>().await;
+            }
+            cron::publish(env, bindings::DB).await
+        };
+        time::timeout(PUBLISH_LIMIT_MS, publish)
             .await
+            .unwrap_or_else(|| Err(format!("no end within {PUBLISH_LIMIT_MS} ms")))
             .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
         catalogue::invalidate();
     }
@@ -167,7 +187,8 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             .into(),
         );
     }
-    update_region(env, id, &sets.join(", "), Republish::Always).await
+    let hang = publish_hangs(&req, env);
+    update_region(env, id, &sets.join(", "), Republish::Always, hang).await
 }
 
 pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -181,6 +202,7 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
             health_str(b.health)
         ),
         Republish::IfChanged,
+        publish_hangs(&req, env),
     )
     .await
 }

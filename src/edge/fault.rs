@@ -58,7 +58,9 @@ pub const EVENTS_SEND: &str = "events.send";
 pub const EVENTS_DOWN: &str = "events.down";
 /// The point, on `POST /v1/connect`, at which its KV reads (the session and
 /// device copies, and the catalogue's check) never answer, as in a KV stall:
-/// each fails after `kv::READ_TIMEOUT_MS`.
+/// each fails after `kv::READ_TIMEOUT_MS`. On the admin region routes, the
+/// change's catalogue publish never finishes, as its KV writes would not in a
+/// stall: it is given up on after `admin::PUBLISH_LIMIT_MS`.
 pub const KV_HANG: &str = "kv.hang";
 const VAR: &str = "FAULT_INJECTION";
 

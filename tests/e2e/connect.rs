@@ -64,6 +64,10 @@ pub const TESTS: &[(&str, Test)] = &[
         concurrent_admin_changes,
     ),
     (
+        "connect::an_admin_change_whose_publish_hangs_is_a_503_within_ten_seconds",
+        admin_publish_hangs,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_once_is_sent_again",
         event_send_retried,
     ),
@@ -1052,6 +1056,49 @@ fn concurrent_admin_changes(ctx: &Ctx) -> Result<(), Failed> {
             let published = region_in(&list.body, "eu-west");
             assert_eq!(published["health"], in_db.as_str(), "round {round}");
         }
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        Ok(())
+    })
+}
+
+/// An operator's change whose catalogue publish never finishes (the
+/// development-only fault point `kv.hang`, as in a KV stall) is answered 503
+/// after 10 s instead of being held for as long as the operator waits. The
+/// change is committed, and the same change again publishes it.
+fn admin_publish_hangs(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let db = db(ctx).await;
+        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
+        let started = std::time::Instant::now();
+        let r = send_with(
+            ctx,
+            "PUT",
+            "/v1/admin/regions/eu-west",
+            Some(json!({"health": "draining"})),
+            None,
+            &[("authorization", &auth), ("x-keenvpn-fault", "kv.hang")],
+        )
+        .await;
+        let waited = started.elapsed();
+        assert_eq!(
+            (r.status, r.body["code"].as_str()),
+            (503, Some("service_unavailable")),
+            "{}",
+            r.body
+        );
+        assert!(
+            (Duration::from_secs(10)..Duration::from_secs(25)).contains(&waited),
+            "answered after {waited:?}"
+        );
+        let in_db: String = db
+            .query_one("SELECT health FROM regions WHERE id = 'eu-west'", &[])
+            .await?
+            .get(0);
+        assert_eq!(in_db, "draining", "the change is committed");
+        set_region(ctx, "eu-west", json!({"health": "draining"})).await;
+        let list = send(ctx, "GET", "/v1/regions", None, None).await;
+        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
         Ok(())
     })
