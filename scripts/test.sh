@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs every check and test: formatting, clippy (host and wasm32), a dry run of
-# the staging and production deploys, unit tests, PostgreSQL adapter tests,
-# end-to-end tests against wrangler dev + PostgreSQL, and `make dev` itself.
+# the staging and production deploys, the JavaScript unit tests, unit tests,
+# PostgreSQL adapter tests, end-to-end tests against wrangler dev +
+# PostgreSQL, and `make dev` itself.
 set -eu
 . "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -54,6 +55,10 @@ for env in staging production; do
     || die "$env binds: $env_names; local development binds: $dev_names (wrangler.toml)"
   note "$env: $env_names"
 done
+
+step "JavaScript unit tests (the Worker's own modules, on Node's test runner)"
+# The runtime's timers are mocked; Node calls that API experimental.
+node --disable-warning=ExperimentalWarning --test tests/js/*.test.mjs
 
 step "cargo test (unit, PostgreSQL adapters, end to end)"
 cargo test --locked

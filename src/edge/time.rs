@@ -37,51 +37,7 @@ pub async fn sleep(ms: u64) {
     Delay::from(Duration::from_millis(ms)).await;
 }
 
-#[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
-export class RequestTimer {
-  constructor() {
-    this.id = undefined;
-    this.at = Infinity;
-    this.lates = new Map();
-  }
-  race(promise, ms) {
-    const due = Date.now() + ms;
-    let late = this.lates.get(due);
-    if (late === undefined) {
-      late = { ms };
-      late.promise = new Promise((_, reject) => { late.fail = reject; });
-      this.lates.set(due, late);
-      if (due < this.at) this.arm(due);
-    }
-    return Promise.race([promise, late.promise]);
-  }
-  arm(due) {
-    if (this.id !== undefined) clearTimeout(this.id);
-    this.at = due;
-    this.id = setTimeout(() => this.fire(), Math.max(0, due - Date.now()));
-  }
-  fire() {
-    this.id = undefined;
-    this.at = Infinity;
-    const now = Date.now();
-    let next = Infinity;
-    for (const [due, late] of this.lates) {
-      if (due <= now) {
-        this.lates.delete(due);
-        late.fail(new Error(`no answer within ${late.ms} ms`));
-      } else if (due < next) {
-        next = due;
-      }
-    }
-    if (next !== Infinity) this.arm(next);
-  }
-  stop() {
-    if (this.id !== undefined) clearTimeout(this.id);
-    this.id = undefined;
-    this.at = Infinity;
-  }
-}
-"#)]
+#[wasm_bindgen::prelude::wasm_bindgen(module = "/src/edge/time.mjs")]
 extern "C" {
     type RequestTimer;
     #[wasm_bindgen(constructor)]
@@ -98,14 +54,18 @@ extern "C" {
 /// the next. Waits with the same deadline (the KV reads a connect makes at
 /// once: the runtime's clock does not move between them) share the promise
 /// that rejects at it; a wait that has settled needs no removal, since
-/// rejecting the promise it raced against changes nothing for it. A connect makes three such waits; with a timer each, it armed
-/// and cleared three, and `setTimeout` and `clearTimeout` took 60 µs of the
-/// 1,351 µs its isolate was busy per connect in a sampling profile
+/// rejecting the promise it raced against changes nothing for it. The class
+/// is `RequestTimer` in `time.mjs`, unit-tested under Node
+/// (`tests/js/request-timer.test.mjs`).
+///
+/// A connect makes three such waits; with a timer each, it armed and cleared
+/// three, and `setTimeout` and `clearTimeout` took 60 µs of the 1,351 µs its
+/// isolate was busy per connect in a sampling profile
 /// (`bench/lib/profile.mjs`); on one timer, armed once and cleared once when
 /// the `Timer` is dropped, 27 µs of 1,554 (as with the one timer a connect
-/// had before its KV reads were bounded). A waiting request is never woken by another
-/// request's timer (workerd forbids waiting on another request's I/O), so a
-/// `Timer` lives and dies within its request.
+/// had before its KV reads were bounded). A waiting request is never woken by
+/// another request's timer (workerd forbids waiting on another request's
+/// I/O), so a `Timer` lives and dies within its request.
 pub struct Timer(RequestTimer);
 
 impl Timer {
