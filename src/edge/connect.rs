@@ -139,7 +139,7 @@ fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
     if dev {
         if let Some(point) = header("x-keenvpn-client-location").and_then(|v| {
             let (lat, lon) = v.split_once(',')?;
-            point(lat, lon)
+            Point::parse(lat, lon)
         }) {
             return ClientLocation::Coordinates(point);
         }
@@ -153,17 +153,11 @@ fn client_location(req: &Incoming, env: &Env) -> ClientLocation {
     let text = |read: Result<Option<String>, wasm_bindgen::JsValue>| read.ok().flatten();
     if let Some(point) = text(cf.latitude())
         .zip(text(cf.longitude()))
-        .and_then(|(lat, lon)| point(&lat, &lon))
+        .and_then(|(lat, lon)| Point::parse(&lat, &lon))
     {
         return ClientLocation::Coordinates(point);
     }
     text(cf.country()).map_or(ClientLocation::Unknown, ClientLocation::Country)
-}
-
-/// A position from its latitude and longitude as text (decimal degrees);
-/// `None` unless both are numbers in range.
-fn point(lat: &str, lon: &str) -> Option<Point> {
-    Point::new(lat.trim().parse().ok()?, lon.trim().parse().ok()?)
 }
 
 /// The user's devices: the KV mirror (read as `how` says), else (no copy, an
