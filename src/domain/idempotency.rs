@@ -79,7 +79,7 @@ pub fn fingerprint(method: &str, path: &str, body: &[u8]) -> String {
         hash.update(part);
     }
     hash.update(body);
-    format!("{:x}", hash.finalize())
+    hex::encode(hash.finalize())
 }
 
 /// A response to replay: its status and body (the JSON text as sent).

@@ -820,7 +820,7 @@ fn b64url_value(b: u8) -> Option<u8> {
 mod tests {
     use super::*;
     use crate::domain::catalogue::Tier;
-    use hmac::{Hmac, Mac};
+    use hmac::{Hmac, KeyInit, Mac};
     use serde_json::{Value, json};
     use sha2::Sha256;
 

@@ -1325,7 +1325,7 @@ fn sign_ed25519(kp: &ed25519_compact::KeyPair, header: &Value, claims: &Value) -
 }
 
 fn bad_token_corpus(ctx: &Ctx) -> Result<(), Failed> {
-    use hmac::Mac;
+    use hmac::{KeyInit, Mac};
     ctx.rt.block_on(async {
         let (_, pair) = new_user(ctx).await;
         let good = s(&pair.body["access_token"]).to_owned();
