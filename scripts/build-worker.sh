@@ -36,9 +36,10 @@ export WASM_BINDGEN_BIN WASM_OPT_BIN ESBUILD_BIN
 # registry directory away, so the shipped module says `serde_json-1.0.x/src/..`
 # and not where it was built. (rustc applies the last prefix that matches; the
 # first one covers a registry directory that a first build has yet to create.)
-# Cargo adds these flags to the target's rustflags in .cargo/config.toml; it
-# does not replace them. It splits them at spaces, so a registry whose path
-# has one is left unmapped (`cargo_registry` is empty then).
+# Cargo adds these flags to any rustflags the target has in a Cargo
+# configuration; it does not replace them. It splits them at spaces, so a
+# registry whose path has one is left unmapped (`cargo_registry` is empty
+# then).
 registry=$(cargo_registry)
 if [ -n "$registry" ]; then
   remap=" --remap-path-prefix=$registry/="
