@@ -8,6 +8,7 @@
 //! - [`http`]: routing, replies and problem+json errors, also runtime-free.
 //! - [`sql`]: quoting for PostgreSQL's simple query protocol.
 //! - [`text`]: Unicode lower-casing, by the runtime in the Worker.
+//! - [`math`]: sine, cosine, arcsine and logarithm, by the runtime in the Worker.
 //! - `edge` (wasm32 only): the one place `worker::` appears. Bindings (KV, the
 //!   `UserSession` and `RegionGate` Durable Objects, the two Hyperdrive bindings),
 //!   adapters, and the `#[durable_object]` shims.
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod domain;
 pub mod http;
+pub mod math;
 pub mod sql;
 pub mod text;
 

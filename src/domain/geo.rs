@@ -15,6 +15,8 @@
 //! geographic centre of Russia is in Siberia, nearer Tokyo than Frankfurt,
 //! while most Russians are nearer Frankfurt.
 
+use crate::math;
+
 /// A position in degrees: latitude in [-90, 90], longitude in [-180, 180].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Point {
@@ -75,7 +77,7 @@ impl Origin {
         Origin {
             point,
             lat,
-            cos_lat: lat.cos(),
+            cos_lat: math::cos(lat),
         }
     }
 
@@ -84,10 +86,11 @@ impl Origin {
         let lat2 = b.lat.to_radians();
         let half_dlat = (lat2 - self.lat) / 2.0;
         let half_dlon = (b.lon - self.point.lon).to_radians() / 2.0;
-        let h = half_dlat.sin().powi(2) + self.cos_lat * lat2.cos() * half_dlon.sin().powi(2);
+        let h = math::sin(half_dlat).powi(2)
+            + self.cos_lat * math::cos(lat2) * math::sin(half_dlon).powi(2);
         // Rounding can push h a hair above 1 near the antipodes; asin would then
         // be NaN, and a NaN distance would poison every comparison after it.
-        2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
+        2.0 * EARTH_RADIUS_KM * math::asin(h.sqrt().min(1.0))
     }
 }
 
@@ -95,8 +98,8 @@ impl Origin {
 /// towards the north pole), for comparing distances with [`chord2`].
 pub fn unit_vector(p: Point) -> [f64; 3] {
     let (lat, lon) = (p.lat.to_radians(), p.lon.to_radians());
-    let (sin_lat, cos_lat) = lat.sin_cos();
-    let (sin_lon, cos_lon) = lon.sin_cos();
+    let (sin_lat, cos_lat) = (math::sin(lat), math::cos(lat));
+    let (sin_lon, cos_lon) = (math::sin(lon), math::cos(lon));
     [cos_lat * cos_lon, cos_lat * sin_lon, sin_lat]
 }
 

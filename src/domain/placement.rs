@@ -479,7 +479,7 @@ const UNIT_SHIFT: u32 = 12;
 /// only flip a choice between two scores equal to within one ulp, which no
 /// realistic pair of hashes produces.)
 fn score(k: u64, capacity: u32) -> f64 {
-    -f64::from(capacity) / unit_interval(k).ln()
+    -f64::from(capacity) / crate::math::ln(unit_interval(k))
 }
 
 /// Maps a position `k` (below 2^52) to (0, 1), both ends excluded (ln(0) is
