@@ -103,12 +103,6 @@ enum Republish {
     IfChanged,
 }
 
-/// Whether the request armed the development-only fault point
-/// [`fault::KV_HANG`]: its catalogue publish then never finishes.
-fn publish_hangs(req: &Incoming, env: &Env) -> bool {
-    fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::KV_HANG)
-}
-
 async fn update_region(
     env: &Env,
     id: &str,
@@ -187,7 +181,8 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             .into(),
         );
     }
-    let hang = publish_hangs(&req, env);
+    // At the development-only fault point `kv.hang`, the publish never ends.
+    let hang = fault::requested(env, &req, fault::KV_HANG);
     update_region(env, id, &sets.join(", "), Republish::Always, hang).await
 }
 
@@ -202,7 +197,7 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
             health_str(b.health)
         ),
         Republish::IfChanged,
-        publish_hangs(&req, env),
+        fault::requested(env, &req, fault::KV_HANG),
     )
     .await
 }

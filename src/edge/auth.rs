@@ -131,7 +131,7 @@ async fn token_pair(
 /// route makes before its first write, so that a refusal of the signing keys
 /// (a 503) leaves no account, session or throttle count behind.
 async fn signing_ready(req: &Incoming, env: &Env, keys: &KeySet) -> Result<(), Fail> {
-    if fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::KEYS_REFUSED) {
+    if fault::requested(env, req, fault::KEYS_REFUSED) {
         return Err(Fail::unavailable(format!(
             "injected fault at {}",
             fault::KEYS_REFUSED
@@ -333,7 +333,7 @@ async fn signup_again(
 /// account that has a device or a subscription by then is kept, sessions
 /// and all: someone is using it. Best effort: a step that fails is logged.
 async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, user_id: &str) {
-    if fault::armed(env, req.header(fault::HEADER)).as_deref() == Some(fault::UNDO_SLOW) {
+    if fault::requested(env, req, fault::UNDO_SLOW) {
         time::sleep(fault::KV_SLOW_MS).await;
     }
     match store::delete_new_user(db, user_id).await {

@@ -7,6 +7,7 @@
 //! then names the point in the `x-keenvpn-fault` header. Anywhere else the
 //! header is ignored, and the only cost is reading it.
 
+use super::incoming::Incoming;
 use worker::{Env, Error, Result};
 
 /// The request header naming the point at which to throw.
@@ -71,6 +72,12 @@ pub fn armed(env: &Env, asked: Option<String>) -> Option<String> {
         var("ENVIRONMENT").as_deref() == Some("development")
             && var(VAR).as_deref() == Some("enabled")
     })
+}
+
+/// Whether `req` asks for the point `point` in its header, and fault
+/// injection is enabled in this environment.
+pub fn requested(env: &Env, req: &Incoming, point: &str) -> bool {
+    armed(env, req.header(HEADER)).as_deref() == Some(point)
 }
 
 /// Waits [`KV_SLOW_MS`] when `armed` names [`KV_SLOW`] (a KV write about to

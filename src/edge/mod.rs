@@ -154,7 +154,7 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
         Routed::Found(Route::Readyz) => {
             // The end-to-end tests' way to make the Worker panic (a wasm trap)
             // and check that the next request gets a fresh instance.
-            if fault::armed(&env, req.header(fault::HEADER)).as_deref() == Some(fault::PANIC) {
+            if fault::requested(&env, &req, fault::PANIC) {
                 panic!("injected panic ({} = {})", fault::HEADER, fault::PANIC);
             }
             async { Ok(readyz::handle(&env, &request_id).await) }.boxed_local()
