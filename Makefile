@@ -28,6 +28,9 @@ fmt:
 clean:
 	rm -rf build target/test-stacks
 
-# Wipe the local dev database and KV/Durable Object state.
+# Wipe the local dev database and KV/Durable Object state: DEV_STATE, or .local
+# (and the cluster its pg links to when 'postgres' could not reach it; see dev.sh).
 clean-dev:
-	rm -rf .local
+	@state="$${DEV_STATE:-.local}"; \
+	if [ -L "$$state/pg" ]; then echo "rm -rf $$(readlink "$$state/pg")"; rm -rf "$$(readlink "$$state/pg")"; fi; \
+	echo "rm -rf $$state"; rm -rf "$$state"

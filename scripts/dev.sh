@@ -26,8 +26,34 @@ pg() {
 }
 
 step "PostgreSQL cluster in $PGDIR (port $PG_PORT)"
-mkdir -p "$PGDIR"
-[ "$(id -u)" = 0 ] && chown postgres: "$PGDIR"
+# As root, the cluster belongs to 'postgres', which must be able to reach its
+# directory. Under a checkout it cannot reach (a home directory of mode 0700,
+# as root's is), the cluster lives under /var/lib/keenvpn-edge instead, one
+# directory per checkout, and $STATE/pg links to it (`make clean-dev` removes
+# both).
+if [ "$(id -u)" = 0 ]; then
+  if [ -L "$PGDIR" ]; then
+    PGDIR=$(readlink "$PGDIR")
+    note "in $PGDIR (user 'postgres' cannot reach $STATE)"
+  else
+    mkdir -p "$PGDIR"
+    chown postgres: "$PGDIR"
+    if ! runuser -u postgres -- test -w "$PGDIR"; then
+      outside=/var/lib/keenvpn-edge/pg-$(printf '%s' "$PGDIR" | sha256sum | cut -c1-16)
+      rmdir "$PGDIR" 2>/dev/null \
+        || die "user 'postgres' cannot reach $PGDIR, which holds a cluster; move the checkout, or set DEV_STATE to a directory it can reach"
+      mkdir -p /var/lib/keenvpn-edge
+      chmod 755 /var/lib/keenvpn-edge
+      ln -s "$outside" "$PGDIR"
+      PGDIR=$outside
+      note "in $PGDIR (user 'postgres' cannot reach $STATE)"
+    fi
+  fi
+  mkdir -p "$PGDIR"
+  chown postgres: "$PGDIR"
+else
+  mkdir -p "$PGDIR"
+fi
 if [ ! -f "$PGDIR/data/PG_VERSION" ]; then
   pwfile=$(mktemp)
   printf '%s' "$DB_PASSWORD" > "$pwfile"

@@ -69,8 +69,9 @@ step "make dev: the local stack starts migrated and seeded, and Ctrl-C stops it"
 free_port() {
   node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
 }
+# A directory of mode 0700: as root, dev.sh must then place the cluster where
+# 'postgres' (which PostgreSQL runs as) can reach it, as under root's home.
 dev_state=$(mktemp -d)
-chmod 755 "$dev_state" # PostgreSQL runs as 'postgres' when we are root
 dev_port=$(free_port)
 dev_pg_port=$(free_port)
 # In a process group of its own, so that a signal to the group reaches it as
@@ -94,7 +95,11 @@ dev_stop() {
 }
 # However this script ends from here on (Ctrl-C included), the stack stops
 # and its data goes.
-trap 'dev_stop; rm -rf "$dev_state"' EXIT
+dev_wipe() {
+  if [ -L "$dev_state/pg" ]; then rm -rf "$(readlink "$dev_state/pg")"; fi
+  rm -rf "$dev_state"
+}
+trap 'dev_stop; dev_wipe' EXIT
 trap 'exit 130' INT TERM
 dev_fail() {
   dev_stop
@@ -119,6 +124,10 @@ login=$(curl -s -m 10 -X POST "$dev_url/v1/auth/login" -H 'content-type: applica
 printf '%s' "$login" | grep -q '"access_token"' \
   || dev_fail "the demo account's sign-in answered: $login"
 note "ready after ${waited} s; the demo account signs in"
+if [ "$(id -u)" = 0 ]; then
+  [ -L "$dev_state/pg" ] || dev_fail "as root, the cluster should live outside the 0700 state directory"
+  note "the cluster in $(readlink "$dev_state/pg"), which 'postgres' can reach"
+fi
 kill -INT "-$dev_pid"
 waited=0
 while dev_alive; do
@@ -131,7 +140,7 @@ if [ -f "$dev_state/pg/data/postmaster.pid" ]; then
   dev_fail "PostgreSQL still running after Ctrl-C (postmaster.pid left)"
 fi
 curl -s -m 2 "$dev_url/healthz" >/dev/null 2>&1 && dev_fail "the worker still answers after Ctrl-C"
-rm -rf "$dev_state"
+dev_wipe
 note "stopped, worker and database"
 
 step "all tests passed in $(( $(date +%s) - started ))s"

@@ -2,7 +2,8 @@
 //!
 //! It owns the real components a test needs and stops them when dropped:
 //! - [`Postgres`]: a throwaway PostgreSQL cluster (initdb + postgres) in a
-//!   directory of its own under `target/test-stacks/`, on a free port, with
+//!   directory of its own under `target/test-stacks/` (or the temporary
+//!   directory, see [`pg_stack_dir`]), on a free port, with
 //!   password (SCRAM) authentication like a real deployment.
 //! - [`Wrangler`]: `wrangler dev` (workerd, with local KV and Durable Objects) on
 //!   a free port, its Hyperdrive bindings pointed at that cluster.
@@ -19,6 +20,7 @@
 use std::fs;
 use std::io::Write as _;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -154,14 +156,48 @@ pub fn free_port() -> u16 {
 
 /// A fresh directory for one stack, removed when the stack is dropped.
 fn stack_dir(kind: &str) -> PathBuf {
+    stack_dir_in(&root().join("target/test-stacks"), kind)
+}
+
+fn stack_dir_in(base: &Path, kind: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = root().join("target/test-stacks").join(format!(
+    let dir = base.join(format!(
         "{kind}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::SeqCst)
     ));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).expect("create stack dir");
+    dir
+}
+
+/// A PostgreSQL cluster's directory, owned by the account the server runs as.
+/// As root that is `postgres`, which cannot reach a checkout under a directory
+/// of mode 0700 (as root's home is); the cluster then lives under the system's
+/// temporary directory instead.
+fn pg_stack_dir(account: Option<(u32, u32)>) -> PathBuf {
+    let dir = stack_dir("pg");
+    let Some((uid, gid)) = account else {
+        return dir;
+    };
+    chown_tree(&dir, uid, gid);
+    let reachable = Command::new("test")
+        .arg("-w")
+        .arg(&dir)
+        .uid(uid)
+        .gid(gid)
+        .status()
+        .is_ok_and(|s| s.success());
+    if reachable {
+        return dir;
+    }
+    let _ = fs::remove_dir(&dir);
+    let base = std::env::temp_dir().join("keenvpn-edge-test-stacks");
+    fs::create_dir_all(&base).expect("create stack dir");
+    // Whatever the umask: 'postgres' must pass through it.
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).expect("chmod stack dir");
+    let dir = stack_dir_in(&base, "pg");
+    chown_tree(&dir, uid, gid);
     dir
 }
 
@@ -258,13 +294,13 @@ impl Postgres {
     /// initdb + start, on a free port; the database `keenvpn` exists, empty.
     pub fn start() -> Postgres {
         let bindir = postgres_bindir().expect("PostgreSQL binaries (see `make test`)");
-        let dir = stack_dir("pg");
-        let data = dir.join("data");
         let account = postgres_account();
+        let dir = pg_stack_dir(account);
+        let data = dir.join("data");
         let pwfile = dir.join("pwfile");
         fs::write(&pwfile, DB_PASSWORD).expect("write pwfile");
         if let Some((uid, gid)) = account {
-            chown_tree(&dir, uid, gid);
+            chown_tree(&pwfile, uid, gid);
         }
         let mut initdb = Command::new(bindir.join("initdb"));
         initdb
