@@ -89,8 +89,10 @@ trap stop_pg EXIT
 # A shell killed by a signal it has no trap for may skip its EXIT trap, and
 # did for SIGTERM (what supervisors and `kill` send): the worker stopped and
 # PostgreSQL stayed up. Trapped, the shell exits normally once the worker
-# has gone, and the EXIT trap stops PostgreSQL. (Ctrl-C already did.)
-trap 'exit 143' TERM
+# has gone, and the EXIT trap stops PostgreSQL. (Ctrl-C already did.) A stop
+# asked for with SIGTERM that completes is a success, as for a server, so the
+# exit status is 0 and `make` reports no error.
+trap 'exit 0' TERM
 trap 'exit 129' HUP
 
 if ! pg "$bindir/psql" -X -h "$PGDIR" -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc \
