@@ -337,7 +337,19 @@ impl Postgres {
             account,
             child: None,
         };
-        pg.start_server();
+        // The port was free when chosen; another process may take it before
+        // the server binds it. Then the server exits, and another port is tried.
+        let mut attempts = 1;
+        while let Err(log) = pg.try_start_server() {
+            let clash = log.contains("could not bind") || log.contains("already in use");
+            assert!(
+                clash && attempts < 5,
+                "postgres did not start (port {}):\n{log}",
+                pg.port
+            );
+            attempts += 1;
+            pg.port = free_port();
+        }
         pg.psql_admin(&format!("CREATE DATABASE {DB_NAME}"));
         pg
     }
@@ -362,6 +374,14 @@ impl Postgres {
 
     /// (Re)starts the server on the same port and data directory; waits until it accepts connections.
     pub fn start_server(&mut self) {
+        if let Err(log) = self.try_start_server() {
+            panic!("postgres did not start (port {}):\n{log}", self.port);
+        }
+    }
+
+    /// Starts the server and waits until it accepts queries; when it exits
+    /// first, its log is the error.
+    fn try_start_server(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "postgres already running");
         let log = fs::File::create(self.dir.join("postgres.log")).expect("postgres log");
         if let Some((uid, gid)) = self.account {
@@ -391,19 +411,26 @@ impl Postgres {
         die_with_parent(&mut cmd, libc::SIGINT);
         self.child = Some(spawn_owned(cmd));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Ready once it answers a query (psql comes through the cluster's own
+        // socket directory; the server creates its TCP socket before that one).
+        while !self.psql_ok("SELECT 1") {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some();
+            if exited {
+                self.child = None;
+                return Err(fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default());
+            }
             assert!(
                 Instant::now() < deadline,
-                "postgres did not start; see {}",
+                "postgres did not become ready; see {}",
                 self.dir.join("postgres.log").display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Accepting TCP is not yet accepting queries; wait for that too.
-        while !self.psql_ok("SELECT 1") {
-            assert!(Instant::now() < deadline, "postgres did not become ready");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Ok(())
     }
 
     /// Stops the server (fast shutdown, then kill); the data directory is kept.
