@@ -66,6 +66,9 @@ enum Auth {
     Public,
     /// A user's access token.
     User,
+    /// A user's access token whose session may have ended already (logout,
+    /// whose retry after a lost answer is 204 again): never `session_revoked`.
+    UserEndedToo,
     /// The admin service token.
     Admin,
     /// A Stripe-signed delivery.
@@ -181,9 +184,7 @@ const BODY_PROBLEMS: &[ProblemCode] = &[
 fn problems_of(op: &Op) -> Vec<ProblemCode> {
     let mut codes = op.problems.to_vec();
     match op.auth {
-        // Logout takes the token of a session that has ended already (a
-        // retried logout): it never answers `session_revoked`.
-        Auth::User if op.id == "logout" => {
+        Auth::UserEndedToo => {
             codes.extend(TOKEN_PROBLEMS.iter().filter(|c| **c != P::SessionRevoked))
         }
         Auth::User => codes.extend_from_slice(TOKEN_PROBLEMS),
@@ -384,7 +385,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             tag: "auth",
             summary: "End this session",
             description: "Ends the session of the presented access token: its refresh token stops at once, its access tokens once the revocation reaches the edge (about 60 s, at most at their expiry). The token must be valid; its session need not be live, so a retry whose first answer was lost is 204 again.",
-            auth: Auth::User,
+            auth: Auth::UserEndedToo,
             needs: Needs::BOTH,
             body: None,
             idempotent: false,
@@ -745,7 +746,7 @@ fn operation(op: &Op) -> Value {
     }
     match op.auth {
         Auth::Public => {}
-        Auth::User => o["security"] = json!([{"accessToken": []}]),
+        Auth::User | Auth::UserEndedToo => o["security"] = json!([{"accessToken": []}]),
         Auth::Admin => o["security"] = json!([{"adminToken": []}]),
         Auth::Stripe => o["security"] = json!([{"stripeSignature": []}]),
     }
