@@ -27,7 +27,7 @@ use crate::api::Jwks;
 use crate::domain::token::{AccessClaims, KeySet, SIGNATURE_LEN, TokenError, Unsigned};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use js_sys::{Array, Promise, Reflect, Uint8Array};
+use js_sys::{Array, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{CryptoKey, SubtleCrypto, WorkerGlobalScope};
 use worker::wasm_bindgen_futures::JsFuture;
@@ -40,6 +40,9 @@ struct Imported {
     /// The public halves, in the same order, as the runtime derived them.
     public: Vec<[u8; 32]>,
     sign: CryptoKey,
+    /// `{name: "Ed25519"}`, made once: passed as a string, the name would
+    /// cross the boundary (and be decoded from UTF-8) on every sign and verify.
+    algorithm: Object,
 }
 
 thread_local! {
@@ -97,10 +100,17 @@ async fn import(set: &KeySet) -> Result<Imported, JsValue> {
     let sign = call(import("pkcs8", &set.signing_key_pkcs8(), false, "sign"))
         .await?
         .unchecked_into();
+    let algorithm = Object::new();
+    Reflect::set(
+        &algorithm,
+        &JsValue::from_str("name"),
+        &JsValue::from_str(ALGORITHM),
+    )?;
     Ok(Imported {
         verify,
         public,
         sign,
+        algorithm,
     })
 }
 
@@ -150,8 +160,8 @@ pub async fn verify(
         .get(unverified.key_index())
         .ok_or_else(|| Fail::internal("a checked token's key is not imported".into()))?;
     let verdict = call(subtle().and_then(|s| {
-        s.verify_with_str_and_u8_array_and_u8_array(
-            ALGORITHM,
+        s.verify_with_object_and_u8_array_and_u8_array(
+            &keys.algorithm,
             key,
             unverified.signature(),
             unverified.signed_input(),
@@ -169,7 +179,7 @@ pub async fn verify(
 pub async fn sign(set: &KeySet, unsigned: Unsigned) -> Result<(String, i64), Fail> {
     let keys = keys(set).await?;
     let signature = call(subtle().and_then(|s| {
-        s.sign_with_str_and_u8_array(ALGORITHM, &keys.sign, unsigned.signing_input())
+        s.sign_with_object_and_u8_array(&keys.algorithm, &keys.sign, unsigned.signing_input())
     }))
     .await
     .map_err(|e| Fail::unavailable(format!("WebCrypto sign: {}", js_error(&e))))?;
