@@ -298,6 +298,11 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
 /// the session it opened) while that session's first refresh token is still
 /// the one to use. Otherwise, or if the password is not the account's, it is
 /// `email_taken`, exactly as without a key.
+///
+/// It checks the account's password, so it counts in the account's throttle
+/// as a sign-in does: with only the client network's sign-up limit, guesses
+/// at one account's password could come from network after network (and a
+/// right one takes measurably longer to answer, through the user's object).
 async fn signup_again(
     env: &Env,
     req: &Incoming,
@@ -307,12 +312,25 @@ async fn signup_again(
     password: &Password,
     keyed: (String, String),
 ) -> Result<Reply, Fail> {
-    let Some(row) = store::find_for_login(db, email).await? else {
-        return Err(email_taken());
+    let account = account_throttle(email);
+    let counted = throttle_attempt(env, req.request_id(), &account, Scope::Account).await?;
+    let row = match store::find_for_login(db, email).await {
+        Ok(Some(row)) => row,
+        // No password was checked (the account went meanwhile, or the
+        // database did not answer): the attempt is given back.
+        Ok(None) => {
+            throttle_refund(env, req.request_id(), &account, counted).await;
+            return Err(email_taken());
+        }
+        Err(unavailable) => {
+            throttle_refund(env, req.request_id(), &account, counted).await;
+            return Err(unavailable);
+        }
     };
     if password::verify(password.expose(), &row.password_hash).is_err() {
         return Err(email_taken());
     }
+    throttle_succeeded(env, req.request_id(), &account).await;
     let opening = Opening {
         label: None,
         idempotency: Some(keyed),
@@ -373,10 +391,18 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
 /// The throttle object names: a hash of the email (no address in object names
 /// or logs) and the client's network (its IPv4 address or IPv6 /64).
 fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
-    let digest = Sha256::digest(email.as_str().as_bytes());
     (
-        format!("account:{}", hex::encode(digest)),
+        account_throttle(email),
         format!("ip:{}", throttle::client_network(client_ip)),
+    )
+}
+
+/// The name of the account's throttle (its email's digest, so the object's
+/// name does not carry the address).
+fn account_throttle(email: &Email) -> String {
+    format!(
+        "account:{}",
+        hex::encode(Sha256::digest(email.as_str().as_bytes()))
     )
 }
 
@@ -429,6 +455,20 @@ async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
         "login throttle refund failed",
         json!({"throttle": name, "error": error}),
     );
+}
+
+/// Clears the failures counted in the account throttle `name` after its
+/// password was right. Best effort: failures that stay counted expire.
+async fn throttle_succeeded(env: &Env, request_id: &str, name: &str) {
+    let _ = call(
+        env,
+        request_id,
+        bindings::LOGIN_THROTTLES,
+        name,
+        "/succeeded",
+        &json!({}),
+    )
+    .await;
 }
 
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
@@ -508,15 +548,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     };
     // Success clears the account's failures; the client IP's count stays (one
     // address trying many accounts is the pattern that limit exists for).
-    let _ = call(
-        env,
-        req.request_id(),
-        bindings::LOGIN_THROTTLES,
-        &account_obj,
-        "/succeeded",
-        &json!({}),
-    )
-    .await;
+    throttle_succeeded(env, req.request_id(), &account_obj).await;
     let armed = fault::armed(env, req.header(fault::HEADER));
     if armed.as_deref() == Some(fault::LOGIN_LATE) {
         time::sleep(fault::LOGIN_LATE_MS).await;

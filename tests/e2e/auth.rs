@@ -28,6 +28,10 @@ pub const TESTS: &[(&str, Test)] = &[
         keyed_signup,
     ),
     (
+        "auth::password_guesses_through_a_keyed_sign_up_count_against_the_account",
+        keyed_signup_guesses,
+    ),
+    (
         "auth::a_retried_sign_in_under_its_key_opens_no_second_session",
         keyed_login,
     ),
@@ -471,6 +475,61 @@ fn keyed_signup(ctx: &Ctx) -> Result<(), Failed> {
         let r = keyed(ctx, PATH, &json!({"email": fresh, "password": "correct horse battery"}), "two words").await;
         assert_eq!((r.status, &r.body["code"]), (422, &json!("validation_failed")), "{}", r.body);
         assert_eq!(accounts_with(ctx, &fresh).await?, 0);
+        Ok(())
+    })
+}
+
+/// A keyed sign-up for an email that has an account checks the password
+/// (to answer a lost first answer again), so it counts in the account's
+/// throttle as a sign-in does: five wrong guesses, each from another network
+/// under another key, lock the account, and then even its owner's sign-in
+/// with the right password is 429. A right password clears the count.
+fn keyed_signup_guesses(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        const PATH: &str = "/v1/auth/signup";
+        let (email, _) = new_user(ctx).await;
+        for _ in 0..4 {
+            let guess = json!({"email": email, "password": "a guessed password"});
+            let r = keyed(ctx, PATH, &guess, &unique("guess-")).await;
+            assert_eq!(
+                (r.status, &r.body["code"]),
+                (409, &json!("email_taken")),
+                "{}",
+                r.body
+            );
+        }
+        // The right password, keyed: still email_taken (no record of the
+        // key), and it clears the four failures.
+        let right = json!({"email": email, "password": "correct horse battery"});
+        let r = keyed(ctx, PATH, &right, &unique("owner-")).await;
+        assert_eq!(
+            (r.status, &r.body["code"]),
+            (409, &json!("email_taken")),
+            "{}",
+            r.body
+        );
+        for _ in 0..5 {
+            let guess = json!({"email": email, "password": "a guessed password"});
+            let r = keyed(ctx, PATH, &guess, &unique("guess-")).await;
+            assert_eq!(
+                (r.status, &r.body["code"]),
+                (409, &json!("email_taken")),
+                "{}",
+                r.body
+            );
+        }
+        let locked = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        assert_eq!(locked.status, 429, "{}", locked.body);
+        assert_eq!(locked.body["code"], "too_many_attempts");
+        // And the guesses that follow are refused before any password check.
+        let guess = json!({"email": email, "password": "a guessed password"});
+        let r = keyed(ctx, PATH, &guess, &unique("guess-")).await;
+        assert_eq!(
+            (r.status, &r.body["code"]),
+            (429, &json!("too_many_attempts")),
+            "{}",
+            r.body
+        );
         Ok(())
     })
 }
