@@ -563,7 +563,9 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     } else {
         token_pair(keys, &row.user_id, &issued, 200).await
     };
-    if signed.is_err() {
+    // A session a retry found (the first request's, under the same key) is
+    // left alone: that request may have answered with it.
+    if signed.is_err() && !issued.reopened {
         end_unanswered(env, &req, &row.user_id, &issued.sid).await;
     }
     signed

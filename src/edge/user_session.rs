@@ -375,6 +375,10 @@ pub struct IssuedResp {
     pub sid: String,
     pub refresh_token: String,
     pub entitlement: Entitlement,
+    /// The session an earlier request under the same `Idempotency-Key`
+    /// opened (and may have answered): not this request's to withdraw.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reopened: bool,
 }
 
 /// The fields live behind `Rc`s so that a copy of the object (`clone`, which
@@ -879,11 +883,12 @@ impl UserSession {
         Some(stored.inputs.as_ref()?.at(now))
     }
 
-    fn issued(issued: Issued, ent: Entitlement) -> Result<Response> {
+    fn issued(issued: Issued, ent: Entitlement, reopened: bool) -> Result<Response> {
         Response::from_json(&IssuedResp {
             sid: issued.sid,
             refresh_token: issued.refresh_token,
             entitlement: ent,
+            reopened,
         })
     }
 
@@ -915,7 +920,7 @@ impl UserSession {
                 Reopen::Again(issued) => {
                     let ent = Self::entitlement(&stored, now)
                         .expect("a session was opened, so inputs are set");
-                    return Self::issued(issued, ent);
+                    return Self::issued(issued, ent, true);
                 }
                 Reopen::Open if r.again_only => return refuse(409, "email_taken", None),
                 Reopen::Open => {}
@@ -949,7 +954,7 @@ impl UserSession {
         // stored newer inputs meanwhile, which the token must carry.
         let stored = self.load().await?;
         let ent = Self::entitlement(&stored, now).expect("inputs are set (these or newer ones)");
-        Self::issued(issued, ent)
+        Self::issued(issued, ent, false)
     }
 
     async fn refresh(&self, mut req: Request, origin: Origin) -> Result<Response> {
@@ -983,7 +988,7 @@ impl UserSession {
         }
         match outcome {
             Ok(issued) => match Self::entitlement(&stored, now) {
-                Some(ent) => Self::issued(issued, ent),
+                Some(ent) => Self::issued(issued, ent, false),
                 None => refuse(401, "refresh_token_invalid", None),
             },
             Err(e) => refuse(401, e.code(), None),

@@ -48,6 +48,10 @@ pub const TESTS: &[(&str, Test)] = &[
         unsigned_login,
     ),
     (
+        "auth::a_keyed_retry_that_could_not_sign_keeps_the_session_the_first_answered",
+        unsigned_keyed_retry,
+    ),
+    (
         "auth::a_missing_secret_answers_not_configured",
         missing_secrets,
     ),
@@ -768,6 +772,52 @@ fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
             let r = refresh(ctx, s(&pair.body["refresh_token"])).await;
             assert_eq!(r.status, 200, "session {n}: {}", r.body);
         }
+        Ok(())
+    })
+}
+
+/// A sign-in retried under its `Idempotency-Key` finds the session the first
+/// request opened; when the retry's tokens cannot be signed (503), that
+/// session stays: the first request answered with it, and its tokens go on
+/// working. (The retry used to withdraw it, as if it had opened it.)
+fn unsigned_keyed_retry(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        let key = unique("login-key-");
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let first = keyed(ctx, "/v1/auth/login", &body, &key).await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        let retry = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(body.clone()),
+            None,
+            &[
+                ("cf-connecting-ip", &fresh_ip()),
+                ("idempotency-key", &key),
+                ("x-keenvpn-fault", "token.unsigned"),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (retry.status, retry.body["code"].as_str()),
+            (503, Some("service_unavailable")),
+            "{}",
+            retry.body
+        );
+        let rotated = refresh(ctx, s(&first.body["refresh_token"])).await;
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        let sid = claims(s(&first.body["access_token"]))["sid"].clone();
+        let listed = me(ctx, s(&rotated.body["access_token"])).await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        let sids: Vec<&Value> = listed.body["sessions"]
+            .as_array()
+            .expect("sessions")
+            .iter()
+            .map(|x| &x["id"])
+            .collect();
+        assert!(sids.contains(&&sid), "{}", listed.body);
         Ok(())
     })
 }
