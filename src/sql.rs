@@ -41,6 +41,29 @@ pub fn uuid(value: &str) -> Option<String> {
     shape_ok.then(|| format!("'{value}'::uuid"))
 }
 
+/// Removes the user `user` (a [`uuid`] literal) made by a sign-up that could
+/// not open its session, unless a device or a subscription is attached to it
+/// by then; the one row's text is `true` if it was removed.
+///
+/// The user's row is locked first, in a statement of its own: a registration
+/// or subscription being committed holds a lock on that row, and in one
+/// statement the `NOT EXISTS` checks would read a snapshot from before it
+/// committed, and then delete the user (cascading to the device or
+/// subscription just acknowledged) once the lock was released. The second
+/// statement's snapshot is taken after the lock, so it sees them.
+pub fn delete_new_user(user: &str) -> String {
+    format!(
+        "BEGIN;
+         SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
+         WITH del AS (DELETE FROM users WHERE id = {user}
+                        AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {user})
+                        AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE user_id = {user})
+                      RETURNING id)
+         SELECT (EXISTS (SELECT 1 FROM del))::text;
+         COMMIT;"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -156,14 +156,7 @@ pub async fn create_user(
 /// nothing has been attached to it since (a device or a subscription).
 /// `false`: the row stays (something was attached, or it was gone already).
 pub async fn delete_new_user(client: &Client, user_id: &str) -> Result<bool, Fail> {
-    let u = user_literal(user_id)?;
-    let q = format!(
-        "WITH del AS (DELETE FROM users WHERE id = {u}
-                        AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {u})
-                        AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE user_id = {u})
-                      RETURNING id)
-         SELECT (EXISTS (SELECT 1 FROM del))::text"
-    );
+    let q = crate::sql::delete_new_user(&user_literal(user_id)?);
     Ok(json_row::<bool>(client, &q).await? == Some(true))
 }
 

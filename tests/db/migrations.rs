@@ -2,7 +2,7 @@
 
 use crate::support::Postgres;
 use futures::future::BoxFuture;
-use keenvpn_edge::db;
+use keenvpn_edge::{db, sql};
 use libtest_mimic::Failed;
 
 /// The same files as the library embeds, for applying only some of them.
@@ -41,6 +41,10 @@ pub const TESTS: &[(&str, Test)] = &[
     (
         "migrations::event_partitions_are_utc_months_made_once_or_skipped_with_a_reason",
         |pg| Box::pin(event_partitions(pg)),
+    ),
+    (
+        "store::a_failed_sign_ups_undo_keeps_a_device_committed_meanwhile",
+        |pg| Box::pin(undo_keeps_a_device_committed_meanwhile(pg)),
     ),
 ];
 
@@ -420,4 +424,92 @@ async fn operator_and_reported_health(pg: &Postgres) -> Result<(), Failed> {
         ]
     );
     Ok(())
+}
+
+/// A sign-up that could not open its session removes the user it made
+/// (`sql::delete_new_user`) unless something was attached to it by then. A
+/// device registration committing while that removal runs must survive it:
+/// here the registration holds the user's row (as `insert_device` does) and
+/// has inserted its device when the removal starts, and commits while the
+/// removal waits for the row. The removal then keeps the user, and the device.
+/// (Checked in one statement, the removal read a snapshot from before the
+/// commit, deleted the user once the row was free, and the cascade took the
+/// device that had been answered 201.)
+async fn undo_keeps_a_device_committed_meanwhile(pg: &Postgres) -> Result<(), Failed> {
+    let mut registration = fresh(pg).await?;
+    db::migrate(&mut registration).await?;
+    let url = pg.url(&current_database(&registration).await?);
+    let user: String = registration
+        .query_one(
+            "INSERT INTO users (email, password_hash) VALUES ('undo@example.test', '$argon2id$x')
+             RETURNING id::text",
+            &[],
+        )
+        .await?
+        .get(0);
+    let key = format!("{}=", "A".repeat(43));
+    registration
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT 1 FROM users WHERE id = '{user}' FOR UPDATE;
+             INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+             VALUES ('{user}', 'Pixel 8', '{key}', '10.64.0.2', 'fd00:64::2');"
+        ))
+        .await?;
+
+    let undo = db::connect(&url).await?;
+    let statement = sql::delete_new_user(&sql::uuid(&user).expect("a canonical uuid"));
+    let removal = tokio::spawn(async move { undo.simple_query(&statement).await });
+    // Until the removal waits for the user's row.
+    let observer = db::connect(&url).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removal never waited for the row"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    registration.batch_execute("COMMIT").await?;
+
+    let answer = removal.await??;
+    let removed: Vec<&str> = answer
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        removed.last(),
+        Some(&"false"),
+        "the user was removed: {removed:?}"
+    );
+    let devices: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM devices WHERE user_id = $1::text::uuid",
+            &[&user],
+        )
+        .await?
+        .get(0);
+    assert_eq!(devices, 1, "the committed device is gone");
+    Ok(())
+}
+
+async fn current_database(client: &tokio_postgres::Client) -> Result<String, Failed> {
+    Ok(client
+        .query_one("SELECT current_database()::text", &[])
+        .await?
+        .get(0))
 }
