@@ -41,6 +41,12 @@ pub fn uuid(value: &str) -> Option<String> {
     shape_ok.then(|| format!("'{value}'::uuid"))
 }
 
+/// A server's WireGuard endpoint from the `servers` row `s`, as
+/// `domain::catalogue::Server::endpoint` writes it (an IPv6 address in
+/// brackets).
+pub const SERVER_ENDPOINT: &str = "CASE WHEN strpos(s.hostname, ':') > 0 \
+     THEN '[' || s.hostname || ']' ELSE s.hostname END || ':' || s.port";
+
 /// Removes the user `user` (a [`uuid`] literal) made by a sign-up that could
 /// not open its session, unless a device or a subscription is attached to it
 /// by then; the one row's text is `true` if it was removed.

@@ -45,6 +45,18 @@ pub struct Server {
     pub load: f32,
 }
 
+impl Server {
+    /// The WireGuard endpoint, `host:port`; an IPv6 address in brackets
+    /// (`[2001:db8::1]:51820`), or the port could not be told from it.
+    pub fn endpoint(&self) -> String {
+        if self.hostname.contains(':') {
+            format!("[{}]:{}", self.hostname, self.port)
+        } else {
+            format!("{}:{}", self.hostname, self.port)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Region {
     pub id: String,
@@ -90,6 +102,24 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_ipv6_endpoint_has_its_address_in_brackets() {
+        let server = |hostname: &str| super::Server {
+            id: "s".into(),
+            hostname: hostname.into(),
+            port: 51820,
+            public_key: String::new(),
+            capacity: 1,
+            load: 0.0,
+        };
+        assert_eq!(
+            server("fra-1.vpn.example").endpoint(),
+            "fra-1.vpn.example:51820"
+        );
+        assert_eq!(server("192.0.2.7").endpoint(), "192.0.2.7:51820");
+        assert_eq!(server("2001:db8::1").endpoint(), "[2001:db8::1]:51820");
+    }
+
     use super::*;
 
     fn region(id: &str, servers: &[&str]) -> Region {

@@ -205,11 +205,14 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
 pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     authorize(&req, env)?;
     let db = store::connect(env).await?;
-    let q = "SELECT coalesce(json_agg(json_build_object(
-                 'id', s.id, 'region_id', s.region_id, 'endpoint', s.hostname || ':' || s.port,
-                 'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load)
-             ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s";
-    let servers: Option<Vec<ServerState>> = store::json_value(&db, q).await?;
+    let q = format!(
+        "SELECT coalesce(json_agg(json_build_object(
+             'id', s.id, 'region_id', s.region_id, 'endpoint', {endpoint},
+             'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load)
+         ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s",
+        endpoint = crate::sql::SERVER_ENDPOINT
+    );
+    let servers: Option<Vec<ServerState>> = store::json_value(&db, &q).await?;
     Ok(Reply::json(
         200,
         &ServerList {

@@ -374,7 +374,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             region: region.id.clone(),
             server: AssignedServer {
                 id: server.id.clone(),
-                endpoint: format!("{}:{}", server.hostname, server.port),
+                endpoint: server.endpoint(),
                 public_key: server.public_key.clone(),
             },
             ipv4_address: device.ipv4_address.clone(),

@@ -43,6 +43,10 @@ pub const TESTS: &[(&str, Test)] = &[
         |pg| Box::pin(event_partitions(pg)),
     ),
     (
+        "store::a_servers_endpoint_reads_as_the_catalogue_writes_it",
+        |pg| Box::pin(server_endpoint(pg)),
+    ),
+    (
         "store::a_failed_sign_ups_undo_keeps_a_device_committed_meanwhile",
         |pg| Box::pin(undo_keeps_a_device_committed_meanwhile(pg)),
     ),
@@ -512,4 +516,28 @@ async fn current_database(client: &tokio_postgres::Client) -> Result<String, Fai
         .query_one("SELECT current_database()::text", &[])
         .await?
         .get(0))
+}
+
+/// The admin API's server endpoints (`sql::SERVER_ENDPOINT`) read as the
+/// connect answer's (`Server::endpoint`), an IPv6 address in brackets.
+async fn server_endpoint(pg: &Postgres) -> Result<(), Failed> {
+    use keenvpn_edge::domain::catalogue::Server;
+    let client = fresh(pg).await?;
+    for hostname in ["fra-1.vpn.example", "192.0.2.7", "2001:db8::1"] {
+        let q = format!(
+            "SELECT {} FROM (SELECT $1::text AS hostname, 51820 AS port) s",
+            sql::SERVER_ENDPOINT
+        );
+        let endpoint: String = client.query_one(&q, &[&hostname]).await?.get(0);
+        let server = Server {
+            id: "s".into(),
+            hostname: hostname.into(),
+            port: 51820,
+            public_key: String::new(),
+            capacity: 1,
+            load: 0.0,
+        };
+        assert_eq!(endpoint, server.endpoint());
+    }
+    Ok(())
 }
