@@ -83,6 +83,19 @@ pub const CLIENT_IP: Policy = Policy {
     max_lock_secs: 900,
 };
 
+/// The longest window of the policies above: a throttle object, which does
+/// not know which policy its attempts come under, measures idleness by it.
+pub const LONGEST_WINDOW_SECS: i64 = {
+    let mut w = ACCOUNT.window_secs;
+    if SIGN_UP.window_secs > w {
+        w = SIGN_UP.window_secs;
+    }
+    if CLIENT_IP.window_secs > w {
+        w = CLIENT_IP.window_secs;
+    }
+    w
+};
+
 /// The throttle state, stored as JSON in its Durable Object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Throttle {
@@ -202,6 +215,22 @@ impl Throttle {
         }
         self.failures = cause.failures;
         self.lift();
+    }
+
+    /// From when (unix seconds) this throttle, if no attempt comes before,
+    /// has nothing left to remember under a policy whose window is
+    /// `window_secs`: its failures out of the window, its lock over, and its
+    /// lockouts decayed (each quiet window takes one off). From then on it
+    /// answers every attempt as a new throttle would, so its object can
+    /// forget it rather than keep it forever (sign-ins name any email, and
+    /// each email is an object of its own).
+    pub fn idle_from(&self, window_secs: i64) -> i64 {
+        let window = window_secs.max(1);
+        let quiet_since = self.last_attempt_at.max(self.locked_until);
+        // The failures need one window (they are no later than the last
+        // attempt); the lockouts one each.
+        let windows = i64::from(self.lockouts.max(1));
+        quiet_since.saturating_add(window.saturating_mul(windows))
     }
 
     /// Seconds until the lock ends (at least 1), or `None` if not locked.
@@ -522,6 +551,58 @@ mod tests {
             serde_json::from_str::<Throttle>("{}").unwrap(),
             Throttle::default()
         );
+    }
+
+    /// A throttle at its `idle_from` answers every sequence of attempts as a
+    /// new one does, whatever it went through: failures, locks escalated to
+    /// the cap, refunds, successes.
+    #[test]
+    fn an_idle_throttle_answers_as_a_new_one() {
+        let p = &ACCOUNT;
+        let mut histories: Vec<Throttle> = Vec::new();
+        let mut t = Throttle::default();
+        fail(&mut t, p, 3, T0);
+        histories.push(t.clone());
+        let mut t = Throttle::default();
+        let mut now = T0;
+        for _ in 0..8 {
+            now += lock(&mut t, p, now) as i64;
+        }
+        histories.push(t.clone());
+        assert_eq!(t.lockouts, 5, "escalated to the cap");
+        let mut t = Throttle::default();
+        fail(&mut t, p, p.max_failures, T0);
+        t.refund(T0);
+        histories.push(t.clone());
+        let mut t = Throttle::default();
+        fail(&mut t, p, 4, T0);
+        t.succeeded();
+        histories.push(t);
+        for seen in histories {
+            let from = seen.idle_from(LONGEST_WINDOW_SECS);
+            assert!(from > T0);
+            let (mut old, mut new) = (seen.clone(), Throttle::default());
+            // Twenty attempts over two windows, some at the same second.
+            for i in 0..20 {
+                let at = from + i * 90 - (i % 3);
+                assert_eq!(
+                    old.attempt(p, at),
+                    new.attempt(p, at),
+                    "{seen:?}, attempt {i}"
+                );
+            }
+            // One second earlier, a throttle that was locked still remembers.
+            if seen.lockouts > 0 {
+                let mut early = seen.clone();
+                let at = from - 1;
+                let mut fresh = Throttle::default();
+                let differ =
+                    (0..12).any(|i| early.attempt(p, at + i * 30) != fresh.attempt(p, at + i * 30));
+                assert!(differ, "{seen:?} forgotten too early");
+            }
+        }
+        assert_eq!(Throttle::default().idle_from(900), 900);
+        assert_eq!(LONGEST_WINDOW_SECS, 900);
     }
 
     #[test]

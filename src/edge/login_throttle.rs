@@ -1,6 +1,11 @@
 //! The `LoginThrottle` Durable Object: counts sign-in attempts for one account
 //! (named by a hash of the normalised email, so unknown and known emails behave
 //! identically) or one client IP. The counting rules are `domain::throttle`.
+//!
+//! Any email can be named, and each is an object of its own, so an object
+//! does not keep its state forever: every counted attempt sets its alarm for
+//! when the state will have nothing left to remember
+//! ([`Throttle::idle_from`]), and the alarm then deletes it.
 
 use super::durable::{body, ping, refuse};
 use super::{storage, time};
@@ -29,7 +34,7 @@ pub struct Admitted {
     pub at: i64,
 }
 
-#[durable_object(fetch)]
+#[durable_object(alarm)]
 pub struct LoginThrottle {
     state: State,
 }
@@ -57,6 +62,9 @@ impl DurableObject for LoginThrottle {
                 let outcome = t.attempt(policy, at);
                 // Persist before answering: a counted attempt must survive a restart.
                 storage::put(&self.state, KEY, &t).await?;
+                if outcome.is_ok() {
+                    self.forget_at(&t).await?;
+                }
                 match outcome {
                     Ok(()) => Response::from_json(&Admitted { at }),
                     Err(retry_after) => refuse(429, "too_many_attempts", Some(retry_after)),
@@ -80,5 +88,31 @@ impl DurableObject for LoginThrottle {
             }
             _ => Response::error("unknown durable object route", 404),
         }
+    }
+
+    /// Deletes the state once it has nothing left to remember; an attempt
+    /// since the alarm was set has set it again, for later.
+    async fn alarm(&self) -> Result<Response> {
+        let stored: Option<Throttle> = storage::get(&self.state, KEY).await?;
+        match stored {
+            Some(t) if time::now_secs() < t.idle_from(throttle::LONGEST_WINDOW_SECS) => {
+                self.forget_at(&t).await?;
+            }
+            _ => self.state.storage().delete_all().await?,
+        }
+        Response::empty()
+    }
+}
+
+impl LoginThrottle {
+    /// Sets the alarm for when `t` will be idle. Refunds and successes only
+    /// bring that moment earlier, so the alarm set by the last counted
+    /// attempt is never early.
+    async fn forget_at(&self, t: &Throttle) -> Result<()> {
+        let at_ms = t
+            .idle_from(throttle::LONGEST_WINDOW_SECS)
+            .saturating_mul(1_000);
+        let in_ms = at_ms.saturating_sub(time::now_ms() as i64).max(0);
+        self.state.storage().set_alarm(in_ms).await
     }
 }
