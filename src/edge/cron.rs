@@ -59,6 +59,14 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
     ),
 ];
 
+/// How long each of a run's waits on PostgreSQL (the connection, each
+/// maintenance step) and its publish may take. Nothing else bounds a
+/// scheduled run: without these, a database that accepted the connection and
+/// never answered (or a step waiting on a lock) held every run from then on,
+/// one more each minute, and the catalogue was never published. Three of
+/// them, and the publish, end well within the minute between runs.
+const STEP_LIMIT_MS: u64 = 10_000;
+
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let failed = |step: &str, e: String| {
@@ -69,21 +77,32 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
             json!({"step": step, "error": e}),
         )
     };
-    match pg::connect(&env, bindings::DB).await {
-        Ok(client) => {
+    let late = || format!("no end within {STEP_LIMIT_MS} ms");
+    match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
+        Some(Ok(client)) => {
             for (step, sql) in MAINTENANCE_SQL {
-                match client.simple_query(sql).await {
+                match time::timeout(STEP_LIMIT_MS, client.simple_query(sql)).await {
                     // The partition step answers with a line per month it
                     // had to skip (its rows go to the default partition).
-                    Ok(messages) => pg::first_column(&messages)
+                    Some(Ok(messages)) => pg::first_column(&messages)
                         .for_each(|skipped| failed(step, skipped.to_owned())),
-                    Err(e) => failed(step, e.to_string()),
+                    Some(Err(e)) => failed(step, e.to_string()),
+                    // The connection is busy with the step: the others would
+                    // queue behind it.
+                    None => {
+                        failed(step, late());
+                        break;
+                    }
                 }
             }
         }
-        Err(e) => failed("connect", e),
+        Some(Err(e)) => failed("connect", e),
+        None => failed("connect", late()),
     }
-    match publish(&env, bindings::DB).await {
+    let published = time::timeout(STEP_LIMIT_MS, publish(&env, bindings::DB))
+        .await
+        .unwrap_or_else(|| Err(late()));
+    match published {
         Ok((snapshot, written)) => log::event(
             Level::Info,
             None,

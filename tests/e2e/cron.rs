@@ -18,6 +18,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "cron::after_a_gap_in_its_runs_the_cron_reads_no_silence_for_three_minutes",
         gap_in_runs,
     ),
+    (
+        "cron::a_maintenance_step_that_never_ends_holds_neither_the_run_nor_the_publish",
+        stuck_step,
+    ),
 ];
 
 /// The cron has run every minute for a while: silence counts.
@@ -244,6 +248,49 @@ fn gap_in_runs(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(reported(&db, "sa-east").await, "up");
         // Forget the monitor.
         db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
+        Ok(())
+    })
+}
+
+/// A maintenance step that never ends (here the first one, waiting on a lock
+/// of `cron_state` a test transaction holds) is given up after 10 s: the run
+/// still publishes the catalogue and ends. Nothing bounded the run before: it
+/// waited for as long as the lock was held, and published nothing.
+fn stuck_step(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        let holder = keenvpn_edge::db::connect(&db_url).await?;
+        db.execute(
+            "UPDATE regions SET operator_health = 'draining' WHERE id = 'eu-west'",
+            &[],
+        )
+        .await?;
+        holder
+            .batch_execute("BEGIN; LOCK TABLE cron_state IN ACCESS EXCLUSIVE MODE")
+            .await?;
+        let started = std::time::Instant::now();
+        let run = tokio::time::timeout(std::time::Duration::from_secs(25), trigger(ctx)).await;
+        let took = started.elapsed();
+        holder.batch_execute("ROLLBACK").await?;
+        let published = snapshot(ctx);
+        db.execute(
+            "UPDATE regions SET operator_health = NULL WHERE id = 'eu-west'",
+            &[],
+        )
+        .await?;
+        // Publish the restored state, as the next minute's run would.
+        trigger(ctx).await?;
+        run.map_err(|_| "the run was still waiting after 25 s")??;
+        assert!(took.as_secs() >= 9, "the step was given up after {took:?}");
+        let eu_west = published["regions"]
+            .as_array()
+            .expect("regions")
+            .iter()
+            .find(|r| r["id"] == "eu-west")
+            .expect("eu-west");
+        assert_eq!(eu_west["health"], "draining", "the change was published");
         Ok(())
     })
 }
