@@ -27,7 +27,7 @@
 use super::log::{self, Level};
 use super::{Fail, bindings, cron, fault, kv, time};
 use crate::domain::catalogue::{self, Snapshot};
-use crate::domain::freshness::due;
+use crate::domain::freshness::{self, due};
 use crate::domain::placement::Placer;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -77,11 +77,19 @@ enum KvDown {
 /// This isolate's copy and when it was last checked.
 struct Cache {
     current: Option<(Rc<Placer>, u64)>,
-    /// A request is loading the first copy; the others wait for it.
-    loading: bool,
-    /// A request is asking KV whether the copy is still current; the others
-    /// go on with the copy meanwhile instead of asking too.
-    revalidating: bool,
+    /// When a request started loading the first copy; the others wait for
+    /// it, for at most [`LOAD_WAIT_MS`] from then.
+    loading: Option<u64>,
+    /// When a request started asking KV whether the copy is still current;
+    /// the others go on with the copy meanwhile instead of asking too, for at
+    /// most [`LOAD_WAIT_MS`] from then.
+    ///
+    /// Both are cleared when the request's work ends, and also when the
+    /// request is dropped part-way; but a request whose client went away may
+    /// be left pending, never dropped, and its flag would then stand forever
+    /// (with `revalidating`, this isolate would never check its copy again).
+    /// So a flag older than any load can take is not heeded.
+    revalidating: Option<u64>,
     /// Counts [`invalidate`] calls: a request that read KV before one keeps
     /// what it read for itself, instead of bringing back the forgotten copy.
     generation: u64,
@@ -91,8 +99,8 @@ thread_local! {
     static CACHE: RefCell<Cache> = const {
         RefCell::new(Cache {
             current: None,
-            loading: false,
-            revalidating: false,
+            loading: None,
+            revalidating: None,
             generation: 0,
         })
     };
@@ -109,11 +117,18 @@ pub fn invalidate() {
 
 /// Holds one of the cache's flags (`revalidating`, `loading`) set for as long
 /// as it lives, also when the request holding it is cancelled part-way.
-struct Busy(fn(&mut Cache) -> &mut bool);
+struct Busy(fn(&mut Cache) -> &mut Option<u64>);
+
+impl Busy {
+    fn set(c: &mut Cache, flag: fn(&mut Cache) -> &mut Option<u64>, now: u64) -> Busy {
+        *flag(c) = Some(now);
+        Busy(flag)
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        CACHE.with(|c| *(self.0)(&mut c.borrow_mut()) = false);
+        CACHE.with(|c| *(self.0)(&mut c.borrow_mut()) = None);
     }
 }
 
@@ -151,8 +166,7 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
         Some(fault::KV_HANG) => Some(KvDown::Hanging),
         _ => None,
     };
-    let started = time::now_ms();
-    let mut now = started;
+    let mut now = time::now_ms();
     loop {
         let step = CACHE.with(|c| {
             let mut c = c.borrow_mut();
@@ -160,20 +174,18 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
             match &c.current {
                 // (The fault point checks at once, so a test need not wait.)
                 Some((p, at))
-                    if (!due(*at, now, TTL_MS) && kv_down.is_none()) || c.revalidating =>
+                    if (!due(*at, now, TTL_MS) && kv_down.is_none())
+                        || freshness::held(c.revalidating, now, LOAD_WAIT_MS) =>
                 {
                     Step::Use(Rc::clone(p))
                 }
                 Some((p, _)) => {
                     let placer = Rc::clone(p);
-                    c.revalidating = true;
-                    Step::Revalidate(Busy(|c| &mut c.revalidating), placer, generation)
+                    let busy = Busy::set(&mut c, |c| &mut c.revalidating, now);
+                    Step::Revalidate(busy, placer, generation)
                 }
-                None if c.loading && !due(started, now, LOAD_WAIT_MS) => Step::Wait,
-                None => {
-                    c.loading = true;
-                    Step::Load(Busy(|c| &mut c.loading), generation)
-                }
+                None if freshness::held(c.loading, now, LOAD_WAIT_MS) => Step::Wait,
+                None => Step::Load(Busy::set(&mut c, |c| &mut c.loading, now), generation),
             }
         });
         match step {
