@@ -490,50 +490,29 @@ fn keyed_signup(ctx: &Ctx) -> Result<(), Failed> {
 /// with the right password is 429. A right password clears the count.
 fn keyed_signup_guesses(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        const PATH: &str = "/v1/auth/signup";
         let (email, _) = new_user(ctx).await;
+        // A keyed sign-up of `email` with `password`, under a fresh key.
+        let attempt = |password: &str| {
+            let body = json!({"email": email, "password": password});
+            async move { keyed(ctx, "/v1/auth/signup", &body, &unique("signup-key-")).await }
+        };
+        let code = |r: &Resp| (r.status, r.body["code"].as_str().map(str::to_owned));
+        let taken = (409, Some("email_taken".to_owned()));
         for _ in 0..4 {
-            let guess = json!({"email": email, "password": "a guessed password"});
-            let r = keyed(ctx, PATH, &guess, &unique("guess-")).await;
-            assert_eq!(
-                (r.status, &r.body["code"]),
-                (409, &json!("email_taken")),
-                "{}",
-                r.body
-            );
+            assert_eq!(code(&attempt("a guessed password").await), taken);
         }
-        // The right password, keyed: still email_taken (no record of the
-        // key), and it clears the four failures.
-        let right = json!({"email": email, "password": "correct horse battery"});
-        let r = keyed(ctx, PATH, &right, &unique("owner-")).await;
-        assert_eq!(
-            (r.status, &r.body["code"]),
-            (409, &json!("email_taken")),
-            "{}",
-            r.body
-        );
+        // The right password: still email_taken (no record of the key), and
+        // it clears the four failures.
+        assert_eq!(code(&attempt("correct horse battery").await), taken);
         for _ in 0..5 {
-            let guess = json!({"email": email, "password": "a guessed password"});
-            let r = keyed(ctx, PATH, &guess, &unique("guess-")).await;
-            assert_eq!(
-                (r.status, &r.body["code"]),
-                (409, &json!("email_taken")),
-                "{}",
-                r.body
-            );
+            assert_eq!(code(&attempt("a guessed password").await), taken);
         }
         let locked = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
         assert_eq!(locked.status, 429, "{}", locked.body);
         assert_eq!(locked.body["code"], "too_many_attempts");
         // And the guesses that follow are refused before any password check.
-        let guess = json!({"email": email, "password": "a guessed password"});
-        let r = keyed(ctx, PATH, &guess, &unique("guess-")).await;
-        assert_eq!(
-            (r.status, &r.body["code"]),
-            (429, &json!("too_many_attempts")),
-            "{}",
-            r.body
-        );
+        let refused = (429, Some("too_many_attempts".to_owned()));
+        assert_eq!(code(&attempt("a guessed password").await), refused);
         Ok(())
     })
 }
