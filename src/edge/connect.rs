@@ -294,13 +294,16 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let shard = admission::shard_for(&device.id, shards);
     let rate = admission::shard_rate(region.admission_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
+    // A 503 from here on (a region is chosen) names the failover regions: as
+    // the README and the contract say, and another region's gate is another
+    // object.
+    let with_failover = |mut fail: Fail| {
+        fail.api = fail.api.with("failover", json!(failover));
+        fail
+    };
     let verdict = admit(env, (&gate, rate), fault.as_deref(), &timer)
         .await
-        .map_err(|mut fail| {
-            // Another region's gate is another object: the client may fail over.
-            fail.api = fail.api.with("failover", json!(failover));
-            fail
-        })?;
+        .map_err(with_failover)?;
     match verdict {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {
@@ -354,7 +357,15 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         },
         now,
     );
-    let (ticket, ticket_expires_in) = webcrypto::sign(keys, unsigned).await?;
+    let signed = if fault.as_deref() == Some(fault::TOKEN_UNSIGNED) {
+        Err(Fail::unavailable(format!(
+            "injected fault at {}",
+            fault::TOKEN_UNSIGNED
+        )))
+    } else {
+        webcrypto::sign(keys, unsigned).await
+    };
+    let (ticket, ticket_expires_in) = signed.map_err(with_failover)?;
     events::enqueue(
         env,
         ctx,

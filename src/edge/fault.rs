@@ -38,7 +38,9 @@ pub const SESSION_CREATE: &str = "session.create";
 /// the Worker finds its signing keys refused by the runtime's WebCrypto.
 pub const KEYS_REFUSED: &str = "keys.refused";
 /// The point, on `POST /v1/auth/login`, at which signing the new session's
-/// access token fails, after the user's object has stored the session.
+/// access token fails, after the user's object has stored the session; and
+/// on `POST /v1/connect`, at which signing the ticket fails, after the
+/// client was admitted.
 pub const TOKEN_UNSIGNED: &str = "token.unsigned";
 /// The point, on `POST /v1/auth/signup`, at which the new user's
 /// `UserSession` throws after storing the session (as at [`SESSION_CREATE`])

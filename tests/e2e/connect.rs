@@ -340,7 +340,8 @@ fn failover(ctx: &Ctx) -> Result<(), Failed> {
 /// The region's `RegionGate` throwing from `admit` (the development-only
 /// fault point `gate.admit`; a crashed or overloaded object in production)
 /// turns the connect into a 503 with `Retry-After`, not a hang or a 500;
-/// the cause is logged; and the next connect is admitted as usual.
+/// the cause is logged; and the next connect is admitted as usual. A 503
+/// after admission (the ticket not signed) names the failover regions too.
 fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _read = ctx.regions.read().await;
@@ -388,6 +389,29 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
 
         let again = connect_from(ctx, &user, &device, LONDON, None).await;
         assert_eq!(again.status, 200, "{}", again.body);
+
+        // A failure after admission (the ticket not signed, at the
+        // development-only fault point `token.unsigned`) names the failover
+        // regions too, as every 503 after the region is chosen does.
+        let unsigned = send_with(
+            ctx,
+            "POST",
+            "/v1/connect",
+            body.clone(),
+            Some(&user.access),
+            &[
+                ("x-keenvpn-client-location", LONDON),
+                ("x-keenvpn-fault", "token.unsigned"),
+            ],
+        )
+        .await;
+        assert_eq!(unsigned.status, 503, "{}", unsigned.body);
+        assert_eq!(unsigned.body["code"], "service_unavailable");
+        assert_eq!(
+            unsigned.body["failover"], again.body["failover"],
+            "{}",
+            unsigned.body
+        );
         Ok(())
     })
 }
