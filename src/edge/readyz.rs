@@ -42,10 +42,17 @@ struct State {
     last: Option<(u64, Rc<Report>)>,
     /// How many requests are running probes.
     probing: u32,
+    /// When the last of them started. Others wait for their probes at most
+    /// [`WAIT_MS`] from then: a request whose client went away may be left
+    /// pending by the runtime, never finished nor dropped, and its count
+    /// would otherwise make every later request wait before probing itself.
+    probe_started: u64,
 }
 
 thread_local! {
-    static STATE: RefCell<State> = const { RefCell::new(State { last: None, probing: 0 }) };
+    static STATE: RefCell<State> = const {
+        RefCell::new(State { last: None, probing: 0, probe_started: 0 })
+    };
 }
 
 /// Counts its request among those probing while it lives, also when the
@@ -53,8 +60,9 @@ thread_local! {
 struct Probing;
 
 impl Probing {
-    fn start(state: &mut State) -> Probing {
+    fn start(state: &mut State, now: u64) -> Probing {
         state.probing += 1;
+        state.probe_started = now;
         Probing
     }
 }
@@ -75,15 +83,14 @@ enum Step {
 }
 
 pub async fn handle(env: &Env, request_id: &str) -> Reply {
-    let arrived = time::now_ms();
     let report = loop {
         let now = time::now_ms();
         let step = STATE.with(|s| {
             let mut s = s.borrow_mut();
             match &s.last {
                 Some((at, report)) if !due(*at, now, FRESH_MS) => Step::Use(Rc::clone(report)),
-                _ if s.probing > 0 && !due(arrived, now, WAIT_MS) => Step::Wait,
-                _ => Step::Probe(Probing::start(&mut s)),
+                _ if s.probing > 0 && !due(s.probe_started, now, WAIT_MS) => Step::Wait,
+                _ => Step::Probe(Probing::start(&mut s, now)),
             }
         });
         match step {
