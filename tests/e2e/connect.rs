@@ -346,19 +346,17 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _read = ctx.regions.read().await;
         let (user, device) = user_with_device(ctx, false).await;
-        let body = Some(json!({"device_id": device}));
-        let broken = send_with(
-            ctx,
-            "POST",
-            "/v1/connect",
-            body.clone(),
-            Some(&user.access),
-            &[
+        // A connect from London with the fault point `point` armed.
+        let at_fault = |point: &'static str| {
+            let body = Some(json!({"device_id": device}));
+            let headers = [
                 ("x-keenvpn-client-location", LONDON),
-                ("x-keenvpn-fault", "gate.admit"),
-            ],
-        )
-        .await;
+                ("x-keenvpn-fault", point),
+            ];
+            let access = user.access.clone();
+            async move { send_with(ctx, "POST", "/v1/connect", body, Some(&access), &headers).await }
+        };
+        let broken = at_fault("gate.admit").await;
         assert_eq!(broken.status, 503, "{}", broken.body);
         assert_eq!(broken.headers["content-type"], "application/problem+json");
         assert_eq!(broken.body["code"], "service_unavailable");
@@ -393,18 +391,7 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
         // A failure after admission (the ticket not signed, at the
         // development-only fault point `token.unsigned`) names the failover
         // regions too, as every 503 after the region is chosen does.
-        let unsigned = send_with(
-            ctx,
-            "POST",
-            "/v1/connect",
-            body.clone(),
-            Some(&user.access),
-            &[
-                ("x-keenvpn-client-location", LONDON),
-                ("x-keenvpn-fault", "token.unsigned"),
-            ],
-        )
-        .await;
+        let unsigned = at_fault("token.unsigned").await;
         assert_eq!(unsigned.status, 503, "{}", unsigned.body);
         assert_eq!(unsigned.body["code"], "service_unavailable");
         assert_eq!(
