@@ -331,8 +331,13 @@ pub fn retry_after_secs(retry_after_ms: u64, random: u32) -> u32 {
 /// would have had.
 pub const FULL_MEMO_MS: i64 = 1_000;
 
-/// The most shards one isolate remembers as full at once.
-pub const FULL_MEMO_SHARDS: usize = 64;
+/// The most shards one isolate remembers as full at once: room for the
+/// shards of a large outage (the busiest regions and their failover
+/// neighbours, each split into shards of ~200 admissions/s), at about 40
+/// bytes each. Past it, the oldest memory goes, and that shard's next refusal
+/// asks it again. (Looked up by a scan: full, about 1 us natively per
+/// connect, where a hash map cost the module 4.3 KB gzipped.)
+pub const FULL_MEMO_SHARDS: usize = 1_024;
 
 /// The shards one isolate last heard say their queue was full, and when.
 ///
@@ -994,17 +999,22 @@ mod tests {
     #[test]
     fn the_memory_is_bounded_dropping_expired_then_oldest() {
         let mut memo = FullShards::default();
+        // The first heard a moment before the others.
         for i in 0..FULL_MEMO_SHARDS as i64 {
-            memo.note(&format!("r{i}#0"), 10, T0 + i, FULL);
+            memo.note(&format!("r{i}#0"), 10, T0 + i.min(1), FULL);
         }
+        // Every one of them is remembered (the bound was 64: a large outage
+        // has more shards full at once).
+        let now = T0 + 2;
+        assert!((0..FULL_MEMO_SHARDS as i64).all(|i| memo.is_full(&format!("r{i}#0"), 10, now)));
         // Full: the oldest goes.
-        memo.note("new#0", 10, T0 + 100, FULL);
+        memo.note("new#0", 10, now, FULL);
         assert_eq!(memo.heard.len(), FULL_MEMO_SHARDS);
-        assert!(!memo.is_full("r0#0", 10, T0 + 100));
-        assert!(memo.is_full("r1#0", 10, T0 + 100));
-        assert!(memo.is_full("new#0", 10, T0 + 100));
+        assert!(!memo.is_full("r0#0", 10, now));
+        assert!(memo.is_full("r1#0", 10, now));
+        assert!(memo.is_full("new#0", 10, now));
         // Later, every old one has expired: they all go at once.
-        let later = T0 + FULL_MEMO_SHARDS as i64 + FULL_MEMO_MS;
+        let later = now + FULL_MEMO_MS - 1;
         memo.note("newer#0", 10, later, FULL);
         assert_eq!(memo.heard.len(), 2, "{:?}", memo.heard);
         assert!(memo.is_full("new#0", 10, later));
