@@ -816,7 +816,17 @@ impl UserSession {
         if let Some(id) = removed {
             records.retain(|r| r.id != id);
         }
-        records.sort_unstable_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        // Oldest first, by the second each was made (as `created_at` says);
+        // within one second, in
+        // the order merged above, which is PostgreSQL's (by the microsecond)
+        // for a list just read and the newest last for one just made. By id
+        // instead, two devices made in one second could rank otherwise than
+        // in the device list, and after a downgrade the connect would let
+        // in another device than the one the list shows first. (An unstable
+        // sort of a unique key: the module carries no stable sort.)
+        let mut ranked: Vec<(usize, store::Device)> = records.into_iter().enumerate().collect();
+        ranked.sort_unstable_by_key(|(i, d)| (d.created_at, *i));
+        let records: Vec<store::Device> = ranked.into_iter().map(|(_, d)| d).collect();
         let changed = records != old;
         stored.device_records = records;
         changed

@@ -56,6 +56,10 @@ pub const TESTS: &[(&str, Test)] = &[
         upgrade_then_downgrade,
     ),
     (
+        "billing::after_a_downgrade_the_connect_lets_in_the_devices_the_list_shows_first",
+        same_second_devices,
+    ),
+    (
         "billing::events_for_unknown_customers_are_acknowledged_and_logged_with_their_request_ids",
         unknown_customer,
     ),
@@ -703,6 +707,70 @@ fn upgrade_then_downgrade(ctx: &Ctx) -> Result<(), Failed> {
             "the cached entitlement follows the downgrade"
         );
         assert_eq!(add_device(ctx, &user).await, 403, "but blocks new ones");
+        Ok(())
+    })
+}
+
+/// Two devices made within one second, the older with the larger id. After
+/// a downgrade to one device, the one the device list shows first (the
+/// older, by the microsecond) is the one the connect lets in, and the other
+/// is refused as not entitled. (The user's object ranked devices of one
+/// second by id, so the connect let in the newer and refused the older.)
+fn same_second_devices(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        let sub = sub_for(&user, "plus");
+        let (status, json) = deliver_signed(ctx, &event("customer.subscription.created", &sub)).await;
+        assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
+        user.refresh(ctx).await;
+
+        // The two devices, written as a registration writes them.
+        let db = db(ctx).await;
+        let uuids = db
+            .query("SELECT gen_random_uuid()::text FROM generate_series(1, 2) ORDER BY 1", &[])
+            .await?;
+        let (newer, older): (String, String) = (uuids[0].get(0), uuids[1].get(0));
+        for (id, micros) in [(&older, 100_000), (&newer, 400_000)] {
+            let n: i64 = db
+                .query_one("SELECT nextval('device_address_seq')", &[])
+                .await?
+                .get(0);
+            let (v4, v6) = keenvpn_edge::domain::device::tunnel_addresses(n as u64)
+                .expect("an address");
+            db.execute(
+                "INSERT INTO devices (id, user_id, name, public_key, ipv4_address, ipv6_address, created_at)
+                 VALUES ($1::text::uuid, $2::text::uuid, $3, $4, $5::text::inet, $6::text::inet,
+                         date_trunc('second', now()) - interval '1 minute' + $7::int * interval '1 microsecond')",
+                &[id, &user.id, &unique("d"), &wg_key(), &v4, &v6, &micros],
+            )
+            .await?;
+        }
+        // A registration through the API: the user's object takes in the
+        // list PostgreSQL answers with, and its copy for the connect path.
+        assert_eq!(add_device(ctx, &user).await, 201);
+        let list = send(ctx, "GET", "/v1/devices", None, Some(&user.access)).await;
+        let listed: Vec<&str> = list.body["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| s(&d["id"]))
+            .collect();
+        assert_eq!(&listed[..2], [older.as_str(), newer.as_str()], "{}", list.body);
+
+        let ended = next(&sub, now() - 10);
+        let (status, _) = deliver_signed(ctx, &event("customer.subscription.deleted", &ended)).await;
+        assert_eq!(status, 200);
+        assert_eq!(user.refresh(ctx).await["ent"]["max_devices"], 1);
+        let connect = |device: &str| {
+            let body = Some(json!({"device_id": device}));
+            let access = user.access.clone();
+            async move { send(ctx, "POST", "/v1/connect", body, Some(&access)).await }
+        };
+        let first = connect(&older).await;
+        assert_ne!(first.body["code"], "device_not_entitled", "{}", first.body);
+        let second = connect(&newer).await;
+        assert_eq!(second.status, 403, "{}", second.body);
+        assert_eq!(second.body["code"], "device_not_entitled");
         Ok(())
     })
 }
