@@ -32,22 +32,20 @@ step "PostgreSQL cluster in $PGDIR (port $PG_PORT)"
 # directory per checkout, and $STATE/pg links to it (`make clean-dev` removes
 # both).
 if [ "$(id -u)" = 0 ]; then
-  if [ -L "$PGDIR" ]; then
-    PGDIR=$(readlink "$PGDIR")
-    note "in $PGDIR (user 'postgres' cannot reach $STATE)"
-  else
+  if [ ! -L "$PGDIR" ]; then
     mkdir -p "$PGDIR"
     chown postgres: "$PGDIR"
     if ! runuser -u postgres -- test -w "$PGDIR"; then
-      outside=/var/lib/keenvpn-edge/pg-$(printf '%s' "$PGDIR" | sha256sum | cut -c1-16)
       rmdir "$PGDIR" 2>/dev/null \
         || die "user 'postgres' cannot reach $PGDIR, which holds a cluster; move the checkout, or set DEV_STATE to a directory it can reach"
       mkdir -p /var/lib/keenvpn-edge
       chmod 755 /var/lib/keenvpn-edge
-      ln -s "$outside" "$PGDIR"
-      PGDIR=$outside
-      note "in $PGDIR (user 'postgres' cannot reach $STATE)"
+      ln -s "/var/lib/keenvpn-edge/pg-$(printf '%s' "$PGDIR" | sha256sum | cut -c1-16)" "$PGDIR"
     fi
+  fi
+  if [ -L "$PGDIR" ]; then
+    PGDIR=$(readlink "$PGDIR")
+    note "in $PGDIR (user 'postgres' cannot reach $STATE)"
   fi
   mkdir -p "$PGDIR"
   chown postgres: "$PGDIR"

@@ -96,8 +96,7 @@ dev_stop() {
 # However this script ends from here on (Ctrl-C included), the stack stops
 # and its data goes.
 dev_wipe() {
-  if [ -L "$dev_state/pg" ]; then rm -rf "$(readlink "$dev_state/pg")"; fi
-  rm -rf "$dev_state"
+  DEV_STATE="$dev_state" make -s clean-dev >/dev/null
 }
 trap 'dev_stop; dev_wipe' EXIT
 trap 'exit 130' INT TERM

@@ -132,10 +132,7 @@ async fn token_pair(
 /// (a 503) leaves no account, session or throttle count behind.
 async fn signing_ready(req: &Incoming, env: &Env, keys: &KeySet) -> Result<(), Fail> {
     if fault::requested(env, req, fault::KEYS_REFUSED) {
-        return Err(Fail::unavailable(format!(
-            "injected fault at {}",
-            fault::KEYS_REFUSED
-        )));
+        return Err(fault::unavailable(fault::KEYS_REFUSED));
     }
     webcrypto::ready(keys).await
 }
@@ -556,10 +553,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     let opening = Opening::new(b.device_label, idempotency);
     let issued = open_session(env, &req, &row.user_id, row.inputs, opening).await?;
     let signed = if armed.as_deref() == Some(fault::TOKEN_UNSIGNED) {
-        Err(Fail::unavailable(format!(
-            "injected fault at {}",
-            fault::TOKEN_UNSIGNED
-        )))
+        Err(fault::unavailable(fault::TOKEN_UNSIGNED))
     } else {
         token_pair(keys, &row.user_id, &issued, 200).await
     };

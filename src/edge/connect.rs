@@ -358,10 +358,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         now,
     );
     let signed = if fault.as_deref() == Some(fault::TOKEN_UNSIGNED) {
-        Err(Fail::unavailable(format!(
-            "injected fault at {}",
-            fault::TOKEN_UNSIGNED
-        )))
+        Err(fault::unavailable(fault::TOKEN_UNSIGNED))
     } else {
         webcrypto::sign(keys, unsigned).await
     };

@@ -7,6 +7,7 @@
 //! then names the point in the `x-keenvpn-fault` header. Anywhere else the
 //! header is ignored, and the only cost is reading it.
 
+use super::Fail;
 use super::incoming::Incoming;
 use worker::{Env, Error, Result};
 
@@ -80,6 +81,12 @@ pub fn armed(env: &Env, asked: Option<String>) -> Option<String> {
 /// injection is enabled in this environment.
 pub fn requested(env: &Env, req: &Incoming, point: &str) -> bool {
     armed(env, req.header(HEADER)).as_deref() == Some(point)
+}
+
+/// The 503 a route answers at the point `point`: the backing service it
+/// stands for failing there.
+pub fn unavailable(point: &str) -> Fail {
+    Fail::unavailable(format!("injected fault at {point}"))
 }
 
 /// Waits [`KV_SLOW_MS`] when `armed` names [`KV_SLOW`] (a KV write about to

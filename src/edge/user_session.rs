@@ -817,9 +817,9 @@ impl UserSession {
             records.retain(|r| r.id != id);
         }
         // Oldest first, by the second each was made (as `created_at` says);
-        // within one second, in
-        // the order merged above, which is PostgreSQL's (by the microsecond)
-        // for a list just read and the newest last for one just made. By id
+        // within one second, in the order merged above, which is
+        // PostgreSQL's (by the microsecond) for a list just read and the
+        // newest last for one just made. By id
         // instead, two devices made in one second could rank otherwise than
         // in the device list, and after a downgrade the connect would let
         // in another device than the one the list shows first. (An unstable
