@@ -31,7 +31,8 @@ SELECT coalesce(json_agg(json_build_object(
 
 /// The cron's maintenance, each step sent as a query of its own: statements
 /// sent together run as one transaction, and a failure to create a partition
-/// must not undo marking silent regions down.
+/// must not undo marking silent regions down. Each is sent after a limit on
+/// its run time in the database (`STEP_STATEMENT_LIMIT_MS`).
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // A run more than 90 s after the last one (the cron runs every minute)
     // followed a gap: the database was down, so monitors' reports were
@@ -67,6 +68,15 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 /// them, and the publish, end well within the minute between runs.
 const STEP_LIMIT_MS: u64 = 10_000;
 
+/// How long PostgreSQL itself lets a maintenance step run, a second under
+/// [`STEP_LIMIT_MS`]. A step the run gives up on would otherwise stay in the
+/// database: a backend waiting on a lock does not notice that its client went
+/// away (nor, behind a pool, does the pool's connection go away), and it would
+/// take the lock, and do the step, whenever the lock came free, while the
+/// steps of later runs queued behind it. Set for the step's own implicit
+/// transaction only (`SET LOCAL`), so a pooled connection keeps its settings.
+const STEP_STATEMENT_LIMIT_MS: u64 = STEP_LIMIT_MS - 1_000;
+
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let failed = |step: &str, e: String| {
@@ -81,7 +91,10 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
         Some(Ok(client)) => {
             for (step, sql) in MAINTENANCE_SQL {
-                match time::timeout(STEP_LIMIT_MS, client.simple_query(sql)).await {
+                // One simple query: the setting and the step run in one
+                // implicit transaction, which the setting does not outlive.
+                let sql = format!("SET LOCAL statement_timeout = {STEP_STATEMENT_LIMIT_MS}; {sql}");
+                match time::timeout(STEP_LIMIT_MS, client.simple_query(&sql)).await {
                     // The partition step answers with a line per month it
                     // had to skip (its rows go to the default partition).
                     Some(Ok(messages)) => pg::first_column(&messages)

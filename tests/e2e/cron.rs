@@ -254,8 +254,9 @@ fn gap_in_runs(ctx: &Ctx) -> Result<(), Failed> {
 
 /// A maintenance step that never ends (here the first one, waiting on a lock
 /// of `cron_state` a test transaction holds) is given up after 10 s: the run
-/// still publishes the catalogue and ends. Nothing bounded the run before: it
-/// waited for as long as the lock was held, and published nothing.
+/// still publishes the catalogue and ends, and the step does not stay waiting
+/// in the database either. Nothing bounded the run before: it waited for as
+/// long as the lock was held, and published nothing.
 fn stuck_step(ctx: &Ctx) -> Result<(), Failed> {
     let db_url = ctx.stack().pg.url(DB_NAME);
     ctx.rt.block_on(async {
@@ -273,6 +274,16 @@ fn stuck_step(ctx: &Ctx) -> Result<(), Failed> {
         let started = std::time::Instant::now();
         let run = tokio::time::timeout(std::time::Duration::from_secs(25), trigger(ctx)).await;
         let took = started.elapsed();
+        // Once the run has ended, nothing of it may still wait in the
+        // database for the lock: it would take it (and do the step) whenever
+        // the holder let go.
+        let still_waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'cron_state'::regclass",
+                &[],
+            )
+            .await?
+            .get(0);
         holder.batch_execute("ROLLBACK").await?;
         let published = snapshot(ctx);
         db.execute(
@@ -284,6 +295,7 @@ fn stuck_step(ctx: &Ctx) -> Result<(), Failed> {
         trigger(ctx).await?;
         run.map_err(|_| "the run was still waiting after 25 s")??;
         assert!(took.as_secs() >= 9, "the step was given up after {took:?}");
+        assert_eq!(still_waiting, 0, "the given-up step still waits on the lock");
         let eu_west = published["regions"]
             .as_array()
             .expect("regions")
