@@ -423,6 +423,17 @@ impl Clone for UserSession {
     }
 }
 
+/// What [`UserSession::settle_devices`] came to.
+enum Settle {
+    /// The records hold PostgreSQL's list (or were known to already).
+    Settled,
+    /// A device operation is under way, or started while the list was read:
+    /// its own outcome will settle the records, or the alarm look again.
+    Busy,
+    /// PostgreSQL could not be read (the cause).
+    Failed(String),
+}
+
 /// A device operation under way: arms the alarm before it changes anything,
 /// and leaves the records unsettled unless it is seen through ([`DeviceOp::done`]).
 struct DeviceOp<'a> {
@@ -712,42 +723,59 @@ impl UserSession {
     /// while an operation is under way.
     async fn check(&self) -> Result<()> {
         let origin = Origin::default();
-        let stored = self.load().await?;
-        let Some(user_id) = stored.user_id else {
+        if self.load().await?.user_id.is_none() {
             return Ok(());
-        };
-        if self.device_ops.get() > 0 {
-            self.arm(MIRROR_CHECK_MS, &origin).await;
-        } else if !self.devices_settled.get() {
-            let generation = self.device_generation.get();
-            let mark = stored.devices.mark();
-            let listed = match store::connect(&self.env).await {
-                Ok(db) => store::list_devices(&db, &user_id).await,
-                Err(fail) => Err(fail),
-            };
-            let unchanged = || self.device_generation.get() == generation;
-            match listed {
-                // No await but storage ones between this check and the list's
-                // application, so no operation can start in between.
-                Ok(devices) if unchanged() => {
-                    self.apply_devices(mark, devices, Own::Nothing, &origin)
-                        .await?;
-                    if unchanged() {
-                        self.devices_settled.set(true);
-                    }
-                    self.mirrors.borrow_mut().resync_failures = 0;
-                }
-                Ok(_) => self.arm(MIRROR_CHECK_MS, &origin).await,
-                Err(fail) => {
-                    let cause = fail.cause.unwrap_or_default();
-                    self.retry_later(Retry::Resync, "device list", &cause, &origin)
-                        .await;
-                }
+        }
+        match self.settle_devices(&origin).await? {
+            Settle::Settled => self.mirrors.borrow_mut().resync_failures = 0,
+            Settle::Busy => self.arm(MIRROR_CHECK_MS, &origin).await,
+            Settle::Failed(cause) => {
+                self.retry_later(Retry::Resync, "device list", &cause, &origin)
+                    .await;
             }
         }
         self.mirror(&[Mirrored::Sessions, Mirrored::Devices], &origin)
             .await;
         Ok(())
+    }
+
+    /// Brings the device records up to date with PostgreSQL's list, unless
+    /// this instance has seen every device operation through (then they are).
+    /// A list read while a device operation started is not applied: it may
+    /// predate that operation's change.
+    async fn settle_devices(&self, origin: &Origin) -> Result<Settle> {
+        if self.device_ops.get() > 0 {
+            return Ok(Settle::Busy);
+        }
+        if self.devices_settled.get() {
+            return Ok(Settle::Settled);
+        }
+        let stored = self.load().await?;
+        let Some(user_id) = stored.user_id else {
+            return Ok(Settle::Settled);
+        };
+        let generation = self.device_generation.get();
+        let mark = stored.devices.mark();
+        let listed = match store::connect(&self.env).await {
+            Ok(db) => store::list_devices(&db, &user_id).await,
+            Err(fail) => Err(fail),
+        };
+        let unchanged = || self.device_generation.get() == generation;
+        match listed {
+            // No await but storage ones between this check and the list's
+            // application, so no operation can start in between.
+            Ok(devices) if unchanged() => {
+                self.apply_devices(mark, devices, Own::Nothing, origin)
+                    .await?;
+                if !unchanged() {
+                    return Ok(Settle::Busy);
+                }
+                self.devices_settled.set(true);
+                Ok(Settle::Settled)
+            }
+            Ok(_) => Ok(Settle::Busy),
+            Err(fail) => Ok(Settle::Failed(fail.cause.unwrap_or_default())),
+        }
     }
 
     /// Records PostgreSQL's list of the user's devices: syncs the ledger (from
@@ -1072,10 +1100,41 @@ impl UserSession {
         else {
             return refuse(400, "validation_failed", None);
         };
-        let now = time::now_secs();
+        let mut now = time::now_secs();
         let mut stored = self.load().await?;
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
+        }
+        // Records this instance has not seen settled (it is fresh, or a device
+        // operation failed part-way: a delete or a key rotation PostgreSQL
+        // committed and the records missed) may still hold a device PostgreSQL
+        // no longer has. Before they answer this key as already registered, or
+        // refuse it for the limit, they are read again from PostgreSQL. Only
+        // then: most registrations are answered from PostgreSQL anyway. Should
+        // the read fail, they answer as they are.
+        if !self.devices_settled.get() {
+            let limit =
+                Self::entitlement(&stored, now).map_or(r.token_max_devices, |e| e.max_devices);
+            let known = stored
+                .device_records
+                .iter()
+                .any(|d| d.public_key == key.as_str());
+            if known || stored.devices.in_use(now) >= limit {
+                drop(stored);
+                if let Settle::Failed(cause) = self.settle_devices(&origin).await? {
+                    log::event(
+                        Level::Warn,
+                        origin.request_id(),
+                        "device records not settled before a registration",
+                        serde_json::json!({ "error": cause }),
+                    );
+                }
+                now = time::now_secs();
+                stored = self.load().await?;
+                if !stored.claim(&r.user_id) {
+                    return refuse(400, "wrong_object", None);
+                }
+            }
         }
         let mut owned = Owned {
             running: &self.running,
@@ -1334,6 +1393,9 @@ impl UserSession {
             };
             match outcome {
                 Ok(deleted) => {
+                    if deleted.deleted {
+                        fault::at(&origin.fault, "device.after_delete")?;
+                    }
                     let own = if deleted.deleted {
                         Own::Deleted(&r.device_id)
                     } else {

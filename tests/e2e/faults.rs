@@ -42,6 +42,10 @@ pub const TESTS: &[(&str, Test)] = &[
         registration_cut_short_is_repaired,
     ),
     (
+        "faults::after_a_delete_cut_short_a_registration_is_not_answered_from_stale_records",
+        delete_cut_short_then_register,
+    ),
+    (
         "faults::a_panic_is_followed_by_a_fresh_wasm_instance",
         a_panic_is_followed_by_a_fresh_instance,
     ),
@@ -1013,6 +1017,75 @@ fn registration_cut_short_is_repaired(ctx: &Ctx) -> Result<(), Failed> {
             || async { (connect().await.status == 200).then_some(()) },
         )
         .await;
+        Ok(())
+    })
+}
+
+/// A delete whose object throws after PostgreSQL deleted the device (the
+/// client gets a 503) leaves the object's records holding it until they are
+/// settled again. A registration within that window must not be answered from
+/// them. Two free users (one device each), at once:
+/// - one registers the deleted device's key again: a new device (201), not
+///   the deleted one "already registered" (200), which the connect path would
+///   then refuse;
+/// - the other registers another key: it fits (201), not refused for a limit
+///   that the deleted device no longer takes up.
+///
+/// Both within seconds of the delete, well before the alarm (30 s) would
+/// settle the records.
+fn delete_cut_short_then_register(ctx: &Ctx) -> Result<(), Failed> {
+    let stack = ctx.stack();
+    let base = stack.wrangler.base_url.as_str();
+    ctx.rt.block_on(async {
+        let db = pg(stack).await;
+        let db = &db;
+        let same_key = |again: bool| async move {
+            let what = if again { "the same key" } else { "another key" };
+            let user = new_user_at(ctx, base).await;
+            let first = Reg {
+                user: 0,
+                key: unique("cut-"),
+                body: json!({"name": "laptop", "public_key": wg_key()}),
+            };
+            let made = register(ctx, base, &user.access, &first, None).await;
+            assert_eq!(made.status, 201, "{what}: {}", made.body);
+            let old_id = s(&made.body["id"]).to_owned();
+            let path = format!("/v1/devices/{old_id}");
+            let fault = [("x-keenvpn-fault", "device.after_delete")];
+            let cut = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &fault).await;
+            assert_eq!(cut.status, 503, "{what}: {}", cut.body);
+            assert!(
+                devices_in_db(db, &user.id).await.is_empty(),
+                "{what}: deleted"
+            );
+
+            let key = if again {
+                first.body["public_key"].clone()
+            } else {
+                json!(wg_key())
+            };
+            let next = Reg {
+                user: 0,
+                key: unique("cut-"),
+                body: json!({"name": "phone", "public_key": key}),
+            };
+            let r = register(ctx, base, &user.access, &next, None).await;
+            assert_eq!(r.status, 201, "{what}: {}", r.body);
+            assert_ne!(r.body["id"], old_id.as_str(), "{what}");
+            let in_db = devices_in_db(db, &user.id).await;
+            assert_eq!(
+                in_db.get(s(&r.body["id"])).map(String::as_str),
+                key.as_str(),
+                "{what}: {in_db:?}"
+            );
+            assert_eq!(in_db.len(), 1, "{what}: {in_db:?}");
+            assert_eq!(
+                devices_in_api(ctx, base, &user.access).await,
+                in_db,
+                "{what}"
+            );
+        };
+        futures::future::join(same_key(true), same_key(false)).await;
         Ok(())
     })
 }
