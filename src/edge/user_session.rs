@@ -1141,30 +1141,17 @@ impl UserSession {
             key: None,
             reservation: None,
         };
+        if let Some(answer) = self
+            .begin_key(
+                &mut stored,
+                r.idempotency.as_ref(),
+                now,
+                &mut owned,
+                &origin,
+            )
+            .await
         {
-            let running = self.running.borrow();
-            stored
-                .devices
-                .release_unless(|id| running.reservations.contains(id));
-            stored
-                .idempotency
-                .abandon_unless(|k| running.keys.contains_key(k));
-        }
-        if let Some((k, fp)) = &r.idempotency {
-            match stored.idempotency.begin(k, fp, now) {
-                Begin::Proceed => {
-                    *self.running.borrow_mut().keys.entry(k.clone()).or_default() += 1;
-                    owned.key = Some(k.clone());
-                }
-                Begin::Replay(resp) => {
-                    // The first answer may never have reached the mirror (a
-                    // crash right after the state was written): write it again.
-                    self.mirror(&[Mirrored::Devices], &origin.unfaulted()).await;
-                    return Ok(Response::ok(resp.body)?.with_status(resp.status));
-                }
-                Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
-                Begin::Mismatch => return refuse(422, "idempotency_key_reused", None),
-            }
+            return answer;
         }
         // The same key registered again by its owner (a retry whose answer was
         // lost): answer with the device, not a conflict. Keys are unique, so this
@@ -1310,6 +1297,51 @@ impl UserSession {
         store::insert_device(&db, user_id, name, key, (&v4, &v6), limit).await
     }
 
+    /// Starts a request's use of its idempotency key, if it has one, after
+    /// clearing what requests that died left behind (their in-flight keys and
+    /// device reservations). `None`: go on, the key now held through `owned`.
+    /// Otherwise the answer: the first request's, replayed, after writing the
+    /// device copy again (the first answer may never have reached it: a crash
+    /// right after the state was written); 409 while the first still runs; 422
+    /// for another request under the key.
+    async fn begin_key(
+        &self,
+        stored: &mut Stored,
+        idempotency: Option<&(String, String)>,
+        now: i64,
+        owned: &mut Owned<'_>,
+        origin: &Origin,
+    ) -> Option<Result<Response>> {
+        {
+            let running = self.running.borrow();
+            stored
+                .devices
+                .release_unless(|id| running.reservations.contains(id));
+            stored
+                .idempotency
+                .abandon_unless(|k| running.keys.contains_key(k));
+        }
+        let (key, fingerprint) = idempotency?;
+        match stored.idempotency.begin(key, fingerprint, now) {
+            Begin::Proceed => {
+                *self
+                    .running
+                    .borrow_mut()
+                    .keys
+                    .entry(key.clone())
+                    .or_default() += 1;
+                owned.key = Some(key.clone());
+                None
+            }
+            Begin::Replay(resp) => {
+                self.mirror(&[Mirrored::Devices], &origin.unfaulted()).await;
+                Some(Response::ok(resp.body).map(|r| r.with_status(resp.status)))
+            }
+            Begin::InFlight => Some(refuse(409, "idempotency_key_in_flight", None)),
+            Begin::Mismatch => Some(refuse(422, "idempotency_key_reused", None)),
+        }
+    }
+
     /// Runs `change` under the request's `Idempotency-Key` (`idempotency`:
     /// the key and the request's fingerprint), as [`Self::create_device`]
     /// runs a registration: the key is recorded in flight (and durable) before
@@ -1321,10 +1353,11 @@ impl UserSession {
         &self,
         user_id: &str,
         idempotency: Option<&(String, String)>,
+        origin: &Origin,
         // Boxed: one copy of this function serves every change.
         change: LocalBoxFuture<'_, Result<Answer>>,
     ) -> Result<Response> {
-        let Some((key, fingerprint)) = idempotency else {
+        let Some((key, _)) = idempotency else {
             return change.await?.into_response();
         };
         let now = time::now_secs();
@@ -1332,29 +1365,17 @@ impl UserSession {
         if !stored.claim(user_id) {
             return refuse(400, "wrong_object", None);
         }
-        {
-            let running = self.running.borrow();
-            stored
-                .idempotency
-                .abandon_unless(|k| running.keys.contains_key(k));
-        }
-        match stored.idempotency.begin(key, fingerprint, now) {
-            Begin::Proceed => {}
-            Begin::Replay(resp) => return Ok(Response::ok(resp.body)?.with_status(resp.status)),
-            Begin::InFlight => return refuse(409, "idempotency_key_in_flight", None),
-            Begin::Mismatch => return refuse(422, "idempotency_key_reused", None),
-        }
-        *self
-            .running
-            .borrow_mut()
-            .keys
-            .entry(key.clone())
-            .or_default() += 1;
-        let owned = Owned {
+        let mut owned = Owned {
             running: &self.running,
-            key: Some(key.clone()),
+            key: None,
             reservation: None,
         };
+        if let Some(answer) = self
+            .begin_key(&mut stored, idempotency, now, &mut owned, origin)
+            .await
+        {
+            return answer;
+        }
         self.persist(&mut stored, now).await?;
         drop(stored);
 
@@ -1414,8 +1435,13 @@ impl UserSession {
                 Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
         };
-        self.keyed(&r.user_id, r.idempotency.as_ref(), change.boxed_local())
-            .await
+        self.keyed(
+            &r.user_id,
+            r.idempotency.as_ref(),
+            &origin,
+            change.boxed_local(),
+        )
+        .await
     }
 
     async fn rotate_key(&self, mut req: Request, origin: Origin) -> Result<Response> {
@@ -1447,8 +1473,13 @@ impl UserSession {
                 Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
         };
-        self.keyed(&r.user_id, r.idempotency.as_ref(), change.boxed_local())
-            .await
+        self.keyed(
+            &r.user_id,
+            r.idempotency.as_ref(),
+            &origin,
+            change.boxed_local(),
+        )
+        .await
     }
 
     /// The user's devices as this object knows them (no PostgreSQL): the
