@@ -407,7 +407,9 @@ pub async fn apply_billing_event(
         Change::Subscription(s) => {
             let by_metadata = match s.user_id.as_deref().and_then(sql::uuid) {
                 Some(u) => format!("SELECT id FROM users WHERE id = {u}"),
-                None => "SELECT NULL::uuid WHERE false".to_owned(),
+                // Named as the branch above is: a union's columns take the
+                // first branch's names, and the query reads `id`.
+                None => "SELECT NULL::uuid AS id WHERE false".to_owned(),
             };
             let status = s.status.as_str();
             // The plan is the first candidate that names one of ours, else

@@ -64,6 +64,10 @@ pub const TESTS: &[(&str, Test)] = &[
         unknown_customer,
     ),
     (
+        "billing::a_subscription_event_without_our_user_id_is_matched_by_its_customer",
+        matched_by_customer,
+    ),
+    (
         "billing::a_sign_in_with_older_inputs_does_not_undo_a_billing_change",
         stale_sign_in,
     ),
@@ -813,6 +817,52 @@ fn unknown_customer(ctx: &Ctx) -> Result<(), Failed> {
             .await;
             assert!(line.contains(&s.event), "{line}");
         }
+        Ok(())
+    })
+}
+
+/// A subscription event whose object carries no `metadata.user_id` (one made
+/// in the provider's dashboard, or whose metadata went on the checkout
+/// session instead) is matched by its customer id: an upgrade for a known
+/// customer applies; one for an unknown customer is acknowledged and changes
+/// nothing. Both used to fail in the database (503, retried by the provider
+/// for days and never applied).
+fn matched_by_customer(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let t = now() - 600;
+        let (_user, plus) = plus_subscriber(ctx, t).await;
+        let mut family = next(&plus, t + 60);
+        family.plan = "family";
+        let without_user = |s: &Sub| -> Result<Vec<u8>, Failed> {
+            let mut body: Value =
+                serde_json::from_slice(&event("customer.subscription.updated", s))?;
+            let metadata = body["data"]["object"]["metadata"]
+                .as_object_mut()
+                .ok_or("the example event has metadata")?;
+            metadata
+                .remove("user_id")
+                .ok_or("the example event names the user")?;
+            Ok(serde_json::to_vec(&body)?)
+        };
+        let (status, json) = deliver_signed(ctx, &without_user(&family)?).await;
+        assert_eq!(status, 200, "{json}");
+        assert_eq!(json["applied"], true, "{json}");
+        assert_eq!(
+            plan_in_db(ctx, &plus).await,
+            Some(("family".into(), "active".into()))
+        );
+
+        let stranger = Sub {
+            event: unique("evt_"),
+            sub: unique("sub_"),
+            customer: unique("cus_"),
+            ..family.clone()
+        };
+        let (status, json) = deliver_signed(ctx, &without_user(&stranger)?).await;
+        assert_eq!(status, 200, "{json}");
+        assert_eq!(json["applied"], false, "{json}");
+        assert_eq!(plan_in_db(ctx, &stranger).await, None);
+        assert_eq!(events_recorded(ctx, &stranger.event).await, 1);
         Ok(())
     })
 }
