@@ -10,7 +10,7 @@
 //! - [`text`]: Unicode lower-casing, by the runtime in the Worker.
 //! - [`math`]: sine, cosine, arcsine and logarithm, by the runtime in the Worker.
 //! - `edge` (wasm32 only): the one place `worker::` appears. Bindings (KV, the
-//!   `UserSession` and `RegionGate` Durable Objects, the two Hyperdrive bindings),
+//!   `UserSession` and `RegionGate` Durable Objects, the Hyperdrive binding),
 //!   adapters, and the `#[durable_object]` shims.
 //! - `db` (native only): migrations and the dev seed, applied by `refinery`
 //!   from the `migrate` binary and by the test harnesses.

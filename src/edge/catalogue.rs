@@ -12,8 +12,12 @@
 //! routing decision can be.
 //!
 //! If KV holds no snapshot at all (the first minute of a new deployment) the
-//! first caller publishes one from PostgreSQL through the cached Hyperdrive
-//! binding; in steady state the request path never touches PostgreSQL. An
+//! first caller publishes one from PostgreSQL; in steady state the request
+//! path never touches PostgreSQL. It reads through the uncached Hyperdrive
+//! binding, as every publisher does: a snapshot read from Hyperdrive's cache
+//! (up to about a minute old) could be written over a newer one that a
+//! location whose KV had not seen it yet missed, and the publisher's second
+//! read, from the same cache, would not notice. An
 //! isolate without a copy loads one once: requests arriving meanwhile wait
 //! for that load (on a timer of their own, checking for the copy: a request
 //! may not wait on another's I/O, which workerd cancels as hung) instead of
@@ -263,7 +267,7 @@ async fn load(env: &Env, kv_down: Option<KvDown>) -> Result<Rc<Placer>, LoadErro
         unavailable: true,
         cause,
     };
-    let published = time::timeout(PUBLISH_TIMEOUT_MS, cron::publish(env, bindings::DB_CACHED))
+    let published = time::timeout(PUBLISH_TIMEOUT_MS, cron::publish(env, bindings::DB))
         .await
         .ok_or_else(|| unavailable("catalogue publish: timed out".into()))?
         .map_err(|e| unavailable(format!("catalogue publish: {e}")))?;

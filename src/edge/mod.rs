@@ -40,10 +40,8 @@ use worker::{Context, Env, event};
 
 /// Binding names, as declared in `wrangler.toml`.
 pub mod bindings {
-    /// Hyperdrive with query caching off: writes and reads that must be fresh.
+    /// Hyperdrive with query caching off: every read must be fresh.
     pub const DB: &str = "HYPERDRIVE";
-    /// Hyperdrive with caching on: catalogue reads that tolerate ~60 s staleness.
-    pub const DB_CACHED: &str = "HYPERDRIVE_CACHED";
     pub const KV: &str = "KV";
     pub const USER_SESSIONS: &str = "USER_SESSIONS";
     pub const REGION_GATES: &str = "REGION_GATES";

@@ -757,10 +757,6 @@ impl Wrangler {
                 "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE",
                 db_url,
             )
-            .env(
-                "CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE_CACHED",
-                db_url,
-            )
             .env("CLOUDFLARE_CF_FETCH_PATH", &cf)
             .env("WRANGLER_SEND_METRICS", "false")
             .env("WRANGLER_LOG_PATH", self.dir.join("wrangler-logs"))
