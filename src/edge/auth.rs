@@ -153,6 +153,20 @@ pub(super) fn refusal(status: u16, body: &serde_json::Value) -> Fail {
     err.into()
 }
 
+/// Of the account's and the client network's refusals of one sign-in, the
+/// one to answer with: the one whose exact `Retry-After` is longer, since
+/// both locks hold until the later one ends. The account's lock (from 30 s)
+/// is often the shorter; answered with it, a client that waited as told was
+/// refused again by the network's (from 60 s).
+fn longer_refusal(account: Fail, network: Fail) -> Fail {
+    let exact = |f: &Fail| f.api.retry_after.filter(|_| !f.api.default_retry_after);
+    match (exact(&account), exact(&network)) {
+        (Some(a), Some(n)) if n > a => network,
+        (None, Some(_)) => network,
+        _ => account,
+    }
+}
+
 /// What makes two sign-ins (or sign-ups) under one `Idempotency-Key` the
 /// same request: the route, the email and the label. Not the password: no
 /// hash of it goes into a record (an unsalted one would be a fast hash of it),
@@ -496,7 +510,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
             throttle_refund(env, req.request_id(), &ip_obj, ip_at).await;
             return Err(refused);
         }
-        (Err(refused), Err(_)) => return Err(refused),
+        (Err(account), Err(network)) => return Err(longer_refusal(account, network)),
     };
 
     let found = async {

@@ -89,6 +89,10 @@ pub const TESTS: &[(&str, Test)] = &[
         locked_network_spares_accounts,
     ),
     (
+        "auth::a_sign_in_both_throttles_refuse_is_told_to_wait_out_the_later_lock",
+        both_locked,
+    ),
+    (
         "auth::refresh_rotates_and_a_retry_within_grace_gets_the_same_successor",
         refresh_rotation,
     ),
@@ -1088,6 +1092,41 @@ fn locked_network_spares_accounts(ctx: &Ctx) -> Result<(), Failed> {
         }
         let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
         assert_eq!(ok.status, 200, "{}", ok.body);
+        Ok(())
+    })
+}
+
+/// An account locked (five wrong passwords: 30 s) and then the network a
+/// sign-in comes from (thirty failures: 60 s): both refuse it, and its
+/// `Retry-After` is the network's, the later end. It was the account's, and a
+/// client that waited as told was refused again.
+fn both_locked(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        for i in 1..=5 {
+            let r = login(ctx, &email, "wrong password", &fresh_ip()).await;
+            assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
+        }
+        let account = login(ctx, &email, "wrong password", &fresh_ip()).await;
+        assert_eq!(
+            account.status, 429,
+            "the account is locked: {}",
+            account.body
+        );
+        let network = locked_network(ctx).await;
+        let r = login(
+            ctx,
+            &email,
+            "correct horse battery",
+            &format!("{network}::99"),
+        )
+        .await;
+        assert_eq!(r.status, 429, "{}", r.body);
+        let wait: u64 = r.headers["retry-after"].to_str()?.parse()?;
+        assert!(
+            wait > 30,
+            "told to retry in {wait} s; the network's lock (60 s) outlasts the account's (30 s)"
+        );
         Ok(())
     })
 }
