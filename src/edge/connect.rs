@@ -32,6 +32,7 @@ use crate::domain::token::Ticket;
 use crate::http::{ApiError, Reply};
 use serde_json::json;
 use std::cell::RefCell;
+use std::rc::Rc;
 use worker::{Context, Env};
 
 fn etag(snapshot: &Snapshot) -> String {
@@ -220,7 +221,8 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         .map(|b| b.device_id.as_str())
         .filter(|id| crate::domain::device::is_device_id(id));
     // One timer bounds every wait of the request (see `time::Timer`).
-    let timer = Timer::new();
+    // Shared with the event's send after the answer, which it bounds too.
+    let timer = Rc::new(Timer::new());
     let reading = kv::Reading {
         timer: Some(&timer),
         hang: fault.as_deref() == Some(fault::KV_HANG),
@@ -375,6 +377,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             "admitted",
         ),
         fault,
+        Rc::clone(&timer),
     );
     Ok(Reply::json(
         200,

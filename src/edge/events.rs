@@ -9,15 +9,16 @@
 
 use super::durable::js_error;
 use super::log::{self, Level};
-use super::{bindings, fault, pg, random, time};
+use super::time::{self, Timer};
+use super::{bindings, fault, pg, random};
 use crate::domain::outbox::{self, Outbox, Push};
 use crate::sql;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::cell::RefCell;
+use std::rc::Rc;
 use wasm_bindgen::JsValue;
 use worker::js_sys::{JSON, Promise, Reflect};
-use worker::wasm_bindgen_futures::JsFuture;
 use worker::{Context, Env, MessageBatch, event};
 
 /// How long the consumer waits for PostgreSQL to take a batch.
@@ -83,17 +84,31 @@ struct Many<'a> {
     events: &'a [ConnectionEvent],
 }
 
-/// Sends one event. workers-rs's `Queue::send` builds the message object
-/// field by field across the boundary, and its options object through serde,
-/// on every send; here the event crosses once, as JSON text, which the
-/// runtime's own `JSON.parse` turns into the object.
-async fn send(env: &Env, text: &str) -> Result<(), String> {
-    let queue: QueueProducer = bindings::object(env, bindings::CONNECTION_EVENTS)?;
-    let body = JSON::parse(text).map_err(|e| js_error(&e))?;
-    let promise = JSON_MESSAGE
-        .with(|options| queue.send_with(&body, options))
-        .map_err(|e| js_error(&e))?;
-    JsFuture::from(promise)
+/// How long one send may take before it counts as failed (and is tried
+/// again, or its events held). A send the queue takes and never answers
+/// would otherwise hold its events until the runtime cancels the work after
+/// the response (30 s), losing them without a word. Three attempts and their
+/// pauses take at most 16.25 s.
+const SEND_LIMIT_MS: u32 = 5_000;
+
+/// Sends one message, bounded by [`SEND_LIMIT_MS`] on `timer` (the request's,
+/// if it has one: no timer of its own to set and clear). workers-rs's
+/// `Queue::send` builds the message object field by field across the
+/// boundary, and its options object through serde, on every send; here the
+/// message crosses once, as JSON text, which the runtime's own `JSON.parse`
+/// turns into the object. `hang`: the fault point [`fault::EVENTS_HANG`]
+/// stands in a promise that never settles for the send.
+async fn send(env: &Env, text: &str, timer: Option<&Timer>, hang: bool) -> Result<(), String> {
+    let promise = if hang {
+        Promise::new(&mut |_, _| {})
+    } else {
+        let queue: QueueProducer = bindings::object(env, bindings::CONNECTION_EVENTS)?;
+        let body = JSON::parse(text).map_err(|e| js_error(&e))?;
+        JSON_MESSAGE
+            .with(|options| queue.send_with(&body, options))
+            .map_err(|e| js_error(&e))?
+    };
+    time::bounded(&promise, SEND_LIMIT_MS, timer)
         .await
         .map(drop)
         .map_err(|e| js_error(&e))
@@ -114,18 +129,24 @@ async fn send_retried(
     env: &Env,
     message: &impl Serialize,
     fault: &Option<String>,
+    timer: Option<&Timer>,
 ) -> Result<(), String> {
     let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-    retry_send(env, &text, fault).await
+    retry_send(env, &text, fault, timer).await
 }
 
 /// [`send_retried`] once the message is text: one copy for every kind of
 /// message.
-async fn retry_send(env: &Env, text: &str, fault: &Option<String>) -> Result<(), String> {
+async fn retry_send(
+    env: &Env,
+    text: &str,
+    fault: &Option<String>,
+    timer: Option<&Timer>,
+) -> Result<(), String> {
     let attempt = |n: usize| async move {
         match fault::send_refused(fault, n) {
             Some(e) => Err(e),
-            None => send(env, text).await,
+            None => send(env, text, timer, fault::send_hangs(fault, n)).await,
         }
     };
     let mut outcome = attempt(0).await;
@@ -167,13 +188,15 @@ fn hold(events: Vec<ConnectionEvent>, error: &str, request_id: Option<&str>) {
 /// does not wait), retrying a failed send (see [`SEND_RETRY_DELAYS_MS`]);
 /// held in the outbox if every attempt fails. While the outbox holds events
 /// no flush is scheduled for, the event joins them instead, so that they go
-/// too. `fault`: an armed fault point of the request.
+/// too. `fault`: an armed fault point of the request. `timer`: the request's,
+/// which bounds the sends, and is stopped once they end.
 pub fn enqueue(
     env: &Env,
     ctx: &Context,
     request_id: &str,
     event: ConnectionEvent,
     fault: Option<String>,
+    timer: Rc<Timer>,
 ) {
     if OUTBOX.with(|o| o.borrow().waiting()) {
         return collect(env, ctx, event);
@@ -181,7 +204,7 @@ pub fn enqueue(
     let env = env.clone();
     let request_id = request_id.to_owned();
     ctx.wait_until(async move {
-        if let Err(e) = send_retried(&env, &event, &fault).await {
+        if let Err(e) = send_retried(&env, &event, &fault, Some(&timer)).await {
             hold(vec![event], &e, Some(&request_id));
         }
     });
@@ -229,7 +252,7 @@ async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>) {
         let batch = Many {
             events: &events[sent..end],
         };
-        if let Err(e) = send_retried(env, &batch, &None).await {
+        if let Err(e) = send_retried(env, &batch, &None, None).await {
             return hold(events.split_off(sent), &e, None);
         }
         sent = end;

@@ -57,6 +57,10 @@ pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
 /// admitted connection's event to the queue fails, as a queue that refused
 /// it would.
 pub const EVENTS_SEND: &str = "events.send";
+/// The point, on `POST /v1/connect`, at which the first attempt to send the
+/// admitted connection's event never settles, as with a queue that takes the
+/// send and never answers.
+pub const EVENTS_HANG: &str = "events.hang";
 /// The point, on `POST /v1/connect`, at which every attempt to send the
 /// admitted connection's event fails, as with a queue that is down.
 pub const EVENTS_DOWN: &str = "events.down";
@@ -105,6 +109,12 @@ pub fn send_refused(armed: &Option<String>, n: usize) -> Option<String> {
         Some(p @ EVENTS_DOWN) => Some(format!("injected fault at {p}")),
         _ => None,
     }
+}
+
+/// Whether attempt `n` (from 0) to send a request's event never settles: the
+/// first at [`EVENTS_HANG`].
+pub fn send_hangs(armed: &Option<String>, n: usize) -> bool {
+    n == 0 && armed.as_deref() == Some(EVENTS_HANG)
 }
 
 /// Throws (returns the error a crash would surface as) when `armed` names

@@ -65,7 +65,9 @@ extern "C" {
 /// the `Timer` is dropped, 27 µs of 1,554 (as with the one timer a connect
 /// had before its KV reads were bounded). A waiting request is never woken by
 /// another request's timer (workerd forbids waiting on another request's
-/// I/O), so a `Timer` lives and dies within its request.
+/// I/O), so a `Timer` lives and dies within its request: at the latest with
+/// the work the request leaves running after its answer (a connect's event
+/// send, which holds it until the send ends).
 pub struct Timer(RequestTimer);
 
 impl Timer {

@@ -72,6 +72,10 @@ pub const TESTS: &[(&str, Test)] = &[
         event_send_retried,
     ),
     (
+        "connect::a_connection_event_whose_send_never_settles_is_sent_again",
+        event_send_hung,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_every_time_goes_with_the_next",
         event_held,
     ),
@@ -838,9 +842,24 @@ async fn events_reach(ctx: &Ctx, device: &str, outcome: &str, at_least: i64) -> 
 /// sends it again after the answer, and PostgreSQL gets it once. Before, the
 /// failure was logged and the event lost.
 fn event_send_retried(ctx: &Ctx) -> Result<(), Failed> {
+    event_sent_again(ctx, "events.send")
+}
+
+/// A queue that takes a connection event's first send and never answers it
+/// (the fault point `events.hang`) loses nothing either: the send is given up
+/// after 5 s and made again. Before, nothing bounded it: the event waited
+/// until the runtime cancelled the work after the answer, and was lost
+/// without a log line.
+fn event_send_hung(ctx: &Ctx) -> Result<(), Failed> {
+    event_sent_again(ctx, "events.hang")
+}
+
+/// A connect whose event's first send fails at `point`: the event reaches
+/// PostgreSQL once, and nothing is logged as held or lost.
+fn event_sent_again(ctx: &Ctx, point: &str) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (user, dev) = user_with_device(ctx, false).await;
-        let r = connect_at_fault(ctx, &user, &dev, "events.send").await;
+        let r = connect_at_fault(ctx, &user, &dev, point).await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(events_reach(ctx, &dev, "admitted", 1).await, 1);
         // Once: a later batch brings no second copy.
