@@ -110,7 +110,8 @@ thread_local! {
     };
 }
 
-/// Forgets this isolate's copy (after an admin change made here).
+/// Forgets this isolate's copy (after an admin change made here, or a cron
+/// run here that published a new snapshot).
 pub fn invalidate() {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();

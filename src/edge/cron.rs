@@ -116,12 +116,20 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         .await
         .unwrap_or_else(|| Err(late()));
     match published {
-        Ok((snapshot, written)) => log::event(
-            Level::Info,
-            None,
-            "catalogue published",
-            json!({"etag": snapshot.etag, "written": written}),
-        ),
+        Ok((snapshot, written)) => {
+            // This isolate's copy is older than what it just wrote: it reads
+            // the new one at its next request, as after an admin change,
+            // rather than routing by the old one for up to its reuse time.
+            if written {
+                super::catalogue::invalidate();
+            }
+            log::event(
+                Level::Info,
+                None,
+                "catalogue published",
+                json!({"etag": snapshot.etag, "written": written}),
+            )
+        }
         Err(e) => log::event(
             Level::Error,
             None,

@@ -76,6 +76,10 @@ pub const TESTS: &[(&str, Test)] = &[
         event_send_hung,
     ),
     (
+        "connect::a_change_the_cron_publishes_steers_the_next_connect_at_once",
+        cron_change_steers_at_once,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_every_time_goes_with_the_next",
         event_held,
     ),
@@ -852,6 +856,61 @@ fn event_send_retried(ctx: &Ctx) -> Result<(), Failed> {
 /// without a log line.
 fn event_send_hung(ctx: &Ctx) -> Result<(), Failed> {
     event_sent_again(ctx, "events.hang")
+}
+
+/// A region change the cron publishes (here an operator's drain written to
+/// the database directly) steers the next connect of the isolate that ran it,
+/// as an admin change does. Before, that isolate went on routing by its copy
+/// for up to its reuse time (5 s), and tests that ran just after a cron test
+/// restored the regions could still be steered by the changed copy.
+fn cron_change_steers_at_once(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let db = db(ctx).await;
+        let (plus, dev) = user_with_device(ctx, true).await;
+        let cron = || async {
+            let r = ctx
+                .http
+                .get(ctx.url("/__scheduled?cron=*+*+*+*+*"))
+                .send()
+                .await;
+            assert_eq!(
+                r.map(|r| r.status().as_u16()).ok(),
+                Some(200),
+                "the cron ran"
+            );
+        };
+        let region = |r: Resp| r.body["region"].as_str().map(str::to_owned);
+        let drain = |health: Option<&'static str>| {
+            let db = &db;
+            async move {
+                db.execute(
+                    "UPDATE regions SET operator_health = $1 WHERE id = 'eu-west'",
+                    &[&health],
+                )
+                .await
+                .expect("region");
+            }
+        };
+        let london = || connect_from(ctx, &plus, &dev, LONDON, None);
+        assert_eq!(region(london().await).as_deref(), Some("eu-west"));
+        drain(Some("draining")).await;
+        cron().await;
+        let drained = region(london().await);
+        drain(None).await;
+        cron().await;
+        assert_ne!(
+            drained.as_deref(),
+            Some("eu-west"),
+            "steered by the old copy"
+        );
+        assert_eq!(
+            region(london().await).as_deref(),
+            Some("eu-west"),
+            "restored"
+        );
+        Ok(())
+    })
 }
 
 /// A connect whose event's first send fails at `point`: the event reaches
