@@ -1414,10 +1414,8 @@ impl UserSession {
             };
             match outcome {
                 Ok(deleted) => {
-                    if deleted.deleted {
-                        fault::at(&origin.fault, "device.after_delete")?;
-                    }
                     let own = if deleted.deleted {
+                        fault::at(&origin.fault, "device.after_delete")?;
                         Own::Deleted(&r.device_id)
                     } else {
                         Own::Nothing
