@@ -1033,18 +1033,20 @@ impl UserSession {
         }
     }
 
-    /// Ends one session (`/revoke`), every session (`/revoke-all`), or every
-    /// session for good (`/close`: the account was removed, a sign-up
-    /// undone; the object then opens no session again), or takes one back
-    /// (`/withdraw`). Their KV copy is written as for any revocation: the
-    /// connect path checks it.
+    /// Ends one session (`/revoke`), every session (`/revoke-all`, asked by
+    /// the session `sid`, which must be active: the KV copy the worker
+    /// checked may lag a revocation), or every session for good (`/close`:
+    /// the account was removed, a sign-up undone; the object then opens no
+    /// session again), or takes one back (`/withdraw`). Their KV copy is
+    /// written as for any revocation: the connect path checks it.
     async fn revoke(&self, mut req: Request, ending: Ending, origin: Origin) -> Result<Response> {
         let (sid, owner) = match ending {
-            Ending::All => (None, None),
-            Ending::One | Ending::Withdrawn => match body::<RevokeReq>(&mut req).await {
-                Ok(r) => (Some(r.sid), None),
-                Err(resp) => return Ok(resp),
-            },
+            Ending::One | Ending::All | Ending::Withdrawn => {
+                match body::<RevokeReq>(&mut req).await {
+                    Ok(r) => (Some(r.sid), None),
+                    Err(resp) => return Ok(resp),
+                }
+            }
             Ending::Close => match body::<CloseReq>(&mut req).await {
                 Ok(r) => (None, Some(r.user_id)),
                 Err(resp) => return Ok(resp),
@@ -1059,12 +1061,17 @@ impl UserSession {
             stored.closed = true;
         }
         let revoked = match (&sid, ending) {
+            (Some(sid), Ending::All) => {
+                if !stored.sessions.is_active(sid, now) {
+                    return refuse(401, "session_revoked", None);
+                }
+                stored.sessions.revoke_all(now, RevokeReason::LogoutAll)
+            }
             (Some(sid), Ending::Withdrawn) => usize::from(stored.sessions.withdraw(sid, now)),
             (Some(sid), _) => usize::from(stored.sessions.revoke(sid, now, RevokeReason::Logout)),
-            (None, Ending::Close) => stored
+            (None, _) => stored
                 .sessions
                 .revoke_all(now, RevokeReason::AccountRemoved),
-            (None, _) => stored.sessions.revoke_all(now, RevokeReason::LogoutAll),
         };
         self.save(&mut stored, now, true, &origin).await?;
         Response::from_json(&serde_json::json!({ "revoked": revoked }))

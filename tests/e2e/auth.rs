@@ -113,6 +113,10 @@ pub const TESTS: &[(&str, Test)] = &[
         logout_flows,
     ),
     (
+        "auth::a_revoked_session_cannot_end_the_others_when_its_kv_copy_lags",
+        logout_all_without_the_copy,
+    ),
+    (
         "auth::a_stalled_kv_write_holds_no_sign_in_and_lands_in_order",
         stalled_kv,
     ),
@@ -1373,6 +1377,44 @@ fn logout_flows(ctx: &Ctx) -> Result<(), Failed> {
                 .to_str()?
                 .starts_with("Bearer")
         );
+        Ok(())
+    })
+}
+
+/// Ending every session takes a live one, and the user's object decides
+/// that, not the KV copy the worker reads first: that copy can lag a
+/// revocation, or be unreadable while KV fails. With it gone, the access
+/// token of a logged-out session passes the worker's check and still ends
+/// nothing.
+fn logout_all_without_the_copy(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, a) = new_user(ctx).await;
+        let b = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        let a_access = s(&a.body["access_token"]);
+        let out = send(ctx, "POST", "/v1/auth/logout", None, Some(a_access)).await;
+        assert_eq!(out.status, 204, "{}", out.body);
+        // Once the copy with the logout has landed, it is taken away, as if
+        // it had not landed yet.
+        crate::support::eventually(
+            Duration::from_secs(70),
+            "logged-out access token refused",
+            || async { (me(ctx, a_access).await.body["code"] == "session_revoked").then_some(()) },
+        )
+        .await;
+        let user = s(&claims(a_access)["sub"]).to_owned();
+        ctx.stack().wrangler.kv_delete(&format!("sessions/{user}"));
+        let listed = me(ctx, a_access).await;
+        assert_eq!(
+            listed.status, 200,
+            "without its copy, the worker cannot tell the session ended: {}",
+            listed.body
+        );
+
+        let all = send(ctx, "POST", "/v1/auth/logout-all", None, Some(a_access)).await;
+        assert_eq!(all.status, 401, "{}", all.body);
+        assert_eq!(all.body["code"], "session_revoked");
+        let kept = refresh(ctx, s(&b.body["refresh_token"])).await;
+        assert_eq!(kept.status, 200, "the other session lives: {}", kept.body);
         Ok(())
     })
 }
