@@ -70,6 +70,57 @@ pub fn delete_new_user(user: &str) -> String {
     )
 }
 
+/// The JSON of a `devices` row aliased `d`, as the API shows a device.
+pub const DEVICE_JSON: &str =
+    "json_build_object('id', d.id, 'name', d.name, 'public_key', d.public_key,
+    'ipv4_address', host(d.ipv4_address), 'ipv6_address', host(d.ipv6_address),
+    'created_at', extract(epoch FROM d.created_at)::bigint)";
+
+/// Registers the device `name` with the WireGuard key `key` for the user
+/// `user` ([`literal`]s, and a [`uuid`]) unless they have `limit` devices,
+/// in one transaction that locks the user's row; its one row is a JSON
+/// object:
+/// - `device`: the device added, or `null`;
+/// - `existing`: the user's device with this key from before the statement
+///   (an earlier attempt committed and its answer was lost), or `null`;
+/// - `taken`: whether another user's device has the key;
+/// - `devices`: the user's devices after the statement, oldest first.
+///
+/// The tunnel address number is drawn from `device_address_seq` only for a
+/// device that is added. A sequence value is never given back, so one drawn
+/// for a registration refused by the limit or the key would be lost to the
+/// whole fleet, and a client retrying one could use up the range. The
+/// addresses are the ranges' bases ([`tunnel_bases`]) plus that number, as
+/// [`tunnel_addresses`] computes them. Two users adding one key at the same
+/// moment still meet the key's unique constraint.
+///
+/// [`tunnel_bases`]: crate::domain::device::tunnel_bases
+/// [`tunnel_addresses`]: crate::domain::device::tunnel_addresses
+pub fn insert_device(user: &str, name: &str, key: &str, limit: u32) -> String {
+    let (v4, v6) = crate::domain::device::tunnel_bases();
+    format!(
+        "BEGIN;
+         SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
+         WITH drawn AS (
+             SELECT nextval('device_address_seq') AS n
+             WHERE (SELECT count(*) FROM devices WHERE user_id = {user}) < {limit}
+               AND NOT EXISTS (SELECT 1 FROM devices WHERE public_key = {key})),
+         ins AS (
+             INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+             SELECT {user}, {name}, {key}, '{v4}'::inet + n, '{v6}'::inet + n FROM drawn
+             RETURNING *)
+         SELECT json_build_object(
+             'device', (SELECT {DEVICE_JSON} FROM ins d),
+             'existing', (SELECT {DEVICE_JSON} FROM devices d
+                          WHERE d.user_id = {user} AND d.public_key = {key}),
+             'taken', EXISTS (SELECT 1 FROM devices WHERE public_key = {key} AND user_id <> {user}),
+             'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json)
+                         FROM (SELECT * FROM devices WHERE user_id = {user}
+                               UNION ALL SELECT * FROM ins) d))::text;
+         COMMIT;"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

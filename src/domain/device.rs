@@ -85,6 +85,13 @@ const IPV4_HOSTS: u64 = (1 << 22) - 2;
 /// `fd4b:6565:6e00::/48`: the tunnel IPv6 range (a ULA prefix).
 const IPV6_BASE: u128 = 0xfd4b_6565_6e00_u128 << 80;
 
+/// The first address of each tunnel range (host number 0), which
+/// [`tunnel_addresses`] counts up from. PostgreSQL adds its sequence number
+/// to them the same way when it registers a device (`sql::insert_device`).
+pub fn tunnel_bases() -> (Ipv4Addr, Ipv6Addr) {
+    (Ipv4Addr::from(IPV4_BASE), Ipv6Addr::from(IPV6_BASE))
+}
+
 /// A WireGuard (Curve25519) public key: standard base64 with padding of exactly
 /// 32 bytes, so 44 characters.
 ///

@@ -13,7 +13,7 @@ use crate::domain::entitlement::{ENDED, PAID_FOR, REVIVED_BY_PAYMENT, Status};
 use crate::domain::problem::ProblemCode;
 use crate::domain::stripe::{Change, Envelope};
 use crate::http::ApiError;
-use crate::sql;
+use crate::sql::{self, DEVICE_JSON};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio_postgres::Client;
@@ -176,35 +176,23 @@ pub async fn account(client: &Client, user_id: &str) -> Result<Option<AccountRow
 /// A device as the API shows it (the database builds it with [`DEVICE_JSON`]).
 pub use crate::api::Device;
 
-/// The JSON of a device row aliased `d`.
-const DEVICE_JSON: &str =
-    "json_build_object('id', d.id, 'name', d.name, 'public_key', d.public_key,
-    'ipv4_address', host(d.ipv4_address), 'ipv6_address', host(d.ipv6_address),
-    'created_at', extract(epoch FROM d.created_at)::bigint)";
+fn key_in_use() -> Fail {
+    ApiError::new(
+        ProblemCode::PublicKeyInUse,
+        "Another device already uses this public key.",
+    )
+    .into()
+}
 
-fn key_in_use(e: &tokio_postgres::error::DbError) -> Option<Fail> {
+/// A unique violation on a device's key: another user registered it
+/// meanwhile (a key rotation, or two users adding one key at once).
+fn key_taken_meanwhile(e: &tokio_postgres::error::DbError) -> Option<Fail> {
     let unique = e.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION;
-    (unique && e.constraint().is_some_and(|c| c.contains("public_key"))).then(|| {
-        ApiError::new(
-            ProblemCode::PublicKeyInUse,
-            "Another device already uses this public key.",
-        )
-        .into()
-    })
+    (unique && e.constraint().is_some_and(|c| c.contains("public_key"))).then(key_in_use)
 }
 
 fn user_literal(user_id: &str) -> Result<String, Fail> {
     sql::uuid(user_id).ok_or_else(|| Fail::internal(format!("non-canonical user id {user_id:?}")))
-}
-
-/// The next fleet-wide tunnel address number.
-pub async fn next_address(client: &Client) -> Result<u64, Fail> {
-    let n: Option<u64> = json_row(
-        client,
-        "SELECT to_json(nextval('device_address_seq'))::text",
-    )
-    .await?;
-    n.ok_or_else(|| Fail::internal("nextval returned nothing".into()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,47 +205,38 @@ pub struct Inserted {
     /// died after the commit, or the object did).
     #[serde(default)]
     pub existing: Option<Device>,
+    /// Whether another user's device has this key.
+    #[serde(default)]
+    pub taken: bool,
     /// The user's devices after the statement, oldest first.
     pub devices: Vec<Device>,
 }
 
 /// Inserts a device in one transaction that locks the user's row and re-checks
-/// the limit: the Durable Object's ledger decides first, this is the backstop
-/// that keeps PostgreSQL right even if the ledger ever drifts. A key the user
-/// already registered inserts nothing and comes back as `existing`; another
-/// user's key is a unique violation (409).
+/// the limit ([`sql::insert_device`]): the Durable Object's ledger decides
+/// first, this is the backstop that keeps PostgreSQL right even if the ledger
+/// ever drifts. A key the user already registered inserts nothing and comes
+/// back as `existing`; another user's key is 409.
 pub async fn insert_device(
     client: &Client,
     user_id: &str,
     name: &DeviceName,
     key: &PublicKey,
-    addresses: (&str, &str),
     limit: u32,
 ) -> Result<Inserted, Fail> {
-    let u = user_literal(user_id)?;
-    let q = format!(
-        "BEGIN;
-         SELECT 1 FROM users WHERE id = {u} FOR UPDATE;
-         WITH ins AS (
-             INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
-             SELECT {u}, {name}, {key}, {v4}::inet, {v6}::inet
-             WHERE (SELECT count(*) FROM devices WHERE user_id = {u}) < {limit}
-               AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {u} AND public_key = {key})
-             RETURNING *)
-         SELECT json_build_object(
-             'device', (SELECT {DEVICE_JSON} FROM ins d),
-             'existing', (SELECT {DEVICE_JSON} FROM devices d WHERE d.user_id = {u} AND d.public_key = {key}),
-             'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json) FROM
-                            (SELECT * FROM devices WHERE user_id = {u} UNION ALL SELECT * FROM ins) d))::text;
-         COMMIT;",
-        name = quoted(name.as_str())?,
-        key = quoted(key.as_str())?,
-        v4 = quoted(addresses.0)?,
-        v6 = quoted(addresses.1)?,
+    let q = sql::insert_device(
+        &user_literal(user_id)?,
+        &quoted(name.as_str())?,
+        &quoted(key.as_str())?,
+        limit,
     );
-    json_row_or(client, &q, key_in_use)
+    let inserted: Inserted = json_row_or(client, &q, key_taken_meanwhile)
         .await?
-        .ok_or_else(|| Fail::internal("insert returned no row".into()))
+        .ok_or_else(|| Fail::internal("insert returned no row".into()))?;
+    if inserted.taken && inserted.device.is_none() && inserted.existing.is_none() {
+        return Err(key_in_use());
+    }
+    Ok(inserted)
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,7 +301,7 @@ pub async fn rotate_key(
                              UNION ALL SELECT * FROM upd) d))::text",
         k = quoted(key.as_str())?
     );
-    json_row_or(client, &q, key_in_use)
+    json_row_or(client, &q, key_taken_meanwhile)
         .await?
         .ok_or_else(|| Fail::internal("rotation returned no row".into()))
 }

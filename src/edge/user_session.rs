@@ -31,7 +31,7 @@ use super::durable::{self, body, ping, refuse};
 use super::log::{self, Level};
 use super::store::{self, EntitlementInputs};
 use super::{Fail, fault, kv, random, secrets, storage, time};
-use crate::domain::device::{self, DeviceName, Ledger, LimitError, PublicKey, SyncMark};
+use crate::domain::device::{DeviceName, Ledger, LimitError, PublicKey, SyncMark};
 use crate::domain::entitlement::Entitlement;
 use crate::domain::idempotency::{Begin, Records, StoredResponse};
 use crate::domain::session::{
@@ -1298,10 +1298,7 @@ impl UserSession {
         limit: u32,
     ) -> std::result::Result<store::Inserted, Fail> {
         let db = store::connect(&self.env).await?;
-        let n = store::next_address(&db).await?;
-        let (v4, v6) = device::tunnel_addresses(n)
-            .ok_or_else(|| Fail::internal("tunnel address space exhausted".into()))?;
-        store::insert_device(&db, user_id, name, key, (&v4, &v6), limit).await
+        store::insert_device(&db, user_id, name, key, limit).await
     }
 
     /// Starts a request's use of its idempotency key, if it has one, after

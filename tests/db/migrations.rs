@@ -2,6 +2,7 @@
 
 use crate::support::Postgres;
 use futures::future::BoxFuture;
+use keenvpn_edge::domain::device;
 use keenvpn_edge::{db, sql};
 use libtest_mimic::Failed;
 
@@ -50,6 +51,9 @@ pub const TESTS: &[(&str, Test)] = &[
         "store::a_failed_sign_ups_undo_keeps_a_device_committed_meanwhile",
         |pg| Box::pin(undo_keeps_a_device_committed_meanwhile(pg)),
     ),
+    ("store::only_a_device_added_draws_a_tunnel_address", |pg| {
+        Box::pin(only_an_added_device_draws_an_address(pg))
+    }),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -508,6 +512,155 @@ async fn undo_keeps_a_device_committed_meanwhile(pg: &Postgres) -> Result<(), Fa
         .await?
         .get(0);
     assert_eq!(devices, 1, "the committed device is gone");
+    Ok(())
+}
+
+/// `sql::insert_device` of a device with the key `key` for the user `user`.
+fn registration(user: &str, key: &str, limit: u32) -> String {
+    sql::insert_device(
+        &sql::uuid(user).expect("a canonical uuid"),
+        &sql::literal("Pixel 8").expect("no NUL"),
+        &sql::literal(key).expect("no NUL"),
+        limit,
+    )
+}
+
+/// The JSON object of [`registration`].
+async fn register(
+    client: &tokio_postgres::Client,
+    user: &str,
+    key: &str,
+    limit: u32,
+) -> Result<serde_json::Value, Failed> {
+    let text = client
+        .simple_query(&registration(user, key, limit))
+        .await?
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .last()
+        .ok_or("the registration returned no row")?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The number `device_address_seq` last gave out.
+async fn last_drawn(client: &tokio_postgres::Client) -> Result<i64, Failed> {
+    Ok(client
+        .query_one("SELECT last_value FROM device_address_seq", &[])
+        .await?
+        .get(0))
+}
+
+/// Tunnel addresses come from a sequence that never gives a number back, so
+/// a registration refused by the limit or by the key, or a retry answered
+/// with the device it added, must not draw one: a client repeating such a
+/// request could otherwise use up the fleet's range, after which no one can
+/// register a device. The addresses PostgreSQL computes are the ones
+/// `device::tunnel_addresses` gives for the number, up to the range's last.
+async fn only_an_added_device_draws_an_address(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    let mut users = Vec::new();
+    for email in ["a@example.test", "b@example.test", "c@example.test"] {
+        let id: String = client
+            .query_one(
+                &format!(
+                    "INSERT INTO users (email, password_hash) VALUES ('{email}', '$argon2id$x')
+                     RETURNING id::text"
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        users.push(id);
+    }
+    let (a, b, c) = (&users[0], &users[1], &users[2]);
+    let key = |c: char| format!("{}=", c.to_string().repeat(43));
+    let addresses = |device: &serde_json::Value| {
+        (
+            device["ipv4_address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            device["ipv6_address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    };
+
+    let added = register(&client, a, &key('A'), 1).await?;
+    let drawn = last_drawn(&client).await?;
+    assert_eq!(
+        Some(addresses(&added["device"])),
+        device::tunnel_addresses(drawn as u64),
+        "{added}"
+    );
+    // Another user's key, the limit, and the owner's retry: nothing added,
+    // nothing drawn.
+    let taken = register(&client, b, &key('A'), 5).await?;
+    assert_eq!(
+        (taken["device"].is_null(), taken["taken"].as_bool()),
+        (true, Some(true)),
+        "{taken}"
+    );
+    let full = register(&client, a, &key('B'), 1).await?;
+    assert!(
+        full["device"].is_null() && full["existing"].is_null(),
+        "{full}"
+    );
+    assert_eq!(full["taken"], false);
+    let retry = register(&client, a, &key('A'), 1).await?;
+    assert_eq!(retry["existing"], added["device"], "{retry}");
+    assert!(retry["device"].is_null());
+    assert_eq!(
+        last_drawn(&client).await?,
+        drawn,
+        "a refused registration drew a number"
+    );
+
+    // At the end of the range: refusals there cost nothing either, and the
+    // last number is still given out, with the range's last addresses.
+    client
+        .batch_execute("SELECT setval('device_address_seq', 4194301)")
+        .await?;
+    for _ in 0..3 {
+        let taken = register(&client, b, &key('A'), 5).await?;
+        assert_eq!(taken["taken"], true, "{taken}");
+    }
+    let last = register(&client, c, &key('C'), 5).await?;
+    assert_eq!(
+        addresses(&last["device"]),
+        (
+            "10.127.255.254".to_owned(),
+            "fd4b:6565:6e00::3f:fffe".to_owned()
+        ),
+        "{last}"
+    );
+    assert_eq!(
+        Some(addresses(&last["device"])),
+        device::tunnel_addresses(4_194_302)
+    );
+    // Past it, PostgreSQL refuses the registration and adds nothing.
+    let past = client
+        .simple_query(&registration(c, &key('D'), 5))
+        .await
+        .expect_err("a number past the range");
+    let reason = past.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|m| m.contains("maximum value")),
+        "{past:?}"
+    );
+    client.batch_execute("ROLLBACK").await?;
+    let devices: i64 = client
+        .query_one("SELECT count(*) FROM devices", &[])
+        .await?
+        .get(0);
+    assert_eq!(devices, 2);
     Ok(())
 }
 
