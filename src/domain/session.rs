@@ -521,11 +521,24 @@ impl UserSessions {
 
     /// Revokes one session. Returns whether it was active (an unknown, already
     /// revoked or expired session is left as it is).
+    ///
+    /// Except a session evicted by a newer one: that eviction is undone if
+    /// the newer session is withdrawn ([`UserSessions::withdraw`]), and an
+    /// acknowledged logout must not be. So the logout's revocation replaces
+    /// the eviction's, which no withdrawal matches.
     pub fn revoke(&mut self, sid: &str, now: i64, reason: RevokeReason) -> bool {
         match self.families.get_mut(sid) {
             Some(family) if family.is_active(now) => {
                 family.revoked = Some(Revocation { at: now, reason });
                 true
+            }
+            Some(family)
+                if family
+                    .revoked
+                    .is_some_and(|r| r.reason == RevokeReason::Evicted) =>
+            {
+                family.revoked = Some(Revocation { at: now, reason });
+                false
             }
             _ => false,
         }
@@ -1160,6 +1173,26 @@ mod tests {
         let extra = create(s, 0xee, now);
         assert!(!s.is_active(&issued[0].sid, now));
         (issued, extra)
+    }
+
+    #[test]
+    fn an_evicted_session_logged_out_stays_ended_when_its_evictor_is_withdrawn() {
+        let mut s = UserSessions::default();
+        let now = T0 + 2000;
+        let (issued, extra) = full_then_one_more(&mut s, now);
+        // The evicted session's holder signs out (204: it was not active).
+        assert!(!s.revoke(&issued[0].sid, now + 1, RevokeReason::Logout));
+        assert!(s.withdraw(&extra.sid, now + 2));
+        assert!(
+            !s.is_active(&issued[0].sid, now + 2),
+            "the logout was undone"
+        );
+        assert_eq!(
+            refresh(&mut s, &issued[0], now + 2),
+            Err(RefreshError::Revoked)
+        );
+        // The others it evicted, none here, and the rest are as they were.
+        assert!(issued[1..].iter().all(|i| s.is_active(&i.sid, now + 2)));
     }
 
     #[test]
