@@ -285,7 +285,10 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
     };
     let Some(row) = created else {
         return match idempotency {
-            Some(keyed) => signup_again(env, &req, keys, &db, &email, &password, keyed).await,
+            Some(keyed) => {
+                let credentials = (&email, &password);
+                signup_again(env, &req, keys, &db, credentials, client_ip, keyed).await
+            }
             None => Err(email_taken()),
         };
     };
@@ -310,33 +313,37 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
 /// the one to use. Otherwise, or if the password is not the account's, it is
 /// `email_taken`, exactly as without a key.
 ///
-/// It checks the account's password, so it counts in the account's throttle
-/// as a sign-in does: with only the client network's sign-up limit, guesses
-/// at one account's password could come from network after network (and a
-/// right one takes measurably longer to answer, through the user's object).
+/// It checks the account's password, so it counts in both of a sign-in's
+/// throttles, as a sign-in does (and a right guess takes measurably longer
+/// to answer, through the user's object): with only the client network's
+/// sign-up limit, guesses at one account's password could come from network
+/// after network, and a network locked for sign-in could go on guessing at
+/// account after account here.
 async fn signup_again(
     env: &Env,
     req: &Incoming,
     keys: &KeySet,
     db: &tokio_postgres::Client,
-    email: &Email,
-    password: &Password,
+    (email, password): (&Email, &Password),
+    client_ip: &str,
     keyed: (String, String),
 ) -> Result<Reply, Fail> {
-    let account = account_throttle(email);
-    let counted = throttle_attempt(env, req.request_id(), &account, Scope::Account).await?;
-    let row = match store::find_for_login(db, email).await {
-        Ok(Some(row)) => row,
+    let (account, network) = throttle_names(email, client_ip);
+    let (account_at, network_at) =
+        count_password_check(env, req.request_id(), (&account, &network)).await?;
+    let found = store::find_for_login(db, email).await;
+    if !matches!(found, Ok(Some(_))) {
         // No password was checked (the account went meanwhile, or the
         // database did not answer): the attempt is given back.
-        Ok(None) => {
-            throttle_refund(env, req.request_id(), &account, counted).await;
-            return Err(email_taken());
-        }
-        Err(unavailable) => {
-            throttle_refund(env, req.request_id(), &account, counted).await;
-            return Err(unavailable);
-        }
+        futures::join!(
+            throttle_refund(env, req.request_id(), &account, account_at),
+            throttle_refund(env, req.request_id(), &network, network_at)
+        );
+    }
+    let row = match found {
+        Ok(Some(row)) => row,
+        Ok(None) => return Err(email_taken()),
+        Err(unavailable) => return Err(unavailable),
     };
     if password::verify(password.expose(), &row.password_hash).is_err() {
         return Err(email_taken());
@@ -406,6 +413,35 @@ fn throttle_names(email: &Email, client_ip: &str) -> (String, String) {
         account_throttle(email),
         format!("ip:{}", throttle::client_network(client_ip)),
     )
+}
+
+/// Counts a password check in both throttles at once, before the password is
+/// checked, so concurrent guesses cannot slip past either limit; the counts
+/// (`at`s for a refund) in the order of [`throttle_names`]. An attempt one
+/// throttle refused checks no password: the other's count is given back, or
+/// a locked client network would lock every account it named (and a locked
+/// account use up its callers' network budget).
+async fn count_password_check(
+    env: &Env,
+    request_id: &str,
+    (account, network): (&str, &str),
+) -> Result<(i64, i64), Fail> {
+    let (by_account, by_network) = futures::join!(
+        throttle_attempt(env, request_id, account, Scope::Account),
+        throttle_attempt(env, request_id, network, Scope::ClientIp)
+    );
+    match (by_account, by_network) {
+        (Ok(account_at), Ok(network_at)) => Ok((account_at, network_at)),
+        (Ok(account_at), Err(refused)) => {
+            throttle_refund(env, request_id, account, account_at).await;
+            Err(refused)
+        }
+        (Err(refused), Ok(network_at)) => {
+            throttle_refund(env, request_id, network, network_at).await;
+            Err(refused)
+        }
+        (Err(account), Err(network)) => Err(longer_refusal(account, network)),
+    }
 }
 
 /// The name of the account's throttle (its email's digest, so the object's
@@ -490,28 +526,9 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     secrets::pepper_or_fail(env)?;
     signing_ready(&req, env, keys).await?;
 
-    // Count the attempt before checking the password, atomically per account and
-    // per client, so concurrent guesses cannot slip past the limit.
     let (account_obj, ip_obj) = throttle_names(&email, client_ip);
-    let (by_account, by_ip) = futures::join!(
-        throttle_attempt(env, req.request_id(), &account_obj, Scope::Account),
-        throttle_attempt(env, req.request_id(), &ip_obj, Scope::ClientIp)
-    );
-    // An attempt one throttle refused checks no password: the other's count
-    // is given back, or a locked client network would lock every account it
-    // named (and a locked account use up its callers' network budget).
-    let (account_at, ip_at) = match (by_account, by_ip) {
-        (Ok(account_at), Ok(ip_at)) => (account_at, ip_at),
-        (Ok(account_at), Err(refused)) => {
-            throttle_refund(env, req.request_id(), &account_obj, account_at).await;
-            return Err(refused);
-        }
-        (Err(refused), Ok(ip_at)) => {
-            throttle_refund(env, req.request_id(), &ip_obj, ip_at).await;
-            return Err(refused);
-        }
-        (Err(account), Err(network)) => return Err(longer_refusal(account, network)),
-    };
+    let (account_at, ip_at) =
+        count_password_check(env, req.request_id(), (&account_obj, &ip_obj)).await?;
 
     let found = async {
         let db = store::connect(env).await?;

@@ -32,6 +32,10 @@ pub const TESTS: &[(&str, Test)] = &[
         keyed_signup_guesses,
     ),
     (
+        "auth::a_network_locked_for_sign_in_checks_no_password_by_a_keyed_sign_up",
+        keyed_signup_from_a_locked_network,
+    ),
+    (
         "auth::a_retried_sign_in_under_its_key_opens_no_second_session",
         keyed_login,
     ),
@@ -536,6 +540,41 @@ fn keyed_signup_guesses(ctx: &Ctx) -> Result<(), Failed> {
         // And the guesses that follow are refused before any password check.
         let refused = (429, Some("too_many_attempts".to_owned()));
         assert_eq!(code(&attempt("a guessed password").await), refused);
+        Ok(())
+    })
+}
+
+/// A keyed sign-up for an email that has an account checks the password,
+/// so it counts in the client network's sign-in throttle too: a network
+/// locked for sign-in (thirty failures) was refused sign-ins and could go on
+/// guessing passwords here, twenty a window. It is now refused before any
+/// check, and, as for a refused sign-in, the account counts nothing: after
+/// four wrong passwords and the refused guess, the right one still signs in.
+fn keyed_signup_from_a_locked_network(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        for i in 1..=4 {
+            let r = login(ctx, &email, "wrong password", &fresh_ip()).await;
+            assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
+        }
+        let network = locked_network(ctx).await;
+        let guess = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/signup",
+            Some(json!({"email": email, "password": "a guessed password"})),
+            None,
+            &[
+                ("cf-connecting-ip", &format!("{network}::77")),
+                ("idempotency-key", &unique("signup-key-")),
+            ],
+        )
+        .await;
+        assert_eq!(guess.status, 429, "{}", guess.body);
+        assert_eq!(guess.body["code"], "too_many_attempts");
+        assert!(guess.headers.contains_key("retry-after"));
+        let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
+        assert_eq!(ok.status, 200, "{}", ok.body);
         Ok(())
     })
 }
