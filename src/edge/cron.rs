@@ -1,8 +1,9 @@
 //! The cron trigger, every minute:
 //! - marks down the regions whose monitors stopped reporting (a report older
 //!   than 3 minutes; regions never reported by a monitor are left alone),
-//!   unless its own runs had a gap in the last 3 minutes: the database was
-//!   down then (it needs it too), and refused the reports;
+//!   unless its own runs had a gap in the last 3 minutes (the database was
+//!   down then: it needs it too, and refused the reports), or every one of
+//!   several monitored regions went silent (the monitoring failed);
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
 //! - republishes the region catalogue snapshot to KV.
 //!
@@ -38,6 +39,13 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // followed a gap: the database was down, so monitors' reports were
     // refused, or the cron stalled. Silence then counts from 3 minutes on
     // (migration V11); so it does after the first run of all.
+    //
+    // Silence from every monitored region at once, when there are several,
+    // is read as the monitoring failing (its token rotated without the
+    // monitors', their network cut off), not as the whole fleet down: marking
+    // them all down would refuse every connect. None is marked then, and the
+    // step answers with a line saying so, logged at error level each run.
+    // A single monitored region has no other to be checked against.
     (
         "mark silent regions down",
         "WITH run AS (
@@ -49,10 +57,21 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                      WHEN cron_state.last_run_at < now() - interval '90 seconds'
                      THEN now() + interval '3 minutes'
                      ELSE cron_state.marks_down_from END
-             RETURNING marks_down_from)
+             RETURNING marks_down_from),
+         monitors AS (
+             SELECT count(*) AS monitored,
+                    count(*) FILTER (WHERE health_reported_at >= now() - interval '3 minutes') AS heard
+               FROM regions WHERE health_reported_at IS NOT NULL)
          UPDATE regions SET reported_health = 'down', updated_at = now()
           WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'
-            AND now() >= (SELECT marks_down_from FROM run)",
+            AND now() >= (SELECT marks_down_from FROM run)
+            AND (SELECT heard > 0 OR monitored < 2 FROM monitors);
+         SELECT 'none of the ' || m.monitored || ' monitored regions reported in 3 minutes: '
+                || 'read as the monitoring failing, so none is marked down'
+           FROM (SELECT count(*) AS monitored,
+                        count(*) FILTER (WHERE health_reported_at >= now() - interval '3 minutes') AS heard
+                   FROM regions WHERE health_reported_at IS NOT NULL) m, cron_state c
+          WHERE m.monitored >= 2 AND m.heard = 0 AND now() >= c.marks_down_from",
     ),
     (
         "create connection event partitions",
@@ -96,7 +115,9 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
                 let sql = format!("SET LOCAL statement_timeout = {STEP_STATEMENT_LIMIT_MS}; {sql}");
                 match time::timeout(STEP_LIMIT_MS, client.simple_query(&sql)).await {
                     // The partition step answers with a line per month it
-                    // had to skip (its rows go to the default partition).
+                    // had to skip (its rows go to the default partition),
+                    // the marking step with one when it reads the
+                    // monitoring as failing.
                     Some(Ok(messages)) => pg::first_column(&messages)
                         .for_each(|skipped| failed(step, skipped.to_owned())),
                     Some(Err(e)) => failed(step, e.to_string()),

@@ -19,6 +19,10 @@ pub const TESTS: &[(&str, Test)] = &[
         gap_in_runs,
     ),
     (
+        "cron::every_monitored_region_silent_at_once_is_the_monitoring_failing",
+        silent_monitoring,
+    ),
+    (
         "cron::a_maintenance_step_that_never_ends_holds_neither_the_run_nor_the_publish",
         stuck_step,
     ),
@@ -248,6 +252,69 @@ fn gap_in_runs(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(reported(&db, "sa-east").await, "up");
         // Forget the monitor.
         db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
+        Ok(())
+    })
+}
+
+/// A monitor's report of `health` for `region`.
+async fn monitor_report(ctx: &Ctx, region: &str, health: &str) -> reqwest::Result<u16> {
+    let resp = ctx
+        .http
+        .post(ctx.url(&format!("/v1/admin/regions/{region}/health-report")))
+        .bearer_auth(crate::common::dev_var("ADMIN_TOKEN"))
+        .json(&serde_json::json!({ "health": health }))
+        .send()
+        .await?;
+    Ok(resp.status().as_u16())
+}
+
+/// Every monitored region silent at once (two here, their last reports four
+/// minutes old) is read as the monitoring failing: its token rotated without
+/// the monitors', or their network cut off. The cron used to mark them all
+/// down, and every connect got 503 `no_region_available`. Now it marks none
+/// and logs why; once one monitor is heard again, the other's silence counts.
+fn silent_monitoring(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let monitored = ["sa-east", "af-south"];
+        for region in monitored {
+            assert_eq!(monitor_report(ctx, region, "up").await?, 200);
+        }
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        db.batch_execute(&format!(
+            "{STEADY};
+             UPDATE regions SET health_reported_at = now() - interval '4 minutes'
+              WHERE id IN ('sa-east', 'af-south');"
+        ))
+        .await?;
+        trigger(ctx).await?;
+        for region in monitored {
+            assert_eq!(reported(&db, region).await, "up", "{region} marked down");
+        }
+        crate::support::eventually(
+            std::time::Duration::from_secs(10),
+            "the run's line about the monitoring",
+            || async {
+                let log = ctx.stack().wrangler.log();
+                log.contains("none of the 2 monitored regions reported in 3 minutes")
+                    .then_some(())
+            },
+        )
+        .await;
+        // One monitor is heard again: the other's silence is the region's.
+        assert_eq!(monitor_report(ctx, "sa-east", "up").await?, 200);
+        trigger(ctx).await?;
+        assert_eq!(reported(&db, "af-south").await, "down");
+        assert_eq!(reported(&db, "sa-east").await, "up");
+
+        assert_eq!(monitor_report(ctx, "af-south", "up").await?, 200);
+        // Forget the monitors.
+        db.execute(
+            "UPDATE regions SET health_reported_at = NULL WHERE id IN ('sa-east', 'af-south')",
+            &[],
+        )
+        .await?;
         Ok(())
     })
 }
