@@ -486,12 +486,38 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
             let asked = connect(true).await;
             assert_eq!(asked.status, 503, "{}", asked.body);
             assert_eq!(asked.body["code"], "service_unavailable");
+
+            // Full again (a turn or two freed meanwhile are taken first), and
+            // remembered again...
+            let mut full_again = false;
+            for _ in 0..8 {
+                let r = connect(false).await;
+                if r.status != 429 {
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    continue;
+                }
+                refused += 1;
+                let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
+                if retry <= 2 {
+                    full_again = true;
+                    break;
+                }
+            }
+            assert!(full_again, "the queue did not fill again");
+            let remembered = connect(true).await;
+            assert_eq!(remembered.status, 429, "{}", remembered.body);
+            refused += 1;
+            // ...until the rate changes: that is another question, so the
+            // gate is asked (and fails, at the fault point), while the
+            // memory is still fresh.
+            set_region(ctx, "ap-southeast", json!({"admission_rate": 2})).await;
+            let asked = connect(true).await;
+            assert_eq!(asked.status, 503, "{}", asked.body);
             Ok::<(), Failed>(())
         }
         .await;
         set_region(ctx, "ap-southeast", json!({"admission_rate": 150})).await;
         checked?;
-        // A change of rate is another question: the gate is asked again.
         let r = connect(false).await;
         assert_eq!(r.status, 200, "{}", r.body);
 
