@@ -19,6 +19,10 @@ pub const PANIC: &str = "worker.panic";
 /// The point, on `POST /v1/connect`, at which the region's `RegionGate`
 /// throws from its `admit` call (a crashed or overloaded object).
 pub const GATE_ADMIT: &str = "gate.admit";
+/// The point, on `POST /v1/connect`, at which the call to the region's
+/// `RegionGate` never answers (the Worker waits on a promise that never
+/// settles instead of calling it), as an overloaded object's might not.
+pub const GATE_HANG: &str = "gate.hang";
 /// The point, on `POST /v1/connect` and `GET /v1/regions`, at which the
 /// catalogue's KV reads fail, as they would in a KV outage.
 pub const CATALOGUE_KV: &str = "catalogue.kv";

@@ -95,6 +95,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "connect::a_shard_whose_queue_is_full_is_not_asked_again_for_a_moment",
         full_queue_remembered,
     ),
+    (
+        "connect::a_gate_that_does_not_answer_is_given_up_within_two_seconds",
+        hung_gate,
+    ),
 ];
 
 const LONDON: &str = "51.5074,-0.1278";
@@ -420,6 +424,45 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
 /// The refusals' events reach PostgreSQL each once, collected into a few
 /// queue messages (`domain::outbox`): the consumer's log lines count
 /// messages and events.
+/// A region's gate that does not answer (the development-only fault point
+/// `gate.hang`: an overloaded object's call, say) is given up after 2 s: the
+/// connect gets 503 `service_unavailable` with the regions to fail over to.
+/// It used to wait the 20 s any object call may take, on the day a region's
+/// clients all reconnect at once.
+fn hung_gate(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (user, device) = user_with_device(ctx, true).await;
+        let started = std::time::Instant::now();
+        let r = send_with(
+            ctx,
+            "POST",
+            "/v1/connect",
+            Some(json!({"device_id": device})),
+            Some(&user.access),
+            &[
+                ("x-keenvpn-client-location", SINGAPORE),
+                ("x-keenvpn-fault", "gate.hang"),
+            ],
+        )
+        .await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.body["code"], "service_unavailable");
+        assert!(r.headers.contains_key("retry-after"));
+        assert!(
+            r.body["failover"].as_array().is_some_and(|f| !f.is_empty()),
+            "{}",
+            r.body
+        );
+        assert!(
+            (Duration::from_millis(1_900)..Duration::from_secs(5)).contains(&took),
+            "answered after {took:?}"
+        );
+        Ok(())
+    })
+}
+
 fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
