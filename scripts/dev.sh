@@ -56,8 +56,10 @@ if [ ! -f "$PGDIR/data/PG_VERSION" ]; then
   pwfile=$(mktemp)
   printf '%s' "$DB_PASSWORD" > "$pwfile"
   chmod 644 "$pwfile"
+  # The locale is named: the caller's (a LANG that ssh passed on) may not
+  # exist here, or not be UTF-8, and initdb would refuse it.
   pg "$bindir/initdb" -D "$PGDIR/data" -U "$DB_USER" --auth-local=trust --auth-host=scram-sha-256 \
-    -E UTF8 --pwfile="$pwfile" >/dev/null || die "initdb failed"
+    -E UTF8 --locale=C.UTF-8 --pwfile="$pwfile" >/dev/null || die "initdb failed"
   rm -f "$pwfile"
   note "initialised"
 fi
@@ -72,9 +74,11 @@ else
   # connects straight to this server, one connection per request that uses
   # it, each closed a moment after. 100 (the default) was too few for the
   # surge tool's 64 concurrent device registrations: hundreds of requests a
-  # run were refused "too many clients" (503, retried by the tool).
+  # run were refused "too many clients" (503, retried by the tool). TCP
+  # only: a Unix socket's path must fit in 107 bytes, which a deep checkout
+  # overruns.
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/postgres.log" -w -t 30 \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='$PGDIR' -c max_connections=400" start >/dev/null \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=400" start >/dev/null \
     || die "PostgreSQL did not start; see $PGDIR/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
   note "started"
 fi
@@ -93,10 +97,12 @@ trap stop_pg EXIT
 trap 'exit 0' TERM
 trap 'exit 129' HUP
 
-if ! pg "$bindir/psql" -X -h "$PGDIR" -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc \
+export PGPASSWORD="$DB_PASSWORD"
+if ! "$bindir/psql" -X -h 127.0.0.1 -p "$PG_PORT" -U "$DB_USER" -d postgres -tAc \
      "SELECT 1 FROM pg_database WHERE datname = '$DB_NAME'" | grep -q 1; then
-  pg "$bindir/createdb" -h "$PGDIR" -p "$PG_PORT" -U "$DB_USER" "$DB_NAME"
+  "$bindir/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$DB_USER" "$DB_NAME"
 fi
+unset PGPASSWORD
 
 step "migrations and demo seed"
 cargo run --quiet --locked --bin migrate -- --database-url "$DB_URL" --seed

@@ -313,6 +313,9 @@ impl Postgres {
                 "--auth-host=scram-sha-256",
                 "-E",
                 "UTF8",
+                // Not the caller's locale, which may not exist here (a
+                // session's LANG passed on by ssh) or not be UTF-8.
+                "--locale=C.UTF-8",
                 "--no-sync",
             ])
             .arg(format!("--pwfile={}", pwfile.display()))
@@ -396,8 +399,9 @@ impl Postgres {
                 "-c",
                 "listen_addresses=127.0.0.1",
             ])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.display()))
+            // TCP only: a Unix socket's path must fit in 107 bytes, which a
+            // checkout deep in a build agent's directories overran.
+            .args(["-c", "unix_socket_directories="])
             // Test clusters trade crash safety of the OS for speed; a killed
             // postgres process still loses nothing it acknowledged.
             .args(["-c", "fsync=off", "-c", "max_connections=200"])
@@ -411,8 +415,7 @@ impl Postgres {
         die_with_parent(&mut cmd, libc::SIGINT);
         self.child = Some(spawn_owned(cmd));
         let deadline = Instant::now() + Duration::from_secs(30);
-        // Ready once it answers a query (psql comes through the cluster's own
-        // socket directory; the server creates its TCP socket before that one).
+        // Ready once it answers a query.
         while !self.psql_ok("SELECT 1") {
             let exited = self
                 .child
@@ -467,8 +470,8 @@ impl Postgres {
 
     fn psql_cmd(&self, sql: &str) -> Command {
         let mut cmd = Command::new(self.bindir.join("psql"));
-        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(&self.dir)
+        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .env("PGPASSWORD", DB_PASSWORD)
             .args([
                 "-p",
                 &self.port.to_string(),
