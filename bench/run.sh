@@ -11,8 +11,9 @@
 # COLD_RUNS override the defaults. Needs two CPUs (server and load generator are
 # pinned to one each). See bench/README.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-. scripts/lib.sh
+# lib.sh finds the checkout from $0, so it is read before any cd.
+. "$(dirname "$0")/../scripts/lib.sh"
+cd "$ROOT"
 BENCH_COMMAND="${QUICK:+QUICK=$QUICK }bash bench/run.sh"
 export BENCH_COMMAND
 
