@@ -15,6 +15,20 @@ apt_install() {
 }
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || die "node and npm not found: install Node.js (>= 20) first"
 
+step "C toolchain and OpenSSL headers (native links; worker-build's HTTPS client)"
+# rustup brings no linker of its own, and worker-build fetches over native TLS
+# (openssl-sys, found through pkg-config). Slim images and CI runners often
+# lack all three; a cargo install then fails minutes in.
+if command -v cc >/dev/null 2>&1 && command -v pkg-config >/dev/null 2>&1 \
+   && pkg-config --exists openssl 2>/dev/null; then
+  note "present"
+elif command -v apt-get >/dev/null 2>&1; then
+  note "installing build-essential, pkg-config and libssl-dev"
+  apt_install build-essential pkg-config libssl-dev || die "apt-get install of the C toolchain failed"
+else
+  die "need a C compiler (cc), pkg-config and the OpenSSL headers: install them with your package manager"
+fi
+
 step "Rust target wasm32-unknown-unknown"
 if rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
   note "present"
