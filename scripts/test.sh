@@ -66,14 +66,37 @@ cargo test --locked
 step "make dev: the local stack starts migrated and seeded, and Ctrl-C stops it"
 # The README's first command, on ports and a data directory of its own (so a
 # stack the developer is running is left alone).
-free_port() {
-  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+# Two distinct ports that bind now, from below the kernel's ephemeral range
+# (as the test harness picks them): a port the kernel handed out (a bind to 0)
+# can be taken by any outgoing connection before the stack binds it, a minute
+# later.
+free_ports() {
+  node -e '
+    const net = require("net"), fs = require("fs");
+    let top = 32768;
+    try { top = +fs.readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").split(/\s+/)[0] || top; } catch {}
+    const low = 10000, span = Math.max(top - low, 1000);
+    const binds = (p) => new Promise((done) => {
+      const s = net.createServer();
+      s.once("error", () => done(false));
+      s.listen(p, "127.0.0.1", () => s.close(() => done(true)));
+    });
+    (async () => {
+      const got = [];
+      for (let i = 0; got.length < 2 && i < 200; i++) {
+        const p = low + Math.floor(Math.random() * span);
+        if (!got.includes(p) && (await binds(p))) got.push(p);
+      }
+      if (got.length < 2) process.exit(1);
+      console.log(got.join(" "));
+    })();'
 }
 # A directory of mode 0700: as root, dev.sh must then place the cluster where
 # 'postgres' (which PostgreSQL runs as) can reach it, as under root's home.
 dev_state=$(mktemp -d)
-dev_port=$(free_port)
-dev_pg_port=$(free_port)
+ports=$(free_ports) || die "no two free ports for the make dev check"
+dev_port=${ports% *}
+dev_pg_port=${ports#* }
 # In a process group of its own, so that a signal to the group reaches it as
 # Ctrl-C reaches a terminal's; and with SIGINT handled as in a terminal (a job
 # started with & from a script ignores it, and so would its children).
