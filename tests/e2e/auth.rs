@@ -552,12 +552,7 @@ fn keyed_signup_guesses(ctx: &Ctx) -> Result<(), Failed> {
 /// four wrong passwords and the refused guess, the right one still signs in.
 fn keyed_signup_from_a_locked_network(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let (email, _) = new_user(ctx).await;
-        for i in 1..=4 {
-            let r = login(ctx, &email, "wrong password", &fresh_ip()).await;
-            assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
-        }
-        let network = locked_network(ctx).await;
+        let (email, network) = one_guess_from_a_lock(ctx).await;
         let guess = send_with(
             ctx,
             "POST",
@@ -1077,6 +1072,18 @@ fn throttling(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// A new account four wrong passwords from its lock, and a locked network
+/// (`locked_network`): the next attempt from there would be the account's
+/// fifth, were it counted.
+async fn one_guess_from_a_lock(ctx: &Ctx) -> (String, String) {
+    let (email, _) = new_user(ctx).await;
+    for i in 1..=4 {
+        let r = login(ctx, &email, "wrong password", &fresh_ip()).await;
+        assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
+    }
+    (email, locked_network(ctx).await)
+}
+
 /// A fresh IPv6 /64, locked by thirty failed sign-ins (for thirty accounts,
 /// so no account lock is reached) from thirty of its addresses.
 async fn locked_network(ctx: &Ctx) -> String {
@@ -1123,12 +1130,7 @@ fn network_throttle(ctx: &Ctx) -> Result<(), Failed> {
 /// (it used to stay, and the right password then got 429).
 fn locked_network_spares_accounts(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let (email, _) = new_user(ctx).await;
-        for i in 1..=4 {
-            let r = login(ctx, &email, "wrong password", &fresh_ip()).await;
-            assert_eq!(r.status, 401, "wrong password {i}: {}", r.body);
-        }
-        let network = locked_network(ctx).await;
+        let (email, network) = one_guess_from_a_lock(ctx).await;
         for i in 1..=6 {
             let r = login(ctx, &email, "wrong password", &format!("{network}::{i:x}")).await;
             assert_eq!(r.status, 429, "attempt {i}: {}", r.body);

@@ -463,6 +463,36 @@ fn hung_gate(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// Connects (`connect(false)`: no fault) until the gate refuses with the
+/// 1-2 s of a full queue after turns of at least `after_turns` s, at most
+/// `tries` times; each refusal counts in `refused`. Whether it got there.
+async fn until_full<F, Fut>(
+    connect: &F,
+    refused: &mut i64,
+    after_turns: u32,
+    tries: usize,
+) -> Result<bool, Failed>
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = Resp>,
+{
+    let mut longest = 0;
+    for _ in 0..tries {
+        let r = connect(false).await;
+        if r.status != 429 {
+            assert_eq!(r.status, 200, "{}", r.body);
+            continue;
+        }
+        *refused += 1;
+        let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
+        if longest >= after_turns && retry <= 2 {
+            return Ok(true);
+        }
+        longest = longest.max(retry);
+    }
+    Ok(false)
+}
+
 fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
@@ -493,23 +523,8 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
         let checked = async {
             // Until the queue is full: after turns of 20 s and more, a
             // refusal of 1-2 s.
-            let mut longest = 0;
-            let mut full = false;
-            for _ in 0..60 {
-                let r = connect(false).await;
-                if r.status != 429 {
-                    assert_eq!(r.status, 200, "{}", r.body);
-                    continue;
-                }
-                refused += 1;
-                let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
-                if longest >= 20 && retry <= 2 {
-                    full = true;
-                    break;
-                }
-                longest = longest.max(retry);
-            }
-            assert!(full, "the queue never filled; longest turn {longest} s");
+            let full = until_full(&connect, &mut refused, 20, 60).await?;
+            assert!(full, "the queue never filled");
 
             let remembered = connect(true).await;
             assert_eq!(remembered.status, 429, "{}", remembered.body);
@@ -532,20 +547,7 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
 
             // Full again (a turn or two freed meanwhile are taken first), and
             // remembered again...
-            let mut full_again = false;
-            for _ in 0..8 {
-                let r = connect(false).await;
-                if r.status != 429 {
-                    assert_eq!(r.status, 200, "{}", r.body);
-                    continue;
-                }
-                refused += 1;
-                let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
-                if retry <= 2 {
-                    full_again = true;
-                    break;
-                }
-            }
+            let full_again = until_full(&connect, &mut refused, 0, 8).await?;
             assert!(full_again, "the queue did not fill again");
             let remembered = connect(true).await;
             assert_eq!(remembered.status, 429, "{}", remembered.body);
