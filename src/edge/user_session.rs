@@ -1411,15 +1411,27 @@ impl UserSession {
         let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
         let change = async {
             let op = self.device_op(&origin).await;
-            let mark = self.load().await?.devices.mark();
+            let (mark, counted) = {
+                let stored = self.load().await?;
+                (stored.devices.mark(), stored.devices.counts(&r.device_id))
+            };
             let outcome = match store::connect(&self.env).await {
                 Ok(db) => store::delete_device(&db, &r.user_id, &r.device_id).await,
                 Err(fail) => Err(fail),
             };
             match outcome {
                 Ok(deleted) => {
-                    let own = if deleted.deleted {
+                    if deleted.deleted {
                         fault::at(&origin.fault, "device.after_delete")?;
+                    }
+                    // A device the records count and PostgreSQL no longer has
+                    // for this user was deleted by an earlier attempt whose
+                    // answer (and the records' update) was lost: this is its
+                    // retry, answered as the first would have been. Until the
+                    // alarm settles the records (30 s); a retry after that
+                    // finds nothing to go by, and is a 404.
+                    let gone = deleted.deleted || counted;
+                    let own = if gone {
                         Own::Deleted(&r.device_id)
                     } else {
                         Own::Nothing
@@ -1427,8 +1439,8 @@ impl UserSession {
                     self.apply_devices(mark, deleted.devices, own, &origin)
                         .await?;
                     op.done();
-                    let answer = serde_json::json!({ "deleted": deleted.deleted });
-                    if deleted.deleted {
+                    let answer = serde_json::json!({ "deleted": gone });
+                    if gone {
                         Answer::changed(200, &answer)
                     } else {
                         Ok(Answer::Other(Response::from_json(&answer)?))

@@ -46,6 +46,10 @@ pub const TESTS: &[(&str, Test)] = &[
         delete_cut_short_then_register,
     ),
     (
+        "faults::a_delete_retried_after_a_cut_short_first_attempt_is_204",
+        delete_cut_short_then_retried,
+    ),
+    (
         "faults::a_panic_is_followed_by_a_fresh_wasm_instance",
         a_panic_is_followed_by_a_fresh_instance,
     ),
@@ -1086,6 +1090,52 @@ fn delete_cut_short_then_register(ctx: &Ctx) -> Result<(), Failed> {
             );
         };
         futures::future::join(same_key(true), same_key(false)).await;
+        Ok(())
+    })
+}
+
+/// A keyed delete whose first attempt deleted the device and then failed
+/// (the user's object threw after PostgreSQL's delete: the answer was lost,
+/// and no answer was recorded under the key) is retried under its key: it is
+/// 204, as the README promises a retried delete is, and so is a replay of
+/// that. It was 404: the retry's delete found nothing. A device the user
+/// never had is still 404.
+fn delete_cut_short_then_retried(ctx: &Ctx) -> Result<(), Failed> {
+    let stack = ctx.stack();
+    let base = stack.wrangler.base_url.as_str();
+    ctx.rt.block_on(async {
+        let db = pg(stack).await;
+        let user = new_user_at(ctx, base).await;
+        let reg = Reg {
+            user: 0,
+            key: unique("retried-"),
+            body: json!({"name": "laptop", "public_key": wg_key()}),
+        };
+        let made = register(ctx, base, &user.access, &reg, None).await;
+        assert_eq!(made.status, 201, "{}", made.body);
+        let path = format!("/v1/devices/{}", s(&made.body["id"]));
+        let key = unique("delete-");
+        let keyed = [("idempotency-key", key.as_str())];
+        let cut = send_to(
+            ctx,
+            base,
+            "DELETE",
+            &path,
+            None,
+            Some(&user.access),
+            &[keyed[0], ("x-keenvpn-fault", "device.after_delete")],
+        )
+        .await;
+        assert_eq!(cut.status, 503, "{}", cut.body);
+        assert!(devices_in_db(&db, &user.id).await.is_empty(), "deleted");
+
+        for attempt in ["the retry", "its replay"] {
+            let r = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &keyed).await;
+            assert_eq!(r.status, 204, "{attempt}: {}", r.body);
+        }
+        let unknown = "/v1/devices/00000000-0000-4000-8000-000000000000";
+        let r = send_to(ctx, base, "DELETE", unknown, None, Some(&user.access), &[]).await;
+        assert_eq!(r.status, 404, "{}", r.body);
         Ok(())
     })
 }
