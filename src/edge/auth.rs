@@ -700,10 +700,14 @@ pub async fn verify_bearer(req: &Incoming, env: &Env) -> Result<AccessClaims, Fa
     }
     let token = match header.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        // Another scheme (or none) carries no access token: missing, whose
+        // challenge names no error (RFC 6750, section 3.1).
         _ => {
-            return Err(
-                ApiError::new(ProblemCode::TokenMalformed, "Use the Bearer scheme.").into(),
-            );
+            return Err(ApiError::new(
+                ProblemCode::TokenMissing,
+                "Send an access token as `Authorization: Bearer <token>`; another scheme carries none.",
+            )
+            .into());
         }
     };
     let keys = secrets::keys(env)?;

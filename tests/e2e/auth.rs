@@ -1671,6 +1671,16 @@ fn bad_token_corpus(ctx: &Ctx) -> Result<(), Failed> {
             let www = r.headers["www-authenticate"].to_str()?;
             assert!(www.contains(r#"error="invalid_token""#), "{what}: {www}");
         }
+        // Another scheme, or a bare `Bearer`, sends no access token: the
+        // challenge names no error (RFC 6750, section 3.1).
+        for header in ["Basic dXNlcjpwYXNz", "Bearer", "Token abc"] {
+            let headers = [("authorization", header)];
+            let r = send_with(ctx, "GET", "/v1/me", None, None, &headers).await;
+            assert_eq!(r.status, 401, "{header}: {}", r.body);
+            assert_eq!(r.body["code"], "token_missing", "{header}");
+            let www = r.headers["www-authenticate"].to_str()?;
+            assert_eq!(www, r#"Bearer realm="keenvpn""#, "{header}");
+        }
         // An access token is not a refresh token.
         let r = refresh(ctx, &good).await;
         assert_eq!(r.status, 401);
