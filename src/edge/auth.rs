@@ -292,6 +292,9 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
             None => Err(email_taken()),
         };
     };
+    if fault::requested(env, &req, fault::SIGNUP_CUT) {
+        return Err(fault::unavailable(fault::SIGNUP_CUT));
+    }
     let answer = async {
         let opening = Opening::new(b.device_label, idempotency);
         let issued = open_session(env, &req, &row.user_id, row.inputs, opening).await?;
@@ -310,7 +313,10 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
 /// account: the retry of one whose answer was lost, if the account's object
 /// has the key's record. It is answered as the first was (201, the tokens of
 /// the session it opened) while that session's first refresh token is still
-/// the one to use. Otherwise, or if the password is not the account's, it is
+/// the one to use. If the object has never been used, the first stopped
+/// between storing the account and opening its session (the runtime
+/// cancelled it when its client went away): the retry opens that session,
+/// 201. Otherwise, or if the password is not the account's, it is
 /// `email_taken`, exactly as without a key.
 ///
 /// It checks the account's password, so it counts in both of a sign-in's

@@ -52,6 +52,11 @@ pub const TOKEN_UNSIGNED: &str = "token.unsigned";
 /// and the sign-up's undo then starts [`KV_SLOW_MS`] late, as behind a slow
 /// database: a window in which the new account can be signed in to.
 pub const UNDO_SLOW: &str = "signup.undo_slow";
+/// The point, on `POST /v1/auth/signup`, at which the sign-up stops right
+/// after PostgreSQL has stored the account, before its session is opened,
+/// and undoes nothing: as when the runtime cancels a request whose client
+/// went away.
+pub const SIGNUP_CUT: &str = "signup.cut";
 /// The point, on `POST /v1/auth/login`, at which the sign-in opens its
 /// session [`LOGIN_LATE_MS`] after finding the account and checking the
 /// password: late enough to meet an account that [`UNDO_SLOW`] removed.

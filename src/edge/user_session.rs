@@ -940,6 +940,11 @@ impl UserSession {
         };
         let now = time::now_secs();
         let mut stored = self.load().await?;
+        // Never used: no session was ever opened for the account. A keyed
+        // sign-up retried (`again_only`) then finds a first attempt that
+        // stored the account and stopped before it got here, and opens the
+        // session that one did not.
+        let unused = stored.user_id.is_none();
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
@@ -960,7 +965,9 @@ impl UserSession {
                         .expect("a session was opened, so inputs are set");
                     return Self::issued(issued, ent, true);
                 }
-                Reopen::Open if r.again_only => return refuse(409, "email_taken", None),
+                Reopen::Open if r.again_only && !unused => {
+                    return refuse(409, "email_taken", None);
+                }
                 Reopen::Open => {}
                 Reopen::InFlight => return refuse(409, "idempotency_key_in_flight", None),
                 Reopen::Mismatch => return refuse(422, "idempotency_key_reused", None),

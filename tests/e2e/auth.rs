@@ -32,6 +32,10 @@ pub const TESTS: &[(&str, Test)] = &[
         keyed_signup_guesses,
     ),
     (
+        "auth::a_sign_up_cut_off_after_storing_the_account_is_201_when_retried",
+        cut_signup_retried,
+    ),
+    (
         "auth::a_network_locked_for_sign_in_checks_no_password_by_a_keyed_sign_up",
         keyed_signup_from_a_locked_network,
     ),
@@ -540,6 +544,43 @@ fn keyed_signup_guesses(ctx: &Ctx) -> Result<(), Failed> {
         // And the guesses that follow are refused before any password check.
         let refused = (429, Some("too_many_attempts".to_owned()));
         assert_eq!(code(&attempt("a guessed password").await), refused);
+        Ok(())
+    })
+}
+
+/// A sign-up cut off after PostgreSQL stored the account and before its
+/// session was opened (the development-only fault point `signup.cut`, as
+/// when the runtime cancels a request whose client went away: nothing is
+/// undone) is retried under its key: 201 with a working pair, and a replay
+/// of that is the same session. It was 409 `email_taken` for good. Without
+/// the key, or with another password, it is still 409.
+fn cut_signup_retried(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let key = unique("signup-key-");
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let signup = |fault: Option<&'static str>, body: Value, key: String| async move {
+            let ip = fresh_ip();
+            let mut headers = vec![("cf-connecting-ip", ip.as_str()), ("idempotency-key", &key)];
+            headers.extend(fault.map(|f| ("x-keenvpn-fault", f)));
+            send_with(ctx, "POST", "/v1/auth/signup", Some(body), None, &headers).await
+        };
+        let cut = signup(Some("signup.cut"), body.clone(), key.clone()).await;
+        assert_eq!(cut.status, 503, "{}", cut.body);
+
+        let retried = signup(None, body.clone(), key.clone()).await;
+        assert_eq!(retried.status, 201, "{}", retried.body);
+        let again = signup(None, body.clone(), key.clone()).await;
+        assert_eq!(again.status, 201, "{}", again.body);
+        assert_eq!(again.body["refresh_token"], retried.body["refresh_token"]);
+        let pair = refresh(ctx, s(&retried.body["refresh_token"])).await;
+        assert_eq!(pair.status, 200, "{}", pair.body);
+
+        let unkeyed = send(ctx, "POST", "/v1/auth/signup", Some(body), None).await;
+        assert_eq!(unkeyed.body["code"], "email_taken", "{}", unkeyed.body);
+        let other = json!({"email": email, "password": "another password"});
+        let guessed = signup(None, other, unique("signup-key-")).await;
+        assert_eq!(guessed.body["code"], "email_taken", "{}", guessed.body);
         Ok(())
     })
 }
