@@ -61,17 +61,17 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
          monitors AS (
              SELECT count(*) AS monitored,
                     count(*) FILTER (WHERE health_reported_at >= now() - interval '3 minutes') AS heard
-               FROM regions WHERE health_reported_at IS NOT NULL)
-         UPDATE regions SET reported_health = 'down', updated_at = now()
-          WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'
-            AND now() >= (SELECT marks_down_from FROM run)
-            AND (SELECT heard > 0 OR monitored < 2 FROM monitors);
-         SELECT 'none of the ' || m.monitored || ' monitored regions reported in 3 minutes: '
+               FROM regions WHERE health_reported_at IS NOT NULL),
+         marked AS (
+             UPDATE regions SET reported_health = 'down', updated_at = now()
+              WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'
+                AND now() >= (SELECT marks_down_from FROM run)
+                AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
+             RETURNING 1)
+         SELECT 'none of the ' || monitored || ' monitored regions reported in 3 minutes: '
                 || 'read as the monitoring failing, so none is marked down'
-           FROM (SELECT count(*) AS monitored,
-                        count(*) FILTER (WHERE health_reported_at >= now() - interval '3 minutes') AS heard
-                   FROM regions WHERE health_reported_at IS NOT NULL) m, cron_state c
-          WHERE m.monitored >= 2 AND m.heard = 0 AND now() >= c.marks_down_from",
+           FROM monitors, run
+          WHERE monitored >= 2 AND heard = 0 AND now() >= run.marks_down_from",
     ),
     (
         "create connection event partitions",

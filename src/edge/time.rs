@@ -82,6 +82,12 @@ impl Drop for Timer {
     }
 }
 
+/// A promise that never settles: what the fault points that make a call
+/// hang (`gate.hang`, `events.hang`) wait on instead of the call.
+pub fn never() -> Promise {
+    Promise::new(&mut |_, _| {})
+}
+
 /// Waits for `promise` at most `ms` milliseconds, on `timer` if the request
 /// has one, else on a timer of its own; the rejection on timeout says so.
 pub async fn bounded(
