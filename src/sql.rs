@@ -70,6 +70,12 @@ pub fn delete_new_user(user: &str) -> String {
     )
 }
 
+/// How long a deleted device's tunnel address rests before another device is
+/// given it (an SQL interval): long enough for every VPN server to have
+/// dropped the deleted device's peer, which still routes the address to the
+/// old key (migration V12).
+pub const ADDRESS_QUARANTINE: &str = "24 hours";
+
 /// The JSON of a `devices` row aliased `d`, as the API shows a device.
 pub const DEVICE_JSON: &str =
     "json_build_object('id', d.id, 'name', d.name, 'public_key', d.public_key,
@@ -86,10 +92,14 @@ pub const DEVICE_JSON: &str =
 /// - `taken`: whether another user's device has the key;
 /// - `devices`: the user's devices after the statement, oldest first.
 ///
-/// The tunnel address number is drawn from `device_address_seq` only for a
-/// device that is added. A sequence value is never given back, so one drawn
+/// The tunnel address number is taken only for a device that is added: the
+/// longest-freed number of a deleted device whose quarantine
+/// ([`ADDRESS_QUARANTINE`]) has passed, else a new one from
+/// `device_address_seq`. A sequence value is never given back, so one drawn
 /// for a registration refused by the limit or the key would be lost to the
-/// whole fleet, and a client retrying one could use up the range. The
+/// whole fleet, and a client retrying one could use up the range. Two
+/// registrations at once take different freed numbers (`SKIP LOCKED`); a
+/// registration that fails puts its freed number back with its rollback. The
 /// addresses are the ranges' bases ([`tunnel_bases`]) plus that number, as
 /// [`tunnel_addresses`] computes them. Two users adding one key at the same
 /// moment still meet the key's unique constraint.
@@ -101,10 +111,19 @@ pub fn insert_device(user: &str, name: &str, key: &str, limit: u32) -> String {
     format!(
         "BEGIN;
          SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
-         WITH drawn AS (
-             SELECT nextval('device_address_seq') AS n
-             WHERE (SELECT count(*) FROM devices WHERE user_id = {user}) < {limit}
+         WITH ok AS (
+             SELECT WHERE (SELECT count(*) FROM devices WHERE user_id = {user}) < {limit}
                AND NOT EXISTS (SELECT 1 FROM devices WHERE public_key = {key})),
+         reused AS (
+             DELETE FROM freed_tunnel_addresses WHERE n = (
+                 SELECT n FROM freed_tunnel_addresses
+                 WHERE freed_at <= now() - interval '{ADDRESS_QUARANTINE}' AND EXISTS (SELECT FROM ok)
+                 ORDER BY freed_at, n LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING n),
+         drawn AS (
+             SELECT n FROM reused
+             UNION ALL
+             SELECT nextval('device_address_seq') FROM ok WHERE NOT EXISTS (SELECT FROM reused)),
          ins AS (
              INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
              SELECT {user}, {name}, {key}, '{v4}'::inet + n, '{v6}'::inet + n FROM drawn

@@ -54,6 +54,14 @@ pub const TESTS: &[(&str, Test)] = &[
     ("store::only_a_device_added_draws_a_tunnel_address", |pg| {
         Box::pin(only_an_added_device_draws_an_address(pg))
     }),
+    (
+        "store::a_deleted_devices_tunnel_address_is_given_again_after_its_quarantine",
+        |pg| Box::pin(a_deleted_devices_address_is_given_again(pg)),
+    ),
+    (
+        "migrations::the_tunnel_addresses_deletes_used_up_are_freed",
+        |pg| Box::pin(the_migration_frees_what_deletes_used_up(pg)),
+    ),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -688,5 +696,173 @@ async fn server_endpoint(pg: &Postgres) -> Result<(), Failed> {
         let endpoint: String = client.query_one(&q, &[&hostname]).await?.get(0);
         assert_eq!(endpoint, expected);
     }
+    Ok(())
+}
+
+/// The numbers in quarantine or waiting, oldest first.
+async fn freed(client: &tokio_postgres::Client) -> Result<Vec<i64>, Failed> {
+    Ok(client
+        .query(
+            "SELECT n FROM freed_tunnel_addresses ORDER BY freed_at, n",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Ends the quarantine of every freed number.
+async fn age_freed(client: &tokio_postgres::Client) -> Result<(), Failed> {
+    client
+        .batch_execute(&format!(
+            "UPDATE freed_tunnel_addresses SET freed_at = now() - interval '{}' - interval '1 second'",
+            sql::ADDRESS_QUARANTINE
+        ))
+        .await?;
+    Ok(())
+}
+
+/// The number behind a registration's device: its IPv4 address's offset.
+fn number(added: &serde_json::Value) -> i64 {
+    let ip: std::net::Ipv4Addr = added["device"]["ipv4_address"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no device added: {added}"));
+    i64::from(u32::from(ip) - u32::from(device::tunnel_bases().0))
+}
+
+/// A deleted device's number goes back to the pool, and is given again once
+/// its quarantine has passed, before the sequence draws a new one: otherwise
+/// every register-and-delete (a reinstall, a replaced phone, a closed
+/// account) uses up one of the fleet's addresses for good, and once the
+/// sequence runs out no one can register a device.
+async fn a_deleted_devices_address_is_given_again(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    let mut users = Vec::new();
+    for email in ["a@example.test", "b@example.test"] {
+        let id: String = client
+            .query_one(
+                &format!(
+                    "INSERT INTO users (email, password_hash) VALUES ('{email}', '$argon2id$x')
+                     RETURNING id::text"
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        users.push(id);
+    }
+    let (a, b) = (&users[0], &users[1]);
+    let key = |c: char| format!("{}=", c.to_string().repeat(43));
+
+    let first = number(&register(&client, a, &key('A'), 5).await?);
+    client
+        .batch_execute(&format!(
+            "DELETE FROM devices WHERE public_key = '{}'",
+            key('A')
+        ))
+        .await?;
+    assert_eq!(freed(&client).await?, [first]);
+
+    // In quarantine: a new number is drawn, and the freed one waits.
+    let second = number(&register(&client, a, &key('B'), 5).await?);
+    assert_eq!(second, first + 1);
+    assert_eq!(freed(&client).await?, [first]);
+
+    // Past it: given again, with the addresses the number maps to, and the
+    // sequence does not move. A refused registration takes nothing.
+    age_freed(&client).await?;
+    let full = register(&client, a, &key('C'), 1).await?;
+    assert!(full["device"].is_null(), "{full}");
+    assert_eq!(freed(&client).await?, [first]);
+    let again = register(&client, b, &key('C'), 5).await?;
+    assert_eq!(number(&again), first);
+    assert_eq!(
+        device::tunnel_addresses(first as u64),
+        Some((
+            again["device"]["ipv4_address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            again["device"]["ipv6_address"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        ))
+    );
+    assert_eq!(last_drawn(&client).await?, second);
+    assert!(freed(&client).await?.is_empty());
+
+    // A deleted account frees its devices' numbers too (the cascade).
+    client
+        .batch_execute(&format!("DELETE FROM users WHERE id = '{b}'"))
+        .await?;
+    assert_eq!(freed(&client).await?, [first]);
+
+    // With the sequence at its end, a freed number still registers a device;
+    // with none left, PostgreSQL refuses.
+    client
+        .batch_execute("SELECT setval('device_address_seq', 4194302)")
+        .await?;
+    age_freed(&client).await?;
+    assert_eq!(number(&register(&client, a, &key('D'), 5).await?), first);
+    let past = client
+        .simple_query(&registration(a, &key('E'), 5))
+        .await
+        .expect_err("the range is used up");
+    let reason = past.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|m| m.contains("maximum value")),
+        "{past:?}"
+    );
+    client.batch_execute("ROLLBACK").await?;
+    Ok(())
+}
+
+/// The migration gives back the numbers that devices deleted before it used
+/// up: every number drawn that no device holds, in quarantine from then.
+async fn the_migration_frees_what_deletes_used_up(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh_at(pg, 11).await?;
+    let user: String = client
+        .query_one(
+            "INSERT INTO users (email, password_hash) VALUES ('a@example.test', '$argon2id$x')
+             RETURNING id::text",
+            &[],
+        )
+        .await?
+        .get(0);
+    for c in ['A', 'B', 'C', 'D'] {
+        let key = format!("{}=", c.to_string().repeat(43));
+        client
+            .batch_execute(&format!(
+                "INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+                 SELECT '{user}', 'phone', '{key}', '10.64.0.0'::inet + n, 'fd4b:6565:6e00::'::inet + n
+                 FROM (SELECT nextval('device_address_seq') AS n) s"
+            ))
+            .await?;
+    }
+    client
+        .batch_execute("DELETE FROM devices WHERE ipv4_address IN ('10.64.0.2', '10.64.0.4')")
+        .await?;
+    db::migrate(&mut client).await?;
+    assert_eq!(freed(&client).await?, [2, 4]);
+    let fresh: bool = client
+        .query_one(
+            &format!(
+                "SELECT bool_and(freed_at > now() - interval '{}') FROM freed_tunnel_addresses",
+                sql::ADDRESS_QUARANTINE
+            ),
+            &[],
+        )
+        .await?
+        .get(0);
+    assert!(
+        fresh,
+        "the numbers freed by the migration skip the quarantine"
+    );
     Ok(())
 }
