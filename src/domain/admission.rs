@@ -339,6 +339,41 @@ pub const FULL_MEMO_MS: i64 = 1_000;
 /// connect, where a hash map cost the module 4.3 KB gzipped.)
 pub const FULL_MEMO_SHARDS: usize = 1_024;
 
+/// What one isolate heard shards say, and when: `(gate, rate, heard_ms)`, at
+/// most [`FULL_MEMO_SHARDS`]. Each memory lasts a moment (`ttl_ms`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Heard(Vec<(String, u32, i64)>);
+
+impl Heard {
+    /// Whether `(gate, rate)` was heard within the `ttl_ms` before `now_ms`
+    /// (never for a `now_ms` before it: a clock stepped back asks again).
+    fn holds(&self, gate: &str, rate: u32, now_ms: i64, ttl_ms: i64) -> bool {
+        self.0.iter().any(|(g, r, heard)| {
+            g == gate && *r == rate && (0..ttl_ms).contains(&now_ms.saturating_sub(*heard))
+        })
+    }
+
+    fn forget(&mut self, gate: &str) {
+        self.0.retain(|(g, _, _)| g != gate);
+    }
+
+    /// Remembers `(gate, rate)` from `now_ms`. When [`FULL_MEMO_SHARDS`] are
+    /// already remembered, the expired ones go first, then the oldest.
+    fn remember(&mut self, gate: &str, rate: u32, now_ms: i64, ttl_ms: i64) {
+        self.forget(gate);
+        if self.0.len() >= FULL_MEMO_SHARDS {
+            self.0
+                .retain(|(_, _, heard)| (0..ttl_ms).contains(&now_ms.saturating_sub(*heard)));
+        }
+        if self.0.len() >= FULL_MEMO_SHARDS
+            && let Some(oldest) = (0..self.0.len()).min_by_key(|&i| self.0[i].2)
+        {
+            self.0.swap_remove(oldest);
+        }
+        self.0.push((gate.to_owned(), rate, now_ms));
+    }
+}
+
 /// The shards one isolate last heard say their queue was full, and when.
 ///
 /// In a surge a region's clients are refused far faster than it admits
@@ -351,8 +386,7 @@ pub const FULL_MEMO_SHARDS: usize = 1_024;
 /// again. Soft state like the gate's own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FullShards {
-    /// `(gate, rate, heard_ms)`, at most [`FULL_MEMO_SHARDS`].
-    heard: Vec<(String, u32, i64)>,
+    heard: Heard,
 }
 
 impl FullShards {
@@ -360,9 +394,7 @@ impl FullShards {
     /// last [`FULL_MEMO_MS`] before `now_ms` (never for a `now_ms` before
     /// the answer: a clock stepped back asks again).
     pub fn is_full(&self, gate: &str, rate: u32, now_ms: i64) -> bool {
-        self.heard.iter().any(|(g, r, heard)| {
-            g == gate && *r == rate && (0..FULL_MEMO_MS).contains(&now_ms.saturating_sub(*heard))
-        })
+        self.heard.holds(gate, rate, now_ms, FULL_MEMO_MS)
     }
 
     /// Takes in the gate's `verdict` heard at `now_ms`: a full queue is
@@ -370,22 +402,49 @@ impl FullShards {
     /// [`FULL_MEMO_SHARDS`] are already remembered, the expired ones go
     /// first, then the oldest.
     pub fn note(&mut self, gate: &str, rate: u32, now_ms: i64, verdict: Admit) {
-        self.heard.retain(|(g, _, _)| g != gate);
         let full =
             matches!(verdict, Admit::Wait { retry_after_ms } if retry_after_ms >= QUEUE_FULL_MS);
-        if !full {
-            return;
+        if full {
+            self.heard.remember(gate, rate, now_ms, FULL_MEMO_MS);
+        } else {
+            self.heard.forget(gate);
         }
-        if self.heard.len() >= FULL_MEMO_SHARDS {
-            self.heard
-                .retain(|(_, _, heard)| (0..FULL_MEMO_MS).contains(&now_ms.saturating_sub(*heard)));
+    }
+}
+
+/// How long an isolate refuses a shard's clients itself (503, with the
+/// failover regions) after a call to the shard failed: it threw, could not
+/// be made, or went unanswered for the admission call's bound (2 s).
+///
+/// An object in trouble (overloaded, or its machine gone) is likeliest on
+/// the day a region's clients all come to its neighbours. Asking it again on
+/// every connect adds to its load, and holds each client for up to the
+/// timeout before the same 503; so each isolate asks a failed shard at most
+/// once a second, and answers the rest at once. A second is short enough
+/// that a shard back on its feet is used again almost at once.
+pub const FAILED_MEMO_MS: i64 = 1_000;
+
+/// The shards whose last call from this isolate failed, within the last
+/// [`FAILED_MEMO_MS`]. Any answer from a shard forgets its failure.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedShards {
+    heard: Heard,
+}
+
+impl FailedShards {
+    /// Whether a call to `gate` failed within the last [`FAILED_MEMO_MS`]
+    /// before `now_ms` (never for a `now_ms` before it).
+    pub fn has_failed(&self, gate: &str, now_ms: i64) -> bool {
+        self.heard.holds(gate, 0, now_ms, FAILED_MEMO_MS)
+    }
+
+    /// Takes in how a call to `gate` ended at `now_ms`: `answered` or not.
+    pub fn note(&mut self, gate: &str, now_ms: i64, answered: bool) {
+        if answered {
+            self.heard.forget(gate);
+        } else {
+            self.heard.remember(gate, 0, now_ms, FAILED_MEMO_MS);
         }
-        if self.heard.len() >= FULL_MEMO_SHARDS
-            && let Some(oldest) = (0..self.heard.len()).min_by_key(|&i| self.heard[i].2)
-        {
-            self.heard.swap_remove(oldest);
-        }
-        self.heard.push((gate.to_owned(), rate, now_ms));
     }
 }
 
@@ -1009,16 +1068,40 @@ mod tests {
         assert!((0..FULL_MEMO_SHARDS as i64).all(|i| memo.is_full(&format!("r{i}#0"), 10, now)));
         // Full: the oldest goes.
         memo.note("new#0", 10, now, FULL);
-        assert_eq!(memo.heard.len(), FULL_MEMO_SHARDS);
+        assert_eq!(memo.heard.0.len(), FULL_MEMO_SHARDS);
         assert!(!memo.is_full("r0#0", 10, now));
         assert!(memo.is_full("r1#0", 10, now));
         assert!(memo.is_full("new#0", 10, now));
         // Later, every old one has expired: they all go at once.
         let later = now + FULL_MEMO_MS - 1;
         memo.note("newer#0", 10, later, FULL);
-        assert_eq!(memo.heard.len(), 2, "{:?}", memo.heard);
+        assert_eq!(memo.heard.0.len(), 2, "{:?}", memo.heard);
         assert!(memo.is_full("new#0", 10, later));
         assert!(memo.is_full("newer#0", 10, later));
+    }
+    #[test]
+    fn a_failed_shard_is_remembered_for_a_moment_and_forgotten_when_it_answers() {
+        let mut memo = FailedShards::default();
+        assert!(!memo.has_failed("eu-west#0", T0));
+        memo.note("eu-west#0", T0, false);
+        assert!(memo.has_failed("eu-west#0", T0));
+        assert!(memo.has_failed("eu-west#0", T0 + FAILED_MEMO_MS - 1));
+        assert!(!memo.has_failed("eu-west#0", T0 + FAILED_MEMO_MS));
+        // Another shard, or a clock stepped back: ask.
+        assert!(!memo.has_failed("eu-west#1", T0));
+        assert!(!memo.has_failed("eu-west#0", T0 - 1));
+        // A failure again starts a new moment; an answer ends it.
+        memo.note("eu-west#0", T0 + 900, false);
+        assert!(memo.has_failed("eu-west#0", T0 + 900 + FAILED_MEMO_MS - 1));
+        memo.note("eu-west#0", T0 + 950, true);
+        assert!(!memo.has_failed("eu-west#0", T0 + 950));
+        // Bounded like the memory of full queues: the oldest goes.
+        for i in 0..=FULL_MEMO_SHARDS as i64 {
+            memo.note(&format!("r{i}#0"), T0 + i.min(1), false);
+        }
+        assert_eq!(memo.heard.0.len(), FULL_MEMO_SHARDS);
+        assert!(!memo.has_failed("r0#0", T0 + 1));
+        assert!(memo.has_failed("r1#0", T0 + 1));
     }
 }
 

@@ -23,7 +23,7 @@ use super::time::{self, Timer};
 use super::user_session::{DeviceMirror, devices_key};
 use super::{Fail, bindings, catalogue, fault, kv, random, secrets, store, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
-use crate::domain::admission::{self, Admit, FullShards};
+use crate::domain::admission::{self, Admit, FailedShards, FullShards};
 use crate::domain::catalogue::Snapshot;
 use crate::domain::geo::Point;
 use crate::domain::placement::{self, ClientLocation, PlacementError};
@@ -58,27 +58,46 @@ thread_local! {
 
     /// The gate shards this isolate last heard say their queue was full.
     static FULL_SHARDS: RefCell<FullShards> = RefCell::new(FullShards::default());
+
+    /// The gate shards whose last call from this isolate failed.
+    static FAILED_SHARDS: RefCell<FailedShards> = RefCell::new(FailedShards::default());
 }
 
 /// Asks the gate `gate` for one admission at `rate`, or answers as it did a
-/// moment ago if it said its queue was full (`FullShards`).
+/// moment ago if it said its queue was full (`FullShards`) or the call to it
+/// failed (`FailedShards`: a 503, as the failure was).
+///
+/// A failure caused by a development fault point is remembered apart from
+/// the shard's real ones (under the fault's name too), so that it refuses
+/// only requests that arm the same fault.
 async fn admit(
     env: &Env,
     (gate, rate): (&str, u32),
     fault: Option<&str>,
     timer: &Timer,
 ) -> Result<Admit, Fail> {
-    let full = FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, time::now_ms() as i64));
-    if full {
+    let now = time::now_ms() as i64;
+    let failed_as = match fault {
+        Some(f) => std::borrow::Cow::Owned(format!("{gate}!{f}")),
+        None => std::borrow::Cow::Borrowed(gate),
+    };
+    if FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, now)) {
         return Ok(Admit::Wait {
             retry_after_ms: admission::QUEUE_FULL_MS,
         });
     }
-    let verdict = durable::admit(env, (gate, rate), fault, Some(timer)).await?;
-    FULL_SHARDS.with(|m| {
-        m.borrow_mut()
-            .note(gate, rate, time::now_ms() as i64, verdict)
-    });
+    if FAILED_SHARDS.with(|m| m.borrow().has_failed(&failed_as, now)) {
+        return Err(Fail::unavailable(format!(
+            "durable object {}.admit: a call to {gate} failed within the last {} ms",
+            super::bindings::REGION_GATES,
+            admission::FAILED_MEMO_MS
+        )));
+    }
+    let verdict = durable::admit(env, (gate, rate), fault, Some(timer)).await;
+    let now = time::now_ms() as i64;
+    FAILED_SHARDS.with(|m| m.borrow_mut().note(&failed_as, now, verdict.is_ok()));
+    let verdict = verdict?;
+    FULL_SHARDS.with(|m| m.borrow_mut().note(gate, rate, now, verdict));
     Ok(verdict)
 }
 
