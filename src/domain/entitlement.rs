@@ -97,6 +97,11 @@ pub struct Subscription {
     /// Unix seconds.
     pub current_period_end: i64,
     pub cancel_at_period_end: bool,
+    /// While past due: when it fell past due (unix seconds; the provider's
+    /// time of the event that set the status). Absent otherwise, and in
+    /// copies stored before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub past_due_since: Option<i64>,
 }
 
 /// What the user may do. `until` is when a paid entitlement lapses (unix
@@ -140,15 +145,24 @@ impl Entitlement {
 ///
 /// - trialing or active: the period end, plus [`GRACE_SECS`] unless it was
 ///   cancelled at period end (then it ends exactly there);
-/// - past due: the period end plus [`GRACE_SECS`];
+/// - past due: [`GRACE_SECS`] from when it fell past due, or from the period
+///   end if that is earlier. A renewal whose payment fails is past due with
+///   the new period's end (the provider moves the period first, then
+///   charges): that unpaid period grants only the grace;
 /// - cancelled, unpaid, incomplete, expired, paused: never.
 fn paid_until(sub: &Subscription) -> Option<i64> {
     match sub.status {
         Status::Trialing | Status::Active if sub.cancel_at_period_end => {
             Some(sub.current_period_end)
         }
-        Status::Trialing | Status::Active | Status::PastDue => {
+        Status::Trialing | Status::Active => {
             Some(sub.current_period_end.saturating_add(GRACE_SECS))
+        }
+        Status::PastDue => {
+            let from = sub
+                .past_due_since
+                .map_or(sub.current_period_end, |t| t.min(sub.current_period_end));
+            Some(from.saturating_add(GRACE_SECS))
         }
         Status::Canceled
         | Status::Unpaid
@@ -252,6 +266,7 @@ mod tests {
             status,
             current_period_end: end,
             cancel_at_period_end: cancel,
+            past_due_since: None,
         }
     }
 
@@ -302,6 +317,45 @@ mod tests {
         assert_eq!(
             entitlement(&free(), from_ref(&s), 1_000 + GRACE_SECS).plan,
             "free"
+        );
+    }
+
+    #[test]
+    fn a_failed_renewal_grants_the_grace_from_the_failure_not_the_new_period() {
+        // Renewed into a period ending at 100_000, past due since 1_000.
+        let s = Subscription {
+            past_due_since: Some(1_000),
+            ..sub(Status::PastDue, 100_000, false)
+        };
+        let at = |now| entitlement(&free(), from_ref(&s), now);
+        assert_eq!(at(1_000 + GRACE_SECS - 1).plan, "plus");
+        assert_eq!(at(1_000 + GRACE_SECS - 1).until, Some(1_000 + GRACE_SECS));
+        assert_eq!(at(1_000 + GRACE_SECS).plan, "free");
+        // Fallen past due after the period ended: the period end bounds it,
+        // as it did before the time was kept.
+        let late = Subscription {
+            past_due_since: Some(5_000),
+            ..sub(Status::PastDue, 2_000, false)
+        };
+        assert_eq!(
+            entitlement(&free(), from_ref(&late), 0).until,
+            Some(2_000 + GRACE_SECS)
+        );
+        // A copy stored without it reads as before.
+        let stored: Subscription = serde_json::from_value(serde_json::json!({
+            "plan": plus(), "status": "past_due",
+            "current_period_end": 2_000, "cancel_at_period_end": false
+        }))
+        .expect("an older copy reads");
+        assert_eq!(stored.past_due_since, None);
+        // Only past due reads it.
+        let active = Subscription {
+            past_due_since: Some(1_000),
+            ..sub(Status::Active, 100_000, false)
+        };
+        assert_eq!(
+            entitlement(&free(), from_ref(&active), 0).until,
+            Some(100_000 + GRACE_SECS)
         );
     }
 
@@ -523,16 +577,20 @@ mod properties {
             status(),
             any::<bool>(),
             time(),
+            prop::option::of(time()),
         )
-            .prop_map(|(mut plan, id, status, cancel_at_period_end, end)| {
-                plan.id = id.into();
-                Subscription {
-                    plan,
-                    status,
-                    current_period_end: end,
-                    cancel_at_period_end,
-                }
-            })
+            .prop_map(
+                |(mut plan, id, status, cancel_at_period_end, end, past_due_since)| {
+                    plan.id = id.into();
+                    Subscription {
+                        plan,
+                        status,
+                        current_period_end: end,
+                        cancel_at_period_end,
+                        past_due_since,
+                    }
+                },
+            )
     }
 
     proptest! {
@@ -545,6 +603,7 @@ mod properties {
             plan in paid(),
             status in status(),
             cancel_at_period_end in any::<bool>(),
+            past_due_since in prop::option::of(time()),
             (end_a, end_b) in (time(), time()),
             now in time(),
         ) {
@@ -554,6 +613,7 @@ mod properties {
                 status,
                 current_period_end: end,
                 cancel_at_period_end,
+                past_due_since,
             };
             let e_early = entitlement(&free(), from_ref(&sub(early)), now);
             let e_late = entitlement(&free(), from_ref(&sub(late)), now);
@@ -568,10 +628,11 @@ mod properties {
             plan in paid(),
             status in status(),
             cancel_at_period_end in any::<bool>(),
+            past_due_since in prop::option::of(time()),
             end in time(),
             (now_a, now_b) in (time(), time()),
         ) {
-            let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end };
+            let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end, past_due_since };
             let (before, after) = (now_a.min(now_b), now_a.max(now_b));
             let e_before = entitlement(&free(), from_ref(&sub), before);
             let e_after = entitlement(&free(), from_ref(&sub), after);
@@ -594,10 +655,11 @@ mod properties {
             plan in paid(),
             status in status(),
             cancel_at_period_end in any::<bool>(),
+            past_due_since in prop::option::of(time()),
             end in time(),
             now in time(),
         ) {
-            let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end };
+            let sub = Subscription { plan, status, current_period_end: end, cancel_at_period_end, past_due_since };
             let e = entitlement(&free(), from_ref(&sub), now);
             if let Some(until) = e.until {
                 prop_assert!(matches!(status, Status::Trialing | Status::Active | Status::PastDue));

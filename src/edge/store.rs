@@ -55,7 +55,8 @@ fn inputs_sql(user: &str) -> String {
                                'plan', json_build_object('id', p.id, 'max_devices', p.max_devices, 'region_tiers', p.region_tiers),
                                'status', s.status,
                                'current_period_end', extract(epoch FROM s.current_period_end)::bigint,
-                               'cancel_at_period_end', s.cancel_at_period_end) ORDER BY s.id)
+                               'cancel_at_period_end', s.cancel_at_period_end,
+                               'past_due_since', extract(epoch FROM s.past_due_since)::bigint) ORDER BY s.id)
                             FROM subscriptions s JOIN plans p ON p.id = s.plan_id
                             WHERE s.user_id = {user} AND s.status IN ({paid})), '[]'::json),
            'version', coalesce((SELECT sum(s.version) FROM subscriptions s WHERE s.user_id = {user}), 0)::bigint)",

@@ -28,6 +28,10 @@ pub const TESTS: &[(&str, Test)] = &[
         renewal_after_invoice,
     ),
     (
+        "billing::a_failed_renewal_keeps_the_plan_for_the_grace_from_the_failure_only",
+        failed_renewal,
+    ),
+    (
         "billing::an_invoice_older_than_the_status_changes_nothing",
         stale_invoice,
     ),
@@ -339,6 +343,49 @@ fn renewal_after_invoice(ctx: &Ctx) -> Result<(), Failed> {
             (&json!(false), &json!(true)),
             "{json}"
         );
+        Ok(())
+    })
+}
+
+/// At a renewal Stripe moves the subscription into the new period, then
+/// charges; when the charge fails, `customer.subscription.updated` says
+/// `past_due` with the new period's end. That unpaid period grants the plan
+/// for the grace (3 days) from the failure only: a failure 4 days ago is the
+/// free plan now, one a day ago is Plus until 3 days after it. (It used to be
+/// Plus for the whole new period and the grace.) A payment then makes it
+/// active again, through the period and its grace.
+fn failed_renewal(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let grace = keenvpn_edge::domain::entitlement::GRACE_SECS;
+        for (days_ago, plan) in [(4, "free"), (1, "plus")] {
+            let failed_at = now() - days_ago * 86400;
+            let (mut user, s) = plus_subscriber(ctx, failed_at - 30 * 86400).await;
+            let mut failed = next(&s, failed_at);
+            failed.status = Status::PastDue;
+            failed.period_end = failed_at + 30 * 86400;
+            expect_applied(ctx, "customer.subscription.updated", &failed, true).await;
+            let c = user.refresh(ctx).await;
+            assert_eq!(c["ent"]["plan"], plan, "failed {days_ago} days ago: {c}");
+            if plan == "plus" {
+                assert_eq!(c["ent"]["until"], failed_at + grace, "{c}");
+                // A later event that leaves it past due (a retry's failure)
+                // keeps the grace where it started.
+                expect_applied(
+                    ctx,
+                    "invoice.payment_failed",
+                    &next(&s, failed_at + 600),
+                    true,
+                )
+                .await;
+                let c = user.refresh(ctx).await;
+                assert_eq!(c["ent"]["until"], failed_at + grace, "{c}");
+            }
+
+            expect_applied(ctx, "invoice.paid", &next(&s, failed_at + 3600), true).await;
+            let c = user.refresh(ctx).await;
+            assert_eq!(c["ent"]["plan"], "plus", "{c}");
+            assert_eq!(c["ent"]["until"], failed.period_end + grace, "{c}");
+        }
         Ok(())
     })
 }

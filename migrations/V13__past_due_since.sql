@@ -1,0 +1,34 @@
+-- When a subscription fell past due: the time of the provider's event that
+-- set the status, kept while it stays past due, cleared when it leaves.
+--
+-- A past-due subscription keeps its plan for the grace (3 days) while the
+-- provider retries the payment. That grace ran from the period end; but at a
+-- renewal the provider moves the subscription into the new period before it
+-- charges, so a failed renewal is past due with the new, unpaid period's end,
+-- and kept its plan for that whole period plus the grace. The grace now runs
+-- from here (`domain::entitlement`), and never past the old bound.
+--
+-- Kept by a trigger, so that every statement that sets the status (a
+-- subscription event, an invoice) keeps it right.
+ALTER TABLE subscriptions ADD COLUMN past_due_since timestamptz;
+
+CREATE FUNCTION keep_past_due_since() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status <> 'past_due' THEN
+        NEW.past_due_since := NULL;
+    ELSIF TG_OP = 'UPDATE' AND OLD.status = 'past_due' AND OLD.past_due_since IS NOT NULL THEN
+        NEW.past_due_since := OLD.past_due_since;
+    ELSE
+        -- greatest() skips NULLs: the newer of the two event times.
+        NEW.past_due_since := coalesce(greatest(NEW.status_event_at, NEW.provider_event_at), now());
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER subscriptions_past_due_since BEFORE INSERT OR UPDATE ON subscriptions
+    FOR EACH ROW EXECUTE FUNCTION keep_past_due_since();
+
+-- The rows past due now: since their status was set, as well as can be told.
+UPDATE subscriptions
+SET past_due_since = coalesce(greatest(status_event_at, provider_event_at), updated_at)
+WHERE status = 'past_due';
