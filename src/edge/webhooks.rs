@@ -45,20 +45,27 @@ fn log(req: &Incoming, level: Level, msg: &str, fields: serde_json::Value) {
 
 pub async fn stripe(mut req: Incoming, env: &Env) -> Result<Reply, Fail> {
     // Comma-separated, so the endpoint secret can be rolled without downtime.
-    let secrets = env.secret(SECRET).map(|s| s.to_string()).map_err(|_| {
-        Fail::new(
-            ApiError::new(
-                ProblemCode::NotConfigured,
-                "Webhook verification is not configured; it has been logged.",
-            ),
-            format!("secret {SECRET} is not set"),
-        )
-    })?;
+    // Unset and blank are the same: no secret to check a signature with (a
+    // blank one, say from an empty `wrangler secret put`, would otherwise
+    // refuse every genuine delivery as forged).
+    let secrets = env
+        .secret(SECRET)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
     let secrets: Vec<&str> = secrets
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
+    if secrets.is_empty() {
+        return Err(Fail::new(
+            ApiError::new(
+                ProblemCode::NotConfigured,
+                "Webhook verification is not configured; it has been logged.",
+            ),
+            format!("secret {SECRET} is not set, or blank"),
+        ));
+    }
     let header = req.header("stripe-signature");
     let (_, body) = read_body(&mut req, MAX_WEBHOOK_BODY).await?;
     stripe::verify(header.as_deref(), &body, &secrets, time::now_secs())

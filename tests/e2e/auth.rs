@@ -895,19 +895,21 @@ fn unsigned_keyed_retry(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
-/// A worker deployed without its refresh-token pepper and webhook secret,
-/// and with an admin token shorter than the 16 characters it needs, answers
-/// every route that needs one with 500 `not_configured` (a refresh used to be
-/// relayed as a retryable 503, and the admin API answered 401, as if every
-/// caller had sent the wrong token), and the rest as usual.
+/// A worker deployed without its refresh-token pepper, with a blank webhook
+/// secret (which reads as unset: every delivery used to be refused as
+/// forged, 400 `signature_mismatch`), and with an admin token shorter than
+/// the 16 characters it needs, answers every route that needs one with 500
+/// `not_configured` (a refresh used to be relayed as a retryable 503, and the
+/// admin API answered 401, as if every caller had sent the wrong token), and
+/// the rest as usual.
 fn missing_secrets(ctx: &Ctx) -> Result<(), Failed> {
     // A real refresh token, from the shared stack.
     let (_, pair) = ctx.rt.block_on(new_user(ctx));
     let refresh_token = s(&pair.body["refresh_token"]).to_owned();
     let short = "fifteen-chars-x";
     let stack = Stack::start_with(
-        &["REFRESH_TOKEN_PEPPER", "STRIPE_WEBHOOK_SECRET"],
-        &[("ADMIN_TOKEN", short)],
+        &["REFRESH_TOKEN_PEPPER"],
+        &[("ADMIN_TOKEN", short), ("STRIPE_WEBHOOK_SECRET", " , ")],
     );
     ctx.rt.block_on(async {
         let post = |path: &str, body: Value| {
