@@ -142,7 +142,7 @@ async fn update_region(
             if hang {
                 futures::future::pending::<()>().await;
             }
-            cron::publish(env, bindings::DB).await
+            cron::publish(env, bindings::DB, cron::Write::Always).await
         };
         time::timeout(PUBLISH_LIMIT_MS, publish)
             .await

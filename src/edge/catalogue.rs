@@ -268,7 +268,8 @@ async fn load(env: &Env, kv_down: Option<KvDown>) -> Result<Rc<Placer>, LoadErro
         unavailable: true,
         cause,
     };
-    let published = time::timeout(PUBLISH_TIMEOUT_MS, cron::publish(env, bindings::DB))
+    let publish = cron::publish(env, bindings::DB, cron::Write::IfDifferent);
+    let published = time::timeout(PUBLISH_TIMEOUT_MS, publish)
         .await
         .ok_or_else(|| unavailable("catalogue publish: timed out".into()))?
         .map_err(|e| unavailable(format!("catalogue publish: {e}")))?;

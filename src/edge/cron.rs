@@ -133,7 +133,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         Some(Err(e)) => failed("connect", e),
         None => failed("connect", late()),
     }
-    let published = time::timeout(STEP_LIMIT_MS, publish(&env, bindings::DB))
+    let published = time::timeout(STEP_LIMIT_MS, publish(&env, bindings::DB, Write::Always))
         .await
         .unwrap_or_else(|| Err(late()));
     match published {
@@ -166,8 +166,26 @@ const PUBLISH_ROUNDS: usize = 3;
 /// KV's limit: one write per key per second.
 const KV_WRITE_SPACING_MS: u64 = 1_000;
 
-/// Reads the catalogue through `binding` and stores it in KV when it changed.
-/// Returns the snapshot KV holds and whether this call wrote it.
+/// When [`publish`] writes a snapshot that KV seems to hold already.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// Always: the caller has just changed the catalogue (an operator's
+    /// change, a monitor's report that changed a region), or is the cron,
+    /// whose run is the net that brings KV to the catalogue within a minute.
+    /// KV's read at this location may be a cached value up to a minute old,
+    /// and a snapshot's etag is a hash of its content: a region down, up and
+    /// down again within that minute reads as "KV holds it" while KV
+    /// everywhere says up. So such a read cannot be trusted to skip a write,
+    /// and none is made.
+    Always,
+    /// Only when KV's read differs: the first copy of an isolate that found
+    /// no snapshot in KV (every isolate of a new deployment may do this at
+    /// once, and KV takes one write per key per second).
+    IfDifferent,
+}
+
+/// Reads the catalogue through `binding` and stores it in KV (as `write`
+/// says). Returns the snapshot KV holds and whether this call wrote it.
 ///
 /// Two publishers can race (an operator's change and a monitor's report, or
 /// either and the cron): one that read the catalogue before the other's change
@@ -175,12 +193,12 @@ const KV_WRITE_SPACING_MS: u64 = 1_000;
 /// So a publisher that wrote reads the catalogue again, and writes again if it
 /// has moved on meanwhile: whichever publisher writes last has then seen the
 /// newest catalogue.
-pub async fn publish(env: &Env, binding: &str) -> Result<(Snapshot, bool), String> {
+pub async fn publish(env: &Env, binding: &str, write: Write) -> Result<(Snapshot, bool), String> {
     let client = pg::connect(env, binding).await?;
     let mut snapshot = read_catalogue(&client).await?;
     let mut written = false;
     for round in 1..=PUBLISH_ROUNDS {
-        if !store_snapshot(env, &snapshot).await? {
+        if !store_snapshot(env, &snapshot, write).await? {
             break;
         }
         written = true;
@@ -214,27 +232,33 @@ async fn read_catalogue(client: &tokio_postgres::Client) -> Result<Snapshot, Str
     Ok(Snapshot::new(regions))
 }
 
-/// Stores `snapshot` and its etag in KV unless KV holds it already; returns
-/// whether the snapshot was written.
-async fn store_snapshot(env: &Env, snapshot: &Snapshot) -> Result<bool, String> {
+/// Stores `snapshot` and its etag in KV, with [`Write::IfDifferent`] unless
+/// KV's read holds it already; returns whether the snapshot was written.
+async fn store_snapshot(env: &Env, snapshot: &Snapshot, write: Write) -> Result<bool, String> {
     // Only the stored snapshot's etag is needed; the rest is skipped unparsed.
     #[derive(serde::Deserialize)]
     struct Stored {
         etag: String,
     }
-    let stored: Option<Stored> = kv::get_json(env, catalogue::KV_KEY).await.ok().flatten();
-    let changed = stored.is_none_or(|s| s.etag != snapshot.etag);
+    let (changed, tag_current) = match write {
+        Write::Always => (true, false),
+        Write::IfDifferent => {
+            let stored: Option<Stored> = kv::get_json(env, catalogue::KV_KEY).await.ok().flatten();
+            let changed = stored.is_none_or(|s| s.etag != snapshot.etag);
+            // The etag follows the snapshot it names (and is written on its
+            // own where a snapshot was stored before this key existed).
+            let tag_current = !changed
+                && kv::get_text(env, catalogue::ETAG_KV_KEY)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|tag| tag == snapshot.etag);
+            (changed, tag_current)
+        }
+    };
     if changed {
         kv::put_json(env, catalogue::KV_KEY, snapshot, None).await?;
     }
-    // The etag follows the snapshot it names (and is written on its own where
-    // a snapshot was stored before this key existed).
-    let tag_current = !changed
-        && kv::get_text(env, catalogue::ETAG_KV_KEY)
-            .await
-            .ok()
-            .flatten()
-            .is_some_and(|tag| tag == snapshot.etag);
     if !tag_current {
         kv::put(env, catalogue::ETAG_KV_KEY, &snapshot.etag, None).await?;
     }

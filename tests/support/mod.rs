@@ -886,6 +886,16 @@ impl Wrangler {
     }
 
     /// Deletes a key from the worker's local KV namespace.
+    /// Stores `value` under `key` in the worker's local KV namespace.
+    pub fn kv_put(&self, key: &str, value: &str) {
+        let out = self.kv("put", key, &[value]);
+        assert!(
+            out.status.success(),
+            "wrangler kv key put {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn kv_delete(&self, key: &str) {
         let out = self.kv("delete", key, &[]);
         assert!(
