@@ -7,9 +7,9 @@
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
 //! - republishes the region catalogue snapshot to KV.
 //!
-//! It writes, so it uses the uncached Hyperdrive binding. The KV write is
-//! skipped when the snapshot's content hash is unchanged, which keeps within
-//! KV's one-write-per-second-per-key limit and costs nothing.
+//! It writes, so it uses the uncached Hyperdrive binding. It writes the
+//! snapshot and its etag every run, whatever KV's read says ([`Write`]): two
+//! writes a minute, well within KV's one write per key per second.
 
 use super::log::{self, Level};
 use super::{bindings, kv, pg, time};
@@ -38,7 +38,12 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // A run more than 90 s after the last one (the cron runs every minute)
     // followed a gap: the database was down, so monitors' reports were
     // refused, or the cron stalled. Silence then counts from 3 minutes on
-    // (migration V11); so it does after the first run of all.
+    // (migration V11); so it does after the first run of all. The gap only
+    // excuses a monitor heard from within 3 minutes before it began (the
+    // last run before it, kept as `gap_started_at`; V14): one silent since
+    // earlier is marked down at once, so that runs failing every other
+    // minute, each good one after a gap, cannot hold a dead monitor's
+    // region up for good.
     //
     // Silence from every monitored region at once, when there are several,
     // is read as the monitoring failing (its token rotated without the
@@ -56,8 +61,12 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                  marks_down_from = CASE
                      WHEN cron_state.last_run_at < now() - interval '90 seconds'
                      THEN now() + interval '3 minutes'
-                     ELSE cron_state.marks_down_from END
-             RETURNING marks_down_from),
+                     ELSE cron_state.marks_down_from END,
+                 gap_started_at = CASE
+                     WHEN cron_state.last_run_at < now() - interval '90 seconds'
+                     THEN cron_state.last_run_at
+                     ELSE cron_state.gap_started_at END
+             RETURNING marks_down_from, gap_started_at),
          monitors AS (
              SELECT count(*) AS monitored,
                     count(*) FILTER (WHERE health_reported_at >= now() - interval '3 minutes') AS heard
@@ -65,7 +74,8 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
          marked AS (
              UPDATE regions SET reported_health = 'down', updated_at = now()
               WHERE health_reported_at < now() - interval '3 minutes' AND reported_health <> 'down'
-                AND now() >= (SELECT marks_down_from FROM run)
+                AND (SELECT now() >= marks_down_from
+                            OR health_reported_at < gap_started_at - interval '3 minutes' FROM run)
                 AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
              RETURNING 1)
          SELECT 'none of the ' || monitored || ' monitored regions reported in 3 minutes: '

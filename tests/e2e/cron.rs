@@ -19,6 +19,10 @@ pub const TESTS: &[(&str, Test)] = &[
         gap_in_runs,
     ),
     (
+        "cron::runs_failing_every_other_minute_do_not_hold_a_dead_monitors_region_up",
+        gaps_every_other_run,
+    ),
+    (
         "cron::every_monitored_region_silent_at_once_is_the_monitoring_failing",
         silent_monitoring,
     ),
@@ -32,7 +36,8 @@ pub const TESTS: &[(&str, Test)] = &[
 const STEADY: &str = "INSERT INTO cron_state (last_run_at, marks_down_from)
                       VALUES (now(), now() - interval '1 minute')
                       ON CONFLICT (id) DO UPDATE
-                      SET last_run_at = now(), marks_down_from = now() - interval '1 minute'";
+                      SET last_run_at = now(), marks_down_from = now() - interval '1 minute',
+                          gap_started_at = NULL";
 
 /// `{health}` to an admin route of sa-east (`path` after the region's): a
 /// monitor's report (`POST /health-report`), or an operator's decision
@@ -272,6 +277,51 @@ fn gap_in_runs(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(reported(&db, "sa-east").await, "up");
         // Forget the monitor.
         db.execute("UPDATE regions SET health_reported_at = NULL WHERE id = 'sa-east'", &[]).await?;
+        Ok(())
+    })
+}
+
+/// A gap excuses only the monitors heard from shortly before it (see
+/// `gap_in_runs` for one that is). With the cron's runs failing every other
+/// minute, each good run follows a gap; the 3 minutes of grace began again
+/// at each, and a region whose monitor had died (last heard 10 minutes ago,
+/// long before any of the gaps) was never marked down, while another
+/// monitor's reports went on arriving.
+fn gaps_every_other_run(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let report = |health| to_sa_east(ctx, reqwest::Method::POST, "/health-report", health);
+        assert_eq!(report("up").await?.status(), 200);
+        assert_eq!(monitor_report(ctx, "af-south", "up").await?, 200);
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        db.batch_execute(&format!(
+            "{STEADY};
+             UPDATE regions SET health_reported_at = now() - interval '10 minutes' WHERE id = 'sa-east';
+             UPDATE regions SET health_reported_at = now() - interval '1 minute' WHERE id = 'af-south';"
+        ))
+        .await?;
+        for _ in 0..3 {
+            // The run before this one failed: the last good one was two
+            // minutes ago.
+            db.execute(
+                "UPDATE cron_state SET last_run_at = now() - interval '2 minutes'",
+                &[],
+            )
+            .await?;
+            trigger(ctx).await?;
+        }
+        assert_eq!(reported(&db, "sa-east").await, "down", "a dead monitor held up");
+        assert_eq!(reported(&db, "af-south").await, "up");
+
+        assert_eq!(report("up").await?.status(), 200);
+        assert_eq!(monitor_report(ctx, "af-south", "up").await?, 200);
+        db.execute(
+            "UPDATE regions SET health_reported_at = NULL WHERE id IN ('sa-east', 'af-south')",
+            &[],
+        )
+        .await?;
+        db.batch_execute(STEADY).await?;
         Ok(())
     })
 }

@@ -1,0 +1,14 @@
+-- Where the cron's last gap began: its last run before the gap.
+--
+-- After a gap in its runs (V11) the cron reads no silence for 3 minutes,
+-- since the reports were refused while the database was down. But if its
+-- runs failed every other minute (a step timing out, connections refused
+-- now and then) every good run followed a gap, the 3 minutes began again
+-- each time, and a region whose monitor had died was never marked down,
+-- although the database took the other monitors' reports all along.
+--
+-- A gap only excuses a monitor that was heard from shortly before it: a
+-- region whose last report is more than 3 minutes older than the gap's start
+-- was silent before the gap began, and is marked down as if there had been
+-- none (`cron::MAINTENANCE_SQL`).
+ALTER TABLE cron_state ADD COLUMN gap_started_at timestamptz;
