@@ -310,8 +310,15 @@ impl Ledger {
     /// The insert committed: drops the reservation and records the device.
     /// The device is recorded even if the reservation is unknown or expired,
     /// because the row exists either way; the next sync corrects any excess.
+    /// But not a device already forgotten: a delete of it committed while
+    /// its insert's answer was on its way (the client saw the row in its
+    /// list and deleted it), and recording it would count, and mirror, a
+    /// device that no longer exists.
     pub fn confirm(&mut self, reservation: &str, device_id: &str) {
         self.reservations.remove(reservation);
+        if self.forgotten.contains_key(device_id) {
+            return;
+        }
         self.seq += 1;
         self.devices.insert(device_id.to_owned());
         self.confirms.insert(device_id.to_owned(), self.seq);
@@ -860,6 +867,26 @@ mod tests {
     }
 
     #[test]
+    fn a_device_deleted_before_its_insert_is_confirmed_is_not_counted() {
+        // A registration's insert commits; before its answer reaches the
+        // object, the client sees the row in its list and deletes it (the
+        // delete syncs under the mark it took before deleting), and only
+        // then does the registration confirm and sync with the list its
+        // insert returned.
+        let mut ledger = Ledger::default();
+        let r = ledger.reserve(1, T0, rid(1)).unwrap();
+        let insert_mark = ledger.mark();
+        let delete_mark = ledger.mark();
+        ledger.forget("x");
+        ledger.sync_since(delete_mark, vec![]);
+        ledger.confirm(&r, "x");
+        ledger.sync_since(insert_mark, vec!["x".into()]);
+        assert!(!ledger.counts("x"), "{ledger:?}");
+        assert_eq!(ledger.in_use(T0), 0);
+        assert!(ledger.reserve(1, T0, rid(2)).is_ok());
+    }
+
+    #[test]
     fn a_list_read_before_the_last_applied_sync_is_ignored() {
         let mut ledger = Ledger::default();
         let a = ledger.reserve(2, T0, rid(1)).unwrap();
@@ -1086,8 +1113,12 @@ mod properties {
         /// A request reserves a slot.
         Reserve,
         /// A pending insert commits (only while its reservation is live:
-        /// the shell bounds inserts well below the TTL).
+        /// the shell bounds inserts well below the TTL). Its answer reaches
+        /// the object later, at a [`Step::Confirm`]: meanwhile the device
+        /// is in PostgreSQL, and a delete can remove it.
         Commit(prop::sample::Index),
+        /// A committed insert's answer reaches the object, which confirms.
+        Confirm(prop::sample::Index),
         /// A pending insert fails and releases its slot.
         Fail(prop::sample::Index),
         /// A request dies between reserving and confirming (it threw, or
@@ -1109,6 +1140,7 @@ mod properties {
         prop_oneof![
             4 => Just(Step::Reserve),
             3 => any::<prop::sample::Index>().prop_map(Step::Commit),
+            3 => any::<prop::sample::Index>().prop_map(Step::Confirm),
             1 => any::<prop::sample::Index>().prop_map(Step::Fail),
             1 => any::<prop::sample::Index>().prop_map(Step::Die),
             1 => Just(Step::Reap),
@@ -1140,6 +1172,9 @@ mod properties {
             let mut now = 1_000_000_i64;
             let mut db: BTreeSet<String> = BTreeSet::new();
             let mut pending: Vec<(String, i64)> = Vec::new();
+            // Inserts committed whose answers are on their way: reservation
+            // and device.
+            let mut committed: Vec<(String, String)> = Vec::new();
             // A device-id query's answer: its mark, the ids, and the device
             // the request deleted, if it was a delete.
             let mut queries: Vec<(SyncMark, Vec<String>, Option<String>)> = Vec::new();
@@ -1174,8 +1209,12 @@ mod properties {
                             next_device += 1;
                             let device = format!("device-{next_device}");
                             db.insert(device.clone());
-                            ledger.confirm(&reservation, &device);
+                            committed.push((reservation, device));
                         }
+                    }
+                    Step::Confirm(i) if !committed.is_empty() => {
+                        let (reservation, device) = committed.remove(i.index(committed.len()));
+                        ledger.confirm(&reservation, &device);
                     }
                     Step::Fail(i) if !pending.is_empty() => {
                         let (reservation, _) = pending.remove(i.index(pending.len()));
@@ -1185,7 +1224,10 @@ mod properties {
                         pending.remove(i.index(pending.len()));
                     }
                     Step::Reap => {
-                        ledger.release_unless(|id| pending.iter().any(|(r, _)| r == id));
+                        ledger.release_unless(|id| {
+                            pending.iter().any(|(r, _)| r == id)
+                                || committed.iter().any(|(r, _)| r == id)
+                        });
                     }
                     // The delete request: a mark, the DELETE, then the list;
                     // its answer is delivered like any sync's, with the
@@ -1200,7 +1242,14 @@ mod properties {
                     Step::SyncDeliver(i) if !queries.is_empty() => {
                         deliver(&mut ledger, queries.remove(i.index(queries.len())));
                     }
-                    Step::Advance(secs) => now += secs,
+                    // An insert's answer comes within milliseconds, far
+                    // inside the reservation's TTL: before time moves on.
+                    Step::Advance(secs) => {
+                        for (reservation, device) in committed.drain(..) {
+                            ledger.confirm(&reservation, &device);
+                        }
+                        now += secs;
+                    }
                     _ => {}
                 }
                 let live_pending = pending.iter().filter(|(_, at)| is_live(*at, now)).count();
@@ -1213,6 +1262,9 @@ mod properties {
             // any over-count was temporary.
             for (reservation, _) in pending.drain(..) {
                 ledger.release(&reservation);
+            }
+            for (reservation, device) in committed.drain(..) {
+                ledger.confirm(&reservation, &device);
             }
             for answer in queries.drain(..) {
                 deliver(&mut ledger, answer);
