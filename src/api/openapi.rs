@@ -716,7 +716,7 @@ fn operation(op: &Op) -> Value {
     if op.idempotent {
         parameters.push(json!({
             "name": "Idempotency-Key", "in": "header", "required": false,
-            "description": "1 to 255 visible ASCII characters, unique per intended request (a UUID is ideal). A retry with the same key and body gets the first answer; with another body, 422.",
+            "description": "1 to 255 visible ASCII characters, unique per intended request (a UUID is ideal). A retry with the same key and body within 24 hours gets the first answer (the user's last 100 keyed requests are remembered); with another body, 422.",
             "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
         }));
     }
