@@ -272,7 +272,9 @@ pub struct Ledger {
     confirms: BTreeMap<String, u64>,
     /// Devices a committed delete dropped -> the `seq` of that
     /// [`Ledger::forget`]; kept out of any list read under an older mark,
-    /// which may predate the delete.
+    /// which may predate the delete, and from a late [`Ledger::confirm`]:
+    /// so an entry is kept while any reservation is outstanding, whose
+    /// insert may be the device's and its answer still on its way.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     forgotten: BTreeMap<String, u64>,
     /// Counts confirms and forgets; the clock that [`SyncMark`]s read.
@@ -364,7 +366,8 @@ impl Ledger {
         }
         self.synced = mark.0;
         self.confirms.retain(|_, &mut seq| seq > mark.0);
-        self.forgotten.retain(|_, &mut seq| seq > mark.0);
+        let awaited = !self.reservations.is_empty();
+        self.forgotten.retain(|_, &mut seq| seq > mark.0 || awaited);
         self.devices.clear();
         self.devices.extend(
             device_ids
@@ -884,6 +887,22 @@ mod tests {
         assert!(!ledger.counts("x"), "{ledger:?}");
         assert_eq!(ledger.in_use(T0), 0);
         assert!(ledger.reserve(1, T0, rid(2)).is_ok());
+
+        // Also when a sync read after the delete comes in between: the
+        // device is remembered as deleted while the insert is outstanding.
+        let mut ledger = Ledger::default();
+        let r = ledger.reserve(1, T0, rid(1)).unwrap();
+        let delete_mark = ledger.mark();
+        ledger.forget("x");
+        ledger.sync_since(delete_mark, vec![]);
+        let later = ledger.mark();
+        ledger.sync_since(later, vec![]);
+        ledger.confirm(&r, "x");
+        assert!(!ledger.counts("x"), "{ledger:?}");
+        // With nothing outstanding, the next sync lets the entry go.
+        let last = ledger.mark();
+        ledger.sync_since(last, vec![]);
+        assert!(ledger.forgotten.is_empty(), "{ledger:?}");
     }
 
     #[test]
