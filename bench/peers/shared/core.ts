@@ -20,8 +20,8 @@ export const CATALOGUE_KEY = "catalogue/v1";
 /** The etag of the snapshot under CATALOGUE_KEY: checked before reading it again. */
 export const CATALOGUE_ETAG_KEY = "catalogue/v1/etag";
 export const CATALOGUE_TTL_MS = 5_000;
-/** How long a call to a region's admission gate may take (src/edge/durable.rs, CALL_TIMEOUT_MS). */
-export const GATE_CALL_TIMEOUT_MS = 20_000;
+/** How long a call to a region's admission gate may take (src/edge/durable.rs, ADMIT_TIMEOUT_MS). */
+export const GATE_CALL_TIMEOUT_MS = 2_000;
 /** A KV read that takes longer has failed (`kv::READ_TIMEOUT_MS`). */
 export const KV_READ_TIMEOUT_MS = 2_000;
 const ALG = "EdDSA";
@@ -369,8 +369,15 @@ export function bearer(header: string | null | undefined): string {
     throw new Problem(401, "token_missing", "Unauthorized", "Send an access token as `Authorization: Bearer <token>`.");
   if (header.length > MAX_AUTHORIZATION_LEN) throw tokenProblem("token_too_large", "The access token is too large.");
   const space = header.indexOf(" ");
+  // Another scheme (or none) carries no access token: missing, whose
+  // challenge names no error (RFC 6750, section 3.1).
   if (space < 0 || header.slice(0, space).toLowerCase() !== "bearer")
-    throw tokenProblem("token_malformed", "Use the Bearer scheme.");
+    throw new Problem(
+      401,
+      "token_missing",
+      "Unauthorized",
+      "Send an access token as `Authorization: Bearer <token>`; another scheme carries none.",
+    );
   return header.slice(space + 1).trim();
 }
 

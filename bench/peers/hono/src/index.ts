@@ -240,23 +240,30 @@ app.get("/v1/regions", async (c) => {
   return c.body(core.regionsBody(s), 200, { "content-type": "application/json", etag, "cache-control": cache });
 });
 
-async function authenticate(
-  c: { env: Env; req: { header(n: string): string | undefined } },
-  timer: RequestTimer,
-): Promise<core.AccessClaims> {
+async function authenticate(c: { env: Env; req: { header(n: string): string | undefined } }): Promise<core.AccessClaims> {
   const token = core.bearer(c.req.header("authorization"));
   const k = await getKeys(c.env);
   const t = core.preverify(token, k.verifiers, codec);
   if (!(await crypto.subtle.verify(ED25519, t.key, t.signature, t.signed))) throw core.badSignature();
-  const claims = core.checkClaims(t.claimsB64, nowSecs(), codec);
-  // A KV failure does not lock everyone out: the token still bounds the session.
-  const mirror = await timer
-    .race(c.env.KV.get(`sessions/${claims.sub}`, "json"), core.KV_READ_TIMEOUT_MS)
-    .catch(() => null);
-  if (core.sessionRevoked(mirror, claims.sid))
-    throw new core.Problem(401, "session_revoked", "Unauthorized", "This session has been signed out.");
-  return claims;
+  return core.checkClaims(t.claimsB64, nowSecs(), codec);
 }
+
+/** Whether the session is still live; a KV failure does not lock everyone out (the token still bounds the session). */
+async function sessionLive(env: Env, claims: core.AccessClaims, timer: RequestTimer): Promise<boolean> {
+  const mirror = await timer.race(env.KV.get(`sessions/${claims.sub}`, "json"), core.KV_READ_TIMEOUT_MS).catch(() => null);
+  return !core.sessionRevoked(mirror, claims.sid);
+}
+
+/** A promise's outcome, so that several can run at once and be checked in order. */
+const settled = <T>(p: Promise<T>): Promise<{ ok: true; value: T } | { ok: false; error: unknown }> =>
+  p.then(
+    (value) => ({ ok: true as const, value }),
+    (error) => ({ ok: false as const, error }),
+  );
+const take = <T>(r: { ok: true; value: T } | { ok: false; error: unknown }): T => {
+  if (!r.ok) throw r.error;
+  return r.value;
+};
 
 async function devicesOf(env: Env, userId: string, timer: RequestTimer): Promise<core.Device[]> {
   const read = env.KV.get<{ devices: core.Device[] }>(`devices/${userId}`, "json");
@@ -275,12 +282,24 @@ app.post("/v1/connect", async (c) => {
 
 async function connect(c: any, timer: RequestTimer) {
   const env: Env = c.env;
-  const claims = await authenticate(c, timer);
+  const claims = await authenticate(c);
   const location = core.clientLocation(env.ENVIRONMENT === "development", (n) => c.req.header(n), (c.req.raw as any).cf);
-  const body = core.parseConnectBody(c.req.header("content-length"), c.req.header("content-type"), await c.req.text());
-  if (!core.isDeviceId(body.device_id)) throw core.deviceNotFound();
-  const [devices, s] = await Promise.all([devicesOf(env, claims.sub, timer), snapshot(env)]);
-  const p = core.placeConnect(claims, body, devices, s, location);
+  const parsed = await settled(
+    c.req.text().then((text: string) => core.parseConnectBody(c.req.header("content-length"), c.req.header("content-type"), text)),
+  );
+  // The session, the device and the catalogue are independent reads, made at
+  // once as the worker makes them; a refusal keeps the order of the checks (a
+  // revoked session before a bad body before an unknown device).
+  const deviceId = parsed.ok && core.isDeviceId(parsed.value.device_id) ? parsed.value.device_id : null;
+  const [live, devices, s] = await Promise.all([
+    sessionLive(env, claims, timer),
+    deviceId === null ? null : settled(devicesOf(env, claims.sub, timer)),
+    settled(snapshot(env)),
+  ]);
+  if (!live) throw new core.Problem(401, "session_revoked", "Unauthorized", "This session has been signed out.");
+  const body = take(parsed);
+  if (devices === null) throw core.deviceNotFound();
+  const p = core.placeConnect(claims, body, take(devices), take(s), location);
   const region = p.choice.region;
 
   const verdict = await admit(env, p.gate, p.rate, timer);
