@@ -12,11 +12,30 @@
 -- servers: one that has yet to drop the deleted device's peer still routes
 -- the address to the old key, so a new device given it at once could find its
 -- tunnel's traffic sent elsewhere.
+-- Waits for a lock (the trigger's, below, behind a long transaction on
+-- devices) end the migration rather than hold every device write meanwhile.
+SET LOCAL lock_timeout = '10s';
+
 CREATE TABLE freed_tunnel_addresses (
     n        bigint PRIMARY KEY CHECK (n BETWEEN 2 AND 4194302),
     freed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX freed_tunnel_addresses_freed_at_idx ON freed_tunnel_addresses (freed_at, n);
+
+-- The numbers that deleted devices used up before this migration: every
+-- number the sequence has given out that no device holds, in quarantine from
+-- now (their devices may have been deleted a moment ago). Before the trigger,
+-- so that this scan (millions of numbers on a large fleet) only reads
+-- devices, and registrations and deletes go on meanwhile. A number drawn by
+-- a registration still in flight is freed too, and is then held by a device:
+-- `sql::insert_device` passes over a freed number that a device holds. A
+-- device deleted while this runs keeps its number used up.
+INSERT INTO freed_tunnel_addresses (n)
+SELECT g.n
+FROM generate_series(2, (SELECT CASE WHEN is_called THEN last_value ELSE 1 END
+                         FROM device_address_seq)) AS g(n)
+WHERE NOT EXISTS (SELECT 1 FROM devices d
+                  WHERE d.ipv4_address = '10.64.0.0'::inet + g.n);
 
 -- Every delete frees its number, also a cascade from a deleted account.
 -- The number is the IPv4 address's offset from the range's base, as
@@ -30,13 +49,3 @@ END
 $$;
 CREATE TRIGGER devices_free_tunnel_address AFTER DELETE ON devices
     FOR EACH ROW EXECUTE FUNCTION free_tunnel_address();
-
--- The numbers that deleted devices used up before this migration: every
--- number the sequence has given out that no device holds, in quarantine from
--- now (their devices may have been deleted a moment ago).
-INSERT INTO freed_tunnel_addresses (n)
-SELECT g.n
-FROM generate_series(2, (SELECT CASE WHEN is_called THEN last_value ELSE 1 END
-                         FROM device_address_seq)) AS g(n)
-WHERE NOT EXISTS (SELECT 1 FROM devices d
-                  WHERE d.ipv4_address = '10.64.0.0'::inet + g.n);

@@ -10,7 +10,20 @@
 --
 -- Kept by a trigger, so that every statement that sets the status (a
 -- subscription event, an invoice) keeps it right.
+
+-- Waits for a lock (behind a long transaction on subscriptions) end the
+-- migration rather than hold sign-ins and billing events meanwhile. Adding a
+-- column with no default rewrites nothing; the backfill touches the rows
+-- past due only.
+SET LOCAL lock_timeout = '10s';
+
 ALTER TABLE subscriptions ADD COLUMN past_due_since timestamptz;
+
+-- The rows past due now: since their status was set, as well as can be told.
+-- Before the trigger, which would put its own value in place of this one.
+UPDATE subscriptions
+SET past_due_since = coalesce(greatest(status_event_at, provider_event_at), updated_at)
+WHERE status = 'past_due';
 
 CREATE FUNCTION keep_past_due_since() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -27,8 +40,3 @@ END
 $$;
 CREATE TRIGGER subscriptions_past_due_since BEFORE INSERT OR UPDATE ON subscriptions
     FOR EACH ROW EXECUTE FUNCTION keep_past_due_since();
-
--- The rows past due now: since their status was set, as well as can be told.
-UPDATE subscriptions
-SET past_due_since = coalesce(greatest(status_event_at, provider_event_at), updated_at)
-WHERE status = 'past_due';

@@ -99,7 +99,9 @@ pub const DEVICE_JSON: &str =
 /// for a registration refused by the limit or the key would be lost to the
 /// whole fleet, and a client retrying one could use up the range. Two
 /// registrations at once take different freed numbers (`SKIP LOCKED`); a
-/// registration that fails puts its freed number back with its rollback. The
+/// registration that fails puts its freed number back with its rollback. A
+/// freed number that a device holds (migration V12 may free one a
+/// registration in flight had drawn) is passed over. The
 /// addresses are the ranges' bases ([`tunnel_bases`]) plus that number, as
 /// [`tunnel_addresses`] computes them. Two users adding one key at the same
 /// moment still meet the key's unique constraint.
@@ -116,9 +118,10 @@ pub fn insert_device(user: &str, name: &str, key: &str, limit: u32) -> String {
                AND NOT EXISTS (SELECT 1 FROM devices WHERE public_key = {key})),
          reused AS (
              DELETE FROM freed_tunnel_addresses WHERE n = (
-                 SELECT n FROM freed_tunnel_addresses
-                 WHERE freed_at <= now() - interval '{ADDRESS_QUARANTINE}' AND EXISTS (SELECT FROM ok)
-                 ORDER BY freed_at, n LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 SELECT f.n FROM freed_tunnel_addresses f
+                 WHERE f.freed_at <= now() - interval '{ADDRESS_QUARANTINE}' AND EXISTS (SELECT FROM ok)
+                   AND NOT EXISTS (SELECT 1 FROM devices WHERE ipv4_address = '{v4}'::inet + f.n)
+                 ORDER BY f.freed_at, f.n LIMIT 1 FOR UPDATE OF f SKIP LOCKED)
              RETURNING n),
          drawn AS (
              SELECT n FROM reused

@@ -62,6 +62,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "migrations::the_tunnel_addresses_deletes_used_up_are_freed",
         |pg| Box::pin(the_migration_frees_what_deletes_used_up(pg)),
     ),
+    (
+        "migrations::a_subscription_past_due_before_v13_is_past_due_since_its_last_change",
+        |pg| Box::pin(past_due_backfill(pg)),
+    ),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -795,6 +799,25 @@ async fn a_deleted_devices_address_is_given_again(pg: &Postgres) -> Result<(), F
     assert_eq!(last_drawn(&client).await?, second);
     assert!(freed(&client).await?.is_empty());
 
+    // A freed number that a device holds (the migration frees the number of
+    // a registration in flight) is passed over, not a unique violation.
+    let held = number(&register(&client, a, &key('F'), 5).await?);
+    client
+        .batch_execute(&format!(
+            "INSERT INTO freed_tunnel_addresses (n, freed_at) VALUES ({held}, now() - interval '2 days')"
+        ))
+        .await?;
+    let fresh = number(&register(&client, a, &key('G'), 5).await?);
+    assert_eq!(fresh, held + 1, "a new number, the held one passed over");
+    assert_eq!(freed(&client).await?, [held]);
+    client
+        .batch_execute(&format!(
+            "DELETE FROM devices WHERE public_key IN ('{}', '{}'); DELETE FROM freed_tunnel_addresses",
+            key('F'),
+            key('G')
+        ))
+        .await?;
+
     // A deleted account frees its devices' numbers too (the cascade).
     client
         .batch_execute(&format!("DELETE FROM users WHERE id = '{b}'"))
@@ -863,6 +886,40 @@ async fn the_migration_frees_what_deletes_used_up(pg: &Postgres) -> Result<(), F
     assert!(
         fresh,
         "the numbers freed by the migration skip the quarantine"
+    );
+    Ok(())
+}
+
+/// V13 gives a subscription already past due the time its status was set,
+/// else the time its row last changed; the trigger it adds must not put its
+/// own (the migration's time) in place of that.
+async fn past_due_backfill(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh_at(pg, 12).await?;
+    client
+        .batch_execute(
+            "INSERT INTO users (id, email, password_hash)
+             VALUES ('00000000-0000-4000-8000-000000000001', 'a@example.test', '$argon2id$x'),
+                    ('00000000-0000-4000-8000-000000000002', 'b@example.test', '$argon2id$x');
+             INSERT INTO subscriptions (user_id, plan_id, status, current_period_end, status_event_at, updated_at)
+             VALUES ('00000000-0000-4000-8000-000000000001', 'plus', 'past_due', now() + interval '20 days',
+                     NULL, '2020-01-01T00:00:00Z'),
+                    ('00000000-0000-4000-8000-000000000002', 'plus', 'past_due', now() + interval '20 days',
+                     '2021-06-01T00:00:00Z', '2022-01-01T00:00:00Z');",
+        )
+        .await?;
+    db::migrate(&mut client).await?;
+    let since: Vec<(String, i64)> = pairs(
+        &client,
+        "SELECT u.email::text, extract(epoch FROM s.past_due_since)::bigint
+         FROM subscriptions s JOIN users u ON u.id = s.user_id ORDER BY u.email",
+    )
+    .await?;
+    assert_eq!(
+        since,
+        [
+            ("a@example.test".to_owned(), 1_577_836_800),
+            ("b@example.test".to_owned(), 1_622_505_600)
+        ]
     );
     Ok(())
 }
