@@ -40,13 +40,16 @@ pub async fn seed_dev(client: &mut Client) -> Result<(), tokio_postgres::Error> 
 }
 
 /// Connects to `url`. TLS follows the URL's `sslmode` (only `disable`,
-/// `prefer`, the default, and `require` are understood): `disable` never,
-/// `prefer` when the server offers it, `require` always. Unlike libpq's
-/// `prefer` and `require`, which do not check the server's certificate, a
-/// certificate is always checked: against the Mozilla root set, and the CA
-/// certificates in the PEM file that `PGSSLROOTCERT` names, when set (libpq's
-/// variable; managed services often sign with a CA of their own).
+/// `prefer` and `require` are understood): `disable` never, `prefer` when the
+/// server offers it, `require` always. Without one, `require` for a server
+/// over the network, `prefer` on this machine ([`tls_default`]). Unlike
+/// libpq's `prefer` and `require`, which do not check the server's
+/// certificate, a certificate is always checked: against the Mozilla root
+/// set, and the CA certificates in the PEM file that `PGSSLROOTCERT` names,
+/// when set (libpq's variable; managed services often sign with a CA of
+/// their own).
 pub async fn connect(url: &str) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+    let config = tls_default(url)?;
     let extra = std::env::var_os("PGSSLROOTCERT")
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from);
@@ -59,13 +62,41 @@ pub async fn connect(url: &str) -> Result<Client, Box<dyn std::error::Error + Se
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config);
-    let (client, connection) = tokio_postgres::connect(url, tls).await?;
+    let (client, connection) = config.connect(tls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             eprintln!("postgres connection closed: {e}");
         }
     });
     Ok(client)
+}
+
+/// `url` parsed, with TLS required when it names no `sslmode` and any of its
+/// hosts is reached over the network. tokio-postgres (like libpq) defaults to
+/// `prefer`: TLS if the server offers it. Then whoever sits between this tool
+/// and the server can decline TLS for the server, and be sent the password
+/// (in the clear, if it asks for it so): the certificate check never happens.
+/// A server on this machine (a loopback address, `localhost`, a Unix socket)
+/// keeps the default, as the local stack's does; an explicit `sslmode` is
+/// always followed.
+pub fn tls_default(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    use tokio_postgres::config::{Host, SslMode};
+    let mut config: tokio_postgres::Config = url.parse()?;
+    let local = |host: &Host| match host {
+        Host::Tcp(name) => {
+            name.eq_ignore_ascii_case("localhost")
+                || name
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    };
+    if !url.contains("sslmode") && !config.get_hosts().iter().all(local) {
+        config.ssl_mode(SslMode::Require);
+    }
+    Ok(config)
 }
 
 /// The roots a server certificate must chain to: the Mozilla root set, and
@@ -96,6 +127,49 @@ mod tests {
 
     fn mozilla() -> usize {
         webpki_roots::TLS_SERVER_ROOTS.len()
+    }
+
+    #[test]
+    fn a_server_over_the_network_gets_tls_required_unless_the_url_says_otherwise() {
+        use tokio_postgres::config::SslMode;
+        let mode = |url: &str| tls_default(url).unwrap().get_ssl_mode();
+        // No sslmode, a server elsewhere: a downgrade to plain TCP must fail.
+        assert_eq!(
+            mode("postgres://u:p@db.example.com:5432/keenvpn"),
+            SslMode::Require
+        );
+        assert_eq!(mode("postgres://u:p@203.0.113.7/keenvpn"), SslMode::Require);
+        assert_eq!(
+            mode("host=db.example.com user=u dbname=keenvpn"),
+            SslMode::Require
+        );
+        // One remote host among local ones is enough.
+        assert_eq!(
+            mode("postgres://u:p@127.0.0.1,db.example.com/keenvpn"),
+            SslMode::Require
+        );
+        // On this machine, the default stays.
+        for local in [
+            "postgres://u:p@127.0.0.1:5432/keenvpn",
+            "postgres://u:p@localhost/keenvpn",
+            "postgres://u:p@[::1]:5432/keenvpn",
+            "host=/var/run/postgresql user=u dbname=keenvpn",
+        ] {
+            assert_eq!(mode(local), SslMode::Prefer, "{local}");
+        }
+        // An explicit sslmode is followed, wherever the server is.
+        assert_eq!(
+            mode("postgres://u:p@db.example.com/keenvpn?sslmode=prefer"),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("postgres://u:p@db.example.com/keenvpn?sslmode=disable"),
+            SslMode::Disable
+        );
+        assert_eq!(
+            mode("postgres://u:p@127.0.0.1/keenvpn?sslmode=require"),
+            SslMode::Require
+        );
     }
 
     #[test]
