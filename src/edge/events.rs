@@ -129,19 +129,21 @@ async fn send_retried(
     env: &Env,
     message: &impl Serialize,
     fault: &Option<String>,
-    timer: Option<&Timer>,
+    (timer, request_id): (Option<&Timer>, Option<&str>),
 ) -> Result<(), String> {
     let text = serde_json::to_string(message).map_err(|e| e.to_string())?;
-    retry_send(env, &text, fault, timer).await
+    retry_send(env, &text, fault, (timer, request_id)).await
 }
 
 /// [`send_retried`] once the message is text: one copy for every kind of
-/// message.
+/// message. Each failed attempt that is tried again is logged (with the
+/// request's id, where there is one), so that a queue refusing sends now and
+/// then shows before it refuses them all.
 async fn retry_send(
     env: &Env,
     text: &str,
     fault: &Option<String>,
-    timer: Option<&Timer>,
+    (timer, request_id): (Option<&Timer>, Option<&str>),
 ) -> Result<(), String> {
     let attempt = |n: usize| async move {
         match fault::send_refused(fault, n) {
@@ -151,9 +153,15 @@ async fn retry_send(
     };
     let mut outcome = attempt(0).await;
     for (n, delay) in SEND_RETRY_DELAYS_MS.into_iter().enumerate() {
-        if outcome.is_ok() {
+        let Err(e) = &outcome else {
             break;
-        }
+        };
+        log::event(
+            Level::Warn,
+            request_id,
+            "connection event send failed; trying again",
+            json!({"attempt": n + 1, "error": e}),
+        );
         time::sleep(delay).await;
         outcome = attempt(n + 1).await;
     }
@@ -204,7 +212,8 @@ pub fn enqueue(
     let env = env.clone();
     let request_id = request_id.to_owned();
     ctx.wait_until(async move {
-        if let Err(e) = send_retried(&env, &event, &fault, Some(&timer)).await {
+        if let Err(e) = send_retried(&env, &event, &fault, (Some(&timer), Some(&request_id))).await
+        {
             hold(vec![event], &e, Some(&request_id));
         }
     });
@@ -252,7 +261,7 @@ async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>) {
         let batch = Many {
             events: &events[sent..end],
         };
-        if let Err(e) = send_retried(env, &batch, &None, None).await {
+        if let Err(e) = send_retried(env, &batch, &None, (None, None)).await {
             return hold(events.split_off(sent), &e, None);
         }
         sent = end;

@@ -138,6 +138,7 @@ fn publishes_catalogue(ctx: &Ctx) -> Result<(), Failed> {
                 r["health"] = "down".into();
             }
         }
+        assert_ne!(other, snap, "eu-west was down already");
         wrangler.kv_put("catalogue/v1", &other.to_string());
         trigger(ctx).await?;
         assert_eq!(

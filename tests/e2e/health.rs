@@ -145,18 +145,25 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
 /// the answers report the same latencies. Each used to run its own probes.
 fn recent_readyz_probes_are_reused(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let mut answers = Vec::new();
+        let mut ids = Vec::new();
         for _ in 0..5 {
             let resp = ctx.http.get(ctx.url("/readyz")).send().await?;
             let status = resp.status();
+            ids.push(resp.headers()["x-request-id"].to_str()?.to_owned());
             let body = resp.json::<Value>().await?;
             assert_eq!(status, 200, "{body}");
-            answers.push(body["components"].clone());
         }
-        // At least two consecutive answers fall within one 2 s window.
+        // Each request that ran probes wrote its KV probe key
+        // (`readyz/<request id>`); within one 2 s window, one did.
+        let keys = ctx.stack().wrangler.kv_list("readyz/");
+        let probed = ids
+            .iter()
+            .filter(|id| keys.contains(&format!("readyz/{id}")))
+            .count();
         assert!(
-            answers.windows(2).any(|w| w[0] == w[1]),
-            "every answer from probes of its own: {answers:?}"
+            probed < ids.len(),
+            "every answer from probes of its own: {probed} of {}",
+            ids.len()
         );
         Ok(())
     })
@@ -169,8 +176,6 @@ fn recent_readyz_probes_are_reused(ctx: &Ctx) -> Result<(), Failed> {
 /// cost a set of probes (a database connection among them) per request.
 fn concurrent_readyz_calls_share_probes(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        // Past the 2 s in which the last report is reused.
-        tokio::time::sleep(Duration::from_millis(2_100)).await;
         let call = || async {
             let resp = ctx.http.get(ctx.url("/readyz")).send().await.unwrap();
             let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
@@ -179,23 +184,33 @@ fn concurrent_readyz_calls_share_probes(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(status, 200, "{body}");
             (id, body["components"].clone())
         };
-        let answers = futures::future::join_all((0..8).map(|_| call())).await;
-        let keys = ctx.stack().wrangler.kv_list("readyz/");
-        let probed: Vec<&String> = answers
-            .iter()
-            .map(|(id, _)| id)
-            .filter(|id| keys.contains(&format!("readyz/{id}")))
-            .collect();
-        assert!(
-            probed.len() <= 1,
-            "{} of 8 ran probes: {probed:?}",
-            probed.len()
-        );
-        assert!(
-            answers.windows(2).all(|w| w[0].1 == w[1].1),
-            "answers from different probes: {answers:?}"
-        );
-        Ok(())
+        // A burst whose probes another test's `/readyz` ran (a report less
+        // than 2 s old is reused) shows no request of its own probing: it
+        // proves nothing, and is tried again.
+        for _ in 0..3 {
+            // Past the 2 s in which the last report is reused.
+            tokio::time::sleep(Duration::from_millis(2_100)).await;
+            let answers = futures::future::join_all((0..8).map(|_| call())).await;
+            let keys = ctx.stack().wrangler.kv_list("readyz/");
+            let probed: Vec<&String> = answers
+                .iter()
+                .map(|(id, _)| id)
+                .filter(|id| keys.contains(&format!("readyz/{id}")))
+                .collect();
+            assert!(
+                probed.len() <= 1,
+                "{} of 8 ran probes: {probed:?}",
+                probed.len()
+            );
+            assert!(
+                answers.windows(2).all(|w| w[0].1 == w[1].1),
+                "answers from different probes: {answers:?}"
+            );
+            if probed.len() == 1 {
+                return Ok(());
+            }
+        }
+        panic!("no burst of three ran probes of its own")
     })
 }
 
@@ -316,7 +331,12 @@ fn cf_ray_becomes_the_request_id(ctx: &Ctx) -> Result<(), Failed> {
             .header("cf-ray", "x y")
             .send()
             .await?;
-        assert_ne!(resp.headers()["x-request-id"], "x y");
+        // A fresh id instead: 32 hexadecimal digits.
+        let id = resp.headers()["x-request-id"].to_str()?;
+        assert!(
+            id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
         Ok(())
     })
 }
@@ -332,13 +352,17 @@ fn postgres_down_readyz_and_sign_ins(ctx: &Ctx) -> Result<(), Failed> {
     })?;
 
     stack.pg.stop_server();
-    let started = std::time::Instant::now();
     let body: Value = ctx.rt.block_on(eventually(
         Duration::from_secs(30),
         "readyz 503",
         || async {
+            let started = std::time::Instant::now();
             let resp = ctx.http.get(&readyz).send().await.ok()?;
             (resp.status() == 503).then_some(())?;
+            // Each probe is bounded (2 s), so a down database never hangs
+            // the check: the answer that says so comes within a few seconds.
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(5), "the 503 took {took:?}");
             assert!(
                 resp.headers().contains_key("retry-after"),
                 "a 503 carries Retry-After"
@@ -346,8 +370,6 @@ fn postgres_down_readyz_and_sign_ins(ctx: &Ctx) -> Result<(), Failed> {
             resp.json::<Value>().await.ok()
         },
     ));
-    // Each probe is bounded, so a down database never hangs the check.
-    assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(body["code"], "not_ready");
     assert!(
         body["detail"].as_str().unwrap().contains("database"),
