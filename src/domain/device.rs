@@ -335,6 +335,25 @@ impl Ledger {
         self.forgotten.insert(device_id.to_owned(), self.seq);
     }
 
+    /// A change to a counted device's row committed (its key rotated): like
+    /// a confirm, it is remembered until a sync whose query started after
+    /// it, so that the shell keeps its own record of the device over a list
+    /// read before the change ([`Ledger::written_after`]).
+    pub fn touch(&mut self, device_id: &str) {
+        if self.devices.contains(device_id) {
+            self.seq += 1;
+            self.confirms.insert(device_id.to_owned(), self.seq);
+        }
+    }
+
+    /// Whether `device_id` was confirmed or touched after `mark`: a list read
+    /// under that mark may show its row as it was before.
+    pub fn written_after(&self, mark: SyncMark, device_id: &str) -> bool {
+        self.confirms
+            .get(device_id)
+            .is_some_and(|&seq| seq > mark.0)
+    }
+
     /// The insert failed: drops the reservation, freeing its slot. Unknown
     /// reservations are ignored.
     pub fn release(&mut self, reservation: &str) {
@@ -903,6 +922,33 @@ mod tests {
         let last = ledger.mark();
         ledger.sync_since(last, vec![]);
         assert!(ledger.forgotten.is_empty(), "{ledger:?}");
+    }
+
+    #[test]
+    fn a_touched_device_is_written_after_any_older_mark_until_a_newer_sync() {
+        let mut ledger = Ledger::default();
+        let r = ledger.reserve(2, T0, rid(1)).unwrap();
+        ledger.confirm(&r, "d");
+        let settled = ledger.mark();
+        ledger.sync_since(settled, vec!["d".into()]);
+        assert!(!ledger.written_after(settled, "d"));
+        // A registration takes its mark; the key of d is rotated meanwhile.
+        let before = ledger.mark();
+        ledger.touch("d");
+        assert!(ledger.written_after(before, "d"));
+        // The rotation's own list, and the registration's, both read under
+        // the older mark: d stays written after it.
+        ledger.sync_since(before, vec!["d".into()]);
+        assert!(ledger.written_after(before, "d"));
+        assert_eq!(ledger.confirmed(), 1);
+        // A list read after the rotation lets it go.
+        let after = ledger.mark();
+        ledger.sync_since(after, vec!["d".into()]);
+        assert!(!ledger.written_after(after, "d"));
+        // An uncounted device is not touched.
+        ledger.touch("gone");
+        assert!(!ledger.written_after(after, "gone"));
+        assert_eq!(ledger.confirmed(), 1);
     }
 
     #[test]

@@ -813,6 +813,11 @@ impl UserSession {
             Own::Wrote(d) => (Some(d), None),
             Own::Deleted(id) => (None, Some(id)),
         };
+        // A list read under an older mark than this write may show the row
+        // as it was before: the ledger remembers the write past the mark.
+        if let Some(d) = own {
+            stored.devices.touch(&d.id);
+        }
         let applied = stored
             .devices
             .sync_since(mark, list.iter().map(|d| d.id.clone()).collect());
@@ -835,8 +840,15 @@ impl UserSession {
             if !stored.devices.counts(&d.id) {
                 continue;
             }
+            // The request's own write wins; so does the record of a device
+            // written (added, or its key rotated) after the list's mark,
+            // which may show the row as it was before: a registration whose
+            // answer comes after a rotation committed must not put the old
+            // key back.
+            let newer = own.is_some_and(|o| o.id == d.id)
+                || (applied && stored.devices.written_after(mark, &d.id));
             match records.iter_mut().find(|r| r.id == d.id) {
-                Some(r) if own.is_some_and(|o| o.id == d.id) => *r = d,
+                Some(r) if newer => *r = d,
                 Some(_) => {}
                 None => records.push(d),
             }

@@ -38,6 +38,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "devices::a_deleted_device_stops_connecting_when_its_kv_copy_failed_to_be_written",
         mirror_retried,
     ),
+    (
+        "devices::a_registration_answered_after_a_key_rotation_keeps_the_rotated_key",
+        late_registration_keeps_rotation,
+    ),
 ];
 
 async fn create(ctx: &Ctx, user: &User, name: &str, key: &str) -> Resp {
@@ -592,6 +596,82 @@ fn mirror_retried(ctx: &Ctx) -> Result<(), Failed> {
             },
         )
         .await;
+        Ok(())
+    })
+}
+
+/// A registration whose insert waits in PostgreSQL (here on another user's
+/// uncommitted row with the same key: its statement, and the device list it
+/// answers with, already read) while a key rotation of the user's other
+/// device commits and is applied. The registration's late answer carries
+/// the list from before the rotation; the user's object used to take it as
+/// the newer, and put the old key back in the records and the KV copy the
+/// connect reads: tickets then named the old key (a leaked one, say) until
+/// the user's next device change.
+fn late_registration_keeps_rotation(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let mut user = new_user(ctx).await;
+        make_plus(ctx, &mut user).await;
+        let phone = create(ctx, &user, "Phone", &wg_key()).await;
+        assert_eq!(phone.status, 201, "{}", phone.body);
+        let phone_id = s(&phone.body["id"]).to_owned();
+
+        let other = new_user(ctx).await;
+        let key = wg_key();
+        let mut blocker = db(ctx).await;
+        let tx = blocker.transaction().await?;
+        tx.execute(
+            "INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+             VALUES ($1::text::uuid, 'Blocker', $2, '10.127.255.250', 'fd4b:6565:6e00::3f:fffa')",
+            &[&other.id, &key],
+        )
+        .await?;
+        let new_key = wg_key();
+        let rotate_then_release = async {
+            // The registration's statement is under way and waiting.
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            let rotated = send(
+                ctx,
+                "PUT",
+                &format!("/v1/devices/{phone_id}/public_key"),
+                Some(json!({"public_key": new_key})),
+                Some(&user.access),
+            )
+            .await;
+            tx.rollback().await.expect("rollback");
+            rotated
+        };
+        let (laptop, rotated) =
+            tokio::join!(create(ctx, &user, "Laptop", &key), rotate_then_release);
+        assert_eq!(rotated.status, 200, "{}", rotated.body);
+        assert_eq!(laptop.status, 201, "{}", laptop.body);
+        let laptop_id = s(&laptop.body["id"]).to_owned();
+
+        // The KV copy once it holds the laptop (written after the
+        // registration's answer was applied): the phone with its new key.
+        let copy: Value = eventually(
+            std::time::Duration::from_secs(15),
+            "the KV copy with the new device",
+            || async {
+                let raw = ctx
+                    .stack()
+                    .wrangler
+                    .kv_get(&format!("devices/{}", user.id))?;
+                let copy: Value = serde_json::from_str(&raw).ok()?;
+                let devices = copy["devices"].as_array()?;
+                devices
+                    .iter()
+                    .any(|d| d["id"] == laptop_id.as_str())
+                    .then_some(copy)
+            },
+        )
+        .await;
+        let phone_copy = copy["devices"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["id"] == phone_id.as_str()))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(phone_copy["public_key"], new_key.as_str(), "{copy}");
         Ok(())
     })
 }
