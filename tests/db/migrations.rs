@@ -558,6 +558,50 @@ async fn register(
 }
 
 /// The number `device_address_seq` last gave out.
+/// Registers `key` for `user` with the sequence used up and no freed number
+/// to give: PostgreSQL refuses, and the transaction is rolled back.
+async fn refused_past_the_range(
+    client: &tokio_postgres::Client,
+    user: &str,
+    key: &str,
+) -> Result<(), Failed> {
+    let past = client
+        .simple_query(&registration(user, key, 5))
+        .await
+        .expect_err("a number past the range");
+    let reason = past.as_db_error().map(|e| e.message().to_owned());
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|m| m.contains("maximum value")),
+        "{past:?}"
+    );
+    client.batch_execute("ROLLBACK").await?;
+    Ok(())
+}
+
+/// New users with these emails; their ids.
+async fn new_users(
+    client: &tokio_postgres::Client,
+    emails: &[&str],
+) -> Result<Vec<String>, Failed> {
+    let mut users = Vec::new();
+    for email in emails {
+        let id: String = client
+            .query_one(
+                &format!(
+                    "INSERT INTO users (email, password_hash) VALUES ('{email}', '$argon2id$x')
+                     RETURNING id::text"
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        users.push(id);
+    }
+    Ok(users)
+}
+
 async fn last_drawn(client: &tokio_postgres::Client) -> Result<i64, Failed> {
     Ok(client
         .query_one("SELECT last_value FROM device_address_seq", &[])
@@ -574,20 +618,11 @@ async fn last_drawn(client: &tokio_postgres::Client) -> Result<i64, Failed> {
 async fn only_an_added_device_draws_an_address(pg: &Postgres) -> Result<(), Failed> {
     let mut client = fresh(pg).await?;
     db::migrate(&mut client).await?;
-    let mut users = Vec::new();
-    for email in ["a@example.test", "b@example.test", "c@example.test"] {
-        let id: String = client
-            .query_one(
-                &format!(
-                    "INSERT INTO users (email, password_hash) VALUES ('{email}', '$argon2id$x')
-                     RETURNING id::text"
-                ),
-                &[],
-            )
-            .await?
-            .get(0);
-        users.push(id);
-    }
+    let users = new_users(
+        &client,
+        &["a@example.test", "b@example.test", "c@example.test"],
+    )
+    .await?;
     let (a, b, c) = (&users[0], &users[1], &users[2]);
     let key = |c: char| format!("{}=", c.to_string().repeat(43));
     let addresses = |device: &serde_json::Value| {
@@ -656,18 +691,7 @@ async fn only_an_added_device_draws_an_address(pg: &Postgres) -> Result<(), Fail
         device::tunnel_addresses(4_194_302)
     );
     // Past it, PostgreSQL refuses the registration and adds nothing.
-    let past = client
-        .simple_query(&registration(c, &key('D'), 5))
-        .await
-        .expect_err("a number past the range");
-    let reason = past.as_db_error().map(|e| e.message().to_owned());
-    assert!(
-        reason
-            .as_deref()
-            .is_some_and(|m| m.contains("maximum value")),
-        "{past:?}"
-    );
-    client.batch_execute("ROLLBACK").await?;
+    refused_past_the_range(&client, c, &key('D')).await?;
     let devices: i64 = client
         .query_one("SELECT count(*) FROM devices", &[])
         .await?
@@ -744,20 +768,7 @@ fn number(added: &serde_json::Value) -> i64 {
 async fn a_deleted_devices_address_is_given_again(pg: &Postgres) -> Result<(), Failed> {
     let mut client = fresh(pg).await?;
     db::migrate(&mut client).await?;
-    let mut users = Vec::new();
-    for email in ["a@example.test", "b@example.test"] {
-        let id: String = client
-            .query_one(
-                &format!(
-                    "INSERT INTO users (email, password_hash) VALUES ('{email}', '$argon2id$x')
-                     RETURNING id::text"
-                ),
-                &[],
-            )
-            .await?
-            .get(0);
-        users.push(id);
-    }
+    let users = new_users(&client, &["a@example.test", "b@example.test"]).await?;
     let (a, b) = (&users[0], &users[1]);
     let key = |c: char| format!("{}=", c.to_string().repeat(43));
 
@@ -831,18 +842,7 @@ async fn a_deleted_devices_address_is_given_again(pg: &Postgres) -> Result<(), F
         .await?;
     age_freed(&client).await?;
     assert_eq!(number(&register(&client, a, &key('D'), 5).await?), first);
-    let past = client
-        .simple_query(&registration(a, &key('E'), 5))
-        .await
-        .expect_err("the range is used up");
-    let reason = past.as_db_error().map(|e| e.message().to_owned());
-    assert!(
-        reason
-            .as_deref()
-            .is_some_and(|m| m.contains("maximum value")),
-        "{past:?}"
-    );
-    client.batch_execute("ROLLBACK").await?;
+    refused_past_the_range(&client, a, &key('E')).await?;
     Ok(())
 }
 
