@@ -734,6 +734,14 @@ impl UserSession {
                     .await;
             }
         }
+        // A writer already under way takes the copies over (`mirror`). It
+        // lives in this instance's memory only: should the instance go away
+        // before it ends (its KV write stalled), no alarm would be left to
+        // write them. So the alarm comes back, as it does while a device
+        // operation runs.
+        if self.mirrors.borrow().writing {
+            self.arm(MIRROR_CHECK_MS, &origin).await;
+        }
         self.mirror(&[Mirrored::Sessions, Mirrored::Devices], &origin)
             .await;
         Ok(())
