@@ -53,6 +53,13 @@ const KEY: &str = "state";
 /// KV copies were written: the backstop for a crash or an eviction between
 /// the state's write and the copy's.
 const MIRROR_CHECK_MS: u64 = 30_000;
+
+/// How long a registration that would be answered from unsettled records
+/// waits for the other device operations under way to end, so that the
+/// records can be read again first; and how often it looks. Well within the
+/// Worker's bound on an object call.
+const SETTLE_WAIT_MS: u64 = 3_000;
+const SETTLE_POLL_MS: u64 = 25;
 /// The first retry of a copy that failed to be written; doubled after each
 /// further failure, up to [`MIRROR_RETRY_MAX_MS`].
 const MIRROR_RETRY_MS: u64 = 1_000;
@@ -1155,7 +1162,23 @@ impl UserSession {
                 .any(|d| d.public_key == key.as_str());
             if known || stored.devices.in_use(now) >= limit {
                 drop(stored);
-                if let Settle::Failed(cause) = self.settle_devices(&origin).await? {
+                // While another device operation runs, its list may predate
+                // its own change, so the records are not read again then
+                // (`Settle::Busy`): wait for it (they take a PostgreSQL round
+                // trip), for a while, rather than answer from records that
+                // may hold a deleted device.
+                let started = time::now_ms();
+                let mut settled = self.settle_devices(&origin).await?;
+                while matches!(settled, Settle::Busy) && time::now_ms() < started + SETTLE_WAIT_MS {
+                    time::sleep(SETTLE_POLL_MS).await;
+                    settled = self.settle_devices(&origin).await?;
+                }
+                let cause = match settled {
+                    Settle::Settled => None,
+                    Settle::Busy => Some("other device operations still under way".to_owned()),
+                    Settle::Failed(cause) => Some(cause),
+                };
+                if let Some(cause) = cause {
                     log::event(
                         Level::Warn,
                         origin.request_id(),

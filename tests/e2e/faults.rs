@@ -46,6 +46,10 @@ pub const TESTS: &[(&str, Test)] = &[
         delete_cut_short_then_register,
     ),
     (
+        "faults::after_a_delete_cut_short_a_registration_waits_for_other_device_operations_to_read_its_records_again",
+        delete_cut_short_then_register_while_busy,
+    ),
+    (
         "faults::a_delete_retried_after_a_cut_short_first_attempt_is_204",
         delete_cut_short_then_retried,
     ),
@@ -1090,6 +1094,69 @@ fn delete_cut_short_then_register(ctx: &Ctx) -> Result<(), Failed> {
             );
         };
         futures::future::join(same_key(true), same_key(false)).await;
+        Ok(())
+    })
+}
+
+/// As above, while another registration of the user's is under way (its
+/// insert held in PostgreSQL on another user's uncommitted row with its
+/// key). The records are not read again while a device operation runs, and
+/// the registration of the deleted device's key was answered from them: 200
+/// with the deleted device, kept under its `Idempotency-Key` for a day. It
+/// now waits for the other operation to end, reads the records again, and
+/// registers a new device (201).
+fn delete_cut_short_then_register_while_busy(ctx: &Ctx) -> Result<(), Failed> {
+    let stack = ctx.stack();
+    let base = stack.wrangler.base_url.as_str();
+    ctx.rt.block_on(async {
+        let db = pg(stack).await;
+        let mut blocker = pg(stack).await;
+        let mut user = new_user_at(ctx, base).await;
+        make_plus_at(ctx, base, &db, &mut user).await;
+        let reg = |name: &str, key: &str| Reg {
+            user: 0,
+            key: unique("busy-"),
+            body: json!({"name": name, "public_key": key}),
+        };
+        let key = wg_key();
+        let made = register(ctx, base, &user.access, &reg("laptop", &key), None).await;
+        assert_eq!(made.status, 201, "{}", made.body);
+        let old_id = s(&made.body["id"]).to_owned();
+        let fault = [("x-keenvpn-fault", "device.after_delete")];
+        let path = format!("/v1/devices/{old_id}");
+        let cut = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &fault).await;
+        assert_eq!(cut.status, 503, "{}", cut.body);
+
+        let other = new_user_at(ctx, base).await;
+        let held = wg_key();
+        let tx = blocker.transaction().await?;
+        tx.execute(
+            "INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+             VALUES ($1::text::uuid, 'Blocker', $2, '10.127.255.249', 'fd4b:6565:6e00::3f:fff9')",
+            &[&other.id, &held],
+        )
+        .await?;
+        let (tablet_reg, laptop_reg) = (reg("tablet", &held), reg("laptop", &key));
+        let tablet = register(ctx, base, &user.access, &tablet_reg, None);
+        let again = async {
+            // The tablet's insert is under way, waiting on the row above.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let release = async {
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                tx.rollback().await.expect("rollback");
+            };
+            let (r, ()) = tokio::join!(
+                register(ctx, base, &user.access, &laptop_reg, None),
+                release
+            );
+            r
+        };
+        let (tablet, again) = tokio::join!(tablet, again);
+        assert_eq!(tablet.status, 201, "{}", tablet.body);
+        assert_eq!(again.status, 201, "{}", again.body);
+        assert_ne!(again.body["id"], old_id.as_str());
+        let in_db = devices_in_db(&db, &user.id).await;
+        assert_eq!(in_db.len(), 2, "{in_db:?}");
         Ok(())
     })
 }
