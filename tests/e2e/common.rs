@@ -81,6 +81,19 @@ fn remember(path: &str, sent: Option<&Value>, resp: &Resp) {
     }
 }
 
+/// Records the secrets of a sign-up or sign-in made without [`send_to`] (a
+/// raw client): its password and the tokens of its answer, which the logs
+/// check then looks for too.
+pub fn seen_pair(password: &str, pair: &Value) {
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    seen.passwords.insert(password.to_owned());
+    for field in ["access_token", "refresh_token"] {
+        if let Some(t) = pair[field].as_str() {
+            seen.tokens.insert(t.to_owned());
+        }
+    }
+}
+
 pub async fn send_with(
     ctx: &Ctx,
     method: &str,

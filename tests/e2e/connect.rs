@@ -1133,6 +1133,7 @@ fn postgres_down(ctx: &Ctx) -> Result<(), Failed> {
                 None,
             )
             .await;
+            seen_pair(PASSWORD, &pair);
             let access = s(&pair["access_token"]).to_owned();
             let (_, device, _) = post(
                 url("/v1/devices"),

@@ -3,7 +3,7 @@
 //! server error, no undocumented status, no body that breaks its schema and no
 //! invalid input accepted.
 
-use crate::common::{dev_var, fresh_ip, s, unique_email, wg_key};
+use crate::common::{dev_var, fresh_ip, s, seen_pair, unique_email, wg_key};
 use crate::harness::{Ctx, Test};
 use crate::support::{Stack, root};
 use libtest_mimic::Failed;
@@ -80,6 +80,7 @@ async fn user_with_device(http: &reqwest::Client, base: &str) -> String {
         .expect("signup");
     assert_eq!(r.status(), 201);
     let body: Value = r.json().await.expect("JSON");
+    seen_pair("contract fuzzing 1", &body);
     let token = s(&body["access_token"]).to_owned();
     let r = http
         .post(format!("{base}/v1/devices"))
