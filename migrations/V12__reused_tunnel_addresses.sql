@@ -42,8 +42,11 @@ WHERE NOT EXISTS (SELECT 1 FROM devices d
 -- `sql::insert_device` adds it.
 CREATE FUNCTION free_tunnel_address() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- A row may be there already: the backfill below can free the number of
+    -- a registration in flight, whose device then holds it. The quarantine
+    -- starts again from this delete.
     INSERT INTO freed_tunnel_addresses (n) VALUES (OLD.ipv4_address - '10.64.0.0'::inet)
-    ON CONFLICT (n) DO NOTHING;
+    ON CONFLICT (n) DO UPDATE SET freed_at = now();
     RETURN NULL;
 END
 $$;

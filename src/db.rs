@@ -93,10 +93,28 @@ pub fn tls_default(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::
         #[cfg(unix)]
         Host::Unix(_) => true,
     };
-    if !url.contains("sslmode") && !config.get_hosts().iter().all(local) {
+    let local_addr = |ip: &std::net::IpAddr| ip.is_loopback();
+    let on_this_machine =
+        config.get_hosts().iter().all(local) && config.get_hostaddrs().iter().all(local_addr);
+    if !names_sslmode(url) && !on_this_machine {
         config.ssl_mode(SslMode::Require);
     }
     Ok(config)
+}
+
+/// Whether the connection string `url` sets `sslmode`: a query parameter of
+/// the URL form, or a key of the `key=value` form.
+fn names_sslmode(url: &str) -> bool {
+    let is_key = |pair: &str| {
+        pair.split_once('=')
+            .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case("sslmode"))
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        url.split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(is_key))
+    } else {
+        url.split_whitespace().any(is_key)
+    }
 }
 
 /// The roots a server certificate must chain to: the Mozilla root set, and
@@ -157,6 +175,24 @@ mod tests {
         ] {
             assert_eq!(mode(local), SslMode::Prefer, "{local}");
         }
+        // The word elsewhere (a password) is no sslmode; a remote address
+        // behind a local name is remote.
+        assert_eq!(
+            mode("postgres://u:sslmode@db.example.com/keenvpn"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://u:p@db.example.com/keenvpn?application_name=sslmode"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=localhost hostaddr=203.0.113.7 user=u"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=localhost hostaddr=127.0.0.1 user=u"),
+            SslMode::Prefer
+        );
         // An explicit sslmode is followed, wherever the server is.
         assert_eq!(
             mode("postgres://u:p@db.example.com/keenvpn?sslmode=prefer"),

@@ -821,11 +821,21 @@ async fn a_deleted_devices_address_is_given_again(pg: &Postgres) -> Result<(), F
     let fresh = number(&register(&client, a, &key('G'), 5).await?);
     assert_eq!(fresh, held + 1, "a new number, the held one passed over");
     assert_eq!(freed(&client).await?, [held]);
+    // Its device deleted, the number's quarantine starts from then, not from
+    // the older row's time.
+    client
+        .batch_execute(&format!(
+            "DELETE FROM devices WHERE public_key = '{}'",
+            key('F')
+        ))
+        .await?;
+    let next = number(&register(&client, a, &key('H'), 5).await?);
+    assert_eq!(next, fresh + 1, "given again within its quarantine");
     client
         .batch_execute(&format!(
             "DELETE FROM devices WHERE public_key IN ('{}', '{}'); DELETE FROM freed_tunnel_addresses",
-            key('F'),
-            key('G')
+            key('G'),
+            key('H')
         ))
         .await?;
 
