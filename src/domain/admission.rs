@@ -413,8 +413,10 @@ impl FullShards {
 }
 
 /// How long an isolate refuses a shard's clients itself (503, with the
-/// failover regions) after a call to the shard failed: it threw, could not
-/// be made, or went unanswered for the admission call's bound (2 s).
+/// failover regions) after a call found the shard in trouble: unanswered for
+/// the admission call's whole bound (2 s), or refused as overloaded. (A
+/// one-off error, such as the reset every deploy of the object brings, is
+/// not remembered.)
 ///
 /// An object in trouble (overloaded, or its machine gone) is likeliest on
 /// the day a region's clients all come to its neighbours. Asking it again on
@@ -424,8 +426,8 @@ impl FullShards {
 /// that a shard back on its feet is used again almost at once.
 pub const FAILED_MEMO_MS: i64 = 1_000;
 
-/// The shards whose last call from this isolate failed, within the last
-/// [`FAILED_MEMO_MS`]. Any answer from a shard forgets its failure.
+/// The shards a call from this isolate found in trouble within the last
+/// [`FAILED_MEMO_MS`]. Any answer from a shard forgets it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FailedShards {
     heard: Heard,

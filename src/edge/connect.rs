@@ -64,8 +64,8 @@ thread_local! {
 }
 
 /// Asks the gate `gate` for one admission at `rate`, or answers as it did a
-/// moment ago if it said its queue was full (`FullShards`) or the call to it
-/// failed (`FailedShards`: a 503, as the failure was).
+/// moment ago if it said its queue was full (`FullShards`) or a call to it
+/// found it in trouble (`FailedShards`: a 503, as that failure was).
 ///
 /// A failure caused by a development fault point is remembered apart from
 /// the shard's real ones (under the fault's name too), so that it refuses
@@ -94,8 +94,24 @@ async fn admit(
         )));
     }
     let verdict = durable::admit(env, (gate, rate), fault, Some(timer)).await;
+    let asked = now;
     let now = time::now_ms() as i64;
-    FAILED_SHARDS.with(|m| m.borrow_mut().note(&failed_as, now, verdict.is_ok()));
+    // An object in trouble: its call went unanswered for the whole bound, or
+    // it said it is overloaded. A one-off error (the object reset, as every
+    // deploy of it brings, or a connection lost) is not remembered: it would
+    // refuse the shard's next second of clients for one failed call.
+    let in_trouble = verdict.as_ref().err().map(|fail| {
+        now - asked >= i64::from(durable::ADMIT_TIMEOUT_MS)
+            || fail
+                .cause
+                .as_deref()
+                .is_some_and(|c| c.to_ascii_lowercase().contains("overloaded"))
+    });
+    match in_trouble {
+        None => FAILED_SHARDS.with(|m| m.borrow_mut().note(&failed_as, now, true)),
+        Some(true) => FAILED_SHARDS.with(|m| m.borrow_mut().note(&failed_as, now, false)),
+        Some(false) => {}
+    }
     let verdict = verdict?;
     FULL_SHARDS.with(|m| m.borrow_mut().note(gate, rate, now, verdict));
     Ok(verdict)

@@ -352,7 +352,8 @@ fn failover(ctx: &Ctx) -> Result<(), Failed> {
 /// The region's `RegionGate` throwing from `admit` (the development-only
 /// fault point `gate.admit`; a crashed or overloaded object in production)
 /// turns the connect into a 503 with `Retry-After`, not a hang or a 500;
-/// the cause is logged; and the next connect is admitted as usual. A 503
+/// the cause is logged; one such error is not remembered (the next call
+/// reaches the gate); and the next connect is admitted as usual. A 503
 /// after admission (the ticket not signed) names the failover regions too.
 fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
@@ -387,6 +388,24 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
         eventually(
             Duration::from_secs(10),
             "the cause, logged with the request id",
+            || async {
+                let logged = ctx.stack().wrangler.log();
+                logged
+                    .lines()
+                    .any(|l| l.contains(&id) && l.contains("injected fault at gate.admit"))
+                    .then_some(())
+            },
+        )
+        .await;
+
+        // One error is no object in trouble: the next call reaches the gate
+        // (and throws again, at the fault point), not a memory of the first.
+        let thrown_again = at_fault("gate.admit").await;
+        assert_eq!(thrown_again.status, 503, "{}", thrown_again.body);
+        let id = thrown_again.headers["x-request-id"].to_str()?.to_owned();
+        eventually(
+            Duration::from_secs(10),
+            "the second call's own fault, logged with its request id",
             || async {
                 let logged = ctx.stack().wrangler.log();
                 logged
