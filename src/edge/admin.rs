@@ -108,7 +108,7 @@ async fn update_region(
     id: &str,
     assignments: &str,
     republish: Republish,
-    hang: bool,
+    fault: Option<String>,
 ) -> Result<Reply, Fail> {
     let db = store::connect(env).await?;
     let id = sql::literal(id).map_err(|_| {
@@ -139,10 +139,10 @@ async fn update_region(
     drop(db);
     if republish == Republish::Always || row.changed {
         let publish = async {
-            if hang {
+            if fault.as_deref() == Some(fault::KV_HANG) {
                 futures::future::pending::<()>().await;
             }
-            cron::publish(env, bindings::DB, cron::Write::Always).await
+            cron::publish(env, bindings::DB, cron::Write::Always, fault.as_deref()).await
         };
         time::timeout(PUBLISH_LIMIT_MS, publish)
             .await
@@ -181,9 +181,10 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             .into(),
         );
     }
-    // At the development-only fault point `kv.hang`, the publish never ends.
-    let hang = fault::requested(env, &req, fault::KV_HANG);
-    update_region(env, id, &sets.join(", "), Republish::Always, hang).await
+    // At the development-only fault points `kv.hang`, the publish never
+    // ends; at `kv.refused`, KV refuses its first write.
+    let fault = fault::armed(env, req.header(fault::HEADER));
+    update_region(env, id, &sets.join(", "), Republish::Always, fault).await
 }
 
 pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -197,7 +198,7 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
             health_str(b.health)
         ),
         Republish::IfChanged,
-        fault::requested(env, &req, fault::KV_HANG),
+        fault::armed(env, req.header(fault::HEADER)).filter(|f| f == fault::KV_HANG),
     )
     .await
 }

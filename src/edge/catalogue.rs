@@ -110,6 +110,21 @@ thread_local! {
     };
 }
 
+/// Forgets this isolate's copy unless it is the snapshot whose etag is
+/// `etag` (after a cron run here, which writes the snapshot every minute,
+/// changed or not).
+pub fn invalidate_unless(etag: &str) {
+    let current = CACHE.with(|c| {
+        c.borrow()
+            .current
+            .as_ref()
+            .is_some_and(|(p, _)| p.snapshot().etag == etag)
+    });
+    if !current {
+        invalidate();
+    }
+}
+
 /// Forgets this isolate's copy (after an admin change made here, or a cron
 /// run here that published a new snapshot).
 pub fn invalidate() {
@@ -268,7 +283,7 @@ async fn load(env: &Env, kv_down: Option<KvDown>) -> Result<Rc<Placer>, LoadErro
         unavailable: true,
         cause,
     };
-    let publish = cron::publish(env, bindings::DB, cron::Write::IfDifferent);
+    let publish = cron::publish(env, bindings::DB, cron::Write::IfDifferent, None);
     let published = time::timeout(PUBLISH_TIMEOUT_MS, publish)
         .await
         .ok_or_else(|| unavailable("catalogue publish: timed out".into()))?

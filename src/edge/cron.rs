@@ -8,8 +8,10 @@
 //! - republishes the region catalogue snapshot to KV.
 //!
 //! It writes, so it uses the uncached Hyperdrive binding. It writes the
-//! snapshot and its etag every run, whatever KV's read says ([`Write`]): two
-//! writes a minute, well within KV's one write per key per second.
+//! snapshot and its etag every run, whatever KV's read says ([`Write`]). KV
+//! takes one write per key per second, and another publisher (an admin
+//! change, a monitor's report) can meet the run's write: a refused write is
+//! tried again a second later.
 
 use super::log::{self, Level};
 use super::{bindings, kv, pg, time};
@@ -143,16 +145,19 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         Some(Err(e)) => failed("connect", e),
         None => failed("connect", late()),
     }
-    let published = time::timeout(STEP_LIMIT_MS, publish(&env, bindings::DB, Write::Always))
-        .await
-        .unwrap_or_else(|| Err(late()));
+    let published = time::timeout(
+        STEP_LIMIT_MS,
+        publish(&env, bindings::DB, Write::Always, None),
+    )
+    .await
+    .unwrap_or_else(|| Err(late()));
     match published {
         Ok((snapshot, written)) => {
             // This isolate's copy is older than what it just wrote: it reads
             // the new one at its next request, as after an admin change,
             // rather than routing by the old one for up to its reuse time.
             if written {
-                super::catalogue::invalidate();
+                super::catalogue::invalidate_unless(&snapshot.etag);
             }
             log::event(
                 Level::Info,
@@ -203,12 +208,19 @@ pub enum Write {
 /// So a publisher that wrote reads the catalogue again, and writes again if it
 /// has moved on meanwhile: whichever publisher writes last has then seen the
 /// newest catalogue.
-pub async fn publish(env: &Env, binding: &str, write: Write) -> Result<(Snapshot, bool), String> {
+pub async fn publish(
+    env: &Env,
+    binding: &str,
+    write: Write,
+    fault: Option<&str>,
+) -> Result<(Snapshot, bool), String> {
     let client = pg::connect(env, binding).await?;
     let mut snapshot = read_catalogue(&client).await?;
     let mut written = false;
     for round in 1..=PUBLISH_ROUNDS {
-        if !store_snapshot(env, &snapshot, write).await? {
+        // At the development-only fault point, KV refuses the first write.
+        let refuse = round == 1 && fault == Some(super::fault::KV_REFUSED);
+        if !store_snapshot(env, &snapshot, write, refuse).await? {
             break;
         }
         written = true;
@@ -244,7 +256,12 @@ async fn read_catalogue(client: &tokio_postgres::Client) -> Result<Snapshot, Str
 
 /// Stores `snapshot` and its etag in KV, with [`Write::IfDifferent`] unless
 /// KV's read holds it already; returns whether the snapshot was written.
-async fn store_snapshot(env: &Env, snapshot: &Snapshot, write: Write) -> Result<bool, String> {
+async fn store_snapshot(
+    env: &Env,
+    snapshot: &Snapshot,
+    write: Write,
+    refuse: bool,
+) -> Result<bool, String> {
     // Only the stored snapshot's etag is needed; the rest is skipped unparsed.
     #[derive(serde::Deserialize)]
     struct Stored {
@@ -267,10 +284,23 @@ async fn store_snapshot(env: &Env, snapshot: &Snapshot, write: Write) -> Result<
         }
     };
     if changed {
-        kv::put_json(env, catalogue::KV_KEY, snapshot, None).await?;
+        let text = serde_json::to_string(snapshot).map_err(|e| format!("snapshot: {e}"))?;
+        put_retried(env, catalogue::KV_KEY, &text, refuse).await?;
     }
     if !tag_current {
-        kv::put(env, catalogue::ETAG_KV_KEY, &snapshot.etag, None).await?;
+        put_retried(env, catalogue::ETAG_KV_KEY, &snapshot.etag, false).await?;
     }
     Ok(changed)
+}
+
+/// Writes `text` under `key`, and once more a second later if KV refused it:
+/// KV takes one write per key per second, and publishers meet (the cron's
+/// run every minute, an admin change, a monitor's report). `refuse`: the
+/// first write fails, at the development-only fault point.
+async fn put_retried(env: &Env, key: &str, text: &str, refuse: bool) -> Result<(), String> {
+    if !refuse && kv::put(env, key, text, None).await.is_ok() {
+        return Ok(());
+    }
+    time::sleep(KV_WRITE_SPACING_MS).await;
+    kv::put(env, key, text, None).await
 }

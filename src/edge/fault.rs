@@ -79,6 +79,10 @@ pub const EVENTS_DOWN: &str = "events.down";
 /// change's catalogue publish never finishes, as its KV writes would not in a
 /// stall: it is given up on after `admin::PUBLISH_LIMIT_MS`.
 pub const KV_HANG: &str = "kv.hang";
+/// The point, on `PUT /v1/admin/regions/{id}`, at which KV refuses the
+/// change's first write of the catalogue snapshot, as its limit of one write
+/// per key per second refuses a write that meets another publisher's.
+pub const KV_REFUSED: &str = "kv.refused";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

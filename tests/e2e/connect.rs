@@ -68,6 +68,10 @@ pub const TESTS: &[(&str, Test)] = &[
         admin_publish_hangs,
     ),
     (
+        "connect::an_operators_change_whose_first_catalogue_write_kv_refuses_is_published",
+        admin_publish_refused_once,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_once_is_sent_again",
         event_send_retried,
     ),
@@ -1323,6 +1327,34 @@ fn admin_publish_hangs(ctx: &Ctx) -> Result<(), Failed> {
         let list = send(ctx, "GET", "/v1/regions", None, None).await;
         assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        Ok(())
+    })
+}
+
+/// KV refusing an operator's change's first write of the catalogue (the
+/// development-only fault point `kv.refused`: KV's limit of one write per
+/// key per second refuses a write that meets the cron's, which now writes
+/// every minute, or another change's) does not fail the change: the write is
+/// tried again a second later, the change answered 200, and the catalogue
+/// shows it. It was a 503, and the region routed as before until the next
+/// cron run.
+fn admin_publish_refused_once(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
+        let r = send_with(
+            ctx,
+            "PUT",
+            "/v1/admin/regions/eu-west",
+            Some(json!({"health": "draining"})),
+            None,
+            &[("authorization", &auth), ("x-keenvpn-fault", "kv.refused")],
+        )
+        .await;
+        let list = send(ctx, "GET", "/v1/regions", None, None).await;
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
         Ok(())
     })
 }
