@@ -94,6 +94,20 @@ pub fn seen_pair(password: &str, pair: &Value) {
     }
 }
 
+/// Waits (10 s at most) for a line of the shared worker's log that holds
+/// both the request id `id` and `text` (wrangler writes the worker's output
+/// to its log a moment after the answer); `what` names it if it never comes.
+pub async fn logged_with(ctx: &Ctx, id: &str, text: &str, what: &str) {
+    crate::support::eventually(std::time::Duration::from_secs(10), what, || async {
+        let logged = ctx.stack().wrangler.log();
+        logged
+            .lines()
+            .any(|l| l.contains(id) && l.contains(text))
+            .then_some(())
+    })
+    .await;
+}
+
 pub async fn send_with(
     ctx: &Ctx,
     method: &str,

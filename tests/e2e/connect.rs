@@ -388,37 +388,16 @@ fn gate_throws(ctx: &Ctx) -> Result<(), Failed> {
             broken.body
         );
         let id = broken.headers["x-request-id"].to_str()?.to_owned();
-        // wrangler writes the worker's output to its log a moment later.
-        eventually(
-            Duration::from_secs(10),
-            "the cause, logged with the request id",
-            || async {
-                let logged = ctx.stack().wrangler.log();
-                logged
-                    .lines()
-                    .any(|l| l.contains(&id) && l.contains("injected fault at gate.admit"))
-                    .then_some(())
-            },
-        )
-        .await;
+        let fault = "injected fault at gate.admit";
+        logged_with(ctx, &id, fault, "the cause, logged with the request id").await;
 
         // One error is no object in trouble: the next call reaches the gate
         // (and throws again, at the fault point), not a memory of the first.
         let thrown_again = at_fault("gate.admit").await;
         assert_eq!(thrown_again.status, 503, "{}", thrown_again.body);
         let id = thrown_again.headers["x-request-id"].to_str()?.to_owned();
-        eventually(
-            Duration::from_secs(10),
-            "the second call's own fault, logged with its request id",
-            || async {
-                let logged = ctx.stack().wrangler.log();
-                logged
-                    .lines()
-                    .any(|l| l.contains(&id) && l.contains("injected fault at gate.admit"))
-                    .then_some(())
-            },
-        )
-        .await;
+        let what = "the second call's own fault, logged with its request id";
+        logged_with(ctx, &id, fault, what).await;
 
         let again = connect_from(ctx, &user, &device, LONDON, None).await;
         assert_eq!(again.status, 200, "{}", again.body);
@@ -1292,21 +1271,27 @@ fn concurrent_admin_changes(ctx: &Ctx) -> Result<(), Failed> {
 /// development-only fault point `kv.hang`, as in a KV stall) is answered 503
 /// after 10 s instead of being held for as long as the operator waits. The
 /// change is committed, and the same change again publishes it.
+/// An operator drains eu-west, with the development-only fault point `point`
+/// armed.
+async fn drain_eu_west_at_fault(ctx: &Ctx, point: &str) -> Resp {
+    let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
+    send_with(
+        ctx,
+        "PUT",
+        "/v1/admin/regions/eu-west",
+        Some(json!({"health": "draining"})),
+        None,
+        &[("authorization", &auth), ("x-keenvpn-fault", point)],
+    )
+    .await
+}
+
 fn admin_publish_hangs(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
         let db = db(ctx).await;
-        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
         let started = std::time::Instant::now();
-        let r = send_with(
-            ctx,
-            "PUT",
-            "/v1/admin/regions/eu-west",
-            Some(json!({"health": "draining"})),
-            None,
-            &[("authorization", &auth), ("x-keenvpn-fault", "kv.hang")],
-        )
-        .await;
+        let r = drain_eu_west_at_fault(ctx, "kv.hang").await;
         let waited = started.elapsed();
         assert_eq!(
             (r.status, r.body["code"].as_str()),
@@ -1341,16 +1326,7 @@ fn admin_publish_hangs(ctx: &Ctx) -> Result<(), Failed> {
 fn admin_publish_refused_once(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
-        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
-        let r = send_with(
-            ctx,
-            "PUT",
-            "/v1/admin/regions/eu-west",
-            Some(json!({"health": "draining"})),
-            None,
-            &[("authorization", &auth), ("x-keenvpn-fault", "kv.refused")],
-        )
-        .await;
+        let r = drain_eu_west_at_fault(ctx, "kv.refused").await;
         let list = send(ctx, "GET", "/v1/regions", None, None).await;
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
         assert_eq!(r.status, 200, "{}", r.body);
