@@ -502,19 +502,25 @@ where
     Fut: std::future::Future<Output = Resp>,
 {
     let mut longest = 0;
+    // What each try got (the status and any Retry-After), for the failure's
+    // message.
+    let mut seen = Vec::new();
     for _ in 0..tries {
         let r = connect(false).await;
         if r.status != 429 {
             assert_eq!(r.status, 200, "{}", r.body);
+            seen.push("200".to_owned());
             continue;
         }
         *refused += 1;
         let retry: u32 = r.headers["retry-after"].to_str()?.parse()?;
+        seen.push(format!("429 after {retry} s"));
         if longest >= after_turns && retry <= 2 {
             return Ok(true);
         }
         longest = longest.max(retry);
     }
+    eprintln!("until_full: not full after {tries} tries: {seen:?}");
     Ok(false)
 }
 
@@ -570,9 +576,10 @@ fn full_queue_remembered(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(asked.status, 503, "{}", asked.body);
             assert_eq!(asked.body["code"], "service_unavailable");
 
-            // Full again (a turn or two freed meanwhile are taken first), and
-            // remembered again...
-            let full_again = until_full(&connect, &mut refused, 0, 8).await?;
+            // Full again (the turns freed meanwhile, one a second, are taken
+            // first: a slow machine's few seconds free a few), and remembered
+            // again...
+            let full_again = until_full(&connect, &mut refused, 0, 30).await?;
             assert!(full_again, "the queue did not fill again");
             let remembered = connect(true).await;
             assert_eq!(remembered.status, 429, "{}", remembered.body);
