@@ -152,18 +152,17 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     .await
     .unwrap_or_else(|| Err(late()));
     match published {
-        Ok((snapshot, written)) => {
-            // This isolate's copy is older than what it just wrote: it reads
-            // the new one at its next request, as after an admin change,
-            // rather than routing by the old one for up to its reuse time.
-            if written {
-                super::catalogue::invalidate_unless(&snapshot.etag);
-            }
+        // The run always writes (`Write::Always`). Should this isolate's copy
+        // be older than what it wrote, it reads the new one at its next
+        // request, as after an admin change, rather than routing by the old
+        // one for up to its reuse time.
+        Ok((snapshot, _)) => {
+            super::catalogue::invalidate_unless(&snapshot.etag);
             log::event(
                 Level::Info,
                 None,
                 "catalogue published",
-                json!({"etag": snapshot.etag, "written": written}),
+                json!({"etag": snapshot.etag}),
             )
         }
         Err(e) => log::event(
