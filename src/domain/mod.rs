@@ -20,6 +20,7 @@ pub mod placement;
 pub mod problem;
 pub mod readiness;
 pub mod request_id;
+pub mod retention;
 pub mod session;
 pub mod stripe;
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //!   down then: it needs it too, and refused the reports), or every one of
 //!   several monitored regions went silent (the monitoring failed);
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
+//! - expires connection events and processed billing events past their
+//!   retention (`domain::retention`);
 //! - republishes the region catalogue snapshot to KV.
 //!
 //! It writes, so it uses the uncached Hyperdrive binding. It writes the
@@ -16,6 +18,7 @@
 use super::log::{self, Level};
 use super::{bindings, kv, pg, time};
 use crate::domain::catalogue::{self, Region, Snapshot};
+use crate::domain::retention::{self, Setting};
 use serde_json::json;
 use worker::{Env, ScheduleContext, ScheduledEvent, event};
 
@@ -35,7 +38,9 @@ SELECT coalesce(json_agg(json_build_object(
 /// The cron's maintenance, each step sent as a query of its own: statements
 /// sent together run as one transaction, and a failure to create a partition
 /// must not undo marking silent regions down. Each is sent after a limit on
-/// its run time in the database (`STEP_STATEMENT_LIMIT_MS`).
+/// its run time in the database (`STEP_STATEMENT_LIMIT_MS`). Each line these
+/// two answer with is a failure; the retention steps ([`retention_steps`])
+/// follow them.
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // A run more than 90 s after the last one (the cron runs every minute)
     // followed a gap: the database was down, so monitors' reports were
@@ -91,6 +96,43 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
     ),
 ];
 
+/// What a maintenance step's rows are.
+#[derive(Clone, Copy)]
+enum Lines {
+    /// One column: each row is a failure, logged at error level.
+    Failures,
+    /// Two columns: a level (`info`, `warn`, `error`) and what happened.
+    Leveled,
+}
+
+/// The retention steps: each expires one table's rows past the operator's
+/// setting (`domain::retention`), a step of its own so that one failing
+/// undoes nothing of the other. A setting that cannot be read is an error
+/// for its step, which expires nothing.
+fn retention_steps(env: &Env) -> [(&'static str, Result<String, String>); 2] {
+    let days = |setting: Setting| setting.days(bindings::text(env, setting.var).as_deref());
+    [
+        (
+            "expire connection events",
+            days(retention::CONNECTION_EVENTS).map(|d| {
+                format!(
+                    "SELECT * FROM expire_connection_events(make_interval(days => {d}), {})",
+                    retention::DEFAULT_PARTITION_ROWS_PER_RUN
+                )
+            }),
+        ),
+        (
+            "expire billing events",
+            days(retention::WEBHOOK_EVENTS).map(|d| {
+                format!(
+                    "SELECT * FROM expire_webhook_events(make_interval(days => {d}), {})",
+                    retention::WEBHOOK_EVENTS_PER_RUN
+                )
+            }),
+        ),
+    ]
+}
+
 /// How long each of a run's waits on PostgreSQL (the connection, each
 /// maintenance step) and its publish may take. Nothing else bounds a
 /// scheduled run: without these, a database that accepted the connection and
@@ -121,7 +163,22 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let late = || format!("no end within {STEP_LIMIT_MS} ms");
     match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
         Some(Ok(client)) => {
-            for (step, sql) in MAINTENANCE_SQL {
+            let steps = MAINTENANCE_SQL
+                .iter()
+                .map(|&(step, sql)| (step, Ok(sql.to_owned()), Lines::Failures))
+                .chain(
+                    retention_steps(&env)
+                        .into_iter()
+                        .map(|(step, sql)| (step, sql, Lines::Leveled)),
+                );
+            for (step, sql, lines) in steps {
+                let sql = match sql {
+                    Ok(sql) => sql,
+                    Err(e) => {
+                        failed(step, e);
+                        continue;
+                    }
+                };
                 // One simple query: the setting and the step run in one
                 // implicit transaction, which the setting does not outlive.
                 let sql = format!("SET LOCAL statement_timeout = {STEP_STATEMENT_LIMIT_MS}; {sql}");
@@ -129,9 +186,9 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
                     // The partition step answers with a line per month it
                     // had to skip (its rows go to the default partition),
                     // the marking step with one when it reads the
-                    // monitoring as failing.
-                    Some(Ok(messages)) => pg::first_column(&messages)
-                        .for_each(|skipped| failed(step, skipped.to_owned())),
+                    // monitoring as failing; the retention steps with what
+                    // they expired or could not yet.
+                    Some(Ok(messages)) => report(step, lines, &messages),
                     Some(Err(e)) => failed(step, e.to_string()),
                     // The connection is busy with the step: the others would
                     // queue behind it.
@@ -171,6 +228,36 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
             "catalogue publish failed",
             json!({"error": e}),
         ),
+    }
+}
+
+/// Logs the rows a maintenance step answered with.
+fn report(step: &str, lines: Lines, messages: &[tokio_postgres::SimpleQueryMessage]) {
+    for message in messages {
+        let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
+            continue;
+        };
+        let (level, text) = match lines {
+            Lines::Failures => (Level::Error, row.get(0)),
+            Lines::Leveled => {
+                let level = match row.get(0) {
+                    Some("info") => Level::Info,
+                    Some("warn") => Level::Warn,
+                    _ => Level::Error,
+                };
+                (level, row.get(1))
+            }
+        };
+        let Some(text) = text else { continue };
+        let msg = match level {
+            Level::Error => "cron maintenance failed",
+            Level::Info | Level::Warn => "cron maintenance",
+        };
+        let field = match level {
+            Level::Error => "error",
+            Level::Info | Level::Warn => "result",
+        };
+        log::event(level, None, msg, json!({"step": step, field: text}));
     }
 }
 

@@ -66,6 +66,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "migrations::a_subscription_past_due_before_v13_is_past_due_since_its_last_change",
         |pg| Box::pin(past_due_backfill(pg)),
     ),
+    (
+        "migrations::retention_drops_past_months_in_turn_with_inserts_and_old_billing_events_in_batches",
+        |pg| Box::pin(retention(pg)),
+    ),
 ];
 
 async fn fresh(pg: &Postgres) -> Result<tokio_postgres::Client, Failed> {
@@ -931,5 +935,175 @@ async fn past_due_backfill(pg: &Postgres) -> Result<(), Failed> {
             ("b@example.test".to_owned(), 1_622_505_600)
         ]
     );
+    Ok(())
+}
+
+/// The rows a retention function answered: `level: message`.
+async fn expired(client: &tokio_postgres::Client, sql: &str) -> Result<Vec<String>, Failed> {
+    let rows = client.query(sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| format!("{}: {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// Events in `table` (a partition, or `connection_events` for all).
+async fn events_in(client: &tokio_postgres::Client, table: &str) -> Result<i64, Failed> {
+    Ok(client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await?
+        .get(0))
+}
+
+/// The ids of the billing events recorded as processed.
+async fn webhook_ids(client: &tokio_postgres::Client) -> Result<Vec<String>, Failed> {
+    let ids: Vec<(String, String)> =
+        pairs(client, "SELECT id, type FROM webhook_events ORDER BY id").await?;
+    Ok(ids.into_iter().map(|(id, _)| id).collect())
+}
+
+/// V15: a month's partition is dropped once all of it is past the
+/// retention, and not while the queue consumer's inserts hold the table (it
+/// waits 2 s, says so, and the next run drops it); the default partition's
+/// old rows and old billing-event records go a batch at a time; neither
+/// function takes a retention shorter than its floor.
+async fn retention(pg: &Postgres) -> Result<(), Failed> {
+    let name = pg.create_database("mig");
+    let mut client = db::connect(&pg.url(&name)).await?;
+    db::migrate(&mut client).await?;
+    let other = db::connect(&pg.url(&name)).await?;
+    // Two past months (UTC), made as the cron makes them: one that ended
+    // more than 90 days ago, one that ends within the last 90 days.
+    let months: Vec<(String, String)> = pairs(
+        &client,
+        "SELECT to_char(m, 'YYYY_MM'), m::text
+           FROM (VALUES (date_trunc('month', now() - interval '200 days', 'UTC')),
+                        (date_trunc('month', now() - interval '80 days', 'UTC'))) v(m)",
+    )
+    .await?;
+    let [(old, old_start), (recent, recent_start)] = <[_; 2]>::try_from(months).unwrap();
+    assert_ne!(old, recent);
+    let event = |at: &str| {
+        format!(
+            "INSERT INTO connection_events (event_id, occurred_at, user_id, device_id, region_id, outcome)
+             VALUES (gen_random_uuid(), {at}, gen_random_uuid(), gen_random_uuid(), 'eu-central', 'admitted');"
+        )
+    };
+    let mut setup = String::new();
+    for (month, start) in [(&old, &old_start), (&recent, &recent_start)] {
+        setup += &format!(
+            "CREATE TABLE connection_events_{month} PARTITION OF connection_events
+                 FOR VALUES FROM ('{start}') TO (timestamptz '{start}' + interval '1 month');"
+        );
+        setup += &event(&format!("timestamptz '{start}' + interval '1 day'"));
+    }
+    // The default partition: three events of a month with no partition
+    // before the old one, one far ahead.
+    for _ in 0..3 {
+        setup += &event(&format!("timestamptz '{old_start}' - interval '1 year'"));
+    }
+    setup += &event("now() + interval '5 years'");
+    client.batch_execute(&setup).await?;
+    assert_eq!(events_in(&client, "connection_events_default").await?, 4);
+
+    // The consumer is writing this month's events: the drop waits for it no
+    // more than 2 s, and says so. The default partition's oldest rows go
+    // meanwhile, two a run here.
+    other
+        .batch_execute(&format!("BEGIN; {}", event("now()")))
+        .await?;
+    let expire = "SELECT * FROM expire_connection_events(interval '90 days', 2)";
+    let started = std::time::Instant::now();
+    let lines = expired(&client, expire).await?;
+    let waited = started.elapsed();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "warn: connection_events_{old} is past the retention of 90 days but was not dropped"
+        )) && lines[0].contains("lock timeout"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1],
+        "info: 2 events older than the retention of 90 days deleted from connection_events_default"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(5),
+        "waited {waited:?}"
+    );
+    let exists = |part: String| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&part])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+        }
+    };
+    assert!(exists(format!("connection_events_{old}")).await?);
+
+    // Once the insert commits, the next run drops the old month and the
+    // default partition's last old row; the recent month, this month's
+    // event and the one far ahead stay.
+    other.batch_execute("COMMIT").await?;
+    assert_eq!(
+        expired(&client, expire).await?,
+        [
+            format!("info: connection_events_{old} dropped: its events are all older than the retention of 90 days"),
+            "info: 1 events older than the retention of 90 days deleted from connection_events_default".to_owned(),
+        ]
+    );
+    assert!(!exists(format!("connection_events_{old}")).await?);
+    assert!(exists(format!("connection_events_{recent}")).await?);
+    assert_eq!(
+        events_in(&client, &format!("connection_events_{recent}")).await?,
+        1
+    );
+    assert_eq!(events_in(&client, "connection_events_default").await?, 1);
+    assert_eq!(events_in(&client, "connection_events").await?, 3);
+    assert!(expired(&client, expire).await?.is_empty());
+
+    // Billing-event records: three received 100 days ago, one 10 days ago;
+    // two go a run, oldest first.
+    client
+        .batch_execute(
+            "INSERT INTO webhook_events (id, type, event_created_at, received_at) VALUES
+                 ('evt_a', 'invoice.paid', now(), now() - interval '102 days'),
+                 ('evt_b', 'invoice.paid', now(), now() - interval '101 days'),
+                 ('evt_c', 'invoice.paid', now(), now() - interval '100 days'),
+                 ('evt_d', 'invoice.paid', now(), now() - interval '10 days')",
+        )
+        .await?;
+    let expire = "SELECT * FROM expire_webhook_events(interval '90 days', 2)";
+    let deleted = |n: u32| {
+        vec![format!(
+            "info: {n} processed billing events older than the retention of 90 days deleted"
+        )]
+    };
+    assert_eq!(expired(&client, expire).await?, deleted(2));
+    assert_eq!(webhook_ids(&client).await?, ["evt_c", "evt_d"]);
+    assert_eq!(expired(&client, expire).await?, deleted(1));
+    assert!(expired(&client, expire).await?.is_empty());
+    assert_eq!(webhook_ids(&client).await?, ["evt_d"]);
+
+    // Below the floors, each refuses and deletes nothing.
+    for (sql, floor) in [
+        (
+            "SELECT * FROM expire_webhook_events(interval '29 days', 10)",
+            "under the 30 days",
+        ),
+        (
+            "SELECT * FROM expire_connection_events(interval '1 hour', 10)",
+            "under a day",
+        ),
+    ] {
+        let err = client.query(sql, &[]).await.expect_err(sql);
+        assert!(
+            err.as_db_error()
+                .is_some_and(|e| e.message().contains(floor)),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(webhook_ids(&client).await?, ["evt_d"]);
     Ok(())
 }

@@ -1,9 +1,11 @@
-//! The cron trigger republishes the region catalogue from PostgreSQL to KV.
+//! The cron trigger: it republishes the region catalogue from PostgreSQL to
+//! KV, marks silent regions down, and expires rows past their retention.
 
 use crate::harness::{Ctx, Test};
-use crate::support::DB_NAME;
+use crate::support::{DB_NAME, Stack, eventually};
 use libtest_mimic::Failed;
 use serde_json::Value;
+use std::time::Duration;
 
 pub const TESTS: &[(&str, Test)] = &[
     (
@@ -29,6 +31,14 @@ pub const TESTS: &[(&str, Test)] = &[
     (
         "cron::a_maintenance_step_that_never_ends_holds_neither_the_run_nor_the_publish",
         stuck_step,
+    ),
+    (
+        "cron::events_and_billing_records_past_their_retention_are_expired_and_the_rest_kept",
+        retention,
+    ),
+    (
+        "cron::a_retention_setting_out_of_bounds_expires_nothing_and_says_so",
+        retention_misconfigured,
     ),
 ];
 
@@ -68,9 +78,14 @@ async fn reported(db: &tokio_postgres::Client, region: &str) -> String {
 }
 
 async fn trigger(ctx: &Ctx) -> Result<(), Failed> {
+    trigger_at(ctx, &ctx.stack().wrangler.base_url).await
+}
+
+/// Runs the cron of the worker at `base`.
+async fn trigger_at(ctx: &Ctx, base: &str) -> Result<(), Failed> {
     let resp = ctx
         .http
-        .get(ctx.url("/__scheduled?cron=*+*+*+*+*"))
+        .get(format!("{base}/__scheduled?cron=*+*+*+*+*"))
         .send()
         .await?;
     assert_eq!(resp.status(), 200, "scheduled handler ran");
@@ -441,6 +456,127 @@ fn stuck_step(ctx: &Ctx) -> Result<(), Failed> {
             .find(|r| r["id"] == "eu-west")
             .expect("eu-west");
         assert_eq!(eu_west["health"], "draining", "the change was published");
+        Ok(())
+    })
+}
+
+/// A month of connection events long past (January 2001, made as the cron
+/// makes partitions, one event in it), and two billing-event records under
+/// `tag`: `evt_old_{tag}` received 91 days ago, `evt_kept_{tag}` 89.
+const PAST_RETENTION: &str = "
+    CREATE TABLE connection_events_2001_01 PARTITION OF connection_events
+        FOR VALUES FROM ('2001-01-01 00:00:00+00') TO ('2001-02-01 00:00:00+00');
+    INSERT INTO connection_events (event_id, occurred_at, user_id, device_id, region_id, outcome)
+        VALUES (gen_random_uuid(), '2001-01-15 12:00:00+00', gen_random_uuid(), gen_random_uuid(),
+                'eu-central', 'admitted');
+    INSERT INTO webhook_events (id, type, event_created_at, received_at) VALUES
+        ('evt_old_{tag}', 'invoice.paid', now() - interval '91 days', now() - interval '91 days'),
+        ('evt_kept_{tag}', 'invoice.paid', now() - interval '89 days', now() - interval '89 days')";
+
+/// Whether the month of [`PAST_RETENTION`] is still there, and which of its
+/// billing-event records are.
+async fn past_retention_left(
+    db: &tokio_postgres::Client,
+    tag: &str,
+) -> Result<(bool, Vec<String>), Failed> {
+    let month = db
+        .query_one(
+            "SELECT to_regclass('connection_events_2001_01') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let records = db
+        .query(
+            "SELECT id FROM webhook_events WHERE id LIKE '%' || $1 ORDER BY id",
+            &[&tag],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((month, records))
+}
+
+/// With the default retention (90 days for both), a run drops the month
+/// long past and deletes the record received 91 days ago; the one of 89
+/// days stays. The queue consumer's inserts can hold a drop off for a run
+/// (it waits 2 s for them), so the cron runs until the month is gone.
+fn retention(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        let tag = crate::common::unique("retention");
+        db.batch_execute(&PAST_RETENTION.replace("{tag}", &tag))
+            .await?;
+        assert!(past_retention_left(&db, &tag).await?.0);
+        let mut left = (true, vec![]);
+        for _ in 0..5 {
+            trigger(ctx).await?;
+            left = past_retention_left(&db, &tag).await?;
+            if !left.0 {
+                break;
+            }
+        }
+        assert_eq!(left, (false, vec![format!("evt_kept_{tag}")]));
+        eventually(Duration::from_secs(10), "the drop logged", || async {
+            let log = ctx.stack().wrangler.log();
+            log.lines()
+                .any(|l| {
+                    l.contains("\"expire connection events\"")
+                        && l.contains("connection_events_2001_01 dropped")
+                })
+                .then_some(())
+        })
+        .await;
+        Ok(())
+    })
+}
+
+/// A worker whose retention settings are out of bounds (connection events
+/// kept 0 days; billing-event records 29, under the 30 in which Stripe can
+/// resend an event) expires nothing, logs why at error level on each run,
+/// and does the rest of its run.
+fn retention_misconfigured(ctx: &Ctx) -> Result<(), Failed> {
+    let stack = Stack::start_with(
+        &[],
+        &[
+            ("CONNECTION_EVENTS_RETENTION_DAYS", "0"),
+            ("WEBHOOK_EVENTS_RETENTION_DAYS", "29"),
+        ],
+    );
+    ctx.rt.block_on(async {
+        let db = keenvpn_edge::db::connect(&stack.pg.url(DB_NAME)).await?;
+        let tag = crate::common::unique("retention");
+        db.batch_execute(&PAST_RETENTION.replace("{tag}", &tag))
+            .await?;
+        trigger_at(ctx, &stack.wrangler.base_url).await?;
+        assert_eq!(
+            past_retention_left(&db, &tag).await?,
+            (true, vec![format!("evt_kept_{tag}"), format!("evt_old_{tag}")])
+        );
+        let expected = [
+            "CONNECTION_EVENTS_RETENTION_DAYS must be a whole number of days from 1 to 3650, not \\\"0\\\"",
+            "WEBHOOK_EVENTS_RETENTION_DAYS must be a whole number of days from 30 to 3650, not \\\"29\\\"",
+            "catalogue published",
+        ];
+        eventually(
+            Duration::from_secs(10),
+            "the settings' errors and the publish logged",
+            || async {
+                let log = stack.wrangler.log();
+                expected
+                    .iter()
+                    .all(|text| {
+                        log.lines().any(|l| {
+                            l.contains(text)
+                                && (text.starts_with("catalogue") || l.contains("\"level\":\"error\""))
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
         Ok(())
     })
 }
