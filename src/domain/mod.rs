@@ -9,6 +9,7 @@ pub mod account;
 pub mod admission;
 pub mod backoff;
 pub mod catalogue;
+pub mod connection_event;
 pub mod device;
 pub mod entitlement;
 pub mod freshness;

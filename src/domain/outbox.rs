@@ -33,6 +33,23 @@ pub const MAX_BATCH: usize = 100;
 /// The most events an outbox keeps, held ones included: about 250 KB.
 pub const MAX_HELD: usize = 1_000;
 
+/// How long the runtime lets work go on after a response (`waitUntil`)
+/// before it cancels it; a flush runs in that time.
+pub const AFTER_RESPONSE_MS: u64 = 30_000;
+
+/// Whether a flush that began `elapsed_ms` ago may start sending another
+/// message whose sends can take up to `worst_send_ms`: only if they would
+/// end a second before the runtime cancels the flush. Events of a message
+/// the runtime cancels part way are gone without a word; those a flush does
+/// not start on are held instead ([`Outbox::hold`]) and logged so, for the
+/// isolate's next flush.
+pub fn may_start_send(elapsed_ms: u64, worst_send_ms: u64) -> bool {
+    elapsed_ms
+        .saturating_add(worst_send_ms)
+        .saturating_add(1_000)
+        <= AFTER_RESPONSE_MS
+}
+
 /// What the caller of [`Outbox::push`] does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -203,5 +220,15 @@ mod tests {
         );
         assert_eq!(all[MAX_HELD], -5);
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_flush_starts_a_send_only_if_it_can_end_before_the_runtime_cancels_it() {
+        // 16.25 s: three sends of 5 s and two pauses.
+        assert!(may_start_send(0, 16_250));
+        assert!(may_start_send(FLUSH_AFTER_MS, 16_250));
+        assert!(may_start_send(12_750, 16_250));
+        assert!(!may_start_send(12_751, 16_250));
+        assert!(!may_start_send(u64::MAX, 16_250));
     }
 }

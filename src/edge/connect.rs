@@ -374,6 +374,12 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         }
     }
     let Some(server) = placement::choose_server(region, &device.id) else {
+        // Admitted by the gate but refused all the same: a decision too.
+        events::collect(
+            env,
+            ctx,
+            ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
+        );
         return Err(refused(
             ProblemCode::RegionClosed,
             "The region has no server available.",

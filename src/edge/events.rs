@@ -11,30 +11,19 @@ use super::durable::js_error;
 use super::log::{self, Level};
 use super::time::{self, Timer};
 use super::{bindings, fault, pg, random};
+use crate::domain::connection_event;
+pub use crate::domain::connection_event::ConnectionEvent;
 use crate::domain::outbox::{self, Outbox, Push};
-use crate::sql;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use std::cell::RefCell;
 use std::rc::Rc;
 use wasm_bindgen::JsValue;
-use worker::js_sys::{JSON, Promise, Reflect};
+use worker::js_sys::{JSON, Promise};
 use worker::{Context, Env, MessageBatch, event};
 
 /// How long the consumer waits for PostgreSQL to take a batch.
 const WRITE_TIMEOUT_MS: u64 = 15_000;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ConnectionEvent {
-    pub event_id: String,
-    pub occurred_at_ms: u64,
-    pub user_id: String,
-    pub device_id: String,
-    pub region_id: String,
-    pub server_id: Option<String>,
-    /// `admitted`, `throttled` or `closed`.
-    pub outcome: String,
-}
 
 impl ConnectionEvent {
     pub fn new(
@@ -114,12 +103,17 @@ async fn send(env: &Env, text: &str, timer: Option<&Timer>, hang: bool) -> Resul
         .map_err(|e| js_error(&e))
 }
 
-/// How long to wait before each retry of a send the queue refused: a
-/// failed send is tried three times in all, within about 1.3 s of the
-/// response, well inside the runtime's 30 s for work after it. A retry of a
-/// send that did reach the queue is harmless: the consumer inserts each
-/// event id once (`ON CONFLICT DO NOTHING`).
+/// How long to wait before each retry of a failed send: a send is tried
+/// three times in all, the pauses adding 1.25 s (a queue that refuses at
+/// once is given up within about 1.3 s; one that answers none of them,
+/// after [`WORST_SEND_MS`]). A retry of a send that did reach the queue is
+/// harmless: the consumer inserts each event id once (`ON CONFLICT DO
+/// NOTHING`).
 const SEND_RETRY_DELAYS_MS: [u64; 2] = [250, 1_000];
+
+/// The longest one message's attempts and pauses take.
+const WORST_SEND_MS: u64 =
+    3 * SEND_LIMIT_MS as u64 + SEND_RETRY_DELAYS_MS[0] + SEND_RETRY_DELAYS_MS[1];
 
 /// `message` as JSON text, [`send`] and retried after
 /// [`SEND_RETRY_DELAYS_MS`] while it fails; the last error if every attempt
@@ -241,22 +235,32 @@ pub fn collect(env: &Env, ctx: &Context, event: ConnectionEvent) {
     }
     let env = env.clone();
     ctx.wait_until(async move {
+        let began = time::now_ms();
         let events = if push == Push::Schedule {
             time::sleep(outbox::FLUSH_AFTER_MS).await;
             OUTBOX.with(|o| o.borrow_mut().take_scheduled())
         } else {
             full
         };
-        send_batches(&env, events).await;
+        send_batches(&env, events, began).await;
     });
 }
 
-/// Sends `events`, [`outbox::MAX_BATCH`] to a message; holds the events of
-/// the first message whose sends all fail, and every later one, without
-/// trying them (the queue is refusing).
-async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>) {
+/// Sends `events`, [`outbox::MAX_BATCH`] to a message, in the flush that
+/// began at `began` (unix ms); holds the events of the first message whose
+/// sends all fail, and every later one, without trying them (the queue is
+/// refusing). A flush of held events can be ten messages, each up to
+/// [`WORST_SEND_MS`] against a slow queue: a message whose sends could
+/// outlast the runtime's time for the flush is not started, and it and the
+/// rest are held (and logged so), rather than lost with the flush.
+async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>, began: u64) {
     let mut sent = 0;
     while sent < events.len() {
+        let elapsed = time::now_ms().saturating_sub(began);
+        if !outbox::may_start_send(elapsed, WORST_SEND_MS) {
+            let e = format!("no time left in this flush after {elapsed} ms");
+            return hold(events.split_off(sent), &e, None);
+        }
         let end = events.len().min(sent + outbox::MAX_BATCH);
         let batch = Many {
             events: &events[sent..end],
@@ -268,46 +272,17 @@ async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>) {
     }
 }
 
-/// The events in one message body: one event, or `{"events": [..]}`. The
-/// runtime hands the body over as an object; it crosses into wasm once, as
-/// the JSON text `JSON.stringify` makes of it, for `serde_json` to read
+/// The events in one message body ([`connection_event::read_message`]).
+/// The runtime hands the body over as an object; it crosses into wasm once,
+/// as the JSON text `JSON.stringify` makes of it, for `serde_json` to read
 /// (workers-rs's typed batches walk it field by field through
 /// `serde-wasm-bindgen` instead).
-fn events_in(body: JsValue) -> Result<Vec<ConnectionEvent>, String> {
-    let many = Reflect::get(&body, &JsValue::from_str("events")).map_err(|e| js_error(&e))?;
-    let text = |v: &JsValue| {
-        JSON::stringify(v)
-            .map_err(|e| js_error(&e))?
-            .as_string()
-            .ok_or_else(|| "the body is not JSON".to_owned())
-    };
-    if many.is_undefined() {
-        serde_json::from_str(&text(&body)?).map(|e| vec![e])
-    } else {
-        serde_json::from_str(&text(&many)?)
-    }
-    .map_err(|e| e.to_string())
-}
-
-/// One VALUES row, or `None` for a malformed event (which is dropped: retrying
-/// it could never succeed).
-fn row(e: &ConnectionEvent) -> Option<String> {
-    let outcome = match e.outcome.as_str() {
-        o @ ("admitted" | "throttled" | "closed") => o,
-        _ => return None,
-    };
-    let server = match &e.server_id {
-        Some(s) => sql::literal(s).ok()?,
-        None => "NULL".into(),
-    };
-    Some(format!(
-        "({}, to_timestamp({}::double precision / 1000), {}, {}, {}, {server}, '{outcome}')",
-        sql::uuid(&e.event_id)?,
-        e.occurred_at_ms,
-        sql::uuid(&e.user_id)?,
-        sql::uuid(&e.device_id)?,
-        sql::literal(&e.region_id).ok()?,
-    ))
+fn events_in(body: JsValue) -> Result<Vec<Result<ConnectionEvent, String>>, String> {
+    let text = JSON::stringify(&body)
+        .map_err(|e| js_error(&e))?
+        .as_string()
+        .ok_or_else(|| "the body is not JSON".to_owned())?;
+    connection_event::read_message(&text)
 }
 
 #[event(queue)]
@@ -316,29 +291,31 @@ async fn consume(
     env: Env,
     _ctx: Context,
 ) -> worker::Result<()> {
-    // A body that does not even parse is dropped like any malformed event:
-    // failing the batch for it would hold back every other event in it
-    // through all its retries, and then send them to the dead-letter queue.
+    // A body that does not even parse, or an event that does not, or one
+    // that cannot be stored, is dropped and logged: failing the batch for it
+    // would hold back every other event in it through all its retries, and
+    // then send them to the dead-letter queue.
     let mut messages = 0;
-    let rows: Vec<String> = batch
-        .raw_iter()
-        .flat_map(|m| {
-            messages += 1;
-            match events_in(m.body()) {
-                Ok(events) => events,
+    let mut malformed = 0;
+    let mut rows = Vec::new();
+    for m in batch.raw_iter() {
+        messages += 1;
+        let events = events_in(m.body()).unwrap_or_else(|e| vec![Err(e)]);
+        for event in events {
+            match event.and_then(|e| e.values_row()) {
+                Ok(row) => rows.push(row),
                 Err(e) => {
+                    malformed += 1;
                     log::event(
                         Level::Error,
                         None,
                         "connection event unreadable, dropped",
                         json!({"error": e}),
                     );
-                    Vec::new()
                 }
             }
-        })
-        .filter_map(|e| row(&e))
-        .collect();
+        }
+    }
     if rows.is_empty() {
         batch.ack_all();
         return Ok(());
@@ -368,7 +345,7 @@ async fn consume(
                 Level::Info,
                 None,
                 "connection events written",
-                json!({"messages": messages, "events": rows.len()}),
+                json!({"messages": messages, "events": rows.len(), "dropped": malformed}),
             );
             batch.ack_all();
         }
