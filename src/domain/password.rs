@@ -44,19 +44,51 @@ pub fn hash(password: &[u8], salt: [u8; 16]) -> String {
         .to_string()
 }
 
-/// Checks `password` against a stored PHC string, refusing weak parameters.
+/// The shortest stored output accepted: argon2's default, 32 bytes. A
+/// shorter one is cheaper to find a match for.
+pub const MIN_OUTPUT_LEN: usize = 32;
+
+/// Checks `password` against a stored PHC string, refusing weak parameters
+/// (see [`refused`]). A refused hash still costs one verification, against
+/// [`DUMMY_HASH`], so that its answer comes no sooner than a wrong
+/// password's: an account with a hash left over from elsewhere cannot be
+/// told apart by timing.
 pub fn verify(password: &[u8], phc: &str) -> Result<(), VerifyError> {
+    let parsed = match refused(phc) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let _ = check(
+                password,
+                &PasswordHash::new(DUMMY_HASH).expect("DUMMY_HASH parses"),
+            );
+            return Err(e);
+        }
+    };
+    check(password, &parsed)
+}
+
+/// The stored hash, parsed, unless it is not argon2id version 0x13 with at
+/// least the minimum parameters and [`MIN_OUTPUT_LEN`] bytes of output.
+fn refused(phc: &str) -> Result<PasswordHash<'_>, VerifyError> {
     let parsed = PasswordHash::new(phc).map_err(|_| VerifyError::Unreadable)?;
-    if parsed.algorithm != argon2::ARGON2ID_IDENT {
+    if parsed.algorithm != argon2::ARGON2ID_IDENT
+        || parsed.version != Some(Version::V0x13 as u32)
+        || parsed.hash.is_none_or(|h| h.len() < MIN_OUTPUT_LEN)
+    {
         return Err(VerifyError::TooWeak);
     }
     let params = Params::try_from(&parsed).map_err(|_| VerifyError::Unreadable)?;
     if params.m_cost() < MIN_M_KIB || params.t_cost() < MIN_T || params.p_cost() < MIN_P {
         return Err(VerifyError::TooWeak);
     }
-    // Verify with the stored parameters (they may be stronger than today's minimum).
+    Ok(parsed)
+}
+
+/// Verifies with the stored parameters (they may be stronger than today's
+/// minimum).
+fn check(password: &[u8], parsed: &PasswordHash<'_>) -> Result<(), VerifyError> {
     Argon2::default()
-        .verify_password(password, &parsed)
+        .verify_password(password, parsed)
         .map_err(|e| match e {
             argon2::password_hash::Error::Password => VerifyError::Mismatch,
             _ => VerifyError::Unreadable,
@@ -105,6 +137,27 @@ mod tests {
             verify(b"password1", &weak(MIN_M_KIB, 2, 1, Algorithm::Argon2i)),
             Err(VerifyError::TooWeak)
         );
+        // Argon2 version 0x10, or an output under 32 bytes.
+        let params = Params::new(MIN_M_KIB, 2, 1, None).unwrap();
+        let salt = SaltString::encode_b64(&[3; 16]).unwrap();
+        let old_version = Argon2::new(Algorithm::Argon2id, Version::V0x10, params.clone())
+            .hash_password(b"password1", &salt)
+            .unwrap()
+            .to_string();
+        assert!(old_version.starts_with("$argon2id$v=16$"), "{old_version}");
+        assert_eq!(
+            verify(b"password1", &old_version),
+            Err(VerifyError::TooWeak)
+        );
+        let short = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(MIN_M_KIB, 2, 1, Some(16)).unwrap(),
+        )
+        .hash_password(b"password1", &salt)
+        .unwrap()
+        .to_string();
+        assert_eq!(verify(b"password1", &short), Err(VerifyError::TooWeak));
         // Stronger than the minimum is fine.
         assert_eq!(
             verify(

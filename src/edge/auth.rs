@@ -506,7 +506,9 @@ async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
         Level::Warn,
         Some(request_id),
         "login throttle refund failed",
-        json!({"throttle": name, "error": error}),
+        // The throttle's kind only: its name is the email's digest, which a
+        // list of addresses reverses, or the client's network.
+        json!({"throttle": name.split(':').next(), "error": error}),
     );
 }
 
