@@ -296,6 +296,11 @@ struct Family {
     /// what [`UserSessions::withdraw`] gives back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     evicted: Vec<String>,
+    /// Whether [`UserSessions::reopen`] handed this session out again, to
+    /// the retry of the sign-in that opened it: a client may hold it then,
+    /// whatever became of the first request, so it is never withdrawn.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +444,7 @@ impl UserSessions {
             rotated_at: now,
             revoked: None,
             evicted,
+            replayed: false,
         };
         let issued = family.issue(&sid, pepper);
         // 128 random bits: a collision with an existing sid is not a case to handle.
@@ -550,12 +556,14 @@ impl UserSessions {
     /// opening evicted are active again, as far as the limit allows. Nothing
     /// is done (`false`) unless the session is active and still at its first
     /// token: a refreshed one was answered, and one revoked since (a sign-out
-    /// everywhere) must not bring back what it evicted.
+    /// everywhere) must not bring back what it evicted. Nor is one handed out
+    /// again to a retry ([`UserSessions::reopen`]): that answer may have
+    /// reached the client.
     pub fn withdraw(&mut self, sid: &str, now: i64) -> bool {
         let Some(family) = self
             .families
             .get(sid)
-            .filter(|f| f.is_active(now) && f.generation == 0)
+            .filter(|f| f.is_active(now) && f.generation == 0 && !f.replayed)
         else {
             return false;
         };
@@ -614,8 +622,11 @@ impl UserSessions {
     /// used; once it ended, there is nothing to answer with. Either way the
     /// record is spent: it is started afresh and the request opens a new
     /// session ([`Reopen::Open`]), as it would with a key never seen.
+    ///
+    /// A session handed out again is marked so ([`UserSessions::withdraw`]
+    /// leaves it): the caller stores the state before it answers.
     pub fn reopen(
-        &self,
+        &mut self,
         records: &mut Records,
         key: &str,
         fingerprint: &str,
@@ -625,8 +636,9 @@ impl UserSessions {
         match records.begin(key, fingerprint, now) {
             Begin::Replay(first) => {
                 let sid = first.body.as_str();
-                match self.families.get(sid) {
+                match self.families.get_mut(sid) {
                     Some(f) if f.is_active(now) && f.generation == 0 => {
+                        f.replayed = true;
                         Reopen::Again(f.issue(sid, pepper))
                     }
                     _ => {
@@ -1414,6 +1426,27 @@ mod tests {
         // Another key is another sign-in.
         let other = sign_in(&mut s, &mut records, "k2", "fp", 3, T0 + 50).unwrap();
         assert_ne!(other.sid, first.sid);
+    }
+
+    #[test]
+    fn a_session_handed_out_again_to_a_retry_is_not_withdrawn() {
+        let (mut s, mut records) = (UserSessions::default(), Records::default());
+        let first = sign_in(&mut s, &mut records, "k", "fp", 1, T0).unwrap();
+        // The retry is answered with the session while the first request
+        // is still signing; then the first fails and withdraws it.
+        assert_eq!(
+            sign_in(&mut s, &mut records, "k", "fp", 2, T0 + 1).unwrap(),
+            first
+        );
+        // Stored and loaded in between, as the object does.
+        let mut s: UserSessions =
+            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(!s.withdraw(&first.sid, T0 + 2));
+        assert!(s.is_active(&first.sid, T0 + 2));
+        assert!(refresh(&mut s, &first, T0 + 3).is_ok());
+        // A session no retry was given is withdrawn as before.
+        let other = sign_in(&mut s, &mut records, "k2", "fp", 3, T0 + 4).unwrap();
+        assert!(s.withdraw(&other.sid, T0 + 5));
     }
 
     #[test]

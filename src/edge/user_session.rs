@@ -986,8 +986,11 @@ impl UserSession {
                     .sessions
                     .reopen(&mut stored.idempotency, key, fingerprint, now, pepper);
             match reopen {
-                // Nothing was changed: the record and the session stand.
+                // The record and the session stand; the session is marked
+                // as handed out again, which no withdrawal undoes, and that
+                // is stored before the answer goes.
                 Reopen::Again(issued) => {
+                    self.persist(&mut stored, now).await?;
                     let ent = Self::entitlement(&stored, now)
                         .expect("a session was opened, so inputs are set");
                     return Self::issued(issued, ent, true);
