@@ -74,12 +74,14 @@ impl Status {
 /// a user's entitlement inputs carry only subscriptions in them.
 pub const PAID_FOR: [Status; 3] = [Status::Trialing, Status::Active, Status::PastDue];
 
-/// The statuses a paid invoice makes `active` again: those being paid for,
-/// and those lapsed for want of a payment (`unpaid`, `incomplete`). A
-/// subscription that has ended (`canceled`, `incomplete_expired`) or is
-/// `paused` is never revived by a payment.
-pub const REVIVED_BY_PAYMENT: [Status; 5] = [
-    Status::Trialing,
+/// The statuses a paid invoice makes `active` (again): `active` itself,
+/// past due, and those lapsed for want of a payment (`unpaid`,
+/// `incomplete`). A subscription that has ended (`canceled`,
+/// `incomplete_expired`) or is `paused` is never revived by a payment. Nor
+/// does a payment end a trial: a trial's first invoice is paid at $0 when
+/// the trial starts, and Stripe's own subscription event says when the
+/// trial becomes `active`.
+pub const REVIVED_BY_PAYMENT: [Status; 4] = [
     Status::Active,
     Status::PastDue,
     Status::Unpaid,
@@ -493,9 +495,22 @@ mod tests {
         }
         let paid: Vec<Status> = all.into_iter().filter(|s| s.is_paid_for()).collect();
         assert_eq!(paid, PAID_FOR);
-        // A payment revives what is paid for or lapsed, never what ended.
-        assert!(PAID_FOR.iter().all(|s| REVIVED_BY_PAYMENT.contains(s)));
-        for ended in [Status::Canceled, Status::IncompleteExpired, Status::Paused] {
+        // A payment revives what is paid for or lapsed, never what ended,
+        // and ends no trial.
+        for paid in [
+            Status::Active,
+            Status::PastDue,
+            Status::Unpaid,
+            Status::Incomplete,
+        ] {
+            assert!(REVIVED_BY_PAYMENT.contains(&paid), "{paid:?}");
+        }
+        for ended in [
+            Status::Canceled,
+            Status::IncompleteExpired,
+            Status::Paused,
+            Status::Trialing,
+        ] {
             assert!(!REVIVED_BY_PAYMENT.contains(&ended), "{ended:?}");
         }
     }

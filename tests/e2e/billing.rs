@@ -32,6 +32,10 @@ pub const TESTS: &[(&str, Test)] = &[
         failed_renewal,
     ),
     (
+        "billing::a_trials_free_first_invoice_leaves_it_trialing",
+        trial_invoice,
+    ),
+    (
         "billing::an_invoice_older_than_the_status_changes_nothing",
         stale_invoice,
     ),
@@ -386,6 +390,32 @@ fn failed_renewal(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(c["ent"]["plan"], "plus", "{c}");
             assert_eq!(c["ent"]["until"], failed.period_end + grace, "{c}");
         }
+        Ok(())
+    })
+}
+
+/// A trial starts: Stripe sends the subscription (trialing) and its first
+/// invoice, paid at $0. That payment ends no trial: the subscription stays
+/// trialing (it turned active) until Stripe's subscription event at the
+/// trial's end says otherwise. A failed first charge then makes it past due.
+fn trial_invoice(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let t = now() - 3 * 3600;
+        let user = new_user(ctx).await;
+        let mut s = sub_for(&user, "plus");
+        s.created = t;
+        s.status = Status::Trialing;
+        expect_applied(ctx, "customer.subscription.created", &s, true).await;
+        expect_applied(ctx, "invoice.paid", &next(&s, t + 1), false).await;
+        assert_eq!(
+            plan_in_db(ctx, &s).await,
+            Some(("plus".into(), "trialing".into()))
+        );
+        expect_applied(ctx, "invoice.payment_failed", &next(&s, t + 60), true).await;
+        assert_eq!(
+            plan_in_db(ctx, &s).await,
+            Some(("plus".into(), "past_due".into()))
+        );
         Ok(())
     })
 }
