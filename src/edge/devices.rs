@@ -180,6 +180,7 @@ pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
         )?,
         device_id: id.to_owned(),
         public_key: b.public_key,
+        fault: req.header(fault::HEADER),
     };
     let (status, json) = call(
         env,

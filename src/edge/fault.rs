@@ -62,6 +62,11 @@ pub const SIGNUP_CUT: &str = "signup.cut";
 /// password: late enough to meet an account that [`UNDO_SLOW`] removed.
 pub const LOGIN_LATE: &str = "login.late";
 pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
+/// The point, on `PUT /v1/devices/{id}/public_key`, at which the user's
+/// object applies PostgreSQL's answer to the rotation [`DEVICE_LATE_MS`]
+/// after it came: as when another rotation's answer overtakes it.
+pub const DEVICE_LATE: &str = "device.late";
+pub const DEVICE_LATE_MS: u64 = 2_000;
 /// The point, on `POST /v1/connect`, at which the first attempt to send the
 /// admitted connection's event to the queue fails, as a queue that refused
 /// it would.

@@ -176,6 +176,9 @@ pub struct RotateKeyReq {
     /// `(key, fingerprint)` when the request carried an `Idempotency-Key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<(String, String)>,
+    /// A fault point to stop at (development only; see `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
 }
 
 /// What a device change under [`UserSession::keyed`] answers.
@@ -1519,19 +1522,46 @@ impl UserSession {
         let Ok(key) = PublicKey::parse(&r.public_key) else {
             return refuse(400, "validation_failed", None);
         };
+        let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
         let change = async {
             let op = self.device_op(&origin).await;
+            let generation = self.device_generation.get();
             let mark = self.load().await?.devices.mark();
             let outcome = match store::connect(&self.env).await {
                 Ok(db) => store::rotate_key(&db, &r.user_id, &r.device_id, &key).await,
                 Err(fail) => Err(fail),
             };
+            if origin.fault() == Some(fault::DEVICE_LATE) {
+                time::sleep(fault::DEVICE_LATE_MS).await;
+            }
             match outcome {
                 Ok(rotated) => {
                     let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
                     self.apply_devices(mark, rotated.devices, own, &origin)
                         .await?;
+                    // This rotation's own row wins in the records, as every
+                    // operation's does. But another operation that started
+                    // meanwhile may have rotated the same device's key after
+                    // this one committed, and had its answer applied first:
+                    // the records would then keep this older key. So the
+                    // records are read again from PostgreSQL, now if no
+                    // other operation is still under way, else by the alarm
+                    // once none is.
+                    let overlapped = self.device_generation.get() != generation;
+                    if overlapped {
+                        self.devices_settled.set(false);
+                    }
                     op.done();
+                    if overlapped
+                        && let Settle::Failed(cause) = self.settle_devices(&origin).await?
+                    {
+                        log::event(
+                            Level::Warn,
+                            origin.request_id(),
+                            "device list not read again after overlapping operations; the alarm tries again",
+                            serde_json::json!({"error": cause}),
+                        );
+                    }
                     match rotated.device {
                         Some(d) => Answer::changed(200, &d),
                         None => Ok(Answer::Other(refuse(404, "device_not_found", None)?)),

@@ -42,6 +42,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "devices::a_registration_answered_after_a_key_rotation_keeps_the_rotated_key",
         late_registration_keeps_rotation,
     ),
+    (
+        "devices::of_two_rotations_of_one_key_the_one_committed_last_is_kept",
+        overlapping_rotations,
+    ),
 ];
 
 async fn create(ctx: &Ctx, user: &User, name: &str, key: &str) -> Resp {
@@ -672,6 +676,74 @@ fn late_registration_keeps_rotation(ctx: &Ctx) -> Result<(), Failed> {
             .cloned()
             .unwrap_or_default();
         assert_eq!(phone_copy["public_key"], new_key.as_str(), "{copy}");
+        Ok(())
+    })
+}
+
+/// Two rotations of one device's key: the first commits first, but its
+/// answer reaches the user's object 2 s late (the fault point
+/// `device.late`), after the second's was applied. The object used to keep
+/// the answer applied last, so the records and the KV copy the connect reads
+/// held the first key, which PostgreSQL no longer has, until the user's next
+/// device change. It now reads the list again after overlapping operations.
+fn overlapping_rotations(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let user = new_user(ctx).await;
+        let phone = create(ctx, &user, "Phone", &wg_key()).await;
+        assert_eq!(phone.status, 201, "{}", phone.body);
+        let phone_id = s(&phone.body["id"]).to_owned();
+        let path = format!("/v1/devices/{phone_id}/public_key");
+        let (first_key, second_key) = (wg_key(), wg_key());
+        let first = send_with(
+            ctx,
+            "PUT",
+            &path,
+            Some(json!({"public_key": first_key})),
+            Some(&user.access),
+            &[("x-keenvpn-fault", "device.late")],
+        );
+        let second = async {
+            // The first has committed and waits to be applied.
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            send(
+                ctx,
+                "PUT",
+                &path,
+                Some(json!({"public_key": second_key})),
+                Some(&user.access),
+            )
+            .await
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(second.status, 200, "{}", second.body);
+        assert_eq!(first.body["public_key"], first_key.as_str());
+        let in_db: String = db(ctx)
+            .await
+            .query_one(
+                "SELECT public_key FROM devices WHERE id = $1::text::uuid",
+                &[&phone_id],
+            )
+            .await?
+            .get(0);
+        assert_eq!(in_db, second_key, "the second committed last");
+        eventually(
+            std::time::Duration::from_secs(10),
+            "the KV copy with the key committed last",
+            || async {
+                let raw = ctx
+                    .stack()
+                    .wrangler
+                    .kv_get(&format!("devices/{}", user.id))?;
+                let copy: Value = serde_json::from_str(&raw).ok()?;
+                copy["devices"]
+                    .as_array()?
+                    .iter()
+                    .any(|d| d["id"] == phone_id.as_str() && d["public_key"] == second_key.as_str())
+                    .then_some(())
+            },
+        )
+        .await;
         Ok(())
     })
 }
