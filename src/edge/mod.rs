@@ -211,7 +211,12 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
     };
     let mut reply = http::finish(reply, &request_id);
     if method == "HEAD" {
-        // The GET's status and headers, without its body (RFC 9110, 9.3.2).
+        // The GET's status and headers, without its body (RFC 9110, 9.3.2),
+        // and the length the GET's body would have (9.3.2 and 8.6: a
+        // monitor may read the size from it).
+        reply
+            .headers
+            .push(("content-length", reply.body.len().to_string()));
         reply.body.clear();
     }
     log::request(

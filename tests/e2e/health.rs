@@ -286,7 +286,8 @@ fn a_wrong_method_is_405_with_allow(ctx: &Ctx) -> Result<(), Failed> {
 
 /// Monitors and load balancers often probe with HEAD, which every
 /// general-purpose server must take (RFC 9110): the GET's status and
-/// headers, no body. (It was 405.) Where GET is not allowed, neither is HEAD.
+/// headers, with the GET body's length, no body. (It was 405.) Where GET is
+/// not allowed, neither is HEAD.
 fn head_answers_as_get(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         for path in ["/healthz", "/v1/regions", "/.well-known/jwks.json"] {
@@ -305,7 +306,19 @@ fn head_answers_as_get(ctx: &Ctx) -> Result<(), Failed> {
                     "{path}: {name}"
                 );
             }
-            assert!(!get.bytes().await?.is_empty(), "{path}");
+            // The length of the body a GET gets (it was missing).
+            let length = head
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = get.bytes().await?;
+            assert!(!body.is_empty(), "{path}");
+            assert_eq!(
+                length,
+                Some(body.len().to_string()),
+                "{path}: content-length"
+            );
             assert!(head.bytes().await?.is_empty(), "{path}: a body to HEAD");
         }
         let resp = ctx.http.head(ctx.url("/v1/connect")).send().await?;
