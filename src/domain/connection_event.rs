@@ -24,10 +24,12 @@ pub struct ConnectionEvent {
     pub outcome: String,
 }
 
-/// The latest time an event may carry (unix ms, the end of year 9999):
-/// PostgreSQL cannot store one far beyond it, and the error would fail the
-/// insert of the whole batch.
-pub const LATEST_MS: u64 = 253_402_300_799_999;
+/// How far ahead of the consumer's clock an event's time may be. The
+/// producer's clock is the platform's, so an event further ahead was not
+/// made by it: stored, it would sit in the default partition, past every
+/// retention; and a time PostgreSQL cannot store would fail the insert of
+/// the whole batch.
+pub const MAX_AHEAD_MS: u64 = 24 * 3600 * 1000;
 
 /// The events of one message body (JSON text): one event, or
 /// `{"events": [..]}`; each an error of its own when it cannot be read, which
@@ -49,10 +51,11 @@ pub fn read_message(text: &str) -> Result<Vec<Result<ConnectionEvent, String>>, 
 impl ConnectionEvent {
     /// The event as a row of `connection_events`' multi-row `VALUES` (in the
     /// order `event_id, occurred_at, user_id, device_id, region_id,
-    /// server_id, outcome`), or why it cannot be stored.
-    pub fn values_row(&self) -> Result<String, String> {
+    /// server_id, outcome`), or why it cannot be stored; `now_ms` is the
+    /// consumer's clock (unix ms).
+    pub fn values_row(&self, now_ms: u64) -> Result<String, String> {
         let bad = |field: &str| format!("{field} cannot be stored");
-        if self.occurred_at_ms > LATEST_MS {
+        if self.occurred_at_ms > now_ms.saturating_add(MAX_AHEAD_MS) {
             return Err(bad("occurred_at_ms"));
         }
         let outcome = match self.outcome.as_str() {
@@ -80,6 +83,9 @@ impl ConnectionEvent {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The consumer's clock in these tests: the events' own time.
+    const NOW: u64 = 1_795_533_362_000;
 
     fn event() -> Value {
         json!({
@@ -115,7 +121,7 @@ mod tests {
         let rows: Vec<Result<String, String>> = read_message(&body.to_string())
             .unwrap()
             .into_iter()
-            .map(|e| e.and_then(|e| e.values_row()))
+            .map(|e| e.and_then(|e| e.values_row(NOW)))
             .collect();
         assert_eq!(rows.len(), 5);
         assert!(rows[0].is_ok() && rows[4].is_ok(), "{rows:?}");
@@ -125,14 +131,15 @@ mod tests {
         );
         assert_eq!(rows[2], Err("occurred_at_ms cannot be stored".to_owned()));
         assert_eq!(rows[3], Err("outcome cannot be stored".to_owned()));
-        // The last storable instant is stored.
+        // A day ahead of the consumer's clock is the most.
         let mut last = event();
-        last["occurred_at_ms"] = json!(LATEST_MS);
-        let last: ConnectionEvent = serde_json::from_value(last).unwrap();
-        assert!(
-            last.values_row()
-                .unwrap()
-                .contains("to_timestamp(253402300799999:")
+        last["occurred_at_ms"] = json!(NOW + MAX_AHEAD_MS);
+        let mut last: ConnectionEvent = serde_json::from_value(last).unwrap();
+        assert!(last.values_row(NOW).is_ok());
+        last.occurred_at_ms += 1;
+        assert_eq!(
+            last.values_row(NOW),
+            Err("occurred_at_ms cannot be stored".to_owned())
         );
     }
 
@@ -147,21 +154,24 @@ mod tests {
     fn a_row_quotes_its_values_and_refuses_what_sql_cannot_carry() {
         let e: ConnectionEvent = serde_json::from_value(event()).unwrap();
         assert_eq!(
-            e.values_row().unwrap(),
+            e.values_row(NOW).unwrap(),
             "('0b6f7a8e-2f4c-4d7e-9a1b-3c5d7e9f1a2b'::uuid, to_timestamp(1795533362000::double precision / 1000), \
              '4320c978-3f50-4492-8cb0-9346065d9183'::uuid, 'dabe7892-946d-4d3f-b82b-36f508fa6a5c'::uuid, \
              E'eu-central', NULL, 'throttled')"
         );
         let mut quoted = e.clone();
         quoted.server_id = Some("it's".into());
-        assert!(quoted.values_row().unwrap().contains("E'it''s'"));
+        assert!(quoted.values_row(NOW).unwrap().contains("E'it''s'"));
         let mut nul = e.clone();
         nul.region_id = "eu\0".into();
-        assert_eq!(nul.values_row(), Err("region_id cannot be stored".into()));
+        assert_eq!(
+            nul.values_row(NOW),
+            Err("region_id cannot be stored".into())
+        );
         let mut not_uuid = e;
         not_uuid.user_id = "x'); DROP TABLE users; --".into();
         assert_eq!(
-            not_uuid.values_row(),
+            not_uuid.values_row(NOW),
             Err("user_id cannot be stored".into())
         );
     }

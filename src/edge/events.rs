@@ -295,6 +295,7 @@ async fn consume(
     // that cannot be stored, is dropped and logged: failing the batch for it
     // would hold back every other event in it through all its retries, and
     // then send them to the dead-letter queue.
+    let now = time::now_ms();
     let mut messages = 0;
     let mut malformed = 0;
     let mut rows = Vec::new();
@@ -302,7 +303,7 @@ async fn consume(
         messages += 1;
         let events = events_in(m.body()).unwrap_or_else(|e| vec![Err(e)]);
         for event in events {
-            match event.and_then(|e| e.values_row()) {
+            match event.and_then(|e| e.values_row(now)) {
                 Ok(row) => rows.push(row),
                 Err(e) => {
                     malformed += 1;

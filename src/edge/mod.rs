@@ -213,10 +213,14 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
     if method == "HEAD" {
         // The GET's status and headers, without its body (RFC 9110, 9.3.2),
         // and the length the GET's body would have (9.3.2 and 8.6: a
-        // monitor may read the size from it).
-        reply
-            .headers
-            .push(("content-length", reply.body.len().to_string()));
+        // monitor may read the size from it). Not for a status whose GET
+        // has no body (1xx, 204, 304): there it would say 0, where 8.6 has
+        // a 304 send the full answer's length or none.
+        if !(reply.status < 200 || reply.status == 204 || reply.status == 304) {
+            reply
+                .headers
+                .push(("content-length", reply.body.len().to_string()));
+        }
         reply.body.clear();
     }
     log::request(

@@ -963,26 +963,32 @@ async fn webhook_ids(client: &tokio_postgres::Client) -> Result<Vec<String>, Fai
 }
 
 /// V15: a month's partition is dropped once all of it is past the
-/// retention, and not while the queue consumer's inserts hold the table (it
-/// waits 2 s, says so, and the next run drops it); the default partition's
-/// old rows and old billing-event records go a batch at a time; neither
-/// function takes a retention shorter than its floor.
+/// retention, one a run, oldest first, and not while the queue consumer's
+/// inserts hold the table (it waits 2 s, says so, and the next run drops
+/// it); the default partition's old rows and old billing-event records go a
+/// batch at a time; neither function takes a retention shorter than its
+/// floor.
 async fn retention(pg: &Postgres) -> Result<(), Failed> {
     let name = pg.create_database("mig");
     let mut client = db::connect(&pg.url(&name)).await?;
     db::migrate(&mut client).await?;
     let other = db::connect(&pg.url(&name)).await?;
-    // Two past months (UTC), made as the cron makes them: one that ended
+    // Three past months (UTC), made as the cron makes them: two that ended
     // more than 90 days ago, one that ends within the last 90 days.
     let months: Vec<(String, String)> = pairs(
         &client,
         "SELECT to_char(m, 'YYYY_MM'), m::text
-           FROM (VALUES (date_trunc('month', now() - interval '200 days', 'UTC')),
+           FROM (VALUES (date_trunc('month', now() - interval '300 days', 'UTC')),
+                        (date_trunc('month', now() - interval '200 days', 'UTC')),
                         (date_trunc('month', now() - interval '80 days', 'UTC'))) v(m)",
     )
     .await?;
-    let [(old, old_start), (recent, recent_start)] = <[_; 2]>::try_from(months).unwrap();
-    assert_ne!(old, recent);
+    let [
+        (older, older_start),
+        (old, old_start),
+        (recent, recent_start),
+    ] = <[_; 3]>::try_from(months).unwrap();
+    assert!(older != old && old != recent);
     let event = |at: &str| {
         format!(
             "INSERT INTO connection_events (event_id, occurred_at, user_id, device_id, region_id, outcome)
@@ -990,7 +996,11 @@ async fn retention(pg: &Postgres) -> Result<(), Failed> {
         )
     };
     let mut setup = String::new();
-    for (month, start) in [(&old, &old_start), (&recent, &recent_start)] {
+    for (month, start) in [
+        (&older, &older_start),
+        (&old, &old_start),
+        (&recent, &recent_start),
+    ] {
         setup += &format!(
             "CREATE TABLE connection_events_{month} PARTITION OF connection_events
                  FOR VALUES FROM ('{start}') TO (timestamptz '{start}' + interval '1 month');"
@@ -998,9 +1008,9 @@ async fn retention(pg: &Postgres) -> Result<(), Failed> {
         setup += &event(&format!("timestamptz '{start}' + interval '1 day'"));
     }
     // The default partition: three events of a month with no partition
-    // before the old one, one far ahead.
+    // before the older one, one far ahead.
     for _ in 0..3 {
-        setup += &event(&format!("timestamptz '{old_start}' - interval '1 year'"));
+        setup += &event(&format!("timestamptz '{older_start}' - interval '1 year'"));
     }
     setup += &event("now() + interval '5 years'");
     client.batch_execute(&setup).await?;
@@ -1008,24 +1018,31 @@ async fn retention(pg: &Postgres) -> Result<(), Failed> {
 
     // The consumer is writing this month's events: the drop waits for it no
     // more than 2 s, and says so. The default partition's oldest rows go
-    // meanwhile, two a run here.
+    // first, two a run here.
     other
         .batch_execute(&format!("BEGIN; {}", event("now()")))
         .await?;
     let expire = "SELECT * FROM expire_connection_events(interval '90 days', 2)";
+    let dropped = |month: &str| {
+        format!(
+            "info: connection_events_{month} dropped: its events are all older than the retention of 90 days"
+        )
+    };
+    let from_default = |n: u32| {
+        format!(
+            "info: {n} events older than the retention of 90 days deleted from connection_events_default"
+        )
+    };
     let started = std::time::Instant::now();
     let lines = expired(&client, expire).await?;
     let waited = started.elapsed();
     assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0], from_default(2));
     assert!(
-        lines[0].starts_with(&format!(
-            "warn: connection_events_{old} is past the retention of 90 days but was not dropped"
-        )) && lines[0].contains("lock timeout"),
+        lines[1].starts_with(&format!(
+            "warn: connection_events_{older} is past the retention of 90 days but was not dropped"
+        )) && lines[1].contains("lock timeout"),
         "{lines:?}"
-    );
-    assert_eq!(
-        lines[1],
-        "info: 2 events older than the retention of 90 days deleted from connection_events_default"
     );
     assert!(
         waited >= std::time::Duration::from_secs(2) && waited < std::time::Duration::from_secs(5),
@@ -1040,19 +1057,20 @@ async fn retention(pg: &Postgres) -> Result<(), Failed> {
                 .map(|r| r.get::<_, bool>(0))
         }
     };
-    assert!(exists(format!("connection_events_{old}")).await?);
+    assert!(exists(format!("connection_events_{older}")).await?);
 
-    // Once the insert commits, the next run drops the old month and the
-    // default partition's last old row; the recent month, this month's
-    // event and the one far ahead stay.
+    // Once the insert commits, each run drops one month past the retention,
+    // the oldest first; the default partition's last old row goes with the
+    // first. The recent month, this month's event and the one far ahead
+    // stay.
     other.batch_execute("COMMIT").await?;
     assert_eq!(
         expired(&client, expire).await?,
-        [
-            format!("info: connection_events_{old} dropped: its events are all older than the retention of 90 days"),
-            "info: 1 events older than the retention of 90 days deleted from connection_events_default".to_owned(),
-        ]
+        [from_default(1), dropped(&older)]
     );
+    assert!(!exists(format!("connection_events_{older}")).await?);
+    assert!(exists(format!("connection_events_{old}")).await?);
+    assert_eq!(expired(&client, expire).await?, [dropped(&old)]);
     assert!(!exists(format!("connection_events_{old}")).await?);
     assert!(exists(format!("connection_events_{recent}")).await?);
     assert_eq!(

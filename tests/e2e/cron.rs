@@ -505,6 +505,9 @@ async fn past_retention_left(
 fn retention(ctx: &Ctx) -> Result<(), Failed> {
     let db_url = ctx.stack().pg.url(DB_NAME);
     ctx.rt.block_on(async {
+        // Runs the shared worker's cron: no test that sets up its state may
+        // run meanwhile.
+        let _write = ctx.regions.write().await;
         let db = keenvpn_edge::db::connect(&db_url).await?;
         let tag = crate::common::unique("retention");
         db.batch_execute(&PAST_RETENTION.replace("{tag}", &tag))

@@ -702,9 +702,25 @@ fn overlapping_rotations(ctx: &Ctx) -> Result<(), Failed> {
             Some(&user.access),
             &[("x-keenvpn-fault", "device.late")],
         );
+        let key_in_db = || async {
+            db(ctx)
+                .await
+                .query_one(
+                    "SELECT public_key FROM devices WHERE id = $1::text::uuid",
+                    &[&phone_id],
+                )
+                .await
+                .map(|r| r.get::<_, String>(0))
+                .expect("the phone's row")
+        };
         let second = async {
             // The first has committed and waits to be applied.
-            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            eventually(
+                std::time::Duration::from_secs(10),
+                "the first rotation committed",
+                || async { (key_in_db().await == first_key).then_some(()) },
+            )
+            .await;
             send(
                 ctx,
                 "PUT",
@@ -718,15 +734,7 @@ fn overlapping_rotations(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(first.status, 200, "{}", first.body);
         assert_eq!(second.status, 200, "{}", second.body);
         assert_eq!(first.body["public_key"], first_key.as_str());
-        let in_db: String = db(ctx)
-            .await
-            .query_one(
-                "SELECT public_key FROM devices WHERE id = $1::text::uuid",
-                &[&phone_id],
-            )
-            .await?
-            .get(0);
-        assert_eq!(in_db, second_key, "the second committed last");
+        assert_eq!(key_in_db().await, second_key, "the second committed last");
         eventually(
             std::time::Duration::from_secs(10),
             "the KV copy with the key committed last",

@@ -321,6 +321,18 @@ fn head_answers_as_get(ctx: &Ctx) -> Result<(), Failed> {
             );
             assert!(head.bytes().await?.is_empty(), "{path}: a body to HEAD");
         }
+        // A 304 says no length: its GET has no body, and a 0 would misstate
+        // the full answer's.
+        let get = ctx.http.get(ctx.url("/v1/regions")).send().await?;
+        let etag = get.headers()["etag"].clone();
+        let head = ctx
+            .http
+            .head(ctx.url("/v1/regions"))
+            .header("if-none-match", etag)
+            .send()
+            .await?;
+        assert_eq!(head.status(), 304);
+        assert_eq!(head.headers().get("content-length"), None);
         let resp = ctx.http.head(ctx.url("/v1/connect")).send().await?;
         assert_eq!(resp.status(), 405);
         assert_eq!(resp.headers()["allow"], "POST");
