@@ -79,6 +79,18 @@ impl ConnectionEvent {
     }
 }
 
+/// The statement that writes a batch's rows ([`ConnectionEvent::values_row`],
+/// at least one). An event already written (a message delivered again, or
+/// twice in one batch) is skipped: its id and time are those of its first
+/// write, and they are the primary key.
+pub fn insert_sql(rows: &[String]) -> String {
+    format!(
+        "INSERT INTO connection_events (event_id, occurred_at, user_id, device_id, region_id, server_id, outcome)
+         VALUES {} ON CONFLICT DO NOTHING",
+        rows.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

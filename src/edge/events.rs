@@ -321,11 +321,7 @@ async fn consume(
         batch.ack_all();
         return Ok(());
     }
-    let insert = format!(
-        "INSERT INTO connection_events (event_id, occurred_at, user_id, device_id, region_id, server_id, outcome)
-         VALUES {} ON CONFLICT DO NOTHING",
-        rows.join(", ")
-    );
+    let insert = connection_event::insert_sql(&rows);
     let written = async {
         let client = pg::connect(&env, bindings::DB).await?;
         client

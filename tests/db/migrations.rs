@@ -67,6 +67,10 @@ pub const TESTS: &[(&str, Test)] = &[
         |pg| Box::pin(past_due_backfill(pg)),
     ),
     (
+        "store::a_connection_event_delivered_again_or_twice_in_a_batch_is_written_once",
+        |pg| Box::pin(events_written_once(pg)),
+    ),
+    (
         "migrations::retention_drops_past_months_in_turn_with_inserts_and_old_billing_events_in_batches",
         |pg| Box::pin(retention(pg)),
     ),
@@ -1123,5 +1127,46 @@ async fn retention(pg: &Postgres) -> Result<(), Failed> {
         );
     }
     assert_eq!(webhook_ids(&client).await?, ["evt_d"]);
+    Ok(())
+}
+
+/// The consumer's insert: a message the queue delivers again (the batch's
+/// acknowledgement lost), or twice within one batch, writes its events once;
+/// the other events of the batch are written.
+async fn events_written_once(pg: &Postgres) -> Result<(), Failed> {
+    use keenvpn_edge::domain::connection_event::{self, ConnectionEvent};
+    let name = pg.create_database("mig");
+    let mut client = db::connect(&pg.url(&name)).await?;
+    db::migrate(&mut client).await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let event = |n: u8| ConnectionEvent {
+        event_id: format!("00000000-0000-4000-8000-0000000000{n:02}"),
+        occurred_at_ms: now_ms - u64::from(n),
+        user_id: "00000000-0000-4000-8000-000000000101".into(),
+        device_id: "00000000-0000-4000-8000-000000000201".into(),
+        region_id: "eu-central".into(),
+        server_id: Some("eu-central-1".into()),
+        outcome: "admitted".into(),
+    };
+    let row = |n: u8| event(n).values_row(now_ms).expect("a storable event");
+    // One batch with the first event twice, then the batch again with one
+    // more event.
+    client
+        .simple_query(&connection_event::insert_sql(&[row(1), row(1), row(2)]))
+        .await?;
+    client
+        .simple_query(&connection_event::insert_sql(&[row(1), row(2), row(3)]))
+        .await?;
+    let ids: Vec<(String, i64)> = pairs(
+        &client,
+        "SELECT event_id::text, count(*) FROM connection_events GROUP BY 1 ORDER BY 1",
+    )
+    .await?;
+    assert_eq!(
+        ids,
+        (1..=3).map(|n| (event(n).event_id, 1)).collect::<Vec<_>>()
+    );
     Ok(())
 }
