@@ -59,13 +59,23 @@ pub enum Push {
     SendNow,
     /// Nothing: a flush is already scheduled.
     Queued,
+    /// Nothing: the flushes under way hold [`MAX_HELD`] events, and this
+    /// one is dropped (counted for [`Outbox::take_dropped`]).
+    Dropped,
 }
 
-/// The events collected and not yet taken.
+/// The events collected and not yet taken, and how many taken ones are
+/// still being sent.
 #[derive(Debug)]
 pub struct Outbox<T> {
     pending: Vec<T>,
     scheduled: bool,
+    /// Events taken for a flush whose sends have not ended: against a queue
+    /// that takes sends and never answers they stay in memory for up to a
+    /// flush's time, and a surge of refusals would take ever more of them.
+    in_flight: usize,
+    /// Events dropped since [`Outbox::take_dropped`] last asked.
+    dropped: usize,
 }
 
 impl<T> Default for Outbox<T> {
@@ -73,13 +83,20 @@ impl<T> Default for Outbox<T> {
         Outbox {
             pending: Vec::new(),
             scheduled: false,
+            in_flight: 0,
+            dropped: 0,
         }
     }
 }
 
 impl<T> Outbox<T> {
-    /// Collects `event`; see [`Push`].
+    /// Collects `event`; see [`Push`]. The events of the flushes under way
+    /// are [`MAX_HELD`] at most, as are those the outbox holds.
     pub fn push(&mut self, event: T) -> Push {
+        if self.in_flight >= MAX_HELD {
+            self.dropped += 1;
+            return Push::Dropped;
+        }
         self.pending.push(event);
         if self.pending.len() >= MAX_BATCH {
             Push::SendNow
@@ -95,6 +112,7 @@ impl<T> Outbox<T> {
     /// events when held ones are among them: sent [`MAX_BATCH`] at a time). A flush scheduled before
     /// stays scheduled, for the events that come after.
     pub fn take_full(&mut self) -> Vec<T> {
+        self.in_flight += self.pending.len();
         std::mem::take(&mut self.pending)
     }
 
@@ -102,7 +120,20 @@ impl<T> Outbox<T> {
     /// full batch was sent meanwhile). The next event schedules a new flush.
     pub fn take_scheduled(&mut self) -> Vec<T> {
         self.scheduled = false;
+        self.in_flight += self.pending.len();
         std::mem::take(&mut self.pending)
+    }
+
+    /// A flush is done with `n` of the events it took (sent, or about to be
+    /// [`Outbox::hold`]): they no longer count as under way.
+    pub fn sent(&mut self, n: usize) {
+        self.in_flight = self.in_flight.saturating_sub(n);
+    }
+
+    /// How many events were dropped since the last call (see
+    /// [`Push::Dropped`]), for the caller to report.
+    pub fn take_dropped(&mut self) -> usize {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Takes back `events` whose sends all failed, to go with the next
@@ -163,9 +194,11 @@ mod tests {
                 Push::SendNow => {
                     let batch = o.take_full();
                     assert_eq!(batch.len(), MAX_BATCH);
+                    o.sent(batch.len());
                     sent.extend(batch);
                 }
                 Push::Queued => {}
+                Push::Dropped => panic!("event {i} dropped"),
             }
         }
         // One flush scheduled in all: full batches leave it in place.
@@ -230,5 +263,37 @@ mod tests {
         assert!(may_start_send(12_750, 16_250));
         assert!(!may_start_send(12_751, 16_250));
         assert!(!may_start_send(u64::MAX, 16_250));
+    }
+
+    #[test]
+    fn events_being_sent_count_against_the_cap_until_sent_or_held() {
+        let mut o = Outbox::default();
+        let mut taken = Vec::new();
+        for i in 0..MAX_HELD {
+            if o.push(i) == Push::SendNow {
+                taken.push(o.take_full());
+            }
+        }
+        // Ten flushes of a hundred under way, none answered: no room.
+        assert_eq!(taken.len(), MAX_HELD / MAX_BATCH);
+        assert_eq!(o.push(MAX_HELD), Push::Dropped);
+        assert_eq!(o.push(MAX_HELD + 1), Push::Dropped);
+        assert_eq!(o.take_dropped(), 2);
+        assert_eq!(o.take_dropped(), 0);
+        // One flush sent: a hundred more fit.
+        o.sent(taken.pop().unwrap().len());
+        for i in 0..MAX_BATCH - 1 {
+            assert_ne!(o.push(i), Push::Dropped);
+        }
+        assert_eq!(o.push(0), Push::SendNow);
+        taken.push(o.take_full());
+        assert_eq!(o.push(0), Push::Dropped);
+        // A failed flush comes back as held, and no longer counts as under
+        // way: the next event carries it.
+        let failed = taken.pop().unwrap();
+        o.sent(failed.len());
+        assert_eq!(o.hold(failed), 0);
+        assert_eq!(o.len(), MAX_BATCH);
+        assert_eq!(o.push(0), Push::SendNow);
     }
 }

@@ -230,7 +230,7 @@ pub fn collect(env: &Env, ctx: &Context, event: ConnectionEvent) {
         };
         (push, full)
     });
-    if push == Push::Queued {
+    if matches!(push, Push::Queued | Push::Dropped) {
         return;
     }
     let env = env.clone();
@@ -254,11 +254,23 @@ pub fn collect(env: &Env, ctx: &Context, event: ConnectionEvent) {
 /// outlast the runtime's time for the flush is not started, and it and the
 /// rest are held (and logged so), rather than lost with the flush.
 async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>, began: u64) {
+    let dropped = OUTBOX.with(|o| o.borrow_mut().take_dropped());
+    if dropped > 0 {
+        log::event(
+            Level::Error,
+            None,
+            "connection events lost: the isolate's sends under way hold too many",
+            json!({"count": dropped, "held": outbox::MAX_HELD}),
+        );
+    }
+    // The flush is done with these: sent, or held for the next.
+    let done = |n: usize| OUTBOX.with(|o| o.borrow_mut().sent(n));
     let mut sent = 0;
     while sent < events.len() {
         let elapsed = time::now_ms().saturating_sub(began);
         if !outbox::may_start_send(elapsed, WORST_SEND_MS) {
             let e = format!("no time left in this flush after {elapsed} ms");
+            done(events.len() - sent);
             return hold(events.split_off(sent), &e, None);
         }
         let end = events.len().min(sent + outbox::MAX_BATCH);
@@ -266,8 +278,10 @@ async fn send_batches(env: &Env, mut events: Vec<ConnectionEvent>, began: u64) {
             events: &events[sent..end],
         };
         if let Err(e) = send_retried(env, &batch, &None, (None, None)).await {
+            done(events.len() - sent);
             return hold(events.split_off(sent), &e, None);
         }
+        done(end - sent);
         sent = end;
     }
 }
