@@ -233,10 +233,132 @@ impl Throttle {
         quiet_since.saturating_add(window.saturating_mul(windows))
     }
 
+    /// Whether the attempt admitted at `at` is still counted here (as a
+    /// failure in the window, or among those that set the current lock).
+    pub fn counted(&self, at: i64) -> bool {
+        self.failures.contains(&at) || self.lock.as_ref().is_some_and(|c| c.failures.contains(&at))
+    }
+
     /// Seconds until the lock ends (at least 1), or `None` if not locked.
     pub fn retry_after(&self, now: i64) -> Option<u64> {
         let wait = self.locked_until.saturating_sub(now);
         (wait > 0).then(|| u64::try_from(wait).unwrap_or(u64::MAX))
+    }
+}
+
+/// How many networks an account remembers it was signed in from.
+pub const KNOWN_NETWORKS: usize = 10;
+
+/// How long an account remembers a network after its last sign-in there.
+pub const KNOWN_FOR_SECS: i64 = 90 * 24 * 3600;
+
+/// The networks an account was signed in from (each a digest the shell
+/// makes of the client's network, with when it last signed in there), and
+/// the attempts from them while the account is locked.
+///
+/// The account's lock stops guessing at its password, but anyone who knows
+/// the email can set it again each time it ends, and keep the owner from
+/// signing in on a new phone for good. So while it is locked, a sign-in
+/// from a network the account signed in from before is counted here
+/// instead, under the same policy: the owner at home is not locked out by
+/// guesses made elsewhere, and guesses from that network (a shared one,
+/// say) still lock it, here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownNetworks {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    networks: Vec<(String, i64)>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    throttle: Throttle,
+}
+
+fn is_default(t: &Throttle) -> bool {
+    *t == Throttle::default()
+}
+
+/// Which throttle counted an account's attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountedIn {
+    /// The account's own.
+    Account,
+    /// The known networks' ([`KnownNetworks`]): the account was locked.
+    KnownNetwork,
+}
+
+impl KnownNetworks {
+    /// Whether the account signed in from `network` within
+    /// [`KNOWN_FOR_SECS`] before `now`.
+    pub fn knows(&self, network: &str, now: i64) -> bool {
+        self.networks
+            .iter()
+            .any(|(n, at)| n == network && now.saturating_sub(*at) < KNOWN_FOR_SECS)
+    }
+
+    /// The account signed in from `network` at `now`: remembered, as the
+    /// most recent; beyond [`KNOWN_NETWORKS`] the least recent goes, as do
+    /// those not signed in from for [`KNOWN_FOR_SECS`].
+    pub fn remember(&mut self, network: &str, now: i64) {
+        self.networks
+            .retain(|(n, at)| n != network && now.saturating_sub(*at) < KNOWN_FOR_SECS);
+        self.networks.push((network.to_owned(), now));
+        if self.networks.len() > KNOWN_NETWORKS {
+            self.networks.remove(0);
+        }
+    }
+
+    /// From when there is nothing left to remember (see
+    /// [`Throttle::idle_from`]).
+    pub fn idle_from(&self, window_secs: i64) -> i64 {
+        let networks = self
+            .networks
+            .iter()
+            .map(|(_, at)| at.saturating_add(KNOWN_FOR_SECS));
+        networks.fold(self.throttle.idle_from(window_secs), i64::max)
+    }
+
+    /// Counts an attempt on the account from `network` (its digest, when
+    /// the shell has one): in `account`, unless that is locked and the
+    /// network is known, then here. `Err(seconds)` as
+    /// [`Throttle::attempt`] refuses.
+    pub fn attempt(
+        &mut self,
+        account: &mut Throttle,
+        network: Option<&str>,
+        policy: &Policy,
+        now: i64,
+    ) -> Result<CountedIn, u64> {
+        match account.attempt(policy, now) {
+            Ok(()) => Ok(CountedIn::Account),
+            Err(_) if network.is_some_and(|n| self.knows(n, now)) => {
+                self.throttle.attempt(policy, now)?;
+                Ok(CountedIn::KnownNetwork)
+            }
+            Err(wait) => Err(wait),
+        }
+    }
+
+    /// Gives back the attempt admitted at `at` ([`Throttle::refund`]), in
+    /// the throttle that counted it.
+    pub fn refund(&mut self, account: &mut Throttle, at: i64) {
+        if self.throttle.counted(at) {
+            self.throttle.refund(at);
+        } else {
+            account.refund(at);
+        }
+    }
+
+    /// The password of the attempt admitted at `at` was right
+    /// ([`Throttle::succeeded`]), from `network`, which is remembered. An
+    /// attempt this counted (the account was locked) lifts no lock of the
+    /// account's: others' guesses set that one, and lifting it would hand
+    /// them five more at once.
+    pub fn succeeded(&mut self, account: &mut Throttle, at: i64, network: Option<&str>, now: i64) {
+        if !self.throttle.counted(at) {
+            account.succeeded();
+        }
+        self.throttle.succeeded();
+        if let Some(network) = network {
+            self.remember(network, now);
+        }
     }
 }
 
@@ -625,5 +747,94 @@ mod tests {
         assert_eq!(lock_duration(&policy, 200), i64::MAX);
         assert_eq!(lock_duration(&ACCOUNT, 63), 900);
         assert_eq!(t.attempt(&ACCOUNT, i64::MAX), Ok(()));
+    }
+
+    #[test]
+    fn a_locked_account_still_takes_its_owners_sign_in_from_a_known_network() {
+        let (mut account, mut known) = (Throttle::default(), KnownNetworks::default());
+        let t = 1_000_000;
+        // The owner signs in from home.
+        assert_eq!(
+            known.attempt(&mut account, Some("home"), &ACCOUNT, t),
+            Ok(CountedIn::Account)
+        );
+        known.succeeded(&mut account, t, Some("home"), t);
+        // Someone elsewhere locks the account.
+        for i in 0..ACCOUNT.max_failures {
+            assert!(
+                known
+                    .attempt(&mut account, Some("away"), &ACCOUNT, t + 10 + i64::from(i))
+                    .is_ok()
+            );
+        }
+        let locked = t + 20;
+        assert!(
+            known
+                .attempt(&mut account, Some("away"), &ACCOUNT, locked)
+                .is_err()
+        );
+        assert!(known.attempt(&mut account, None, &ACCOUNT, locked).is_err());
+        // From home the owner gets through, counted apart.
+        assert_eq!(
+            known.attempt(&mut account, Some("home"), &ACCOUNT, locked),
+            Ok(CountedIn::KnownNetwork)
+        );
+        // Its success lifts no lock set by others' guesses.
+        known.succeeded(&mut account, locked, Some("home"), locked);
+        assert!(
+            known
+                .attempt(&mut account, Some("away"), &ACCOUNT, locked + 1)
+                .is_err()
+        );
+        // A refund finds the count where it was made.
+        assert_eq!(
+            known.attempt(&mut account, Some("home"), &ACCOUNT, locked),
+            Ok(CountedIn::KnownNetwork)
+        );
+        known.refund(&mut account, locked);
+        assert!(!known.throttle.counted(locked));
+        // Guesses from home lock it too, there.
+        for i in 0..ACCOUNT.max_failures {
+            assert!(
+                known
+                    .attempt(
+                        &mut account,
+                        Some("home"),
+                        &ACCOUNT,
+                        locked + 1 + i64::from(i)
+                    )
+                    .is_ok()
+            );
+        }
+        assert!(
+            known
+                .attempt(&mut account, Some("home"), &ACCOUNT, locked + 10)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn an_account_remembers_its_last_ten_networks_for_ninety_days() {
+        let mut known = KnownNetworks::default();
+        for i in 0..=KNOWN_NETWORKS {
+            known.remember(&format!("n{i}"), i as i64);
+        }
+        assert!(!known.knows("n0", 20), "the least recent went");
+        assert!(known.knows("n1", 20) && known.knows(&format!("n{KNOWN_NETWORKS}"), 20));
+        // Signed in again: the most recent, kept once.
+        known.remember("n1", 30);
+        assert_eq!(known.networks.len(), KNOWN_NETWORKS);
+        assert!(known.knows("n1", 30 + KNOWN_FOR_SECS - 1));
+        assert!(!known.knows("n1", 30 + KNOWN_FOR_SECS));
+        assert!(!known.knows("n2", 2 + KNOWN_FOR_SECS));
+        assert_eq!(known.idle_from(900), 30 + KNOWN_FOR_SECS);
+        // Stored and loaded.
+        let back: KnownNetworks =
+            serde_json::from_str(&serde_json::to_string(&known).unwrap()).unwrap();
+        assert_eq!(back, known);
+        assert_eq!(
+            serde_json::to_string(&KnownNetworks::default()).unwrap(),
+            "{}"
+        );
     }
 }

@@ -10,7 +10,7 @@
 use super::durable::call;
 use super::incoming::Incoming;
 use super::log::{self, Level};
-use super::login_throttle::{Admitted, AttemptReq, Scope};
+use super::login_throttle::{Admitted, AttemptReq, Scope, SucceededReq};
 use super::user_session::{self, CloseReq, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
@@ -263,7 +263,7 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
     // Counted per client network before the hash: an account costs one, and
     // `email_taken` tells whether an email has an account.
     let throttle = format!("signup:{}", throttle::client_network(client_ip));
-    let counted = throttle_attempt(env, req.request_id(), &throttle, Scope::SignUp).await?;
+    let counted = throttle_attempt(env, req.request_id(), &throttle, (Scope::SignUp, None)).await?;
     let phc = password::hash(password.expose(), random::bytes());
     let db = match store::connect(env).await {
         Ok(db) => db,
@@ -354,7 +354,7 @@ async fn signup_again(
     if password::verify(password.expose(), &row.password_hash).is_err() {
         return Err(email_taken());
     }
-    throttle_succeeded(env, req.request_id(), &account).await;
+    throttle_succeeded(env, req.request_id(), (&account, &network), account_at).await;
     let opening = Opening {
         label: None,
         idempotency: Some(keyed),
@@ -432,9 +432,10 @@ async fn count_password_check(
     request_id: &str,
     (account, network): (&str, &str),
 ) -> Result<(i64, i64), Fail> {
+    let known = network_digest(env, network);
     let (by_account, by_network) = futures::join!(
-        throttle_attempt(env, request_id, account, Scope::Account),
-        throttle_attempt(env, request_id, network, Scope::ClientIp)
+        throttle_attempt(env, request_id, account, (Scope::Account, known)),
+        throttle_attempt(env, request_id, network, (Scope::ClientIp, None))
     );
     match (by_account, by_network) {
         (Ok(account_at), Ok(network_at)) => Ok((account_at, network_at)),
@@ -465,7 +466,7 @@ async fn throttle_attempt(
     env: &Env,
     request_id: &str,
     name: &str,
-    scope: Scope,
+    (scope, network): (Scope, Option<String>),
 ) -> Result<i64, Fail> {
     let (status, body) = call(
         env,
@@ -473,7 +474,7 @@ async fn throttle_attempt(
         bindings::LOGIN_THROTTLES,
         name,
         "/attempt",
-        &AttemptReq { scope },
+        &AttemptReq { scope, network },
     )
     .await?;
     if status != 200 {
@@ -514,16 +515,38 @@ async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
 
 /// Clears the failures counted in the account throttle `name` after its
 /// password was right. Best effort: failures that stay counted expire.
-async fn throttle_succeeded(env: &Env, request_id: &str, name: &str) {
+async fn throttle_succeeded(
+    env: &Env,
+    request_id: &str,
+    (account, network): (&str, &str),
+    at: i64,
+) {
     let _ = call(
         env,
         request_id,
         bindings::LOGIN_THROTTLES,
-        name,
+        account,
         "/succeeded",
-        &json!({}),
+        &SucceededReq {
+            at,
+            network: network_digest(env, network),
+        },
     )
     .await;
+}
+
+/// What the account's throttle object keeps of the client network `network`
+/// (a network throttle's name) to know it again ([`throttle::KnownNetworks`]):
+/// an HMAC of it under the refresh-token key, so that the object holds no
+/// address, nor a digest that the few billion IPv4 addresses reverse. `None`
+/// without the key (sign-in then answers `not_configured` anyway).
+fn network_digest(env: &Env, network: &str) -> Option<String> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let pepper = secrets::pepper(env).ok()?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(pepper).ok()?;
+    mac.update(b"known-network\0");
+    mac.update(network.as_bytes());
+    Some(hex::encode(mac.finalize().into_bytes()))
 }
 
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
@@ -584,7 +607,7 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     };
     // Success clears the account's failures; the client IP's count stays (one
     // address trying many accounts is the pattern that limit exists for).
-    throttle_succeeded(env, req.request_id(), &account_obj).await;
+    throttle_succeeded(env, req.request_id(), (&account_obj, &ip_obj), account_at).await;
     let armed = fault::armed(env, req.header(fault::HEADER));
     if armed.as_deref() == Some(fault::LOGIN_LATE) {
         time::sleep(fault::LOGIN_LATE_MS).await;

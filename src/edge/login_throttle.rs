@@ -9,11 +9,13 @@
 
 use super::durable::{body, ping, refuse};
 use super::{storage, time};
-use crate::domain::throttle::{self, Throttle};
+use crate::domain::throttle::{self, KnownNetworks, Throttle};
 use serde::{Deserialize, Serialize};
 use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
 
 const KEY: &str = "throttle";
+/// An account's [`KnownNetworks`], apart from its throttle.
+const KNOWN_KEY: &str = "known";
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -26,6 +28,21 @@ pub enum Scope {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AttemptReq {
     pub scope: Scope,
+    /// For an account's attempt: the digest of the client's network, which
+    /// lets the owner through a lock from a network the account signed in
+    /// from before ([`KnownNetworks`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// The attempt admitted at `at` had the right password, from the network
+/// of this digest.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SucceededReq {
+    #[serde(default)]
+    pub at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// An admitted attempt: when it was counted, to name it in a refund.
@@ -59,11 +76,21 @@ impl DurableObject for LoginThrottle {
                 };
                 let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 let at = time::now_secs();
-                let outcome = t.attempt(policy, at);
+                let outcome = match r.scope {
+                    Scope::Account => {
+                        let mut known = self.known().await?;
+                        let counted = known.attempt(&mut t, r.network.as_deref(), policy, at);
+                        if counted == Ok(throttle::CountedIn::KnownNetwork) {
+                            storage::put(&self.state, KNOWN_KEY, &known).await?;
+                        }
+                        counted.map(drop)
+                    }
+                    _ => t.attempt(policy, at),
+                };
                 // Persist before answering: a counted attempt must survive a restart.
                 storage::put(&self.state, KEY, &t).await?;
                 if outcome.is_ok() {
-                    self.forget_at(&t).await?;
+                    self.forget_at().await?;
                 }
                 match outcome {
                     Ok(()) => Response::from_json(&Admitted { at }),
@@ -76,14 +103,24 @@ impl DurableObject for LoginThrottle {
                     Err(resp) => return Ok(resp),
                 };
                 let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
-                t.refund(r.at);
+                let mut known = self.known().await?;
+                known.refund(&mut t, r.at);
                 storage::put(&self.state, KEY, &t).await?;
+                storage::put(&self.state, KNOWN_KEY, &known).await?;
                 Response::from_json(&serde_json::json!({}))
             }
             (Method::Post, "/succeeded") => {
+                let r: SucceededReq = match body(&mut req).await {
+                    Ok(r) => r,
+                    Err(resp) => return Ok(resp),
+                };
                 let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
-                t.succeeded();
+                let mut known = self.known().await?;
+                known.succeeded(&mut t, r.at, r.network.as_deref(), time::now_secs());
                 storage::put(&self.state, KEY, &t).await?;
+                storage::put(&self.state, KNOWN_KEY, &known).await?;
+                // The networks are kept past the throttle's own idleness.
+                self.forget_at().await?;
                 Response::from_json(&serde_json::json!({}))
             }
             _ => Response::error("unknown durable object route", 404),
@@ -93,25 +130,36 @@ impl DurableObject for LoginThrottle {
     /// Deletes the state once it has nothing left to remember; an attempt
     /// since the alarm was set has set it again, for later.
     async fn alarm(&self) -> Result<Response> {
-        let stored: Option<Throttle> = storage::get(&self.state, KEY).await?;
-        match stored {
-            Some(t) if time::now_secs() < t.idle_from(throttle::LONGEST_WINDOW_SECS) => {
-                self.forget_at(&t).await?;
-            }
-            _ => self.state.storage().delete_all().await?,
+        if time::now_secs() < self.idle_from().await? {
+            self.forget_at().await?;
+        } else {
+            self.state.storage().delete_all().await?;
         }
         Response::empty()
     }
 }
 
 impl LoginThrottle {
-    /// Sets the alarm for when `t` will be idle. Refunds and successes only
-    /// bring that moment earlier, so the alarm set by the last counted
-    /// attempt is never early.
-    async fn forget_at(&self, t: &Throttle) -> Result<()> {
-        let at_ms = t
-            .idle_from(throttle::LONGEST_WINDOW_SECS)
-            .saturating_mul(1_000);
+    async fn known(&self) -> Result<KnownNetworks> {
+        Ok(storage::get(&self.state, KNOWN_KEY)
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// From when the object has nothing left to remember: its throttle idle,
+    /// and (for an account) the networks it signed in from forgotten.
+    async fn idle_from(&self) -> Result<i64> {
+        let t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
+        let window = throttle::LONGEST_WINDOW_SECS;
+        Ok(t.idle_from(window)
+            .max(self.known().await?.idle_from(window)))
+    }
+
+    /// Sets the alarm for when the object will be idle. Refunds only bring
+    /// that moment earlier, so the alarm set by the last counted attempt or
+    /// success is never early.
+    async fn forget_at(&self) -> Result<()> {
+        let at_ms = self.idle_from().await?.saturating_mul(1_000);
         let in_ms = at_ms.saturating_sub(time::now_ms() as i64).max(0);
         self.state.storage().set_alarm(in_ms).await
     }

@@ -81,6 +81,10 @@ pub const TESTS: &[(&str, Test)] = &[
         throttling,
     ),
     (
+        "auth::guesses_elsewhere_do_not_lock_the_owner_out_from_a_network_it_signed_in_from",
+        known_network,
+    ),
+    (
         "auth::the_client_throttle_counts_an_ipv6_slash_64_as_one_client",
         network_throttle,
     ),
@@ -1111,6 +1115,44 @@ fn throttling(ctx: &Ctx) -> Result<(), Failed> {
         tokio::time::sleep(Duration::from_secs(retry + 1)).await;
         let ok = login(ctx, &email, "correct horse battery", &fresh_ip()).await;
         assert_eq!(ok.status, 200, "{}", ok.body);
+        Ok(())
+    })
+}
+
+/// Anyone who knows an email can lock its account (five wrong guesses) each
+/// time the lock ends. The owner, signing in from a network the account
+/// signed in from before, still gets in; the lock set by the guesses stays
+/// for everyone else; and guesses from that network lock it there too.
+fn known_network(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let (email, _) = new_user(ctx).await;
+        let right = "correct horse battery";
+        let home = fresh_ip();
+        assert_eq!(login(ctx, &email, right, &home).await.status, 200);
+        for _ in 0..5 {
+            assert_eq!(
+                login(ctx, &email, "wrong password", &fresh_ip())
+                    .await
+                    .status,
+                401
+            );
+        }
+        let elsewhere = login(ctx, &email, right, &fresh_ip()).await;
+        assert_eq!(elsewhere.status, 429, "{}", elsewhere.body);
+        let owner = login(ctx, &email, right, &home).await;
+        assert_eq!(owner.status, 200, "{}", owner.body);
+        // The owner's sign-in lifted no lock the guesses set.
+        let elsewhere = login(ctx, &email, right, &fresh_ip()).await;
+        assert_eq!(elsewhere.status, 429, "{}", elsewhere.body);
+        // From home too, five wrong guesses lock it.
+        for _ in 0..5 {
+            assert_eq!(
+                login(ctx, &email, "wrong password", &home).await.status,
+                401
+            );
+        }
+        let locked = login(ctx, &email, right, &home).await;
+        assert_eq!(locked.status, 429, "{}", locked.body);
         Ok(())
     })
 }
