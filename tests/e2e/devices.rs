@@ -653,29 +653,23 @@ fn late_registration_keeps_rotation(ctx: &Ctx) -> Result<(), Failed> {
 
         // The KV copy once it holds the laptop (written after the
         // registration's answer was applied): the phone with its new key.
-        let copy: Value = eventually(
+        let copy: Vec<Value> = eventually(
             std::time::Duration::from_secs(15),
             "the KV copy with the new device",
             || async {
-                let raw = ctx
-                    .stack()
-                    .wrangler
-                    .kv_get(&format!("devices/{}", user.id))?;
-                let copy: Value = serde_json::from_str(&raw).ok()?;
-                let devices = copy["devices"].as_array()?;
-                devices
-                    .iter()
+                let copy = kv_devices(ctx, &user.id)?;
+                copy.iter()
                     .any(|d| d["id"] == laptop_id.as_str())
                     .then_some(copy)
             },
         )
         .await;
-        let phone_copy = copy["devices"]
-            .as_array()
-            .and_then(|ds| ds.iter().find(|d| d["id"] == phone_id.as_str()))
+        let phone_copy = copy
+            .iter()
+            .find(|d| d["id"] == phone_id.as_str())
             .cloned()
             .unwrap_or_default();
-        assert_eq!(phone_copy["public_key"], new_key.as_str(), "{copy}");
+        assert_eq!(phone_copy["public_key"], new_key.as_str(), "{copy:?}");
         Ok(())
     })
 }
@@ -739,13 +733,7 @@ fn overlapping_rotations(ctx: &Ctx) -> Result<(), Failed> {
             std::time::Duration::from_secs(10),
             "the KV copy with the key committed last",
             || async {
-                let raw = ctx
-                    .stack()
-                    .wrangler
-                    .kv_get(&format!("devices/{}", user.id))?;
-                let copy: Value = serde_json::from_str(&raw).ok()?;
-                copy["devices"]
-                    .as_array()?
+                kv_devices(ctx, &user.id)?
                     .iter()
                     .any(|d| d["id"] == phone_id.as_str() && d["public_key"] == second_key.as_str())
                     .then_some(())
@@ -754,4 +742,11 @@ fn overlapping_rotations(ctx: &Ctx) -> Result<(), Failed> {
         .await;
         Ok(())
     })
+}
+
+/// The devices of the KV copy the connect path reads for `user_id`, if any.
+fn kv_devices(ctx: &Ctx, user_id: &str) -> Option<Vec<Value>> {
+    let raw = ctx.stack().wrangler.kv_get(&format!("devices/{user_id}"))?;
+    let copy: Value = serde_json::from_str(&raw).ok()?;
+    copy["devices"].as_array().cloned()
 }
