@@ -35,8 +35,9 @@ macro_rules! wire {
 wire! {
     // ---- Requests --------------------------------------------------------
 
-    /// `POST /v1/auth/signup` and `POST /v1/auth/login`.
-    #[derive(Debug, Deserialize)]
+    /// `POST /v1/auth/signup` and `POST /v1/auth/login`. No `Debug`: it
+    /// holds a password, and nothing may print it.
+    #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Credentials {
         /// The account's email address (at most 254 bytes).
@@ -50,8 +51,8 @@ wire! {
         pub device_label: Option<String>,
     }
 
-    /// `POST /v1/auth/refresh`.
-    #[derive(Debug, Deserialize)]
+    /// `POST /v1/auth/refresh`. No `Debug`: it holds a refresh token.
+    #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct RefreshRequest {
         /// The refresh token of the last token pair (`v1.<user>.<session>.<generation>.<secret>`).
@@ -160,8 +161,9 @@ wire! {
         pub use_: &'static str,
     }
 
-    /// A token pair: signup (201), login and refresh (200).
-    #[derive(Debug, Serialize)]
+    /// A token pair: signup (201), login and refresh (200). No `Debug`: it
+    /// holds the tokens.
+    #[derive(Serialize)]
     pub struct TokenPair {
         /// An EdDSA-signed JWT; send it as `Authorization: Bearer ...`.
         pub access_token: String,

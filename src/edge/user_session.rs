@@ -352,7 +352,8 @@ pub struct CreateReq {
     pub fault: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// No `Debug`: it holds a refresh token.
+#[derive(Serialize, Deserialize)]
 pub struct RefreshReq {
     pub refresh_token: String,
 }
@@ -379,8 +380,9 @@ enum Ending {
     Withdrawn,
 }
 
-/// A new or rotated session: what the worker needs to answer with a token pair.
-#[derive(Debug, Serialize, Deserialize)]
+/// A new or rotated session: what the worker needs to answer with a token
+/// pair. No `Debug`: it holds the refresh token.
+#[derive(Serialize, Deserialize)]
 pub struct IssuedResp {
     pub sid: String,
     pub refresh_token: String,
