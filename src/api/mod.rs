@@ -35,8 +35,8 @@ macro_rules! wire {
 wire! {
     // ---- Requests --------------------------------------------------------
 
-    /// `POST /v1/auth/signup` and `POST /v1/auth/login`. No `Debug`: it
-    /// holds a password, and nothing may print it.
+    /// `POST /v1/auth/signup` and `POST /v1/auth/login`.
+    // No `Debug`: it holds a password, and nothing may print it.
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Credentials {
@@ -51,7 +51,8 @@ wire! {
         pub device_label: Option<String>,
     }
 
-    /// `POST /v1/auth/refresh`. No `Debug`: it holds a refresh token.
+    /// `POST /v1/auth/refresh`.
+    // No `Debug`: it holds a refresh token.
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct RefreshRequest {
@@ -161,8 +162,8 @@ wire! {
         pub use_: &'static str,
     }
 
-    /// A token pair: signup (201), login and refresh (200). No `Debug`: it
-    /// holds the tokens.
+    /// A token pair: signup (201), login and refresh (200).
+    // No `Debug`: it holds the tokens.
     #[derive(Serialize)]
     pub struct TokenPair {
         /// An EdDSA-signed JWT; send it as `Authorization: Bearer ...`.
