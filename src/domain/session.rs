@@ -603,6 +603,14 @@ impl UserSessions {
         self.families.values().filter(|f| f.is_active(now)).count() >= MAX_ACTIVE_SESSIONS
     }
 
+    /// Whether an active session was handed out again to a retry
+    /// ([`UserSessions::reopen`]): a client may hold it.
+    pub fn handed_out_again(&self, now: i64) -> bool {
+        self.families
+            .values()
+            .any(|f| f.replayed && f.is_active(now))
+    }
+
     /// Whether `sid` names a session that is neither revoked nor expired.
     pub fn is_active(&self, sid: &str, now: i64) -> bool {
         self.families.get(sid).is_some_and(|f| f.is_active(now))
@@ -1441,6 +1449,7 @@ mod tests {
         // Stored and loaded in between, as the object does.
         let mut s: UserSessions =
             serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(s.handed_out_again(T0 + 2));
         assert!(!s.withdraw(&first.sid, T0 + 2));
         assert!(s.is_active(&first.sid, T0 + 2));
         assert!(refresh(&mut s, &first, T0 + 3).is_ok());

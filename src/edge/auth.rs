@@ -378,6 +378,32 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
     if fault::requested(env, req, fault::UNDO_SLOW) {
         time::sleep(fault::KV_SLOW_MS).await;
     }
+    // A keyed retry may have been answered 201 with the session this
+    // request opened (before its own answer failed): that client holds the
+    // account, which stays. (Should the object not answer, the undo goes
+    // on, as before.)
+    let close = CloseReq {
+        user_id: user_id.to_owned(),
+    };
+    let asked = call(
+        env,
+        req.request_id(),
+        bindings::USER_SESSIONS,
+        user_id,
+        "/handed-out",
+        &close,
+    )
+    .await;
+    if let Ok((200, answer)) = &asked
+        && answer["handed_out"] == true
+    {
+        return log::event(
+            Level::Warn,
+            Some(req.request_id()),
+            "sign-up not undone: a retry was answered with its session",
+            json!({"user_id": user_id}),
+        );
+    }
     match store::delete_new_user(db, user_id).await {
         Ok(true) => {}
         Ok(false) => {
@@ -397,9 +423,6 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
             );
         }
     }
-    let close = CloseReq {
-        user_id: user_id.to_owned(),
-    };
     let closed = call(
         env,
         req.request_id(),

@@ -1581,6 +1581,14 @@ impl UserSession {
         .await
     }
 
+    /// Whether a session of the user's was handed out again to a retry (a
+    /// sign-up's undo then keeps the account: a client may hold it).
+    async fn handed_out(&self) -> Result<Response> {
+        let stored = self.load().await?;
+        let handed_out = stored.sessions.handed_out_again(time::now_secs());
+        Response::from_json(&serde_json::json!({ "handed_out": handed_out }))
+    }
+
     /// The user's devices as this object knows them (no PostgreSQL): the
     /// connect path's fallback when the KV mirror has not caught up.
     async fn list_devices(&self) -> Result<Response> {
@@ -1647,6 +1655,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).boxed_local(),
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
             (Method::Post, "/devices/list") => self.list_devices().boxed_local(),
+            (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),
             _ => return Response::error("unknown durable object route", 404),
         };

@@ -48,6 +48,10 @@ pub const TESTS: &[(&str, Test)] = &[
         signin_during_undo,
     ),
     (
+        "auth::a_sign_up_whose_keyed_retry_was_answered_is_not_undone",
+        retry_answered_before_undo,
+    ),
+    (
         "auth::refused_signing_keys_leave_no_account_and_count_no_attempt",
         keys_refused,
     ),
@@ -749,6 +753,49 @@ fn signin_during_undo(ctx: &Ctx) -> Result<(), Failed> {
 
         let again = signup(ctx, &email, "correct horse battery").await;
         assert_eq!(again.status, 201, "{}", again.body);
+        Ok(())
+    })
+}
+
+/// A keyed sign-up whose session was stored but whose own answer failed
+/// (`signup.undo_slow`: the object throws after storing it, and the undo
+/// starts 5 s late) is retried under its key meanwhile, and the retry is
+/// answered 201 with that session. The undo then keeps the account (it used
+/// to remove it, and the client held tokens of an account gone).
+fn retry_answered_before_undo(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let key = unique("signup-key-");
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let ip = fresh_ip();
+        let headers = [
+            ("cf-connecting-ip", ip.as_str()),
+            ("idempotency-key", key.as_str()),
+            ("x-keenvpn-fault", "signup.undo_slow"),
+        ];
+        let first = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/signup",
+            Some(body.clone()),
+            None,
+            &headers,
+        );
+        let retry = async {
+            eventually(Duration::from_secs(4), "the account to be made", || async {
+                accounts_with(ctx, &email).await.ok().filter(|n| *n == 1)
+            })
+            .await;
+            // The first request's object stores the session, then throws.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            keyed(ctx, "/v1/auth/signup", &body, &key).await
+        };
+        let (first, retried) = tokio::join!(first, retry);
+        assert_eq!(first.status, 503, "{}", first.body);
+        assert_eq!(retried.status, 201, "{}", retried.body);
+        assert_eq!(accounts_with(ctx, &email).await?, 1, "the account stays");
+        let r = refresh(ctx, s(&retried.body["refresh_token"])).await;
+        assert_eq!(r.status, 200, "the retry's session works: {}", r.body);
         Ok(())
     })
 }
