@@ -70,10 +70,14 @@ pub enum Push {
 pub struct Outbox<T> {
     pending: Vec<T>,
     scheduled: bool,
-    /// Events taken for a flush whose sends have not ended: against a queue
-    /// that takes sends and never answers they stay in memory for up to a
-    /// flush's time, and a surge of refusals would take ever more of them.
-    in_flight: usize,
+    /// Events taken for flushes whose sends have not ended, by when each
+    /// was taken: against a queue that takes sends and never answers they
+    /// stay in memory for up to a flush's time, and a surge of refusals
+    /// would take ever more of them. A flush the runtime cancels never says
+    /// it ended, so a take counts for [`AFTER_RESPONSE_MS`] at most.
+    in_flight: std::collections::VecDeque<(u64, usize)>,
+    /// The time (unix ms) of the last [`Outbox::at`].
+    now_ms: u64,
     /// Events dropped since [`Outbox::take_dropped`] last asked.
     dropped: usize,
 }
@@ -83,7 +87,8 @@ impl<T> Default for Outbox<T> {
         Outbox {
             pending: Vec::new(),
             scheduled: false,
-            in_flight: 0,
+            in_flight: std::collections::VecDeque::new(),
+            now_ms: 0,
             dropped: 0,
         }
     }
@@ -93,7 +98,7 @@ impl<T> Outbox<T> {
     /// Collects `event`; see [`Push`]. The events of the flushes under way
     /// are [`MAX_HELD`] at most, as are those the outbox holds.
     pub fn push(&mut self, event: T) -> Push {
-        if self.in_flight >= MAX_HELD {
+        if self.under_way() >= MAX_HELD {
             self.dropped += 1;
             return Push::Dropped;
         }
@@ -112,7 +117,7 @@ impl<T> Outbox<T> {
     /// events when held ones are among them: sent [`MAX_BATCH`] at a time). A flush scheduled before
     /// stays scheduled, for the events that come after.
     pub fn take_full(&mut self) -> Vec<T> {
-        self.in_flight += self.pending.len();
+        self.taking();
         std::mem::take(&mut self.pending)
     }
 
@@ -120,14 +125,46 @@ impl<T> Outbox<T> {
     /// full batch was sent meanwhile). The next event schedules a new flush.
     pub fn take_scheduled(&mut self) -> Vec<T> {
         self.scheduled = false;
-        self.in_flight += self.pending.len();
+        self.taking();
         std::mem::take(&mut self.pending)
     }
 
     /// A flush is done with `n` of the events it took (sent, or about to be
     /// [`Outbox::hold`]): they no longer count as under way.
-    pub fn sent(&mut self, n: usize) {
-        self.in_flight = self.in_flight.saturating_sub(n);
+    pub fn sent(&mut self, mut n: usize) {
+        // The counts are alike: the oldest takes go first.
+        while n > 0 {
+            let Some((_, left)) = self.in_flight.front_mut() else {
+                return;
+            };
+            let k = n.min(*left);
+            *left -= k;
+            n -= k;
+            if *left == 0 {
+                self.in_flight.pop_front();
+            }
+        }
+    }
+
+    /// The time is `now_ms` (unix ms): takes older than
+    /// [`AFTER_RESPONSE_MS`] count no more (their flush ended, or the
+    /// runtime cancelled it), and new takes are stamped with it.
+    pub fn at(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.in_flight
+            .retain(|(taken, _)| now_ms.saturating_sub(*taken) < AFTER_RESPONSE_MS);
+    }
+
+    /// The events taken for flushes that have not ended.
+    fn under_way(&self) -> usize {
+        self.in_flight.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Counts the pending events as taken, now.
+    fn taking(&mut self) {
+        if !self.pending.is_empty() {
+            self.in_flight.push_back((self.now_ms, self.pending.len()));
+        }
     }
 
     /// How many events were dropped since the last call (see
@@ -295,5 +332,22 @@ mod tests {
         assert_eq!(o.hold(failed), 0);
         assert_eq!(o.len(), MAX_BATCH);
         assert_eq!(o.push(0), Push::SendNow);
+    }
+
+    #[test]
+    fn a_flush_the_runtime_cancelled_stops_counting_after_its_time() {
+        let mut o = Outbox::default();
+        o.at(1_000);
+        for i in 0..MAX_HELD {
+            if o.push(i) == Push::SendNow {
+                // Taken, and never heard of again.
+                drop(o.take_full());
+            }
+        }
+        o.at(1_000 + AFTER_RESPONSE_MS - 1);
+        assert_eq!(o.push(0), Push::Dropped);
+        // Taken again (the first event's flush is still scheduled).
+        o.at(1_000 + AFTER_RESPONSE_MS);
+        assert_eq!(o.push(0), Push::Queued);
     }
 }

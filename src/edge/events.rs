@@ -221,6 +221,7 @@ pub fn enqueue(
 pub fn collect(env: &Env, ctx: &Context, event: ConnectionEvent) {
     let (push, full) = OUTBOX.with(|o| {
         let mut o = o.borrow_mut();
+        o.at(time::now_ms());
         let push = o.push(event);
         // A full batch is taken now: later refusals go to the next one.
         let full = if push == Push::SendNow {
@@ -238,7 +239,11 @@ pub fn collect(env: &Env, ctx: &Context, event: ConnectionEvent) {
         let began = time::now_ms();
         let events = if push == Push::Schedule {
             time::sleep(outbox::FLUSH_AFTER_MS).await;
-            OUTBOX.with(|o| o.borrow_mut().take_scheduled())
+            OUTBOX.with(|o| {
+                let mut o = o.borrow_mut();
+                o.at(time::now_ms());
+                o.take_scheduled()
+            })
         } else {
             full
         };
