@@ -233,12 +233,6 @@ impl Throttle {
         quiet_since.saturating_add(window.saturating_mul(windows))
     }
 
-    /// Whether the attempt admitted at `at` is still counted here (as a
-    /// failure in the window, or among those that set the current lock).
-    pub fn counted(&self, at: i64) -> bool {
-        self.failures.contains(&at) || self.lock.as_ref().is_some_and(|c| c.failures.contains(&at))
-    }
-
     /// Seconds until the lock ends (at least 1), or `None` if not locked.
     pub fn retry_after(&self, now: i64) -> Option<u64> {
         let wait = self.locked_until.saturating_sub(now);
@@ -337,22 +331,28 @@ impl KnownNetworks {
     }
 
     /// Gives back the attempt admitted at `at` ([`Throttle::refund`]), in
-    /// the throttle that counted it.
-    pub fn refund(&mut self, account: &mut Throttle, at: i64) {
-        if self.throttle.counted(at) {
+    /// the throttle that counted it (`in_known`: this one).
+    pub fn refund(&mut self, account: &mut Throttle, at: i64, in_known: bool) {
+        if in_known {
             self.throttle.refund(at);
         } else {
             account.refund(at);
         }
     }
 
-    /// The password of the attempt admitted at `at` was right
-    /// ([`Throttle::succeeded`]), from `network`, which is remembered. An
-    /// attempt this counted (the account was locked) lifts no lock of the
+    /// The password of an attempt was right ([`Throttle::succeeded`]), from
+    /// `network`, which is remembered. An attempt this counted (`in_known`:
+    /// the account was locked) lifts no lock of the
     /// account's: others' guesses set that one, and lifting it would hand
     /// them five more at once.
-    pub fn succeeded(&mut self, account: &mut Throttle, at: i64, network: Option<&str>, now: i64) {
-        if !self.throttle.counted(at) {
+    pub fn succeeded(
+        &mut self,
+        account: &mut Throttle,
+        in_known: bool,
+        network: Option<&str>,
+        now: i64,
+    ) {
+        if !in_known {
             account.succeeded();
         }
         self.throttle.succeeded();
@@ -758,7 +758,7 @@ mod tests {
             known.attempt(&mut account, Some("home"), &ACCOUNT, t),
             Ok(CountedIn::Account)
         );
-        known.succeeded(&mut account, t, Some("home"), t);
+        known.succeeded(&mut account, false, Some("home"), t);
         // Someone elsewhere locks the account.
         for i in 0..ACCOUNT.max_failures {
             assert!(
@@ -780,7 +780,7 @@ mod tests {
             Ok(CountedIn::KnownNetwork)
         );
         // Its success lifts no lock set by others' guesses.
-        known.succeeded(&mut account, locked, Some("home"), locked);
+        known.succeeded(&mut account, true, Some("home"), locked);
         assert!(
             known
                 .attempt(&mut account, Some("away"), &ACCOUNT, locked + 1)
@@ -791,8 +791,8 @@ mod tests {
             known.attempt(&mut account, Some("home"), &ACCOUNT, locked),
             Ok(CountedIn::KnownNetwork)
         );
-        known.refund(&mut account, locked);
-        assert!(!known.throttle.counted(locked));
+        known.refund(&mut account, locked, true);
+        assert!(known.throttle.failures.is_empty(), "the count given back");
         // Guesses from home lock it too, there.
         for i in 0..ACCOUNT.max_failures {
             assert!(

@@ -352,7 +352,7 @@ async fn signup_again(
         Err(unavailable) => return Err(unavailable),
     };
     if password::verify(password.expose(), &row.password_hash).is_err() {
-        return Err(email_taken());
+        return Err(locked_answer(account_at).unwrap_or_else(email_taken));
     }
     throttle_succeeded(env, req.request_id(), (&account, &network), account_at).await;
     let opening = Opening {
@@ -454,7 +454,7 @@ async fn count_password_check(
     env: &Env,
     request_id: &str,
     (account, network): (&str, &str),
-) -> Result<(i64, i64), Fail> {
+) -> Result<(Admitted, Admitted), Fail> {
     let known = network_digest(env, network);
     let (by_account, by_network) = futures::join!(
         throttle_attempt(env, request_id, account, (Scope::Account, known)),
@@ -483,14 +483,26 @@ fn account_throttle(email: &Email) -> String {
     )
 }
 
-/// Counts a sign-in attempt in the throttle `name`; `Ok(when)` names the
-/// admitted attempt for [`throttle_refund`].
+/// What a wrong password gets when the account's lock let it through only
+/// because the client's network signed in to the account before
+/// ([`throttle::KnownNetworks`]): the lock's own answer, as everyone else
+/// gets it, so that the lock tells no one whether the account exists.
+fn locked_answer(admitted: Admitted) -> Option<Fail> {
+    let secs = admitted.locked_for?;
+    Some(refusal(
+        429,
+        &json!({"code": "too_many_attempts", "retry_after": secs}),
+    ))
+}
+
+/// Counts a sign-in attempt in the throttle `name`; `Ok` names the admitted
+/// attempt for [`throttle_refund`] and [`throttle_succeeded`].
 async fn throttle_attempt(
     env: &Env,
     request_id: &str,
     name: &str,
     (scope, network): (Scope, Option<String>),
-) -> Result<i64, Fail> {
+) -> Result<Admitted, Fail> {
     let (status, body) = call(
         env,
         request_id,
@@ -504,21 +516,20 @@ async fn throttle_attempt(
         return Err(refusal(status, &body));
     }
     serde_json::from_value::<Admitted>(body)
-        .map(|a| a.at)
         .map_err(|e| Fail::unavailable(format!("login throttle answer: {e}")))
 }
 
 /// Gives back an attempt `name` admitted at `at` that reached no password
 /// check. Best effort: a refund that fails leaves the attempt counted, as it
 /// was before refunds existed, and is logged.
-async fn throttle_refund(env: &Env, request_id: &str, name: &str, at: i64) {
+async fn throttle_refund(env: &Env, request_id: &str, name: &str, admitted: Admitted) {
     let error = match call(
         env,
         request_id,
         bindings::LOGIN_THROTTLES,
         name,
         "/refund",
-        &Admitted { at },
+        &admitted,
     )
     .await
     {
@@ -542,7 +553,7 @@ async fn throttle_succeeded(
     env: &Env,
     request_id: &str,
     (account, network): (&str, &str),
-    at: i64,
+    admitted: Admitted,
 ) {
     let _ = call(
         env,
@@ -551,7 +562,7 @@ async fn throttle_succeeded(
         account,
         "/succeeded",
         &SucceededReq {
-            at,
+            locked_for: admitted.locked_for,
             network: network_digest(env, network),
         },
     )
@@ -620,6 +631,9 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
                     "stored password hash refused",
                     json!({"reason": format!("{result:?}")}),
                 );
+            }
+            if let Some(locked) = locked_answer(account_at) {
+                return Err(locked);
             }
             return Err(ApiError::new(
                 ProblemCode::InvalidCredentials,

@@ -35,20 +35,27 @@ pub struct AttemptReq {
     pub network: Option<String>,
 }
 
-/// The attempt admitted at `at` had the right password, from the network
-/// of this digest.
+/// The attempt `admitted` had the right password, from the network of
+/// this digest.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SucceededReq {
     #[serde(default)]
-    pub at: i64,
+    pub locked_for: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
 }
 
 /// An admitted attempt: when it was counted, to name it in a refund.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Admitted {
     pub at: i64,
+    /// Set when the account was locked and the attempt was let through from
+    /// a network it signed in from before ([`KnownNetworks`]): the lock's
+    /// seconds left. A wrong password is then answered as the lock would
+    /// answer, so that the lock tells no one else whether the account
+    /// exists; a refund or a success names the throttle that counted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_for: Option<u64>,
 }
 
 #[durable_object(alarm)]
@@ -83,9 +90,12 @@ impl DurableObject for LoginThrottle {
                         if counted == Ok(throttle::CountedIn::KnownNetwork) {
                             storage::put(&self.state, KNOWN_KEY, &known).await?;
                         }
-                        counted.map(drop)
+                        counted.map(|c| {
+                            (c == throttle::CountedIn::KnownNetwork)
+                                .then(|| t.retry_after(at).unwrap_or(1))
+                        })
                     }
-                    _ => t.attempt(policy, at),
+                    _ => t.attempt(policy, at).map(|()| None),
                 };
                 // Persist before answering: a counted attempt must survive a restart.
                 storage::put(&self.state, KEY, &t).await?;
@@ -93,7 +103,7 @@ impl DurableObject for LoginThrottle {
                     self.forget_at().await?;
                 }
                 match outcome {
-                    Ok(()) => Response::from_json(&Admitted { at }),
+                    Ok(locked_for) => Response::from_json(&Admitted { at, locked_for }),
                     Err(retry_after) => refuse(429, "too_many_attempts", Some(retry_after)),
                 }
             }
@@ -104,9 +114,13 @@ impl DurableObject for LoginThrottle {
                 };
                 let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 let mut known = self.known().await?;
-                known.refund(&mut t, r.at);
-                storage::put(&self.state, KEY, &t).await?;
-                storage::put(&self.state, KNOWN_KEY, &known).await?;
+                let in_known = r.locked_for.is_some();
+                known.refund(&mut t, r.at, in_known);
+                if in_known {
+                    storage::put(&self.state, KNOWN_KEY, &known).await?;
+                } else {
+                    storage::put(&self.state, KEY, &t).await?;
+                }
                 Response::from_json(&serde_json::json!({}))
             }
             (Method::Post, "/succeeded") => {
@@ -116,7 +130,8 @@ impl DurableObject for LoginThrottle {
                 };
                 let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 let mut known = self.known().await?;
-                known.succeeded(&mut t, r.at, r.network.as_deref(), time::now_secs());
+                let in_known = r.locked_for.is_some();
+                known.succeeded(&mut t, in_known, r.network.as_deref(), time::now_secs());
                 storage::put(&self.state, KEY, &t).await?;
                 storage::put(&self.state, KNOWN_KEY, &known).await?;
                 // The networks are kept past the throttle's own idleness.
