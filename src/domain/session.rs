@@ -603,6 +603,14 @@ impl UserSessions {
         self.families.values().filter(|f| f.is_active(now)).count() >= MAX_ACTIVE_SESSIONS
     }
 
+    /// Marks `sid` as handed out to a retry (see [`UserSessions::reopen`]),
+    /// for a session a retry opened itself.
+    pub fn mark_handed_out(&mut self, sid: &str) {
+        if let Some(f) = self.families.get_mut(sid) {
+            f.replayed = true;
+        }
+    }
+
     /// Whether an active session was handed out again to a retry
     /// ([`UserSessions::reopen`]): a client may hold it.
     pub fn handed_out_again(&self, now: i64) -> bool {
@@ -1434,6 +1442,18 @@ mod tests {
         // Another key is another sign-in.
         let other = sign_in(&mut s, &mut records, "k2", "fp", 3, T0 + 50).unwrap();
         assert_ne!(other.sid, first.sid);
+    }
+
+    #[test]
+    fn a_session_a_retry_opened_itself_is_marked_as_handed_out() {
+        let mut s = UserSessions::default();
+        let opened = create(&mut s, 1, T0);
+        assert!(!s.handed_out_again(T0));
+        s.mark_handed_out(&opened.sid);
+        assert!(s.handed_out_again(T0));
+        assert!(!s.withdraw(&opened.sid, T0 + 1));
+        assert!(s.revoke(&opened.sid, T0 + 2, RevokeReason::Logout));
+        assert!(!s.handed_out_again(T0 + 2), "only active sessions count");
     }
 
     #[test]

@@ -1026,6 +1026,12 @@ impl UserSession {
         if let Some((key, _)) = &r.idempotency {
             UserSessions::opened(&mut stored.idempotency, key, &issued.sid, now);
         }
+        if r.again_only {
+            // A sign-up's retry opening the session its first attempt did
+            // not: that attempt may still undo the sign-up, and must not
+            // remove the account this answers for.
+            stored.sessions.mark_handed_out(&issued.sid);
+        }
         let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
         self.save(&mut stored, now, evicts, &origin).await?;
         fault::at(&origin.fault, fault::SESSION_CREATE)?;
