@@ -301,7 +301,18 @@ pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Rep
         token_pair(keys, &row.user_id, &issued, 201).await
     };
     match answer.await {
-        Ok(reply) => Ok(reply),
+        Ok(reply) => {
+            // The network it signed up from is the account's first known one
+            // (`throttle::KnownNetworks`): its owner gets in from there while
+            // others' guesses keep the account locked.
+            let names = throttle_names(&email, client_ip);
+            let first = Admitted {
+                at: 0,
+                locked_for: None,
+            };
+            throttle_succeeded(env, req.request_id(), (&names.0, &names.1), first).await;
+            Ok(reply)
+        }
         Err(fail) => {
             undo_signup(env, &req, &db, &row.user_id).await;
             Err(fail)
