@@ -500,10 +500,12 @@ fn account_throttle(email: &Email) -> String {
 /// gets it, so that the lock tells no one whether the account exists.
 fn locked_answer(admitted: Admitted) -> Option<Fail> {
     let secs = admitted.locked_for?;
-    Some(refusal(
-        429,
-        &json!({"code": "too_many_attempts", "retry_after": secs}),
-    ))
+    let code = ProblemCode::TooManyAttempts;
+    let lock = ApiError::new(code, code.title());
+    Some(
+        lock.with_retry_after(secs.min(u64::from(u32::MAX)) as u32)
+            .into(),
+    )
 }
 
 /// Counts a sign-in attempt in the throttle `name`; `Ok` names the admitted

@@ -159,14 +159,7 @@ const STEP_STATEMENT_LIMIT_MS: u64 = STEP_LIMIT_MS - 1_000;
 
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
-    let failed = |step: &str, e: String| {
-        log::event(
-            Level::Error,
-            None,
-            "cron maintenance failed",
-            json!({"step": step, "error": e}),
-        )
-    };
+    let failed = |step: &str, e: String| log_step(step, Level::Error, &e);
     let late = || format!("no end within {STEP_LIMIT_MS} ms");
     let began = time::now_ms();
     match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
@@ -270,17 +263,20 @@ fn report(step: &str, lines: Lines, messages: &[tokio_postgres::SimpleQueryMessa
                 (level, row.get(1))
             }
         };
-        let Some(text) = text else { continue };
-        let msg = match level {
-            Level::Error => "cron maintenance failed",
-            Level::Info | Level::Warn => "cron maintenance",
-        };
-        let field = match level {
-            Level::Error => "error",
-            Level::Info | Level::Warn => "result",
-        };
-        log::event(level, None, msg, json!({"step": step, field: text}));
+        if let Some(text) = text {
+            log_step(step, level, text);
+        }
     }
+}
+
+/// Logs what the maintenance step `step` did (`info`, `warn`), or why it
+/// failed (`error`).
+fn log_step(step: &str, level: Level, text: &str) {
+    let (msg, field) = match level {
+        Level::Error => ("cron maintenance failed", "error"),
+        Level::Info | Level::Warn => ("cron maintenance", "result"),
+    };
+    log::event(level, None, msg, json!({"step": step, field: text}));
 }
 
 /// How many times [`publish`] reads the catalogue again after a write that

@@ -83,9 +83,13 @@ impl DurableObject for LoginThrottle {
                 };
                 let mut t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
                 let at = time::now_secs();
+                // Only an account's object knows networks.
+                let mut known = match r.scope {
+                    Scope::Account => self.known().await?,
+                    _ => KnownNetworks::default(),
+                };
                 let outcome = match r.scope {
                     Scope::Account => {
-                        let mut known = self.known().await?;
                         let counted = known.attempt(&mut t, r.network.as_deref(), policy, at);
                         if counted == Ok(throttle::CountedIn::KnownNetwork) {
                             storage::put(&self.state, KNOWN_KEY, &known).await?;
@@ -100,7 +104,7 @@ impl DurableObject for LoginThrottle {
                 // Persist before answering: a counted attempt must survive a restart.
                 storage::put(&self.state, KEY, &t).await?;
                 if outcome.is_ok() {
-                    self.forget_at().await?;
+                    self.forget_at(&t, &known).await?;
                 }
                 match outcome {
                     Ok(locked_for) => Response::from_json(&Admitted { at, locked_for }),
@@ -135,7 +139,7 @@ impl DurableObject for LoginThrottle {
                 storage::put(&self.state, KEY, &t).await?;
                 storage::put(&self.state, KNOWN_KEY, &known).await?;
                 // The networks are kept past the throttle's own idleness.
-                self.forget_at().await?;
+                self.forget_at(&t, &known).await?;
                 Response::from_json(&serde_json::json!({}))
             }
             _ => Response::error("unknown durable object route", 404),
@@ -145,8 +149,10 @@ impl DurableObject for LoginThrottle {
     /// Deletes the state once it has nothing left to remember; an attempt
     /// since the alarm was set has set it again, for later.
     async fn alarm(&self) -> Result<Response> {
-        if time::now_secs() < self.idle_from().await? {
-            self.forget_at().await?;
+        let t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
+        let known = self.known().await?;
+        if time::now_secs() < idle_from(&t, &known) {
+            self.forget_at(&t, &known).await?;
         } else {
             self.state.storage().delete_all().await?;
         }
@@ -161,21 +167,20 @@ impl LoginThrottle {
             .unwrap_or_default())
     }
 
-    /// From when the object has nothing left to remember: its throttle idle,
-    /// and (for an account) the networks it signed in from forgotten.
-    async fn idle_from(&self) -> Result<i64> {
-        let t: Throttle = storage::get(&self.state, KEY).await?.unwrap_or_default();
-        let window = throttle::LONGEST_WINDOW_SECS;
-        Ok(t.idle_from(window)
-            .max(self.known().await?.idle_from(window)))
-    }
-
-    /// Sets the alarm for when the object will be idle. Refunds only bring
-    /// that moment earlier, so the alarm set by the last counted attempt or
-    /// success is never early.
-    async fn forget_at(&self) -> Result<()> {
-        let at_ms = self.idle_from().await?.saturating_mul(1_000);
+    /// Sets the alarm for when the object, holding `t` and `known`, will be
+    /// idle. Refunds only bring that moment earlier, so the alarm set by the
+    /// last counted attempt or success is never early.
+    async fn forget_at(&self, t: &Throttle, known: &KnownNetworks) -> Result<()> {
+        let at_ms = idle_from(t, known).saturating_mul(1_000);
         let in_ms = at_ms.saturating_sub(time::now_ms() as i64).max(0);
         self.state.storage().set_alarm(in_ms).await
     }
+}
+
+/// From when an object holding `t` and `known` has nothing left to
+/// remember: its throttle idle, and (for an account) the networks it signed
+/// in from forgotten.
+fn idle_from(t: &Throttle, known: &KnownNetworks) -> i64 {
+    let window = throttle::LONGEST_WINDOW_SECS;
+    t.idle_from(window).max(known.idle_from(window))
 }
