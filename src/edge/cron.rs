@@ -110,7 +110,7 @@ enum Lines {
 /// undoes nothing of the other. A setting that cannot be read is an error
 /// for its step, which expires nothing.
 fn retention_steps(env: &Env) -> [(&'static str, Result<String, String>); 2] {
-    let days = |setting: Setting| setting.days(bindings::text(env, setting.var).as_deref());
+    let days = |setting: Setting| setting.days(bindings::setting(env, setting.var).as_deref());
     [
         (
             "expire connection events",

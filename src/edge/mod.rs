@@ -85,6 +85,24 @@ pub mod bindings {
     pub fn text(env: &worker::Env, name: &'static str) -> Option<String> {
         get(env, name)?.as_string()
     }
+
+    /// An operator's setting as text, however wrangler.toml wrote it: a TOML
+    /// number (`30`) reaches the Worker as a number, not as the text `"30"`,
+    /// and must not read as unset. Any other kind of value (a boolean, a
+    /// table) is returned as the runtime prints it, for the setting's own
+    /// check to refuse by name. `None` only when unset.
+    pub fn setting(env: &worker::Env, name: &'static str) -> Option<String> {
+        let value = get(env, name).filter(|v| !v.is_undefined())?;
+        if let Some(text) = value.as_string() {
+            return Some(text);
+        }
+        Some(match value.as_f64() {
+            // Exact for every whole number a setting can hold.
+            Some(n) if n.fract() == 0.0 && n.abs() < 1e15 => (n as i64).to_string(),
+            Some(n) => n.to_string(),
+            None => format!("{value:?}"),
+        })
+    }
 }
 
 /// A handler's failure: what the client is told, and (for the log only) why.

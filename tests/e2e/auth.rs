@@ -961,6 +961,7 @@ fn missing_secrets(ctx: &Ctx) -> Result<(), Failed> {
     let stack = Stack::start_with(
         &["REFRESH_TOKEN_PEPPER"],
         &[("ADMIN_TOKEN", short), ("STRIPE_WEBHOOK_SECRET", " , ")],
+        &[],
     );
     ctx.rt.block_on(async {
         let post = |path: &str, body: Value| {

@@ -539,14 +539,14 @@ fn retention(ctx: &Ctx) -> Result<(), Failed> {
 /// A worker whose retention settings are out of bounds (connection events
 /// kept 0 days; billing-event records 29, under the 30 in which Stripe can
 /// resend an event) expires nothing, logs why at error level on each run,
-/// and does the rest of its run.
+/// and does the rest of its run. The first is text (`.dev.vars`), the second
+/// a number in `wrangler.toml`'s `[vars]`, as an operator may write it: read
+/// as unset, it would expire the 91-day-old record.
 fn retention_misconfigured(ctx: &Ctx) -> Result<(), Failed> {
     let stack = Stack::start_with(
         &[],
-        &[
-            ("CONNECTION_EVENTS_RETENTION_DAYS", "0"),
-            ("WEBHOOK_EVENTS_RETENTION_DAYS", "29"),
-        ],
+        &[("CONNECTION_EVENTS_RETENTION_DAYS", "0")],
+        &[("WEBHOOK_EVENTS_RETENTION_DAYS", "29")],
     );
     ctx.rt.block_on(async {
         let db = keenvpn_edge::db::connect(&stack.pg.url(DB_NAME)).await?;

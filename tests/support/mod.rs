@@ -609,7 +609,12 @@ pub fn build_worker() {
 /// the source tree and rebuilds and reloads the worker on any change, dropping
 /// requests in flight; serving a snapshot keeps a test run independent of edits
 /// made while it runs, and it serves exactly the artifact `build_worker` made.
-fn snapshot_app(dir: &Path, without: &[&str], set: &[(&str, &str)]) -> PathBuf {
+fn snapshot_app(
+    dir: &Path,
+    without: &[&str],
+    set: &[(&str, &str)],
+    vars: &[(&str, &str)],
+) -> PathBuf {
     let app = dir.join("app");
     fs::create_dir_all(&app).expect("app dir");
     let config = fs::read_to_string(root().join("wrangler.toml")).expect("wrangler.toml");
@@ -631,9 +636,13 @@ fn snapshot_app(dir: &Path, without: &[&str], set: &[(&str, &str)]) -> PathBuf {
         filtered.contains(dev_vars),
         "wrangler.toml has no development [vars]"
     );
+    let extra: String = vars
+        .iter()
+        .map(|(name, value)| format!("{name} = {value}\n"))
+        .collect();
     let filtered = filtered.replacen(
         dev_vars,
-        &format!("{dev_vars}FAULT_INJECTION = \"enabled\"\n"),
+        &format!("{dev_vars}FAULT_INJECTION = \"enabled\"\n{extra}"),
         1,
     );
     fs::write(app.join("wrangler.toml"), filtered).expect("write wrangler.toml");
@@ -683,15 +692,22 @@ pub struct Wrangler {
 
 impl Wrangler {
     pub fn start(db_url: &str) -> Wrangler {
-        Wrangler::start_with(db_url, &[], &[])
+        Wrangler::start_with(db_url, &[], &[], &[])
     }
 
     /// [`Wrangler::start`] with the secrets named in `without` left out of
-    /// its `.dev.vars`, and those in `set` set to the values there.
-    pub fn start_with(db_url: &str, without: &[&str], set: &[(&str, &str)]) -> Wrangler {
+    /// its `.dev.vars`, those in `set` set to the values there, and the
+    /// development `[vars]` of its `wrangler.toml` given `vars` (name and
+    /// TOML value, written as is: `30` is a number, `"30"` text).
+    pub fn start_with(
+        db_url: &str,
+        without: &[&str],
+        set: &[(&str, &str)],
+        vars: &[(&str, &str)],
+    ) -> Wrangler {
         build_worker();
         let dir = stack_dir("wrangler");
-        let app = snapshot_app(&dir, without, set);
+        let app = snapshot_app(&dir, without, set, vars);
         let mut w = Wrangler {
             keep: false,
             port: 0,
@@ -969,12 +985,13 @@ impl Stack {
     /// Starts PostgreSQL (migrated and seeded) and the worker. Safe to call from
     /// inside or outside an async context: it blocks on a runtime of its own.
     pub fn start() -> Stack {
-        Stack::start_with(&[], &[])
+        Stack::start_with(&[], &[], &[])
     }
 
     /// [`Stack::start`] with the worker's secrets named in `without` unset,
-    /// and those in `set` set to the values there.
-    pub fn start_with(without: &[&str], set: &[(&str, &str)]) -> Stack {
+    /// those in `set` set to the values there, and its development `[vars]`
+    /// given `vars` (see [`Wrangler::start_with`]).
+    pub fn start_with(without: &[&str], set: &[(&str, &str)], vars: &[(&str, &str)]) -> Stack {
         let pg = Postgres::start();
         let url = pg.url(DB_NAME);
         std::thread::spawn(move || {
@@ -986,7 +1003,7 @@ impl Stack {
         })
         .join()
         .expect("migrations and seed");
-        let wrangler = Wrangler::start_with(&pg.url(DB_NAME), without, set);
+        let wrangler = Wrangler::start_with(&pg.url(DB_NAME), without, set, vars);
         Stack { wrangler, pg }
     }
 
