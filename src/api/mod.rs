@@ -94,6 +94,16 @@ wire! {
         /// A region id from `/v1/regions`; omitted: the nearest allowed healthy region.
         #[serde(default)]
         pub region: Option<String>,
+        /// Regions the app could not reach just now (a tunnel to a server there
+        /// failed, or its answer named a region that has since gone down):
+        /// placement leaves them out, the requested one too, unless no other
+        /// region the plan allows is up. At most 8; ids not in the catalogue
+        /// are ignored. An app that lost its tunnel sends the region it was in,
+        /// so that it is steered away at once, whatever the edge's copy of the
+        /// catalogue says yet.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(max = 8), inner(length(min = 1, max = 64))))]
+        #[serde(default)]
+        pub avoid: Vec<String>,
     }
 
     /// `PUT /v1/admin/regions/{id}`: at least one member that is not null.

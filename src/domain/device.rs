@@ -1,5 +1,5 @@
 //! A user's WireGuard devices: parsed input ([`PublicKey`], [`DeviceName`],
-//! [`is_device_id`]), tunnel addresses ([`tunnel_addresses`]) and the
+//! [`device_id`]), tunnel addresses ([`tunnel_addresses`]) and the
 //! device-limit [`Ledger`] kept in the user's Durable Object.
 //!
 //! # Why a ledger
@@ -213,15 +213,19 @@ impl DeviceName {
     }
 }
 
-/// Device ids are lowercase hyphenated UUIDs (how PostgreSQL prints `uuid`);
-/// anything else cannot name a device, so the shell answers 404 without a
-/// query (and never hands PostgreSQL a string it would reject as a uuid).
-pub fn is_device_id(s: &str) -> bool {
-    s.len() == 36
+/// A device id as the service writes it: a hyphenated UUID, lower-cased
+/// (how PostgreSQL prints `uuid`). A UUID's hex digits are case-insensitive,
+/// and some platforms print them in upper case (Swift's `uuidString`), so
+/// either case names the device. Anything else cannot name a device
+/// (`None`): the shell answers 404 without a query, and never hands
+/// PostgreSQL a string it would reject as a uuid.
+pub fn device_id(s: &str) -> Option<String> {
+    let valid = s.len() == 36
         && s.bytes().enumerate().all(|(i, b)| match i {
             8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
-        })
+            _ => b.is_ascii_hexdigit(),
+        });
+    valid.then(|| s.to_ascii_lowercase())
 }
 
 /// The tunnel addresses for fleet-wide sequence number `n` (a PostgreSQL
@@ -646,12 +650,21 @@ mod tests {
     }
 
     #[test]
-    fn only_lowercase_hyphenated_uuids_are_device_ids() {
-        assert!(is_device_id("0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c"));
-        assert!(is_device_id("00000000-0000-0000-0000-000000000000"));
+    fn hyphenated_uuids_of_either_case_are_device_ids_in_lower_case() {
+        let id = "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c";
+        assert_eq!(device_id(id).as_deref(), Some(id));
+        assert_eq!(
+            device_id("0B6F3C2E-8F1A-4D2B-9C3E-5A7B9D1F2E4C").as_deref(),
+            Some(id)
+        );
+        assert_eq!(
+            device_id("0b6F3c2E-8f1a-4D2b-9c3e-5a7b9d1f2e4C").as_deref(),
+            Some(id)
+        );
+        let zero = "00000000-0000-0000-0000-000000000000";
+        assert_eq!(device_id(zero).as_deref(), Some(zero));
         for bad in [
             "",
-            "0B6F3C2E-8F1A-4D2B-9C3E-5A7B9D1F2E4C",
             "0b6f3c2e8f1a4d2b9c3e5a7b9d1f2e4c",
             "{0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c}",
             "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4",
@@ -659,9 +672,10 @@ mod tests {
             "0b6f3c2e-8f1a-4d2b-9c3e_5a7b9d1f2e4c",
             "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4g",
             "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2é",
+            "0B6F3C2E-8F1A-4D2B-9C3E-5A7B9D1F2E4G",
             "../../etc/passwd",
         ] {
-            assert!(!is_device_id(bad), "{bad}");
+            assert_eq!(device_id(bad), None, "{bad}");
         }
     }
 

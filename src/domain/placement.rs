@@ -78,6 +78,31 @@ pub const DEFAULT_REGION: &str = "eu-central";
 /// The longest failover list [`choose`] returns.
 pub const MAX_FAILOVER: usize = 5;
 
+/// How many regions a client may ask placement to avoid, and the longest id
+/// it may name (`POST /v1/connect`'s `avoid`).
+pub const MAX_AVOID: usize = 8;
+pub const MAX_AVOID_ID_LEN: usize = 64;
+
+/// Checks a connect's `avoid` list: at most [`MAX_AVOID`] ids of 1 to
+/// [`MAX_AVOID_ID_LEN`] bytes. Ids not in the catalogue are not an error (a
+/// region can leave it between an app's attempts).
+pub fn check_avoid(avoid: &[String]) -> Result<(), super::account::Invalid> {
+    let bad = |reason| super::account::Invalid {
+        field: "avoid",
+        reason,
+    };
+    if avoid.len() > MAX_AVOID {
+        return Err(bad("lists more than 8 regions"));
+    }
+    if avoid
+        .iter()
+        .any(|id| id.is_empty() || id.len() > MAX_AVOID_ID_LEN)
+    {
+        return Err(bad("has an id that is empty or longer than 64 bytes"));
+    }
+    Ok(())
+}
+
 /// Where the client is, best evidence first.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientLocation {
@@ -184,6 +209,30 @@ impl Placer {
         self.closed
             .iter()
             .map(|&i| self.snapshot.regions[i].id.as_str())
+    }
+
+    /// [`Placer::choose`] leaving out the regions that admit no one
+    /// ([`Placer::closed`]) and those the client asks to `avoid` (it could not
+    /// reach them a moment ago: in an outage, before the edge's copy of the
+    /// catalogue says so). Should that leave no eligible region, the avoided
+    /// ones are let back in: a region the client failed to reach is still
+    /// better than none.
+    pub fn choose_avoiding(
+        &self,
+        ent: &Entitlement,
+        location: &ClientLocation,
+        requested: Option<&str>,
+        avoid: &[String],
+    ) -> Result<Choice<'_>, PlacementError> {
+        let mut exclude: Vec<&str> = self.closed().collect();
+        let closed = exclude.len();
+        exclude.extend(avoid.iter().map(String::as_str));
+        match self.choose(ent, location, requested, &exclude) {
+            Err(PlacementError::NoEligibleRegion) if exclude.len() > closed => {
+                self.choose(ent, location, requested, &exclude[..closed])
+            }
+            chosen => chosen,
+        }
     }
 
     /// [`choose`], from the precomputed sites.
@@ -1200,6 +1249,58 @@ mod tests {
             ["ap-northeast", "us-east"]
         );
         assert_eq!(Placer::new(seeds()).closed().count(), 0);
+    }
+
+    #[test]
+    fn regions_the_client_avoids_are_left_out_unless_nothing_else_is_up() {
+        let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut s = seeds();
+        set(&mut s, "us-east", |r| r.admission_rate = 0);
+        let placer = Placer::new(s);
+        let place = |ent: &Entitlement, requested, avoid: &[&str]| {
+            placer
+                .choose_avoiding(ent, &near(LONDON), requested, &ids(avoid))
+                .map(|c| {
+                    let failover: Vec<String> = c.failover.iter().map(|f| f.to_string()).collect();
+                    (c.region.id.clone(), failover)
+                })
+        };
+        // The region lost, and one not in the catalogue: the next nearest,
+        // and neither in the failover list (nor the closed us-east).
+        let (region, failover) = place(&plus(), None, &["eu-west", "gone-region"]).unwrap();
+        assert_eq!(region, "eu-central");
+        assert!(!failover.iter().any(|f| f == "eu-west" || f == "us-east"));
+        // Asked for by name and avoided: steered, as a region that is down.
+        assert_eq!(
+            place(&plus(), Some("eu-west"), &["eu-west"]).unwrap().0,
+            "eu-central"
+        );
+        // A free plan has eu-central and us-east, and us-east admits no one:
+        // avoiding eu-central leaves nothing, so it is let back in; the closed
+        // region never is.
+        let (region, failover) = place(&free(), None, &["eu-central"]).unwrap();
+        assert_eq!(region, "eu-central");
+        assert!(failover.is_empty());
+        assert_eq!(place(&free(), None, &[]).unwrap().0, "eu-central");
+        // An unknown or disallowed requested region is refused as before.
+        assert_eq!(
+            place(&free(), Some("eu-west"), &["eu-central"]),
+            Err(PlacementError::RegionNotAllowed)
+        );
+    }
+
+    #[test]
+    fn an_avoid_list_is_bounded() {
+        let list = |n: usize, id: &str| vec![id.to_string(); n];
+        assert!(check_avoid(&[]).is_ok());
+        assert!(check_avoid(&list(MAX_AVOID, &"r".repeat(MAX_AVOID_ID_LEN))).is_ok());
+        let err = check_avoid(&list(MAX_AVOID + 1, "eu-west")).unwrap_err();
+        assert_eq!(
+            (err.field, err.reason),
+            ("avoid", "lists more than 8 regions")
+        );
+        assert!(check_avoid(&list(1, "")).is_err());
+        assert!(check_avoid(&list(1, &"r".repeat(MAX_AVOID_ID_LEN + 1))).is_err());
     }
 
     fn servers_region(servers: Vec<Server>) -> Region {

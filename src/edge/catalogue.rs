@@ -181,6 +181,10 @@ enum Step {
 /// way use the copy they have. A failed check is logged with `request_id`, the
 /// request that made it. `fault` is the development-only fault header.
 pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result<Rc<Placer>, Fail> {
+    if fault == Some(fault::CATALOGUE_UNSTORED) {
+        // As an isolate's first load finding KV empty; the copy is not kept.
+        return Ok(Rc::new(first_publish(env, fault).await?));
+    }
     let kv_down = match fault {
         Some(fault::CATALOGUE_KV) => Some(KvDown::Failing),
         Some(fault::KV_HANG) => Some(KvDown::Hanging),
@@ -279,16 +283,23 @@ async fn load(env: &Env, kv_down: Option<KvDown>) -> Result<Rc<Placer>, LoadErro
     if let Some(placer) = stored(env, kv_down).await? {
         return Ok(Rc::new(placer));
     }
+    Ok(Rc::new(first_publish(env, None).await?))
+}
+
+/// The catalogue read from PostgreSQL and stored in KV, for an isolate that
+/// found none there (`fault`: the development-only fault header). A failed
+/// KV write still yields the snapshot read.
+async fn first_publish(env: &Env, fault: Option<&str>) -> Result<Placer, LoadError> {
     let unavailable = |cause: String| LoadError {
         unavailable: true,
         cause,
     };
-    let publish = cron::publish(env, bindings::DB, cron::Write::IfDifferent, None);
+    let publish = cron::publish(env, bindings::DB, cron::Write::IfDifferent, fault);
     let published = time::timeout(PUBLISH_TIMEOUT_MS, publish)
         .await
         .ok_or_else(|| unavailable("catalogue publish: timed out".into()))?
         .map_err(|e| unavailable(format!("catalogue publish: {e}")))?;
-    Ok(Rc::new(Placer::new(published.0)))
+    Ok(Placer::new(published.0))
 }
 
 /// A newer copy than `placer` if KV has one; `None` if it is still current

@@ -253,8 +253,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let device_id = body
         .as_ref()
         .ok()
-        .map(|b| b.device_id.as_str())
-        .filter(|id| crate::domain::device::is_device_id(id));
+        .and_then(|b| crate::domain::device::device_id(&b.device_id));
     // One timer bounds every wait of the request (see `time::Timer`).
     // Shared with the event's send after the answer, which it bounds too.
     let timer = Rc::new(Timer::new());
@@ -265,9 +264,9 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let (not_revoked, devices, placer) = futures::join!(
         check_not_revoked_as(env, &claims, reading),
         async {
-            match device_id {
+            match &device_id {
                 Some(id) => {
-                    let owner = (claims.sub.as_str(), id);
+                    let owner = (claims.sub.as_str(), id.as_str());
                     Some(devices(env, req.request_id(), owner, reading).await)
                 }
                 None => None,
@@ -277,13 +276,14 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     );
     not_revoked?;
     let b = body?;
-    let Some(devices) = devices else {
+    placement::check_avoid(&b.avoid).map_err(|e| Fail::from(crate::http::body::invalid(&[e])))?;
+    let (Some(devices), Some(device_id)) = (devices, device_id) else {
         return Err(not_found());
     };
     let (devices, placer) = (devices?, placer?);
     // Devices are ranked oldest first; after a downgrade only the first
     // `max_devices` of them may connect.
-    let Some(rank) = devices.iter().position(|d| d.id == b.device_id) else {
+    let Some(rank) = devices.iter().position(|d| d.id == device_id) else {
         return Err(not_found());
     };
     if rank >= claims.ent.max_devices as usize {
@@ -298,10 +298,10 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     }
     let device = &devices[rank];
 
-    // Regions that admit no one are not offered at all.
-    let closed: Vec<&str> = placer.closed().collect();
+    // Regions that admit no one are not offered at all, nor (if anything
+    // else is up) those the app could not reach.
     let choice = placer
-        .choose(&claims.ent, &location, b.region.as_deref(), &closed)
+        .choose_avoiding(&claims.ent, &location, b.region.as_deref(), &b.avoid)
         .map_err(|e| {
             let (code, detail) = match e {
                 PlacementError::RegionNotAllowed => (

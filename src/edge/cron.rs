@@ -304,7 +304,9 @@ pub enum Write {
 }
 
 /// Reads the catalogue through `binding` and stores it in KV (as `write`
-/// says). Returns the snapshot KV holds and whether this call wrote it.
+/// says). Returns the snapshot KV holds and whether this call wrote it;
+/// with [`Write::IfDifferent`], a failed write is logged and the snapshot
+/// read is returned all the same (unwritten).
 ///
 /// Two publishers can race (an operator's change and a monitor's report, or
 /// either and the cron): one that read the catalogue before the other's change
@@ -324,8 +326,31 @@ pub async fn publish(
     for round in 1..=PUBLISH_ROUNDS {
         // At the development-only fault point, KV refuses the first write.
         let refuse = round == 1 && fault == Some(super::fault::KV_REFUSED);
-        if !store_snapshot(env, &snapshot, write, refuse).await? {
-            break;
+        let stored = if fault == Some(super::fault::CATALOGUE_UNSTORED) {
+            Err(format!(
+                "injected fault at {}",
+                super::fault::CATALOGUE_UNSTORED
+            ))
+        } else {
+            store_snapshot(env, &snapshot, write, refuse).await
+        };
+        match stored {
+            Ok(true) => {}
+            Ok(false) => break,
+            // An isolate's first copy: it routes with what PostgreSQL said
+            // rather than answer 503 for a write that other isolates, racing
+            // for the same key, are making. The cron stores it within a
+            // minute if none of them did.
+            Err(e) if write == Write::IfDifferent => {
+                log::event(
+                    Level::Warn,
+                    None,
+                    "catalogue read from PostgreSQL; storing it in KV failed",
+                    json!({"etag": snapshot.etag, "error": e}),
+                );
+                break;
+            }
+            Err(e) => return Err(e),
         }
         written = true;
         // After the last write, a newer catalogue read again would not be

@@ -127,13 +127,13 @@ pub async fn list(req: Incoming, env: &Env) -> Result<Reply, Fail> {
 pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
     let idempotency_key = idempotency_key(&req)?;
-    if !device::is_device_id(id) {
+    let Some(id) = device::device_id(id) else {
         return Err(not_found());
-    }
+    };
     let r = DeleteDeviceReq {
         user_id: claims.sub.clone(),
-        device_id: id.to_owned(),
         idempotency: keyed(idempotency_key, "DELETE", &format!("/v1/devices/{id}"), &())?,
+        device_id: id,
         fault: req.header(fault::HEADER),
     };
     let (status, json) = call(
@@ -165,9 +165,9 @@ pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     // Parse the body before deciding on the id, so a bad body is a 4xx whatever the id.
     let b: RotateKey = auth::json_body(&mut req).await?;
     PublicKey::parse(&b.public_key).map_err(|e| Fail::from(body::invalid(&[e])))?;
-    if !device::is_device_id(id) {
+    let Some(id) = device::device_id(id) else {
         return Err(not_found());
-    }
+    };
     // Through the user's object, which keeps the connect path's copy of the
     // device (and its key) current.
     let r = RotateKeyReq {
@@ -178,7 +178,7 @@ pub async fn rotate_key(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             &format!("/v1/devices/{id}/public_key"),
             &b.public_key,
         )?,
-        device_id: id.to_owned(),
+        device_id: id,
         public_key: b.public_key,
         fault: req.header(fault::HEADER),
     };

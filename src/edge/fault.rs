@@ -26,6 +26,11 @@ pub const GATE_HANG: &str = "gate.hang";
 /// The point, on `POST /v1/connect` and `GET /v1/regions`, at which the
 /// catalogue's KV reads fail, as they would in a KV outage.
 pub const CATALOGUE_KV: &str = "catalogue.kv";
+/// The point, on `POST /v1/connect`, at which the request loads the
+/// catalogue as an isolate without a copy does when KV holds no snapshot
+/// (from PostgreSQL), and KV refuses the load's writes of it, as its limit
+/// of one write per key per second refuses isolates racing to store it.
+pub const CATALOGUE_UNSTORED: &str = "catalogue.unstored";
 /// The point, on `DELETE /v1/devices/{id}` (and a registration), at which the
 /// user's `UserSession` fails to write its KV copy of the devices, as KV's
 /// limit of one write per key per second would make it.

@@ -103,6 +103,18 @@ pub const TESTS: &[(&str, Test)] = &[
         "connect::a_gate_that_does_not_answer_is_given_up_within_two_seconds_and_rested_for_one",
         hung_gate,
     ),
+    (
+        "connect::a_region_the_app_could_not_reach_is_avoided_unless_nothing_else_is_up",
+        avoided_region,
+    ),
+    (
+        "connect::a_device_id_in_upper_case_names_the_device",
+        upper_case_device_id,
+    ),
+    (
+        "connect::a_first_catalogue_load_kv_will_not_store_still_routes",
+        catalogue_unstored,
+    ),
 ];
 
 const LONDON: &str = "51.5074,-0.1278";
@@ -1393,6 +1405,114 @@ fn admin_auth(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(r.status, 400);
+        Ok(())
+    })
+}
+
+/// A connect from London naming `avoid`.
+async fn connect_avoiding(ctx: &Ctx, user: &User, device: &str, avoid: &[&str]) -> Resp {
+    send_with(
+        ctx,
+        "POST",
+        "/v1/connect",
+        Some(json!({"device_id": device, "avoid": avoid})),
+        Some(&user.access),
+        &[("x-keenvpn-client-location", LONDON)],
+    )
+    .await
+}
+
+/// An app whose tunnel failed names the region in `avoid`: the connect
+/// steers it to the next nearest region at once (whatever the edge's copy of
+/// the catalogue says of the avoided one), leaves the avoided region out of
+/// the failover list, and lets it back in only when nothing else the plan
+/// allows is up. A list of more than 8 ids is a 422 naming the field.
+fn avoided_region(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (user, device) = user_with_device(ctx, true).await;
+        let first = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(first.body["region"], "eu-west");
+        let next = first.body["failover"][0].clone();
+
+        let steered = connect_avoiding(ctx, &user, &device, &["eu-west", "no-such-region"]).await;
+        assert_eq!(steered.status, 200, "{}", steered.body);
+        assert_eq!(steered.body["region"], next);
+        let failover = steered.body["failover"].as_array().expect("failover");
+        assert!(!failover.is_empty());
+        assert!(!failover.contains(&json!("eu-west")), "{failover:?}");
+
+        // A free plan has eu-central and us-east only: avoiding both leaves
+        // nothing, so they are let back in and the nearest is given.
+        let (free, free_device) = user_with_device(ctx, false).await;
+        let both = connect_avoiding(ctx, &free, &free_device, &["eu-central", "us-east"]).await;
+        assert_eq!(both.status, 200, "{}", both.body);
+        assert_eq!(both.body["region"], "eu-central");
+
+        let nine = ["r"; 9];
+        let refused = connect_avoiding(ctx, &user, &device, &nine).await;
+        assert_eq!(refused.status, 422, "{}", refused.body);
+        assert_eq!(refused.body["code"], "validation_failed");
+        assert_eq!(refused.body["errors"][0]["field"], "avoid");
+        Ok(())
+    })
+}
+
+/// A device's id in upper case (as some platforms print UUIDs) names the
+/// device on the connect and on its removal; before, both answered 404.
+fn upper_case_device_id(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (user, device) = user_with_device(ctx, false).await;
+        let upper = device.to_ascii_uppercase();
+        assert_ne!(upper, device);
+        let lower = connect_from(ctx, &user, &device, LONDON, None).await;
+        let r = connect_from(ctx, &user, &upper, LONDON, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["server"], lower.body["server"]);
+        let deleted = send(
+            ctx,
+            "DELETE",
+            &format!("/v1/devices/{upper}"),
+            None,
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(deleted.status, 204, "{}", deleted.body);
+        let gone = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(gone.status, 404, "{}", gone.body);
+        Ok(())
+    })
+}
+
+/// An isolate's first load of the catalogue, when KV holds none, reads it
+/// from PostgreSQL and stores it in KV; should KV refuse the write (isolates
+/// racing for one key, which takes one write a second), the connect is
+/// answered from what PostgreSQL gave (the development-only fault point
+/// `catalogue.unstored`) and the failure logged. Before, the failed write
+/// threw the catalogue away and answered 503.
+fn catalogue_unstored(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _read = ctx.regions.read().await;
+        let (user, device) = user_with_device(ctx, false).await;
+        let logged = || {
+            ctx.stack()
+                .wrangler
+                .log()
+                .matches("storing it in KV failed")
+                .count()
+        };
+        let before = logged();
+        let r = connect_at_fault(ctx, &user, &device, "catalogue.unstored").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["region"], "eu-central");
+        eventually(
+            Duration::from_secs(5),
+            "the failed write logged",
+            || async { (logged() > before).then_some(()) },
+        )
+        .await;
         Ok(())
     })
 }
