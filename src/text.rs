@@ -27,6 +27,37 @@ fn unicode_lowercase(text: &str) -> String {
     text.to_lowercase()
 }
 
+/// Whether `c` is one of the characters that show nothing yet change how
+/// the text around them looks or reads: the soft hyphen, the bidirectional
+/// marks, embeddings, overrides and isolates (U+202E turns "abc" into
+/// "cba"), zero-width spaces and joiners that join nothing, invisible
+/// operators, the byte-order mark and interlinear annotation. A name or an
+/// address with one can look like another, or hide what it says. The
+/// zero-width joiner and non-joiner are not among them: emoji sequences and
+/// several scripts need them.
+pub fn is_hidden(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
+}
+
+/// The zero-width joiner and non-joiner: allowed between characters, but
+/// alone they show nothing.
+pub fn is_joiner(c: char) -> bool {
+    matches!(c, '\u{200c}' | '\u{200d}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,5 +68,18 @@ mod tests {
         assert_eq!(to_lowercase("ÅSA-ΟΔΟΣ@X.TEST"), "åsa-οδος@x.test");
         // Full mapping: one character may become two.
         assert_eq!(to_lowercase("İ"), "i\u{307}");
+    }
+
+    #[test]
+    fn hidden_characters_are_told_from_visible_ones_and_joiners() {
+        for c in [
+            '\u{ad}', '\u{200b}', '\u{200f}', '\u{202e}', '\u{2066}', '\u{feff}',
+        ] {
+            assert!(is_hidden(c), "{c:?}");
+        }
+        for c in ['a', ' ', 'é', '\u{200c}', '\u{200d}', '\u{2003}', '👩'] {
+            assert!(!is_hidden(c), "{c:?}");
+        }
+        assert!(is_joiner('\u{200d}') && is_joiner('\u{200c}') && !is_joiner('a'));
     }
 }

@@ -46,7 +46,8 @@ wire! {
         /// 8 to 128 characters, no NUL.
         #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 8, max = 128), regex(pattern = r"^[^\x00]*$")))]
         pub password: String,
-        /// A label for the session, e.g. the device's name (cut to 64 characters).
+        /// A label for the session, e.g. the device's name (control and hidden
+        /// characters removed, cut to 64 characters).
         #[serde(default)]
         pub device_label: Option<String>,
     }
@@ -64,9 +65,11 @@ wire! {
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct CreateDevice {
-        /// 1 to 64 characters, no control characters, not only white space (stored
-        /// trimmed).
-        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 1, max = 64), regex(pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$")))]
+        /// 1 to 64 characters, no control characters, no hidden ones (the soft
+        /// hyphen, bidirectional controls, zero-width spaces, invisible operators,
+        /// the byte-order mark), not only white space and zero-width joiners
+        /// (stored trimmed).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 1, max = 64), regex(pattern = r"^[^\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*[^\s\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\u200c\u200d][^\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb]*$")))]
         pub name: String,
         /// The device's WireGuard public key: 32 bytes in canonical standard
         /// base64 (44 characters), a canonical Curve25519 key (below 2^255 - 19,

@@ -32,8 +32,14 @@ impl Email {
         if email.len() > MAX_EMAIL_LEN {
             return Err(bad("is longer than 254 bytes"));
         }
-        if email.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(bad("contains spaces or control characters"));
+        // Hidden characters and joiners would let one address look like
+        // another (`crate::text::is_hidden`).
+        let hidden = |c| crate::text::is_hidden(c) || crate::text::is_joiner(c);
+        if email
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || hidden(c))
+        {
+            return Err(bad("contains spaces, control or hidden characters"));
         }
         let Some((local, domain)) = email.split_once('@') else {
             return Err(bad("has no @"));
@@ -123,6 +129,9 @@ mod tests {
             "alice@exa..mple.com",
             "alice@-example.com",
             "a\0b@example.com",
+            "demo\u{200b}@example.com",
+            "demo@exam\u{200d}ple.com",
+            "\u{202e}moc.elpmaxe@omed",
         ] {
             let err = Email::parse(raw).unwrap_err();
             assert_eq!(err.field, "email", "{raw:?}");

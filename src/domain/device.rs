@@ -181,8 +181,10 @@ fn is_at_least_p(key: &[u8; KEY_LEN]) -> bool {
 }
 
 /// A device's display name: at most 64 characters, no control characters
-/// (they would break the lists and logs the name appears in), not only
-/// white space; stored trimmed. The checks are on the name as sent, as
+/// (they would break the lists and logs the name appears in) nor hidden ones
+/// (`crate::text::is_hidden`: a direction override or a zero-width space
+/// makes one name look like another), not only white space and joiners;
+/// stored trimmed. The checks are on the name as sent, as
 /// `openapi.json` states them, so a name the contract refuses is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeviceName(String);
@@ -193,16 +195,18 @@ impl DeviceName {
             field: "name",
             reason,
         };
-        if s.chars().any(char::is_control) {
-            return Err(bad("contains control characters"));
+        if s.chars()
+            .any(|c| c.is_control() || crate::text::is_hidden(c))
+        {
+            return Err(bad("contains control or hidden characters"));
         }
         if s.chars().count() > MAX_NAME_CHARS {
             return Err(bad("is longer than 64 characters"));
         }
         // White space as the contract's `\s` (ECMAScript's) knows it, which
         // also counts the byte-order mark.
-        let name = s.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
-        if name.is_empty() {
+        let name = s.trim_matches(char::is_whitespace);
+        if name.chars().all(crate::text::is_joiner) {
             return Err(bad("is empty"));
         }
         Ok(DeviceName(name.to_owned()))
@@ -629,7 +633,13 @@ mod tests {
     #[test]
     fn empty_and_control_character_names_are_refused() {
         assert_eq!(reason(DeviceName::parse("")), "is empty");
-        assert_eq!(reason(DeviceName::parse(" \u{2003}\u{feff} ")), "is empty");
+        assert_eq!(reason(DeviceName::parse(" \u{2003}\u{a0} ")), "is empty");
+        assert_eq!(reason(DeviceName::parse(" \u{200d} ")), "is empty");
+        // Joiners between characters are part of the name (an emoji sequence).
+        assert_eq!(
+            DeviceName::parse("👩\u{200d}💻 laptop").unwrap().as_str(),
+            "👩\u{200d}💻 laptop"
+        );
         // Also where trimming would have removed them.
         for bad in [
             "a\tb",
@@ -639,10 +649,15 @@ mod tests {
             "a\u{85}b",
             "x\n",
             "\t\n",
+            "\u{202e}enohp",
+            "phone\u{200b}",
+            "\u{feff}phone",
+            "pho\u{ad}ne",
+            "\u{2066}x\u{2069}",
         ] {
             assert_eq!(
                 reason(DeviceName::parse(bad)),
-                "contains control characters",
+                "contains control or hidden characters",
                 "{bad:?}"
             );
         }

@@ -412,7 +412,7 @@ impl Family {
 impl UserSessions {
     /// Starts a new session (generation 0) and returns its first token.
     ///
-    /// `label` is cleaned: control characters removed, trimmed, cut to
+    /// `label` is cleaned: control and hidden characters removed, trimmed, cut to
     /// [`MAX_LABEL_CHARS`] characters; empty becomes [`UNNAMED_LABEL`]. If the
     /// user already has [`MAX_ACTIVE_SESSIONS`] active sessions, the least
     /// recently refreshed is revoked ([`RevokeReason::Evicted`]). Long-ended
@@ -764,13 +764,17 @@ impl UserSessions {
     }
 }
 
-/// Control characters removed, trimmed, cut to [`MAX_LABEL_CHARS`] characters
-/// (not bytes, so a multi-byte character is never split), empty → unnamed.
+/// Control and hidden characters (`crate::text::is_hidden`) removed,
+/// trimmed, cut to [`MAX_LABEL_CHARS`] characters (not bytes, so a
+/// multi-byte character is never split); nothing visible left → unnamed.
 fn clean_label(label: &str) -> String {
-    let visible: String = label.chars().filter(|c| !c.is_control()).collect();
+    let visible: String = label
+        .chars()
+        .filter(|&c| !c.is_control() && !crate::text::is_hidden(c))
+        .collect();
     let cut: String = visible.trim().chars().take(MAX_LABEL_CHARS).collect();
     match cut.trim_end() {
-        "" => UNNAMED_LABEL.to_owned(),
+        cut if cut.chars().all(crate::text::is_joiner) => UNNAMED_LABEL.to_owned(),
         cut => cut.to_owned(),
     }
 }
@@ -1334,6 +1338,8 @@ mod tests {
         assert_eq!(clean_label("  My\tPhone\u{7}\n "), "MyPhone");
         assert_eq!(clean_label(" \u{0} \r\n"), UNNAMED_LABEL);
         assert_eq!(clean_label(""), UNNAMED_LABEL);
+        assert_eq!(clean_label("\u{202e}enohP\u{200b}"), "enohP");
+        assert_eq!(clean_label(" \u{200d}\u{feff} "), UNNAMED_LABEL);
         let long = "é".repeat(MAX_LABEL_CHARS + 10);
         assert_eq!(clean_label(&long).chars().count(), MAX_LABEL_CHARS);
         let spaced = format!("{} tail", "a".repeat(MAX_LABEL_CHARS - 1));
