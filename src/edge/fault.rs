@@ -72,6 +72,10 @@ pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
 /// after it came: as when another rotation's answer overtakes it.
 pub const DEVICE_LATE: &str = "device.late";
 pub const DEVICE_LATE_MS: u64 = 2_000;
+/// The point, on `DELETE /v1/devices/{id}`, at which the user's object
+/// throws once it has recorded the removal (and its answer, under the
+/// request's idempotency key): as when the object resets before answering.
+pub const DEVICE_AFTER_APPLY: &str = "device.after_apply";
 /// The point, on `POST /v1/connect`, at which the first attempt to send the
 /// admitted connection's event to the queue fails, as a queue that refused
 /// it would.

@@ -785,7 +785,7 @@ impl UserSession {
             // No await but storage ones between this check and the list's
             // application, so no operation can start in between.
             Ok(devices) if unchanged() => {
-                self.apply_devices(mark, devices, Own::Nothing, origin)
+                self.apply_devices(mark, devices, Own::Nothing, None, origin)
                     .await?;
                 if !unchanged() {
                     return Ok(Settle::Busy);
@@ -800,17 +800,29 @@ impl UserSession {
 
     /// Records PostgreSQL's list of the user's devices: syncs the ledger (from
     /// `mark`, see `Ledger::sync_since`), keeps the records, persists, and
-    /// mirrors them to KV for the connect path.
+    /// mirrors them to KV for the connect path. `answered`: the request's
+    /// idempotency key and its answer, recorded in the same write as the
+    /// change, so that no reset of the object between two writes leaves the
+    /// change made and its key's record in flight (a retry would then run
+    /// it again, and find nothing to do: a removal's retry answered 404).
     async fn apply_devices(
         &self,
         mark: SyncMark,
         devices: Vec<store::Device>,
         own: Own<'_>,
+        answered: Option<(&str, &Answer)>,
         origin: &Origin,
     ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
         Self::sync_devices(&mut stored, mark, devices, own);
+        if let Some((key, Answer::Changed(status, body))) = answered {
+            let response = StoredResponse {
+                status: *status,
+                body: body.clone(),
+            };
+            stored.idempotency.complete(key, response, now);
+        }
         self.persist(&mut stored, now).await?;
         self.mirror(&[Mirrored::Devices], origin).await;
         Ok(())
@@ -1500,15 +1512,19 @@ impl UserSession {
                     } else {
                         Own::Nothing
                     };
-                    self.apply_devices(mark, deleted.devices, own, &origin)
-                        .await?;
-                    op.done();
                     let answer = serde_json::json!({ "deleted": gone });
-                    if gone {
-                        Answer::changed(200, &answer)
+                    let answer = if gone {
+                        Answer::changed(200, &answer)?
                     } else {
-                        Ok(Answer::Other(Response::from_json(&answer)?))
-                    }
+                        Answer::Other(Response::from_json(&answer)?)
+                    };
+                    let key = r.idempotency.as_ref().map(|(k, _)| k.as_str());
+                    let answered = key.map(|k| (k, &answer));
+                    self.apply_devices(mark, deleted.devices, own, answered, &origin)
+                        .await?;
+                    fault::at(&origin.fault, fault::DEVICE_AFTER_APPLY)?;
+                    op.done();
+                    Ok(answer)
                 }
                 Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }
@@ -1545,7 +1561,13 @@ impl UserSession {
             match outcome {
                 Ok(rotated) => {
                     let own = rotated.device.as_ref().map_or(Own::Nothing, Own::Wrote);
-                    self.apply_devices(mark, rotated.devices, own, &origin)
+                    let answer = match &rotated.device {
+                        Some(d) => Answer::changed(200, d)?,
+                        None => Answer::Other(refuse(404, "device_not_found", None)?),
+                    };
+                    let key = r.idempotency.as_ref().map(|(k, _)| k.as_str());
+                    let answered = key.map(|k| (k, &answer));
+                    self.apply_devices(mark, rotated.devices, own, answered, &origin)
                         .await?;
                     // This rotation's own row wins in the records, as every
                     // operation's does. But another operation that started
@@ -1570,10 +1592,7 @@ impl UserSession {
                             serde_json::json!({"error": cause}),
                         );
                     }
-                    match rotated.device {
-                        Some(d) => Answer::changed(200, &d),
-                        None => Ok(Answer::Other(refuse(404, "device_not_found", None)?)),
-                    }
+                    Ok(answer)
                 }
                 Err(fail) => Ok(Answer::Other(refuse_fail(&fail, &origin)?)),
             }

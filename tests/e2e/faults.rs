@@ -1165,8 +1165,9 @@ fn delete_cut_short_then_register_while_busy(ctx: &Ctx) -> Result<(), Failed> {
 /// (the user's object threw after PostgreSQL's delete: the answer was lost,
 /// and no answer was recorded under the key) is retried under its key: it is
 /// 204, as the README promises a retried delete is, and so is a replay of
-/// that. It was 404: the retry's delete found nothing. A device the user
-/// never had is still 404.
+/// that. It was 404: the retry's delete found nothing. So is one whose
+/// object threw once it had recorded the removal. A device the user never
+/// had is still 404.
 fn delete_cut_short_then_retried(ctx: &Ctx) -> Result<(), Failed> {
     let stack = ctx.stack();
     let base = stack.wrangler.base_url.as_str();
@@ -1200,6 +1201,39 @@ fn delete_cut_short_then_retried(ctx: &Ctx) -> Result<(), Failed> {
             let r = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &keyed).await;
             assert_eq!(r.status, 204, "{attempt}: {}", r.body);
         }
+
+        // Cut later: the object recorded the removal, then threw (as when it
+        // resets before answering). The removal and its key's answer were
+        // recorded in one write, so the retry replays 204; recorded apart,
+        // the key was left in flight, the retry ran again and found nothing
+        // (404).
+        let reg = Reg {
+            key: unique("retried-"),
+            body: json!({"name": "phone", "public_key": wg_key()}),
+            ..reg
+        };
+        let made = register(ctx, base, &user.access, &reg, None).await;
+        assert_eq!(made.status, 201, "{}", made.body);
+        let path = format!("/v1/devices/{}", s(&made.body["id"]));
+        let key = unique("delete-");
+        let keyed = [("idempotency-key", key.as_str())];
+        let cut = send_to(
+            ctx,
+            base,
+            "DELETE",
+            &path,
+            None,
+            Some(&user.access),
+            &[keyed[0], ("x-keenvpn-fault", "device.after_apply")],
+        )
+        .await;
+        assert_eq!(cut.status, 503, "{}", cut.body);
+        assert!(devices_in_db(&db, &user.id).await.is_empty(), "deleted");
+        for attempt in ["the retry", "its replay"] {
+            let r = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &keyed).await;
+            assert_eq!(r.status, 204, "{attempt}: {}", r.body);
+        }
+
         let unknown = "/v1/devices/00000000-0000-4000-8000-000000000000";
         let r = send_to(ctx, base, "DELETE", unknown, None, Some(&user.access), &[]).await;
         assert_eq!(r.status, 404, "{}", r.body);
