@@ -774,11 +774,6 @@ pub async fn verify_bearer(req: &Incoming, env: &Env) -> Result<AccessClaims, Fa
         )
         .into());
     };
-    if header.len() > MAX_AUTHORIZATION_LEN {
-        return Err(
-            ApiError::new(ProblemCode::TokenTooLarge, "The access token is too large.").into(),
-        );
-    }
     let token = match header.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
         // Another scheme (or none) carries no access token: missing, whose
@@ -791,6 +786,13 @@ pub async fn verify_bearer(req: &Incoming, env: &Env) -> Result<AccessClaims, Fa
             .into());
         }
     };
+    // The scheme first: a large header of another scheme carries no token,
+    // too large or not.
+    if header.len() > MAX_AUTHORIZATION_LEN {
+        return Err(
+            ApiError::new(ProblemCode::TokenTooLarge, "The access token is too large.").into(),
+        );
+    }
     let keys = secrets::keys(env)?;
     webcrypto::verify(keys, token, time::now_secs())
         .await?
