@@ -6,7 +6,8 @@
 //! document's schemas from the same definitions, so the contract cannot say one
 //! thing while the worker does another. The schema derivations are compiled
 //! only natively: the worker carries the finished document as text
-//! ([`OPENAPI_JSON`]), not the machinery that wrote it.
+//! ([`OPENAPI_SERVED`], the compact copy of `openapi.json` that `build.rs`
+//! writes), not the machinery that wrote it.
 
 use crate::domain::catalogue::{Health, Tier};
 use crate::domain::readiness::Probe;
