@@ -79,12 +79,13 @@ pub const DEFAULT_REGION: &str = "eu-central";
 pub const MAX_FAILOVER: usize = 5;
 
 /// How many regions a client may ask placement to avoid, and the longest id
-/// it may name (`POST /v1/connect`'s `avoid`).
+/// it may name, in characters (`POST /v1/connect`'s `avoid`).
 pub const MAX_AVOID: usize = 8;
-pub const MAX_AVOID_ID_LEN: usize = 64;
+pub const MAX_AVOID_ID_CHARS: usize = 64;
 
 /// Checks a connect's `avoid` list: at most [`MAX_AVOID`] ids of 1 to
-/// [`MAX_AVOID_ID_LEN`] bytes. Ids not in the catalogue are not an error (a
+/// [`MAX_AVOID_ID_CHARS`] characters (as the contract's `maxLength` counts
+/// them, not bytes). Ids not in the catalogue are not an error (a
 /// region can leave it between an app's attempts).
 pub fn check_avoid(avoid: &[String]) -> Result<(), super::account::Invalid> {
     let bad = |reason| super::account::Invalid {
@@ -96,9 +97,9 @@ pub fn check_avoid(avoid: &[String]) -> Result<(), super::account::Invalid> {
     }
     if avoid
         .iter()
-        .any(|id| id.is_empty() || id.len() > MAX_AVOID_ID_LEN)
+        .any(|id| id.is_empty() || id.chars().count() > MAX_AVOID_ID_CHARS)
     {
-        return Err(bad("has an id that is empty or longer than 64 bytes"));
+        return Err(bad("has an id that is empty or longer than 64 characters"));
     }
     Ok(())
 }
@@ -1293,14 +1294,16 @@ mod tests {
     fn an_avoid_list_is_bounded() {
         let list = |n: usize, id: &str| vec![id.to_string(); n];
         assert!(check_avoid(&[]).is_ok());
-        assert!(check_avoid(&list(MAX_AVOID, &"r".repeat(MAX_AVOID_ID_LEN))).is_ok());
+        assert!(check_avoid(&list(MAX_AVOID, &"r".repeat(MAX_AVOID_ID_CHARS))).is_ok());
+        // Characters, not bytes: 64 four-byte characters are 64.
+        assert!(check_avoid(&list(1, &"𝐓".repeat(MAX_AVOID_ID_CHARS))).is_ok());
         let err = check_avoid(&list(MAX_AVOID + 1, "eu-west")).unwrap_err();
         assert_eq!(
             (err.field, err.reason),
             ("avoid", "lists more than 8 regions")
         );
         assert!(check_avoid(&list(1, "")).is_err());
-        assert!(check_avoid(&list(1, &"r".repeat(MAX_AVOID_ID_LEN + 1))).is_err());
+        assert!(check_avoid(&list(1, &"r".repeat(MAX_AVOID_ID_CHARS + 1))).is_err());
     }
 
     fn servers_region(servers: Vec<Server>) -> Region {
