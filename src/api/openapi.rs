@@ -461,6 +461,20 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             problems: &[P::DeviceLimitReached, P::PublicKeyInUse],
         },
         Op {
+            method: "get",
+            path: "/v1/devices/{id}",
+            id: "getDevice",
+            tag: "devices",
+            summary: "Read a device",
+            description: "One of the user's devices: where a registration's `Location` points. The id's hex digits may be in either case.",
+            auth: Auth::User,
+            needs: Needs::BOTH,
+            body: None,
+            idempotent: false,
+            answers: vec![answer::<Device>(s, 200, "The device.")],
+            problems: &[P::DeviceNotFound],
+        },
+        Op {
             method: "delete",
             path: "/v1/devices/{id}",
             id: "deleteDevice",
@@ -643,6 +657,11 @@ fn device_links() -> Value {
             "operationId": "connect",
             "requestBody": {"device_id": "$response.body#/id"},
             "description": "Ask for a server for the new device.",
+        },
+        "read": {
+            "operationId": "getDevice",
+            "parameters": {"id": "$response.body#/id"},
+            "description": "Read the new device again.",
         },
         "rotateKey": {
             "operationId": "rotateDeviceKey",
@@ -896,6 +915,7 @@ mod tests {
             Route::Me,
             Route::ListDevices,
             Route::CreateDevice,
+            Route::GetDevice(id()),
             Route::DeleteDevice(id()),
             Route::RotateDeviceKey(id()),
             Route::StripeWebhook,
@@ -918,6 +938,7 @@ mod tests {
                 | Route::Me
                 | Route::ListDevices
                 | Route::CreateDevice
+                | Route::GetDevice(_)
                 | Route::DeleteDevice(_)
                 | Route::RotateDeviceKey(_)
                 | Route::StripeWebhook

@@ -5,7 +5,7 @@
 //!
 //! Creating, deleting and rotating go through the user's `UserSession` object,
 //! which owns the device limit and the connect path's copy of the devices (see
-//! `user_session.rs`); listing goes straight to PostgreSQL. Every query is
+//! `user_session.rs`); listing and reading one go straight to PostgreSQL. Every query is
 //! scoped to the token's user, so another user's device id behaves exactly
 //! like one that does not exist.
 
@@ -122,6 +122,23 @@ pub async fn list(req: Incoming, env: &Env) -> Result<Reply, Fail> {
             max_devices,
         },
     ))
+}
+
+/// One of the user's devices, from PostgreSQL (where a registration's
+/// `Location` points).
+pub async fn get(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let Some(id) = device::device_id(id) else {
+        return Err(not_found());
+    };
+    let db = store::connect(env).await?;
+    let devices = store::list_devices(&db, &claims.sub).await?;
+    drop(db);
+    let device = devices
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(not_found)?;
+    Ok(Reply::json(200, &device))
 }
 
 pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {

@@ -195,6 +195,9 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
         Routed::Found(Route::Me) => auth::me(req, &env).boxed_local(),
         Routed::Found(Route::ListDevices) => devices::list(req, &env).boxed_local(),
         Routed::Found(Route::CreateDevice) => devices::create(req, &env).boxed_local(),
+        Routed::Found(Route::GetDevice(id)) => {
+            async move { devices::get(req, &env, &id).await }.boxed_local()
+        }
         Routed::Found(Route::DeleteDevice(id)) => {
             async move { devices::delete(req, &env, &id).await }.boxed_local()
         }

@@ -31,6 +31,8 @@ pub enum Route {
     ListDevices,
     /// `POST /v1/devices`
     CreateDevice,
+    /// `GET /v1/devices/{id}`: the `Location` a registration answers with.
+    GetDevice(String),
     /// `DELETE /v1/devices/{id}`
     DeleteDevice(String),
     /// `PUT /v1/devices/{id}/public_key`
@@ -83,7 +85,10 @@ pub fn route(method: &str, path: &str) -> Routed {
         "/v1/connect" => ("POST", Route::Connect),
         "/v1/admin/servers" => (READ_ONLY, Route::AdminServers),
         _ => match (device_path(path), admin_region_path(path)) {
-            (Some((id, false)), _) => ("DELETE", Route::DeleteDevice(id.to_owned())),
+            (Some((id, false)), _) => match method {
+                "GET" => (DEVICE, Route::GetDevice(id.to_owned())),
+                _ => (DEVICE, Route::DeleteDevice(id.to_owned())),
+            },
             (Some((id, true)), _) => ("PUT", Route::RotateDeviceKey(id.to_owned())),
             (_, Some((id, false))) => ("PUT", Route::AdminSetRegion(id.to_owned())),
             (_, Some((id, true))) => ("POST", Route::AdminHealthReport(id.to_owned())),
@@ -99,6 +104,9 @@ pub fn route(method: &str, path: &str) -> Routed {
 
 /// The `Allow` of a path that only reads.
 const READ_ONLY: &str = "GET, HEAD";
+
+/// The `Allow` of a device's path.
+const DEVICE: &str = "GET, HEAD, DELETE";
 
 /// `/v1/devices/{id}` → (id, false); `/v1/devices/{id}/public_key` → (id, true).
 fn device_path(path: &str) -> Option<(&str, bool)> {
@@ -223,6 +231,24 @@ mod tests {
             Routed::MethodNotAllowed { allow: "POST" }
         );
         assert_eq!(route("HEAD", "/nowhere"), Routed::NotFound);
+    }
+
+    #[test]
+    fn a_device_path_is_read_and_deleted_and_nothing_else() {
+        let id = || "0b6f3c2e-8f1a-4d2b-9c3e-5a7b9d1f2e4c".to_owned();
+        let path = format!("/v1/devices/{}", id());
+        assert_eq!(route("GET", &path), Routed::Found(Route::GetDevice(id())));
+        assert_eq!(route("HEAD", &path), Routed::Found(Route::GetDevice(id())));
+        assert_eq!(
+            route("DELETE", &path),
+            Routed::Found(Route::DeleteDevice(id()))
+        );
+        assert_eq!(
+            route("POST", &path),
+            Routed::MethodNotAllowed {
+                allow: "GET, HEAD, DELETE"
+            }
+        );
     }
 
     #[test]

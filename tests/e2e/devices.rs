@@ -121,6 +121,19 @@ fn lifecycle(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(list.status, 200);
         assert_eq!(list.body["devices"], json!([d]));
         assert_eq!(list.body["max_devices"], 1);
+        // The `Location` reads the device back, its id in either case.
+        for path in [id.clone(), id.to_ascii_uppercase()] {
+            let read = send(
+                ctx,
+                "GET",
+                &format!("/v1/devices/{path}"),
+                None,
+                Some(&user.access),
+            )
+            .await;
+            assert_eq!(read.status, 200, "{}", read.body);
+            assert_eq!(read.body, d);
+        }
 
         let new_key = wg_key();
         let rotated = send(
@@ -163,6 +176,16 @@ fn lifecycle(ctx: &Ctx) -> Result<(), Failed> {
         .await;
         assert_eq!(again.status, 404);
         assert_eq!(again.body["code"], "device_not_found");
+        let read = send(
+            ctx,
+            "GET",
+            &format!("/v1/devices/{id}"),
+            None,
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(read.status, 404);
+        assert_eq!(read.body["code"], "device_not_found");
         // The freed slot can be used again (the free plan allows one device).
         assert_eq!(create(ctx, &user, "Phone", &wg_key()).await.status, 201);
         Ok(())
@@ -315,7 +338,15 @@ fn cross_user(ctx: &Ctx) -> Result<(), Failed> {
                 Some(&b.access),
             )
             .await;
-            for r in [&del, &put] {
+            let get = send(
+                ctx,
+                "GET",
+                &format!("/v1/devices/{target}"),
+                None,
+                Some(&b.access),
+            )
+            .await;
+            for r in [&del, &put, &get] {
                 assert_eq!(r.status, 404, "{target}: {}", r.body);
                 assert_eq!(r.body["code"], "device_not_found");
                 assert_eq!(
