@@ -206,7 +206,10 @@ impl DeviceName {
         // White space as the contract's `\s` (ECMAScript's) knows it, which
         // also counts the byte-order mark.
         let name = s.trim_matches(char::is_whitespace);
-        if name.chars().all(crate::text::is_joiner) {
+        if name
+            .chars()
+            .all(|c| c.is_whitespace() || crate::text::is_joiner(c))
+        {
             return Err(bad("is empty"));
         }
         Ok(DeviceName(name.to_owned()))
@@ -635,6 +638,7 @@ mod tests {
         assert_eq!(reason(DeviceName::parse("")), "is empty");
         assert_eq!(reason(DeviceName::parse(" \u{2003}\u{a0} ")), "is empty");
         assert_eq!(reason(DeviceName::parse(" \u{200d} ")), "is empty");
+        assert_eq!(reason(DeviceName::parse("\u{200d} \u{200c}")), "is empty");
         // Joiners between characters are part of the name (an emoji sequence).
         assert_eq!(
             DeviceName::parse("👩\u{200d}💻 laptop").unwrap().as_str(),

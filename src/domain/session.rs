@@ -774,7 +774,12 @@ fn clean_label(label: &str) -> String {
         .collect();
     let cut: String = visible.trim().chars().take(MAX_LABEL_CHARS).collect();
     match cut.trim_end() {
-        cut if cut.chars().all(crate::text::is_joiner) => UNNAMED_LABEL.to_owned(),
+        cut if cut
+            .chars()
+            .all(|c| c.is_whitespace() || crate::text::is_joiner(c)) =>
+        {
+            UNNAMED_LABEL.to_owned()
+        }
         cut => cut.to_owned(),
     }
 }
@@ -1340,6 +1345,7 @@ mod tests {
         assert_eq!(clean_label(""), UNNAMED_LABEL);
         assert_eq!(clean_label("\u{202e}enohP\u{200b}"), "enohP");
         assert_eq!(clean_label(" \u{200d}\u{feff} "), UNNAMED_LABEL);
+        assert_eq!(clean_label("\u{200d} \u{200c}"), UNNAMED_LABEL);
         let long = "é".repeat(MAX_LABEL_CHARS + 10);
         assert_eq!(clean_label(&long).chars().count(), MAX_LABEL_CHARS);
         let spaced = format!("{} tail", "a".repeat(MAX_LABEL_CHARS - 1));

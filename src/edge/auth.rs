@@ -89,8 +89,15 @@ pub(super) fn keyed(
     )))
 }
 
-fn parse_credentials(b: &Credentials) -> Result<(Email, Password), Fail> {
-    match (Email::parse(&b.email), Password::parse(&b.password)) {
+/// The email and password of a sign-in, or of a sign-up (`new`: the
+/// address is checked as one about to be made, `Email::parse_new`).
+fn parse_credentials(b: &Credentials, new: bool) -> Result<(Email, Password), Fail> {
+    let email = if new {
+        Email::parse_new(&b.email)
+    } else {
+        Email::parse(&b.email)
+    };
+    match (email, Password::parse(&b.password)) {
         (Ok(e), Ok(p)) => Ok((e, p)),
         (e, p) => {
             let errors: Vec<_> = [e.err(), p.err()].into_iter().flatten().collect();
@@ -255,7 +262,7 @@ fn email_taken() -> Fail {
 
 pub async fn signup(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
-    let (email, password) = parse_credentials(&b)?;
+    let (email, password) = parse_credentials(&b, true)?;
     let idempotency = keyed_sign_in(&req, "/v1/auth/signup", &email, &b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;
@@ -598,7 +605,7 @@ fn network_digest(env: &Env, network: &str) -> Option<String> {
 
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
-    let (email, password) = parse_credentials(&b)?;
+    let (email, password) = parse_credentials(&b, false)?;
     let idempotency = keyed_sign_in(&req, "/v1/auth/login", &email, &b)?;
     let keys = secrets::keys(env)?;
     secrets::pepper_or_fail(env)?;

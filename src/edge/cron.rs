@@ -304,7 +304,9 @@ pub enum Write {
 }
 
 /// Reads the catalogue through `binding` and stores it in KV (as `write`
-/// says). Returns the snapshot KV holds and whether this call wrote it;
+/// says). Returns the snapshot last read and whether this call wrote a
+/// snapshot (should a later round's write fail, the one returned may be
+/// newer than KV's, which the next run corrects);
 /// with [`Write::IfDifferent`], a failed write is logged and the snapshot
 /// read is returned all the same (unwritten).
 ///

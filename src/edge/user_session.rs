@@ -1427,8 +1427,10 @@ impl UserSession {
     /// runs a registration: the key is recorded in flight (and durable) before
     /// the change starts, then completed with the change's answer if it took
     /// effect, or given back if not. A retry then gets the first answer; one
-    /// that arrives while the first still runs, 409; the key with another
-    /// request, 422. Without a key, `change` just runs.
+    /// that arrives while the first still runs, 409 (a removal or rotation
+    /// completes its key in the write that applies it, `apply_devices`, so a
+    /// retry after that gets the answer); the key with another request, 422.
+    /// Without a key, `change` just runs.
     async fn keyed(
         &self,
         user_id: &str,

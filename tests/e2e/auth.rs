@@ -1087,6 +1087,15 @@ fn bad_bodies(ctx: &Ctx) -> Result<(), Failed> {
                 422,
                 "validation_failed",
             ),
+            // A zero-width space: an address that looks exactly like another.
+            (
+                json!({"email": format!("\u{200b}{email}"), "password": "long enough"})
+                    .to_string()
+                    .into_bytes(),
+                "application/json",
+                422,
+                "validation_failed",
+            ),
             (
                 json!({"email": email, "password": "short"})
                     .to_string()
@@ -1136,6 +1145,7 @@ fn bad_bodies(ctx: &Ctx) -> Result<(), Failed> {
                     "a@example.test".to_owned(),
                     "nope".to_owned(),
                     "not-an-email".to_owned(),
+                    format!("\u{200b}{email}"),
                 ]],
             )
             .await?
