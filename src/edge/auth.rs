@@ -208,6 +208,8 @@ struct Opening {
     label: Option<String>,
     idempotency: Option<(String, String)>,
     again_only: bool,
+    /// The session id to open it under (`CreateReq::sid`).
+    sid: Option<String>,
 }
 
 impl Opening {
@@ -216,6 +218,7 @@ impl Opening {
             label,
             idempotency,
             again_only: false,
+            sid: None,
         }
     }
 }
@@ -235,6 +238,7 @@ async fn open_session(
         inputs,
         idempotency: opening.idempotency,
         again_only: opening.again_only,
+        sid: opening.sid,
         fault: req.header(fault::HEADER),
     };
     let (status, body) = call(
@@ -374,9 +378,8 @@ async fn signup_again(
     }
     throttle_succeeded(env, req.request_id(), (&account, &network), account_at).await;
     let opening = Opening {
-        label: None,
-        idempotency: Some(keyed),
         again_only: true,
+        ..Opening::new(None, Some(keyed))
     };
     match open_session(env, req, &row.user_id, row.inputs, opening).await {
         Ok(issued) => token_pair(keys, &row.user_id, &issued, 201).await,
@@ -669,8 +672,24 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     if armed.as_deref() == Some(fault::LOGIN_LATE) {
         time::sleep(fault::LOGIN_LATE_MS).await;
     }
-    let opening = Opening::new(b.device_label, idempotency);
-    let issued = open_session(env, &req, &row.user_id, row.inputs, opening).await?;
+    // The session's id is drawn here, so that a session the object stored
+    // but whose answer was lost (a reset, a dropped connection) can be taken
+    // back, with the session its opening evicted at the limit: the client
+    // was told the sign-in failed.
+    let sid = hex::encode(random::bytes::<16>());
+    let opening = Opening {
+        sid: Some(sid.clone()),
+        ..Opening::new(b.device_label, idempotency)
+    };
+    let issued = match open_session(env, &req, &row.user_id, row.inputs, opening).await {
+        Ok(issued) => issued,
+        Err(fail) => {
+            if fail.api.code.status() >= 500 {
+                end_unanswered(env, &req, &row.user_id, &sid).await;
+            }
+            return Err(fail);
+        }
+    };
     let signed = if armed.as_deref() == Some(fault::TOKEN_UNSIGNED) {
         Err(fault::unavailable(fault::TOKEN_UNSIGNED))
     } else {
@@ -685,7 +704,8 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
 }
 
 /// Takes back a session the sign-in opened but could not answer with (its
-/// tokens were not signed): no client holds its refresh token, and left alone
+/// tokens were not signed, or the object's answer was lost): no client holds
+/// its refresh token, and left alone
 /// it would be listed among the user's sessions until it went idle. At the
 /// session limit, its opening ended the least recently used session, which
 /// is given back, so that the failed sign-in changes nothing. Best effort: a

@@ -41,8 +41,8 @@ pub const MIRROR_KV: &str = "mirror.kv";
 /// and the entitlement cache) starts [`KV_SLOW_MS`] late, as in a KV stall.
 pub const KV_SLOW: &str = "kv.slow";
 pub const KV_SLOW_MS: u64 = 5_000;
-/// The point, on `POST /v1/auth/signup`, at which the new user's
-/// `UserSession` throws after storing the session (the answer is lost).
+/// The point, on `POST /v1/auth/signup` and `/login`, at which the user's
+/// `UserSession` throws after storing the new session (the answer is lost).
 pub const SESSION_CREATE: &str = "session.create";
 /// The point, on `POST /v1/auth/signup`, `/login` and `/refresh`, at which
 /// the Worker finds its signing keys refused by the runtime's WebCrypto.

@@ -347,6 +347,11 @@ pub struct CreateReq {
     /// Without one to answer with, the object answers 409 `email_taken`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub again_only: bool,
+    /// The new session's id (32 hex digits, random), chosen by the Worker so
+    /// that it can take back (`/withdraw`) a session whose answer it never
+    /// got; without one, or with one in use, the object draws it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
     /// A fault point to throw at (development only; see `fault`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<String>,
@@ -1027,11 +1032,16 @@ impl UserSession {
         }
         // At the session limit, a new session ends the oldest: a revocation.
         let evicts = stored.sessions.is_full(now);
+        let sid = r
+            .sid
+            .as_deref()
+            .and_then(|s| <[u8; 16]>::try_from(hex::decode(s).ok()?).ok())
+            .filter(|sid| !stored.sessions.knows(&hex::encode(sid)));
         let issued = stored.sessions.create(
             &r.user_id,
             &r.label,
             now,
-            random::bytes(),
+            sid.unwrap_or_else(random::bytes),
             random::bytes(),
             pepper,
         );

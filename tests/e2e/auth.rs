@@ -56,7 +56,7 @@ pub const TESTS: &[(&str, Test)] = &[
         keys_refused,
     ),
     (
-        "auth::a_sign_in_whose_token_was_not_signed_leaves_the_sessions_as_they_were",
+        "auth::a_sign_in_failing_once_its_session_was_stored_leaves_the_sessions_as_they_were",
         unsigned_login,
     ),
     (
@@ -863,12 +863,15 @@ fn keys_refused(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
-/// A sign-in whose access token could not be signed (the dev-only fault
-/// point `token.unsigned`, reached after the user's object stored the
-/// session) answers 503 and takes back the session it opened: no client holds
-/// it, so it is not left among the user's sessions until it goes idle. At the
-/// session limit, opening it ended the least recently used session; that one
-/// is given back, so that the failed sign-in changes nothing.
+/// A sign-in that fails once the user's object stored its session answers
+/// 503 and takes back the session it opened: no client holds it, so it is
+/// not left among the user's sessions until it goes idle. At the session
+/// limit, opening it ended the least recently used session; that one is
+/// given back, so that the failed sign-in changes nothing. Two ways, at
+/// dev-only fault points: its access token could not be signed
+/// (`token.unsigned`), or the object's answer was lost (`session.create`:
+/// the object throws after storing the session; before, that session stayed,
+/// and the one it evicted was gone).
 fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let (email, first) = new_user(ctx).await;
@@ -878,23 +881,31 @@ fn unsigned_login(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(r.status, 200, "{}", r.body);
             pairs.push(r);
         }
-        let r = at_fault(ctx, "/v1/auth/login", &email, "token.unsigned").await;
-        assert_eq!(
-            (r.status, r.body["code"].as_str()),
-            (503, Some("service_unavailable")),
-            "{}",
-            r.body
-        );
-        let listed = me(ctx, s(&pairs[0].body["access_token"])).await;
-        assert_eq!(listed.status, 200, "{}", listed.body);
-        let sessions = listed.body["sessions"].as_array().unwrap();
-        // Ended sessions are not listed: without the one given back, 19.
-        assert_eq!(sessions.len(), MAX_ACTIVE_SESSIONS, "{}", listed.body);
-        // Every session the user holds still refreshes, the least recently
-        // used one included.
-        for (n, pair) in pairs.iter().enumerate() {
-            let r = refresh(ctx, s(&pair.body["refresh_token"])).await;
-            assert_eq!(r.status, 200, "session {n}: {}", r.body);
+        for fault in ["token.unsigned", "session.create"] {
+            let r = at_fault(ctx, "/v1/auth/login", &email, fault).await;
+            assert_eq!(
+                (r.status, r.body["code"].as_str()),
+                (503, Some("service_unavailable")),
+                "{fault}: {}",
+                r.body
+            );
+            let listed = me(ctx, s(&pairs[0].body["access_token"])).await;
+            assert_eq!(listed.status, 200, "{}", listed.body);
+            let sessions = listed.body["sessions"].as_array().unwrap();
+            // Ended sessions are not listed: without the one given back, 19.
+            assert_eq!(
+                sessions.len(),
+                MAX_ACTIVE_SESSIONS,
+                "{fault}: {}",
+                listed.body
+            );
+            // Every session the user holds still refreshes, the least
+            // recently used one included.
+            for (n, pair) in pairs.iter_mut().enumerate() {
+                let r = refresh(ctx, s(&pair.body["refresh_token"])).await;
+                assert_eq!(r.status, 200, "{fault}, session {n}: {}", r.body);
+                *pair = r;
+            }
         }
         Ok(())
     })
