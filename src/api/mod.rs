@@ -124,9 +124,12 @@ wire! {
         #[serde(default)]
         pub health: Option<Health>,
         /// Reconnects per second the region admits (0 to 1,000,000; 0 admits no one).
-        #[cfg_attr(not(target_arch = "wasm32"), schemars(range(max = 1_000_000)))]
-        #[serde(default, deserialize_with = "integral")]
-        pub admission_rate: Option<u32>,
+        // Read as any JSON number, so that one out of range (negative, a
+        // fraction, too large) is refused by name (`whole_rate`, 422), not as
+        // malformed JSON.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(with = "Option<u32>", range(max = 1_000_000)))]
+        #[serde(default)]
+        pub admission_rate: Option<serde_json::Number>,
     }
 
     /// `POST /v1/admin/regions/{id}/health-report`.
@@ -350,46 +353,57 @@ wire! {
     }
 }
 
-/// An optional `u32` that JSON may spell as an integral number with a
-/// fraction (`5.0`): JSON Schema's `integer` admits both, so we do too.
-fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    use serde::de::Error;
-    match Option::<serde_json::Number>::deserialize(d)? {
-        None => Ok(None),
-        Some(n) => n
-            .as_u64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= f64::from(u32::MAX))
-                    .map(|f| f as u64)
-            })
-            .and_then(|v| u32::try_from(v).ok())
-            .map(Some)
-            .ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected a u32"))),
-    }
+/// The most reconnects per second a region may be set to admit.
+pub const MAX_ADMISSION_RATE: u32 = 1_000_000;
+
+/// An admission rate from a JSON number: a whole number from 0 to
+/// [`MAX_ADMISSION_RATE`], which JSON may spell with a fraction (`5.0`), as
+/// JSON Schema's `integer` admits; `None` for anything else.
+pub fn whole_rate(n: &serde_json::Number) -> Option<u32> {
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= f64::from(u32::MAX))
+                .map(|f| f as u64)
+        })
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|&v| v <= MAX_ADMISSION_RATE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn rate(json: &str) -> Result<Option<u32>, String> {
+    /// The body's rate: `Err` if it is not JSON of the type, `Ok(Some(None))`
+    /// if it is a number but no rate.
+    fn rate(json: &str) -> Result<Option<Option<u32>>, String> {
         serde_json::from_str::<SetRegion>(json)
-            .map(|b| b.admission_rate)
+            .map(|b| b.admission_rate.as_ref().map(whole_rate))
             .map_err(|e| e.to_string())
     }
 
     #[test]
-    fn admission_rate_takes_integral_numbers_in_either_spelling() {
-        assert_eq!(rate(r#"{"admission_rate": 20}"#), Ok(Some(20)));
-        assert_eq!(rate(r#"{"admission_rate": 362880.0}"#), Ok(Some(362_880)));
+    fn admission_rate_takes_whole_numbers_in_either_spelling_up_to_the_maximum() {
+        assert_eq!(rate(r#"{"admission_rate": 20}"#), Ok(Some(Some(20))));
+        assert_eq!(
+            rate(r#"{"admission_rate": 362880.0}"#),
+            Ok(Some(Some(362_880)))
+        );
+        assert_eq!(
+            rate(r#"{"admission_rate": 1000000}"#),
+            Ok(Some(Some(MAX_ADMISSION_RATE)))
+        );
         assert_eq!(rate(r#"{"admission_rate": null}"#), Ok(None));
         assert_eq!(rate(r#"{}"#), Ok(None));
-        for bad in ["20.5", "-1", "-1.0", "4294967296", "1e300", "\"20\""] {
-            assert!(
-                rate(&format!(r#"{{"admission_rate": {bad}}}"#)).is_err(),
-                "{bad} accepted"
+        // Numbers, but no rate: refused by name (422), not as malformed JSON.
+        for bad in ["20.5", "-1", "-1.0", "1000001", "4294967296", "1e300"] {
+            assert_eq!(
+                rate(&format!(r#"{{"admission_rate": {bad}}}"#)),
+                Ok(Some(None)),
+                "{bad}"
             );
         }
+        // Not a number at all: malformed.
+        assert!(rate(r#"{"admission_rate": "20"}"#).is_err());
     }
 }

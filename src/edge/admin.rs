@@ -27,8 +27,6 @@ use worker::Env;
 pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
 /// The shortest admin token the API accepts being configured with.
 const MIN_TOKEN_LEN: usize = 16;
-/// No region admits more than this many reconnects per second (sanity bound).
-const MAX_ADMISSION_RATE: u32 = 1_000_000;
 /// How long a change waits for its catalogue publish (at most three rounds a
 /// second apart, normally well under a second). One that takes longer, as in
 /// a KV stall, is answered as a failed one, 503: the change is committed, a
@@ -160,16 +158,16 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     if let Some(h) = b.health {
         sets.push(format!("operator_health = {}", operator_health_sql(h)));
     }
-    if let Some(rate) = b.admission_rate {
-        if rate > MAX_ADMISSION_RATE {
+    if let Some(rate) = &b.admission_rate {
+        let Some(rate) = crate::api::whole_rate(rate) else {
             return Err(
                 crate::http::body::invalid(&[crate::domain::account::Invalid {
                     field: "admission_rate",
-                    reason: "is above 1000000",
+                    reason: "must be a whole number from 0 to 1000000",
                 }])
                 .into(),
             );
-        }
+        };
         sets.push(format!("admission_rate = {rate}"));
     }
     if sets.is_empty() {

@@ -1405,6 +1405,24 @@ fn admin_auth(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(r.status, 400);
+        // A number that is no rate is refused by name, whatever is wrong
+        // with it; before, all but the too-large one were malformed JSON.
+        for rate in [
+            json!(1_000_001),
+            json!(-1),
+            json!(2.5),
+            json!(4_294_967_296_u64),
+        ] {
+            let r = admin(
+                ctx,
+                "PUT",
+                "/v1/admin/regions/eu-west",
+                Some(json!({"admission_rate": rate})),
+            )
+            .await;
+            assert_eq!(r.status, 422, "{rate}: {}", r.body);
+            assert_eq!(r.body["errors"][0]["field"], "admission_rate", "{rate}");
+        }
         Ok(())
     })
 }
