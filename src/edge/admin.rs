@@ -142,11 +142,11 @@ async fn update_region(
             }
             cron::publish(env, bindings::DB, cron::Write::Always, fault.as_deref()).await
         };
-        time::timeout(PUBLISH_LIMIT_MS, publish)
+        let (snapshot, _) = time::timeout(PUBLISH_LIMIT_MS, publish)
             .await
             .unwrap_or_else(|| Err(format!("no end within {PUBLISH_LIMIT_MS} ms")))
             .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
-        catalogue::invalidate();
+        catalogue::install(snapshot);
     }
     Ok(Reply::json(200, &row.region))
 }

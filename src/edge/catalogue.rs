@@ -94,8 +94,8 @@ struct Cache {
     /// (with `revalidating`, this isolate would never check its copy again).
     /// So a flag older than any load can take is not heeded.
     revalidating: Option<u64>,
-    /// Counts [`invalidate`] calls: a request that read KV before one keeps
-    /// what it read for itself, instead of bringing back the forgotten copy.
+    /// Counts [`install`] calls: a request that read KV before one keeps
+    /// what it read for itself, instead of bringing back the replaced copy.
     generation: u64,
 }
 
@@ -110,27 +110,22 @@ thread_local! {
     };
 }
 
-/// Forgets this isolate's copy unless it is the snapshot whose etag is
-/// `etag` (after a cron run here, which writes the snapshot every minute,
-/// changed or not).
-pub fn invalidate_unless(etag: &str) {
-    let current = CACHE.with(|c| {
-        c.borrow()
-            .current
-            .as_ref()
-            .is_some_and(|(p, _)| p.snapshot().etag == etag)
-    });
-    if !current {
-        invalidate();
-    }
-}
-
-/// Forgets this isolate's copy (after an admin change made here, or a cron
-/// run here that published a new snapshot).
-pub fn invalidate() {
+/// Makes `snapshot`, which this isolate has just published (an admin
+/// change made here, or a cron run here), its copy, unless the copy is that
+/// snapshot already. The next requests route by it at once, and should KV
+/// fail before the copy's next check they still have one (stale-if-error);
+/// forgetting the copy instead left the next request to read and parse the
+/// whole snapshot again, and answer 503 if KV failed meanwhile. A request
+/// that read KV before keeps what it read for itself (`generation`).
+pub fn install(snapshot: Snapshot) {
+    let now = time::now_ms();
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
-        c.current = None;
+        let held = c.current.as_ref();
+        if held.is_some_and(|(p, _)| p.snapshot().etag == snapshot.etag) {
+            return;
+        }
+        c.current = Some((Rc::new(Placer::new(snapshot)), now));
         c.generation += 1;
     });
 }
@@ -153,7 +148,7 @@ impl Drop for Busy {
 }
 
 /// Stores `placer` as the copy checked at `now`, unless the copy was
-/// invalidated since `generation`.
+/// replaced ([`install`]) since `generation`.
 fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();

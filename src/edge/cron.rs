@@ -225,17 +225,17 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     .unwrap_or_else(|| Err(late()));
     match published {
         // The run always writes (`Write::Always`). Should this isolate's copy
-        // be older than what it wrote, it reads the new one at its next
-        // request, as after an admin change, rather than routing by the old
+        // be older than what it wrote, it routes by what it wrote from the
+        // next request on, as after an admin change, rather than by the old
         // one for up to its reuse time.
         Ok((snapshot, _)) => {
-            super::catalogue::invalidate_unless(&snapshot.etag);
             log::event(
                 Level::Info,
                 None,
                 "catalogue published",
                 json!({"etag": snapshot.etag}),
-            )
+            );
+            super::catalogue::install(snapshot);
         }
         Err(e) => log::event(
             Level::Error,

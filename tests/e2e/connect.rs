@@ -115,6 +115,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "connect::a_first_catalogue_load_kv_will_not_store_still_routes",
         catalogue_unstored,
     ),
+    (
+        "connect::after_an_admin_change_the_isolate_routes_by_what_it_published_even_with_kv_down",
+        published_copy_kept,
+    ),
 ];
 
 const LONDON: &str = "51.5074,-0.1278";
@@ -1531,6 +1535,26 @@ fn catalogue_unstored(ctx: &Ctx) -> Result<(), Failed> {
             || async { (logged() > before).then_some(()) },
         )
         .await;
+        Ok(())
+    })
+}
+
+/// The isolate that published an admin change routes by the snapshot it
+/// published from the next request on, and keeps it as its copy: KV failing
+/// right after (the development-only fault point `catalogue.kv`) leaves the
+/// connect answered from it. Before, the isolate forgot its copy, and the
+/// next request had to read the whole snapshot from KV again: a 503.
+fn published_copy_kept(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let (user, device) = user_with_device(ctx, true).await;
+        let before = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(before.body["region"], "eu-west", "{}", before.body);
+        set_region(ctx, "eu-west", json!({"health": "draining"})).await;
+        let r = connect_at_fault(ctx, &user, &device, "catalogue.kv").await;
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["region"], "eu-central", "{}", r.body);
         Ok(())
     })
 }
