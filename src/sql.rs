@@ -70,6 +70,33 @@ pub fn delete_new_user(user: &str) -> String {
     )
 }
 
+/// Deletes the account `user` (a [`uuid`] literal) at its owner's request,
+/// with its devices (whose tunnel addresses go to quarantine, V12) and
+/// subscriptions (`ON DELETE CASCADE`), unless one of its subscriptions may
+/// still charge it: one trialing, active, past due, unpaid, incomplete or
+/// paused that is not set to end with its period (deleting the account
+/// would not stop the billing provider). The one row's text is the JSON
+/// string `"deleted"`, `"billing"` (nothing deleted) or `"absent"` (no such
+/// account: deleted already). The user's row is locked first, as in
+/// [`delete_new_user`], so that a subscription being committed is seen.
+pub fn delete_account(user: &str) -> String {
+    format!(
+        "BEGIN;
+         SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
+         WITH billing AS (SELECT 1 FROM subscriptions
+                          WHERE user_id = {user} AND NOT cancel_at_period_end
+                            AND status IN ('trialing', 'active', 'past_due', 'unpaid',
+                                           'incomplete', 'paused')),
+              del AS (DELETE FROM users WHERE id = {user}
+                        AND NOT EXISTS (SELECT 1 FROM billing)
+                      RETURNING id)
+         SELECT to_json(CASE WHEN EXISTS (SELECT 1 FROM del) THEN 'deleted'
+                             WHEN EXISTS (SELECT 1 FROM billing) THEN 'billing'
+                             ELSE 'absent' END)::text;
+         COMMIT;"
+    )
+}
+
 /// How long a deleted device's tunnel address rests before another device is
 /// given it (an SQL interval): long enough for every VPN server to have
 /// dropped the deleted device's peer, which still routes the address to the

@@ -421,6 +421,20 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             problems: &[],
         },
         Op {
+            method: "delete",
+            path: "/v1/me",
+            id: "deleteAccount",
+            tag: "auth",
+            summary: "Delete the account",
+            description: "Deletes the caller's account with its devices (their tunnel addresses rest 24 h before another device gets them) and subscriptions, ends every session, and forgets the devices the connect path knows. Refused with 409 `subscription_active` while a subscription may still charge the account: cancel it first (one set to end with its period does not hold the deletion back). The caller's session must be live. Connection events already recorded are kept until their retention expires them.",
+            auth: Auth::User,
+            needs: Needs::BOTH,
+            body: None,
+            idempotent: false,
+            answers: vec![empty(204, "Deleted.")],
+            problems: &[P::SubscriptionActive],
+        },
+        Op {
             method: "get",
             path: "/v1/devices",
             id: "listDevices",
@@ -913,6 +927,7 @@ mod tests {
             Route::Logout,
             Route::LogoutAll,
             Route::Me,
+            Route::DeleteAccount,
             Route::ListDevices,
             Route::CreateDevice,
             Route::GetDevice(id()),
@@ -936,6 +951,7 @@ mod tests {
                 | Route::Logout
                 | Route::LogoutAll
                 | Route::Me
+                | Route::DeleteAccount
                 | Route::ListDevices
                 | Route::CreateDevice
                 | Route::GetDevice(_)

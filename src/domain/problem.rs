@@ -26,6 +26,9 @@ pub enum ProblemCode {
     InvalidCredentials,
     /// 429: too many failed sign-ins for this account or client.
     TooManyAttempts,
+    /// 409: the account cannot be deleted while a subscription may still
+    /// charge it; nothing was deleted.
+    SubscriptionActive,
     // --- devices ---
     /// 403: the plan's device limit is reached; nothing was created.
     DeviceLimitReached,
@@ -93,7 +96,7 @@ pub enum ProblemCode {
 
 impl ProblemCode {
     /// All codes, for documentation and exhaustive tests.
-    pub const ALL: [ProblemCode; 49] = [
+    pub const ALL: [ProblemCode; 50] = [
         ProblemCode::MalformedJson,
         ProblemCode::PayloadTooLarge,
         ProblemCode::UnsupportedMediaType,
@@ -103,6 +106,7 @@ impl ProblemCode {
         ProblemCode::EmailTaken,
         ProblemCode::InvalidCredentials,
         ProblemCode::TooManyAttempts,
+        ProblemCode::SubscriptionActive,
         ProblemCode::DeviceLimitReached,
         ProblemCode::DeviceNotFound,
         ProblemCode::PublicKeyInUse,
@@ -156,6 +160,7 @@ impl ProblemCode {
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",
             EmailTaken => "email_taken",
+            SubscriptionActive => "subscription_active",
             InvalidCredentials => "invalid_credentials",
             TooManyAttempts => "too_many_attempts",
             DeviceLimitReached => "device_limit_reached",
@@ -241,7 +246,7 @@ impl ProblemCode {
             | RefreshTokenReused => 401,
             NotFound => 404,
             MethodNotAllowed => 405,
-            EmailTaken => 409,
+            EmailTaken | SubscriptionActive => 409,
             PayloadTooLarge => 413,
             UnsupportedMediaType => 415,
             ValidationFailed => 422,
@@ -304,6 +309,7 @@ impl ProblemCode {
             NotFound => "Not found",
             MethodNotAllowed => "Method not allowed",
             EmailTaken => "Email already registered",
+            SubscriptionActive => "Subscription still active",
             InvalidCredentials => "Invalid email or password",
             TooManyAttempts => "Too many attempts",
             DeviceLimitReached => "Device limit reached",

@@ -906,6 +906,65 @@ pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> 
     })
 }
 
+/// `DELETE /v1/me`: deletes the caller's account, at its owner's request.
+///
+/// The session must be live as the user's object knows it (a signed-out
+/// session's token, which the KV copy may not show as such yet, deletes
+/// nothing). PostgreSQL then deletes the account with its devices and
+/// subscriptions, unless a subscription may still charge it (409
+/// `subscription_active`: the billing provider would go on charging a
+/// deleted account). Last, the user's object ends every session for good and
+/// forgets the devices, with their KV copies. An account PostgreSQL no longer
+/// has (a retry whose first attempt was cut off after the delete) is closed
+/// all the same.
+pub async fn delete_account(req: Incoming, env: &Env) -> Result<Reply, Fail> {
+    let claims = authenticate(&req, env).await?;
+    let user = claims.sub.as_str();
+    let rid = req.request_id();
+    let sid = RevokeReq {
+        sid: claims.sid.clone(),
+    };
+    let (status, body) = call(env, rid, bindings::USER_SESSIONS, user, "/live", &sid).await?;
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    if body["live"] != true {
+        return Err(ApiError::new(
+            ProblemCode::SessionRevoked,
+            "This session has been signed out.",
+        )
+        .into());
+    }
+    let db = store::connect(env).await?;
+    let deletion = store::delete_account(&db, user).await?;
+    drop(db);
+    if deletion == store::Deletion::Billing {
+        return Err(ApiError::new(
+            ProblemCode::SubscriptionActive,
+            "A subscription may still charge this account: cancel it first (it may run to the end of its period).",
+        )
+        .into());
+    }
+    let close = CloseReq {
+        user_id: user.to_owned(),
+    };
+    let (status, body) = call(env, rid, bindings::USER_SESSIONS, user, "/close", &close).await?;
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    log::event(
+        Level::Info,
+        Some(rid),
+        "account deleted",
+        json!({"user_id": user, "found": deletion == store::Deletion::Deleted}),
+    );
+    Ok(Reply {
+        status: 204,
+        headers: vec![],
+        body: vec![],
+    })
+}
+
 pub async fn me(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     // One read of the session mirror serves the revocation check and the list.
     let claims = verify_bearer(&req, env).await?;

@@ -193,6 +193,7 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
         Routed::Found(Route::Logout) => auth::logout(req, &env, false).boxed_local(),
         Routed::Found(Route::LogoutAll) => auth::logout(req, &env, true).boxed_local(),
         Routed::Found(Route::Me) => auth::me(req, &env).boxed_local(),
+        Routed::Found(Route::DeleteAccount) => auth::delete_account(req, &env).boxed_local(),
         Routed::Found(Route::ListDevices) => devices::list(req, &env).boxed_local(),
         Routed::Found(Route::CreateDevice) => devices::create(req, &env).boxed_local(),
         Routed::Found(Route::GetDevice(id)) => {

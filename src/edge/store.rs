@@ -161,6 +161,25 @@ pub async fn delete_new_user(client: &Client, user_id: &str) -> Result<bool, Fai
     Ok(json_row::<bool>(client, &q).await? == Some(true))
 }
 
+/// What deleting an account found (`sql::delete_account`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deletion {
+    Deleted,
+    /// A subscription may still charge it: nothing was deleted.
+    Billing,
+    /// No such account (deleted already).
+    Absent,
+}
+
+/// Deletes the account `user_id` at its owner's request (`sql::delete_account`).
+pub async fn delete_account(client: &Client, user_id: &str) -> Result<Deletion, Fail> {
+    let q = crate::sql::delete_account(&user_literal(user_id)?);
+    json_row::<Deletion>(client, &q)
+        .await?
+        .ok_or_else(|| Fail::internal("account deletion returned no row".into()))
+}
+
 /// The account behind a verified access token.
 pub async fn account(client: &Client, user_id: &str) -> Result<Option<AccountRow>, Fail> {
     let id = sql::uuid(user_id)

@@ -1106,8 +1106,9 @@ impl UserSession {
     /// Ends one session (`/revoke`), every session (`/revoke-all`, asked by
     /// the session `sid`, which must be active: the KV copy the worker
     /// checked may lag a revocation), or every session for good (`/close`:
-    /// the account was removed, a sign-up undone; the object then opens no
-    /// session again), or takes one back (`/withdraw`). Their KV copy is
+    /// the account was removed, deleted by its owner or a sign-up undone; the
+    /// object then opens no session again, and forgets the devices), or
+    /// takes one back (`/withdraw`). Their KV copy is
     /// written as for any revocation: the connect path checks it.
     async fn revoke(&self, mut req: Request, ending: Ending, origin: Origin) -> Result<Response> {
         let (sid, owner) = match ending {
@@ -1129,6 +1130,9 @@ impl UserSession {
                 return refuse(400, "wrong_object", None);
             }
             stored.closed = true;
+            // The account is gone, and its devices with it: the connect
+            // path's copy of them goes too.
+            stored.device_records.clear();
         }
         let revoked = match (&sid, ending) {
             (Some(sid), Ending::All) => {
@@ -1144,6 +1148,9 @@ impl UserSession {
                 .revoke_all(now, RevokeReason::AccountRemoved),
         };
         self.save(&mut stored, now, true, &origin).await?;
+        if owner.is_some() {
+            self.mirror(&[Mirrored::Devices], &origin).await;
+        }
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
 }
@@ -1618,6 +1625,19 @@ impl UserSession {
         .await
     }
 
+    /// Whether the session `sid` is active, as this object (not the KV copy,
+    /// which may lag a sign-out) knows it: asked before an account is
+    /// deleted, which a signed-out session's token must not do.
+    async fn live(&self, mut req: Request) -> Result<Response> {
+        let r: RevokeReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let stored = self.load().await?;
+        let live = stored.sessions.is_active(&r.sid, time::now_secs());
+        Response::from_json(&serde_json::json!({ "live": live }))
+    }
+
     /// Whether a session of the user's was handed out again to a retry (a
     /// sign-up's undo then keeps the account: a client may hold it).
     async fn handed_out(&self) -> Result<Response> {
@@ -1693,6 +1713,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
             (Method::Post, "/devices/list") => self.list_devices().boxed_local(),
             (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
+            (Method::Post, "/live") => self.live(req).boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),
             _ => return Response::error("unknown durable object route", 404),
         };

@@ -27,6 +27,8 @@ pub enum Route {
     LogoutAll,
     /// `GET /v1/me`
     Me,
+    /// `DELETE /v1/me`: the account, at its owner's request.
+    DeleteAccount,
     /// `GET /v1/devices`
     ListDevices,
     /// `POST /v1/devices`
@@ -75,7 +77,10 @@ pub fn route(method: &str, path: &str) -> Routed {
         "/v1/auth/refresh" => ("POST", Route::Refresh),
         "/v1/auth/logout" => ("POST", Route::Logout),
         "/v1/auth/logout-all" => ("POST", Route::LogoutAll),
-        "/v1/me" => (READ_ONLY, Route::Me),
+        "/v1/me" => match method {
+            "DELETE" => (ACCOUNT, Route::DeleteAccount),
+            _ => (ACCOUNT, Route::Me),
+        },
         "/v1/devices" => match method {
             "GET" => ("GET, HEAD, POST", Route::ListDevices),
             _ => ("GET, HEAD, POST", Route::CreateDevice),
@@ -104,6 +109,9 @@ pub fn route(method: &str, path: &str) -> Routed {
 
 /// The `Allow` of a path that only reads.
 const READ_ONLY: &str = "GET, HEAD";
+
+/// The `Allow` of the account's path.
+const ACCOUNT: &str = "GET, HEAD, DELETE";
 
 /// The `Allow` of a device's path.
 const DEVICE: &str = "GET, HEAD, DELETE";

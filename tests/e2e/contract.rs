@@ -167,12 +167,13 @@ fn schemathesis_finds_no_failures(ctx: &Ctx) -> Result<(), Failed> {
     let base = stack.url("");
     let tokens: Vec<String> = ctx.rt.block_on(async {
         let mut tokens = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             tokens.push(user_with_device(&ctx.http, &base).await);
         }
         tokens
     });
-    // Everything but the logouts, which would end the session the rest uses.
+    // Everything but the logouts and the account's deletion, which would
+    // end the session the rest uses.
     let report = schemathesis(
         &stack,
         &tokens[0],
@@ -181,13 +182,19 @@ fn schemathesis_finds_no_failures(ctx: &Ctx) -> Result<(), Failed> {
             "logout",
             "--exclude-operation-id",
             "logoutAll",
+            "--exclude-operation-id",
+            "deleteAccount",
         ],
     )?;
     let n = generated(&report);
     assert!(n >= 300, "only {n} test cases generated:\n{report}");
-    // Each logout with a session of its own (after the first success, the
-    // session is over and only 401s remain).
-    for (op, token) in [("logout", &tokens[1]), ("logoutAll", &tokens[2])] {
+    // Each logout, and the deletion, with a session of its own (after the
+    // first success, the session is over and only 401s remain).
+    for (op, token) in [
+        ("logout", &tokens[1]),
+        ("logoutAll", &tokens[2]),
+        ("deleteAccount", &tokens[3]),
+    ] {
         let report = schemathesis(
             &stack,
             token,

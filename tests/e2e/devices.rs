@@ -46,6 +46,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "devices::of_two_rotations_of_one_key_the_one_committed_last_is_kept",
         overlapping_rotations,
     ),
+    (
+        "devices::an_account_deleted_by_its_owner_takes_its_devices_and_sessions_with_it",
+        account_deleted,
+    ),
 ];
 
 async fn create(ctx: &Ctx, user: &User, name: &str, key: &str) -> Resp {
@@ -780,4 +784,104 @@ fn kv_devices(ctx: &Ctx, user_id: &str) -> Option<Vec<Value>> {
     let raw = ctx.stack().wrangler.kv_get(&format!("devices/{user_id}"))?;
     let copy: Value = serde_json::from_str(&raw).ok()?;
     copy["devices"].as_array().cloned()
+}
+
+/// `DELETE /v1/me`: the account goes, with its devices (their addresses to
+/// quarantine) and every session; the connect path's copy of the devices is
+/// emptied; the password no longer signs in. An account whose subscription
+/// may still charge it is kept (409), and so is one asked by a signed-out
+/// session's token.
+fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let db = db(ctx).await;
+        let delete = |access: String| async move {
+            send(ctx, "DELETE", "/v1/me", None, Some(&access)).await
+        };
+
+        // A subscription that renews holds the deletion back.
+        let mut plus = new_user(ctx).await;
+        make_plus(ctx, &mut plus).await;
+        let refused = delete(plus.access.clone()).await;
+        assert_eq!(refused.status, 409, "{}", refused.body);
+        assert_eq!(refused.body["code"], "subscription_active");
+        assert_eq!(
+            send(ctx, "GET", "/v1/me", None, Some(&plus.access))
+                .await
+                .status,
+            200
+        );
+
+        let user = new_user(ctx).await;
+        let made = create(ctx, &user, "laptop", &wg_key()).await;
+        assert_eq!(made.status, 201, "{}", made.body);
+        let address = s(&made.body["ipv4_address"]).to_owned();
+        assert_eq!(kv_devices(ctx, &user.id).map(|d| d.len()), Some(1));
+
+        // A second session, signed out: its token deletes nothing.
+        let other = send(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": user.email, "password": PASSWORD})),
+            None,
+        )
+        .await;
+        assert_eq!(other.status, 200, "{}", other.body);
+        let other_access = s(&other.body["access_token"]).to_owned();
+        let out = send(ctx, "POST", "/v1/auth/logout", None, Some(&other_access)).await;
+        assert_eq!(out.status, 204, "{}", out.body);
+        let r = delete(other_access).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert_eq!(device_count(ctx, &user.id).await, 1);
+
+        let r = delete(user.access.clone()).await;
+        assert_eq!(r.status, 204, "{}", r.body);
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM users WHERE id = $1::text::uuid",
+                &[&user.id],
+            )
+            .await?
+            .get(0);
+        assert_eq!(left, 0, "the account is gone");
+        assert_eq!(device_count(ctx, &user.id).await, 0);
+        let quarantined: bool = db
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM freed_tunnel_addresses
+                                WHERE n = $1::text::inet - '10.64.0.0'::inet)",
+                &[&address],
+            )
+            .await?
+            .get(0);
+        assert!(quarantined, "{address} rests before another device gets it");
+        assert_eq!(kv_devices(ctx, &user.id), Some(vec![]));
+
+        let login = send(
+            ctx,
+            "POST",
+            "/v1/auth/login",
+            Some(json!({"email": user.email, "password": PASSWORD})),
+            None,
+        )
+        .await;
+        assert_eq!(login.status, 401, "{}", login.body);
+        let refresh = send(
+            ctx,
+            "POST",
+            "/v1/auth/refresh",
+            Some(json!({"refresh_token": user.refresh})),
+            None,
+        )
+        .await;
+        assert_eq!(refresh.status, 401, "{}", refresh.body);
+        for (method, path) in [
+            ("GET", "/v1/me"),
+            ("GET", "/v1/devices"),
+            ("DELETE", "/v1/me"),
+        ] {
+            let r = send(ctx, method, path, None, Some(&user.access)).await;
+            assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
+        }
+        Ok(())
+    })
 }
