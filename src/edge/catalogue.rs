@@ -97,6 +97,12 @@ struct Cache {
     /// Counts [`install`] calls: a request that read KV before one keeps
     /// what it read for itself, instead of bringing back the replaced copy.
     generation: u64,
+    /// When the last load of a first copy failed, and why: the requests
+    /// that were waiting for it answer with its failure, rather than each
+    /// loading in turn (a new deployment's isolates, KV empty and
+    /// PostgreSQL slow: the last in line waited a load's time per request
+    /// ahead of it).
+    failed: Option<(u64, LoadError)>,
 }
 
 thread_local! {
@@ -106,6 +112,7 @@ thread_local! {
             loading: None,
             revalidating: None,
             generation: 0,
+            failed: None,
         })
     };
 }
@@ -131,19 +138,31 @@ pub fn install(snapshot: Snapshot) {
 }
 
 /// Holds one of the cache's flags (`revalidating`, `loading`) set for as long
-/// as it lives, also when the request holding it is cancelled part-way.
-struct Busy(fn(&mut Cache) -> &mut Option<u64>);
+/// as it lives, also when the request holding it is cancelled part-way. It
+/// clears the flag only if the flag is still its own: one older than any
+/// load can take is not heeded, and another request may have set it again
+/// meanwhile, whose work a late clear would let a third request repeat.
+struct Busy {
+    flag: fn(&mut Cache) -> &mut Option<u64>,
+    since: u64,
+}
 
 impl Busy {
     fn set(c: &mut Cache, flag: fn(&mut Cache) -> &mut Option<u64>, now: u64) -> Busy {
         *flag(c) = Some(now);
-        Busy(flag)
+        Busy { flag, since: now }
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        CACHE.with(|c| *(self.0)(&mut c.borrow_mut()) = None);
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            let flag = (self.flag)(&mut c);
+            if *flag == Some(self.since) {
+                *flag = None;
+            }
+        });
     }
 }
 
@@ -164,6 +183,8 @@ enum Step {
     Revalidate(Busy, Rc<Placer>, u64),
     /// Another request is loading the first copy.
     Wait,
+    /// The load this request waited for failed.
+    Failed(LoadError),
     Load(Busy, u64),
 }
 
@@ -185,11 +206,18 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
         Some(fault::KV_HANG) => Some(KvDown::Hanging),
         _ => None,
     };
-    let mut now = time::now_ms();
+    let started = time::now_ms();
+    let mut now = started;
     loop {
         let step = CACHE.with(|c| {
             let mut c = c.borrow_mut();
             let generation = c.generation;
+            if c.current.is_none()
+                && let Some((at, e)) = &c.failed
+                && *at >= started
+            {
+                return Step::Failed(e.clone());
+            }
             match &c.current {
                 // (The fault point checks at once, so a test need not wait.)
                 Some((p, at))
@@ -209,12 +237,20 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
         });
         match step {
             Step::Use(placer) => return Ok(placer),
+            Step::Failed(e) => return Err(e.into()),
             Step::Wait => {
                 time::sleep(LOAD_POLL_MS).await;
                 now = time::now_ms();
             }
             Step::Load(_loading, generation) => {
-                let placer = load(env, kv_down).await?;
+                let placer = match load(env, kv_down).await {
+                    Ok(placer) => placer,
+                    Err(e) => {
+                        let at = time::now_ms();
+                        CACHE.with(|c| c.borrow_mut().failed = Some((at, e.clone())));
+                        return Err(e.into());
+                    }
+                };
                 keep(&placer, now, generation);
                 return Ok(placer);
             }
