@@ -37,6 +37,10 @@ pub const MAX_HELD: usize = 1_000;
 /// before it cancels it; a flush runs in that time.
 pub const AFTER_RESPONSE_MS: u64 = 30_000;
 
+/// How long a scheduled flush is waited for before the next event schedules
+/// another: one that has not taken its events by then never will.
+pub const SCHEDULED_FOR_MS: u64 = FLUSH_AFTER_MS + AFTER_RESPONSE_MS;
+
 /// Whether a flush that began `elapsed_ms` ago may start sending another
 /// message whose sends can take up to `worst_send_ms`: only if they would
 /// end a second before the runtime cancels the flush. Events of a message
@@ -69,7 +73,12 @@ pub enum Push {
 #[derive(Debug)]
 pub struct Outbox<T> {
     pending: Vec<T>,
-    scheduled: bool,
+    /// When the flush that is scheduled was (unix ms). A flush the runtime
+    /// never runs to its take (its isolate's request cancelled during the
+    /// wait) would otherwise leave it scheduled for good, and the outbox
+    /// would send nothing until a full batch: it counts for
+    /// [`SCHEDULED_FOR_MS`] at most.
+    scheduled: Option<u64>,
     /// Events taken for flushes whose sends have not ended, by when each
     /// was taken: against a queue that takes sends and never answers they
     /// stay in memory for up to a flush's time, and a surge of refusals
@@ -86,7 +95,7 @@ impl<T> Default for Outbox<T> {
     fn default() -> Self {
         Outbox {
             pending: Vec::new(),
-            scheduled: false,
+            scheduled: None,
             in_flight: std::collections::VecDeque::new(),
             now_ms: 0,
             dropped: 0,
@@ -105,8 +114,8 @@ impl<T> Outbox<T> {
         self.pending.push(event);
         if self.pending.len() >= MAX_BATCH {
             Push::SendNow
-        } else if !self.scheduled {
-            self.scheduled = true;
+        } else if !self.is_scheduled() {
+            self.scheduled = Some(self.now_ms);
             Push::Schedule
         } else {
             Push::Queued
@@ -124,7 +133,7 @@ impl<T> Outbox<T> {
     /// At a scheduled flush: everything collected (possibly nothing, after a
     /// full batch was sent meanwhile). The next event schedules a new flush.
     pub fn take_scheduled(&mut self) -> Vec<T> {
-        self.scheduled = false;
+        self.scheduled = None;
         self.taking();
         std::mem::take(&mut self.pending)
     }
@@ -151,8 +160,10 @@ impl<T> Outbox<T> {
     /// runtime cancelled it), and new takes are stamped with it.
     pub fn at(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        // A take stamped after `now_ms` (the clock stepped back) counts no
+        // more either: it could otherwise count until the clock caught up.
         self.in_flight
-            .retain(|(taken, _)| now_ms.saturating_sub(*taken) < AFTER_RESPONSE_MS);
+            .retain(|&(taken, _)| taken <= now_ms && now_ms - taken < AFTER_RESPONSE_MS);
     }
 
     /// The events taken for flushes that have not ended.
@@ -189,7 +200,13 @@ impl<T> Outbox<T> {
     /// Whether events wait with no flush scheduled for them: held ones,
     /// which the next event (of any kind) is to carry.
     pub fn waiting(&self) -> bool {
-        !self.pending.is_empty() && !self.scheduled
+        !self.pending.is_empty() && !self.is_scheduled()
+    }
+
+    /// Whether a flush is scheduled, and recently enough to come.
+    fn is_scheduled(&self) -> bool {
+        self.scheduled
+            .is_some_and(|at| self.now_ms.saturating_sub(at) < SCHEDULED_FOR_MS)
     }
 
     /// How many events wait.
@@ -349,5 +366,34 @@ mod tests {
         // Taken again (the first event's flush is still scheduled).
         o.at(1_000 + AFTER_RESPONSE_MS);
         assert_eq!(o.push(0), Push::Queued);
+    }
+
+    #[test]
+    fn a_scheduled_flush_that_never_took_its_events_is_scheduled_again() {
+        let mut o = Outbox::default();
+        o.at(1_000);
+        assert_eq!(o.push(1), Push::Schedule);
+        // Its request was cancelled during the wait: nothing takes them.
+        o.at(1_000 + SCHEDULED_FOR_MS - 1);
+        assert_eq!(o.push(2), Push::Queued);
+        assert!(!o.waiting());
+        o.at(1_000 + SCHEDULED_FOR_MS);
+        assert!(o.waiting(), "events wait with no flush to come");
+        assert_eq!(o.push(3), Push::Schedule);
+        assert_eq!(o.take_scheduled(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn takes_stamped_after_a_clock_step_back_count_no_more() {
+        let mut o = Outbox::default();
+        o.at(50_000);
+        for i in 0..MAX_HELD {
+            if o.push(i) == Push::SendNow {
+                drop(o.take_full());
+            }
+        }
+        assert_eq!(o.push(0), Push::Dropped);
+        o.at(10_000);
+        assert_ne!(o.push(0), Push::Dropped);
     }
 }
