@@ -278,21 +278,32 @@ pub enum CountedIn {
     KnownNetwork,
 }
 
+/// Whether the stored digest `stored` is the network `network`'s: the same,
+/// or a whole HMAC-SHA-256 (64 hex digits, as stored before the shell kept
+/// only its first bytes) that `network` begins, so that the networks owners
+/// signed in from before are not forgotten.
+fn same_network(stored: &str, network: &str) -> bool {
+    const WHOLE_DIGEST: usize = 64;
+    stored == network
+        || (stored.len() == WHOLE_DIGEST && !network.is_empty() && stored.starts_with(network))
+}
+
 impl KnownNetworks {
     /// Whether the account signed in from `network` within
     /// [`KNOWN_FOR_SECS`] before `now`.
     pub fn knows(&self, network: &str, now: i64) -> bool {
         self.networks
             .iter()
-            .any(|(n, at)| n == network && now.saturating_sub(*at) < KNOWN_FOR_SECS)
+            .any(|(n, at)| same_network(n, network) && now.saturating_sub(*at) < KNOWN_FOR_SECS)
     }
 
     /// The account signed in from `network` at `now`: remembered, as the
     /// most recent; beyond [`KNOWN_NETWORKS`] the least recent goes, as do
     /// those not signed in from for [`KNOWN_FOR_SECS`].
     pub fn remember(&mut self, network: &str, now: i64) {
-        self.networks
-            .retain(|(n, at)| n != network && now.saturating_sub(*at) < KNOWN_FOR_SECS);
+        self.networks.retain(|(n, at)| {
+            !same_network(n, network) && now.saturating_sub(*at) < KNOWN_FOR_SECS
+        });
         self.networks.push((network.to_owned(), now));
         if self.networks.len() > KNOWN_NETWORKS {
             self.networks.remove(0);
@@ -836,5 +847,17 @@ mod tests {
             serde_json::to_string(&KnownNetworks::default()).unwrap(),
             "{}"
         );
+    }
+
+    #[test]
+    fn a_network_remembered_by_its_whole_digest_is_known_by_its_first_bytes() {
+        let whole = "a1b2c3".to_owned() + &"0".repeat(58);
+        let mut known = KnownNetworks::default();
+        known.remember(&whole, 10);
+        assert!(known.knows("a1b2c3", 20));
+        assert!(!known.knows("a1b2c4", 20));
+        // Remembered again by its first bytes: kept once, in that form.
+        known.remember("a1b2c3", 30);
+        assert_eq!(known.networks, vec![("a1b2c3".to_owned(), 30)]);
     }
 }

@@ -594,17 +594,27 @@ async fn throttle_succeeded(
 
 /// What the account's throttle object keeps of the client network `network`
 /// (a network throttle's name) to know it again ([`throttle::KnownNetworks`]):
-/// an HMAC of it under the refresh-token key, so that the object holds no
-/// address, nor a digest that the few billion IPv4 addresses reverse. `None`
-/// without the key (sign-in then answers `not_configured` anyway).
+/// the first [`NETWORK_DIGEST_BYTES`] of an HMAC of it under the
+/// refresh-token key. The object holds no address, nor a digest that the few
+/// billion IPv4 addresses reverse; and even the key's holder, hashing every
+/// address, finds some 256 IPv4 addresses (and countless /64s) behind each
+/// value, not the one. A stranger's network that happens to share a
+/// value is let through to the known networks' own throttle, under the same
+/// limits. `None` without the key (sign-in then answers `not_configured`
+/// anyway).
 fn network_digest(env: &Env, network: &str) -> Option<String> {
     use hmac::{Hmac, KeyInit, Mac};
     let pepper = secrets::pepper(env).ok()?;
     let mut mac = Hmac::<Sha256>::new_from_slice(pepper).ok()?;
     mac.update(b"known-network\0");
     mac.update(network.as_bytes());
-    Some(hex::encode(mac.finalize().into_bytes()))
+    Some(hex::encode(
+        &mac.finalize().into_bytes()[..NETWORK_DIGEST_BYTES],
+    ))
 }
+
+/// How much of a known network's HMAC the account keeps: 24 bits.
+const NETWORK_DIGEST_BYTES: usize = 3;
 
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
