@@ -40,30 +40,29 @@ const POLL_MS: u64 = 10;
 struct State {
     /// The isolate's last finished probes and when they finished.
     last: Option<(u64, Rc<Report>)>,
-    /// How many requests are running probes.
-    probing: u32,
-    /// When the last of them started. Others wait for their probes at most
-    /// [`WAIT_MS`] from then: a request whose client went away may be left
-    /// pending by the runtime, never finished nor dropped, and its count
-    /// would otherwise make every later request wait before probing itself.
-    probe_started: u64,
+    /// When the request running probes started them, if one is. Others
+    /// wait for its probes at most [`WAIT_MS`] from then: a request whose
+    /// client went away may be left pending by the runtime, never finished
+    /// nor dropped. Only the request that set it clears it, so one left
+    /// pending (or overtaken) never holds back, or lets through, the requests
+    /// of a later round.
+    probing: Option<u64>,
 }
 
 thread_local! {
     static STATE: RefCell<State> = const {
-        RefCell::new(State { last: None, probing: 0, probe_started: 0 })
+        RefCell::new(State { last: None, probing: None })
     };
 }
 
-/// Counts its request among those probing while it lives, also when the
+/// Marks its request as the one probing while it lives, also when the
 /// request is cancelled part-way.
-struct Probing;
+struct Probing(u64);
 
 impl Probing {
     fn start(state: &mut State, now: u64) -> Probing {
-        state.probing += 1;
-        state.probe_started = now;
-        Probing
+        state.probing = Some(now);
+        Probing(now)
     }
 }
 
@@ -71,7 +70,9 @@ impl Drop for Probing {
     fn drop(&mut self) {
         STATE.with(|s| {
             let mut s = s.borrow_mut();
-            s.probing = s.probing.saturating_sub(1);
+            if s.probing == Some(self.0) {
+                s.probing = None;
+            }
         });
     }
 }
@@ -89,7 +90,7 @@ pub async fn handle(env: &Env, request_id: &str) -> Reply {
             let mut s = s.borrow_mut();
             match &s.last {
                 Some((at, report)) if !due(*at, now, FRESH_MS) => Step::Use(Rc::clone(report)),
-                _ if s.probing > 0 && !due(s.probe_started, now, WAIT_MS) => Step::Wait,
+                _ if s.probing.is_some_and(|at| !due(at, now, WAIT_MS)) => Step::Wait,
                 _ => Step::Probe(Probing::start(&mut s, now)),
             }
         });
