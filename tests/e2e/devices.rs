@@ -170,26 +170,18 @@ fn lifecycle(ctx: &Ctx) -> Result<(), Failed> {
                 .body["devices"],
             json!([])
         );
-        let again = send(
-            ctx,
-            "DELETE",
-            &format!("/v1/devices/{id}"),
-            None,
-            Some(&user.access),
-        )
-        .await;
-        assert_eq!(again.status, 404);
-        assert_eq!(again.body["code"], "device_not_found");
-        let read = send(
-            ctx,
-            "GET",
-            &format!("/v1/devices/{id}"),
-            None,
-            Some(&user.access),
-        )
-        .await;
-        assert_eq!(read.status, 404);
-        assert_eq!(read.body["code"], "device_not_found");
+        for method in ["DELETE", "GET"] {
+            let gone = send(
+                ctx,
+                method,
+                &format!("/v1/devices/{id}"),
+                None,
+                Some(&user.access),
+            )
+            .await;
+            assert_eq!(gone.status, 404, "{method}");
+            assert_eq!(gone.body["code"], "device_not_found", "{method}");
+        }
         // The freed slot can be used again (the free plan allows one device).
         assert_eq!(create(ctx, &user, "Phone", &wg_key()).await.status, 201);
         Ok(())

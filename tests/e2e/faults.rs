@@ -1174,66 +1174,43 @@ fn delete_cut_short_then_retried(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let db = pg(stack).await;
         let user = new_user_at(ctx, base).await;
-        let reg = Reg {
-            user: 0,
-            key: unique("retried-"),
-            body: json!({"name": "laptop", "public_key": wg_key()}),
-        };
-        let made = register(ctx, base, &user.access, &reg, None).await;
-        assert_eq!(made.status, 201, "{}", made.body);
-        let path = format!("/v1/devices/{}", s(&made.body["id"]));
-        let key = unique("delete-");
-        let keyed = [("idempotency-key", key.as_str())];
-        let cut = send_to(
-            ctx,
-            base,
-            "DELETE",
-            &path,
-            None,
-            Some(&user.access),
-            &[keyed[0], ("x-keenvpn-fault", "device.after_delete")],
-        )
-        .await;
-        assert_eq!(cut.status, 503, "{}", cut.body);
-        assert!(devices_in_db(&db, &user.id).await.is_empty(), "deleted");
-
-        for attempt in ["the retry", "its replay"] {
-            let r = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &keyed).await;
-            assert_eq!(r.status, 204, "{attempt}: {}", r.body);
-        }
-
-        // Cut later: the object recorded the removal, then threw (as when it
-        // resets before answering). The removal and its key's answer were
-        // recorded in one write, so the retry replays 204; recorded apart,
+        // Cut after PostgreSQL's delete, before the object's records learn of
+        // it; then cut later: the object recorded the removal, then threw (as
+        // when it resets before answering). The removal and its key's answer
+        // are recorded in one write, so the retry replays 204; recorded apart,
         // the key was left in flight, the retry ran again and found nothing
         // (404).
-        let reg = Reg {
-            key: unique("retried-"),
-            body: json!({"name": "phone", "public_key": wg_key()}),
-            ..reg
-        };
-        let made = register(ctx, base, &user.access, &reg, None).await;
-        assert_eq!(made.status, 201, "{}", made.body);
-        let path = format!("/v1/devices/{}", s(&made.body["id"]));
-        let key = unique("delete-");
-        let keyed = [("idempotency-key", key.as_str())];
-        let cut = send_to(
-            ctx,
-            base,
-            "DELETE",
-            &path,
-            None,
-            Some(&user.access),
-            &[keyed[0], ("x-keenvpn-fault", "device.after_apply")],
-        )
-        .await;
-        assert_eq!(cut.status, 503, "{}", cut.body);
-        assert!(devices_in_db(&db, &user.id).await.is_empty(), "deleted");
-        for attempt in ["the retry", "its replay"] {
-            let r = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &keyed).await;
-            assert_eq!(r.status, 204, "{attempt}: {}", r.body);
+        for fault in ["device.after_delete", "device.after_apply"] {
+            let reg = Reg {
+                user: 0,
+                key: unique("retried-"),
+                body: json!({"name": "laptop", "public_key": wg_key()}),
+            };
+            let made = register(ctx, base, &user.access, &reg, None).await;
+            assert_eq!(made.status, 201, "{fault}: {}", made.body);
+            let path = format!("/v1/devices/{}", s(&made.body["id"]));
+            let key = unique("delete-");
+            let keyed = [("idempotency-key", key.as_str())];
+            let cut = send_to(
+                ctx,
+                base,
+                "DELETE",
+                &path,
+                None,
+                Some(&user.access),
+                &[keyed[0], ("x-keenvpn-fault", fault)],
+            )
+            .await;
+            assert_eq!(cut.status, 503, "{fault}: {}", cut.body);
+            assert!(
+                devices_in_db(&db, &user.id).await.is_empty(),
+                "{fault}: deleted"
+            );
+            for attempt in ["the retry", "its replay"] {
+                let r = send_to(ctx, base, "DELETE", &path, None, Some(&user.access), &keyed).await;
+                assert_eq!(r.status, 204, "{fault}, {attempt}: {}", r.body);
+            }
         }
-
         let unknown = "/v1/devices/00000000-0000-4000-8000-000000000000";
         let r = send_to(ctx, base, "DELETE", unknown, None, Some(&user.access), &[]).await;
         assert_eq!(r.status, 404, "{}", r.body);
