@@ -789,6 +789,10 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
         let delete = |access: String| async move {
             send(ctx, "DELETE", "/v1/me", None, Some(&access)).await
         };
+        let login = |email: String| async move {
+            let body = json!({"email": email, "password": PASSWORD});
+            send(ctx, "POST", "/v1/auth/login", Some(body), None).await
+        };
 
         // A subscription that renews holds the deletion back.
         let mut plus = new_user(ctx).await;
@@ -810,14 +814,7 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(kv_devices(ctx, &user.id).map(|d| d.len()), Some(1));
 
         // A second session, signed out: its token deletes nothing.
-        let other = send(
-            ctx,
-            "POST",
-            "/v1/auth/login",
-            Some(json!({"email": user.email, "password": PASSWORD})),
-            None,
-        )
-        .await;
+        let other = login(user.email.clone()).await;
         assert_eq!(other.status, 200, "{}", other.body);
         let other_access = s(&other.body["access_token"]).to_owned();
         let out = send(ctx, "POST", "/v1/auth/logout", None, Some(&other_access)).await;
@@ -848,15 +845,8 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
         assert!(quarantined, "{address} rests before another device gets it");
         assert_eq!(kv_devices(ctx, &user.id), Some(vec![]));
 
-        let login = send(
-            ctx,
-            "POST",
-            "/v1/auth/login",
-            Some(json!({"email": user.email, "password": PASSWORD})),
-            None,
-        )
-        .await;
-        assert_eq!(login.status, 401, "{}", login.body);
+        let again = login(user.email.clone()).await;
+        assert_eq!(again.status, 401, "{}", again.body);
         let refresh = send(
             ctx,
             "POST",
