@@ -205,8 +205,9 @@ impl<T> Outbox<T> {
 
     /// Whether a flush is scheduled, and recently enough to come.
     fn is_scheduled(&self) -> bool {
+        // As with takes, one stamped after a clock step back counts no more.
         self.scheduled
-            .is_some_and(|at| self.now_ms.saturating_sub(at) < SCHEDULED_FOR_MS)
+            .is_some_and(|at| at <= self.now_ms && self.now_ms - at < SCHEDULED_FOR_MS)
     }
 
     /// How many events wait.
@@ -395,5 +396,14 @@ mod tests {
         assert_eq!(o.push(0), Push::Dropped);
         o.at(10_000);
         assert_ne!(o.push(0), Push::Dropped);
+    }
+
+    #[test]
+    fn a_schedule_stamped_after_a_clock_step_back_counts_no_more() {
+        let mut o = Outbox::default();
+        o.at(50_000);
+        assert_eq!(o.push(1), Push::Schedule);
+        o.at(10_000);
+        assert_eq!(o.push(2), Push::Schedule);
     }
 }

@@ -619,12 +619,12 @@ impl UserSessions {
             .any(|f| f.replayed && f.is_active(now))
     }
 
-    /// Whether `sid` names a session that is neither revoked nor expired.
     /// Whether `sid` names a session, ended or not, that the state holds.
     pub fn knows(&self, sid: &str) -> bool {
         self.families.contains_key(sid)
     }
 
+    /// Whether `sid` names a session that is neither revoked nor expired.
     pub fn is_active(&self, sid: &str, now: i64) -> bool {
         self.families.get(sid).is_some_and(|f| f.is_active(now))
     }

@@ -97,11 +97,11 @@ struct Cache {
     /// Counts [`install`] calls: a request that read KV before one keeps
     /// what it read for itself, instead of bringing back the replaced copy.
     generation: u64,
-    /// When the last load of a first copy failed, and why: the requests
-    /// that were waiting for it answer with its failure, rather than each
-    /// loading in turn (a new deployment's isolates, KV empty and
-    /// PostgreSQL slow: the last in line waited a load's time per request
-    /// ahead of it).
+    /// The last load of a first copy that failed (its `loading` mark), and
+    /// why: the requests that were waiting for that load answer with its
+    /// failure, rather than each loading in turn (a new deployment's
+    /// isolates, KV empty and PostgreSQL slow: the last in line waited a
+    /// load's time per request ahead of it).
     failed: Option<(u64, LoadError)>,
 }
 
@@ -206,15 +206,16 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
         Some(fault::KV_HANG) => Some(KvDown::Hanging),
         _ => None,
     };
-    let started = time::now_ms();
-    let mut now = started;
+    let mut now = time::now_ms();
+    // The load this request waits for (its `loading` mark), if any.
+    let mut waited_on: Option<u64> = None;
     loop {
         let step = CACHE.with(|c| {
             let mut c = c.borrow_mut();
             let generation = c.generation;
             if c.current.is_none()
-                && let Some((at, e)) = &c.failed
-                && *at >= started
+                && let (Some(load), Some((failed, e))) = (waited_on, &c.failed)
+                && load == *failed
             {
                 return Step::Failed(e.clone());
             }
@@ -231,7 +232,10 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
                     let busy = Busy::set(&mut c, |c| &mut c.revalidating, now);
                     Step::Revalidate(busy, placer, generation)
                 }
-                None if freshness::held(c.loading, now, LOAD_WAIT_MS) => Step::Wait,
+                None if freshness::held(c.loading, now, LOAD_WAIT_MS) => {
+                    waited_on = c.loading;
+                    Step::Wait
+                }
                 None => Step::Load(Busy::set(&mut c, |c| &mut c.loading, now), generation),
             }
         });
@@ -242,12 +246,11 @@ pub async fn current(env: &Env, request_id: &str, fault: Option<&str>) -> Result
                 time::sleep(LOAD_POLL_MS).await;
                 now = time::now_ms();
             }
-            Step::Load(_loading, generation) => {
+            Step::Load(loading, generation) => {
                 let placer = match load(env, kv_down).await {
                     Ok(placer) => placer,
                     Err(e) => {
-                        let at = time::now_ms();
-                        CACHE.with(|c| c.borrow_mut().failed = Some((at, e.clone())));
+                        CACHE.with(|c| c.borrow_mut().failed = Some((loading.since, e.clone())));
                         return Err(e.into());
                     }
                 };

@@ -200,7 +200,12 @@ pub fn enqueue(
     fault: Option<String>,
     timer: Rc<Timer>,
 ) {
-    if OUTBOX.with(|o| o.borrow().waiting()) {
+    let waiting = OUTBOX.with(|o| {
+        let mut o = o.borrow_mut();
+        o.at(time::now_ms());
+        o.waiting()
+    });
+    if waiting {
         return collect(env, ctx, event);
     }
     let env = env.clone();
