@@ -73,9 +73,10 @@ pub fn delete_new_user(user: &str) -> String {
 /// Deletes the account `user` (a [`uuid`] literal) at its owner's request,
 /// with its devices (whose tunnel addresses go to quarantine, V12) and
 /// subscriptions (`ON DELETE CASCADE`), unless one of its subscriptions may
-/// still charge it: one trialing, active, past due, unpaid, incomplete or
-/// paused that is not set to end with its period (deleting the account
-/// would not stop the billing provider). The one row's text is the JSON
+/// still charge it: one past due, unpaid, incomplete or paused (an open
+/// invoice can still be collected, set to end or not), or trialing or active
+/// and not set to end with its period (deleting the account would not stop
+/// the billing provider). The one row's text is the JSON
 /// string `"deleted"`, `"billing"` (nothing deleted) or `"absent"` (no such
 /// account: deleted already). The user's row is locked first, as in
 /// [`delete_new_user`], so that a subscription being committed is seen.
@@ -84,9 +85,10 @@ pub fn delete_account(user: &str) -> String {
         "BEGIN;
          SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
          WITH billing AS (SELECT 1 FROM subscriptions
-                          WHERE user_id = {user} AND NOT cancel_at_period_end
-                            AND status IN ('trialing', 'active', 'past_due', 'unpaid',
-                                           'incomplete', 'paused')),
+                          WHERE user_id = {user}
+                            AND (status IN ('past_due', 'unpaid', 'incomplete', 'paused')
+                                 OR (status IN ('trialing', 'active')
+                                     AND NOT cancel_at_period_end))),
               del AS (DELETE FROM users WHERE id = {user}
                         AND NOT EXISTS (SELECT 1 FROM billing)
                       RETURNING id)

@@ -426,7 +426,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "deleteAccount",
             tag: "auth",
             summary: "Delete the account",
-            description: "Deletes the caller's account with its devices (their tunnel addresses rest 24 h before another device gets them) and subscriptions, ends every session, and forgets the devices the connect path knows. Refused with 409 `subscription_active` while a subscription may still charge the account: cancel it first (one set to end with its period does not hold the deletion back). The caller's session must be live. Connection events already recorded are kept until their retention expires them.",
+            description: "Deletes the caller's account with its devices (their tunnel addresses rest 24 h before another device gets them) and subscriptions, ends every session, and forgets the devices the connect path knows. Refused with 409 `subscription_active` while a subscription may still charge the account: cancel it first (a trial or an active one set to end with its period does not hold the deletion back). The caller's session must be live. Connection events already recorded are kept until their retention expires them.",
             auth: Auth::User,
             needs: Needs::BOTH,
             body: None,

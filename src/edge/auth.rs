@@ -11,7 +11,9 @@ use super::durable::call;
 use super::incoming::Incoming;
 use super::log::{self, Level};
 use super::login_throttle::{Admitted, AttemptReq, Scope, SucceededReq};
-use super::user_session::{self, CloseReq, CreateReq, IssuedResp, Mirror, RefreshReq, RevokeReq};
+use super::user_session::{
+    self, CloseReq, CreateReq, DeleteAccountReq, IssuedResp, Mirror, RefreshReq, RevokeReq,
+};
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
 use crate::domain::account::{Email, Password};
@@ -918,55 +920,39 @@ pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> 
 
 /// `DELETE /v1/me`: deletes the caller's account, at its owner's request.
 ///
-/// The session must be live as the user's object knows it (a signed-out
-/// session's token, which the KV copy may not show as such yet, deletes
-/// nothing). PostgreSQL then deletes the account with its devices and
-/// subscriptions, unless a subscription may still charge it (409
-/// `subscription_active`: the billing provider would go on charging a
-/// deleted account). Last, the user's object ends every session for good and
-/// forgets the devices, with their KV copies. An account PostgreSQL no longer
-/// has (a retry whose first attempt was cut off after the delete) is closed
-/// all the same.
+/// The user's object does it (`UserSession::delete_account`): it checks the
+/// session is live as it knows it (a signed-out session's token, which the
+/// KV copy may not show as such yet, deletes nothing), marks the deletion
+/// (no session is refreshed or opened meanwhile), has PostgreSQL delete the
+/// account with its devices and subscriptions, unless a subscription may
+/// still charge it (409 `subscription_active`: the billing provider would go
+/// on charging a deleted account), then ends every session for good and
+/// forgets the devices. Should it fail part-way, its alarm sees the deletion
+/// through.
 pub async fn delete_account(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let claims = authenticate(&req, env).await?;
-    let user = claims.sub.as_str();
-    let rid = req.request_id();
-    let sid = RevokeReq {
+    let r = DeleteAccountReq {
+        user_id: claims.sub.clone(),
         sid: claims.sid.clone(),
+        fault: req.header(fault::HEADER),
     };
-    let (status, body) = call(env, rid, bindings::USER_SESSIONS, user, "/live", &sid).await?;
-    if status != 200 {
-        return Err(refusal(status, &body));
-    }
-    if body["live"] != true {
-        return Err(ApiError::new(
-            ProblemCode::SessionRevoked,
-            "This session has been signed out.",
-        )
-        .into());
-    }
-    let db = store::connect(env).await?;
-    let deletion = store::delete_account(&db, user).await?;
-    drop(db);
-    if deletion == store::Deletion::Billing {
-        return Err(ApiError::new(
-            ProblemCode::SubscriptionActive,
-            "A subscription may still charge this account: cancel it first (it may run to the end of its period).",
-        )
-        .into());
-    }
-    let close = CloseReq {
-        user_id: user.to_owned(),
-    };
-    let (status, body) = call(env, rid, bindings::USER_SESSIONS, user, "/close", &close).await?;
+    let (status, body) = call(
+        env,
+        req.request_id(),
+        bindings::USER_SESSIONS,
+        &claims.sub,
+        "/delete-account",
+        &r,
+    )
+    .await?;
     if status != 200 {
         return Err(refusal(status, &body));
     }
     log::event(
         Level::Info,
-        Some(rid),
+        Some(req.request_id()),
         "account deleted",
-        json!({"user_id": user, "found": deletion == store::Deletion::Deleted}),
+        json!({"user_id": claims.sub}),
     );
     Ok(Reply {
         status: 204,

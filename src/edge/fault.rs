@@ -72,6 +72,10 @@ pub const LOGIN_LATE_MS: u64 = 2 * KV_SLOW_MS;
 /// after it came: as when another rotation's answer overtakes it.
 pub const DEVICE_LATE: &str = "device.late";
 pub const DEVICE_LATE_MS: u64 = 2_000;
+/// The point, on `DELETE /v1/me`, at which the user's object throws once it
+/// has marked the account's deletion, before PostgreSQL deletes it: as when
+/// the object goes part-way (its alarm must see the deletion through).
+pub const ACCOUNT_MARKED: &str = "account.marked";
 /// The point, on `DELETE /v1/devices/{id}`, at which the user's object
 /// throws once it has recorded the removal (and its answer, under the
 /// request's idempotency key): as when the object resets before answering.

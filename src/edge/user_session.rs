@@ -155,6 +155,11 @@ struct Stored {
     /// cannot leave one behind. (A removed account's id is never reused.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     closed: bool,
+    /// Set while the account's deletion, asked by its owner, is under way
+    /// (`/delete-account`): no session is refreshed or opened meanwhile, and
+    /// should the object go before it ends, its alarm ends it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    deleting: bool,
 }
 
 /// The KV key of a user's device mirror.
@@ -373,6 +378,19 @@ pub struct RevokeReq {
 pub struct CloseReq {
     pub user_id: String,
 }
+
+/// `/delete-account`: the owner's session asks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeleteAccountReq {
+    pub user_id: String,
+    pub sid: String,
+    /// A fault point to throw at (development only; see `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+}
+
+/// How soon the alarm takes up a deletion the object did not see through.
+const DELETION_RETRY_MS: u64 = 1_000;
 
 /// Which sessions a revocation ends (see `UserSession::revoke`).
 #[derive(Clone, Copy)]
@@ -740,8 +758,14 @@ impl UserSession {
     /// while an operation is under way.
     async fn check(&self) -> Result<()> {
         let origin = Origin::default();
-        if self.load().await?.user_id.is_none() {
+        let stored = self.load().await?;
+        if stored.user_id.is_none() {
             return Ok(());
+        }
+        if stored.deleting {
+            // A deletion the object did not see through (it went, or
+            // PostgreSQL failed): its answer went to no one, or was a 503.
+            self.finish_deletion(&origin).await?;
         }
         match self.settle_devices(&origin).await? {
             Settle::Settled => self.mirrors.borrow_mut().resync_failures = 0,
@@ -820,6 +844,10 @@ impl UserSession {
     ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
+        if stored.closed {
+            // The account went meanwhile, its devices with it.
+            return Ok(());
+        }
         Self::sync_devices(&mut stored, mark, devices, own);
         if let Some((key, Answer::Changed(status, body))) = answered {
             let response = StoredResponse {
@@ -1002,6 +1030,9 @@ impl UserSession {
             // read the database a moment later.
             return refuse(401, "invalid_credentials", None);
         }
+        if stored.deleting {
+            return refuse(503, "service_unavailable", Some(5));
+        }
         if let Some((key, fingerprint)) = &r.idempotency {
             let reopen =
                 stored
@@ -1082,6 +1113,11 @@ impl UserSession {
         if stored.user_id.as_deref() != Some(token.user_id()) {
             return refuse(401, "refresh_token_invalid", None);
         }
+        if stored.deleting {
+            // The account may be gone in a moment, or kept (a subscription
+            // holds it): ask again then.
+            return refuse(503, "service_unavailable", Some(5));
+        }
         let outcome = stored.sessions.refresh(&token, now, pepper);
         // A rotation, a detected reuse and an expiry all change state (the last two
         // revoke the family); only a token that matched nothing leaves it as it was.
@@ -1106,9 +1142,8 @@ impl UserSession {
     /// Ends one session (`/revoke`), every session (`/revoke-all`, asked by
     /// the session `sid`, which must be active: the KV copy the worker
     /// checked may lag a revocation), or every session for good (`/close`:
-    /// the account was removed, deleted by its owner or a sign-up undone; the
-    /// object then opens no session again, and forgets the devices), or
-    /// takes one back (`/withdraw`). Their KV copy is
+    /// a sign-up undone; the object then opens no session again), or takes
+    /// one back (`/withdraw`). Their KV copy is
     /// written as for any revocation: the connect path checks it.
     async fn revoke(&self, mut req: Request, ending: Ending, origin: Origin) -> Result<Response> {
         let (sid, owner) = match ending {
@@ -1130,9 +1165,6 @@ impl UserSession {
                 return refuse(400, "wrong_object", None);
             }
             stored.closed = true;
-            // The account is gone, and its devices with it: the connect
-            // path's copy of them goes too.
-            stored.device_records.clear();
         }
         let revoked = match (&sid, ending) {
             (Some(sid), Ending::All) => {
@@ -1148,9 +1180,6 @@ impl UserSession {
                 .revoke_all(now, RevokeReason::AccountRemoved),
         };
         self.save(&mut stored, now, true, &origin).await?;
-        if owner.is_some() {
-            self.mirror(&[Mirrored::Devices], &origin).await;
-        }
         Response::from_json(&serde_json::json!({ "revoked": revoked }))
     }
 }
@@ -1625,17 +1654,74 @@ impl UserSession {
         .await
     }
 
-    /// Whether the session `sid` is active, as this object (not the KV copy,
-    /// which may lag a sign-out) knows it: asked before an account is
-    /// deleted, which a signed-out session's token must not do.
-    async fn live(&self, mut req: Request) -> Result<Response> {
-        let r: RevokeReq = match body(&mut req).await {
+    /// Deletes the account at its owner's request, asked by the session
+    /// `sid`, which must be active as this object knows it (the KV copy the
+    /// Worker checked may lag a sign-out). The deletion is marked first, so
+    /// that no session is refreshed or opened while PostgreSQL deletes the
+    /// account, and so that the alarm sees it through should the object go
+    /// before it ends ([`Self::finish_deletion`]).
+    async fn delete_account(&self, mut req: Request, origin: Origin) -> Result<Response> {
+        let r: DeleteAccountReq = match body(&mut req).await {
             Ok(r) => r,
             Err(resp) => return Ok(resp),
         };
-        let stored = self.load().await?;
-        let live = stored.sessions.is_active(&r.sid, time::now_secs());
-        Response::from_json(&serde_json::json!({ "live": live }))
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        if !stored.claim(&r.user_id) {
+            return refuse(400, "wrong_object", None);
+        }
+        if !stored.deleting && !stored.sessions.is_active(&r.sid, now) {
+            return refuse(401, "session_revoked", None);
+        }
+        let origin = origin.with_fault(fault::armed(&self.env, r.fault.clone()));
+        stored.deleting = true;
+        self.arm(DELETION_RETRY_MS, &origin).await;
+        self.persist(&mut stored, now).await?;
+        fault::at(&origin.fault, fault::ACCOUNT_MARKED)?;
+        self.finish_deletion(&origin).await
+    }
+
+    /// Deletes the marked account in PostgreSQL (`store::delete_account`),
+    /// then ends every session for good and forgets the devices, their KV
+    /// copies with them. A subscription that may still charge the account
+    /// lifts the mark (409 `subscription_active`); a failure keeps it, and
+    /// the alarm tries again.
+    async fn finish_deletion(&self, origin: &Origin) -> Result<Response> {
+        let Some(user_id) = self.load().await?.user_id else {
+            return refuse(400, "wrong_object", None);
+        };
+        let outcome = match store::connect(&self.env).await {
+            Ok(db) => store::delete_account(&db, &user_id).await,
+            Err(fail) => Err(fail),
+        };
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        match outcome {
+            Ok(store::Deletion::Billing) => {
+                stored.deleting = false;
+                self.persist(&mut stored, now).await?;
+                refuse(409, "subscription_active", None)
+            }
+            Ok(_) => {
+                stored.deleting = false;
+                stored.closed = true;
+                stored.device_records.clear();
+                // A device list read before the delete must not bring them
+                // back (`settle_devices` checks the generation).
+                self.device_generation
+                    .set(self.device_generation.get().wrapping_add(1));
+                stored
+                    .sessions
+                    .revoke_all(now, RevokeReason::AccountRemoved);
+                self.save(&mut stored, now, true, origin).await?;
+                self.mirror(&[Mirrored::Devices], origin).await;
+                Response::from_json(&serde_json::json!({ "deleted": true }))
+            }
+            Err(fail) => {
+                self.arm(DELETION_RETRY_MS * 30, origin).await;
+                refuse_fail(&fail, origin)
+            }
+        }
     }
 
     /// Whether a session of the user's was handed out again to a retry (a
@@ -1713,7 +1799,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
             (Method::Post, "/devices/list") => self.list_devices().boxed_local(),
             (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
-            (Method::Post, "/live") => self.live(req).boxed_local(),
+            (Method::Post, "/delete-account") => self.delete_account(req, origin).boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),
             _ => return Response::error("unknown durable object route", 404),
         };

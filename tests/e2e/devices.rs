@@ -782,7 +782,10 @@ fn kv_devices(ctx: &Ctx, user_id: &str) -> Option<Vec<Value>> {
 /// quarantine) and every session; the connect path's copy of the devices is
 /// emptied; the password no longer signs in. An account whose subscription
 /// may still charge it is kept (409), and so is one asked by a signed-out
-/// session's token.
+/// session's token. A deletion whose object went part-way (the
+/// development-only fault point `account.marked`, after the deletion was
+/// marked and before PostgreSQL deleted the account) is seen through by the
+/// object's alarm, and the account's refresh token stops working.
 fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let db = db(ctx).await;
@@ -864,6 +867,40 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
             let r = send(ctx, method, path, None, Some(&user.access)).await;
             assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
         }
+
+        let cut = new_user(ctx).await;
+        let fault = [("x-keenvpn-fault", "account.marked")];
+        let r = send_with(ctx, "DELETE", "/v1/me", None, Some(&cut.access), &fault).await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        eventually(
+            std::time::Duration::from_secs(15),
+            "the alarm deleted the account",
+            || {
+                let db = &db;
+                let id = cut.id.clone();
+                async move {
+                    let left: i64 = db
+                        .query_one(
+                            "SELECT count(*) FROM users WHERE id = $1::text::uuid",
+                            &[&id],
+                        )
+                        .await
+                        .ok()?
+                        .get(0);
+                    (left == 0).then_some(())
+                }
+            },
+        )
+        .await;
+        let refresh = send(
+            ctx,
+            "POST",
+            "/v1/auth/refresh",
+            Some(json!({"refresh_token": cut.refresh})),
+            None,
+        )
+        .await;
+        assert_eq!(refresh.status, 401, "{}", refresh.body);
         Ok(())
     })
 }
