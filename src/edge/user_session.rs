@@ -150,7 +150,8 @@ struct Stored {
     /// the connect path needs (mirrored to KV), so it never queries PostgreSQL.
     #[serde(default)]
     device_records: Vec<store::Device>,
-    /// Set by `/close` when the account was removed: the object then opens
+    /// Set by `/close` when a sign-up was undone, and when the owner's
+    /// deletion ends (`finish_deletion`): the object then opens
     /// no session again, so a sign-in that read the account before it went
     /// cannot leave one behind. (A removed account's id is never reused.)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -389,8 +390,10 @@ pub struct DeleteAccountReq {
     pub fault: Option<String>,
 }
 
-/// How soon the alarm takes up a deletion the object did not see through.
-const DELETION_RETRY_MS: u64 = 1_000;
+/// How soon the alarm takes up a deletion the object did not see through:
+/// longer than the request's own deletion takes, so that the two seldom
+/// meet (they may: the second finds the account gone, and closes again).
+const DELETION_RETRY_MS: u64 = 5_000;
 
 /// Which sessions a revocation ends (see `UserSession::revoke`).
 #[derive(Clone, Copy)]
@@ -767,6 +770,12 @@ impl UserSession {
             // PostgreSQL failed): its answer went to no one, or was a 503.
             self.finish_deletion(&origin).await?;
         }
+        if self.load().await?.closed {
+            // Nothing left to settle: write the (empty) copies and stop.
+            self.mirror(&[Mirrored::Sessions, Mirrored::Devices], &origin)
+                .await;
+            return Ok(());
+        }
         match self.settle_devices(&origin).await? {
             Settle::Settled => self.mirrors.borrow_mut().resync_failures = 0,
             Settle::Busy => self.arm(MIRROR_CHECK_MS, &origin).await,
@@ -873,6 +882,12 @@ impl UserSession {
         list: Vec<store::Device>,
         own: Own<'_>,
     ) -> bool {
+        if stored.closed {
+            // The account went, its devices with it: no list read, nor a
+            // registration committed before the delete, brings one back.
+            stored.device_records.clear();
+            return false;
+        }
         let (own, removed) = match own {
             Own::Nothing => (None, None),
             Own::Wrote(d) => (Some(d), None),
@@ -1031,6 +1046,7 @@ impl UserSession {
             return refuse(401, "invalid_credentials", None);
         }
         if stored.deleting {
+            self.arm(DELETION_RETRY_MS, &origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
         if let Some((key, fingerprint)) = &r.idempotency {
@@ -1115,7 +1131,9 @@ impl UserSession {
         }
         if stored.deleting {
             // The account may be gone in a moment, or kept (a subscription
-            // holds it): ask again then.
+            // holds it): ask again then. The alarm is made sure of, should
+            // an earlier one have failed to be set.
+            self.arm(DELETION_RETRY_MS, &origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
         let outcome = stored.sessions.refresh(&token, now, pepper);
