@@ -482,15 +482,30 @@ fn hung_gate(ctx: &Ctx) -> Result<(), Failed> {
             );
             took
         };
-        let took = hung().await;
+        // A call that asks the shard waits out the 2 s bound; one answered
+        // from the memory does not. The memory lasts a second from the
+        // first call's end, which a loaded machine can spend between the
+        // two requests; so up to three pairs, one of which must show it.
+        let mut pairs = Vec::new();
+        for _ in 0..3 {
+            let took = hung().await;
+            assert!(
+                (Duration::from_millis(1_900)..Duration::from_secs(5)).contains(&took),
+                "answered after {took:?}"
+            );
+            let remembered = hung().await;
+            pairs.push((took, remembered));
+            if remembered < Duration::from_millis(1_500) {
+                break;
+            }
+            // Asked again: let the memory of that second call lapse.
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+        }
         assert!(
-            (Duration::from_millis(1_900)..Duration::from_secs(5)).contains(&took),
-            "answered after {took:?}"
-        );
-        let remembered = hung().await;
-        assert!(
-            remembered < Duration::from_millis(500),
-            "a failed shard was asked again at once: answered after {remembered:?}"
+            pairs
+                .last()
+                .is_some_and(|(_, r)| *r < Duration::from_millis(1_500)),
+            "a failed shard was asked again at once in every pair: {pairs:?}"
         );
         let admitted = connect_from(ctx, &user, &device, SINGAPORE, None).await;
         assert_eq!(admitted.status, 200, "{}", admitted.body);
