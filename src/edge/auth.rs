@@ -911,11 +911,7 @@ pub async fn logout(req: Incoming, env: &Env, all: bool) -> Result<Reply, Fail> 
     if status != 200 {
         return Err(refusal(status, &body));
     }
-    Ok(Reply {
-        status: 204,
-        headers: vec![],
-        body: vec![],
-    })
+    Ok(Reply::no_content())
 }
 
 /// `DELETE /v1/me`: deletes the caller's account, at its owner's request.
@@ -954,11 +950,7 @@ pub async fn delete_account(req: Incoming, env: &Env) -> Result<Reply, Fail> {
         "account deleted",
         json!({"user_id": claims.sub}),
     );
-    Ok(Reply {
-        status: 204,
-        headers: vec![],
-        body: vec![],
-    })
+    Ok(Reply::no_content())
 }
 
 pub async fn me(req: Incoming, env: &Env) -> Result<Reply, Fail> {

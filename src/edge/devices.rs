@@ -166,11 +166,7 @@ pub async fn delete(req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
         return Err(refusal(status, &json));
     }
     if json["deleted"] == true {
-        Ok(Reply {
-            status: 204,
-            headers: vec![],
-            body: vec![],
-        })
+        Ok(Reply::no_content())
     } else {
         Err(not_found())
     }

@@ -853,10 +853,6 @@ impl UserSession {
     ) -> Result<()> {
         let now = time::now_secs();
         let mut stored = self.load().await?;
-        if stored.closed {
-            // The account went meanwhile, its devices with it.
-            return Ok(());
-        }
         Self::sync_devices(&mut stored, mark, devices, own);
         if let Some((key, Answer::Changed(status, body))) = answered {
             let response = StoredResponse {
@@ -1723,11 +1719,8 @@ impl UserSession {
             Ok(_) => {
                 stored.deleting = false;
                 stored.closed = true;
+                // Emptied, and kept so by `sync_devices` from now on.
                 stored.device_records.clear();
-                // A device list read before the delete must not bring them
-                // back (`settle_devices` checks the generation).
-                self.device_generation
-                    .set(self.device_generation.get().wrapping_add(1));
                 stored
                     .sessions
                     .revoke_all(now, RevokeReason::AccountRemoved);

@@ -16,6 +16,15 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// 204: done, nothing to say.
+    pub fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            headers: vec![],
+            body: vec![],
+        }
+    }
+
     /// A JSON body with the given status.
     pub fn json<T: Serialize + ?Sized>(status: u16, value: &T) -> Reply {
         match serde_json::to_vec(value) {
