@@ -15,14 +15,17 @@
 //! A region is *eligible* for a client when the entitlement allows its tier,
 //! its health is `Up`, and it has at least one server with capacity, and the
 //! caller has not excluded it (because its admission gate just refused the
-//! client). [`choose`] picks:
+//! client). It *has room* when one of those servers reports a load below
+//! [`FULL_LOAD`]. [`choose`] picks, among the eligible regions with room (or,
+//! when none has room, among all eligible ones):
 //!
 //! 1. the requested region, if the client asked for one and it is eligible.
 //!    An unknown id or a tier outside the plan is an error, since the client
 //!    asked for something it cannot have; a region that is down, empty or
 //!    excluded is *not* an error: during an outage clients keep asking for
 //!    their favourite region, and failing them would only make them retry.
-//!    They are steered like clients that asked for nothing;
+//!    They are steered like clients that asked for nothing. A requested
+//!    region without room is still given: the client chose it by name;
 //! 2. otherwise the eligible region nearest the client, by great-circle
 //!    distance from its coordinates or, failing those, its country's centroid
 //!    ([`geo::country_centroid`]); equal distances go to the smaller region id
@@ -32,9 +35,15 @@
 //!    smallest id.
 //!
 //! Alongside it comes a failover list: up to [`MAX_FAILOVER`] other eligible
-//! regions, nearest the client first (nearest the chosen region when the
-//! client's position is unknown), so a client whose tunnel fails can move on
-//! without another round trip.
+//! regions with room (all eligible ones when none has room), nearest the
+//! client first (nearest the chosen region when the client's position is
+//! unknown), so a client whose tunnel fails can move on without another round
+//! trip.
+//!
+//! Room is what spreads a regional outage: the dropped region's clients all
+//! go to the nearest region, each region's admission gate paces them, and
+//! once that region's servers report themselves full, the next clients go to
+//! the region after it instead of piling onto full servers.
 //!
 //! # Servers
 //!
@@ -49,6 +58,11 @@
 //! wins with probability exactly proportional to its capacity: `-ln(u) /
 //! capacity` is an exponential clock ticking at rate `capacity`, and the
 //! device goes to the clock that rings first.
+//!
+//! Servers reporting a load at or above [`FULL_LOAD`] take no new devices
+//! while another server of the region has room: the hashing runs over the
+//! servers with room, so only the devices whose server filled up move. When
+//! every server is full, it runs over all of them.
 //!
 //! The hash is [`stable_hash`]: FNV-1a 64 followed by MurmurHash3's `fmix64`
 //! finalizer. Both are fixed, public algorithms on bytes, so every platform and
@@ -77,6 +91,18 @@ pub const DEFAULT_REGION: &str = "eu-central";
 
 /// The longest failover list [`choose`] returns.
 pub const MAX_FAILOVER: usize = 5;
+
+/// The reported load (a server's share of its capacity in use, 0 to 1) at
+/// which a server counts as full: it takes no new devices while another
+/// server has room, and a region whose servers are all full is left out of
+/// automatic choices while another region has room.
+pub const FULL_LOAD: f32 = 0.95;
+
+/// Whether a server takes new devices before any full one: it has capacity,
+/// and its reported load is below [`FULL_LOAD`].
+fn has_room(server: &Server) -> bool {
+    server.capacity > 0 && server.load < FULL_LOAD
+}
 
 /// How many regions a client may ask placement to avoid, and the longest id
 /// it may name, in characters (`POST /v1/connect`'s `avoid`).
@@ -126,7 +152,8 @@ pub struct Choice<'a> {
 /// Why no region could be chosen. Each maps to a stable machine-readable code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlacementError {
-    /// No region is eligible (all down, empty, excluded or outside the plan).
+    /// No region is eligible (all down, empty, excluded or outside the plan;
+    /// a region without room is eligible).
     NoEligibleRegion,
     /// The requested region exists but the plan does not include its tier.
     RegionNotAllowed,
@@ -153,8 +180,8 @@ impl fmt::Display for PlacementError {
 impl std::error::Error for PlacementError {}
 
 /// A snapshot together with what placement needs of each region, worked out
-/// once: whether it could take anyone at all, its tier, and its position as a
-/// unit vector. With a thousand regions, [`choose`] spent most of a connect's
+/// once: whether it could take anyone at all, whether it has room, its tier,
+/// and its position as a unit vector. With a thousand regions, [`choose`] spent most of a connect's
 /// own work reading whole `Region`s and computing a haversine for each; a
 /// `Placer` answers the same questions from 32 bytes per region and computes
 /// a haversine only for the handful of regions that can make the list.
@@ -172,6 +199,8 @@ pub struct Placer {
 struct Site {
     /// Health `Up` and at least one server with capacity.
     usable: bool,
+    /// A server with room ([`has_room`]).
+    room: bool,
     tier: Tier,
     /// [`geo::unit_vector`] of its position; `None` when the catalogue's
     /// coordinates are invalid.
@@ -182,6 +211,7 @@ impl Site {
     fn of(region: &Region) -> Site {
         Site {
             usable: region.health == Health::Up && has_capacity(region),
+            room: region.servers.iter().any(has_room),
             tier: region.tier,
             unit: position(region).map(geo::unit_vector),
         }
@@ -217,7 +247,7 @@ impl Placer {
     /// reach them a moment ago: in an outage, before the edge's copy of the
     /// catalogue says so). Should that leave no eligible region, the avoided
     /// ones are let back in: a region the client failed to reach is still
-    /// better than none.
+    /// better than none, though a full one it can reach comes first.
     pub fn choose_avoiding(
         &self,
         ent: &Entitlement,
@@ -258,8 +288,9 @@ impl Placer {
 /// Chooses the region for a client (see the module docs for the rules).
 ///
 /// Eligible = allowed by the entitlement's tiers, health `Up`, at least one
-/// server with capacity > 0, and not in `exclude`. `exclude` lets the caller
-/// drop regions whose admission gate just refused the client and ask again.
+/// server with capacity > 0, and not in `exclude`; of those, the ones with
+/// room are chosen from while there are any. `exclude` lets the caller drop
+/// regions whose admission gate just refused the client and ask again.
 ///
 /// This works out what placement needs of each region for the one call; to place many
 /// clients in the same snapshot, use a [`Placer`].
@@ -283,12 +314,16 @@ fn choose_from<'a>(
     exclude: &[&str],
 ) -> Result<Choice<'a>, PlacementError> {
     let regions = &snapshot.regions;
-    let eligible = |i: usize| {
+    let allowed = |i: usize| {
         let site = &sites[i];
         site.usable
             && ent.allows_tier(site.tier)
             && (exclude.is_empty() || !exclude.contains(&regions[i].id.as_str()))
     };
+    // Regions with room, unless none has: then all of them. (In a healthy
+    // fleet the first region or so has room, so this is a short look.)
+    let full_ok = !(0..sites.len()).any(|i| sites[i].room && allowed(i));
+    let eligible = |i: usize| (full_ok || sites[i].room) && allowed(i);
     let client = match location {
         ClientLocation::Coordinates(p) => Some(*p),
         ClientLocation::Country(code) => geo::country_centroid(code),
@@ -305,8 +340,9 @@ fn choose_from<'a>(
             if !ent.allows_tier(regions[i].tier) {
                 return Err(PlacementError::RegionNotAllowed);
             }
-            // Allowed but down, empty or excluded: steer, don't fail.
-            Some(i).filter(|&i| eligible(i))
+            // Allowed but down, empty or excluded: steer, don't fail. Full
+            // is no reason to steer: the client chose this region.
+            Some(i).filter(|&i| allowed(i))
         }
     };
 
@@ -452,11 +488,13 @@ fn without_position(
 }
 
 /// The server in `region` for a device: weighted rendezvous hashing over the
-/// servers with capacity > 0 (see the module docs). `None` when no server has
-/// capacity. Deterministic: equal scores (vanishingly rare) go to the
-/// smaller server id.
+/// servers with room, or, when none has room, over the servers with any
+/// capacity (see the module docs). `None` when no server has capacity.
+/// Deterministic: equal scores (vanishingly rare) go to the smaller server
+/// id.
 pub fn choose_server<'a>(region: &'a Region, device_id: &str) -> Option<&'a Server> {
-    highest(positions(device_id, &region.servers))
+    highest(positions(device_id, &region.servers).filter(|(_, s)| has_room(s)))
+        .or_else(|| highest(positions(device_id, &region.servers)))
 }
 
 /// Each server with capacity, with its position for `device_id` (the top 52
@@ -732,6 +770,51 @@ mod tests {
                 expected
             );
         }
+    }
+
+    #[test]
+    fn full_regions_are_passed_over_while_another_has_room() {
+        let full = |r: &mut Region| r.servers.iter_mut().for_each(|srv| srv.load = 1.0);
+        let mut s = seeds();
+        // London's nearest is eu-west: full, its clients go to eu-central,
+        // and eu-west is not offered as a failover either.
+        set(&mut s, "eu-west", full);
+        let choice = choose(&s, &plus(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-central");
+        assert!(!choice.failover.contains(&"eu-west"));
+        // One server with room is room enough.
+        set(&mut s, "eu-west", |r| r.servers[1].load = 0.94);
+        assert_eq!(
+            chosen(&s, &plus(), &near(LONDON), None, &[]).unwrap(),
+            "eu-west"
+        );
+        // Asked for by name, a full region is still given.
+        set(&mut s, "eu-west", full);
+        assert_eq!(
+            chosen(&s, &plus(), &near(LONDON), Some("eu-west"), &[]).unwrap(),
+            "eu-west"
+        );
+        // With every region full, the nearest is chosen as if none were,
+        // and the failover list names the full ones.
+        let mut s = seeds();
+        s.regions.iter_mut().for_each(full);
+        let choice = choose(&s, &plus(), &near(LONDON), None, &[]).unwrap();
+        let unloaded = seeds();
+        let expected = choose(&unloaded, &plus(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.region.id, expected.region.id);
+        assert_eq!(choice.failover, expected.failover);
+        // A full region the client can reach comes before one it avoids.
+        let mut s = seeds();
+        s.regions
+            .iter_mut()
+            .filter(|r| r.id != "eu-west")
+            .for_each(full);
+        let placer = Placer::new(s);
+        let avoid = ["eu-west".to_owned()];
+        let choice = placer
+            .choose_avoiding(&plus(), &near(LONDON), None, &avoid)
+            .unwrap();
+        assert_eq!(choice.region.id, "eu-central");
     }
 
     #[test]
@@ -1403,6 +1486,35 @@ mod tests {
     }
 
     #[test]
+    fn a_full_server_takes_no_new_devices_and_only_its_devices_move() {
+        let all: Vec<Server> = (1..=5).map(|n| server(&format!("s-{n}"), 10 * n)).collect();
+        let before = servers_region(all.clone());
+        let mut after = before.clone();
+        after.servers[2].load = FULL_LOAD;
+        let mut moved = 0;
+        for i in 0..20_000 {
+            let was = choose_server(&before, &device(i)).unwrap();
+            let now = choose_server(&after, &device(i)).unwrap();
+            assert_ne!(now.id, "s-3", "device {i} sent to a full server");
+            if was.id == "s-3" {
+                moved += 1;
+            } else {
+                assert_eq!(was.id, now.id, "device {i} moved off a server with room");
+            }
+        }
+        assert!(moved > 0);
+        // Every server full: the same choice as with none full.
+        let mut full = before.clone();
+        full.servers.iter_mut().for_each(|s| s.load = 1.0);
+        for i in 0..1_000 {
+            assert_eq!(
+                choose_server(&full, &device(i)).unwrap().id,
+                choose_server(&before, &device(i)).unwrap().id
+            );
+        }
+    }
+
+    #[test]
     fn servers_without_capacity_are_never_chosen() {
         let r = servers_region(vec![server("a", 0), server("b", 5), server("c", 0)]);
         for i in 0..2_000 {
@@ -1554,28 +1666,39 @@ mod properties {
         ]
     }
 
+    /// A server's reported load: mostly with room, sometimes just full or
+    /// just short of it.
+    fn load() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            3 => Just(0.0f32),
+            1 => Just(0.949f32),
+            1 => Just(FULL_LOAD),
+            1 => Just(1.0f32),
+        ]
+    }
+
     fn region(i: usize) -> impl Strategy<Value = Region> {
         (
             tier(),
             health(),
             coordinates(),
             prop::sample::select(&COUNTRIES[..]),
-            prop::collection::vec(0u32..3, 0..4),
+            prop::collection::vec((0u32..3, load()), 0..4),
         )
-            .prop_map(move |(tier, health, (lat, lon), country, capacities)| {
+            .prop_map(move |(tier, health, (lat, lon), country, servers)| {
                 let id = format!("r{i:02}");
                 Region {
                     name: id.clone(),
-                    servers: capacities
+                    servers: servers
                         .iter()
                         .enumerate()
-                        .map(|(k, capacity)| Server {
+                        .map(|(k, &(capacity, load))| Server {
                             id: format!("{id}-{k}"),
                             hostname: format!("{id}-{k}.vpn.example"),
                             port: 51820,
                             public_key: "k".into(),
-                            capacity: *capacity,
-                            load: 0.0,
+                            capacity,
+                            load,
                         })
                         .collect(),
                     id,
@@ -1655,6 +1778,28 @@ mod properties {
             && !exclude.contains(&r.id.as_str())
     }
 
+    /// Room restated from the rules: a server with capacity and a load
+    /// under 95%.
+    fn room_by_rule(r: &Region) -> bool {
+        r.servers.iter().any(|s| s.capacity > 0 && s.load < 0.95)
+    }
+
+    /// The regions placement chooses from: the eligible ones with room, or
+    /// all the eligible ones when none has room.
+    fn pool_by_rule<'a>(s: &'a Snapshot, ent: &Entitlement, exclude: &[&str]) -> Vec<&'a Region> {
+        let eligible: Vec<&Region> = s
+            .regions
+            .iter()
+            .filter(|r| eligible_by_rule(r, ent, exclude))
+            .collect();
+        let roomy: Vec<&Region> = eligible
+            .iter()
+            .copied()
+            .filter(|r| room_by_rule(r))
+            .collect();
+        if roomy.is_empty() { eligible } else { roomy }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -1679,6 +1824,7 @@ mod properties {
                 .iter()
                 .filter(|r| eligible_by_rule(r, &ent, &exclude))
                 .collect();
+            let pool = pool_by_rule(&s, &ent, &exclude);
             let result = choose(&s, &ent, &location, requested, &exclude);
 
             if let Some(id) = requested {
@@ -1703,14 +1849,18 @@ mod properties {
                 Err(e) => return Err(TestCaseError::fail(format!("refused with {e} though {} eligible", eligible.len()))),
             };
             let is_eligible = |id: &str| eligible.iter().any(|r| r.id == id);
-            prop_assert!(is_eligible(&choice.region.id), "chose {}", choice.region.id);
-            if let Some(id) = requested.filter(|id| is_eligible(id)) {
-                prop_assert_eq!(&choice.region.id, id);
+            let in_pool = |id: &str| pool.iter().any(|r| r.id == id);
+            // A region asked for by name is given while eligible, full or
+            // not; any other choice has room if any eligible region has.
+            match requested.filter(|id| is_eligible(id)) {
+                Some(id) => prop_assert_eq!(&choice.region.id, id),
+                None => prop_assert!(in_pool(&choice.region.id), "chose {}", choice.region.id),
             }
 
             let f = &choice.failover;
-            prop_assert_eq!(f.len(), (eligible.len() - 1).min(MAX_FAILOVER));
-            prop_assert!(f.iter().all(|id| is_eligible(id) && *id != choice.region.id));
+            let others = pool.iter().filter(|r| r.id != choice.region.id).count();
+            prop_assert_eq!(f.len(), others.min(MAX_FAILOVER));
+            prop_assert!(f.iter().all(|id| in_pool(id) && *id != choice.region.id));
             let distinct: std::collections::BTreeSet<_> = f.iter().collect();
             prop_assert_eq!(distinct.len(), f.len());
         }
@@ -1725,10 +1875,8 @@ mod properties {
             (lat, lon) in (-90.0f64..=90.0, -180.0f64..=180.0),
         ) {
             let client = Point::new(lat, lon).unwrap();
-            let mut ranked: Vec<(f64, &str)> = s
-                .regions
-                .iter()
-                .filter(|r| eligible_by_rule(r, &ent, &[]))
+            let mut ranked: Vec<(f64, &str)> = pool_by_rule(&s, &ent, &[])
+                .into_iter()
                 .map(|r| {
                     let d = Point::new(r.latitude, r.longitude)
                         .map_or(f64::INFINITY, |p| geo::distance_km(client, p));
@@ -1755,10 +1903,8 @@ mod properties {
             s in snapshot(),
             ent in entitlement(),
         ) {
-            let mut eligible: Vec<&str> = s
-                .regions
-                .iter()
-                .filter(|r| eligible_by_rule(r, &ent, &[]))
+            let mut eligible: Vec<&str> = pool_by_rule(&s, &ent, &[])
+                .into_iter()
                 .map(|r| r.id.as_str())
                 .collect();
             eligible.sort();
@@ -1794,8 +1940,9 @@ mod properties {
             prop_assert_eq!(fast, all);
         }
 
-        /// The server chosen has capacity, exists whenever one with capacity
-        /// does, and does not depend on the order the servers are listed in.
+        /// The server chosen has capacity, and room if any server has,
+        /// exists whenever one with capacity does, and does not depend on
+        /// the order the servers are listed in.
         #[test]
         fn the_server_chosen_has_capacity_and_ignores_order(
             r in region(0),
@@ -1805,6 +1952,7 @@ mod properties {
             prop_assert_eq!(chosen.is_some(), r.servers.iter().any(|s| s.capacity > 0));
             if let Some(server) = chosen {
                 prop_assert!(server.capacity > 0);
+                prop_assert!(server.load < 0.95 || !room_by_rule(&r), "{} is full", server.id);
                 let mut reversed = r.clone();
                 reversed.servers.reverse();
                 prop_assert_eq!(&choose_server(&reversed, &device).unwrap().id, &server.id);

@@ -535,11 +535,16 @@ type Vec3 = [number, number, number];
 /** What placement needs of each region, worked out once per snapshot (the Rust `Placer`). */
 interface Prepared {
   usable: boolean[];
+  room: boolean[];
   units: (Vec3 | null)[];
   closed: string[];
 }
 
 const prepared = new WeakMap<Snapshot, Prepared>();
+
+/** Load at which a server is full (placement.rs FULL_LOAD), compared as the f32 the Rust reads. */
+const FULL_LOAD = Math.fround(0.95);
+const hasRoom = (s: Server) => s.capacity > 0 && Math.fround(s.load) < FULL_LOAD;
 
 function prepare(snapshot: Snapshot): Prepared {
   let p = prepared.get(snapshot);
@@ -547,6 +552,7 @@ function prepare(snapshot: Snapshot): Prepared {
     const rs = snapshot.regions;
     p = {
       usable: rs.map((r) => r.health === "up" && r.servers.some((s) => s.capacity > 0)),
+      room: rs.map((r) => r.servers.some(hasRoom)),
       units: rs.map((r) => {
         const at = position(r);
         return at && unitVector(at);
@@ -631,8 +637,12 @@ export function choose(
 ): Choice {
   const regions = snapshot.regions;
   const p = prepare(snapshot);
-  const eligible = (i: number) =>
+  const allowed = (i: number) =>
     p.usable[i] && ent.region_tiers.includes(regions[i].tier) && (exclude.length === 0 || !exclude.includes(regions[i].id));
+  // Regions with room, unless none has: then all of them.
+  let fullOk = true;
+  for (let i = 0; i < regions.length && fullOk; i++) if (p.room[i] && allowed(i)) fullOk = false;
+  const eligible = (i: number) => (fullOk || p.room[i]) && allowed(i);
   const client =
     location.kind === "coordinates" ? location.at : location.kind === "country" ? countryCentroid(location.code) : null;
 
@@ -641,7 +651,7 @@ export function choose(
     const i = regions.findIndex((x) => x.id === requested);
     if (i < 0) throw new PlacementError("region_not_found");
     if (!ent.region_tiers.includes(regions[i].tier)) throw new PlacementError("region_not_allowed");
-    if (eligible(i)) chosen = i;
+    if (allowed(i)) chosen = i; // full or not: asked for by name
   }
   if (chosen < 0 && client) {
     const ranked = nearest(regions, p, eligible, client, -1, MAX_FAILOVER + 1);
@@ -732,18 +742,24 @@ export function stableHash(key: string, salt: string): [number, number] {
 const MARGIN = 4194304; // 2^22
 
 /**
- * Weighted rendezvous hashing over the servers with capacity. The device is
+ * Weighted rendezvous hashing over the servers with room (with capacity, if
+ * none has room). The device is
  * hashed once; the score's logarithm is taken only for a server that leads
  * its capacity so far (its position, the hash's top 52 bits, within MARGIN
  * of the best), which chooses what scoring every server would.
  */
 export function chooseServer(region: Region, deviceId: string): Server | undefined {
+  return highest(region, deviceId, true) ?? highest(region, deviceId, false);
+}
+
+/** The highest-scored server with capacity (and room, if `roomOnly`). */
+function highest(region: Region, deviceId: string, roomOnly: boolean): Server | undefined {
   const [ph, pl] = hashPrefix(deviceId);
   const lead = new Map<number, number>();
   let best: Server | undefined;
   let bestScore = 0;
   for (const s of region.servers) {
-    if (s.capacity <= 0) continue;
+    if (s.capacity <= 0 || (roomOnly && !hasRoom(s))) continue;
     const [hi, lo] = fmix64(...fnv(ph, pl, s.id));
     const k = hi * 1048576 + (lo >>> 12); // top 52 bits, exact in a double
     const top = lead.get(s.capacity);
