@@ -137,6 +137,34 @@ wire! {
     #[serde(deny_unknown_fields)]
     pub struct HealthReport {
         pub health: Health,
+        /// The load the monitor measured on the region's servers. A server
+        /// at 0.95 or more is full: it takes no new devices while another
+        /// server of the region has room, and a region whose servers are
+        /// all full is chosen only when asked for by name or when no other
+        /// region has room. Servers left out keep their last load; one
+        /// named twice takes its last entry. Ids that are not servers of
+        /// this region are ignored and listed in the answer's
+        /// `unknown_servers`, so that a monitor whose list is out of date
+        /// still reports the region's health. At most 100 (a larger fleet
+        /// is reported in parts).
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(length(max = 100)))]
+        #[serde(default)]
+        pub servers: Vec<ServerLoad>,
+    }
+
+    /// One server's load in a health report.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct ServerLoad {
+        /// A server id: a lower-case letter, then 1 to 63 lower-case
+        /// letters, digits or hyphens.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(regex(pattern = r"^[a-z][a-z0-9-]{1,63}$")))]
+        pub id: String,
+        /// The share of the server's capacity in use, 0 to 1.
+        // Read as any JSON number, so that one out of range is refused by
+        // name (`unit_load`, 422), not as malformed JSON.
+        #[cfg_attr(not(target_arch = "wasm32"), schemars(with = "f64", range(min = 0.0, max = 1.0)))]
+        pub load: serde_json::Number,
     }
 
     // ---- Responses -------------------------------------------------------
@@ -330,6 +358,11 @@ wire! {
         pub admission_rate: u32,
         /// When a monitor last reported (unix seconds); null if never.
         pub health_reported_at: Option<i64>,
+        /// The ids in a health report's `servers` that are not servers of
+        /// this region (left out of the answer when there are none): their
+        /// loads were ignored, the rest of the report recorded.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub unknown_servers: Vec<String>,
     }
 
     /// `GET /v1/admin/servers`.
@@ -351,6 +384,28 @@ wire! {
         /// Reported load (0 to 1).
         pub load: f64,
     }
+}
+
+/// The most servers one health report may give the load of.
+pub const MAX_REPORTED_SERVERS: usize = 100;
+
+/// Whether `id` has the shape of a server id (the `servers` table's check):
+/// a lower-case ASCII letter, then 1 to 63 lower-case letters, digits or
+/// hyphens.
+pub fn is_server_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    (2..=64).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+/// A server's load from a JSON number: 0 to 1; `None` for anything else.
+pub fn unit_load(n: &serde_json::Number) -> Option<f32> {
+    n.as_f64()
+        .filter(|l| (0.0..=1.0).contains(l))
+        .map(|l| l as f32)
 }
 
 /// The most reconnects per second a region may be set to admit.
@@ -405,5 +460,36 @@ mod tests {
         }
         // Not a number at all: malformed.
         assert!(rate(r#"{"admission_rate": "20"}"#).is_err());
+    }
+
+    #[test]
+    fn a_reported_load_is_a_number_from_0_to_1_and_ids_have_the_server_shape() {
+        let load = |json: &str| {
+            serde_json::from_str::<ServerLoad>(&format!(r#"{{"id": "s1", "load": {json}}}"#))
+                .map(|s| unit_load(&s.load))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(load("0"), Ok(Some(0.0)));
+        assert_eq!(load("0.95"), Ok(Some(0.95)));
+        assert_eq!(load("1.0"), Ok(Some(1.0)));
+        for bad in ["-0.01", "1.0000001", "2", "1e300"] {
+            assert_eq!(load(bad), Ok(None), "{bad}");
+        }
+        assert!(load(r#""0.5""#).is_err());
+        for good in ["eu-west-1", "ab", &format!("a{}", "b".repeat(63))] {
+            assert!(is_server_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a",
+            "1a",
+            "-a",
+            "Eu-west-1",
+            "eu_west",
+            "eu-wést",
+            &format!("a{}", "b".repeat(64)),
+        ] {
+            assert!(!is_server_id(bad), "{bad}");
+        }
     }
 }

@@ -4,8 +4,10 @@
 //! - `PUT /v1/admin/regions/{id}` `{health?, admission_rate?}`: an operator's
 //!   decision (e.g. drain a region, or throttle its reconnects); `up` lifts
 //!   the operator's restriction;
-//! - `POST /v1/admin/regions/{id}/health-report` `{health}`: a monitor's report;
-//!   a region whose monitor stops reporting for 3 minutes is marked down by the cron;
+//! - `POST /v1/admin/regions/{id}/health-report` `{health, servers?}`: a
+//!   monitor's report, with the load of the region's servers it lists; a
+//!   region whose monitor stops reporting for 3 minutes is marked down by the
+//!   cron;
 //! - `GET /v1/admin/servers`: the fleet.
 //!
 //! The operator's decision and the reports are kept apart (migration V10): a
@@ -16,7 +18,10 @@
 use super::auth::json_body;
 use super::incoming::Incoming;
 use super::{Fail, bindings, catalogue, cron, fault, store, time};
-use crate::api::{HealthReport, RegionState, ServerList, ServerState, SetRegion};
+use crate::api::{
+    HealthReport, MAX_REPORTED_SERVERS, RegionState, ServerList, ServerLoad, ServerState,
+    SetRegion, is_server_id, unit_load,
+};
 use crate::domain::catalogue::Health;
 use crate::domain::problem::ProblemCode;
 use crate::http::{ApiError, Reply};
@@ -101,41 +106,79 @@ enum Republish {
     IfChanged,
 }
 
+/// Updates a region, and the load of those of the servers in `loads` (each
+/// named once) that are the region's, in one statement; the answer lists the
+/// others in `unknown_servers`.
 async fn update_region(
     env: &Env,
     id: &str,
     assignments: &str,
+    loads: &[(&str, f32)],
     republish: Republish,
     fault: Option<String>,
 ) -> Result<Reply, Fail> {
-    let db = store::connect(env).await?;
-    let id = sql::literal(id).map_err(|_| {
+    let not_found = || {
         Fail::from(ApiError::new(
             ProblemCode::RegionNotFound,
             "No region with this id.",
         ))
-    })?;
+    };
+    let db = store::connect(env).await?;
+    let id = sql::literal(id).map_err(|_| not_found())?;
+    let mut values = Vec::with_capacity(loads.len());
+    for (server, load) in loads {
+        // Checked to be of a server id's shape, so never refused.
+        let server = sql::literal(server).unwrap_or_default();
+        values.push(format!("({server}, {load}::real)"));
+    }
+    let loads = if values.is_empty() {
+        "SELECT NULL::text, NULL::real WHERE false".to_owned()
+    } else {
+        format!("VALUES {}", values.join(", "))
+    };
+    // A server's fullness changing changes placement: publish at once, as
+    // for the region's health. Other load changes reach the catalogue with
+    // the cron's publish, within a minute.
     let q = format!(
-        "UPDATE regions r SET {assignments}, updated_at = now()
-           FROM (SELECT id, health, admission_rate FROM regions WHERE id = {id} FOR UPDATE) before
-          WHERE r.id = before.id
-         RETURNING json_build_object(
-             'region', json_build_object('id', r.id, 'health', r.health, 'admission_rate', r.admission_rate,
-                                         'reported_health', r.reported_health, 'operator_health', r.operator_health,
-                                         'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint),
-             'changed', (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate))::text"
+        "WITH loads (id, load) AS ({loads}),
+              known AS (SELECT s.id, s.load FROM servers s JOIN loads l USING (id)
+                         WHERE s.region_id = {id} FOR UPDATE OF s),
+              loaded AS (UPDATE servers s SET load = l.load, updated_at = now()
+                           FROM loads l JOIN known k USING (id)
+                          WHERE s.id = l.id
+                      RETURNING (k.load >= {full}::real) <> (l.load >= {full}::real) AS flipped),
+              region AS (UPDATE regions r SET {assignments}, updated_at = now()
+                           FROM (SELECT id, health, admission_rate FROM regions WHERE id = {id} FOR UPDATE) before
+                          WHERE r.id = before.id
+                      RETURNING json_build_object('id', r.id, 'health', r.health, 'admission_rate', r.admission_rate,
+                                                  'reported_health', r.reported_health, 'operator_health', r.operator_health,
+                                                  'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint) AS state,
+                                (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed)
+         SELECT json_build_object(
+             'region', (SELECT state FROM region),
+             'unknown', (SELECT coalesce(json_agg(l.id ORDER BY l.id), '[]') FROM loads l
+                          WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = l.id)),
+             'changed', coalesce((SELECT changed FROM region), false) OR EXISTS (SELECT 1 FROM loaded WHERE flipped))::text",
+        full = crate::domain::placement::FULL_LOAD,
     );
     #[derive(serde::Deserialize)]
     struct Updated {
-        region: RegionState,
+        region: Option<RegionState>,
+        unknown: Vec<String>,
         changed: bool,
     }
     let row: Option<Updated> = store::json_value(&db, &q).await?;
-    let Some(row) = row else {
-        return Err(ApiError::new(ProblemCode::RegionNotFound, "No region with this id.").into());
+    let Some(Updated {
+        region: Some(mut region),
+        unknown,
+        changed,
+    }) = row
+    else {
+        return Err(not_found());
     };
+    region.unknown_servers = unknown;
     drop(db);
-    if republish == Republish::Always || row.changed {
+    if republish == Republish::Always || changed {
         let publish = async {
             if fault.as_deref() == Some(fault::KV_HANG) {
                 futures::future::pending::<()>().await;
@@ -148,7 +191,7 @@ async fn update_region(
             .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
         catalogue::install(snapshot);
     }
-    Ok(Reply::json(200, &row.region))
+    Ok(Reply::json(200, &region))
 }
 
 pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -182,12 +225,13 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     // At the development-only fault points `kv.hang`, the publish never
     // ends; at `kv.refused`, KV refuses its first write.
     let fault = fault::armed(env, req.header(fault::HEADER));
-    update_region(env, id, &sets.join(", "), Republish::Always, fault).await
+    update_region(env, id, &sets.join(", "), &[], Republish::Always, fault).await
 }
 
 pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
     authorize(&req, env)?;
     let b: HealthReport = json_body(&mut req).await?;
+    let loads = server_loads(&b.servers)?;
     update_region(
         env,
         id,
@@ -195,10 +239,41 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
             "reported_health = '{}', health_reported_at = now()",
             health_str(b.health)
         ),
+        &loads,
         Republish::IfChanged,
         fault::armed(env, req.header(fault::HEADER)).filter(|f| f == fault::KV_HANG),
     )
     .await
+}
+
+/// A report's server loads, checked: at most [`MAX_REPORTED_SERVERS`], ids of
+/// a server id's shape, loads from 0 to 1 (422 otherwise, naming the field).
+/// A server named twice takes its last entry.
+fn server_loads(servers: &[ServerLoad]) -> Result<Vec<(&str, f32)>, Fail> {
+    let invalid = |reason| -> Fail {
+        crate::http::body::invalid(&[crate::domain::account::Invalid {
+            field: "servers",
+            reason,
+        }])
+        .into()
+    };
+    if servers.len() > MAX_REPORTED_SERVERS {
+        return Err(invalid("lists more than 100 servers"));
+    }
+    let mut loads: Vec<(&str, f32)> = Vec::with_capacity(servers.len());
+    for s in servers {
+        if !is_server_id(&s.id) {
+            return Err(invalid("has an id that is not a server id"));
+        }
+        let Some(load) = unit_load(&s.load) else {
+            return Err(invalid("has a load that is not a number from 0 to 1"));
+        };
+        match loads.iter_mut().find(|(id, _)| *id == s.id) {
+            Some(earlier) => earlier.1 = load,
+            None => loads.push((s.id.as_str(), load)),
+        }
+    }
+    Ok(loads)
 }
 
 pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {

@@ -112,6 +112,10 @@ pub const TESTS: &[(&str, Test)] = &[
         upper_case_device_id,
     ),
     (
+        "connect::servers_reported_full_take_no_new_devices_and_a_full_region_is_passed_over",
+        full_servers,
+    ),
+    (
         "connect::a_first_catalogue_load_kv_will_not_store_still_routes",
         catalogue_unstored,
     ),
@@ -1492,6 +1496,166 @@ fn avoided_region(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(refused.status, 422, "{}", refused.body);
         assert_eq!(refused.body["code"], "validation_failed");
         assert_eq!(refused.body["errors"][0]["field"], "avoid");
+        Ok(())
+    })
+}
+
+/// A monitor reports its servers' load with the region's health. A server
+/// at 95% or more takes no new devices while another server of its region
+/// has room; a region whose servers are all full is passed over for the
+/// next nearest, unless asked for by name. A report with a load out of
+/// range changes nothing; ids that are not the region's servers are
+/// ignored and named in the answer.
+fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
+    let db_url = ctx.stack().pg.url(DB_NAME);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let (user, device) = user_with_device(ctx, true).await;
+        let report = |servers: Value| {
+            admin(
+                ctx,
+                "POST",
+                "/v1/admin/regions/eu-west/health-report",
+                Some(json!({"health": "up", "servers": servers})),
+            )
+        };
+        let loads = || async {
+            let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    (
+                        s(&v["id"]).to_owned(),
+                        (s(&v["region_id"]).to_owned(), v["load"].as_f64().unwrap()),
+                    )
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let first = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(first.body["region"], "eu-west");
+        let home = s(&first.body["server"]["id"]).to_owned();
+        let eu_west: Vec<String> = loads()
+            .await
+            .into_iter()
+            .filter(|(_, (region, _))| region == "eu-west")
+            .map(|(id, _)| id)
+            .collect();
+        assert!(eu_west.len() >= 2 && eu_west.contains(&home), "{eu_west:?}");
+        let elsewhere = loads()
+            .await
+            .into_iter()
+            .find(|(_, (region, _))| region != "eu-west")
+            .map(|(id, _)| id)
+            .unwrap();
+
+        // Refused whole, changing nothing: a load out of range, ids that
+        // cannot be a server's, too many servers.
+        let long = "s".repeat(65);
+        let many: Vec<Value> = (0..101)
+            .map(|n| json!({"id": format!("s-{n}"), "load": 1}))
+            .collect();
+        for (servers, reason) in [
+            (
+                json!([{"id": home, "load": 1.0}, {"id": home, "load": 1.5}]),
+                "from 0 to 1",
+            ),
+            (json!([{"id": home, "load": -0.1}]), "from 0 to 1"),
+            (
+                json!([{"id": home, "load": 1.0}, {"id": long, "load": 1.0}]),
+                "not a server id",
+            ),
+            (json!([{"id": "Eu-West-1", "load": 1.0}]), "not a server id"),
+            (json!(many), "more than 100"),
+        ] {
+            let r = report(servers.clone()).await;
+            assert_eq!(r.status, 422, "{servers}: {}", r.body);
+            assert_eq!(r.body["code"], "validation_failed");
+            assert_eq!(r.body["errors"][0]["field"], "servers");
+            assert!(
+                s(&r.body["errors"][0]["reason"]).contains(reason),
+                "{}",
+                r.body
+            );
+        }
+        assert!(
+            loads().await.values().all(|(_, load)| *load == 0.0),
+            "a refused report changed a load"
+        );
+
+        // The device's server full (its last entry counts): the next
+        // connect, at once (the flip republishes the catalogue), gets
+        // another server of the region. Ids that are not the region's are
+        // ignored and named in the answer; the report is recorded.
+        let r = report(json!([
+            {"id": home, "load": 0.5},
+            {"id": "no-such-server", "load": 1},
+            {"id": elsewhere, "load": 1},
+            {"id": home, "load": 0.97},
+        ]))
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let mut unknown = vec![elsewhere.clone(), "no-such-server".to_owned()];
+        unknown.sort();
+        assert_eq!(r.body["unknown_servers"], json!(unknown));
+        let now = loads().await;
+        assert_eq!((now[&home].1, now[&elsewhere].1), (0.97, 0.0));
+        let moved = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(moved.status, 200, "{}", moved.body);
+        assert_eq!(moved.body["region"], "eu-west");
+        assert_ne!(
+            s(&moved.body["server"]["id"]),
+            home,
+            "placed on a full server"
+        );
+
+        // Every server of eu-west full: London goes to the next nearest.
+        let all_full: Vec<Value> = eu_west
+            .iter()
+            .map(|id| json!({"id": id, "load": 1}))
+            .collect();
+        assert_eq!(report(json!(all_full)).await.status, 200);
+        let passed_over = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(passed_over.status, 200, "{}", passed_over.body);
+        assert_eq!(passed_over.body["region"], first.body["failover"][0]);
+        assert!(
+            !passed_over.body["failover"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("eu-west"))
+        );
+        let regions = send(ctx, "GET", "/v1/regions", None, None).await;
+        assert_eq!(region_in(&regions.body, "eu-west")["load"], 1.0);
+        // Asked for by name, it is still given.
+        let named = connect_from(ctx, &user, &device, LONDON, Some("eu-west")).await;
+        assert_eq!(
+            (named.status, &named.body["region"]),
+            (200, &json!("eu-west"))
+        );
+
+        // Room again: the device is back on its own server.
+        let empty: Vec<Value> = eu_west
+            .iter()
+            .map(|id| json!({"id": id, "load": 0}))
+            .collect();
+        let r = report(json!(empty)).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.get("unknown_servers").is_none(), "{}", r.body);
+        let back = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(
+            (s(&back.body["region"]), s(&back.body["server"]["id"])),
+            ("eu-west", home.as_str())
+        );
+        // Forget the monitor, as the cron would otherwise mark it silent.
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        db.execute(
+            "UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west'",
+            &[],
+        )
+        .await?;
         Ok(())
     })
 }
