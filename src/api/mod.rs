@@ -138,8 +138,9 @@ wire! {
     pub struct HealthReport {
         pub health: Health,
         /// The load the monitor measured on the region's servers. A server
-        /// at 0.95 or more is full: it takes no new devices while another
-        /// server of the region has room, and a region whose servers are
+        /// becomes full at 0.95 and has room again below 0.90: while full,
+        /// it takes no new devices while another server of the region has
+        /// room, and a region whose servers are
         /// all full is chosen only when asked for by name or when no other
         /// region has room. Servers left out keep their last load; one
         /// named twice takes its last entry. Ids that are not servers of
@@ -383,6 +384,9 @@ wire! {
         pub enabled: bool,
         /// Reported load (0 to 1).
         pub load: f64,
+        /// Full: no new devices while another server of the region has
+        /// room. From a reported load of 0.95 until one below 0.90.
+        pub full: bool,
     }
 }
 

@@ -43,6 +43,13 @@ pub struct Server {
     pub public_key: String,
     pub capacity: u32,
     pub load: f32,
+    /// Whether the server is full ([`crate::domain::placement`]): it takes
+    /// no new devices while another server of its region has room. Set at
+    /// a reported load of [`FULL_LOAD`](crate::domain::placement::FULL_LOAD),
+    /// cleared below [`ROOM_LOAD`](crate::domain::placement::ROOM_LOAD).
+    /// (Absent from snapshots published before it: not full.)
+    #[serde(default)]
+    pub full: bool,
 }
 
 impl Server {
@@ -111,6 +118,7 @@ mod tests {
             public_key: String::new(),
             capacity: 1,
             load: 0.0,
+            full: false,
         };
         assert_eq!(
             server("fra-1.vpn.example").endpoint(),
@@ -141,6 +149,7 @@ mod tests {
                     public_key: "k".into(),
                     capacity: 10,
                     load: 0.0,
+                    full: false,
                 })
                 .collect(),
         }

@@ -15,8 +15,8 @@
 //! A region is *eligible* for a client when the entitlement allows its tier,
 //! its health is `Up`, and it has at least one server with capacity, and the
 //! caller has not excluded it (because its admission gate just refused the
-//! client). It *has room* when one of those servers reports a load below
-//! [`FULL_LOAD`]. [`choose`] picks, among the eligible regions with room (or,
+//! client). It *has room* when one of those servers is not full (see
+//! Servers below). [`choose`] picks, among the eligible regions with room (or,
 //! when none has room, among all eligible ones):
 //!
 //! 1. the requested region, if the client asked for one and it is eligible.
@@ -59,10 +59,13 @@
 //! capacity` is an exponential clock ticking at rate `capacity`, and the
 //! device goes to the clock that rings first.
 //!
-//! Servers reporting a load at or above [`FULL_LOAD`] take no new devices
-//! while another server of the region has room: the hashing runs over the
-//! servers with room, so only the devices whose server filled up move. When
-//! every server is full, it runs over all of them.
+//! A server is *full* from a reported load of [`FULL_LOAD`] until its load
+//! falls below [`ROOM_LOAD`] (the catalogue carries the flag, worked out as
+//! the reports arrive; two marks, so that a load hovering around one does
+//! not turn the server full and back at every report). A full server takes
+//! no new devices while another server of the region has room: the hashing
+//! runs over the servers with room, so only the devices whose server filled
+//! up move. When every server is full, it runs over all of them.
 //!
 //! The hash is [`stable_hash`]: FNV-1a 64 followed by MurmurHash3's `fmix64`
 //! finalizer. Both are fixed, public algorithms on bytes, so every platform and
@@ -93,15 +96,18 @@ pub const DEFAULT_REGION: &str = "eu-central";
 pub const MAX_FAILOVER: usize = 5;
 
 /// The reported load (a server's share of its capacity in use, 0 to 1) at
-/// which a server counts as full: it takes no new devices while another
+/// which a server becomes full: it takes no new devices while another
 /// server has room, and a region whose servers are all full is left out of
 /// automatic choices while another region has room.
 pub const FULL_LOAD: f32 = 0.95;
 
-/// Whether a server takes new devices before any full one: it has capacity,
-/// and its reported load is below [`FULL_LOAD`].
+/// The reported load below which a full server has room again.
+pub const ROOM_LOAD: f32 = 0.90;
+
+/// Whether a server takes new devices before any full one: it has capacity
+/// and is not full.
 fn has_room(server: &Server) -> bool {
-    server.capacity > 0 && server.load < FULL_LOAD
+    server.capacity > 0 && !server.full
 }
 
 /// How many regions a client may ask placement to avoid, and the longest id
@@ -673,6 +679,7 @@ mod tests {
             public_key: "k".into(),
             capacity,
             load: 0.0,
+            full: false,
         }
     }
 
@@ -774,7 +781,7 @@ mod tests {
 
     #[test]
     fn full_regions_are_passed_over_while_another_has_room() {
-        let full = |r: &mut Region| r.servers.iter_mut().for_each(|srv| srv.load = 1.0);
+        let full = |r: &mut Region| r.servers.iter_mut().for_each(|srv| srv.full = true);
         let mut s = seeds();
         // London's nearest is eu-west: full, its clients go to eu-central,
         // and eu-west is not offered as a failover either.
@@ -783,7 +790,7 @@ mod tests {
         assert_eq!(choice.region.id, "eu-central");
         assert!(!choice.failover.contains(&"eu-west"));
         // One server with room is room enough.
-        set(&mut s, "eu-west", |r| r.servers[1].load = 0.94);
+        set(&mut s, "eu-west", |r| r.servers[1].full = false);
         assert_eq!(
             chosen(&s, &plus(), &near(LONDON), None, &[]).unwrap(),
             "eu-west"
@@ -1490,7 +1497,7 @@ mod tests {
         let all: Vec<Server> = (1..=5).map(|n| server(&format!("s-{n}"), 10 * n)).collect();
         let before = servers_region(all.clone());
         let mut after = before.clone();
-        after.servers[2].load = FULL_LOAD;
+        after.servers[2].full = true;
         let mut moved = 0;
         for i in 0..20_000 {
             let was = choose_server(&before, &device(i)).unwrap();
@@ -1505,7 +1512,7 @@ mod tests {
         assert!(moved > 0);
         // Every server full: the same choice as with none full.
         let mut full = before.clone();
-        full.servers.iter_mut().for_each(|s| s.load = 1.0);
+        full.servers.iter_mut().for_each(|s| s.full = true);
         for i in 0..1_000 {
             assert_eq!(
                 choose_server(&full, &device(i)).unwrap().id,
@@ -1666,15 +1673,9 @@ mod properties {
         ]
     }
 
-    /// A server's reported load: mostly with room, sometimes just full or
-    /// just short of it.
-    fn load() -> impl Strategy<Value = f32> {
-        prop_oneof![
-            3 => Just(0.0f32),
-            1 => Just(0.949f32),
-            1 => Just(FULL_LOAD),
-            1 => Just(1.0f32),
-        ]
+    /// Whether a server is full: now and then.
+    fn full() -> impl Strategy<Value = bool> {
+        prop::bool::weighted(0.3)
     }
 
     fn region(i: usize) -> impl Strategy<Value = Region> {
@@ -1683,7 +1684,7 @@ mod properties {
             health(),
             coordinates(),
             prop::sample::select(&COUNTRIES[..]),
-            prop::collection::vec((0u32..3, load()), 0..4),
+            prop::collection::vec((0u32..3, full()), 0..4),
         )
             .prop_map(move |(tier, health, (lat, lon), country, servers)| {
                 let id = format!("r{i:02}");
@@ -1692,13 +1693,14 @@ mod properties {
                     servers: servers
                         .iter()
                         .enumerate()
-                        .map(|(k, &(capacity, load))| Server {
+                        .map(|(k, &(capacity, full))| Server {
                             id: format!("{id}-{k}"),
                             hostname: format!("{id}-{k}.vpn.example"),
                             port: 51820,
                             public_key: "k".into(),
                             capacity,
-                            load,
+                            load: if full { 1.0 } else { 0.0 },
+                            full,
                         })
                         .collect(),
                     id,
@@ -1778,10 +1780,9 @@ mod properties {
             && !exclude.contains(&r.id.as_str())
     }
 
-    /// Room restated from the rules: a server with capacity and a load
-    /// under 95%.
+    /// Room restated from the rules: a server with capacity, not full.
     fn room_by_rule(r: &Region) -> bool {
-        r.servers.iter().any(|s| s.capacity > 0 && s.load < 0.95)
+        r.servers.iter().any(|s| s.capacity > 0 && !s.full)
     }
 
     /// The regions placement chooses from: the eligible ones with room, or
@@ -1934,6 +1935,7 @@ mod properties {
                     public_key: String::new(),
                     capacity: *c,
                     load: 0.0,
+                    full: false,
                 })
                 .collect();
             let (fast, all) = both_choices(&positions(&device, &servers));
@@ -1952,7 +1954,7 @@ mod properties {
             prop_assert_eq!(chosen.is_some(), r.servers.iter().any(|s| s.capacity > 0));
             if let Some(server) = chosen {
                 prop_assert!(server.capacity > 0);
-                prop_assert!(server.load < 0.95 || !room_by_rule(&r), "{} is full", server.id);
+                prop_assert!(!server.full || !room_by_rule(&r), "{} is full", server.id);
                 let mut reversed = r.clone();
                 reversed.servers.reverse();
                 prop_assert_eq!(&choose_server(&reversed, &device).unwrap().id, &server.id);

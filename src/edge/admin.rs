@@ -136,17 +136,22 @@ async fn update_region(
     } else {
         format!("VALUES {}", values.join(", "))
     };
-    // A server's fullness changing changes placement: publish at once, as
-    // for the region's health. Other load changes reach the catalogue with
-    // the cron's publish, within a minute.
+    // A server becomes full at FULL_LOAD and has room again below
+    // ROOM_LOAD (migration V16). Its fullness changing changes placement:
+    // publish at once, as for the region's health. Other load changes
+    // reach the catalogue with the cron's publish, within a minute.
     let q = format!(
         "WITH loads (id, load) AS ({loads}),
-              known AS (SELECT s.id, s.load FROM servers s JOIN loads l USING (id)
+              known AS (SELECT s.id, s.is_full FROM servers s JOIN loads l USING (id)
                          WHERE s.region_id = {id} FOR UPDATE OF s),
-              loaded AS (UPDATE servers s SET load = l.load, updated_at = now()
+              loaded AS (UPDATE servers s
+                            SET load = l.load, updated_at = now(),
+                                is_full = CASE WHEN l.load >= {full}::real THEN true
+                                               WHEN l.load < {room}::real THEN false
+                                               ELSE k.is_full END
                            FROM loads l JOIN known k USING (id)
                           WHERE s.id = l.id
-                      RETURNING (k.load >= {full}::real) <> (l.load >= {full}::real) AS flipped),
+                      RETURNING s.is_full <> k.is_full AS flipped),
               region AS (UPDATE regions r SET {assignments}, updated_at = now()
                            FROM (SELECT id, health, admission_rate FROM regions WHERE id = {id} FOR UPDATE) before
                           WHERE r.id = before.id
@@ -160,6 +165,7 @@ async fn update_region(
                           WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = l.id)),
              'changed', coalesce((SELECT changed FROM region), false) OR EXISTS (SELECT 1 FROM loaded WHERE flipped))::text",
         full = crate::domain::placement::FULL_LOAD,
+        room = crate::domain::placement::ROOM_LOAD,
     );
     #[derive(serde::Deserialize)]
     struct Updated {
@@ -282,7 +288,8 @@ pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     let q = format!(
         "SELECT coalesce(json_agg(json_build_object(
              'id', s.id, 'region_id', s.region_id, 'endpoint', {endpoint},
-             'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load)
+             'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load,
+             'full', s.is_full)
          ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s",
         endpoint = crate::sql::SERVER_ENDPOINT
     );

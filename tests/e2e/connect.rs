@@ -1501,8 +1501,8 @@ fn avoided_region(ctx: &Ctx) -> Result<(), Failed> {
 }
 
 /// A monitor reports its servers' load with the region's health. A server
-/// at 95% or more takes no new devices while another server of its region
-/// has room; a region whose servers are all full is passed over for the
+/// full (from 95% until under 90%) takes no new devices while another server
+/// of its region has room; a region whose servers are all full is passed over for the
 /// next nearest, unless asked for by name. A report with a load out of
 /// range changes nothing; ids that are not the region's servers are
 /// ignored and named in the answer.
@@ -1611,6 +1611,24 @@ fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
             home,
             "placed on a full server"
         );
+
+        // Under 0.95 but not under 0.90: still full.
+        let r = report(json!([{"id": home, "load": 0.92}])).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let servers = admin(ctx, "GET", "/v1/admin/servers", None).await;
+        let state = servers.body["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == json!(home))
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            (&state["load"], &state["full"]),
+            (&json!(0.92), &json!(true))
+        );
+        let still = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(still.body["server"]["id"], moved.body["server"]["id"]);
 
         // Every server of eu-west full: London goes to the next nearest.
         let all_full: Vec<Value> = eu_west

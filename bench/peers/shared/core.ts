@@ -39,6 +39,8 @@ export interface Server {
   public_key: string;
   capacity: number;
   load: number;
+  /** Set by the catalogue from the reported load (0.95 up, below 0.90 down); absent: not full. */
+  full?: boolean;
 }
 
 export interface Region {
@@ -542,9 +544,8 @@ interface Prepared {
 
 const prepared = new WeakMap<Snapshot, Prepared>();
 
-/** Load at which a server is full (placement.rs FULL_LOAD), compared as the f32 the Rust reads. */
-const FULL_LOAD = Math.fround(0.95);
-const hasRoom = (s: Server) => s.capacity > 0 && Math.fround(s.load) < FULL_LOAD;
+/** A server with capacity that is not full takes new devices first (placement.rs `has_room`). */
+const hasRoom = (s: Server) => s.capacity > 0 && !s.full;
 
 function prepare(snapshot: Snapshot): Prepared {
   let p = prepared.get(snapshot);
