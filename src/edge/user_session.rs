@@ -49,6 +49,16 @@ use worker::{DurableObject, Env, Method, Request, Response, Result, State, durab
 
 const KEY: &str = "state";
 
+/// How long a KV copy of the sessions or the devices lives after its last
+/// write: a dormant user's copies (device names, keys, addresses, session
+/// labels) leave KV within 30 days. An unchanged copy is skipped only when
+/// this instance wrote it less than half that ago; and the connect path,
+/// which falls back to the object when the copy lacks the device, has the
+/// object write it again. An expired sessions copy revokes nothing that
+/// matters: every revocation writes the copy, and the access tokens it
+/// refuses live 15 minutes.
+pub const MIRROR_TTL_SECS: u32 = 30 * 24 * 3600;
+
 /// How long after a revocation or a device change the alarm checks that the
 /// KV copies were written: the backstop for a crash or an eviction between
 /// the state's write and the copy's.
@@ -89,9 +99,10 @@ enum Retry {
 /// What this instance knows of its KV copies, by [`Mirrored`].
 #[derive(Default)]
 struct Mirrors {
-    /// The text this instance last wrote under each key: a copy whose text
-    /// has not changed is not written again.
-    written: [Option<String>; 2],
+    /// The text this instance last wrote under each key, and when (unix
+    /// seconds): a copy whose text has not changed is not written again
+    /// until half its [`MIRROR_TTL_SECS`] has passed.
+    written: [Option<(String, i64)>; 2],
     /// Failed copy writes in a row, for the retry's backoff.
     write_failures: u32,
     /// Failed reads of the device list (in the alarm) in a row, likewise.
@@ -708,17 +719,23 @@ impl UserSession {
             let Ok(text) = text else {
                 continue;
             };
-            if self.mirrors.borrow().written[copy as usize].as_ref() == Some(&text) {
+            let fresh = |(last, at): &(String, i64)| {
+                *last == text && now - at < i64::from(MIRROR_TTL_SECS / 2)
+            };
+            if self.mirrors.borrow().written[copy as usize]
+                .as_ref()
+                .is_some_and(fresh)
+            {
                 continue;
             }
             fault::kv_delay(fault).await;
             let written = if fault == Some(fault::MIRROR_KV) {
                 Err(format!("{key}: injected fault at {}", fault::MIRROR_KV))
             } else {
-                kv::put(&self.env, &key, &text, None).await
+                kv::put(&self.env, &key, &text, Some(MIRROR_TTL_SECS)).await
             };
             match written {
-                Ok(()) => self.mirrors.borrow_mut().written[copy as usize] = Some(text),
+                Ok(()) => self.mirrors.borrow_mut().written[copy as usize] = Some((text, now)),
                 Err(e) => {
                     // Whatever the store holds now is unknown.
                     self.mirrors.borrow_mut().written[copy as usize] = None;
@@ -1745,8 +1762,18 @@ impl UserSession {
 
     /// The user's devices as this object knows them (no PostgreSQL): the
     /// connect path's fallback when the KV mirror has not caught up.
-    async fn list_devices(&self) -> Result<Response> {
+    /// The device records, for a connect whose KV copy lacked the device:
+    /// the copy may have expired, or not be written yet. It is brought up to
+    /// date after the answer, not before it (a connect waits for this).
+    async fn list_devices(&self, origin: Origin) -> Result<Response> {
         let stored = self.load().await?;
+        // Whatever this instance wrote, the copy the connect read lacked the
+        // device: write it, unchanged or not.
+        self.mirrors.borrow_mut().written[Mirrored::Devices as usize] = None;
+        let this = self.clone();
+        self.state.wait_until(async move {
+            this.mirror(&[Mirrored::Devices], &origin).await;
+        });
         Response::from_json(&DeviceMirror {
             devices: stored.device_records,
         })
@@ -1808,7 +1835,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/create") => self.create_device(req, origin).boxed_local(),
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).boxed_local(),
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
-            (Method::Post, "/devices/list") => self.list_devices().boxed_local(),
+            (Method::Post, "/devices/list") => self.list_devices(origin).boxed_local(),
             (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
             (Method::Post, "/delete-account") => self.delete_account(req, origin).boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),

@@ -51,9 +51,10 @@ pub const TESTS: &[(&str, Test)] = &[
 
 /// The Worker writes KV through the binding's `put` itself. What it writes
 /// with a TTL expires (the readiness probe's key after 60 s, the cached
-/// entitlement after 300 s); the copies the hot path reads instead of a
-/// Durable Object (the session and device mirrors) never do. A TTL that the
-/// write dropped, or one given to the mirrors, fails here.
+/// entitlement after 300 s, the session and device mirrors 30 days after
+/// their last write, so that a dormant user's leave KV). A TTL that the write
+/// dropped fails here. A device mirror gone (expired) is written again by
+/// the connect that found it missing.
 fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let now = || {
@@ -94,9 +95,15 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
                 .expect("the cached entitlement"),
         )?;
         assert_eq!(cached["plan"], "free", "{cached}");
-        assert_eq!(expiration(format!("sessions/{}", user.id)), None);
+        const MIRROR_TTL: i64 = 30 * 24 * 3600;
+        let sessions = expiration(format!("sessions/{}", user.id));
+        assert!(
+            within(sessions, from, to, MIRROR_TTL),
+            "the session mirror, written in [{from}, {to}], expires at {sessions:?}"
+        );
 
         // The device mirror follows a device's creation.
+        let from = now();
         let device = crate::common::send(
             ctx,
             "POST",
@@ -113,7 +120,40 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
                 .next()
         })
         .await;
-        assert_eq!(devices.1, None, "the device mirror expires");
+        let to = now();
+        assert!(
+            within(devices.1, from, to, MIRROR_TTL),
+            "the device mirror, written in [{from}, {to}], expires at {:?}",
+            devices.1
+        );
+
+        // The device mirror expired: the connect is answered from the
+        // user's object, which writes the copy again.
+        let key = format!("devices/{}", user.id);
+        wrangler.kv_delete(&key);
+        let _read = ctx.regions.read().await;
+        let from = now();
+        let connect = crate::common::send_with(
+            ctx,
+            "POST",
+            "/v1/connect",
+            Some(serde_json::json!({"device_id": device.body["id"]})),
+            Some(&user.access),
+            &[("x-keenvpn-client-location", "50.11,8.68")],
+        )
+        .await;
+        assert_eq!(connect.status, 200, "{}", connect.body);
+        let again = eventually(
+            Duration::from_secs(10),
+            "the device mirror again",
+            || async { wrangler.kv_list_expiring(&key).into_iter().next() },
+        )
+        .await;
+        assert!(
+            within(again.1, from, now(), MIRROR_TTL),
+            "the device mirror, written again, expires at {:?}",
+            again.1
+        );
 
         // `/readyz` writes `readyz/<request id>` before it answers, unless it
         // reuses a report made in the last 2 s (another test's, say): then
