@@ -35,10 +35,9 @@
 //!    smallest id.
 //!
 //! Alongside it comes a failover list: up to [`MAX_FAILOVER`] other eligible
-//! regions with room (all eligible ones when none has room), nearest the
-//! client first (nearest the chosen region when the client's position is
-//! unknown), so a client whose tunnel fails can move on without another round
-//! trip.
+//! regions, those with room first, each part nearest the client first
+//! (nearest the chosen region when the client's position is unknown), so a
+//! client whose tunnel fails can move on without another round trip.
 //!
 //! Room is what spreads a regional outage: the dropped region's clients all
 //! go to the nearest region, each region's admission gate paces them, and
@@ -355,12 +354,12 @@ fn choose_from<'a>(
     let near = |from: Option<Point>, skip: Option<usize>, count: usize| {
         nearest(regions, sites, &eligible, from, skip, count)
     };
-    let (region, failover) = match (requested, client) {
+    let (region, mut failover, from) = match (requested, client) {
         (None, Some(at)) => {
             // The nearest eligible region, and the ones after it.
             let mut ranked = near(Some(at), None, MAX_FAILOVER + 1).into_iter();
             let region = ranked.next().ok_or(PlacementError::NoEligibleRegion)?;
-            (region, ranked.collect())
+            (region, ranked.collect::<Vec<_>>(), Some(at))
         }
         (requested, _) => {
             let region = match requested {
@@ -378,9 +377,16 @@ fn choose_from<'a>(
             // guess of where the client is (or at least of where its traffic
             // goes).
             let from = client.or_else(|| position(&regions[region]));
-            (region, near(from, Some(region), MAX_FAILOVER))
+            (region, near(from, Some(region), MAX_FAILOVER), from)
         }
     };
+    // Fewer regions with room than the list holds: the full ones follow,
+    // nearest first. A client refused or cut off still has somewhere to go.
+    if !full_ok && failover.len() < MAX_FAILOVER {
+        let full = |i: usize| !sites[i].room && allowed(i);
+        let more = MAX_FAILOVER - failover.len();
+        failover.extend(nearest(regions, sites, &full, from, Some(region), more));
+    }
     Ok(Choice {
         region: &regions[region],
         failover: failover
@@ -788,7 +794,19 @@ mod tests {
         set(&mut s, "eu-west", full);
         let choice = choose(&s, &plus(), &near(LONDON), None, &[]).unwrap();
         assert_eq!(choice.region.id, "eu-central");
+        // eu-west, full, comes after every region with room.
+        assert_eq!(choice.failover.len(), MAX_FAILOVER);
         assert!(!choice.failover.contains(&"eu-west"));
+        let mut all_but_one = seeds();
+        all_but_one
+            .regions
+            .iter_mut()
+            .filter(|r| r.id != "eu-central")
+            .for_each(full);
+        let choice = choose(&all_but_one, &plus(), &near(LONDON), None, &[]).unwrap();
+        assert_eq!(choice.region.id, "eu-central");
+        assert_eq!(choice.failover.first(), Some(&"eu-west"));
+        assert_eq!(choice.failover.len(), MAX_FAILOVER);
         // One server with room is room enough.
         set(&mut s, "eu-west", |r| r.servers[1].full = false);
         assert_eq!(
@@ -1858,10 +1876,21 @@ mod properties {
                 None => prop_assert!(in_pool(&choice.region.id), "chose {}", choice.region.id),
             }
 
+            // The failover list: other eligible regions, those with room
+            // first.
             let f = &choice.failover;
-            let others = pool.iter().filter(|r| r.id != choice.region.id).count();
-            prop_assert_eq!(f.len(), others.min(MAX_FAILOVER));
-            prop_assert!(f.iter().all(|id| in_pool(id) && *id != choice.region.id));
+            prop_assert_eq!(f.len(), (eligible.len() - 1).min(MAX_FAILOVER));
+            prop_assert!(f.iter().all(|id| is_eligible(id) && *id != choice.region.id));
+            let roomy = |id: &str| s.regions.iter().any(|r| r.id == id && room_by_rule(r));
+            if let Some(first_full) = f.iter().position(|id| !roomy(id)) {
+                prop_assert!(f[first_full..].iter().all(|id| !roomy(id)), "{f:?}");
+                let listed_roomy = f[..first_full].len();
+                let other_roomy = eligible
+                    .iter()
+                    .filter(|r| r.id != choice.region.id && room_by_rule(r))
+                    .count();
+                prop_assert_eq!(listed_roomy, other_roomy, "a region with room left out of {:?}", f);
+            }
             let distinct: std::collections::BTreeSet<_> = f.iter().collect();
             prop_assert_eq!(distinct.len(), f.len());
         }
@@ -1876,23 +1905,38 @@ mod properties {
             (lat, lon) in (-90.0f64..=90.0, -180.0f64..=180.0),
         ) {
             let client = Point::new(lat, lon).unwrap();
-            let mut ranked: Vec<(f64, &str)> = pool_by_rule(&s, &ent, &[])
-                .into_iter()
-                .map(|r| {
-                    let d = Point::new(r.latitude, r.longitude)
-                        .map_or(f64::INFINITY, |p| geo::distance_km(client, p));
-                    (d, r.id.as_str())
-                })
+            let rank = |regions: Vec<&Region>| {
+                let mut ranked: Vec<(f64, &str)> = regions
+                    .into_iter()
+                    .map(|r| {
+                        let d = Point::new(r.latitude, r.longitude)
+                            .map_or(f64::INFINITY, |p| geo::distance_km(client, p));
+                        (d, r.id.as_str())
+                    })
+                    .collect();
+                ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+                ranked.into_iter().map(|(_, id)| id.to_owned()).collect::<Vec<String>>()
+            };
+            let pool = pool_by_rule(&s, &ent, &[]);
+            let pool_ids: Vec<&str> = pool.iter().map(|r| r.id.as_str()).collect();
+            // After the pool's regions (those with room, if any), the full
+            // ones, nearest first.
+            let full: Vec<&Region> = s
+                .regions
+                .iter()
+                .filter(|r| eligible_by_rule(r, &ent, &[]) && !pool_ids.contains(&r.id.as_str()))
                 .collect();
-            ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+            let ranked = rank(pool);
             let result = choose(&s, &ent, &ClientLocation::Coordinates(client), None, &[]);
             match ranked.split_first() {
                 None => prop_assert_eq!(result, Err(PlacementError::NoEligibleRegion)),
                 Some((first, rest)) => {
                     let choice = result.unwrap();
-                    prop_assert_eq!(choice.region.id.as_str(), first.1);
-                    let expected: Vec<&str> = rest.iter().take(MAX_FAILOVER).map(|r| r.1).collect();
-                    prop_assert_eq!(choice.failover, expected);
+                    prop_assert_eq!(&choice.region.id, first);
+                    let expected: Vec<String> =
+                        rest.iter().cloned().chain(rank(full)).take(MAX_FAILOVER).collect();
+                    let got: Vec<String> = choice.failover.iter().map(|id| (*id).to_owned()).collect();
+                    prop_assert_eq!(got, expected);
                 }
             }
         }

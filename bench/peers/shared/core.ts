@@ -654,10 +654,19 @@ export function choose(
     if (!ent.region_tiers.includes(regions[i].tier)) throw new PlacementError("region_not_allowed");
     if (allowed(i)) chosen = i; // full or not: asked for by name
   }
+  // Fewer regions with room than the list holds: the full ones follow.
+  const withFull = (failover: Region[], from: Point | null, region: Region) => {
+    if (!fullOk && failover.length < MAX_FAILOVER) {
+      const full = (i: number) => !p.room[i] && allowed(i);
+      const skip = regions.indexOf(region);
+      failover = failover.concat(nearest(regions, p, full, from, skip, MAX_FAILOVER - failover.length));
+    }
+    return failover.map((r) => r.id);
+  };
   if (chosen < 0 && client) {
     const ranked = nearest(regions, p, eligible, client, -1, MAX_FAILOVER + 1);
     if (!ranked.length) throw new PlacementError("no_region_available");
-    return { region: ranked[0], failover: ranked.slice(1).map((r) => r.id) };
+    return { region: ranked[0], failover: withFull(ranked.slice(1), client, ranked[0]) };
   }
   if (chosen < 0) {
     const country = location.kind === "country" ? location.code.toUpperCase() : null;
@@ -673,8 +682,8 @@ export function choose(
   }
   if (chosen < 0) throw new PlacementError("no_region_available");
   const region = regions[chosen];
-  const failover = nearest(regions, p, eligible, client ?? position(region), chosen, MAX_FAILOVER);
-  return { region, failover: failover.map((r) => r.id) };
+  const from = client ?? position(region);
+  return { region, failover: withFull(nearest(regions, p, eligible, from, chosen, MAX_FAILOVER), from, region) };
 }
 
 // 64-bit unsigned arithmetic on [hi, lo] pairs of uint32, for the stable hash.
