@@ -138,7 +138,8 @@ wire! {
     pub struct HealthReport {
         pub health: Health,
         /// The load the monitor measured on the region's servers. A server
-        /// becomes full at 0.95 and has room again below 0.90: while full,
+        /// becomes full at 0.95 and has room again below 0.90 (a fullness
+        /// no report confirms for 3 minutes lapses): while full,
         /// it takes no new devices while another server of the region has
         /// room, and a region whose servers are
         /// all full is chosen only when asked for by name or when no other
@@ -163,7 +164,8 @@ wire! {
         pub id: String,
         /// The share of the server's capacity in use, 0 to 1.
         // Read as any JSON number, so that one out of range is refused by
-        // name (`unit_load`, 422), not as malformed JSON.
+        // name (`unit_load`, 422), not as malformed JSON (a number no double
+        // holds, 1e400, still is).
         #[cfg_attr(not(target_arch = "wasm32"), schemars(with = "f64", range(min = 0.0, max = 1.0)))]
         pub load: serde_json::Number,
     }

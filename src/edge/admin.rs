@@ -98,7 +98,8 @@ enum Republish {
     /// Always: an operator's change (also one that changes nothing, so that
     /// repeating a change whose publish failed publishes it).
     Always,
-    /// Only when the region's health or rate changed: a monitor's report,
+    /// Only when the region's health or rate changed, or one of its enabled
+    /// servers became full or had room again: a monitor's report,
     /// which arrives every few seconds per region and mostly confirms what
     /// the catalogue says; reading the whole catalogue for each would load
     /// the database in proportion to the fleet for nothing. (A report whose
@@ -137,23 +138,29 @@ async fn update_region(
         format!("VALUES {}", values.join(", "))
     };
     // A server becomes full at FULL_LOAD and has room again below
-    // ROOM_LOAD (migration V16). Its fullness changing changes placement:
-    // publish at once, as for the region's health. Other load changes
-    // reach the catalogue with the cron's publish, within a minute.
+    // ROOM_LOAD; a fullness that no report has confirmed for 3 minutes has
+    // lapsed (migration V16, `currently_full`). Its fullness changing
+    // changes placement: publish at once, as for the region's health. Other
+    // load changes reach the catalogue with the cron's publish, within a
+    // minute. The region's row is locked first (`known` and `region` both
+    // read `locked`; a row another part of the statement had updated first
+    // would be invisible to its lock), then its servers in id order, so that
+    // two writers cannot lock them in opposite orders.
     let q = format!(
         "WITH loads (id, load) AS ({loads}),
-              known AS (SELECT s.id, s.is_full FROM servers s JOIN loads l USING (id)
-                         WHERE s.region_id = {id} FOR UPDATE OF s),
+              locked AS (SELECT id, health, admission_rate FROM regions WHERE id = {id} FOR UPDATE),
+              known AS (SELECT s.id, currently_full(s) AS was_full FROM servers s JOIN loads l USING (id)
+                         WHERE s.region_id = (SELECT id FROM locked) ORDER BY s.id FOR UPDATE OF s),
               loaded AS (UPDATE servers s
-                            SET load = l.load, updated_at = now(),
+                            SET load = l.load, load_reported_at = now(), updated_at = now(),
                                 is_full = CASE WHEN l.load >= {full}::real THEN true
                                                WHEN l.load < {room}::real THEN false
-                                               ELSE k.is_full END
+                                               ELSE k.was_full END
                            FROM loads l JOIN known k USING (id)
                           WHERE s.id = l.id
-                      RETURNING s.is_full <> k.is_full AS flipped),
+                      RETURNING s.enabled AND s.is_full <> k.was_full AS flipped),
               region AS (UPDATE regions r SET {assignments}, updated_at = now()
-                           FROM (SELECT id, health, admission_rate FROM regions WHERE id = {id} FOR UPDATE) before
+                           FROM locked before
                           WHERE r.id = before.id
                       RETURNING json_build_object('id', r.id, 'health', r.health, 'admission_rate', r.admission_rate,
                                                   'reported_health', r.reported_health, 'operator_health', r.operator_health,
@@ -289,7 +296,7 @@ pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {
         "SELECT coalesce(json_agg(json_build_object(
              'id', s.id, 'region_id', s.region_id, 'endpoint', {endpoint},
              'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load,
-             'full', s.is_full)
+             'full', currently_full(s))
          ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s",
         endpoint = crate::sql::SERVER_ENDPOINT
     );

@@ -31,7 +31,7 @@ SELECT coalesce(json_agg(json_build_object(
     'servers', coalesce((
         SELECT json_agg(json_build_object(
             'id', s.id, 'hostname', s.hostname, 'port', s.port,
-            'public_key', s.public_key, 'capacity', s.capacity, 'load', s.load, 'full', s.is_full) ORDER BY s.id)
+            'public_key', s.public_key, 'capacity', s.capacity, 'load', s.load, 'full', currently_full(s)) ORDER BY s.id)
         FROM servers s WHERE s.region_id = r.id AND s.enabled), '[]'::json)
 ) ORDER BY r.id), '[]'::json)::text FROM regions r";
 

@@ -1507,9 +1507,32 @@ fn avoided_region(ctx: &Ctx) -> Result<(), Failed> {
 /// range changes nothing; ids that are not the region's servers are
 /// ignored and named in the answer.
 fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
+    use futures::FutureExt as _;
     let db_url = ctx.stack().pg.url(DB_NAME);
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
+        let outcome = std::panic::AssertUnwindSafe(full_servers_steps(ctx, &db_url))
+            .catch_unwind()
+            .await;
+        // Whatever happened, eu-west is left empty and unmonitored (the cron
+        // would otherwise mark it silent), and the catalogue says so, for
+        // the tests after this one.
+        let db = keenvpn_edge::db::connect(&db_url).await?;
+        db.batch_execute(
+            "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL WHERE region_id = 'eu-west';
+             UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west';",
+        )
+        .await?;
+        crate::cron::trigger(ctx).await?;
+        match outcome {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
+    {
         let (user, device) = user_with_device(ctx, true).await;
         let report = |servers: Value| {
             admin(
@@ -1629,6 +1652,29 @@ fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
         );
         let still = connect_from(ctx, &user, &device, LONDON, None).await;
         assert_eq!(still.body["server"]["id"], moved.body["server"]["id"]);
+        // The marks themselves: 0.90 keeps a full server full, 0.92 keeps a
+        // server with room so, 0.95 makes it full.
+        let other = eu_west.iter().find(|id| **id != home).unwrap().clone();
+        let full_now = |id: String| async move {
+            let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
+            r.body["servers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["id"] == json!(id))
+                .unwrap()["full"]
+                .clone()
+        };
+        for (id, load, full) in [
+            (&home, 0.90, true),
+            (&other, 0.92, false),
+            (&other, 0.95, true),
+            (&other, 0.0, false),
+        ] {
+            let r = report(json!([{"id": id, "load": load}])).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(full_now(id.clone()).await, json!(full), "{id} at {load}");
+        }
 
         // Every server of eu-west full: London goes to the next nearest.
         let all_full: Vec<Value> = eu_west
@@ -1654,6 +1700,21 @@ fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
             (200, &json!("eu-west"))
         );
 
+        // No report for 3 minutes: the fullness lapses, and the cron's
+        // publish lets eu-west be chosen again.
+        let db = keenvpn_edge::db::connect(db_url).await?;
+        db.execute(
+            "UPDATE servers SET load_reported_at = now() - interval '4 minutes' WHERE region_id = 'eu-west'",
+            &[],
+        )
+        .await?;
+        crate::cron::trigger(ctx).await?;
+        eventually(Duration::from_secs(15), "eu-west chosen again", || async {
+            let r = connect_from(ctx, &user, &device, LONDON, None).await;
+            (r.body["region"] == "eu-west").then_some(())
+        })
+        .await;
+
         // Room again: the device is back on its own server.
         let empty: Vec<Value> = eu_west
             .iter()
@@ -1667,15 +1728,8 @@ fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
             (s(&back.body["region"]), s(&back.body["server"]["id"])),
             ("eu-west", home.as_str())
         );
-        // Forget the monitor, as the cron would otherwise mark it silent.
-        let db = keenvpn_edge::db::connect(&db_url).await?;
-        db.execute(
-            "UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west'",
-            &[],
-        )
-        .await?;
         Ok(())
-    })
+    }
 }
 
 /// A device's id in upper case (as some platforms print UUIDs) names the

@@ -77,7 +77,7 @@ async fn reported(db: &tokio_postgres::Client, region: &str) -> String {
     .get(0)
 }
 
-async fn trigger(ctx: &Ctx) -> Result<(), Failed> {
+pub(crate) async fn trigger(ctx: &Ctx) -> Result<(), Failed> {
     trigger_at(ctx, &ctx.stack().wrangler.base_url).await
 }
 
