@@ -81,6 +81,7 @@ const server = (region, i) => ({
   public_key: wgKey(),
   capacity: 100 + 50 * (i % 4),
   load: 0,
+  full: false,
 });
 const regions = [];
 for (let r = 0; r < regionCount; r++) {
@@ -88,6 +89,15 @@ for (let r = 0; r < regionCount; r++) {
   const servers = Array.from({ length: r === 0 ? regionCount : 4 }, (_, i) => server(id, i));
   const load = LOADS[r % 3];
   for (const s of servers) s.load = load;
+  // Full servers, so that the answers compared cover placement's room rule:
+  // every server of some regions (which the failover lists then name after
+  // the others), at a load of 1, and every eighth server of the clients'
+  // region. Placement reads the flag; those keep the region's load, so that
+  // its mean stays exact in binary.
+  servers.forEach((s, i) => {
+    if (r !== 0 && r % 5 === 2) Object.assign(s, { load: 1, full: true });
+    if (r === 0 && i % 8 === 7) s.full = true;
+  });
   regions.push({
     id,
     name: r === 0 ? "Frankfurt" : `Region ${r}`,
