@@ -320,7 +320,8 @@ wire! {
         pub ticket: String,
         /// Seconds the ticket stays valid.
         pub ticket_expires_in: i64,
-        /// Regions to try next, nearest first.
+        /// Regions to try next: those with room first, then full ones, each
+        /// part nearest first.
         pub failover: Vec<String>,
     }
 

@@ -46,8 +46,9 @@ pub struct Server {
     /// Whether the server is full ([`crate::domain::placement`]): it takes
     /// no new devices while another server of its region has room. Set at
     /// a reported load of [`FULL_LOAD`](crate::domain::placement::FULL_LOAD),
-    /// cleared below [`ROOM_LOAD`](crate::domain::placement::ROOM_LOAD).
-    /// (Absent from snapshots published before it: not full.)
+    /// cleared below [`ROOM_LOAD`](crate::domain::placement::ROOM_LOAD), and
+    /// lapsed when no report has confirmed it for 3 minutes. (Absent from
+    /// snapshots published before it: not full.)
     #[serde(default)]
     pub full: bool,
 }

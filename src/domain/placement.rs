@@ -150,7 +150,8 @@ pub enum ClientLocation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice<'a> {
     pub region: &'a Region,
-    /// Other eligible region ids, nearest first, at most [`MAX_FAILOVER`].
+    /// Other eligible region ids, at most [`MAX_FAILOVER`]: those with room
+    /// first, then full ones, each part nearest first.
     pub failover: Vec<&'a str>,
 }
 

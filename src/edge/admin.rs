@@ -139,7 +139,7 @@ async fn update_region(
     };
     // A server becomes full at FULL_LOAD and has room again below
     // ROOM_LOAD; a fullness that no report has confirmed for 3 minutes has
-    // lapsed (migration V16, `currently_full`). Its fullness changing
+    // lapsed (migrations V16 and V17, `currently_full`). Its fullness changing
     // changes placement: publish at once, as for the region's health. Other
     // load changes reach the catalogue with the cron's publish, within a
     // minute. The region's row is locked first (`known` and `region` both

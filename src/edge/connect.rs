@@ -204,7 +204,10 @@ async fn devices(
     (user_id, device_id): (&str, &str),
     how: kv::Reading<'_>,
 ) -> Result<Vec<store::Device>, Fail> {
-    if let Ok(Some(m)) = kv::read_json::<DeviceMirror>(env, &devices_key(user_id), how).await
+    let copy = kv::read_json::<DeviceMirror>(env, &devices_key(user_id), how).await;
+    // No copy at all (it expired, say): the object writes it again.
+    let absent = matches!(copy, Ok(None));
+    if let Ok(Some(m)) = copy
         && m.devices.iter().any(|d| d.id == device_id)
     {
         return Ok(m.devices);
@@ -215,7 +218,7 @@ async fn devices(
         bindings::USER_SESSIONS,
         user_id,
         "/devices/list",
-        &json!({}),
+        &json!({ "absent": absent }),
     )
     .await?;
     if status != 200 {

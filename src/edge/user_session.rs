@@ -59,6 +59,11 @@ const KEY: &str = "state";
 /// refuses live 15 minutes.
 pub const MIRROR_TTL_SECS: u32 = 30 * 24 * 3600;
 
+/// How recently this instance must have written the devices copy for a
+/// connect that found none not to have it written again (see
+/// `list_devices`): KV takes one write per key per second.
+const REWRITE_AFTER_SECS: i64 = 2;
+
 /// How long after a revocation or a device change the alarm checks that the
 /// KV copies were written: the backstop for a crash or an eviction between
 /// the state's write and the copy's.
@@ -1761,19 +1766,43 @@ impl UserSession {
     }
 
     /// The user's devices as this object knows them (no PostgreSQL): the
-    /// connect path's fallback when the KV mirror has not caught up.
-    /// The device records, for a connect whose KV copy lacked the device:
-    /// the copy may have expired, or not be written yet. It is brought up to
-    /// date after the answer, not before it (a connect waits for this).
-    async fn list_devices(&self, origin: Origin) -> Result<Response> {
+    /// connect path's fallback when the KV copy lacks the device. When the
+    /// connect found no copy at all (`absent`: it expired, or has not reached
+    /// that location yet), the copy is written again after the answer (a
+    /// connect waits for this), unchanged or not, unless this instance wrote
+    /// it within [`REWRITE_AFTER_SECS`]. A copy that is there but lacks the
+    /// device (an unknown id, a registration not propagated yet), or a KV
+    /// read that failed, writes nothing: a client cannot turn its connects
+    /// into KV writes.
+    async fn list_devices(&self, mut req: Request, origin: Origin) -> Result<Response> {
+        #[derive(Deserialize)]
+        struct ListReq {
+            #[serde(default)]
+            absent: bool,
+        }
+        let r: ListReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
         let stored = self.load().await?;
-        // Whatever this instance wrote, the copy the connect read lacked the
-        // device: write it, unchanged or not.
-        self.mirrors.borrow_mut().written[Mirrored::Devices as usize] = None;
-        let this = self.clone();
-        self.state.wait_until(async move {
-            this.mirror(&[Mirrored::Devices], &origin).await;
-        });
+        let now = time::now_secs();
+        let rewrite = r.absent && {
+            let mut m = self.mirrors.borrow_mut();
+            let slot = &mut m.written[Mirrored::Devices as usize];
+            let recent = slot
+                .as_ref()
+                .is_some_and(|(_, at)| now - at < REWRITE_AFTER_SECS);
+            if !recent {
+                *slot = None;
+            }
+            !recent
+        };
+        if rewrite {
+            let this = self.clone();
+            self.state.wait_until(async move {
+                this.mirror(&[Mirrored::Devices], &origin).await;
+            });
+        }
         Response::from_json(&DeviceMirror {
             devices: stored.device_records,
         })
@@ -1835,7 +1864,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/create") => self.create_device(req, origin).boxed_local(),
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).boxed_local(),
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
-            (Method::Post, "/devices/list") => self.list_devices(origin).boxed_local(),
+            (Method::Post, "/devices/list") => self.list_devices(req, origin).boxed_local(),
             (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
             (Method::Post, "/delete-account") => self.delete_account(req, origin).boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),

@@ -1517,15 +1517,22 @@ fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
         // Whatever happened, eu-west is left empty and unmonitored (the cron
         // would otherwise mark it silent), and the catalogue says so, for
         // the tests after this one.
-        let db = keenvpn_edge::db::connect(&db_url).await?;
-        db.batch_execute(
-            "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL WHERE region_id = 'eu-west';
-             UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west';",
-        )
-        .await?;
-        crate::cron::trigger(ctx).await?;
+        let cleanup = async {
+            let db = keenvpn_edge::db::connect(&db_url).await?;
+            db.batch_execute(
+                "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL WHERE region_id = 'eu-west';
+                 UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west';",
+            )
+            .await?;
+            crate::cron::trigger(ctx).await
+        };
+        let cleaned: Result<(), Failed> = cleanup.await;
+        // The test's own failure first; a failed cleanup only after it.
+        if let Err(e) = &cleaned {
+            eprintln!("full_servers: putting eu-west back failed: {e:?}");
+        }
         match outcome {
-            Ok(result) => result,
+            Ok(result) => result.and(cleaned),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })

@@ -39,7 +39,7 @@ export interface Server {
   public_key: string;
   capacity: number;
   load: number;
-  /** Set by the catalogue from the reported load (0.95 up, below 0.90 down); absent: not full. */
+  /** Set by the catalogue from the reported load (0.95 up, below 0.90 down, lapsed after 3 minutes unreported); absent: not full. */
   full?: boolean;
 }
 
