@@ -400,8 +400,15 @@ pub const MAX_REPORTED_SERVERS: usize = 100;
 /// a lower-case ASCII letter, then 1 to 63 lower-case letters, digits or
 /// hyphens.
 pub fn is_server_id(id: &str) -> bool {
+    is_catalogue_id(id, 64)
+}
+
+/// Whether `id` has the shape of a catalogue id of at most `max` bytes (the
+/// `regions` and `servers` tables' checks): a lower-case ASCII letter, then
+/// lower-case letters, digits or hyphens, 2 bytes at least.
+pub fn is_catalogue_id(id: &str, max: usize) -> bool {
     let b = id.as_bytes();
-    (2..=64).contains(&b.len())
+    (2..=max).contains(&b.len())
         && b[0].is_ascii_lowercase()
         && b[1..]
             .iter()

@@ -338,12 +338,7 @@ up in the current directory, its parents, then the crate root.";
 
     /// The shape of a region id (as in the `regions` table's CHECK).
     fn is_region_id(s: &str) -> bool {
-        let b = s.as_bytes();
-        (2..=32).contains(&b.len())
-            && b[0].is_ascii_lowercase()
-            && b[1..]
-                .iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        keenvpn_edge::api::is_catalogue_id(s, 32)
     }
 
     fn is_loopback_host(host: &str) -> bool {
