@@ -388,7 +388,8 @@ wire! {
         /// Reported load (0 to 1).
         pub load: f64,
         /// Full: no new devices while another server of the region has
-        /// room. From a reported load of 0.95 until one below 0.90.
+        /// room. From a reported load of 0.95 until one below 0.90, or until
+        /// no report has confirmed it for 3 minutes.
         pub full: bool,
     }
 }

@@ -61,8 +61,10 @@ pub const MIRROR_TTL_SECS: u32 = 30 * 24 * 3600;
 
 /// How recently this instance must have written the devices copy for a
 /// connect that found none not to have it written again (see
-/// `list_devices`): KV takes one write per key per second.
-const REWRITE_AFTER_SECS: i64 = 2;
+/// `list_devices`): a location that read the key missing keeps answering so
+/// for up to a minute (KV caches a miss), and each of its connects would
+/// otherwise write the copy again.
+const REWRITE_AFTER_SECS: i64 = 61;
 
 /// How long after a revocation or a device change the alarm checks that the
 /// KV copies were written: the backstop for a crash or an eviction between
