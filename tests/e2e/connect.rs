@@ -1549,37 +1549,32 @@ async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
                 Some(json!({"health": "up", "servers": servers})),
             )
         };
-        let loads = || async {
+        // Every server as the admin list shows it, by id.
+        let servers = || async {
             let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
             assert_eq!(r.status, 200, "{}", r.body);
             r.body["servers"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|v| {
-                    (
-                        s(&v["id"]).to_owned(),
-                        (s(&v["region_id"]).to_owned(), v["load"].as_f64().unwrap()),
-                    )
-                })
-                .collect::<std::collections::BTreeMap<_, _>>()
+                .map(|v| (s(&v["id"]).to_owned(), v.clone()))
+                .collect::<std::collections::BTreeMap<String, Value>>()
         };
         let first = connect_from(ctx, &user, &device, LONDON, None).await;
         assert_eq!(first.status, 200, "{}", first.body);
         assert_eq!(first.body["region"], "eu-west");
         let home = s(&first.body["server"]["id"]).to_owned();
-        let eu_west: Vec<String> = loads()
-            .await
-            .into_iter()
-            .filter(|(_, (region, _))| region == "eu-west")
-            .map(|(id, _)| id)
+        let fleet = servers().await;
+        let eu_west: Vec<String> = fleet
+            .iter()
+            .filter(|(_, v)| v["region_id"] == "eu-west")
+            .map(|(id, _)| id.clone())
             .collect();
         assert!(eu_west.len() >= 2 && eu_west.contains(&home), "{eu_west:?}");
-        let elsewhere = loads()
-            .await
-            .into_iter()
-            .find(|(_, (region, _))| region != "eu-west")
-            .map(|(id, _)| id)
+        let elsewhere = fleet
+            .iter()
+            .find(|(_, v)| v["region_id"] != "eu-west")
+            .map(|(id, _)| id.clone())
             .unwrap();
 
         // Refused whole, changing nothing: a load out of range, ids that
@@ -1612,7 +1607,7 @@ async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
             );
         }
         assert!(
-            loads().await.values().all(|(_, load)| *load == 0.0),
+            servers().await.values().all(|v| v["load"] == 0.0),
             "a refused report changed a load"
         );
 
@@ -1631,8 +1626,9 @@ async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
         let mut unknown = vec![elsewhere.clone(), "no-such-server".to_owned()];
         unknown.sort();
         assert_eq!(r.body["unknown_servers"], json!(unknown));
-        let now = loads().await;
-        assert_eq!((now[&home].1, now[&elsewhere].1), (0.97, 0.0));
+        let now = servers().await;
+        let load = |id: &String| now[id]["load"].as_f64();
+        assert_eq!((load(&home), load(&elsewhere)), (Some(0.97), Some(0.0)));
         let moved = connect_from(ctx, &user, &device, LONDON, None).await;
         assert_eq!(moved.status, 200, "{}", moved.body);
         assert_eq!(moved.body["region"], "eu-west");
@@ -1645,14 +1641,7 @@ async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
         // Under 0.95 but not under 0.90: still full.
         let r = report(json!([{"id": home, "load": 0.92}])).await;
         assert_eq!(r.status, 200, "{}", r.body);
-        let servers = admin(ctx, "GET", "/v1/admin/servers", None).await;
-        let state = servers.body["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["id"] == json!(home))
-            .cloned()
-            .unwrap();
+        let state = servers().await[&home].clone();
         assert_eq!(
             (&state["load"], &state["full"]),
             (&json!(0.92), &json!(true))
@@ -1662,16 +1651,6 @@ async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
         // The marks themselves: 0.90 keeps a full server full, 0.92 keeps a
         // server with room so, 0.95 makes it full.
         let other = eu_west.iter().find(|id| **id != home).unwrap().clone();
-        let full_now = |id: String| async move {
-            let r = admin(ctx, "GET", "/v1/admin/servers", None).await;
-            r.body["servers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["id"] == json!(id))
-                .unwrap()["full"]
-                .clone()
-        };
         for (id, load, full) in [
             (&home, 0.90, true),
             (&other, 0.92, false),
@@ -1680,7 +1659,7 @@ async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {
         ] {
             let r = report(json!([{"id": id, "load": load}])).await;
             assert_eq!(r.status, 200, "{}", r.body);
-            assert_eq!(full_now(id.clone()).await, json!(full), "{id} at {load}");
+            assert_eq!(servers().await[id]["full"], json!(full), "{id} at {load}");
         }
 
         // Every server of eu-west full: London goes to the next nearest.
