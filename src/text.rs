@@ -1,4 +1,5 @@
-//! Unicode lower-casing without Rust's case tables in the Worker.
+//! Unicode lower-casing and normalization without Rust's Unicode tables in
+//! the Worker.
 //!
 //! `str::to_lowercase` brings the standard library's case-mapping tables and
 //! code into the module: about 11 KB of the gzipped Worker, shipped to and
@@ -8,6 +9,12 @@
 //! mapping, final sigma included); natively, and for ASCII everywhere, the
 //! standard library does it. The end-to-end tests check the Worker's answer
 //! against the standard library's.
+//!
+//! Normalization ([`nfc`], [`nfkc`]) goes through the `unicode-normalization`
+//! API, which `patches/unicode-normalization` provides from the runtime in
+//! the Worker and from ICU4X natively, for the same reason.
+
+use unicode_normalization::UnicodeNormalization;
 
 /// `text` lower-cased by Unicode's default (full) case mapping.
 pub fn to_lowercase(text: &str) -> String {
@@ -25,6 +32,29 @@ fn unicode_lowercase(text: &str) -> String {
 #[cfg(not(target_arch = "wasm32"))]
 fn unicode_lowercase(text: &str) -> String {
     text.to_lowercase()
+}
+
+/// `text` in Unicode normalization form C (canonical composition): the form
+/// in which canonically equivalent spellings are one string, so an `é`
+/// typed as one character and one typed as `e` and a combining accent are
+/// the same address. ASCII is returned as it is (it is always NFC).
+pub fn nfc(text: String) -> String {
+    if text.is_ascii() {
+        return text;
+    }
+    text.as_str().nfc().collect()
+}
+
+/// `text` in Unicode normalization form KC (compatibility composition), as
+/// NIST SP 800-63B asks of passwords before hashing: NFC, and compatibility
+/// forms (full-width letters, ligatures, a no-break space) mapped to their
+/// plain equivalents, so one password typed on two keyboards is one
+/// password. ASCII is borrowed as it is.
+pub fn nfkc(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.is_ascii() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(text.nfkc().collect())
 }
 
 /// Whether `c` is one of the characters that show nothing yet change how

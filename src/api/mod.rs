@@ -41,10 +41,11 @@ wire! {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Credentials {
-        /// The account's email address (at most 254 bytes).
+        /// The account's email address (at most 254 bytes), matched trimmed,
+        /// lower-cased and in Unicode NFC.
         #[cfg_attr(not(target_arch = "wasm32"), schemars(email, length(max = 254)))]
         pub email: String,
-        /// 8 to 128 characters, no NUL.
+        /// 8 to 128 characters, no NUL; checked in its Unicode NFKC form.
         #[cfg_attr(not(target_arch = "wasm32"), schemars(length(min = 8, max = 128), regex(pattern = r"^[^\x00]*$")))]
         pub password: String,
         /// A label for the session, e.g. the device's name (control and hidden

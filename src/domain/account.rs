@@ -15,7 +15,10 @@ pub struct Invalid {
     pub reason: &'static str,
 }
 
-/// A normalised email address: trimmed, lower-cased, one `@`, a dotted domain.
+/// A normalised email address: trimmed, lower-cased, in Unicode NFC (so the
+/// spellings of one accented address that a keyboard or a system may send,
+/// one character or a letter and a combining mark, are one account), with
+/// one `@` and a dotted domain.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Email(String);
 
@@ -25,7 +28,7 @@ impl Email {
             field: "email",
             reason,
         };
-        let email = crate::text::to_lowercase(raw.trim());
+        let email = crate::text::nfc(crate::text::to_lowercase(raw.trim()));
         if email.is_empty() {
             return Err(bad("is empty"));
         }
@@ -78,11 +81,24 @@ impl fmt::Debug for Email {
 }
 
 /// A password that meets the length rules. Never printed.
+///
+/// What is hashed and verified is its NFKC form ([`Password::expose`]), as
+/// NIST SP 800-63B asks: one password typed on two keyboards, an accented
+/// letter as one character or as a letter and a combining mark, a
+/// full-width letter from an East Asian input method, is one password.
+/// Hashes made before that rule hold the password as it was typed, so
+/// [`Password::as_typed`] keeps that form when it differs, for
+/// `password::verify_password` to fall back to.
 #[derive(Clone)]
-pub struct Password(String);
+pub struct Password {
+    normalized: String,
+    /// The password as sent, when NFKC changed it.
+    typed: Option<String>,
+}
 
 impl Password {
-    /// 8..=128 characters; NUL is refused (it truncates in many C-based tools).
+    /// 8..=128 characters as typed; NUL is refused (it truncates in many
+    /// C-based tools).
     pub fn parse(raw: &str) -> Result<Password, Invalid> {
         let bad = |reason| Invalid {
             field: "password",
@@ -98,11 +114,31 @@ impl Password {
         if n > MAX_PASSWORD_CHARS {
             return Err(bad("is longer than 128 characters"));
         }
-        Ok(Password(raw.to_owned()))
+        Ok(match crate::text::nfkc(raw) {
+            std::borrow::Cow::Borrowed(same) => Password {
+                normalized: same.to_owned(),
+                typed: None,
+            },
+            std::borrow::Cow::Owned(normalized) if normalized == raw => Password {
+                normalized,
+                typed: None,
+            },
+            std::borrow::Cow::Owned(normalized) => Password {
+                normalized,
+                typed: Some(raw.to_owned()),
+            },
+        })
     }
 
+    /// The password to hash and verify: its NFKC form.
     pub fn expose(&self) -> &[u8] {
-        self.0.as_bytes()
+        self.normalized.as_bytes()
+    }
+
+    /// The password as typed, when it is not what [`Password::expose`]
+    /// gives: what a hash made before normalization was made of.
+    pub fn as_typed(&self) -> Option<&[u8]> {
+        self.typed.as_deref().map(str::as_bytes)
     }
 }
 
@@ -122,6 +158,44 @@ mod tests {
             Email::parse("  Alice@Example.COM ").unwrap().as_str(),
             "alice@example.com"
         );
+    }
+
+    #[test]
+    fn canonically_equivalent_spellings_are_one_address() {
+        // "é" as one character, as `e` and a combining acute, and upper-case.
+        let composed = Email::parse("ren\u{e9}@example.com").unwrap();
+        for raw in [
+            "rene\u{301}@example.com",
+            "RENE\u{301}@EXAMPLE.COM",
+            "REN\u{c9}@example.com",
+        ] {
+            assert_eq!(Email::parse(raw).unwrap(), composed, "{raw:?}");
+        }
+        assert_eq!(composed.as_str(), "ren\u{e9}@example.com");
+        // Compatibility forms are other addresses: NFC, not NFKC.
+        assert_ne!(
+            Email::parse("\u{ff41}@example.com").unwrap(),
+            Email::parse("a@example.com").unwrap()
+        );
+    }
+
+    #[test]
+    fn a_password_is_its_nfkc_form_and_keeps_what_was_typed_if_that_differs() {
+        let ascii = Password::parse("correct horse").unwrap();
+        assert_eq!(ascii.expose(), b"correct horse");
+        assert_eq!(ascii.as_typed(), None);
+        let composed = Password::parse("p\u{e4}ssw\u{f6}rd").unwrap();
+        assert_eq!(composed.as_typed(), None);
+        for typed in ["pa\u{308}sswo\u{308}rd", "\u{ff50}\u{e4}ssw\u{f6}rd"] {
+            let p = Password::parse(typed).unwrap();
+            assert_eq!(p.expose(), composed.expose(), "{typed:?}");
+            assert_eq!(p.as_typed(), Some(typed.as_bytes()));
+        }
+        // The length rules count what was typed: four letters with a
+        // combining mark are eight characters (four once composed), and
+        // NFKC may also lengthen a password (U+FDFA is 18 characters).
+        assert!(Password::parse("a\u{308}a\u{308}a\u{308}a\u{308}").is_ok());
+        assert!(Password::parse("\u{fdfa}1234567").is_ok());
     }
 
     #[test]

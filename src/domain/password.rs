@@ -9,6 +9,8 @@
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
+use super::account::Password;
+
 /// OWASP's minimum for argon2id.
 pub const MIN_M_KIB: u32 = 19 * 1024;
 pub const MIN_T: u32 = 2;
@@ -67,6 +69,35 @@ pub fn verify(password: &[u8], phc: &str) -> Result<(), VerifyError> {
     check(password, &parsed)
 }
 
+/// What [`verify_password`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The hash is of the password's NFKC form.
+    Current,
+    /// The hash is of the password as typed, made before passwords were
+    /// normalized: the caller should store a hash of
+    /// [`Password::expose`] in its place.
+    AsTyped,
+}
+
+/// Checks a password against a stored PHC string ([`verify`]): its NFKC
+/// form ([`Password::expose`]) and, when that does not match and the
+/// password as typed differs, the typed form, which a hash made before
+/// normalization holds. How many verifications it costs depends only on the
+/// password, never on the hash: two whenever the first fails and the typed
+/// form differs, a refused hash and [`DUMMY_HASH`] included, so an unknown
+/// account still answers exactly as late as a wrong password.
+pub fn verify_password(password: &Password, phc: &str) -> Result<Verified, VerifyError> {
+    let error = match verify(password.expose(), phc) {
+        Ok(()) => return Ok(Verified::Current),
+        Err(e) => e,
+    };
+    match password.as_typed().map(|typed| verify(typed, phc)) {
+        Some(Ok(())) => Ok(Verified::AsTyped),
+        _ => Err(error),
+    }
+}
+
 /// The stored hash, parsed, unless it is not argon2id version 0x13 with at
 /// least the minimum parameters and [`MIN_OUTPUT_LEN`] bytes of output.
 fn refused(phc: &str) -> Result<PasswordHash<'_>, VerifyError> {
@@ -106,6 +137,33 @@ mod tests {
         assert_eq!(verify(b"correct horse battery", &phc), Ok(()));
         assert_eq!(
             verify(b"correct horse batterx", &phc),
+            Err(VerifyError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn a_password_matches_a_hash_of_its_nfkc_form_or_an_older_one_of_its_typed_form() {
+        let typed = "pa\u{308}ssword";
+        let password = Password::parse(typed).unwrap();
+        let current = hash(password.expose(), [3; 16]);
+        let older = hash(typed.as_bytes(), [4; 16]);
+        assert_eq!(verify_password(&password, &current), Ok(Verified::Current));
+        assert_eq!(verify_password(&password, &older), Ok(Verified::AsTyped));
+        // Typed another way (composed), the older hash cannot be matched,
+        // the current one can.
+        let composed = Password::parse("p\u{e4}ssword").unwrap();
+        assert_eq!(verify_password(&composed, &current), Ok(Verified::Current));
+        assert_eq!(
+            verify_password(&composed, &older),
+            Err(VerifyError::Mismatch)
+        );
+        let wrong = Password::parse("pa\u{308}sswore").unwrap();
+        assert_eq!(
+            verify_password(&wrong, &current),
+            Err(VerifyError::Mismatch)
+        );
+        assert_eq!(
+            verify_password(&wrong, DUMMY_HASH),
             Err(VerifyError::Mismatch)
         );
     }

@@ -375,7 +375,7 @@ async fn signup_again(
         Ok(None) => return Err(email_taken()),
         Err(unavailable) => return Err(unavailable),
     };
-    if password::verify(password.expose(), &row.password_hash).is_err() {
+    if password::verify_password(password, &row.password_hash).is_err() {
         return Err(locked_answer(account_at).unwrap_or_else(email_taken));
     }
     throttle_succeeded(env, req.request_id(), (&account, &network), account_at).await;
@@ -618,6 +618,31 @@ fn network_digest(env: &Env, network: &str) -> Option<String> {
 /// How much of a known network's HMAC the account keeps: 24 bits.
 const NETWORK_DIGEST_BYTES: usize = 3;
 
+/// Stores a hash of the password's NFKC form in place of one of the password
+/// as typed (made before passwords were normalized), once that has signed
+/// the user in: from then on the password matches however it is typed.
+/// Best effort: the sign-in goes on if it fails, and the next one tries again.
+/// It connects anew (it is rare), so a sign-in holds no connection while its
+/// password is checked.
+async fn upgrade_hash(env: &Env, req: &Incoming, row: &store::LoginRow, password: &Password) {
+    let new = password::hash(password.expose(), random::bytes());
+    let upgraded = match store::connect(env).await {
+        Ok(db) => store::upgrade_password_hash(&db, &row.user_id, (&row.password_hash, &new)).await,
+        Err(fail) => Err(fail),
+    };
+    let (level, outcome) = match &upgraded {
+        Ok(true) => (Level::Info, "upgraded".to_owned()),
+        Ok(false) => (Level::Info, "changed meanwhile".to_owned()),
+        Err(fail) => (Level::Warn, fail.cause.clone().unwrap_or_default()),
+    };
+    log::event(
+        level,
+        Some(req.request_id()),
+        "password hash of the typed form replaced",
+        json!({ "outcome": outcome }),
+    );
+}
+
 pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Reply, Fail> {
     let b: Credentials = json_body(&mut req).await?;
     let (email, password) = parse_credentials(&b, false)?;
@@ -651,9 +676,14 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
     let stored_hash = row
         .as_ref()
         .map_or(password::DUMMY_HASH, |r| r.password_hash.as_str());
-    let verified = password::verify(password.expose(), stored_hash);
+    let verified = password::verify_password(&password, stored_hash);
     let row = match (row, verified) {
-        (Some(row), Ok(())) => row,
+        (Some(row), Ok(verified)) => {
+            if verified == password::Verified::AsTyped {
+                upgrade_hash(env, &req, &row, &password).await;
+            }
+            row
+        }
         (row, result) => {
             if let (
                 Some(_),

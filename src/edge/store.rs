@@ -136,6 +136,25 @@ pub async fn find_for_login(client: &Client, email: &Email) -> Result<Option<Log
     json_row(client, &q).await
 }
 
+/// Puts `new` in place of a user's password hash `old` (one made of the
+/// password as typed, before passwords were normalized), unless the hash
+/// changed meanwhile: `true` when it was replaced.
+pub async fn upgrade_password_hash(
+    client: &Client,
+    user_id: &str,
+    (old, new): (&str, &str),
+) -> Result<bool, Fail> {
+    let q = format!(
+        "WITH u AS (UPDATE users SET password_hash = {}, updated_at = now()
+                    WHERE id = {} AND password_hash = {} RETURNING 1)
+         SELECT (count(*) = 1)::text FROM u",
+        quoted(new)?,
+        user_literal(user_id)?,
+        quoted(old)?
+    );
+    Ok(json_row::<bool>(client, &q).await? == Some(true))
+}
+
 /// Creates the user; `None` when the email is already registered.
 pub async fn create_user(
     client: &Client,

@@ -71,6 +71,10 @@ pub const TESTS: &[(&str, Test)] = &[
         |pg| Box::pin(events_written_once(pg)),
     ),
     (
+        "migrations::stored_emails_are_put_in_nfc_unless_another_account_holds_that_spelling",
+        |pg| Box::pin(emails_in_nfc(pg)),
+    ),
+    (
         "migrations::retention_drops_past_months_in_turn_with_inserts_and_old_billing_events_in_batches",
         |pg| Box::pin(retention(pg)),
     ),
@@ -939,6 +943,73 @@ async fn past_due_backfill(pg: &Postgres) -> Result<(), Failed> {
             ("b@example.test".to_owned(), 1_622_505_600)
         ]
     );
+    Ok(())
+}
+
+/// V18 puts stored emails in NFC: an address alone in its spelling takes the
+/// NFC one; of several spellings of one address, the NFC one keeps it, else
+/// the oldest account takes it, and the others stay as they were. Afterwards
+/// the table refuses a new address that is not in NFC.
+async fn emails_in_nfc(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh_at(pg, 17).await?;
+    let rows = [
+        // (id, email, created) ; an e and a combining acute, alone.
+        ("01", "rene\u{301}@example.test", "2024-01-01"),
+        // The NFC spelling exists, made later: it keeps the address.
+        ("02", "zoe\u{308}@example.test", "2024-01-01"),
+        ("03", "zo\u{eb}@example.test", "2024-02-01"),
+        // Two spellings (marks in either order), neither in NFC: the older
+        // one takes the NFC spelling.
+        ("04", "a\u{301}\u{323}@example.test", "2024-03-01"),
+        ("05", "a\u{323}\u{301}@example.test", "2024-02-01"),
+        ("06", "plain@example.test", "2024-01-01"),
+    ];
+    for (id, email, created) in rows {
+        client
+            .execute(
+                "INSERT INTO users (id, email, password_hash, created_at)
+                 VALUES (('00000000-0000-4000-8000-0000000000' || $1)::uuid, $2, '$argon2id$x', $3::text::timestamptz)",
+                &[&id, &email, &created],
+            )
+            .await?;
+    }
+    db::migrate(&mut client).await?;
+    let emails: Vec<(String, String)> = pairs(
+        &client,
+        "SELECT right(id::text, 2), email FROM users ORDER BY id",
+    )
+    .await?;
+    let expected = [
+        ("01", "ren\u{e9}@example.test"),
+        ("02", "zoe\u{308}@example.test"),
+        ("03", "zo\u{eb}@example.test"),
+        ("04", "a\u{301}\u{323}@example.test"),
+        ("05", "\u{1ea1}\u{301}@example.test"),
+        ("06", "plain@example.test"),
+    ]
+    .map(|(id, email)| (id.to_owned(), email.to_owned()));
+    assert_eq!(emails, expected);
+    let refused = client
+        .execute(
+            "INSERT INTO users (email, password_hash) VALUES ($1, '$argon2id$x')",
+            &[&"new\u{301}@example.test"],
+        )
+        .await;
+    assert!(
+        refused
+            .as_ref()
+            .err()
+            .and_then(|e| e.as_db_error())
+            .map(|e| e.constraint())
+            == Some(Some("users_email_nfc")),
+        "{refused:?}"
+    );
+    client
+        .execute(
+            "INSERT INTO users (email, password_hash) VALUES ($1, '$argon2id$x')",
+            &[&"new\u{e9}@example.test"],
+        )
+        .await?;
     Ok(())
 }
 

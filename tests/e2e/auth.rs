@@ -20,6 +20,14 @@ pub const TESTS: &[(&str, Test)] = &[
         duplicate_signup,
     ),
     (
+        "auth::spellings_of_one_address_and_one_password_are_one_account",
+        unicode_spellings,
+    ),
+    (
+        "auth::a_hash_of_the_typed_password_signs_in_and_is_replaced_by_one_of_its_nfkc_form",
+        typed_hash_upgraded,
+    ),
+    (
         "auth::a_signup_whose_session_failed_can_be_retried",
         signup_retried,
     ),
@@ -289,6 +297,87 @@ fn duplicate_signup(ctx: &Ctx) -> Result<(), Failed> {
         let again = signup(ctx, &email, "another password").await;
         assert_eq!(again.status, 409);
         assert_eq!(again.body["code"], "email_taken");
+        Ok(())
+    })
+}
+
+/// The Worker normalizes through the runtime (`String.prototype.normalize`):
+/// an address is one account in NFC however an accent is spelled, and a
+/// password is its NFKC form, so a letter and a combining mark, the
+/// precomposed letter and a full-width letter all sign in.
+fn unicode_spellings(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let base = unique_email();
+        let decomposed = format!("rene\u{301}-{base}");
+        let composed = format!("ren\u{e9}-{base}");
+        let r = signup(ctx, &decomposed, "pa\u{308}ssword horse").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let m = me(ctx, s(&r.body["access_token"])).await;
+        assert_eq!(m.body["email"], composed.as_str(), "stored in NFC");
+        let again = signup(ctx, &composed.to_uppercase(), "another password").await;
+        assert_eq!(again.status, 409, "{}", again.body);
+        assert_eq!(again.body["code"], "email_taken");
+        for password in [
+            "p\u{e4}ssword horse",
+            "pa\u{308}ssword horse",
+            "\u{ff50}\u{e4}ssword horse",
+        ] {
+            let r = login(ctx, &decomposed, password, &fresh_ip()).await;
+            assert_eq!(r.status, 200, "{password:?}: {}", r.body);
+            let r = login(ctx, &composed, password, &fresh_ip()).await;
+            assert_eq!(r.status, 200, "{password:?}: {}", r.body);
+        }
+        let wrong = login(ctx, &composed, "p\u{e4}ssword horsf", &fresh_ip()).await;
+        assert_eq!(wrong.status, 401, "{}", wrong.body);
+        assert_eq!(accounts_with(ctx, &composed).await?, 1);
+        assert_eq!(accounts_with(ctx, &decomposed).await?, 0);
+        Ok(())
+    })
+}
+
+/// An account whose hash was made of the password as typed (before
+/// passwords were normalized) signs in with that spelling; the sign-in
+/// stores a hash of the NFKC form in its place, after which the other
+/// spellings sign in too.
+fn typed_hash_upgraded(ctx: &Ctx) -> Result<(), Failed> {
+    use keenvpn_edge::domain::password;
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let typed = "pa\u{308}ssword horse";
+        let older = password::hash(typed.as_bytes(), [9; 16]);
+        let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+        db.execute(
+            "INSERT INTO users (email, password_hash) VALUES ($1, $2)",
+            &[&email, &older],
+        )
+        .await?;
+        let stored = async || -> Result<String, Failed> {
+            let row = db
+                .query_one(
+                    "SELECT password_hash FROM users WHERE email = $1",
+                    &[&email],
+                )
+                .await?;
+            Ok(row.get(0))
+        };
+        // Before the sign-in, only the typed spelling matches.
+        let other = login(ctx, &email, "p\u{e4}ssword horse", &fresh_ip()).await;
+        assert_eq!(other.status, 401, "{}", other.body);
+        assert_eq!(stored().await?, older);
+        let r = login(ctx, &email, typed, &fresh_ip()).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let newer = stored().await?;
+        assert_ne!(newer, older);
+        assert_eq!(
+            password::verify("p\u{e4}ssword horse".as_bytes(), &newer),
+            Ok(()),
+            "the new hash is of the NFKC form"
+        );
+        for password in ["p\u{e4}ssword horse", typed] {
+            let r = login(ctx, &email, password, &fresh_ip()).await;
+            assert_eq!(r.status, 200, "{password:?}: {}", r.body);
+        }
+        assert_eq!(stored().await?, newer, "a current hash is left alone");
         Ok(())
     })
 }

@@ -1,37 +1,55 @@
-//! NFKC normalization for `stringprep`, without Unicode tables in the Worker.
+//! NFKC and NFC normalization without Unicode tables in the Worker.
 //!
-//! The one user of `unicode-normalization` in this build is `stringprep`'s
+//! The users of `unicode-normalization` in this build are `stringprep`'s
 //! SASLprep, through which `postgres-protocol` prepares a non-ASCII password
-//! for PostgreSQL's SCRAM authentication. The crate's composition tables
+//! for PostgreSQL's SCRAM authentication (NFKC), and the service's own
+//! account input (`keenvpn_edge::text`: NFC for email addresses, NFKC for
+//! passwords). The crate's composition tables
 //! were about 65 KB of the gzipped Worker, shipped to and compiled by every
 //! isolate for a step that runs only for a non-ASCII database password. The
 //! runtime already has the same algorithm: in the Worker (wasm32) NFKC is
 //! `String.prototype.normalize("NFKC")` (V8's ICU); natively it is ICU4X's
 //! `icu_normalizer`.
 //!
-//! Only what `stringprep` calls is provided: `nfkc` on a `char` iterator or a
-//! `&str`. A crate that needs more of the real API fails to compile rather
-//! than getting a different answer.
+//! Only what those callers use is provided: `nfkc` and `nfc` on a `char`
+//! iterator or a `&str`, with the real crate's names and results. A crate
+//! that needs more of the real API fails to compile rather than getting a
+//! different answer.
 
 use std::marker::PhantomData;
 
-/// NFKC (and, in the real crate, the other normalization forms) of a string
-/// or a `char` iterator.
+/// NFKC and NFC (and, in the real crate, the other normalization forms) of a
+/// string or a `char` iterator.
 pub trait UnicodeNormalization<I: Iterator<Item = char>> {
     /// The compatibility composition (NFKC) of the input.
     fn nfkc(self) -> Recompositions<I>;
+    /// The canonical composition (NFC) of the input.
+    fn nfc(self) -> Recompositions<I>;
 }
 
 impl<I: Iterator<Item = char>> UnicodeNormalization<I> for I {
     fn nfkc(self) -> Recompositions<I> {
-        Recompositions::of(&self.collect::<String>())
+        Recompositions::of(&self.collect::<String>(), Form::Nfkc)
+    }
+    fn nfc(self) -> Recompositions<I> {
+        Recompositions::of(&self.collect::<String>(), Form::Nfc)
     }
 }
 
 impl<'a> UnicodeNormalization<std::str::Chars<'a>> for &'a str {
     fn nfkc(self) -> Recompositions<std::str::Chars<'a>> {
-        Recompositions::of(self)
+        Recompositions::of(self, Form::Nfkc)
     }
+    fn nfc(self) -> Recompositions<std::str::Chars<'a>> {
+        Recompositions::of(self, Form::Nfc)
+    }
+}
+
+/// The two composed forms provided.
+#[derive(Clone, Copy)]
+enum Form {
+    Nfc,
+    Nfkc,
 }
 
 /// The normalized text's characters, in order.
@@ -41,9 +59,12 @@ pub struct Recompositions<I> {
 }
 
 impl<I> Recompositions<I> {
-    fn of(text: &str) -> Self {
+    fn of(text: &str, form: Form) -> Self {
         Recompositions {
-            chars: nfkc(text).chars().collect::<Vec<_>>().into_iter(),
+            chars: normalize(text, form)
+                .chars()
+                .collect::<Vec<_>>()
+                .into_iter(),
             input: PhantomData,
         }
     }
@@ -62,15 +83,22 @@ impl<I> Iterator for Recompositions<I> {
 }
 
 #[cfg(target_arch = "wasm32")]
-fn nfkc(text: &str) -> String {
-    js_sys::JsString::from(text).normalize("NFKC").into()
+fn normalize(text: &str, form: Form) -> String {
+    let form = match form {
+        Form::Nfc => "NFC",
+        Form::Nfkc => "NFKC",
+    };
+    js_sys::JsString::from(text).normalize(form).into()
 }
 
 #[cfg(not(target_arch = "wasm32"))]
-fn nfkc(text: &str) -> String {
-    icu_normalizer::ComposingNormalizerBorrowed::new_nfkc()
-        .normalize(text)
-        .into_owned()
+fn normalize(text: &str, form: Form) -> String {
+    use icu_normalizer::ComposingNormalizerBorrowed as Composing;
+    let normalizer = match form {
+        Form::Nfc => Composing::new_nfc(),
+        Form::Nfkc => Composing::new_nfkc(),
+    };
+    normalizer.normalize(text).into_owned()
 }
 
 #[cfg(test)]
@@ -107,6 +135,21 @@ mod tests {
     fn text_already_normalized_is_unchanged() {
         for s in ["", "keenvpn", "pässwörd", "パスワード", "密码"] {
             assert_eq!(nfkc(s), s);
+        }
+    }
+
+    #[test]
+    fn nfc_composes_canonical_sequences_and_keeps_compatibility_forms() {
+        let nfc = |s: &str| s.nfc().collect::<String>();
+        assert_eq!(nfc("e\u{0301}"), "\u{00E9}");
+        assert_eq!(nfc("a\u{0301}\u{0323}"), "\u{1EA1}\u{0301}");
+        assert_eq!(nfc("\u{1100}\u{1161}"), "\u{AC00}");
+        // Unlike NFKC, NFC leaves full-width letters and ligatures alone,
+        // but maps a singleton (the Ångström sign) to its canonical letter.
+        assert_eq!(nfc("ｔｅｓｔ\u{FB01}"), "ｔｅｓｔ\u{FB01}");
+        assert_eq!(nfc("\u{212B}"), "\u{00C5}");
+        for s in ["", "keenvpn", "pässwörd", "パスワード", "密码"] {
+            assert_eq!(nfc(s), s);
         }
     }
 
