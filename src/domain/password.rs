@@ -83,10 +83,10 @@ pub enum Verified {
 /// Checks a password against a stored PHC string ([`verify`]): its NFKC
 /// form ([`Password::expose`]) and, when that does not match and the
 /// password as typed differs, the typed form, which a hash made before
-/// normalization holds. How many verifications it costs depends only on the
-/// password, never on the hash: two whenever the first fails and the typed
-/// form differs, a refused hash and [`DUMMY_HASH`] included, so an unknown
-/// account still answers exactly as late as a wrong password.
+/// normalization holds. It verifies twice whenever the first fails and the
+/// typed form differs, against [`DUMMY_HASH`] and a refused hash as against
+/// an account's own, so an unknown account costs as many verifications as a
+/// wrong password.
 pub fn verify_password(password: &Password, phc: &str) -> Result<Verified, VerifyError> {
     let error = match verify(password.expose(), phc) {
         Ok(()) => return Ok(Verified::Current),

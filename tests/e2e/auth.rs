@@ -330,7 +330,6 @@ fn unicode_spellings(ctx: &Ctx) -> Result<(), Failed> {
         let wrong = login(ctx, &composed, "p\u{e4}ssword horsf", &fresh_ip()).await;
         assert_eq!(wrong.status, 401, "{}", wrong.body);
         assert_eq!(accounts_with(ctx, &composed).await?, 1);
-        assert_eq!(accounts_with(ctx, &decomposed).await?, 0);
         Ok(())
     })
 }
