@@ -124,7 +124,9 @@ wire! {
         /// lifts the restriction (a monitor's `down` still holds).
         #[serde(default)]
         pub health: Option<Health>,
-        /// Reconnects per second the region admits (0 to 1,000,000; 0 admits no one).
+        /// Reconnects per second the region admits (0 to 1,000,000; 0 admits no one),
+        /// with all its servers having room; while some are full, the share of it
+        /// that those with room hold of the region's capacity.
         // Read as any JSON number, so that one out of range (negative, a
         // fraction, too large) is refused by name (`whole_rate`, 422), not as
         // malformed JSON.

@@ -115,14 +115,18 @@ pub fn shard_for(device_id: &str, shards: u32) -> u32 {
 }
 
 /// A shard's own rate: the region's rate split evenly, the remainder going
-/// one each to the lowest shards, so the shards' rates sum to `rate`.
-/// 0 for a shard that does not exist (`shard >= shards`).
+/// one each to the lowest shards, so the shards' rates sum to `rate`; but
+/// at least 1 while `rate` is not 0, so that no shard of an open region
+/// answers closed when the region admits fewer a second than it has shards
+/// (its count comes from the configured rate, and the rate it admits at may
+/// be a share of that, `placement::admitting_rate`). 0 for a shard that
+/// does not exist (`shard >= shards`).
 pub fn shard_rate(rate: u32, shards: u32, shard: u32) -> u32 {
     let shards = shards.max(1);
     if shard >= shards {
         return 0;
     }
-    rate / shards + u32::from(shard < rate % shards)
+    (rate / shards + u32::from(shard < rate % shards)).max(u32::from(rate > 0))
 }
 
 /// The answer to one admission request.
@@ -543,6 +547,10 @@ mod tests {
         }
         assert_eq!(shard_rate(1000, 5, 5), 0);
         assert_eq!(shard_rate(10, 0, 0), 10);
+        // A region admitting fewer a second than its configured rate's shards
+        // (a share of that rate): each shard still admits one.
+        assert_eq!([0, 1, 2, 3, 4].map(|s| shard_rate(3, 5, s)), [1; 5]);
+        assert_eq!([0, 1, 2].map(|s| shard_rate(0, 3, s)), [0; 3]);
     }
 
     #[test]

@@ -656,6 +656,37 @@ fn has_capacity(region: &Region) -> bool {
     region.servers.iter().any(|s| s.capacity > 0)
 }
 
+/// The rate a region admits new clients at: its `admission_rate` times the
+/// share of its capacity on servers with room, rounded up (so at least 1
+/// while any server has room and the rate is not 0).
+///
+/// The rate is what the region's servers can take of new clients a second
+/// (handshakes, key installs), and a full server takes none: with most of a
+/// region's servers full, the few with room would otherwise get every client
+/// the whole rate lets in, until a monitor reported them full too. With no
+/// server full, or every one (the region is then used only when nothing
+/// better is left, and its servers take devices regardless), it is the
+/// configured rate.
+pub fn admitting_rate(region: &Region) -> u32 {
+    let (room, total) =
+        region
+            .servers
+            .iter()
+            .filter(|s| s.capacity > 0)
+            .fold((0u64, 0u64), |(room, total), s| {
+                let capacity = u64::from(s.capacity);
+                (
+                    room + if has_room(s) { capacity } else { 0 },
+                    total + capacity,
+                )
+            });
+    if room == 0 || room == total {
+        return region.admission_rate;
+    }
+    // At most `admission_rate` (room < total), so it fits a u32.
+    (u64::from(region.admission_rate) * room).div_ceil(total) as u32
+}
+
 /// A region's load for the catalogue API: the capacity-weighted mean of its
 /// servers' load (a big server at 50% counts more than a small one at 90%).
 /// 0.0 when there is no capacity to weigh by (no servers, or all at 0).
@@ -1622,6 +1653,42 @@ mod tests {
                 assert_eq!(fast, all, "{servers:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_region_admits_the_share_of_its_rate_its_servers_with_room_hold() {
+        let full = |id, capacity| Server {
+            full: true,
+            ..server(id, capacity)
+        };
+        let rate_of = |servers: Vec<Server>, rate| {
+            let mut r = servers_region(servers);
+            r.admission_rate = rate;
+            admitting_rate(&r)
+        };
+        // None full, or all: the configured rate.
+        assert_eq!(rate_of(vec![server("a", 100), server("b", 50)], 200), 200);
+        assert_eq!(rate_of(vec![full("a", 100), full("b", 50)], 200), 200);
+        assert_eq!(rate_of(vec![], 200), 200);
+        // Weighed by capacity, rounded up.
+        assert_eq!(rate_of(vec![full("a", 100), server("b", 50)], 200), 67);
+        assert_eq!(rate_of(vec![server("a", 100), full("b", 50)], 200), 134);
+        assert_eq!(
+            rate_of(vec![full("a", 100), full("b", 100), server("c", 50)], 10),
+            2
+        );
+        // A server without capacity counts for nothing either way.
+        assert_eq!(
+            rate_of(vec![full("a", 100), server("z", 0), server("b", 100)], 100),
+            50
+        );
+        // At least 1 while a server has room; a closed region stays closed.
+        assert_eq!(rate_of(vec![full("a", 10_000), server("b", 1)], 3), 1);
+        assert_eq!(rate_of(vec![full("a", 100), server("b", 50)], 0), 0);
+        assert_eq!(
+            rate_of(vec![full("a", u32::MAX), server("b", u32::MAX)], u32::MAX),
+            u32::MAX.div_ceil(2)
+        );
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "connect::a_burst_over_the_admission_rate_gets_429_with_retry_after_and_failover",
         burst,
     ),
+    (
+        "connect::a_region_with_most_servers_full_admits_the_share_of_its_rate_those_with_room_hold",
+        admitting_share,
+    ),
     ("connect::another_users_device_is_not_found", foreign_device),
     (
         "connect::a_logged_out_sessions_token_is_refused",
@@ -780,40 +784,51 @@ fn sticky(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// Ten devices of two Plus users, as (access token, device id).
+async fn ten_clients(ctx: &Ctx) -> Vec<(String, String)> {
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut user = new_user(ctx).await;
+        make_plus(ctx, &mut user).await;
+        for i in 0..5 {
+            let d = send(
+                ctx,
+                "POST",
+                "/v1/devices",
+                Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
+                Some(&user.access),
+            )
+            .await;
+            assert_eq!(d.status, 201, "{}", d.body);
+            clients.push((user.access.clone(), s(&d.body["id"]).to_owned()));
+        }
+    }
+    clients
+}
+
+/// Every client connecting from Johannesburg at once.
+async fn all_at_once(ctx: &Ctx, clients: &[(String, String)]) -> Vec<Resp> {
+    futures::future::join_all(clients.iter().map(|(access, device)| async move {
+        send_with(
+            ctx,
+            "POST",
+            "/v1/connect",
+            Some(json!({"device_id": device})),
+            Some(access),
+            &[("x-keenvpn-client-location", JOHANNESBURG)],
+        )
+        .await
+    }))
+    .await
+}
+
 fn burst(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
-        let mut clients = Vec::new();
-        for _ in 0..2 {
-            let mut user = new_user(ctx).await;
-            make_plus(ctx, &mut user).await;
-            for i in 0..5 {
-                let d = send(
-                    ctx,
-                    "POST",
-                    "/v1/devices",
-                    Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
-                    Some(&user.access),
-                )
-                .await;
-                clients.push((user.access.clone(), s(&d.body["id"]).to_owned()));
-            }
-        }
+        let clients = ten_clients(ctx).await;
         // Two admissions a second (a bucket of four) for ten clients at once.
         set_region(ctx, "af-south", json!({"admission_rate": 2})).await;
-        let results =
-            futures::future::join_all(clients.iter().map(|(access, device)| async move {
-                send_with(
-                    ctx,
-                    "POST",
-                    "/v1/connect",
-                    Some(json!({"device_id": device})),
-                    Some(access),
-                    &[("x-keenvpn-client-location", JOHANNESBURG)],
-                )
-                .await
-            }))
-            .await;
+        let results = all_at_once(ctx, &clients).await;
         set_region(ctx, "af-south", json!({"admission_rate": 100})).await;
         let admitted = results.iter().filter(|r| r.status == 200).count();
         let busy: Vec<&Resp> = results.iter().filter(|r| r.status == 429).collect();
@@ -1507,35 +1522,114 @@ fn avoided_region(ctx: &Ctx) -> Result<(), Failed> {
 /// range changes nothing; ids that are not the region's servers are
 /// ignored and named in the answer.
 fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
-    use futures::FutureExt as _;
     let db_url = ctx.stack().pg.url(DB_NAME);
-    ctx.rt.block_on(async {
-        let _write = ctx.regions.write().await;
-        let outcome = std::panic::AssertUnwindSafe(full_servers_steps(ctx, &db_url))
-            .catch_unwind()
-            .await;
-        // Whatever happened, eu-west is left empty and unmonitored (the cron
-        // would otherwise mark it silent), and the catalogue says so, for
-        // the tests after this one.
-        let cleanup = async {
-            let db = keenvpn_edge::db::connect(&db_url).await?;
-            db.batch_execute(
-                "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL WHERE region_id = 'eu-west';
-                 UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west';",
+    ctx.rt.block_on(put_back_after(
+        ctx,
+        "eu-west",
+        full_servers_steps(ctx, &db_url),
+    ))
+}
+
+/// Runs `steps` (which report loads of `region`'s servers) under the
+/// regions' write lock, then, whatever happened, leaves `region` as the
+/// seed has it: empty, unmonitored (the cron would otherwise mark it
+/// silent) and admitting at the rate it had, and the catalogue saying so,
+/// for the tests after it.
+async fn put_back_after(
+    ctx: &Ctx,
+    region: &str,
+    steps: impl std::future::Future<Output = Result<(), Failed>>,
+) -> Result<(), Failed> {
+    use futures::FutureExt as _;
+    let _write = ctx.regions.write().await;
+    let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+    let rate: i32 = db
+        .query_one(
+            "SELECT admission_rate FROM regions WHERE id = $1",
+            &[&region],
+        )
+        .await?
+        .get(0);
+    let outcome = std::panic::AssertUnwindSafe(steps).catch_unwind().await;
+    let cleanup = async {
+        db.execute(
+            "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL WHERE region_id = $1",
+            &[&region],
+        )
+        .await?;
+        db.execute(
+            "UPDATE regions SET health_reported_at = NULL, admission_rate = $2 WHERE id = $1",
+            &[&region, &rate],
+        )
+        .await?;
+        crate::cron::trigger(ctx).await
+    };
+    let cleaned: Result<(), Failed> = cleanup.await;
+    // The test's own failure first; a failed cleanup only after it.
+    if let Err(e) = &cleaned {
+        eprintln!("putting {region} back failed: {e:?}");
+    }
+    match outcome {
+        Ok(result) => result.and(cleaned),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// With two of af-south's three servers full (200 of its 250 capacity), the
+/// region admits a fifth of its rate: ten clients at once against a rate of
+/// 10 (a bucket of 20) meet a bucket of four, all of them placed on the one
+/// server with room. With room again, the same burst is admitted whole.
+fn admitting_share(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(put_back_after(ctx, "af-south", async {
+        let clients = ten_clients(ctx).await;
+        set_region(ctx, "af-south", json!({"admission_rate": 10})).await;
+        let report = |load: f64| {
+            admin(
+                ctx,
+                "POST",
+                "/v1/admin/regions/af-south/health-report",
+                Some(json!({"health": "up", "servers": [
+                    {"id": "af-south-1", "load": load},
+                    {"id": "af-south-2", "load": load},
+                ]})),
             )
-            .await?;
-            crate::cron::trigger(ctx).await
         };
-        let cleaned: Result<(), Failed> = cleanup.await;
-        // The test's own failure first; a failed cleanup only after it.
-        if let Err(e) = &cleaned {
-            eprintln!("full_servers: putting eu-west back failed: {e:?}");
+        let r = report(1.0).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let results = all_at_once(ctx, &clients).await;
+        let admitted: Vec<&Resp> = results.iter().filter(|r| r.status == 200).collect();
+        assert!(
+            results
+                .iter()
+                .all(|r| r.status == 200 || r.body["code"] == "region_busy"),
+            "{:?}",
+            results.iter().map(|r| r.status).collect::<Vec<_>>()
+        );
+        assert!(
+            (1..=6).contains(&admitted.len()),
+            "about a bucket of four at 2/s, not of 20: {}",
+            admitted.len()
+        );
+        for r in &admitted {
+            assert_eq!(r.body["region"], "af-south", "{}", r.body);
+            assert_eq!(r.body["server"]["id"], "af-south-3", "{}", r.body);
         }
-        match outcome {
-            Ok(result) => result.and(cleaned),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
+
+        let r = report(0.0).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        // The bucket refills at 10/s to its 20.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let results = all_at_once(ctx, &clients).await;
+        assert!(
+            results.iter().all(|r| r.status == 200),
+            "{:?}",
+            results
+                .iter()
+                .map(|r| (r.status, r.body["code"].clone()))
+                .collect::<Vec<_>>()
+        );
+        Ok(())
+    }))
 }
 
 async fn full_servers_steps(ctx: &Ctx, db_url: &str) -> Result<(), Failed> {

@@ -818,7 +818,20 @@ export function shardFor(deviceId: string, shards: number): number {
 export function shardRate(rate: number, shards: number, shard: number): number {
   shards = Math.max(1, shards);
   if (shard >= shards) return 0;
-  return Math.floor(rate / shards) + (shard < rate % shards ? 1 : 0);
+  return Math.max(Math.floor(rate / shards) + (shard < rate % shards ? 1 : 0), rate > 0 ? 1 : 0);
+}
+
+/** The region's rate times the share of its capacity on servers with room, rounded up. */
+export function admittingRate(region: Region): number {
+  let room = 0;
+  let total = 0;
+  for (const s of region.servers) {
+    if (s.capacity <= 0) continue;
+    total += s.capacity;
+    if (!s.full) room += s.capacity;
+  }
+  if (room === 0 || room === total) return region.admission_rate;
+  return Math.ceil((region.admission_rate * room) / total);
 }
 
 export type Verdict = { outcome: "admitted" } | { outcome: "wait"; retry_after_ms: number } | { outcome: "closed" };
@@ -972,7 +985,7 @@ export function placeConnect(
     device,
     choice,
     gate: `${choice.region.id}#${shard}`,
-    rate: shardRate(choice.region.admission_rate, shards, shard),
+    rate: shardRate(admittingRate(choice.region), shards, shard),
   };
 }
 
