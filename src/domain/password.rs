@@ -32,15 +32,36 @@ pub enum VerifyError {
     TooWeak,
 }
 
-fn hasher() -> Argon2<'static> {
-    let params = Params::new(MIN_M_KIB, MIN_T, MIN_P, None).expect("valid argon2 parameters");
+fn hasher(m: u32, t: u32, p: u32) -> Argon2<'static> {
+    let params = Params::new(m, t, p, None).expect("valid argon2 parameters");
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
 }
 
 /// Hashes `password` with a 16-byte `salt`; returns the PHC string.
 pub fn hash(password: &[u8], salt: [u8; 16]) -> String {
+    hash_at(password, salt, (MIN_M_KIB, MIN_T, MIN_P))
+}
+
+/// [`hash`] for a password replacing the hash `stored`: at `stored`'s cost
+/// where that is above the minimum, so replacing a hash never makes it
+/// cheaper to attack.
+pub fn rehash(password: &[u8], salt: [u8; 16], stored: &str) -> String {
+    let (m, t, p) = refused(stored)
+        .ok()
+        .and_then(|parsed| Params::try_from(&parsed).ok())
+        .map_or((MIN_M_KIB, MIN_T, MIN_P), |params| {
+            (params.m_cost(), params.t_cost(), params.p_cost())
+        });
+    hash_at(
+        password,
+        salt,
+        (m.max(MIN_M_KIB), t.max(MIN_T), p.max(MIN_P)),
+    )
+}
+
+fn hash_at(password: &[u8], salt: [u8; 16], (m, t, p): (u32, u32, u32)) -> String {
     let salt = SaltString::encode_b64(&salt).expect("16 bytes is a valid salt length");
-    hasher()
+    hasher(m, t, p)
         .hash_password(password, &salt)
         .expect("argon2 with valid parameters")
         .to_string()
@@ -166,6 +187,24 @@ mod tests {
             verify_password(&wrong, DUMMY_HASH),
             Err(VerifyError::Mismatch)
         );
+    }
+
+    #[test]
+    fn a_rehash_keeps_a_stronger_cost_and_never_goes_below_the_minimum() {
+        let stronger = hash_at(b"password1", [5; 16], (MIN_M_KIB + 1024, MIN_T + 1, MIN_P));
+        let again = rehash(b"password2", [6; 16], &stronger);
+        assert!(
+            again.starts_with("$argon2id$v=19$m=20480,t=3,p=1$"),
+            "{again}"
+        );
+        assert_eq!(verify(b"password2", &again), Ok(()));
+        let minimum = rehash(b"password2", [6; 16], &hash(b"password1", [5; 16]));
+        assert!(
+            minimum.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{minimum}"
+        );
+        // A hash it could not read gets the minimum.
+        assert_eq!(rehash(b"password2", [6; 16], "$md5$x"), minimum);
     }
 
     #[test]

@@ -625,7 +625,7 @@ const NETWORK_DIGEST_BYTES: usize = 3;
 /// It connects anew (it is rare), so a sign-in holds no connection while its
 /// password is checked.
 async fn upgrade_hash(env: &Env, req: &Incoming, row: &store::LoginRow, password: &Password) {
-    let new = password::hash(password.expose(), random::bytes());
+    let new = password::rehash(password.expose(), random::bytes(), &row.password_hash);
     let upgraded = match store::connect(env).await {
         Ok(db) => store::upgrade_password_hash(&db, &row.user_id, (&row.password_hash, &new)).await,
         Err(fail) => Err(fail),
