@@ -17,6 +17,11 @@
 //! the same stable hash as server placement), and the region's rate is split
 //! evenly between them ([`shard_rate`]), so the shards together admit the
 //! region's rate while none of them sees more than its share of the traffic.
+//! The count follows the configured rate; the rate split is the one the
+//! region admits at, a share of it while some of its servers are full
+//! (`placement::admitting_rate`), and each shard admits at least one a
+//! second (so at very small shares the shards together admit up to one a
+//! second each, a little more than the share).
 //!
 //! # The bucket
 //!
@@ -29,7 +34,8 @@
 //! first clients are not refused.
 //!
 //! The rate comes with each call, from the caller's copy of the catalogue,
-//! and for a minute or so after an operator changes it, isolates that have
+//! and for a minute or so after it changes (an operator's change, or servers
+//! becoming full or having room again), isolates that have
 //! seen the change and isolates that have not ask the same shard at
 //! different rates. The bucket then admits at most what the highest of
 //! those rates allows: it holds tokens, which come only from the refill of
