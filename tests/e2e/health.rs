@@ -128,22 +128,50 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
         );
 
         // The device mirror expired: the connect is answered from the
-        // user's object, which writes the copy again (not within 61 s of its
-        // own last write of it: KV caches a missing key for up to a minute).
+        // user's object, which writes the copy again, but not within 61 s of
+        // its own last write of it (KV caches a missing key for up to a
+        // minute at a location, so each connect there would write it again).
+        // A copy that is there but lacks the device is answered from the
+        // object too, and written by no connect.
         let key = format!("devices/{}", user.id);
-        tokio::time::sleep(Duration::from_secs(63)).await;
-        wrangler.kv_delete(&key);
+        let written = std::time::Instant::now();
         let _read = ctx.regions.read().await;
+        let connect = || {
+            crate::common::send_with(
+                ctx,
+                "POST",
+                "/v1/connect",
+                Some(serde_json::json!({"device_id": device.body["id"]})),
+                Some(&user.access),
+                &[("x-keenvpn-client-location", "50.11,8.68")],
+            )
+        };
+        // Time enough for a write after the answer to land.
+        let settle = Duration::from_secs(3);
+        wrangler.kv_delete(&key);
+        let r = connect().await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(settle).await;
+        assert_eq!(
+            wrangler.kv_get(&key),
+            None,
+            "rewritten within 61 s of the object's own write"
+        );
+        // Past the 61 s, so that only the copy being there holds the write.
+        tokio::time::sleep(Duration::from_secs(63).saturating_sub(written.elapsed())).await;
+        let lacking = r#"{"devices":[]}"#;
+        wrangler.kv_put(&key, lacking);
+        let r = connect().await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(settle).await;
+        assert_eq!(
+            wrangler.kv_get(&key).as_deref(),
+            Some(lacking),
+            "a copy lacking the device was written by a connect"
+        );
+        wrangler.kv_delete(&key);
         let from = now();
-        let connect = crate::common::send_with(
-            ctx,
-            "POST",
-            "/v1/connect",
-            Some(serde_json::json!({"device_id": device.body["id"]})),
-            Some(&user.access),
-            &[("x-keenvpn-client-location", "50.11,8.68")],
-        )
-        .await;
+        let connect = connect().await;
         assert_eq!(connect.status, 200, "{}", connect.body);
         let again = eventually(
             Duration::from_secs(10),

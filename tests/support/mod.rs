@@ -901,7 +901,6 @@ impl Wrangler {
             .collect()
     }
 
-    /// Deletes a key from the worker's local KV namespace.
     /// Stores `value` under `key` in the worker's local KV namespace.
     pub fn kv_put(&self, key: &str, value: &str) {
         let out = self.kv("put", key, &[value]);
@@ -912,6 +911,7 @@ impl Wrangler {
         );
     }
 
+    /// Deletes a key from the worker's local KV namespace.
     pub fn kv_delete(&self, key: &str) {
         let out = self.kv("delete", key, &[]);
         assert!(
