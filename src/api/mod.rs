@@ -135,6 +135,16 @@ wire! {
         pub admission_rate: Option<serde_json::Number>,
     }
 
+    /// `PUT /v1/admin/servers/{id}`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct SetServer {
+        /// `false` takes the server out of placement: no device is placed on
+        /// it from the next connect on (those placed there move to the
+        /// region's other servers), until it is `true` again.
+        pub enabled: bool,
+    }
+
     /// `POST /v1/admin/regions/{id}/health-report`.
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]

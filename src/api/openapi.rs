@@ -632,6 +632,20 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             answers: vec![answer::<ServerList>(s, 200, "The servers.")],
             problems: &[],
         },
+        Op {
+            method: "put",
+            path: "/v1/admin/servers/{id}",
+            id: "setServer",
+            tag: "admin",
+            summary: "Take a server out of placement, or put it back",
+            description: "A server taken out (`enabled: false`) gets no device from the next connect on; the devices placed on it move to the region's other servers, and back once it is in again. A change republishes the catalogue at once (a publish that has not ended within 10 s is 503 `service_unavailable`; the change is committed, and the cron publishes it within a minute); setting what the server already has publishes nothing.",
+            auth: Auth::Admin,
+            needs: Needs::BOTH,
+            body: s.request::<SetServer>(),
+            idempotent: false,
+            answers: vec![answer::<ServerState>(s, 200, "The server's new state.")],
+            problems: &[P::ServerNotFound],
+        },
     ]
 }
 
@@ -939,6 +953,7 @@ mod tests {
             Route::AdminSetRegion(id()),
             Route::AdminHealthReport(id()),
             Route::AdminServers,
+            Route::AdminSetServer(id()),
         ] {
             match &r {
                 Route::Healthz
@@ -962,7 +977,8 @@ mod tests {
                 | Route::Connect
                 | Route::AdminSetRegion(_)
                 | Route::AdminHealthReport(_)
-                | Route::AdminServers => {}
+                | Route::AdminServers
+                | Route::AdminSetServer(_) => {}
             }
             assert!(
                 documented.contains(&r),

@@ -47,6 +47,8 @@ pub enum ProblemCode {
     RegionNotAllowed,
     /// 404: no region with this id.
     RegionNotFound,
+    /// 404: no server with this id (admin API).
+    ServerNotFound,
     /// 429: the region is admitting clients as fast as it can; retry or fail over.
     RegionBusy,
     /// 503: the region is taking no one right now; fail over.
@@ -96,7 +98,7 @@ pub enum ProblemCode {
 
 impl ProblemCode {
     /// All codes, for documentation and exhaustive tests.
-    pub const ALL: [ProblemCode; 50] = [
+    pub const ALL: [ProblemCode; 51] = [
         ProblemCode::MalformedJson,
         ProblemCode::PayloadTooLarge,
         ProblemCode::UnsupportedMediaType,
@@ -115,6 +117,7 @@ impl ProblemCode {
         ProblemCode::DeviceNotEntitled,
         ProblemCode::RegionNotAllowed,
         ProblemCode::RegionNotFound,
+        ProblemCode::ServerNotFound,
         ProblemCode::RegionBusy,
         ProblemCode::RegionClosed,
         ProblemCode::NoRegionAvailable,
@@ -171,6 +174,7 @@ impl ProblemCode {
             DeviceNotEntitled => "device_not_entitled",
             RegionNotAllowed => "region_not_allowed",
             RegionNotFound => "region_not_found",
+            ServerNotFound => "server_not_found",
             RegionBusy => "region_busy",
             RegionClosed => "region_closed",
             NoRegionAvailable => "no_region_available",
@@ -219,7 +223,7 @@ impl ProblemCode {
             MalformedJson | SignatureMissing | SignatureMalformed | SignatureMissingV1
             | SignatureStale | SignatureMismatch | WebhookMalformed => 400,
             DeviceLimitReached | DeviceNotEntitled | RegionNotAllowed => 403,
-            DeviceNotFound | RegionNotFound => 404,
+            DeviceNotFound | RegionNotFound | ServerNotFound => 404,
             RegionBusy => 429,
             RegionClosed | NoRegionAvailable => 503,
             AdminUnauthorized => 401,
@@ -320,6 +324,7 @@ impl ProblemCode {
             DeviceNotEntitled => "Device not covered by the plan",
             RegionNotAllowed => "Region not included in the plan",
             RegionNotFound => "Region not found",
+            ServerNotFound => "Server not found",
             RegionBusy => "Region busy",
             RegionClosed => "Region not accepting connections",
             NoRegionAvailable => "No region available",

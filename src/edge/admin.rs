@@ -20,7 +20,7 @@ use super::incoming::Incoming;
 use super::{Fail, bindings, catalogue, cron, fault, store, time};
 use crate::api::{
     HealthReport, MAX_REPORTED_SERVERS, RegionState, ServerList, ServerLoad, ServerState,
-    SetRegion, is_server_id, unit_load,
+    SetRegion, SetServer, is_server_id, unit_load,
 };
 use crate::domain::catalogue::Health;
 use crate::domain::problem::ProblemCode;
@@ -192,19 +192,29 @@ async fn update_region(
     region.unknown_servers = unknown;
     drop(db);
     if republish == Republish::Always || changed {
-        let publish = async {
-            if fault.as_deref() == Some(fault::KV_HANG) {
-                futures::future::pending::<()>().await;
-            }
-            cron::publish(env, bindings::DB, cron::Write::Always, fault.as_deref()).await
-        };
-        let (snapshot, _) = time::timeout(PUBLISH_LIMIT_MS, publish)
-            .await
-            .unwrap_or_else(|| Err(format!("no end within {PUBLISH_LIMIT_MS} ms")))
-            .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
-        catalogue::install(snapshot);
+        publish_now(env, fault.as_deref()).await?;
     }
     Ok(Reply::json(200, &region))
+}
+
+/// Publishes the catalogue from PostgreSQL at once and installs it in this
+/// isolate; 503 if that has not ended within [`PUBLISH_LIMIT_MS`] (the
+/// change is committed: repeating it, or the cron within a minute, publishes
+/// it). `fault`: the development-only fault points `kv.hang` (the publish
+/// never ends) and `kv.refused` (KV refuses its first write).
+async fn publish_now(env: &Env, fault: Option<&str>) -> Result<(), Fail> {
+    let publish = async {
+        if fault == Some(fault::KV_HANG) {
+            futures::future::pending::<()>().await;
+        }
+        cron::publish(env, bindings::DB, cron::Write::Always, fault).await
+    };
+    let (snapshot, _) = time::timeout(PUBLISH_LIMIT_MS, publish)
+        .await
+        .unwrap_or_else(|| Err(format!("no end within {PUBLISH_LIMIT_MS} ms")))
+        .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
+    catalogue::install(snapshot);
+    Ok(())
 }
 
 pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -289,16 +299,23 @@ fn server_loads(servers: &[ServerLoad]) -> Result<Vec<(&str, f32)>, Fail> {
     Ok(loads)
 }
 
+/// A row `s` of `servers` as the admin API shows it (`ServerState`).
+fn server_json() -> String {
+    format!(
+        "json_build_object(
+             'id', s.id, 'region_id', s.region_id, 'endpoint', {endpoint},
+             'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load,
+             'full', currently_full(s))",
+        endpoint = crate::sql::SERVER_ENDPOINT
+    )
+}
+
 pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {
     authorize(&req, env)?;
     let db = store::connect(env).await?;
     let q = format!(
-        "SELECT coalesce(json_agg(json_build_object(
-             'id', s.id, 'region_id', s.region_id, 'endpoint', {endpoint},
-             'public_key', s.public_key, 'capacity', s.capacity, 'enabled', s.enabled, 'load', s.load,
-             'full', currently_full(s))
-         ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s",
-        endpoint = crate::sql::SERVER_ENDPOINT
+        "SELECT coalesce(json_agg({server} ORDER BY s.region_id, s.id), '[]'::json)::text FROM servers s",
+        server = server_json()
     );
     let servers: Option<Vec<ServerState>> = store::json_value(&db, &q).await?;
     Ok(Reply::json(
@@ -307,4 +324,47 @@ pub async fn servers(req: Incoming, env: &Env) -> Result<Reply, Fail> {
             servers: servers.unwrap_or_default(),
         },
     ))
+}
+
+/// Takes a server out of placement (`enabled: false`) or puts it back, and
+/// republishes the catalogue at once when that changed it. Servers have no
+/// health of their own, so this is how an operator takes out a broken one
+/// while its region's monitor still reports the region up.
+pub async fn set_server(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
+    authorize(&req, env)?;
+    let b: SetServer = json_body(&mut req).await?;
+    let not_found = || {
+        Fail::from(ApiError::new(
+            ProblemCode::ServerNotFound,
+            "No server with this id.",
+        ))
+    };
+    if !is_server_id(id) {
+        return Err(not_found());
+    }
+    let db = store::connect(env).await?;
+    // The id has a server id's shape, so it is never refused.
+    let id = sql::literal(id).map_err(|_| not_found())?;
+    let q = format!(
+        "WITH before AS (SELECT id, enabled FROM servers WHERE id = {id} FOR UPDATE),
+              updated AS (UPDATE servers s SET enabled = {enabled}, updated_at = now()
+                            FROM before WHERE s.id = before.id
+                        RETURNING {server} AS server, before.enabled <> s.enabled AS changed)
+         SELECT json_build_object('server', server, 'changed', changed)::text FROM updated",
+        enabled = b.enabled,
+        server = server_json()
+    );
+    #[derive(serde::Deserialize)]
+    struct Updated {
+        server: ServerState,
+        changed: bool,
+    }
+    let Some(Updated { server, changed }) = store::json_value::<Updated>(&db, &q).await? else {
+        return Err(not_found());
+    };
+    drop(db);
+    if changed {
+        publish_now(env, fault::armed(env, req.header(fault::HEADER)).as_deref()).await?;
+    }
+    Ok(Reply::json(200, &server))
 }

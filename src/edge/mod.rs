@@ -215,6 +215,9 @@ async fn fetch(req: web_sys::Request, env: Env, ctx: Context) -> worker::Result<
             async move { admin::health_report(req, &env, &id).await }.boxed_local()
         }
         Routed::Found(Route::AdminServers) => admin::servers(req, &env).boxed_local(),
+        Routed::Found(Route::AdminSetServer(id)) => {
+            async move { admin::set_server(req, &env, &id).await }.boxed_local()
+        }
         Routed::MethodNotAllowed { allow } => {
             ready(Err(ApiError::method_not_allowed(allow).into()))
         }

@@ -51,6 +51,8 @@ pub enum Route {
     AdminHealthReport(String),
     /// `GET /v1/admin/servers`
     AdminServers,
+    /// `PUT /v1/admin/servers/{id}`: take a server out of placement or back.
+    AdminSetServer(String),
 }
 
 /// What the router decided for a method and path.
@@ -90,6 +92,9 @@ pub fn route(method: &str, path: &str) -> Routed {
         "/v1/connect" => ("POST", Route::Connect),
         "/v1/admin/servers" => (READ_ONLY, Route::AdminServers),
         _ => match (device_path(path), admin_region_path(path)) {
+            _ if let Some(id) = admin_server_path(path) => {
+                ("PUT", Route::AdminSetServer(id.to_owned()))
+            }
             (Some((id, false)), _) => match method {
                 "GET" => (DEVICE, Route::GetDevice(id.to_owned())),
                 _ => (DEVICE, Route::DeleteDevice(id.to_owned())),
@@ -125,6 +130,12 @@ fn device_path(path: &str) -> Option<(&str, bool)> {
         None => (rest, false),
     };
     (!id.is_empty()).then_some((id, key))
+}
+
+/// `/v1/admin/servers/{id}` → id.
+fn admin_server_path(path: &str) -> Option<&str> {
+    let id = path.strip_prefix("/v1/admin/servers/")?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
 }
 
 /// `/v1/admin/regions/{id}` → (id, false); `.../{id}/health-report` → (id, true).
@@ -256,6 +267,23 @@ mod tests {
             Routed::MethodNotAllowed {
                 allow: "GET, HEAD, DELETE"
             }
+        );
+    }
+
+    #[test]
+    fn a_server_path_is_set_and_nothing_else() {
+        let set = Routed::Found(Route::AdminSetServer("eu-west-1".to_owned()));
+        assert_eq!(route("PUT", "/v1/admin/servers/eu-west-1"), set);
+        assert_eq!(
+            route("GET", "/v1/admin/servers/eu-west-1"),
+            Routed::MethodNotAllowed { allow: "PUT" }
+        );
+        for path in ["/v1/admin/servers/", "/v1/admin/servers/eu-west-1/x"] {
+            assert_eq!(route("PUT", path), Routed::NotFound, "{path}");
+        }
+        assert_eq!(
+            route("GET", "/v1/admin/servers"),
+            Routed::Found(Route::AdminServers)
         );
     }
 

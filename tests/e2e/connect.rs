@@ -40,6 +40,10 @@ pub const TESTS: &[(&str, Test)] = &[
         "connect::a_region_with_most_servers_full_admits_the_share_of_its_rate_those_with_room_hold",
         admitting_share,
     ),
+    (
+        "connect::a_server_taken_out_by_an_operator_gets_no_device_until_it_is_put_back",
+        server_taken_out,
+    ),
     ("connect::another_users_device_is_not_found", foreign_device),
     (
         "connect::a_logged_out_sessions_token_is_refused",
@@ -1533,8 +1537,8 @@ fn full_servers(ctx: &Ctx) -> Result<(), Failed> {
 /// Runs `steps` (which report loads of `region`'s servers) under the
 /// regions' write lock, then, whatever happened, leaves `region` as the
 /// seed has it: empty, unmonitored (the cron would otherwise mark it
-/// silent) and admitting at the rate it had, and the catalogue saying so,
-/// for the tests after it.
+/// silent), with every server in and admitting at the rate it had, and the
+/// catalogue saying so, for the tests after it.
 async fn put_back_after(
     ctx: &Ctx,
     region: &str,
@@ -1553,7 +1557,8 @@ async fn put_back_after(
     let outcome = std::panic::AssertUnwindSafe(steps).catch_unwind().await;
     let cleanup = async {
         db.execute(
-            "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL WHERE region_id = $1",
+            "UPDATE servers SET load = 0, is_full = false, load_reported_at = NULL, enabled = true
+              WHERE region_id = $1",
             &[&region],
         )
         .await?;
@@ -1573,6 +1578,84 @@ async fn put_back_after(
         Ok(result) => result.and(cleaned),
         Err(panic) => std::panic::resume_unwind(panic),
     }
+}
+
+/// An operator takes a device's server out with `PUT /v1/admin/servers/{id}`:
+/// the device is placed on another server of its region at once, and back
+/// on its own once that is put in again. Unknown and malformed ids are 404,
+/// bodies of another shape 400, and the route wants the admin token.
+fn server_taken_out(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(put_back_after(ctx, "eu-west", async {
+        let (user, device) = user_with_device(ctx, true).await;
+        let first = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(first.body["region"], "eu-west");
+        let home = s(&first.body["server"]["id"]).to_owned();
+        let set = |id: String, body: Value| async move {
+            admin(ctx, "PUT", &format!("/v1/admin/servers/{id}"), Some(body)).await
+        };
+
+        let r = send_with(
+            ctx,
+            "PUT",
+            &format!("/v1/admin/servers/{home}"),
+            Some(json!({"enabled": false})),
+            Some(&user.access),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert_eq!(r.body["code"], "admin_unauthorized");
+        for id in ["eu-west-9", "EU-WEST-1", "x"] {
+            let r = set(id.to_owned(), json!({"enabled": false})).await;
+            assert_eq!(r.status, 404, "{id}: {}", r.body);
+            assert_eq!(r.body["code"], "server_not_found");
+        }
+        // Bodies of another shape are malformed (400), as everywhere.
+        for body in [
+            json!({}),
+            json!({"enabled": "no"}),
+            json!({"enabled": false, "load": 1}),
+        ] {
+            let r = set(home.clone(), body.clone()).await;
+            assert_eq!(r.status, 400, "{body}: {}", r.body);
+            assert_eq!(r.body["code"], "malformed_json");
+        }
+        let again = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(
+            again.body["server"]["id"],
+            home.as_str(),
+            "refusals changed nothing"
+        );
+
+        let r = set(home.clone(), json!({"enabled": false})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["id"], home.as_str());
+        assert_eq!(r.body["enabled"], false);
+        assert_eq!(r.body["region_id"], "eu-west");
+        let moved = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(moved.status, 200, "{}", moved.body);
+        assert_eq!(moved.body["region"], "eu-west");
+        assert_ne!(
+            moved.body["server"]["id"],
+            home.as_str(),
+            "placed on a server taken out"
+        );
+        let r = set(home.clone(), json!({"enabled": false})).await;
+        assert_eq!(r.status, 200, "setting it again: {}", r.body);
+
+        let r = set(home.clone(), json!({"enabled": true})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["enabled"], true);
+        let back = connect_from(ctx, &user, &device, LONDON, None).await;
+        assert_eq!(back.status, 200, "{}", back.body);
+        assert_eq!(
+            back.body["server"]["id"],
+            home.as_str(),
+            "back on its own server"
+        );
+        Ok(())
+    }))
 }
 
 /// With two of af-south's three servers full (200 of its 250 capacity), the
