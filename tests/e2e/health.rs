@@ -102,7 +102,10 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
             "the session mirror, written in [{from}, {to}], expires at {sessions:?}"
         );
 
-        // The device mirror follows a device's creation.
+        // The device mirror follows a device's creation. The regions' read
+        // lock (the connects below need the catalogue as seeded) is taken
+        // first: waiting for it later could outlast the 61 s window.
+        let read = ctx.regions.read().await;
         let from = now();
         let device = crate::common::send(
             ctx,
@@ -135,7 +138,6 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
         // object too, and written by no connect.
         let key = format!("devices/{}", user.id);
         let written = std::time::Instant::now();
-        let _read = ctx.regions.read().await;
         let connect = || {
             crate::common::send_with(
                 ctx,
@@ -158,7 +160,10 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
             "rewritten within 61 s of the object's own write"
         );
         // Past the 61 s, so that only the copy being there holds the write.
+        // (No lock held while waiting; taken again for the connects.)
+        drop(read);
         tokio::time::sleep(Duration::from_secs(63).saturating_sub(written.elapsed())).await;
+        let _read = ctx.regions.read().await;
         let lacking = r#"{"devices":[]}"#;
         wrangler.kv_put(&key, lacking);
         let r = connect().await;
