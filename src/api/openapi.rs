@@ -638,7 +638,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "setServer",
             tag: "admin",
             summary: "Take a server out of placement, or put it back",
-            description: "A server taken out (`enabled: false`) gets no device from the next connect on; the devices placed on it move to the region's other servers, and back once it is in again. A change republishes the catalogue at once (a publish that has not ended within 10 s is 503 `service_unavailable`; the change is committed, and the cron publishes it within a minute); setting what the server already has publishes nothing.",
+            description: "A server taken out (`enabled: false`) gets no device from the next connect on; the devices placed on it move to the region's other servers, and back once it is in again. Republishes the catalogue at once, even when the server already had that value, so that repeating a call whose publish failed publishes it (a publish that has not ended within 10 s is 503 `service_unavailable`; the change is committed, and the cron publishes it within a minute).",
             auth: Auth::Admin,
             needs: Needs::BOTH,
             body: s.request::<SetServer>(),

@@ -91,10 +91,11 @@ pub fn route(method: &str, path: &str) -> Routed {
         "/v1/regions" => (READ_ONLY, Route::Regions),
         "/v1/connect" => ("POST", Route::Connect),
         "/v1/admin/servers" => (READ_ONLY, Route::AdminServers),
+        _ if admin_server_path(path).is_some() => {
+            let id = admin_server_path(path).unwrap_or_default();
+            ("PUT", Route::AdminSetServer(id.to_owned()))
+        }
         _ => match (device_path(path), admin_region_path(path)) {
-            _ if let Some(id) = admin_server_path(path) => {
-                ("PUT", Route::AdminSetServer(id.to_owned()))
-            }
             (Some((id, false)), _) => match method {
                 "GET" => (DEVICE, Route::GetDevice(id.to_owned())),
                 _ => (DEVICE, Route::DeleteDevice(id.to_owned())),
