@@ -57,6 +57,18 @@ async fn main() -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    match keenvpn_edge::db::emails_not_in_nfc(&client).await {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "migrate: warning: {n} account(s) hold an address not in NFC, which sign-in no longer \
+             finds (another account holds its NFC spelling); list them with \
+             SELECT id, email FROM users WHERE email IS NOT NFC NORMALIZED"
+        ),
+        Err(e) => {
+            eprintln!("migrate: cannot count the addresses not in NFC: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if seed {
         if let Err(e) = keenvpn_edge::db::seed_dev(&mut client).await {
             eprintln!("migrate: seeding failed: {e}");
