@@ -755,19 +755,10 @@ fn kv_hang(ctx: &Ctx) -> Result<(), Failed> {
 fn sticky(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _read = ctx.regions.read().await;
-        let mut user = new_user(ctx).await;
-        make_plus(ctx, &mut user).await;
+        let (user, devices) = plus_with_five_devices(ctx).await;
         let mut servers = std::collections::HashSet::new();
-        for i in 0..5 {
-            let d = send(
-                ctx,
-                "POST",
-                "/v1/devices",
-                Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
-                Some(&user.access),
-            )
-            .await;
-            let id = s(&d.body["id"]).to_owned();
+        for d in devices {
+            let id = s(&d["id"]).to_owned();
             let first = connect_from(ctx, &user, &id, TOKYO, None).await;
             assert_eq!(first.status, 200, "{}", first.body);
             for _ in 0..3 {
@@ -777,7 +768,7 @@ fn sticky(ctx: &Ctx) -> Result<(), Failed> {
                     "the same server every time"
                 );
             }
-            assert_eq!(first.body["ipv4_address"], d.body["ipv4_address"]);
+            assert_eq!(first.body["ipv4_address"], d["ipv4_address"]);
             servers.insert(s(&first.body["server"]["id"]).to_owned());
         }
         assert!(
@@ -788,23 +779,33 @@ fn sticky(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// A new Plus user with five devices, as registered.
+async fn plus_with_five_devices(ctx: &Ctx) -> (User, Vec<Value>) {
+    let mut user = new_user(ctx).await;
+    make_plus(ctx, &mut user).await;
+    let mut devices = Vec::new();
+    for i in 0..5 {
+        let d = send(
+            ctx,
+            "POST",
+            "/v1/devices",
+            Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
+            Some(&user.access),
+        )
+        .await;
+        assert_eq!(d.status, 201, "{}", d.body);
+        devices.push(d.body);
+    }
+    (user, devices)
+}
+
 /// Ten devices of two Plus users, as (access token, device id).
 async fn ten_clients(ctx: &Ctx) -> Vec<(String, String)> {
     let mut clients = Vec::new();
     for _ in 0..2 {
-        let mut user = new_user(ctx).await;
-        make_plus(ctx, &mut user).await;
-        for i in 0..5 {
-            let d = send(
-                ctx,
-                "POST",
-                "/v1/devices",
-                Some(json!({"name": format!("d{i}"), "public_key": wg_key()})),
-                Some(&user.access),
-            )
-            .await;
-            assert_eq!(d.status, 201, "{}", d.body);
-            clients.push((user.access.clone(), s(&d.body["id"]).to_owned()));
+        let (user, devices) = plus_with_five_devices(ctx).await;
+        for d in devices {
+            clients.push((user.access.clone(), s(&d["id"]).to_owned()));
         }
     }
     clients
