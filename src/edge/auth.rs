@@ -671,7 +671,8 @@ pub async fn login(mut req: Incoming, env: &Env, client_ip: &str) -> Result<Repl
             return Err(unavailable);
         }
     };
-    // An unknown email costs one argon2 verification too, so the answer and its
+    // An unknown email costs the argon2 verifications a wrong password does
+    // (one, or two for a password that NFKC changes), so the answer and its
     // timing do not reveal whether the account exists.
     let stored_hash = row
         .as_ref()

@@ -1629,6 +1629,26 @@ fn server_taken_out(ctx: &Ctx) -> Result<(), Failed> {
             "refusals changed nothing"
         );
 
+        // A publish that never ends (the development-only fault point
+        // `kv.hang`) is a 503 after 10 s, the change committed; repeating it,
+        // which finds nothing to change, publishes it.
+        let hung = send_with(
+            ctx,
+            "PUT",
+            &format!("/v1/admin/servers/{home}"),
+            Some(json!({"enabled": false})),
+            None,
+            &[
+                (
+                    "authorization",
+                    &format!("Bearer {}", dev_var("ADMIN_TOKEN")),
+                ),
+                ("x-keenvpn-fault", "kv.hang"),
+            ],
+        )
+        .await;
+        assert_eq!(hung.status, 503, "{}", hung.body);
+        assert_eq!(hung.body["code"], "service_unavailable");
         let r = set(home.clone(), json!({"enabled": false})).await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.body["id"], home.as_str());

@@ -6,7 +6,7 @@
 //! account input (`keenvpn_edge::text`: NFC for email addresses, NFKC for
 //! passwords). The crate's composition tables
 //! were about 65 KB of the gzipped Worker, shipped to and compiled by every
-//! isolate for a step that runs only for a non-ASCII database password. The
+//! isolate for steps that run only for text that is not ASCII. The
 //! runtime already has the same algorithm: in the Worker (wasm32) NFKC is
 //! `String.prototype.normalize("NFKC")` (V8's ICU); natively it is ICU4X's
 //! `icu_normalizer`.
