@@ -120,12 +120,21 @@ pub fn verify_password(password: &Password, phc: &str) -> Result<Verified, Verif
 }
 
 /// The stored hash, parsed, unless it is not argon2id version 0x13 with at
-/// least the minimum parameters and [`MIN_OUTPUT_LEN`] bytes of output.
+/// least the minimum parameters, [`MIN_OUTPUT_LEN`] bytes of output and a
+/// salt argon2 takes (8 bytes or more). argon2 refuses a shorter salt before
+/// it hashes anything, so such a hash would answer without the verification
+/// every other refusal costs.
 fn refused(phc: &str) -> Result<PasswordHash<'_>, VerifyError> {
     let parsed = PasswordHash::new(phc).map_err(|_| VerifyError::Unreadable)?;
+    let mut salt = [0u8; 64];
+    let salt_taken = parsed.salt.is_some_and(|s| {
+        s.decode_b64(&mut salt)
+            .is_ok_and(|bytes| bytes.len() >= argon2::MIN_SALT_LEN)
+    });
     if parsed.algorithm != argon2::ARGON2ID_IDENT
         || parsed.version != Some(Version::V0x13 as u32)
         || parsed.hash.is_none_or(|h| h.len() < MIN_OUTPUT_LEN)
+        || !salt_taken
     {
         return Err(VerifyError::TooWeak);
     }
@@ -234,6 +243,13 @@ mod tests {
             verify(b"password1", &weak(MIN_M_KIB, 2, 1, Algorithm::Argon2i)),
             Err(VerifyError::TooWeak)
         );
+        // A salt argon2 refuses (6 bytes): refused as weak, which costs the
+        // dummy verification, not as unreadable before any hashing.
+        let good = hash(b"password1", [3; 16]);
+        let (head, tail) = good.rsplit_once('$').unwrap();
+        let (head, _salt) = head.rsplit_once('$').unwrap();
+        let short_salt = format!("{head}$c2FsdHNh${tail}");
+        assert_eq!(verify(b"password1", &short_salt), Err(VerifyError::TooWeak));
         // Argon2 version 0x10, or an output under 32 bytes.
         let params = Params::new(MIN_M_KIB, 2, 1, None).unwrap();
         let salt = SaltString::encode_b64(&[3; 16]).unwrap();
