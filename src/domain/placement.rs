@@ -150,6 +150,9 @@ pub enum ClientLocation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Choice<'a> {
     pub region: &'a Region,
+    /// The rate the region admits new clients at ([`admitting_rate`]),
+    /// worked out once per catalogue.
+    pub admitting_rate: u32,
     /// Other eligible region ids, at most [`MAX_FAILOVER`]: those with room
     /// first, then full ones, each part nearest first.
     pub failover: Vec<&'a str>,
@@ -207,6 +210,8 @@ struct Site {
     usable: bool,
     /// A server with room ([`has_room`]).
     room: bool,
+    /// [`admitting_rate`].
+    admitting_rate: u32,
     tier: Tier,
     /// [`geo::unit_vector`] of its position; `None` when the catalogue's
     /// coordinates are invalid.
@@ -218,6 +223,7 @@ impl Site {
         Site {
             usable: region.health == Health::Up && has_capacity(region),
             room: region.servers.iter().any(has_room),
+            admitting_rate: admitting_rate(region),
             tier: region.tier,
             unit: position(region).map(geo::unit_vector),
         }
@@ -390,6 +396,7 @@ fn choose_from<'a>(
     }
     Ok(Choice {
         region: &regions[region],
+        admitting_rate: sites[region].admitting_rate,
         failover: failover
             .into_iter()
             .map(|i| regions[i].id.as_str())

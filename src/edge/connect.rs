@@ -335,7 +335,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     // room can take.
     let shards = admission::shard_count(region.admission_rate);
     let shard = admission::shard_for(&device.id, shards);
-    let rate = admission::shard_rate(placement::admitting_rate(region), shards, shard);
+    let rate = admission::shard_rate(choice.admitting_rate, shards, shard);
     let gate = format!("{}#{}", region.id, shard);
     // A 503 from here on (a region is chosen) names the failover regions: as
     // the README and the contract say, and another region's gate is another

@@ -538,6 +538,8 @@ type Vec3 = [number, number, number];
 interface Prepared {
   usable: boolean[];
   room: boolean[];
+  /** Each region's `admittingRate`. */
+  admitting: Map<Region, number>;
   units: (Vec3 | null)[];
   closed: string[];
 }
@@ -554,6 +556,7 @@ function prepare(snapshot: Snapshot): Prepared {
     p = {
       usable: rs.map((r) => r.health === "up" && r.servers.some((s) => s.capacity > 0)),
       room: rs.map((r) => r.servers.some(hasRoom)),
+      admitting: new Map(rs.map((r) => [r, admittingRate(r)])),
       units: rs.map((r) => {
         const at = position(r);
         return at && unitVector(at);
@@ -985,7 +988,7 @@ export function placeConnect(
     device,
     choice,
     gate: `${choice.region.id}#${shard}`,
-    rate: shardRate(admittingRate(choice.region), shards, shard),
+    rate: shardRate(prepare(snapshot).admitting.get(choice.region) ?? choice.region.admission_rate, shards, shard),
   };
 }
 
