@@ -106,16 +106,21 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
         // lock (the connects below need the catalogue as seeded) is taken
         // first: waiting for it later could outlast the 61 s window.
         let read = ctx.regions.read().await;
+        // Registers a device for the user with this access token.
+        let register = |access: String| async move {
+            let device = crate::common::send(
+                ctx,
+                "POST",
+                "/v1/devices",
+                Some(serde_json::json!({"name": "laptop", "public_key": crate::common::wg_key()})),
+                Some(&access),
+            )
+            .await;
+            assert_eq!(device.status, 201, "{}", device.body);
+            device
+        };
         let from = now();
-        let device = crate::common::send(
-            ctx,
-            "POST",
-            "/v1/devices",
-            Some(serde_json::json!({"name": "laptop", "public_key": crate::common::wg_key()})),
-            Some(&user.access),
-        )
-        .await;
-        assert_eq!(device.status, 201, "{}", device.body);
+        let device = register(user.access.clone()).await;
         let devices = eventually(Duration::from_secs(10), "the device mirror", || async {
             wrangler
                 .kv_list_expiring(&format!("devices/{}", user.id))
@@ -136,18 +141,11 @@ fn kv_writes_carry_their_lifetimes(ctx: &Ctx) -> Result<(), Failed> {
         // minute at a location, so each connect there would write it again).
         // A copy that is there but lacks the device is answered from the
         // object too, and written by no connect. The rewrite after the 61 s
-        // is another user's, whose copy no connect has read: a read of a
-        // key just before it is deleted may still be served the old value.
+        // is another user's, whose copy no connect has read: a key read just
+        // before it is deleted seems to be served its old value for a while
+        // (one clean-clone run failed so; the cause was not proven).
         let other = crate::common::new_user(ctx).await;
-        let other_device = crate::common::send(
-            ctx,
-            "POST",
-            "/v1/devices",
-            Some(serde_json::json!({"name": "phone", "public_key": crate::common::wg_key()})),
-            Some(&other.access),
-        )
-        .await;
-        assert_eq!(other_device.status, 201, "{}", other_device.body);
+        let other_device = register(other.access.clone()).await;
         let other_key = format!("devices/{}", other.id);
         eventually(
             Duration::from_secs(10),
