@@ -19,7 +19,7 @@
 
 use super::auth::json_body;
 use super::incoming::Incoming;
-use super::{Fail, bindings, catalogue, cron, fault, store, time};
+use super::{Fail, bindings, catalogue, durable, fault, publisher, store, time};
 use crate::api::{
     HealthReport, MAX_REPORTED_SERVERS, RegionState, ServerList, ServerLoad, ServerState,
     SetRegion, SetServer, is_server_id, unit_load,
@@ -114,7 +114,7 @@ enum Republish {
 /// others in `unknown_servers`.
 async fn update_region(
     env: &Env,
-    id: &str,
+    (request_id, id): (&str, &str),
     assignments: &str,
     loads: &[(&str, f32)],
     republish: Republish,
@@ -194,29 +194,45 @@ async fn update_region(
     region.unknown_servers = unknown;
     drop(db);
     if republish == Republish::Always || changed {
-        publish_now(env, fault.as_deref()).await?;
+        publish_now(env, request_id, fault.as_deref()).await?;
     }
     Ok(Reply::json(200, &region))
 }
 
-/// Publishes the catalogue from PostgreSQL at once and installs it in this
-/// isolate; 503 if that has not ended within [`PUBLISH_LIMIT_MS`] (the
-/// change is committed: repeating it, or the cron within a minute, publishes
-/// it). `fault`: the development-only fault points `kv.hang` (the publish
-/// never ends) and `kv.refused` (KV refuses its first write).
-async fn publish_now(env: &Env, fault: Option<&str>) -> Result<(), Fail> {
+/// Publishes the catalogue at once, through the [`publisher`] object, which
+/// publishes changes made together together; 503 if that has not ended
+/// within [`PUBLISH_LIMIT_MS`] (the change is committed: repeating it, or
+/// the cron within a minute, publishes it). The publish is made for the
+/// request `request_id`, named in the object's log line. `fault`: the
+/// development-only fault points `kv.hang` (the publish never ends) and
+/// `kv.refused` (KV refuses its first write).
+async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result<(), Fail> {
     let publish = async {
         if fault == Some(fault::KV_HANG) {
             futures::future::pending::<()>().await;
         }
-        cron::publish(env, bindings::DB, cron::Write::Always, fault).await
+        let asked = publisher::PublishReq {
+            fault: fault.filter(|f| *f == fault::KV_REFUSED).map(str::to_owned),
+        };
+        let path = "/publish";
+        let (bind, name) = (bindings::CATALOGUE_PUBLISHER, publisher::NAME);
+        durable::call(env, request_id, bind, name, path, &asked).await
     };
-    let (snapshot, _) = time::timeout(PUBLISH_LIMIT_MS, publish)
+    let (status, answer) = time::timeout(PUBLISH_LIMIT_MS, publish)
         .await
-        .unwrap_or_else(|| Err(format!("no end within {PUBLISH_LIMIT_MS} ms")))
-        .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
-    catalogue::install(snapshot);
-    Ok(())
+        .unwrap_or_else(|| {
+            let why = format!("catalogue publish: no end within {PUBLISH_LIMIT_MS} ms");
+            Err(Fail::unavailable(why))
+        })?;
+    match answer["etag"].as_str() {
+        Some(etag) if status == 200 => {
+            catalogue::published(etag);
+            Ok(())
+        }
+        _ => Err(Fail::internal(format!(
+            "catalogue publish: status {status}: {answer}"
+        ))),
+    }
 }
 
 pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -250,7 +266,8 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
     // At the development-only fault points `kv.hang`, the publish never
     // ends; at `kv.refused`, KV refuses its first write.
     let fault = fault::armed(env, req.header(fault::HEADER));
-    update_region(env, id, &sets.join(", "), &[], Republish::Always, fault).await
+    let ids = (req.request_id(), id);
+    update_region(env, ids, &sets.join(", "), &[], Republish::Always, fault).await
 }
 
 pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {
@@ -259,7 +276,7 @@ pub async fn health_report(mut req: Incoming, env: &Env, id: &str) -> Result<Rep
     let loads = server_loads(&b.servers)?;
     update_region(
         env,
-        id,
+        (req.request_id(), id),
         &format!(
             "reported_health = '{}', health_reported_at = now()",
             health_str(b.health)
@@ -362,6 +379,7 @@ pub async fn set_server(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
         return Err(not_found());
     };
     drop(db);
-    publish_now(env, fault::armed(env, req.header(fault::HEADER)).as_deref()).await?;
+    let fault = fault::armed(env, req.header(fault::HEADER));
+    publish_now(env, req.request_id(), fault.as_deref()).await?;
     Ok(Reply::json(200, &server))
 }

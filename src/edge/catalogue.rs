@@ -137,6 +137,20 @@ pub fn install(snapshot: Snapshot) {
     });
 }
 
+/// Tells this isolate that a snapshot with `etag` has just been published
+/// (by the publisher object, which installs it in its own isolate; this one
+/// may be another): a copy with another etag is checked against KV by the
+/// next request, instead of up to [`TTL_MS`] later.
+pub fn published(etag: &str) {
+    CACHE.with(|c| {
+        if let Some((placer, checked)) = c.borrow_mut().current.as_mut()
+            && placer.snapshot().etag != etag
+        {
+            *checked = 0;
+        }
+    });
+}
+
 /// Holds one of the cache's flags (`revalidating`, `loading`) set for as long
 /// as it lives, also when the request holding it is cancelled part-way. It
 /// clears the flag only if the flag is still its own: one older than any

@@ -283,7 +283,7 @@ fn log_step(step: &str, level: Level, text: &str) {
 /// another publisher may have overtaken.
 const PUBLISH_ROUNDS: usize = 3;
 /// KV's limit: one write per key per second.
-const KV_WRITE_SPACING_MS: u64 = 1_000;
+pub(super) const KV_WRITE_SPACING_MS: u64 = 1_000;
 
 /// When [`publish`] writes a snapshot that KV seems to hold already.
 #[derive(Clone, Copy, PartialEq, Eq)]

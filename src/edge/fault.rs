@@ -95,13 +95,16 @@ pub const EVENTS_DOWN: &str = "events.down";
 /// device copies, and the catalogue's check) never answer, as in a KV stall:
 /// each fails after `kv::READ_TIMEOUT_MS`. On the admin region routes and
 /// `PUT /v1/admin/servers/{id}`, the change's catalogue publish never
-/// finishes, as its KV writes would not in a stall: it is given up on after
+/// finishes, as its KV writes would not in a stall (the change never reaches
+/// the `CataloguePublisher` object): it is given up on after
 /// `admin::PUBLISH_LIMIT_MS`.
 pub const KV_HANG: &str = "kv.hang";
 /// The point, on `PUT /v1/admin/regions/{id}` and `PUT
 /// /v1/admin/servers/{id}`, at which KV refuses the
 /// change's first write of the catalogue snapshot, as its limit of one write
-/// per key per second refuses a write that meets another publisher's.
+/// per key per second refuses a write that meets another publisher's. The
+/// `CataloguePublisher` object gives such a change a publish of its own, not
+/// shared with changes made meanwhile.
 pub const KV_REFUSED: &str = "kv.refused";
 const VAR: &str = "FAULT_INJECTION";
 

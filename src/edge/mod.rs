@@ -20,6 +20,7 @@ mod log;
 mod login_throttle;
 mod microtask;
 mod pg;
+mod publisher;
 mod random;
 mod readyz;
 mod secrets;
@@ -46,6 +47,8 @@ pub mod bindings {
     pub const USER_SESSIONS: &str = "USER_SESSIONS";
     pub const REGION_GATES: &str = "REGION_GATES";
     pub const LOGIN_THROTTLES: &str = "LOGIN_THROTTLES";
+    /// The one object through which the admin API publishes the catalogue.
+    pub const CATALOGUE_PUBLISHER: &str = "CATALOGUE_PUBLISHER";
     /// Queue of connection events, written to PostgreSQL in batches.
     pub const CONNECTION_EVENTS: &str = "CONNECTION_EVENTS";
 

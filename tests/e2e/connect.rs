@@ -1295,10 +1295,16 @@ fn postgres_down(ctx: &Ctx) -> Result<(), Failed> {
 /// catch the race before publishers re-read after writing; it guards the
 /// change path under concurrency, where it caught a statement that answered
 /// 500 when two changes met.)
+///
+/// Changes made together are published together (the `CataloguePublisher`
+/// object): every change is named by exactly one "catalogue published" log
+/// line, and a round's eight changes take at most four publishes, where a
+/// publish each would take eight.
 fn concurrent_admin_changes(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
         let db = db(ctx).await;
+        let mut rounds: Vec<Vec<String>> = Vec::new();
         for round in 0..5 {
             let changes = (0..8).map(|i| {
                 let health = if (i + round) % 2 == 0 {
@@ -1313,9 +1319,12 @@ fn concurrent_admin_changes(ctx: &Ctx) -> Result<(), Failed> {
                     Some(json!({"health": health})),
                 )
             });
+            let mut ids = Vec::new();
             for r in futures::future::join_all(changes).await {
                 assert_eq!(r.status, 200, "{}", r.body);
+                ids.push(r.headers["x-request-id"].to_str()?.to_owned());
             }
+            rounds.push(ids);
             let in_db: String = db
                 .query_one("SELECT health FROM regions WHERE id = 'eu-west'", &[])
                 .await?
@@ -1325,6 +1334,40 @@ fn concurrent_admin_changes(ctx: &Ctx) -> Result<(), Failed> {
             assert_eq!(published["health"], in_db.as_str(), "round {round}");
         }
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
+
+        for (round, ids) in rounds.iter().enumerate() {
+            // Each id's publish line, once the log shows one for every id.
+            let lines: Vec<String> = eventually(
+                Duration::from_secs(10),
+                "a catalogue publish logged for every change",
+                || async {
+                    let log = ctx.stack().wrangler.log();
+                    let publishes: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("\"catalogue published\""))
+                        .collect();
+                    let mut found = Vec::new();
+                    for id in ids {
+                        let quoted = format!("\"{id}\"");
+                        let naming: Vec<&&str> =
+                            publishes.iter().filter(|l| l.contains(&quoted)).collect();
+                        assert!(naming.len() <= 1, "{id} named by {naming:?}");
+                        found.push(naming.first()?.to_string());
+                    }
+                    Some(found)
+                },
+            )
+            .await;
+            let mut publishes = lines;
+            publishes.sort();
+            publishes.dedup();
+            eprintln!("round {round}: 8 changes, {} publishes", publishes.len());
+            assert!(
+                publishes.len() <= 4,
+                "round {round}: 8 changes took {} publishes: {publishes:#?}",
+                publishes.len()
+            );
+        }
         Ok(())
     })
 }
@@ -1974,10 +2017,11 @@ fn catalogue_unstored(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
-/// The isolate that published an admin change routes by the snapshot it
-/// published from the next request on, and keeps it as its copy: KV failing
-/// right after (the development-only fault point `catalogue.kv`) leaves the
-/// connect answered from it. Before, the isolate forgot its copy, and the
+/// The isolate that published an admin change (the `CataloguePublisher`
+/// object's, which under `wrangler dev` is the one isolate) routes by the
+/// snapshot it published from the next request on, and keeps it as its
+/// copy: KV failing right after (the development-only fault point
+/// `catalogue.kv`) leaves the connect answered from it. Before, the isolate forgot its copy, and the
 /// next request had to read the whole snapshot from KV again: a 503.
 fn published_copy_kept(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {

@@ -1,0 +1,214 @@
+//! The `CataloguePublisher` Durable Object: one object, [`NAME`], through
+//! which the admin API publishes the catalogue, so that changes made together
+//! are published together.
+//!
+//! Each publish reads the whole catalogue from PostgreSQL (a megabyte of JSON
+//! with a thousand regions) and writes it to KV, which takes one write per key
+//! per second. On the day a region drops, its clients fill the servers of the
+//! regions near it, and their monitors report servers full within seconds of
+//! each other: a publish each would put as many catalogue reads on the
+//! database at once, and as many writes on one KV key, which would refuse
+//! most of them (answered 503 to the monitors, which then report again).
+//! Here:
+//! - a call arriving while no publish runs starts one;
+//! - a call arriving while one runs waits for the next, which starts once the
+//!   running one has ended, at least a second after its last write, and
+//!   serves every call that arrived meanwhile.
+//!
+//! A call is answered by a publish that began after the call arrived, so
+//! after the caller's change had committed: its change is in what was
+//! published. However many calls arrive together, at most two publishes run
+//! for them, one after the other.
+//!
+//! The state is in memory only. An object that restarts has none to lose: a
+//! call it was serving fails (503, the change committed), and the cron
+//! publishes within a minute, as after any failed publish.
+
+use super::log::{self, Level};
+use super::{bindings, catalogue, cron, time};
+use futures::FutureExt as _;
+use futures::future::{LocalBoxFuture, Shared};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::rc::Rc;
+use worker::{DurableObject, Env, Method, Request, Response, Result, State, durable_object};
+
+/// The one object every publish goes through.
+pub const NAME: &str = "catalogue";
+
+/// How long one publish may take before it is given up as failed (the
+/// callers waiting for it are answered 503), so that a publish stuck on KV
+/// or PostgreSQL cannot hold the calls after it for good.
+const RUN_LIMIT_MS: u64 = 10_000;
+
+/// What a caller sends: a development-only fault point to apply
+/// (`kv.refused`), which gives the call a publish of its own.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PublishReq {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<String>,
+}
+
+/// What a publish answers: the etag of the snapshot stored, or why it failed.
+type Outcome = std::result::Result<String, String>;
+type Run = Shared<LocalBoxFuture<'static, Outcome>>;
+
+/// The ids of the requests a publish serves, for its log line.
+type Served = Rc<RefCell<Vec<String>>>;
+
+#[derive(Default)]
+struct Runs {
+    /// The publish under way, by its number.
+    running: Option<(u64, Run)>,
+    /// The publish that starts when the running one ends, and the requests
+    /// that wait for it.
+    next: Option<(Run, Served)>,
+    /// When the last publish ended, in Unix ms.
+    last_end: u64,
+    count: u64,
+}
+
+#[durable_object(fetch)]
+pub struct CataloguePublisher {
+    env: Env,
+    runs: Rc<RefCell<Runs>>,
+}
+
+impl DurableObject for CataloguePublisher {
+    fn new(_state: State, env: Env) -> Self {
+        CataloguePublisher {
+            env,
+            runs: Rc::default(),
+        }
+    }
+
+    async fn fetch(&self, mut req: Request) -> Result<Response> {
+        if (req.method(), req.path().as_str()) != (Method::Post, "/publish") {
+            return Response::error("unknown durable object route", 404);
+        }
+        let id = req
+            .headers()
+            .get(super::durable::REQUEST_ID_HEADER)?
+            .unwrap_or_default();
+        let r: PublishReq = match super::durable::body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let outcome = match r.fault {
+            // A fault applies to its own request's publish only.
+            Some(fault) => {
+                publish(
+                    self.env.clone(),
+                    Some(fault),
+                    Rc::new(RefCell::new(vec![id])),
+                )
+                .await
+            }
+            None => self.join(id).await,
+        };
+        match outcome {
+            Ok(etag) => Response::from_json(&serde_json::json!({ "etag": etag })),
+            Err(error) => Ok(Response::from_json(&serde_json::json!({
+                "code": "catalogue_unpublished",
+                "error": error,
+            }))?
+            .with_status(503)),
+        }
+    }
+}
+
+impl CataloguePublisher {
+    /// The publish that serves the request `id`: the next one, which starts
+    /// when the one running ends, or a new one when none runs.
+    fn join(&self, id: String) -> Run {
+        let mut runs = self.runs.borrow_mut();
+        if let Some((run, served)) = &runs.next {
+            served.borrow_mut().push(id);
+            return run.clone();
+        }
+        runs.count += 1;
+        let number = runs.count;
+        let served: Served = Rc::new(RefCell::new(vec![id]));
+        let after = runs.running.as_ref().map(|(_, run)| run.clone());
+        let waits = after.is_some();
+        let run = queued(
+            Rc::clone(&self.runs),
+            self.env.clone(),
+            (number, after),
+            Rc::clone(&served),
+        )
+        .boxed_local()
+        .shared();
+        if waits {
+            runs.next = Some((run.clone(), served));
+        } else {
+            runs.running = Some((number, run.clone()));
+        }
+        run
+    }
+}
+
+/// The publish numbered `number`: once `after` (the one running when it was
+/// made) has ended, it becomes the running one, waits out KV's second, and
+/// publishes for the requests in `served`.
+async fn queued(
+    runs: Rc<RefCell<Runs>>,
+    env: Env,
+    (number, after): (u64, Option<Run>),
+    served: Served,
+) -> Outcome {
+    if let Some(before) = after {
+        let _ = before.await;
+        // Calls from now on wait for the publish after this one.
+        let mut runs = runs.borrow_mut();
+        if let Some((run, _)) = runs.next.take() {
+            runs.running = Some((number, run));
+        }
+    }
+    let since = time::now_ms().saturating_sub(runs.borrow().last_end);
+    if since < cron::KV_WRITE_SPACING_MS {
+        time::sleep(cron::KV_WRITE_SPACING_MS - since).await;
+    }
+    let outcome = publish(env, None, served).await;
+    let mut runs = runs.borrow_mut();
+    runs.last_end = time::now_ms();
+    if runs.running.as_ref().is_some_and(|(n, _)| *n == number) {
+        runs.running = None;
+    }
+    outcome
+}
+
+/// Publishes the catalogue from PostgreSQL ([`cron::publish`]) for the
+/// requests in `served`, within [`RUN_LIMIT_MS`], and installs it in this
+/// isolate; logs the outcome with the requests' ids.
+async fn publish(env: Env, fault: Option<String>, served: Served) -> Outcome {
+    let published = time::timeout(
+        RUN_LIMIT_MS,
+        cron::publish(&env, bindings::DB, cron::Write::Always, fault.as_deref()),
+    )
+    .await
+    .unwrap_or_else(|| Err(format!("no end within {RUN_LIMIT_MS} ms")));
+    let requests = served.borrow().clone();
+    match published {
+        Ok((snapshot, _)) => {
+            let etag = snapshot.etag.clone();
+            catalogue::install(snapshot);
+            log::event(
+                Level::Info,
+                None,
+                "catalogue published",
+                serde_json::json!({"etag": etag, "requests": requests}),
+            );
+            Ok(etag)
+        }
+        Err(error) => {
+            log::event(
+                Level::Warn,
+                None,
+                "catalogue publish failed",
+                serde_json::json!({"error": error, "requests": requests}),
+            );
+            Err(error)
+        }
+    }
+}
