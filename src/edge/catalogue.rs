@@ -117,8 +117,9 @@ thread_local! {
     };
 }
 
-/// Makes `snapshot`, which this isolate has just published (an admin
-/// change made here, or a cron run here), its copy, unless the copy is that
+/// Makes `snapshot`, which this isolate has just published (the
+/// `CataloguePublisher` object's publish for admin changes, or a cron run
+/// here), its copy, unless the copy is that
 /// snapshot already. The next requests route by it at once, and should KV
 /// fail before the copy's next check they still have one (stale-if-error);
 /// forgetting the copy instead left the next request to read and parse the
@@ -140,13 +141,16 @@ pub fn install(snapshot: Snapshot) {
 /// Tells this isolate that a snapshot with `etag` has just been published
 /// (by the publisher object, which installs it in its own isolate; this one
 /// may be another): a copy with another etag is checked against KV by the
-/// next request, instead of up to [`TTL_MS`] later.
+/// next request, instead of up to [`TTL_MS`] later, and a check under way,
+/// which may have read KV before the publish, does not count as one.
 pub fn published(etag: &str) {
     CACHE.with(|c| {
-        if let Some((placer, checked)) = c.borrow_mut().current.as_mut()
+        let mut c = c.borrow_mut();
+        if let Some((placer, checked)) = c.current.as_mut()
             && placer.snapshot().etag != etag
         {
             *checked = 0;
+            c.generation += 1;
         }
     });
 }

@@ -322,6 +322,18 @@ pub async fn publish(
     write: Write,
     fault: Option<&str>,
 ) -> Result<(Snapshot, bool), String> {
+    publish_until(env, binding, (write, fault), &|| true).await
+}
+
+/// [`publish`], reading the catalogue again after a write only while
+/// `again()` says so: the `CataloguePublisher` object stops once another
+/// publish is queued behind this one, which will read and write it anyway.
+pub async fn publish_until(
+    env: &Env,
+    binding: &str,
+    (write, fault): (Write, Option<&str>),
+    again: &dyn Fn() -> bool,
+) -> Result<(Snapshot, bool), String> {
     let client = pg::connect(env, binding).await?;
     let mut snapshot = read_catalogue(&client).await?;
     let mut written = false;
@@ -358,7 +370,7 @@ pub async fn publish(
         // After the last write, a newer catalogue read again would not be
         // stored: return the snapshot stored, which the cron corrects within
         // a minute if it has moved on.
-        if round == PUBLISH_ROUNDS {
+        if round == PUBLISH_ROUNDS || !again() {
             break;
         }
         let again = read_catalogue(&client).await?;
