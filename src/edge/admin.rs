@@ -34,9 +34,9 @@ use worker::Env;
 pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
 /// The shortest admin token the API accepts being configured with.
 const MIN_TOKEN_LEN: usize = 16;
-/// How long a change waits for its catalogue publish: normally well under a
-/// second, and up to about three when it waits for a publish under way and
-/// KV's second (`publisher`). One that takes longer, as in a KV stall, is
+/// How long a change waits for its catalogue publish: normally a second or
+/// two, and a few more when it waits for a publish under way and KV's
+/// second (`publisher`). One that takes longer, as in a KV stall, is
 /// answered as a failed one, 503: the change is committed, a retry
 /// publishes it, and so does the cron within a minute.
 const PUBLISH_LIMIT_MS: u64 = 10_000;

@@ -94,8 +94,10 @@ struct Cache {
     /// (with `revalidating`, this isolate would never check its copy again).
     /// So a flag older than any load can take is not heeded.
     revalidating: Option<u64>,
-    /// Counts [`install`] calls: a request that read KV before one keeps
-    /// what it read for itself, instead of bringing back the replaced copy.
+    /// Counts [`install`] calls and [`published`] marks: a request that read
+    /// KV before one keeps what it read for itself, instead of bringing back
+    /// the replaced copy (or passing off its read as the check the mark
+    /// asks for).
     generation: u64,
     /// The last load of a first copy that failed (its `loading` mark), and
     /// why: the requests that were waiting for that load answer with its
@@ -141,8 +143,9 @@ pub fn install(snapshot: Snapshot) {
 /// Tells this isolate that a snapshot with `etag` has just been published
 /// (by the publisher object, which installs it in its own isolate; this one
 /// may be another): a copy with another etag is checked against KV by the
-/// next request, instead of up to [`TTL_MS`] later, and a check under way,
-/// which may have read KV before the publish, does not count as one.
+/// next request (or, while another request's check is under way, the first
+/// after it), instead of up to [`TTL_MS`] later; a check under way, which
+/// may have read KV before the publish, does not count as one.
 pub fn published(etag: &str) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
@@ -185,7 +188,8 @@ impl Drop for Busy {
 }
 
 /// Stores `placer` as the copy checked at `now`, unless the copy was
-/// replaced ([`install`]) since `generation`.
+/// replaced ([`install`]) or marked for a check ([`published`]) since
+/// `generation`.
 fn keep(placer: &Rc<Placer>, now: u64, generation: u64) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();

@@ -6,9 +6,13 @@
 //! - `LoginThrottle` (one per account email and one per client IP,
 //!   `login_throttle.rs`): failed sign-in counting.
 //! - `RegionGate` (here): admission control for reconnects into a region.
+//! - `CataloguePublisher` (one, `publisher.rs`): publishes the catalogue for
+//!   the admin API, changes made together together.
 //!
-//! Every class answers the internal `GET /ping`, which writes and reads back its
-//! transactional storage: `/readyz` uses it to prove Durable Objects end to end.
+//! Every class that clients' requests use answers the internal `GET /ping`,
+//! which writes and reads back its transactional storage: `/readyz` uses it
+//! to prove Durable Objects end to end. (`CataloguePublisher` stores
+//! nothing, serves the admin API only, and is not probed.)
 //! Callers talk to objects with JSON over internal `fetch` via [`call`].
 
 use super::{Fail, fault, time};

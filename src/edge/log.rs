@@ -56,8 +56,9 @@ pub enum Level {
 /// id of the request it belongs to, and the members of `fields`, an object.
 /// The id is `None` where no one request is at hand: the cron trigger, the
 /// queue consumer, a batch of several requests' events, and a Durable
-/// Object's alarm. (An object's work for a request has the id the Worker's
-/// call sent it.)
+/// Object's alarm, and the catalogue publisher's publish, which may serve
+/// several requests and lists their ids in `requests`. (Other objects' work
+/// for a request has the id the Worker's call sent it.)
 pub fn event(level: Level, request_id: Option<&str>, msg: &str, fields: Value) {
     let mut line = Map::new();
     let name = match level {
