@@ -19,7 +19,7 @@
 
 use super::auth::json_body;
 use super::incoming::Incoming;
-use super::{Fail, bindings, catalogue, durable, fault, publisher, store, time};
+use super::{Fail, bindings, catalogue, cron, durable, fault, log, publisher, store, time};
 use crate::api::{
     HealthReport, MAX_REPORTED_SERVERS, RegionState, ServerList, ServerLoad, ServerState,
     SetRegion, SetServer, is_server_id, unit_load,
@@ -204,9 +204,14 @@ async fn update_region(
 /// publishes changes made together together; 503 if that has not ended
 /// within [`PUBLISH_LIMIT_MS`] (the change is committed: repeating it, or
 /// the cron within a minute, publishes it). The publish is made for the
-/// request `request_id`, named in the object's log line. `fault`: the
-/// development-only fault points `kv.hang` (the publish never ends) and
-/// `kv.refused` (KV refuses its first write).
+/// request `request_id`, named in the object's log line. When the object
+/// cannot be reached (it is being reset, say), the change is published from
+/// here, as it was before the object existed, rather than left to the cron:
+/// a monitor's report whose publish failed is not published by its retry,
+/// which finds nothing to change. A publish the object made and that failed
+/// is not made again here. `fault`: the development-only fault points
+/// `kv.hang` (the publish never ends), `kv.refused` (KV refuses its first
+/// write) and `publisher.down` (the object cannot be reached).
 async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result<(), Fail> {
     let publish = async {
         if fault == Some(fault::KV_HANG) {
@@ -215,25 +220,42 @@ async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result
         let asked = publisher::PublishReq {
             fault: fault.filter(|f| *f == fault::KV_REFUSED).map(str::to_owned),
         };
-        let path = "/publish";
-        let (bind, name) = (bindings::CATALOGUE_PUBLISHER, publisher::NAME);
-        durable::call(env, request_id, bind, name, path, &asked).await
+        let called = if fault == Some(fault::PUBLISHER_DOWN) {
+            Err(fault::unavailable(fault::PUBLISHER_DOWN))
+        } else {
+            let (bind, name) = (bindings::CATALOGUE_PUBLISHER, publisher::NAME);
+            durable::call(env, request_id, bind, name, "/publish", &asked).await
+        };
+        match called {
+            Ok((200, answer)) if answer["etag"].is_string() => {
+                catalogue::published(answer["etag"].as_str().unwrap_or_default());
+                Ok(())
+            }
+            Ok((status, answer)) => Err(Fail::unavailable(format!(
+                "catalogue publish: status {status}: {answer}"
+            ))),
+            Err(unreached) => {
+                let why = unreached.cause.unwrap_or_default();
+                log::error(
+                    request_id,
+                    "catalogue publisher not reached; publishing here",
+                    &why,
+                );
+                let kv_fault = asked.fault.as_deref();
+                let (snapshot, _) = cron::publish(env, bindings::DB, cron::Write::Always, kv_fault)
+                    .await
+                    .map_err(|e| Fail::unavailable(format!("catalogue publish: {e}")))?;
+                catalogue::install(snapshot);
+                Ok(())
+            }
+        }
     };
-    let (status, answer) = time::timeout(PUBLISH_LIMIT_MS, publish)
+    time::timeout(PUBLISH_LIMIT_MS, publish)
         .await
         .unwrap_or_else(|| {
             let why = format!("catalogue publish: no end within {PUBLISH_LIMIT_MS} ms");
             Err(Fail::unavailable(why))
-        })?;
-    match answer["etag"].as_str() {
-        Some(etag) if status == 200 => {
-            catalogue::published(etag);
-            Ok(())
-        }
-        _ => Err(Fail::internal(format!(
-            "catalogue publish: status {status}: {answer}"
-        ))),
-    }
+        })
 }
 
 pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply, Fail> {

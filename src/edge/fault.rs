@@ -106,6 +106,11 @@ pub const KV_HANG: &str = "kv.hang";
 /// `CataloguePublisher` object gives such a change a publish of its own, not
 /// shared with changes made meanwhile.
 pub const KV_REFUSED: &str = "kv.refused";
+/// The point, on the admin region routes and `PUT /v1/admin/servers/{id}`,
+/// at which the call to the `CataloguePublisher` object fails, as when the
+/// object is being reset or cannot be reached: the Worker publishes the
+/// change itself.
+pub const PUBLISHER_DOWN: &str = "publisher.down";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

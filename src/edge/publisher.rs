@@ -116,11 +116,13 @@ impl DurableObject for CataloguePublisher {
         };
         match outcome {
             Ok(etag) => Response::from_json(&serde_json::json!({ "etag": etag })),
+            // Not a 5xx: the caller tells a publish that failed from an
+            // object it could not reach, and publishes itself only then.
             Err(error) => Ok(Response::from_json(&serde_json::json!({
                 "code": "catalogue_unpublished",
                 "error": error,
             }))?
-            .with_status(503)),
+            .with_status(424)),
         }
     }
 }

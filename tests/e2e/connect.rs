@@ -80,6 +80,10 @@ pub const TESTS: &[(&str, Test)] = &[
         admin_publish_refused_once,
     ),
     (
+        "connect::an_operators_change_the_publisher_object_cannot_take_is_published_by_the_worker",
+        admin_publisher_down,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_once_is_sent_again",
         event_send_retried,
     ),
@@ -1436,6 +1440,25 @@ fn admin_publish_refused_once(ctx: &Ctx) -> Result<(), Failed> {
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
+        Ok(())
+    })
+}
+
+/// When the `CataloguePublisher` object cannot be reached (the
+/// development-only fault point `publisher.down`, as while the object is
+/// being reset), the Worker publishes the change itself: 200, the change
+/// published, and the fallback logged with the request's id.
+fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let r = drain_eu_west_at_fault(ctx, "publisher.down").await;
+        let list = send(ctx, "GET", "/v1/regions", None, None).await;
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
+        let id = r.headers["x-request-id"].to_str()?.to_owned();
+        let what = "the publish the Worker made itself, logged with the request id";
+        logged_with(ctx, &id, "publishing here", what).await;
         Ok(())
     })
 }
