@@ -411,6 +411,21 @@ pub fn client_network(ip: &str) -> String {
     }
 }
 
+/// The name of the object that keeps the throttle `name` of a client
+/// network (`ip:<network>`, `signup:<network>`): an HMAC of it under `key`
+/// (the refresh-token key), so that no client's address is an object's
+/// name, and one that even a list of every IPv4 address does not reverse
+/// without the key. (An account's throttle is named by its email's digest,
+/// and keeps that name: its object holds the networks it knows for 90 days.)
+pub fn network_object(key: &[u8], name: &str) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    // HMAC takes a key of any length; the refresh-token key is 32 bytes.
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"throttle-object\0");
+    mac.update(name.as_bytes());
+    format!("net:{}", hex::encode(mac.finalize().into_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -859,5 +874,21 @@ mod tests {
         // Remembered again by its first bytes: kept once, in that form.
         known.remember("a1b2c3", 30);
         assert_eq!(known.networks, vec![("a1b2c3".to_owned(), 30)]);
+    }
+
+    #[test]
+    fn a_network_throttle_is_named_by_a_keyed_digest_not_by_the_address() {
+        let key = [7u8; 32];
+        let name = format!("ip:{}", client_network("203.0.113.7"));
+        let object = network_object(&key, &name);
+        assert!(
+            object.starts_with("net:") && object.len() == 4 + 64,
+            "{object}"
+        );
+        assert!(!object.contains("203.0.113"), "{object}");
+        assert_eq!(object, network_object(&key, &name), "one name, one object");
+        assert_ne!(object, network_object(&[8u8; 32], &name), "the key decides");
+        assert_ne!(object, network_object(&key, "signup:203.0.113.7"));
+        assert_ne!(object, network_object(&key, "ip:203.0.113.8"));
     }
 }

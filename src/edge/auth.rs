@@ -501,9 +501,25 @@ async fn count_password_check(
 /// name does not carry the address).
 fn account_throttle(email: &Email) -> String {
     format!(
-        "account:{}",
+        "{ACCOUNT_THROTTLE}{}",
         hex::encode(Sha256::digest(email.as_str().as_bytes()))
     )
+}
+
+/// How an account's throttle name begins.
+const ACCOUNT_THROTTLE: &str = "account:";
+
+/// The object that keeps the throttle `name`: an account's is named as the
+/// throttle is, a client network's by [`throttle::network_object`], so that
+/// no object is named by a client's address.
+fn throttle_object(env: &Env, name: &str) -> Result<String, Fail> {
+    if name.starts_with(ACCOUNT_THROTTLE) {
+        return Ok(name.to_owned());
+    }
+    Ok(throttle::network_object(
+        secrets::pepper_or_fail(env)?,
+        name,
+    ))
 }
 
 /// What a wrong password gets when the account's lock let it through only
@@ -532,7 +548,7 @@ async fn throttle_attempt(
         env,
         request_id,
         bindings::LOGIN_THROTTLES,
-        name,
+        &throttle_object(env, name)?,
         "/attempt",
         &AttemptReq { scope, network },
     )
@@ -548,16 +564,14 @@ async fn throttle_attempt(
 /// check. Best effort: a refund that fails leaves the attempt counted, as it
 /// was before refunds existed, and is logged.
 async fn throttle_refund(env: &Env, request_id: &str, name: &str, admitted: Admitted) {
-    let error = match call(
-        env,
-        request_id,
-        bindings::LOGIN_THROTTLES,
-        name,
-        "/refund",
-        &admitted,
-    )
-    .await
-    {
+    let refunded = match throttle_object(env, name) {
+        Ok(object) => {
+            let throttles = bindings::LOGIN_THROTTLES;
+            call(env, request_id, throttles, &object, "/refund", &admitted).await
+        }
+        Err(fail) => Err(fail),
+    };
+    let error = match refunded {
         Ok((200, _)) => return,
         Ok((status, _)) => Some(format!("status {status}")),
         Err(e) => e.cause,
