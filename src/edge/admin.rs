@@ -204,27 +204,38 @@ async fn update_region(
 /// publishes changes made together together; 503 if that has not ended
 /// within [`PUBLISH_LIMIT_MS`] (the change is committed: repeating it, or
 /// the cron within a minute, publishes it). The publish is made for the
-/// request `request_id`, named in the object's log line. When the object
-/// cannot be reached (it is being reset, say), the change is published from
-/// here, as it was before the object existed, rather than left to the cron:
-/// a monitor's report whose publish failed is not published by its retry,
-/// which finds nothing to change. A publish the object made and that failed
-/// is not made again here. `fault`: the development-only fault points
-/// `kv.hang` (the publish never ends), `kv.refused` (KV refuses its first
-/// write) and `publisher.down` (the object cannot be reached).
+/// request `request_id`, named in the object's log line.
+///
+/// When the call fails with an error the runtime marks as one to try again
+/// (`retryable`, and not `overloaded`: the object was reset meanwhile, say),
+/// the change is published from here, as it was before the object existed,
+/// rather than left to the cron: a monitor's report whose publish failed is
+/// not published by its retry, which finds nothing to change. The object
+/// may have published it already; a second publish of the same catalogue
+/// only costs the work. An overloaded object, a publish the object made and
+/// that failed (424), and any other failure are a 503, not a publish from
+/// every caller at once.
+///
+/// `fault`: the development-only fault points `kv.hang` (the publish never
+/// ends), `kv.refused` (KV refuses its first write), `catalogue.unstored`
+/// (the object's publish fails) and `publisher.down` (the call fails as at
+/// an object's reset).
 async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result<(), Fail> {
     let publish = async {
         if fault == Some(fault::KV_HANG) {
             futures::future::pending::<()>().await;
         }
         let asked = publisher::PublishReq {
-            fault: fault.filter(|f| *f == fault::KV_REFUSED).map(str::to_owned),
+            fault: fault
+                .filter(|f| [fault::KV_REFUSED, fault::CATALOGUE_UNSTORED].contains(f))
+                .map(str::to_owned),
         };
         let called = if fault == Some(fault::PUBLISHER_DOWN) {
-            Err(fault::unavailable(fault::PUBLISHER_DOWN))
+            // As the runtime throws it when the object is reset meanwhile.
+            Err((fault::unavailable(fault::PUBLISHER_DOWN), true))
         } else {
-            let (bind, name) = (bindings::CATALOGUE_PUBLISHER, publisher::NAME);
-            durable::call(env, request_id, bind, name, "/publish", &asked).await
+            let object = (bindings::CATALOGUE_PUBLISHER, publisher::NAME, "/publish");
+            durable::call_marked(env, request_id, object, &asked).await
         };
         match called {
             Ok((200, answer)) if answer["etag"].is_string() => {
@@ -234,11 +245,12 @@ async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result
             Ok((status, answer)) => Err(Fail::unavailable(format!(
                 "catalogue publish: status {status}: {answer}"
             ))),
-            Err(unreached) => {
-                let why = unreached.cause.unwrap_or_default();
+            Err((fail, false)) => Err(fail),
+            Err((reset, true)) => {
+                let why = reset.cause.unwrap_or_default();
                 log::error(
                     request_id,
-                    "catalogue publisher not reached; publishing here",
+                    "catalogue publisher failed to answer; publishing here",
                     &why,
                 );
                 let kv_fault = asked.fault.as_deref();

@@ -77,10 +77,25 @@ pub async fn call<B: Serialize>(
     path: &str,
     body: &B,
 ) -> std::result::Result<(u16, serde_json::Value), Fail> {
+    call_marked(env, request_id, (namespace, name, path), body)
+        .await
+        .map_err(|(fail, _)| fail)
+}
+
+/// [`call`], whose error also says whether the runtime threw it marked as
+/// one to try again (`retryable`, and not `overloaded`): the object was
+/// reset, say, while the call was under way, so what it did is unknown.
+pub async fn call_marked<B: Serialize>(
+    env: &Env,
+    request_id: &str,
+    (namespace, name, path): (&'static str, &str, &str),
+    body: &B,
+) -> std::result::Result<(u16, serde_json::Value), (Fail, bool)> {
     let unavailable =
         |e: String| Fail::unavailable(format!("durable object {namespace}{path}: {e}"));
-    let stub = stub(env, namespace, name).map_err(unavailable)?;
-    let payload = serde_json::to_string(body).map_err(|e| Fail::internal(e.to_string()))?;
+    let stub = stub(env, namespace, name).map_err(|e| (unavailable(e), false))?;
+    let payload =
+        serde_json::to_string(body).map_err(|e| (Fail::internal(e.to_string()), false))?;
     let fut = async {
         let headers = web_sys::Headers::new()?;
         headers.set("content-type", "application/json")?;
@@ -99,13 +114,15 @@ pub async fn call<B: Serialize>(
         let text = JsFuture::from(resp.text()?).await?.as_string();
         Ok::<_, JsValue>((resp.status(), text.unwrap_or_default()))
     };
-    let (status, text) = bounded(fut).await.map_err(unavailable)?;
+    let (status, text) = bounded(fut)
+        .await
+        .map_err(|(e, retryable)| (unavailable(e), retryable))?;
     let json = serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|e| unavailable(format!("status {status}: {e}")))?;
+        .map_err(|e| (unavailable(format!("status {status}: {e}")), false))?;
     if status < 500 {
         Ok((status, json))
     } else {
-        Err(unavailable(format!("status {status}: {json}")))
+        Err((unavailable(format!("status {status}: {json}")), false))
     }
 }
 
@@ -120,14 +137,21 @@ fn stub(
 }
 
 /// Waits for a call to an object at most [`CALL_TIMEOUT_MS`]; a throw or the
-/// timeout is the error, as text for the log.
+/// timeout is the error, as text for the log, and whether the runtime marked
+/// it as one to try again (`retryable` and not `overloaded`).
 async fn bounded<T>(
     fut: impl std::future::Future<Output = std::result::Result<T, JsValue>>,
-) -> std::result::Result<T, String> {
+) -> std::result::Result<T, (String, bool)> {
+    let flag = |e: &JsValue, name: &str| {
+        js_sys::Reflect::get(e, &JsValue::from_str(name)).is_ok_and(|v| v.is_truthy())
+    };
     match time::timeout(CALL_TIMEOUT_MS, fut).await {
         Some(Ok(answer)) => Ok(answer),
-        Some(Err(e)) => Err(js_error(&e)),
-        None => Err("timed out".into()),
+        Some(Err(e)) => Err((
+            js_error(&e),
+            flag(&e, "retryable") && !flag(&e, "overloaded"),
+        )),
+        None => Err(("timed out".into(), false)),
     }
 }
 

@@ -29,7 +29,11 @@ pub const CATALOGUE_KV: &str = "catalogue.kv";
 /// The point, on `POST /v1/connect`, at which the request loads the
 /// catalogue as an isolate without a copy does when KV holds no snapshot
 /// (from PostgreSQL), and KV refuses the load's writes of it, as its limit
-/// of one write per key per second refuses isolates racing to store it.
+/// of one write per key per second refuses isolates racing to store it. On
+/// `PUT /v1/admin/regions/{id}` and `PUT /v1/admin/servers/{id}`, the
+/// point at which the `CataloguePublisher` object's publish of the change
+/// fails to store it: a 503, the change committed, and not published again
+/// by the Worker.
 pub const CATALOGUE_UNSTORED: &str = "catalogue.unstored";
 /// The point, on `DELETE /v1/devices/{id}` (and a registration), at which the
 /// user's `UserSession` fails to write its KV copy of the devices, as KV's
@@ -106,10 +110,10 @@ pub const KV_HANG: &str = "kv.hang";
 /// `CataloguePublisher` object gives such a change a publish of its own, not
 /// shared with changes made meanwhile.
 pub const KV_REFUSED: &str = "kv.refused";
-/// The point, on the admin region routes and `PUT /v1/admin/servers/{id}`,
-/// at which the call to the `CataloguePublisher` object fails, as when the
-/// object is being reset or cannot be reached: the Worker publishes the
-/// change itself.
+/// The point, on `PUT /v1/admin/regions/{id}` and `PUT
+/// /v1/admin/servers/{id}`, at which the call to the `CataloguePublisher`
+/// object fails as the runtime fails it when the object is reset meanwhile
+/// (an error marked `retryable`): the Worker publishes the change itself.
 pub const PUBLISHER_DOWN: &str = "publisher.down";
 const VAR: &str = "FAULT_INJECTION";
 

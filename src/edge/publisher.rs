@@ -26,9 +26,9 @@
 //! development-only fault point gets a publish of its own, outside the
 //! queue.)
 //!
-//! The state is in memory only. An object that restarts has none to lose: a
-//! call it was serving fails (503, the change committed), and the cron
-//! publishes within a minute, as after any failed publish.
+//! The state is in memory only. An object that restarts has none to lose:
+//! a call it was serving fails, and the Worker publishes that change itself
+//! (`admin::publish_now`), as before the object existed.
 
 use super::log::{self, Level};
 use super::{bindings, catalogue, cron, time};

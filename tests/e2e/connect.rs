@@ -1444,13 +1444,16 @@ fn admin_publish_refused_once(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
-/// When the `CataloguePublisher` object cannot be reached (the
-/// development-only fault point `publisher.down`, as while the object is
-/// being reset), the Worker publishes the change itself: 200, the change
-/// published, and the fallback logged with the request's id.
+/// When the call to the `CataloguePublisher` object fails as the runtime
+/// fails it at the object's reset (the development-only fault point
+/// `publisher.down`), the Worker publishes the change itself: 200, the
+/// change published, and the fallback logged with the request's id. When
+/// the object's own publish fails (`catalogue.unstored`), the answer is a
+/// 503 with the change committed, and the Worker does not publish it again.
 fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
+        let db = db(ctx).await;
         let r = drain_eu_west_at_fault(ctx, "publisher.down").await;
         let list = send(ctx, "GET", "/v1/regions", None, None).await;
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
@@ -1459,6 +1462,25 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
         let id = r.headers["x-request-id"].to_str()?.to_owned();
         let what = "the publish the Worker made itself, logged with the request id";
         logged_with(ctx, &id, "publishing here", what).await;
+
+        let failed = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
+        let in_db: String = db
+            .query_one("SELECT health FROM regions WHERE id = 'eu-west'", &[])
+            .await?
+            .get(0);
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(failed.status, 503, "{}", failed.body);
+        assert_eq!(failed.body["code"], "service_unavailable");
+        assert_eq!(in_db, "draining", "the change is committed");
+        let id = failed.headers["x-request-id"].to_str()?.to_owned();
+        let what = "the object's failed publish, logged with the request id";
+        logged_with(ctx, &format!("\"{id}\""), "catalogue publish failed", what).await;
+        let log = ctx.stack().wrangler.log();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains(&id) && l.contains("publishing here")),
+            "the Worker published a change whose publish the object made and failed"
+        );
         Ok(())
     })
 }
