@@ -208,8 +208,9 @@ async fn update_region(
 ///
 /// When the call fails with an error the runtime marks as one to try again
 /// (`retryable`, and not `overloaded`: the object was reset meanwhile, say),
-/// the change is published from here, as it was before the object existed,
-/// rather than left to the cron: a monitor's report whose publish failed is
+/// it is made once more; when that fails so too, the change is published
+/// from here, as it was before the object existed, rather than left to the
+/// cron: a monitor's report whose publish failed is
 /// not published by its retry, which finds nothing to change. The object
 /// may have published it already; a second publish of the same catalogue
 /// only costs the work. An overloaded object, a publish the object made and
@@ -218,8 +219,8 @@ async fn update_region(
 ///
 /// `fault`: the development-only fault points `kv.hang` (the publish never
 /// ends), `kv.refused` (KV refuses its first write), `catalogue.unstored`
-/// (the object's publish fails) and `publisher.down` (the call fails as at
-/// an object's reset).
+/// (the object's publish fails), `publisher.reset` (the first call fails as
+/// at an object's reset) and `publisher.down` (every call fails so).
 async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result<(), Fail> {
     let publish = async {
         if fault == Some(fault::KV_HANG) {
@@ -230,13 +231,24 @@ async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result
                 .filter(|f| [fault::KV_REFUSED, fault::CATALOGUE_UNSTORED].contains(f))
                 .map(str::to_owned),
         };
-        let called = if fault == Some(fault::PUBLISHER_DOWN) {
-            // As the runtime throws it when the object is reset meanwhile.
-            Err((fault::unavailable(fault::PUBLISHER_DOWN), true))
-        } else {
-            let object = (bindings::CATALOGUE_PUBLISHER, publisher::NAME, "/publish");
-            durable::call_marked(env, request_id, object, &asked).await
-        };
+        let object = (bindings::CATALOGUE_PUBLISHER, publisher::NAME, "/publish");
+        let mut called = Err((fault::unavailable("no call"), true));
+        // A call that fails as at the object's reset is made once more, on
+        // a new stub: the callers a reset turned away meet again in the new
+        // instance and are published together, rather than each here.
+        for attempt in 0..2 {
+            called = match fault {
+                // As the runtime throws it when the object is reset meanwhile.
+                Some(p @ fault::PUBLISHER_DOWN) => Err((fault::unavailable(p), true)),
+                Some(p @ fault::PUBLISHER_RESET) if attempt == 0 => {
+                    Err((fault::unavailable(p), true))
+                }
+                _ => durable::call_marked(env, request_id, object, &asked).await,
+            };
+            if !matches!(called, Err((_, true))) {
+                break;
+            }
+        }
         match called {
             Ok((200, answer)) if answer["etag"].is_string() => {
                 catalogue::published(answer["etag"].as_str().unwrap_or_default());
@@ -298,8 +310,7 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             .into(),
         );
     }
-    // At the development-only fault points `kv.hang`, the publish never
-    // ends; at `kv.refused`, KV refuses its first write.
+    // The development-only fault points of the publish (`publish_now`).
     let fault = fault::armed(env, req.header(fault::HEADER));
     let ids = (req.request_id(), id);
     update_region(env, ids, &sets.join(", "), &[], Republish::Always, fault).await

@@ -113,8 +113,12 @@ pub const KV_REFUSED: &str = "kv.refused";
 /// The point, on `PUT /v1/admin/regions/{id}` and `PUT
 /// /v1/admin/servers/{id}`, at which the call to the `CataloguePublisher`
 /// object fails as the runtime fails it when the object is reset meanwhile
-/// (an error marked `retryable`): the Worker publishes the change itself.
+/// (an error marked `retryable`), every time: the Worker calls it once more,
+/// then publishes the change itself.
 pub const PUBLISHER_DOWN: &str = "publisher.down";
+/// As [`PUBLISHER_DOWN`], for the first call only: the second reaches the
+/// object, which publishes the change.
+pub const PUBLISHER_RESET: &str = "publisher.reset";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

@@ -116,8 +116,8 @@ impl DurableObject for CataloguePublisher {
         };
         match outcome {
             Ok(etag) => Response::from_json(&serde_json::json!({ "etag": etag })),
-            // Not a 5xx: the caller tells a publish that failed from an
-            // object it could not reach, and publishes itself only then.
+            // Not a 5xx: the caller tells a publish that failed, which it
+            // answers 503, from a call the runtime failed (`admin::publish_now`).
             Err(error) => Ok(Response::from_json(&serde_json::json!({
                 "code": "catalogue_unpublished",
                 "error": error,

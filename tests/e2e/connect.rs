@@ -1445,11 +1445,13 @@ fn admin_publish_refused_once(ctx: &Ctx) -> Result<(), Failed> {
 }
 
 /// When the call to the `CataloguePublisher` object fails as the runtime
-/// fails it at the object's reset (the development-only fault point
-/// `publisher.down`), the Worker publishes the change itself: 200, the
-/// change published, and the fallback logged with the request's id. When
-/// the object's own publish fails (`catalogue.unstored`), the answer is a
-/// 503 with the change committed, and the Worker does not publish it again.
+/// fails it at the object's reset, the Worker calls it once more: once the
+/// first call only fails (the development-only fault point
+/// `publisher.reset`), the object publishes the change; when every call
+/// fails (`publisher.down`), the Worker publishes it itself. Either way: 200,
+/// the change published, and who published it logged with the request's id.
+/// When the object's own publish fails (`catalogue.unstored`), the answer is
+/// a 503 with the change committed, and the Worker does not publish it again.
 fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
@@ -1463,6 +1465,21 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
         let what = "the publish the Worker made itself, logged with the request id";
         logged_with(ctx, &id, "publishing here", what).await;
 
+        let r = drain_eu_west_at_fault(ctx, "publisher.reset").await;
+        let list = send(ctx, "GET", "/v1/regions", None, None).await;
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
+        let id = r.headers["x-request-id"].to_str()?.to_owned();
+        let what = "the object's publish on the second call, naming the request";
+        logged_with(ctx, &format!("\"{id}\""), "\"catalogue published\"", what).await;
+        let log = ctx.stack().wrangler.log();
+        assert!(
+            !log.lines()
+                .any(|l| l.contains(&id) && l.contains("publishing here")),
+            "the Worker published a change the object published on the second call"
+        );
+
         let failed = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
         let in_db: String = db
             .query_one("SELECT health FROM regions WHERE id = 'eu-west'", &[])
@@ -1473,8 +1490,13 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(failed.body["code"], "service_unavailable");
         assert_eq!(in_db, "draining", "the change is committed");
         let id = failed.headers["x-request-id"].to_str()?.to_owned();
-        let what = "the object's failed publish, logged with the request id";
-        logged_with(ctx, &format!("\"{id}\""), "catalogue publish failed", what).await;
+        let what = "the object's publish, failed at the fault point";
+        let fault = "injected fault at catalogue.unstored";
+        logged_with(ctx, &format!("\"{id}\""), fault, what).await;
+        // The request's own failure, logged after anything it did: a publish
+        // of the Worker's would be in the log by then.
+        let what = "the 424 answered as the request's failure";
+        logged_with(ctx, &id, "status 424", what).await;
         let log = ctx.stack().wrangler.log();
         assert!(
             !log.lines()
