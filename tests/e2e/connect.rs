@@ -1435,13 +1435,32 @@ fn admin_publish_hangs(ctx: &Ctx) -> Result<(), Failed> {
 fn admin_publish_refused_once(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
-        let r = drain_eu_west_at_fault(ctx, "kv.refused").await;
-        let list = send(ctx, "GET", "/v1/regions", None, None).await;
-        set_region(ctx, "eu-west", json!({"health": "up"})).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
+        drained_at_fault(ctx, "kv.refused").await?;
         Ok(())
     })
+}
+
+/// Drains eu-west with the fault point `point` armed, and checks that the
+/// change was answered 200 and published, eu-west put back up either way;
+/// the change's request id.
+async fn drained_at_fault(ctx: &Ctx, point: &str) -> Result<String, Failed> {
+    let r = drain_eu_west_at_fault(ctx, point).await;
+    let list = send(ctx, "GET", "/v1/regions", None, None).await;
+    set_region(ctx, "eu-west", json!({"health": "up"})).await;
+    assert_eq!(r.status, 200, "{point}: {}", r.body);
+    let published = &region_in(&list.body, "eu-west")["health"];
+    assert_eq!(published, "draining", "{point}");
+    Ok(r.headers["x-request-id"].to_str()?.to_owned())
+}
+
+/// Fails when the log shows the Worker publishing the change of request `id`
+/// itself.
+fn not_published_here(ctx: &Ctx, id: &str, what: &str) {
+    let log = ctx.stack().wrangler.log();
+    let here = log
+        .lines()
+        .any(|l| l.contains(id) && l.contains("publishing here"));
+    assert!(!here, "the Worker published {what}");
 }
 
 /// When the call to the `CataloguePublisher` object fails as the runtime
@@ -1456,29 +1475,14 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
         let db = db(ctx).await;
-        let r = drain_eu_west_at_fault(ctx, "publisher.down").await;
-        let list = send(ctx, "GET", "/v1/regions", None, None).await;
-        set_region(ctx, "eu-west", json!({"health": "up"})).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
-        let id = r.headers["x-request-id"].to_str()?.to_owned();
+        let id = drained_at_fault(ctx, "publisher.down").await?;
         let what = "the publish the Worker made itself, logged with the request id";
         logged_with(ctx, &id, "publishing here", what).await;
 
-        let r = drain_eu_west_at_fault(ctx, "publisher.reset").await;
-        let list = send(ctx, "GET", "/v1/regions", None, None).await;
-        set_region(ctx, "eu-west", json!({"health": "up"})).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(region_in(&list.body, "eu-west")["health"], "draining");
-        let id = r.headers["x-request-id"].to_str()?.to_owned();
+        let id = drained_at_fault(ctx, "publisher.reset").await?;
         let what = "the object's publish on the second call, naming the request";
         logged_with(ctx, &format!("\"{id}\""), "\"catalogue published\"", what).await;
-        let log = ctx.stack().wrangler.log();
-        assert!(
-            !log.lines()
-                .any(|l| l.contains(&id) && l.contains("publishing here")),
-            "the Worker published a change the object published on the second call"
-        );
+        not_published_here(ctx, &id, "a change the object published on the second call");
 
         let failed = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
         let in_db: String = db
@@ -1497,12 +1501,7 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
         // of the Worker's would be in the log by then.
         let what = "the 424 answered as the request's failure";
         logged_with(ctx, &id, "status 424", what).await;
-        let log = ctx.stack().wrangler.log();
-        assert!(
-            !log.lines()
-                .any(|l| l.contains(&id) && l.contains("publishing here")),
-            "the Worker published a change whose publish the object made and failed"
-        );
+        not_published_here(ctx, &id, "a change the object's publish of failed");
         Ok(())
     })
 }
