@@ -36,9 +36,11 @@ pub const TOKEN_SECRET: &str = "ADMIN_TOKEN";
 const MIN_TOKEN_LEN: usize = 16;
 /// How long a change waits for its catalogue publish: normally a second or
 /// two, and a few more when it waits for a publish under way and KV's
-/// second (`publisher`). One that takes longer, as in a KV stall, is
-/// answered as a failed one, 503: the change is committed, a retry
-/// publishes it, and so does the cron within a minute.
+/// second (`publisher`, which gives a publish stuck on KV or PostgreSQL up
+/// after 4 s). One that takes longer is answered as a failed one, 503: the
+/// change is committed, an operator's retry publishes it (a monitor's
+/// report, which its retry finds unchanged, waits for the cron), and so
+/// does the cron within a minute.
 const PUBLISH_LIMIT_MS: u64 = 10_000;
 
 /// Checks the bearer service token. Digests are compared, so the comparison
@@ -202,8 +204,8 @@ async fn update_region(
 
 /// Publishes the catalogue at once, through the [`publisher`] object, which
 /// publishes changes made together together; 503 if that has not ended
-/// within [`PUBLISH_LIMIT_MS`] (the change is committed: repeating it, or
-/// the cron within a minute, publishes it). The publish is made for the
+/// within [`PUBLISH_LIMIT_MS`] (the change is committed: an operator's
+/// repeating it, or the cron within a minute, publishes it). The publish is made for the
 /// request `request_id`, named in the object's log line.
 ///
 /// When the call fails with an error the runtime marks as one to try again
@@ -232,23 +234,24 @@ async fn publish_now(env: &Env, request_id: &str, fault: Option<&str>) -> Result
                 .map(str::to_owned),
         };
         let object = (bindings::CATALOGUE_PUBLISHER, publisher::NAME, "/publish");
-        let mut called = Err((fault::unavailable("no call"), true));
-        // A call that fails as at the object's reset is made once more, on
-        // a new stub: the callers a reset turned away meet again in the new
-        // instance and are published together, rather than each here.
-        for attempt in 0..2 {
-            called = match fault {
+        let asked = &asked;
+        let call = |attempt: u32| async move {
+            match fault {
                 // As the runtime throws it when the object is reset meanwhile.
                 Some(p @ fault::PUBLISHER_DOWN) => Err((fault::unavailable(p), true)),
                 Some(p @ fault::PUBLISHER_RESET) if attempt == 0 => {
                     Err((fault::unavailable(p), true))
                 }
-                _ => durable::call_marked(env, request_id, object, &asked).await,
-            };
-            if !matches!(called, Err((_, true))) {
-                break;
+                _ => durable::call_marked(env, request_id, object, asked).await,
             }
-        }
+        };
+        // A call that fails as at the object's reset is made once more, on
+        // a new stub: the callers a reset turned away meet again in the new
+        // instance and are published together, rather than each here.
+        let called = match call(0).await {
+            Err((_, true)) => call(1).await,
+            first => first,
+        };
         match called {
             Ok((200, answer)) if answer["etag"].is_string() => {
                 catalogue::published(answer["etag"].as_str().unwrap_or_default());

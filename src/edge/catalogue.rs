@@ -121,7 +121,8 @@ thread_local! {
 
 /// Makes `snapshot`, which this isolate has just published (the
 /// `CataloguePublisher` object's publish for admin changes, the Worker's
-/// own when that object was reset meanwhile, or a cron run here), its copy, unless the copy is that
+/// own when two calls to that object failed as at a reset, or a cron run
+/// here), its copy, unless the copy is that
 /// snapshot already. The next requests route by it at once, and should KV
 /// fail before the copy's next check they still have one (stale-if-error);
 /// forgetting the copy instead left the next request to read and parse the

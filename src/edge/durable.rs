@@ -3,7 +3,8 @@
 //! The classes are thin shims over pure state machines in `domain`:
 //! - `UserSession` (one per user, `user_session.rs`): sessions, refresh-token
 //!   families, and (later) device-limit reservations.
-//! - `LoginThrottle` (one per account email and one per client IP,
+//! - `LoginThrottle` (one per account email, and two per client network,
+//!   for sign-ins and for sign-ups, named by an HMAC of it;
 //!   `login_throttle.rs`): failed sign-in counting.
 //! - `RegionGate` (here): admission control for reconnects into a region.
 //! - `CataloguePublisher` (one, `publisher.rs`): publishes the catalogue for

@@ -27,8 +27,8 @@
 //! queue.)
 //!
 //! The state is in memory only. An object that restarts has none to lose:
-//! a call it was serving fails, and the Worker publishes that change itself
-//! (`admin::publish_now`), as before the object existed.
+//! a call it was serving fails, the Worker calls again, and publishes the
+//! change itself only when that call fails so too (`admin::publish_now`).
 
 use super::log::{self, Level};
 use super::{bindings, catalogue, cron, time};
@@ -54,7 +54,8 @@ pub const NAME: &str = "catalogue";
 const RUN_LIMIT_MS: u64 = 4_000;
 
 /// What a caller sends: a development-only fault point to apply
-/// (`kv.refused`), which gives the call a publish of its own.
+/// (`kv.refused`, `catalogue.unstored`), which gives the call a publish of
+/// its own.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct PublishReq {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,8 +117,9 @@ impl DurableObject for CataloguePublisher {
         };
         match outcome {
             Ok(etag) => Response::from_json(&serde_json::json!({ "etag": etag })),
-            // Not a 5xx: the caller tells a publish that failed, which it
-            // answers 503, from a call the runtime failed (`admin::publish_now`).
+            // The caller answers it 503, as any answer but 200 with an
+            // etag (`admin::publish_now`); its own status names it in the
+            // caller's log line.
             Err(error) => Ok(Response::from_json(&serde_json::json!({
                 "code": "catalogue_unpublished",
                 "error": error,
