@@ -564,14 +564,12 @@ async fn throttle_attempt(
 /// check. Best effort: a refund that fails leaves the attempt counted, as it
 /// was before refunds existed, and is logged.
 async fn throttle_refund(env: &Env, request_id: &str, name: &str, admitted: Admitted) {
-    let refunded = match throttle_object(env, name) {
-        Ok(object) => {
-            let throttles = bindings::LOGIN_THROTTLES;
-            call(env, request_id, throttles, &object, "/refund", &admitted).await
-        }
-        Err(fail) => Err(fail),
+    let refunded = async {
+        let object = throttle_object(env, name)?;
+        let throttles = bindings::LOGIN_THROTTLES;
+        call(env, request_id, throttles, &object, "/refund", &admitted).await
     };
-    let error = match refunded {
+    let error = match refunded.await {
         Ok((200, _)) => return,
         Ok((status, _)) => Some(format!("status {status}")),
         Err(e) => e.cause,

@@ -1656,7 +1656,7 @@ async fn put_back_after(
 ) -> Result<(), Failed> {
     use futures::FutureExt as _;
     let _write = ctx.regions.write().await;
-    let db = keenvpn_edge::db::connect(&ctx.stack().pg.url(DB_NAME)).await?;
+    let db = db(ctx).await;
     let rate: i32 = db
         .query_one(
             "SELECT admission_rate FROM regions WHERE id = $1",
