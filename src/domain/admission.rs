@@ -71,7 +71,10 @@
 //! wait here. (Telling those clients 15-30 s instead kept them from the
 //! failover regions: in the surge simulator's outage of 10,000 clients,
 //! everyone was back 26% later than with no queue at all.)
-//! A [`Gate`] is the two together.
+//! A [`Gate`] is the two together, and a fence: told that its region admits
+//! no one ([`Gate::fence`]), a shard refuses everyone for [`FENCE_MS`] or
+//! until told otherwise, as the callers' copies of the catalogue may still
+//! say the region is up.
 //!
 //! Nothing here reads a clock: `now_ms` (unix milliseconds) is an argument.
 //! A `now_ms` a little earlier than the last one (up to [`CLOCK_STEP_MS`])
@@ -273,18 +276,71 @@ impl Backlog {
     }
 }
 
+/// How long a shard stays closed after it is told its region admits no one
+/// ([`Gate::fence`]), unless told it admits again: longer than KV takes to
+/// carry the catalogue to every location (up to a minute) plus an isolate's
+/// use of its copy (5 s, up to 8 s while it checks). By then every isolate's
+/// copy says what the fence said, and the fence is no longer needed.
+pub const FENCE_MS: i64 = 120_000;
+
+/// What a shard was last told of its region: whether it admits no one, and
+/// when. Soft state, in memory with the bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Fence {
+    /// The version of the last word taken (the region's change, in
+    /// milliseconds of the database's clock); an older word is ignored.
+    version: i64,
+    /// When the shard was closed (its own clock), if it is.
+    closed_at_ms: Option<i64>,
+}
+
 /// One shard's admission: a [`Bucket`] and the [`Backlog`] of the clients
-/// it refused. The default is a full bucket and an empty queue.
+/// it refused, and whether its region was closed under the callers' copies
+/// of the catalogue (a [`Fence`]). The default is a full bucket, an empty
+/// queue and no fence.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gate {
     bucket: Bucket,
     backlog: Backlog,
+    fence: Fence,
 }
 
 impl Gate {
-    /// [`Bucket::take`]; a client it refuses joins the queue and is told
+    /// Tells the shard whether its region admits anyone, as of the region's
+    /// change `version`: `closed`, it answers `Closed` to everyone for
+    /// [`FENCE_MS`] from `now_ms` (the callers' copies of the catalogue may
+    /// still say the region is up); otherwise it admits by its bucket
+    /// again. A word older than, or as old as, the last one taken changes
+    /// nothing (two changes' words can arrive out of order); whether it was
+    /// taken.
+    pub fn fence(&mut self, version: i64, closed: bool, now_ms: i64) -> bool {
+        if version <= self.fence.version {
+            return false;
+        }
+        self.fence = Fence {
+            version,
+            closed_at_ms: closed.then_some(now_ms),
+        };
+        true
+    }
+
+    /// Whether a fence closes the shard at `now_ms`. A clock stepped back by
+    /// more than [`CLOCK_STEP_MS`] since the fence lifts it, as its end
+    /// could no longer be told.
+    fn fenced(&self, now_ms: i64) -> bool {
+        self.fence.closed_at_ms.is_some_and(|at| {
+            let since = now_ms.saturating_sub(at);
+            (-CLOCK_STEP_MS..FENCE_MS).contains(&since)
+        })
+    }
+
+    /// `Closed` while fenced ([`Gate::fence`]), taking nothing; otherwise
+    /// [`Bucket::take`], and a client it refuses joins the queue and is told
     /// when its turn comes.
     pub fn admit(&mut self, rate: u32, now_ms: i64) -> Admit {
+        if self.fenced(now_ms) {
+            return Admit::Closed;
+        }
         match self.bucket.take(rate, now_ms) {
             Admit::Wait { retry_after_ms } => Admit::Wait {
                 retry_after_ms: self.backlog.join(rate, now_ms, retry_after_ms),
@@ -462,6 +518,36 @@ impl FailedShards {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_fenced_gate_is_closed_until_reopened_or_for_the_fence_s_lifetime() {
+        let t = 1_700_000_000_000;
+        let mut gate = Gate::default();
+        assert_eq!(gate.admit(1, t), Admit::Admitted);
+        assert!(gate.fence(10, true, t));
+        for now in [t, t + 1, t + FENCE_MS - 1] {
+            assert_eq!(gate.admit(1_000, now), Admit::Closed, "{now}");
+        }
+        // The bucket was left alone: it holds what it held at `t` plus the
+        // refill, so the fence's end admits at once.
+        assert_eq!(gate.admit(1, t + FENCE_MS), Admit::Admitted);
+
+        // Reopened by a newer word, at once.
+        assert!(gate.fence(11, true, t));
+        assert_eq!(gate.admit(1, t + 1), Admit::Closed);
+        assert!(gate.fence(12, false, t + 2));
+        assert_eq!(gate.admit(1, t + 3), Admit::Admitted);
+
+        // An older word (or the same) arriving late changes nothing.
+        assert!(!gate.fence(11, true, t + 4));
+        assert!(!gate.fence(12, true, t + 4));
+        assert_ne!(gate.admit(1, t + 5), Admit::Closed);
+
+        // A clock stepped far back lifts the fence; a small step does not.
+        assert!(gate.fence(13, true, t + 10_000));
+        assert_eq!(gate.admit(1, t + 10_000 - CLOCK_STEP_MS), Admit::Closed);
+        assert_ne!(gate.admit(1, t + 10_000 - CLOCK_STEP_MS - 1), Admit::Closed);
+    }
+
     #[test]
     fn verdicts_cross_the_wire_unchanged_and_nothing_else_is_read() {
         for admit in [

@@ -15,7 +15,8 @@
 //! The operator's decision and the reports are kept apart (migration V10): a
 //! region's health is the worse of the two, so a monitor's `up` never ends a
 //! drain. A change republishes the catalogue snapshot to KV at once, within
-//! [`PUBLISH_LIMIT_MS`].
+//! [`PUBLISH_LIMIT_MS`]; one of a region's health or rate also tells its
+//! `RegionGate` shards at once whether it admits anyone ([`tell_gates`]).
 
 use super::auth::json_body;
 use super::incoming::Incoming;
@@ -28,6 +29,8 @@ use crate::domain::catalogue::Health;
 use crate::domain::problem::ProblemCode;
 use crate::http::{ApiError, Reply};
 use crate::sql;
+use futures::FutureExt;
+use futures::future::LocalBoxFuture;
 use sha2::{Digest, Sha256};
 use worker::Env;
 
@@ -170,9 +173,14 @@ async fn update_region(
                       RETURNING json_build_object('id', r.id, 'health', r.health, 'admission_rate', r.admission_rate,
                                                   'reported_health', r.reported_health, 'operator_health', r.operator_health,
                                                   'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint) AS state,
-                                (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed)
+                                (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed,
+                                before.admission_rate AS previous_rate,
+                                (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS version)
          SELECT json_build_object(
              'region', (SELECT state FROM region),
+             'region_changed', coalesce((SELECT changed FROM region), false),
+             'previous_rate', (SELECT previous_rate FROM region),
+             'version', (SELECT version FROM region),
              'unknown', (SELECT coalesce(json_agg(l.id ORDER BY l.id), '[]') FROM loads l
                           WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = l.id)),
              'changed', coalesce((SELECT changed FROM region), false) OR EXISTS (SELECT 1 FROM loaded WHERE flipped))::text",
@@ -184,22 +192,75 @@ async fn update_region(
         region: Option<RegionState>,
         unknown: Vec<String>,
         changed: bool,
+        region_changed: bool,
+        /// These two are null, as `region` is, for a region that does not
+        /// exist.
+        previous_rate: Option<u32>,
+        version: Option<i64>,
     }
     let row: Option<Updated> = store::json_value(&db, &q).await?;
     let Some(Updated {
         region: Some(mut region),
         unknown,
         changed,
+        region_changed,
+        previous_rate: Some(previous_rate),
+        version: Some(version),
     }) = row
     else {
         return Err(not_found());
     };
     region.unknown_servers = unknown;
     drop(db);
-    if republish == Republish::Always || changed {
-        publish_now(env, request_id, fault.as_deref()).await?;
+    let always = republish == Republish::Always;
+    // Boxed as trait objects, so that neither is inlined into this
+    // function's own state machine (each is compiled on its own).
+    let gates: LocalBoxFuture<'_, ()> = async {
+        if always || region_changed {
+            let fault = fault.as_deref().filter(|f| *f == fault::GATE_UNFENCED);
+            tell_gates(env, request_id, (&region, previous_rate), version, fault).await;
+        }
     }
+    .boxed_local();
+    let publish: LocalBoxFuture<'_, Result<(), Fail>> = async {
+        if always || changed {
+            publish_now(env, request_id, fault.as_deref()).await?;
+        }
+        Ok(())
+    }
+    .boxed_local();
+    futures::future::join(gates, publish).await.1?;
     Ok(Reply::json(200, &region))
+}
+
+/// Tells the region's `RegionGate` shards at once whether it admits anyone
+/// (`durable::fence`), as of its change `version`: the catalogue takes up to
+/// a minute to reach every isolate (KV's propagation), and until then their
+/// copies would send new clients to a region that is down or draining, or
+/// whose rate is 0. The shards of both the rate before the change and the
+/// rate after are told, as isolates still ask at the old one. A shard not
+/// reached is logged and left to the catalogue, as before: the change stands
+/// and is published either way. One told a region is closed refuses
+/// everyone for `admission::FENCE_MS` at most, unless told it admits again.
+async fn tell_gates(
+    env: &Env,
+    request_id: &str,
+    (region, previous_rate): (&RegionState, u32),
+    version: i64,
+    fault: Option<&str>,
+) {
+    let closed = region.health != Health::Up || region.admission_rate == 0;
+    let rate = region.admission_rate.max(previous_rate);
+    let shards = crate::domain::admission::shard_count(rate);
+    let told = durable::fence(env, (&region.id, shards), (version, closed), fault).await;
+    if let Err(e) = told {
+        let what = if closed {
+            "region gates not told it is closed"
+        } else {
+            "region gates not told it admits again"
+        };
+        log::error(request_id, what, &e);
+    }
 }
 
 /// Publishes the catalogue at once, through the [`publisher`] object, which

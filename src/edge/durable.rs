@@ -234,11 +234,22 @@ impl RegionGate {
             .admit(rate, time::now_ms() as i64)
             .to_wire())
     }
+
+    /// RPC: tells the shard whether its region admits anyone, as of the
+    /// region's change `version` (`Gate::fence`); whether the word was
+    /// taken (an older one is not).
+    pub fn fence(&self, version: f64, closed: bool) -> bool {
+        let now = time::now_ms() as i64;
+        self.gate.borrow_mut().fence(version as i64, closed, now)
+    }
 }
 
 #[wasm_bindgen::prelude::wasm_bindgen(inline_js = r#"
 export function admitCall(stub, rate, fault) {
   return fault === undefined ? stub.admit(rate) : stub.admit(rate, fault);
+}
+export function fenceCall(stub, version, closed) {
+  return stub.fence(version, closed);
 }
 "#)]
 extern "C" {
@@ -252,6 +263,84 @@ extern "C" {
         rate: u32,
         fault: Option<&str>,
     ) -> std::result::Result<js_sys::Promise, JsValue>;
+
+    /// `stub.fence(version, closed)`.
+    #[wasm_bindgen(catch, js_name = fenceCall)]
+    fn fence_call(
+        stub: &JsValue,
+        version: f64,
+        closed: bool,
+    ) -> std::result::Result<js_sys::Promise, JsValue>;
+}
+
+/// The most shards of one region [`fence`] tells: those of an admission
+/// rate of 51,200 clients a second, beyond any region's. A region with more
+/// has the rest learn of the change from the catalogue, as before.
+pub const MAX_FENCED_SHARDS: u32 = 256;
+
+/// Tells the first `shards` `RegionGate` shards of `region` (at most
+/// [`MAX_FENCED_SHARDS`]) whether it admits anyone, as of its change
+/// `version` (`Gate::fence`), all at once. A call that fails or takes
+/// longer than [`ADMIT_TIMEOUT_MS`] is made once more. The error counts the
+/// shards no call reached and gives the last failure. `fault`: the
+/// development-only [`fault::GATE_UNFENCED`] point, where every call fails.
+pub async fn fence(
+    env: &Env,
+    (region, shards): (&str, u32),
+    (version, closed): (i64, bool),
+    fault: Option<&str>,
+) -> std::result::Result<(), String> {
+    let timer = time::Timer::new();
+    let call = |shard: u32| -> js_sys::Promise {
+        let called = fault::at(&fault.map(str::to_owned), fault::GATE_UNFENCED)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                stub(
+                    env,
+                    super::bindings::REGION_GATES,
+                    &format!("{region}#{shard}"),
+                )
+            })
+            .map_err(|e| JsValue::from_str(&e))
+            .and_then(|stub| fence_call(&stub.into(), version as f64, closed));
+        match called {
+            Ok(promise) => timer.race(&promise, ADMIT_TIMEOUT_MS),
+            Err(thrown) => js_sys::Promise::reject(&thrown),
+        }
+    };
+    // One `Promise.allSettled` per round, rather than a Rust future per
+    // shard: the calls need nothing of each other's answers.
+    let mut untold: Vec<u32> = (0..shards.min(MAX_FENCED_SHARDS)).collect();
+    let mut last = String::new();
+    for _ in 0..2 {
+        if untold.is_empty() {
+            break;
+        }
+        let calls: js_sys::Array = untold.iter().map(|&s| JsValue::from(call(s))).collect();
+        let settled = JsFuture::from(js_sys::Promise::all_settled(&calls))
+            .await
+            .map_err(|e| js_error(&e))?;
+        let field = |o: &JsValue, name: &str| js_sys::Reflect::get(o, &JsValue::from_str(name));
+        let outcomes = js_sys::Array::from(&settled);
+        let mut again = Vec::new();
+        for (shard, outcome) in untold.iter().zip(outcomes.iter()) {
+            if field(&outcome, "status")
+                .ok()
+                .and_then(|s| s.as_string())
+                .as_deref()
+                != Some("fulfilled")
+            {
+                let reason = field(&outcome, "reason").unwrap_or_default();
+                last = format!("{region}#{shard}: {}", js_error(&reason));
+                again.push(*shard);
+            }
+        }
+        untold = again;
+    }
+    match untold.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} shard(s) not told; {last}")),
+    }
 }
 
 /// Asks the `RegionGate` named `name` for one admission at `rate` tokens/s

@@ -119,6 +119,10 @@ pub const PUBLISHER_DOWN: &str = "publisher.down";
 /// As [`PUBLISHER_DOWN`], for the first call only: the second reaches the
 /// object, which publishes the change.
 pub const PUBLISHER_RESET: &str = "publisher.reset";
+/// The point, on `PUT /v1/admin/regions/{id}`, at which every call telling
+/// the region's `RegionGate` shards whether it admits anyone fails, as calls
+/// to objects in trouble would.
+pub const GATE_UNFENCED: &str = "gate.unfenced";
 const VAR: &str = "FAULT_INJECTION";
 
 /// The point `asked` for, if fault injection is enabled in this environment.

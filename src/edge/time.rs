@@ -74,6 +74,11 @@ impl Timer {
     pub fn new() -> Timer {
         Timer(RequestTimer::new())
     }
+
+    /// `promise`, rejected if it has not settled within `ms` milliseconds.
+    pub fn race(&self, promise: &Promise, ms: u32) -> Promise {
+        self.0.race(promise, ms)
+    }
 }
 
 impl Drop for Timer {

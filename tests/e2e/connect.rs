@@ -84,6 +84,10 @@ pub const TESTS: &[(&str, Test)] = &[
         admin_publisher_down,
     ),
     (
+        "connect::a_region_an_operator_closes_is_closed_at_its_gates_before_the_catalogue_says_so",
+        gates_told,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_once_is_sent_again",
         event_send_retried,
     ),
@@ -1502,6 +1506,65 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
         let what = "the 424 answered as the request's failure";
         logged_with(ctx, &id, "status 424", what).await;
         not_published_here(ctx, &id, "a change the object's publish of failed");
+        Ok(())
+    })
+}
+
+/// An operator's change that closes a region reaches its `RegionGate`
+/// shards at once, whatever becomes of the catalogue's publish: with the
+/// publish failed (the development-only fault point `catalogue.unstored`),
+/// the catalogue still lists eu-west up, and a connect from London, placed
+/// there by it, is refused by the gate, 503 `region_closed` with the
+/// failover regions. Putting the region back up opens the gate at once.
+/// A shard that cannot be told (`gate.unfenced`) is logged with the
+/// request's id, and the change is answered and published all the same.
+fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let (plus, dev) = user_with_device(ctx, true).await;
+        let before = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        assert_eq!(
+            (before.status, before.body["region"].as_str()),
+            (200, Some("eu-west")),
+            "{}",
+            before.body
+        );
+
+        let drained = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
+        let listed = send(ctx, "GET", "/v1/regions", None, None).await;
+        let closed = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        assert_eq!(drained.status, 503, "the publish failed: {}", drained.body);
+        assert_eq!(
+            region_in(&listed.body, "eu-west")["health"],
+            "up",
+            "the catalogue does not carry the drain"
+        );
+        assert_eq!(
+            (closed.status, closed.body["code"].as_str()),
+            (503, Some("region_closed")),
+            "{}",
+            closed.body
+        );
+        let failover = closed.body["failover"].as_array().unwrap();
+        assert_eq!(failover.first(), Some(&json!("eu-central")), "{failover:?}");
+        assert!(!failover.contains(&json!("eu-west")), "{failover:?}");
+        assert_eq!(
+            (reopened.status, reopened.body["region"].as_str()),
+            (200, Some("eu-west")),
+            "{}",
+            reopened.body
+        );
+
+        let untold = drain_eu_west_at_fault(ctx, "gate.unfenced").await;
+        let listed = send(ctx, "GET", "/v1/regions", None, None).await;
+        set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        assert_eq!(untold.status, 200, "{}", untold.body);
+        assert_eq!(region_in(&listed.body, "eu-west")["health"], "draining");
+        let id = untold.headers["x-request-id"].to_str()?.to_owned();
+        let what = "the shards not told, logged with the request id";
+        logged_with(ctx, &id, "region gates not told it is closed", what).await;
         Ok(())
     })
 }
