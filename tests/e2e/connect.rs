@@ -88,6 +88,10 @@ pub const TESTS: &[(&str, Test)] = &[
         gates_told,
     ),
     (
+        "connect::a_monitors_report_of_a_region_down_closes_its_gates_while_the_catalogue_is_published",
+        gates_told_by_a_report,
+    ),
+    (
         "connect::a_connection_event_the_queue_refused_once_is_sent_again",
         event_send_retried,
     ),
@@ -1565,6 +1569,74 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         let id = untold.headers["x-request-id"].to_str()?.to_owned();
         let what = "the shards not told, logged with the request id";
         logged_with(ctx, &id, "region gates not told it is closed", what).await;
+        Ok(())
+    })
+}
+
+/// A monitor's report that a region is down tells its gates at once too:
+/// with the report's publish hanging (the development-only fault point
+/// `kv.hang`: a 503 after 10 s), a connect made meanwhile, which the
+/// catalogue still places in eu-west, is refused by the gate; the monitor's
+/// report of `up` after it opens the gate again.
+fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let db = db(ctx).await;
+        let (plus, dev) = user_with_device(ctx, true).await;
+        // The isolate's copy of the catalogue, loaded before the report.
+        let before = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        assert_eq!(
+            (before.status, before.body["region"].as_str()),
+            (200, Some("eu-west")),
+            "{}",
+            before.body
+        );
+        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
+        let report = |health: &'static str, fault: &'static str| {
+            let mut headers = vec![("authorization", auth.as_str())];
+            if !fault.is_empty() {
+                headers.push(("x-keenvpn-fault", fault));
+            }
+            async move {
+                let path = "/v1/admin/regions/eu-west/health-report";
+                let body = json!({"health": health});
+                send_with(ctx, "POST", path, Some(body), None, &headers).await
+            }
+        };
+        // Connects until one is not admitted, for at most 8 s (the report's
+        // publish hangs for 10).
+        let meanwhile = async {
+            let started = std::time::Instant::now();
+            loop {
+                let r = connect_from(ctx, &plus, &dev, LONDON, None).await;
+                if r.status != 200 || started.elapsed() > Duration::from_secs(8) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let (hung, closed) = tokio::join!(report("down", "kv.hang"), meanwhile);
+        let up = report("up", "").await;
+        db.execute(
+            "UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west'",
+            &[],
+        )
+        .await?;
+        let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        assert_eq!(hung.status, 503, "the publish hung: {}", hung.body);
+        assert_eq!(
+            (closed.status, closed.body["code"].as_str()),
+            (503, Some("region_closed")),
+            "{}",
+            closed.body
+        );
+        assert_eq!(up.status, 200, "{}", up.body);
+        assert_eq!(
+            (reopened.status, reopened.body["region"].as_str()),
+            (200, Some("eu-west")),
+            "{}",
+            reopened.body
+        );
         Ok(())
     })
 }
