@@ -280,15 +280,17 @@ impl Backlog {
 /// ([`Gate::fence`]), unless told it admits again: longer than KV takes to
 /// carry the catalogue to every location (up to a minute) plus an isolate's
 /// use of its copy (5 s, up to 8 s while it checks). By then every isolate's
-/// copy says what the fence said, and the fence is no longer needed.
+/// copy says what the fence said, if the change was published (or the
+/// cron's next run published it), and the fence is no longer needed.
 pub const FENCE_MS: i64 = 120_000;
 
 /// What a shard was last told of its region: whether it admits no one, and
 /// when. Soft state, in memory with the bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Fence {
-    /// The version of the last word taken (the region's change, in
-    /// milliseconds of the database's clock); an older word is ignored.
+    /// The version of the last word taken (the time of the region's
+    /// change, in microseconds of the database's clock); an older word is
+    /// ignored.
     version: i64,
     /// When the shard was closed (its own clock), if it is.
     closed_at_ms: Option<i64>,

@@ -175,7 +175,7 @@ async fn update_region(
                                                   'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint) AS state,
                                 (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed,
                                 before.admission_rate AS previous_rate,
-                                (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS version)
+                                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version)
          SELECT json_build_object(
              'region', (SELECT state FROM region),
              'region_changed', coalesce((SELECT changed FROM region), false),

@@ -274,8 +274,9 @@ extern "C" {
 }
 
 /// The most shards of one region [`fence`] tells: those of an admission
-/// rate of 51,200 clients a second, beyond any region's. A region with more
-/// has the rest learn of the change from the catalogue, as before.
+/// rate of 51,200 clients a second, far beyond what a region's servers take
+/// on. A region with more has the rest learn of the change from the
+/// catalogue, as before, and [`fence`] counts them as not told.
 pub const MAX_FENCED_SHARDS: u32 = 256;
 
 /// Tells the first `shards` `RegionGate` shards of `region` (at most
@@ -337,9 +338,11 @@ pub async fn fence(
         }
         untold = again;
     }
-    match untold.len() {
-        0 => Ok(()),
-        n => Err(format!("{n} shard(s) not told; {last}")),
+    let beyond = shards.saturating_sub(MAX_FENCED_SHARDS);
+    match (untold.len(), beyond) {
+        (0, 0) => Ok(()),
+        (0, n) => Err(format!("{n} shard(s) beyond the {MAX_FENCED_SHARDS} told")),
+        (n, _) => Err(format!("{} shard(s) not told; {last}", n as u32 + beyond)),
     }
 }
 

@@ -1569,6 +1569,53 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         let id = untold.headers["x-request-id"].to_str()?.to_owned();
         let what = "the shards not told, logged with the request id";
         logged_with(ctx, &id, "region gates not told it is closed", what).await;
+
+        // Two shards (400 a second), closed by a rate of 0, whose own shard
+        // count is one: the shards of the rate before the change are told
+        // too, so a device on the second one is refused.
+        set_region(ctx, "eu-west", json!({"admission_rate": 400})).await;
+        let mut on_second = None;
+        for _ in 0..30 {
+            let (user, dev) = user_with_device(ctx, true).await;
+            if keenvpn_edge::domain::admission::shard_for(&dev, 2) == 1 {
+                on_second = Some((user, dev));
+                break;
+            }
+        }
+        let (user, dev) = on_second.expect("a device on the second shard in 30 tries");
+        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("x-keenvpn-fault", "catalogue.unstored"),
+        ];
+        let path = "/v1/admin/regions/eu-west";
+        let body = Some(json!({"admission_rate": 0}));
+        let admitted = connect_from(ctx, &user, &dev, LONDON, None).await;
+        let stopped = send_with(ctx, "PUT", path, body, None, &headers).await;
+        let closed = connect_from(ctx, &user, &dev, LONDON, None).await;
+        // Both shards opened again, then the usual rate.
+        set_region(ctx, "eu-west", json!({"admission_rate": 400})).await;
+        let reopened = connect_from(ctx, &user, &dev, LONDON, None).await;
+        set_region(ctx, "eu-west", json!({"admission_rate": 200})).await;
+        assert_eq!(
+            (admitted.status, admitted.body["region"].as_str()),
+            (200, Some("eu-west")),
+            "{}",
+            admitted.body
+        );
+        assert_eq!(stopped.status, 503, "the publish failed: {}", stopped.body);
+        assert_eq!(
+            (closed.status, closed.body["code"].as_str()),
+            (503, Some("region_closed")),
+            "{}",
+            closed.body
+        );
+        assert_eq!(
+            (reopened.status, reopened.body["region"].as_str()),
+            (200, Some("eu-west")),
+            "{}",
+            reopened.body
+        );
         Ok(())
     })
 }
