@@ -20,7 +20,8 @@
 
 use super::auth::json_body;
 use super::incoming::Incoming;
-use super::{Fail, bindings, catalogue, cron, durable, fault, log, publisher, store, time};
+use super::log::{self, Level};
+use super::{Fail, bindings, catalogue, cron, durable, fault, publisher, store, time};
 use crate::api::{
     HealthReport, MAX_REPORTED_SERVERS, RegionState, ServerList, ServerLoad, ServerState,
     SetRegion, SetServer, is_server_id, unit_load,
@@ -31,6 +32,7 @@ use crate::http::{ApiError, Reply};
 use crate::sql;
 use futures::FutureExt;
 use futures::future::LocalBoxFuture;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use worker::Env;
 
@@ -218,7 +220,10 @@ async fn update_region(
     let gates: LocalBoxFuture<'_, ()> = async {
         if always || region_changed {
             let fault = fault.as_deref().filter(|f| *f == fault::GATE_UNFENCED);
-            tell_gates(env, request_id, (&region, previous_rate), version, fault).await;
+            let closed = region.health != Health::Up || region.admission_rate == 0;
+            let rates = (region.admission_rate, previous_rate);
+            let (id, told) = (region.id.as_str(), (version, closed));
+            tell_gates(env, Some(request_id), (id, rates), told, fault).await;
         }
     }
     .boxed_local();
@@ -238,28 +243,34 @@ async fn update_region(
 /// a minute to reach every isolate (KV's propagation), and until then their
 /// copies would send new clients to a region that is down or draining, or
 /// whose rate is 0. The shards of both the rate before the change and the
-/// rate after are told, as isolates still ask at the old one. A shard not
-/// reached is logged and left to the catalogue, as before: the change stands
-/// and is published either way. One told a region is closed refuses
-/// everyone for `admission::FENCE_MS` at most, unless told it admits again.
-async fn tell_gates(
+/// rate after are told, as isolates still ask at the old one. Logged either
+/// way, for the request `request_id` if there is one; a shard not reached
+/// is left to the catalogue, as before: the change stands and is published
+/// either way. One told a region is closed refuses everyone for
+/// `admission::FENCE_MS` at most, unless told it admits again. The cron
+/// tells the shards of the regions it marks down too.
+pub(super) async fn tell_gates(
     env: &Env,
-    request_id: &str,
-    (region, previous_rate): (&RegionState, u32),
-    version: i64,
+    request_id: Option<&str>,
+    (region, rates): (&str, (u32, u32)),
+    (version, closed): (i64, bool),
     fault: Option<&str>,
 ) {
-    let closed = region.health != Health::Up || region.admission_rate == 0;
-    let rate = region.admission_rate.max(previous_rate);
-    let shards = crate::domain::admission::shard_count(rate);
-    let told = durable::fence(env, (&region.id, shards), (version, closed), fault).await;
-    if let Err(e) = told {
-        let what = if closed {
-            "region gates not told it is closed"
-        } else {
-            "region gates not told it admits again"
-        };
-        log::error(request_id, what, &e);
+    let shards = crate::domain::admission::shard_count(rates.0.max(rates.1));
+    let told = durable::fence(env, (region, shards), (version, closed), fault).await;
+    let fields = json!({"region": region, "closed": closed, "shards": shards});
+    match told {
+        Ok(()) => log::event(Level::Info, request_id, "region gates told", fields),
+        Err(e) => {
+            let what = if closed {
+                "region gates not told it is closed"
+            } else {
+                "region gates not told it admits again"
+            };
+            let mut fields = fields;
+            fields["error"] = e.into();
+            log::event(Level::Error, request_id, what, fields);
+        }
     }
 }
 

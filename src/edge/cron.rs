@@ -3,7 +3,8 @@
 //!   than 3 minutes; regions never reported by a monitor are left alone),
 //!   unless its own runs had a gap in the last 3 minutes (the database was
 //!   down then: it needs it too, and refused the reports), or every one of
-//!   several monitored regions went silent (the monitoring failed);
+//!   several monitored regions went silent (the monitoring failed); and
+//!   tells their `RegionGate` shards at once (`admin::tell_gates`);
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
 //! - expires connection events and processed billing events past their
 //!   retention (`domain::retention`);
@@ -39,8 +40,10 @@ SELECT coalesce(json_agg(json_build_object(
 /// sent together run as one transaction, and a failure to create a partition
 /// must not undo marking silent regions down. Each is sent after a limit on
 /// its run time in the database (`STEP_STATEMENT_LIMIT_MS`). Each line these
-/// two answer with is a failure; the retention steps ([`retention_steps`])
-/// follow them.
+/// two answer with is a failure (its first column), except the marking
+/// step's lines for the regions it marked down (their first column null,
+/// then the region as [`Marked`]); the retention steps
+/// ([`retention_steps`]) follow them.
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // A run more than 90 s after the last one (the cron runs every minute)
     // followed a gap: the database was down, so monitors' reports were
@@ -84,11 +87,13 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                 AND (SELECT now() >= marks_down_from
                             OR health_reported_at < gap_started_at - interval '3 minutes' FROM run)
                 AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
-             RETURNING 1)
+             RETURNING id, admission_rate, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version)
          SELECT 'none of the ' || monitored || ' monitored regions reported in 3 minutes: '
-                || 'read as the monitoring failing, so none is marked down'
+                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL
            FROM monitors, run
-          WHERE monitored >= 2 AND heard = 0 AND now() >= run.marks_down_from",
+          WHERE monitored >= 2 AND heard = 0 AND now() >= run.marks_down_from
+         UNION ALL
+         SELECT NULL, id, admission_rate::text, version::text FROM marked",
     ),
     (
         "create connection event partitions",
@@ -162,6 +167,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let failed = |step: &str, e: String| log_step(step, Level::Error, &e);
     let late = || format!("no end within {STEP_LIMIT_MS} ms");
     let began = time::now_ms();
+    let mut marked = Vec::new();
     match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
         Some(Ok(client)) => {
             let steps = MAINTENANCE_SQL
@@ -203,7 +209,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
                     // the marking step with one when it reads the
                     // monitoring as failing; the retention steps with what
                     // they expired or could not yet.
-                    Some(Ok(messages)) => report(step, lines, &messages),
+                    Some(Ok(messages)) => marked.extend(report(step, lines, &messages)),
                     Some(Err(e)) => failed(step, e.to_string()),
                     // The connection is busy with the step: the others would
                     // queue behind it.
@@ -217,12 +223,21 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         Some(Err(e)) => failed("connect", e),
         None => failed("connect", late()),
     }
-    let published = time::timeout(
+    // The gates of the regions marked down are told at once, while the
+    // catalogue is published: it takes up to a minute to reach every
+    // location, the gates a moment. Each call is bounded (2 s, twice).
+    let gates = async {
+        for m in &marked {
+            let region = (m.id.as_str(), (m.rate, m.rate));
+            super::admin::tell_gates(&env, None, region, (m.version, true), None).await;
+        }
+    };
+    let publish = time::timeout(
         STEP_LIMIT_MS,
         publish(&env, bindings::DB, Write::Always, None),
-    )
-    .await
-    .unwrap_or_else(|| Err(late()));
+    );
+    let ((), published) = futures::future::join(gates, publish).await;
+    let published = published.unwrap_or_else(|| Err(late()));
     match published {
         // The run always writes (`Write::Always`). Should this isolate's copy
         // be older than what it wrote, it routes by what it wrote from the
@@ -247,14 +262,42 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     }
 }
 
-/// Logs the rows a maintenance step answered with.
-fn report(step: &str, lines: Lines, messages: &[tokio_postgres::SimpleQueryMessage]) {
+/// A region the marking step marked down, and its change's version (see
+/// `admin::tell_gates`).
+struct Marked {
+    id: String,
+    rate: u32,
+    version: i64,
+}
+
+/// Logs the rows a maintenance step answered with; the regions it marked
+/// down.
+fn report(
+    step: &str,
+    lines: Lines,
+    messages: &[tokio_postgres::SimpleQueryMessage],
+) -> Vec<Marked> {
+    let mut marked = Vec::new();
     for message in messages {
         let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
             continue;
         };
         let (level, text) = match lines {
-            Lines::Failures => (Level::Error, row.get(0)),
+            Lines::Failures => match (row.get(0), row.try_get(1).ok().flatten()) {
+                (None, Some(id)) => {
+                    let column = |n| row.try_get(n).ok().flatten().unwrap_or_default();
+                    match (column(2).parse(), column(3).parse()) {
+                        (Ok(rate), Ok(version)) => marked.push(Marked {
+                            id: id.to_owned(),
+                            rate,
+                            version,
+                        }),
+                        _ => log_step(step, Level::Error, &format!("{id}: unreadable line")),
+                    }
+                    continue;
+                }
+                (failure, _) => (Level::Error, failure),
+            },
             Lines::Leveled => {
                 let level = match row.get(0) {
                     Some("info") => Level::Info,
@@ -268,6 +311,7 @@ fn report(step: &str, lines: Lines, messages: &[tokio_postgres::SimpleQueryMessa
             log_step(step, level, text);
         }
     }
+    marked
 }
 
 /// Logs what the maintenance step `step` did (`info`, `warn`), or why it

@@ -214,11 +214,28 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         db.execute(STEADY, &[]).await?;
         trigger(ctx).await?;
         assert_eq!(reported(&db, "sa-east").await, "up");
-        // ...a report older than three minutes marks it down.
+        // ...a report older than three minutes marks it down, and the run
+        // tells the region's gates it is closed.
+        let closed_told = || {
+            let log = ctx.stack().wrangler.log();
+            log.lines()
+                .filter(|l| {
+                    l.contains(r#""msg":"region gates told""#)
+                        && l.contains(r#""region":"sa-east""#)
+                        && l.contains(r#""closed":true"#)
+                })
+                .count()
+        };
+        let told_before = closed_told();
         db.execute("UPDATE regions SET health_reported_at = now() - interval '4 minutes' WHERE id = 'sa-east'", &[])
             .await?;
         trigger(ctx).await?;
         assert_eq!(reported(&db, "sa-east").await, "down");
+        let within = std::time::Duration::from_secs(10);
+        crate::support::eventually(within, "the run telling sa-east's gates", || async {
+            (closed_told() > told_before).then_some(())
+        })
+        .await;
         // Isolates reuse a parsed catalogue for up to 5 s.
         let within = std::time::Duration::from_secs(15);
         crate::support::eventually(within, "sa-east down", || async { (health().await == "down").then_some(()) }).await;
