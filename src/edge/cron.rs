@@ -4,7 +4,8 @@
 //!   unless its own runs had a gap in the last 3 minutes (the database was
 //!   down then: it needs it too, and refused the reports), or every one of
 //!   several monitored regions went silent (the monitoring failed); and
-//!   tells their `RegionGate` shards at once (`admin::tell_gates`);
+//!   tells their `RegionGate` shards as soon as it has marked them, while
+//!   the other steps and the publish run (`admin::tell_gates`);
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
 //! - expires connection events and processed billing events past their
 //!   retention (`domain::retention`);
@@ -104,7 +105,9 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 /// What a maintenance step's rows are.
 #[derive(Clone, Copy)]
 enum Lines {
-    /// One column: each row is a failure, logged at error level.
+    /// A failure in the first column, logged at error level; or, from the
+    /// marking step, a null there and a region it marked down ([`Marked`])
+    /// in the next three.
     Failures,
     /// Two columns: a level (`info`, `warn`, `error`) and what happened.
     Leveled,
@@ -162,82 +165,130 @@ const RETENTION_START_LIMIT_MS: u64 = 2 * STEP_LIMIT_MS;
 /// transaction only (`SET LOCAL`), so a pooled connection keeps its settings.
 const STEP_STATEMENT_LIMIT_MS: u64 = STEP_LIMIT_MS - 1_000;
 
+fn late() -> String {
+    format!("no end within {STEP_LIMIT_MS} ms")
+}
+
 #[event(scheduled)]
 async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
-    let failed = |step: &str, e: String| log_step(step, Level::Error, &e);
-    let late = || format!("no end within {STEP_LIMIT_MS} ms");
     let began = time::now_ms();
-    let mut marked = Vec::new();
-    match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
-        Some(Ok(client)) => {
-            let steps = MAINTENANCE_SQL
-                .iter()
-                .map(|&(step, sql)| (step, Ok(sql.to_owned()), Lines::Failures))
-                .chain(
-                    retention_steps(&env)
-                        .into_iter()
-                        .map(|(step, sql)| (step, sql, Lines::Leveled)),
-                );
-            for (step, sql, lines) in steps {
-                // Retention can wait a minute; the publish, after it, should
-                // not. A run whose earlier waits took long leaves it to the
-                // next, so that the run ends within its minute.
-                if matches!(lines, Lines::Leveled)
-                    && time::now_ms().saturating_sub(began) > RETENTION_START_LIMIT_MS
-                {
-                    log::event(
-                        Level::Warn,
-                        None,
-                        "cron maintenance deferred",
-                        json!({"step": step, "result": "the run is late; the next one does it"}),
-                    );
-                    continue;
-                }
-                let sql = match sql {
-                    Ok(sql) => sql,
-                    Err(e) => {
-                        failed(step, e);
-                        continue;
-                    }
-                };
-                // One simple query: the setting and the step run in one
-                // implicit transaction, which the setting does not outlive.
-                let sql = format!("SET LOCAL statement_timeout = {STEP_STATEMENT_LIMIT_MS}; {sql}");
-                match time::timeout(STEP_LIMIT_MS, client.simple_query(&sql)).await {
-                    // The partition step answers with a line per month it
-                    // had to skip (its rows go to the default partition),
-                    // the marking step with one when it reads the
-                    // monitoring as failing; the retention steps with what
-                    // they expired or could not yet.
-                    Some(Ok(messages)) => marked.extend(report(step, lines, &messages)),
-                    Some(Err(e)) => failed(step, e.to_string()),
-                    // The connection is busy with the step: the others would
-                    // queue behind it.
-                    None => {
-                        failed(step, late());
-                        break;
-                    }
-                }
-            }
+    let client = match time::timeout(STEP_LIMIT_MS, pg::connect(&env, bindings::DB)).await {
+        Some(Ok(client)) => Some(client),
+        Some(Err(e)) => {
+            log_step("connect", Level::Error, &e);
+            None
         }
-        Some(Err(e)) => failed("connect", e),
-        None => failed("connect", late()),
-    }
-    // The gates of the regions marked down are told at once, while the
-    // catalogue is published: it takes up to a minute to reach every
-    // location, the gates a moment. Each call is bounded (2 s, twice).
-    let gates = async {
-        for m in &marked {
-            let region = (m.id.as_str(), (m.rate, m.rate));
-            super::admin::tell_gates(&env, None, region, (m.version, true), None).await;
+        None => {
+            log_step("connect", Level::Error, &late());
+            None
         }
     };
-    let publish = time::timeout(
+    let steps: Vec<_> = MAINTENANCE_SQL
+        .iter()
+        .map(|&(step, sql)| (step, Ok(sql.to_owned()), Lines::Failures))
+        .chain(
+            retention_steps(&env)
+                .into_iter()
+                .map(|(step, sql)| (step, sql, Lines::Leveled)),
+        )
+        .collect();
+    // The marking step first, alone. The gates of the regions it marked
+    // down are told as soon as it has answered, in turn, while the other
+    // steps and the publish run: the catalogue takes up to a minute to
+    // reach every location, the gates a moment. Bounded as a step is.
+    let (marked, go_on) = match &client {
+        Some(client) => maintain(client, began, &steps[..1]).await,
+        None => (Vec::new(), false),
+    };
+    let gates = async {
+        let told = async {
+            for m in &marked {
+                let region = (m.id.as_str(), (m.rate, m.rate));
+                super::admin::tell_gates(&env, None, region, (m.version, true), None).await;
+            }
+        };
+        if time::timeout(STEP_LIMIT_MS, told).await.is_none() {
+            let step = "tell the gates of regions marked down";
+            log_step(step, Level::Error, &late());
+        }
+    };
+    let rest = async {
+        if let (Some(client), true) = (&client, go_on) {
+            maintain(client, began, &steps[1..]).await;
+        }
+        publish_run(&env).await;
+    };
+    futures::future::join(gates, rest).await;
+}
+
+/// A maintenance step: its name, its SQL (or why there is none) and what
+/// its rows are.
+type Step = (&'static str, Result<String, String>, Lines);
+
+/// Runs `steps` in order, from a run that began at `began`; the regions
+/// they marked down, and whether the connection is free for more steps
+/// (not when a step was given up on while it ran).
+async fn maintain(
+    client: &tokio_postgres::Client,
+    began: u64,
+    steps: &[Step],
+) -> (Vec<Marked>, bool) {
+    let failed = |step: &str, e: &str| log_step(step, Level::Error, e);
+    let mut marked = Vec::new();
+    for (step, sql, lines) in steps {
+        let (step, lines) = (*step, *lines);
+        // Retention can wait a minute; the publish, after it, should
+        // not. A run whose earlier waits took long leaves it to the
+        // next, so that the run ends within its minute.
+        if matches!(lines, Lines::Leveled)
+            && time::now_ms().saturating_sub(began) > RETENTION_START_LIMIT_MS
+        {
+            log::event(
+                Level::Warn,
+                None,
+                "cron maintenance deferred",
+                json!({"step": step, "result": "the run is late; the next one does it"}),
+            );
+            continue;
+        }
+        let sql = match sql {
+            Ok(sql) => sql,
+            Err(e) => {
+                failed(step, e);
+                continue;
+            }
+        };
+        // One simple query: the setting and the step run in one
+        // implicit transaction, which the setting does not outlive.
+        let sql = format!("SET LOCAL statement_timeout = {STEP_STATEMENT_LIMIT_MS}; {sql}");
+        match time::timeout(STEP_LIMIT_MS, client.simple_query(&sql)).await {
+            // The partition step answers with a line per month it
+            // had to skip (its rows go to the default partition),
+            // the marking step with one when it reads the
+            // monitoring as failing and one per region it marked
+            // down; the retention steps with what they expired or
+            // could not yet.
+            Some(Ok(messages)) => marked.extend(report(step, lines, &messages)),
+            Some(Err(e)) => failed(step, &e.to_string()),
+            // The connection is busy with the step: the others would
+            // queue behind it.
+            None => {
+                failed(step, &late());
+                return (marked, false);
+            }
+        }
+    }
+    (marked, true)
+}
+
+/// The run's publish of the catalogue, after the maintenance.
+async fn publish_run(env: &Env) {
+    let published = time::timeout(
         STEP_LIMIT_MS,
-        publish(&env, bindings::DB, Write::Always, None),
-    );
-    let ((), published) = futures::future::join(gates, publish).await;
-    let published = published.unwrap_or_else(|| Err(late()));
+        publish(env, bindings::DB, Write::Always, None),
+    )
+    .await
+    .unwrap_or_else(|| Err(late()));
     match published {
         // The run always writes (`Write::Always`). Should this isolate's copy
         // be older than what it wrote, it routes by what it wrote from the
