@@ -610,7 +610,7 @@ fn operations(s: &mut Schemas) -> Vec<Op> {
             id: "reportRegionHealth",
             tag: "admin",
             summary: "A monitor's health report",
-            description: "Records the health a monitor observed, and the load of the servers it lists; a region whose reports stop is marked down by the cron. A report never lifts an operator's `draining` or `down`: the region's health is the worse of the two. A change of health, or a server becoming full (at a load of 0.95) or having room again (below 0.90), republishes the catalogue at once (a change of health also tells the region's admission gates at once, as an operator's change does) (a publish that has not ended within 10 s is 503 `service_unavailable`, the report committed); other load changes reach it with the cron, within a minute.",
+            description: "Records the health a monitor observed, and the load of the servers it lists; a region whose reports stop is marked down by the cron. A report never lifts an operator's `draining` or `down`: the region's health is the worse of the two. A change of health, or a server becoming full (at a load of 0.95) or having room again (below 0.90), republishes the catalogue at once, and a change of health also tells the region's admission gates at once, as an operator's change does (a publish that has not ended within 10 s is 503 `service_unavailable`, the report committed); other load changes reach it with the cron, within a minute.",
             auth: Auth::Admin,
             needs: Needs::BOTH,
             body: s.request::<HealthReport>(),

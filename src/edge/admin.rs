@@ -244,7 +244,9 @@ async fn update_region(
 /// copies would send new clients to a region that is down or draining, or
 /// whose rate is 0. The shards of both the rate before the change and the
 /// rate after are told, as isolates still ask at the old one. Logged either
-/// way, for the request `request_id` if there is one; a shard not reached
+/// way (with the number of shards that took the word: one no newer than a
+/// shard's last is not), for the request `request_id` if there is one; a
+/// shard not reached
 /// is left to the catalogue, as before: the change stands and is published
 /// either way. One told a region is closed refuses everyone for
 /// `admission::FENCE_MS` at most, unless told it admits again. The cron
@@ -258,16 +260,18 @@ pub(super) async fn tell_gates(
 ) {
     let shards = crate::domain::admission::shard_count(rates.0.max(rates.1));
     let told = durable::fence(env, (region, shards), (version, closed), fault).await;
-    let fields = json!({"region": region, "closed": closed, "shards": shards});
+    let mut fields = json!({"region": region, "closed": closed, "shards": shards});
     match told {
-        Ok(()) => log::event(Level::Info, request_id, "region gates told", fields),
+        Ok(taken) => {
+            fields["taken"] = taken.into();
+            log::event(Level::Info, request_id, "region gates told", fields);
+        }
         Err(e) => {
             let what = if closed {
                 "region gates not told it is closed"
             } else {
                 "region gates not told it admits again"
             };
-            let mut fields = fields;
             fields["error"] = e.into();
             log::event(Level::Error, request_id, what, fields);
         }
@@ -385,7 +389,8 @@ pub async fn set_region(mut req: Incoming, env: &Env, id: &str) -> Result<Reply,
             .into(),
         );
     }
-    // The development-only fault points of the publish (`publish_now`).
+    // The development-only fault points of the publish (`publish_now`) and
+    // of telling the gates (`gate.unfenced`).
     let fault = fault::armed(env, req.header(fault::HEADER));
     let ids = (req.request_id(), id);
     update_region(env, ids, &sets.join(", "), &[], Republish::Always, fault).await

@@ -37,7 +37,9 @@ SELECT coalesce(json_agg(json_build_object(
         FROM servers s WHERE s.region_id = r.id AND s.enabled), '[]'::json)
 ) ORDER BY r.id), '[]'::json)::text FROM regions r";
 
-/// The cron's maintenance, each step sent as a query of its own: statements
+/// The cron's maintenance, each step sent as a query of its own (the
+/// marking step must stay first: the run tells the gates of the regions it
+/// marked down as soon as it has answered, `scheduled`): statements
 /// sent together run as one transaction, and a failure to create a partition
 /// must not undo marking silent regions down. Each is sent after a limit on
 /// its run time in the database (`STEP_STATEMENT_LIMIT_MS`). Each line these
@@ -142,7 +144,8 @@ fn retention_steps(env: &Env) -> [(&'static str, Result<String, String>); 2] {
 }
 
 /// How long each of a run's waits on PostgreSQL (the connection, each
-/// maintenance step) and its publish may take. Nothing else bounds a
+/// maintenance step) and its publish may take, and telling the gates of the
+/// regions it marked down. Nothing else bounds a
 /// scheduled run: without these, a database that accepted the connection and
 /// never answered (or a step waiting on a lock) held every run from then on,
 /// one more each minute, and the catalogue was never published. With the
@@ -200,23 +203,29 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         Some(client) => maintain(client, began, &steps[..1]).await,
         None => (Vec::new(), false),
     };
+    let (env, steps) = (&env, &steps);
     let gates = async {
+        let done = std::cell::Cell::new(0);
         let told = async {
             for m in &marked {
                 let region = (m.id.as_str(), (m.rate, m.rate));
-                super::admin::tell_gates(&env, None, region, (m.version, true), None).await;
+                super::admin::tell_gates(env, None, region, (m.version, true), None).await;
+                done.set(done.get() + 1);
             }
         };
         if time::timeout(STEP_LIMIT_MS, told).await.is_none() {
+            let untold: Vec<&str> = marked[done.get()..].iter().map(|m| m.id.as_str()).collect();
             let step = "tell the gates of regions marked down";
-            log_step(step, Level::Error, &late());
+            let why = format!("{}; not told: {}", late(), untold.join(", "));
+            log_step(step, Level::Error, &why);
         }
     };
-    let rest = async {
-        if let (Some(client), true) = (&client, go_on) {
-            maintain(client, began, &steps[1..]).await;
+    let rest = async move {
+        // The connection goes before the publish, which opens its own.
+        if let Some(client) = client.filter(|_| go_on) {
+            maintain(&client, began, &steps[1..]).await;
         }
-        publish_run(&env).await;
+        publish_run(env).await;
     };
     futures::future::join(gates, rest).await;
 }

@@ -282,15 +282,16 @@ pub const MAX_FENCED_SHARDS: u32 = 256;
 /// Tells the first `shards` `RegionGate` shards of `region` (at most
 /// [`MAX_FENCED_SHARDS`]) whether it admits anyone, as of its change
 /// `version` (`Gate::fence`), all at once. A call that fails or takes
-/// longer than [`ADMIT_TIMEOUT_MS`] is made once more. The error counts the
-/// shards no call reached and gives the last failure. `fault`: the
+/// longer than [`ADMIT_TIMEOUT_MS`] is made once more. How many shards took
+/// the word (one no newer than a shard's last is not taken); the error
+/// counts the shards no call reached and gives the last failure. `fault`: the
 /// development-only [`fault::GATE_UNFENCED`] point, where every call fails.
 pub async fn fence(
     env: &Env,
     (region, shards): (&str, u32),
     (version, closed): (i64, bool),
     fault: Option<&str>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<u32, String> {
     let timer = time::Timer::new();
     let call = |shard: u32| -> js_sys::Promise {
         let called = fault::at(&fault.map(str::to_owned), fault::GATE_UNFENCED)
@@ -312,7 +313,7 @@ pub async fn fence(
     // One `Promise.allSettled` per round, rather than a Rust future per
     // shard: the calls need nothing of each other's answers.
     let mut untold: Vec<u32> = (0..shards.min(MAX_FENCED_SHARDS)).collect();
-    let mut last = String::new();
+    let (mut last, mut taken) = (String::new(), 0);
     for _ in 0..2 {
         if untold.is_empty() {
             break;
@@ -334,13 +335,15 @@ pub async fn fence(
                 let reason = field(&outcome, "reason").unwrap_or_default();
                 last = format!("{region}#{shard}: {}", js_error(&reason));
                 again.push(*shard);
+            } else if field(&outcome, "value").is_ok_and(|v| v.is_truthy()) {
+                taken += 1;
             }
         }
         untold = again;
     }
     let beyond = shards.saturating_sub(MAX_FENCED_SHARDS);
     match (untold.len(), beyond) {
-        (0, 0) => Ok(()),
+        (0, 0) => Ok(taken),
         (0, n) => Err(format!("{n} shard(s) beyond the {MAX_FENCED_SHARDS} told")),
         (n, _) => Err(format!("{} shard(s) not told; {last}", n as u32 + beyond)),
     }

@@ -215,7 +215,8 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         trigger(ctx).await?;
         assert_eq!(reported(&db, "sa-east").await, "up");
         // ...a report older than three minutes marks it down, and the run
-        // tells the region's gates it is closed.
+        // tells the region's gates it is closed: its one shard takes the
+        // word.
         let closed_told = || {
             let log = ctx.stack().wrangler.log();
             log.lines()
@@ -223,6 +224,7 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
                     l.contains(r#""msg":"region gates told""#)
                         && l.contains(r#""region":"sa-east""#)
                         && l.contains(r#""closed":true"#)
+                        && l.contains(r#""taken":1"#)
                 })
                 .count()
         };
