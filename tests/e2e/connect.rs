@@ -1514,6 +1514,18 @@ fn admin_publisher_down(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// Fails unless `r` is a connect admitted into `region`.
+fn admitted_in(r: &Resp, region: &str) {
+    let got = (r.status, r.body["region"].as_str());
+    assert_eq!(got, (200, Some(region)), "{}", r.body);
+}
+
+/// Fails unless `r` is a connect refused as its region is closed.
+fn closed_at_the_gate(r: &Resp) {
+    let got = (r.status, r.body["code"].as_str());
+    assert_eq!(got, (503, Some("region_closed")), "{}", r.body);
+}
+
 /// An operator's change that closes a region reaches its `RegionGate`
 /// shards at once, whatever becomes of the catalogue's publish: with the
 /// publish failed (the development-only fault point `catalogue.unstored`),
@@ -1527,12 +1539,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         let _write = ctx.regions.write().await;
         let (plus, dev) = user_with_device(ctx, true).await;
         let before = connect_from(ctx, &plus, &dev, LONDON, None).await;
-        assert_eq!(
-            (before.status, before.body["region"].as_str()),
-            (200, Some("eu-west")),
-            "{}",
-            before.body
-        );
+        admitted_in(&before, "eu-west");
 
         let drained = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
         let listed = send(ctx, "GET", "/v1/regions", None, None).await;
@@ -1545,21 +1552,11 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
             "up",
             "the catalogue does not carry the drain"
         );
-        assert_eq!(
-            (closed.status, closed.body["code"].as_str()),
-            (503, Some("region_closed")),
-            "{}",
-            closed.body
-        );
+        closed_at_the_gate(&closed);
         let failover = closed.body["failover"].as_array().unwrap();
         assert_eq!(failover.first(), Some(&json!("eu-central")), "{failover:?}");
         assert!(!failover.contains(&json!("eu-west")), "{failover:?}");
-        assert_eq!(
-            (reopened.status, reopened.body["region"].as_str()),
-            (200, Some("eu-west")),
-            "{}",
-            reopened.body
-        );
+        admitted_in(&reopened, "eu-west");
 
         let untold = drain_eu_west_at_fault(ctx, "gate.unfenced").await;
         let listed = send(ctx, "GET", "/v1/regions", None, None).await;
@@ -1597,25 +1594,10 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         set_region(ctx, "eu-west", json!({"admission_rate": 400})).await;
         let reopened = connect_from(ctx, &user, &dev, LONDON, None).await;
         set_region(ctx, "eu-west", json!({"admission_rate": 200})).await;
-        assert_eq!(
-            (admitted.status, admitted.body["region"].as_str()),
-            (200, Some("eu-west")),
-            "{}",
-            admitted.body
-        );
+        admitted_in(&admitted, "eu-west");
         assert_eq!(stopped.status, 503, "the publish failed: {}", stopped.body);
-        assert_eq!(
-            (closed.status, closed.body["code"].as_str()),
-            (503, Some("region_closed")),
-            "{}",
-            closed.body
-        );
-        assert_eq!(
-            (reopened.status, reopened.body["region"].as_str()),
-            (200, Some("eu-west")),
-            "{}",
-            reopened.body
-        );
+        closed_at_the_gate(&closed);
+        admitted_in(&reopened, "eu-west");
         Ok(())
     })
 }
@@ -1632,12 +1614,7 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
         let (plus, dev) = user_with_device(ctx, true).await;
         // The isolate's copy of the catalogue, loaded before the report.
         let before = connect_from(ctx, &plus, &dev, LONDON, None).await;
-        assert_eq!(
-            (before.status, before.body["region"].as_str()),
-            (200, Some("eu-west")),
-            "{}",
-            before.body
-        );
+        admitted_in(&before, "eu-west");
         let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
         let report = |health: &'static str, fault: &'static str| {
             let mut headers = vec![("authorization", auth.as_str())];
@@ -1671,19 +1648,9 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
         .await?;
         let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
         assert_eq!(hung.status, 503, "the publish hung: {}", hung.body);
-        assert_eq!(
-            (closed.status, closed.body["code"].as_str()),
-            (503, Some("region_closed")),
-            "{}",
-            closed.body
-        );
+        closed_at_the_gate(&closed);
         assert_eq!(up.status, 200, "{}", up.body);
-        assert_eq!(
-            (reopened.status, reopened.body["region"].as_str()),
-            (200, Some("eu-west")),
-            "{}",
-            reopened.body
-        );
+        admitted_in(&reopened, "eu-west");
         Ok(())
     })
 }
