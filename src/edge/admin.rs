@@ -185,7 +185,7 @@ async fn update_region(
              'version', (SELECT version FROM region),
              'unknown', (SELECT coalesce(json_agg(l.id ORDER BY l.id), '[]') FROM loads l
                           WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = l.id)),
-             'changed', coalesce((SELECT changed FROM region), false) OR EXISTS (SELECT 1 FROM loaded WHERE flipped))::text",
+             'flipped', EXISTS (SELECT 1 FROM loaded WHERE flipped))::text",
         full = crate::domain::placement::FULL_LOAD,
         room = crate::domain::placement::ROOM_LOAD,
     );
@@ -193,8 +193,10 @@ async fn update_region(
     struct Updated {
         region: Option<RegionState>,
         unknown: Vec<String>,
-        changed: bool,
+        /// The region's health or rate changed.
         region_changed: bool,
+        /// One of its enabled servers became full or had room again.
+        flipped: bool,
         /// These two are null, as `region` is, for a region that does not
         /// exist.
         previous_rate: Option<u32>,
@@ -204,8 +206,8 @@ async fn update_region(
     let Some(Updated {
         region: Some(mut region),
         unknown,
-        changed,
         region_changed,
+        flipped,
         previous_rate: Some(previous_rate),
         version: Some(version),
     }) = row
@@ -228,7 +230,7 @@ async fn update_region(
     }
     .boxed_local();
     let publish: LocalBoxFuture<'_, Result<(), Fail>> = async {
-        if always || changed {
+        if always || region_changed || flipped {
             publish_now(env, request_id, fault.as_deref()).await?;
         }
         Ok(())
@@ -246,9 +248,8 @@ async fn update_region(
 /// rate after are told, as isolates still ask at the old one. Logged either
 /// way (with the number of shards that took the word: one no newer than a
 /// shard's last is not), for the request `request_id` if there is one; a
-/// shard not reached
-/// is left to the catalogue, as before: the change stands and is published
-/// either way. One told a region is closed refuses everyone for
+/// shard not reached is left to the catalogue, as before: the change stands
+/// and is published either way. One told a region is closed refuses everyone for
 /// `admission::FENCE_MS` at most, unless told it admits again. The cron
 /// tells the shards of the regions it marks down too.
 pub(super) async fn tell_gates(
@@ -281,15 +282,15 @@ pub(super) async fn tell_gates(
 /// Publishes the catalogue at once, through the [`publisher`] object, which
 /// publishes changes made together together; 503 if that has not ended
 /// within [`PUBLISH_LIMIT_MS`] (the change is committed: an operator's
-/// repeating it, or the cron within a minute, publishes it). The publish is made for the
-/// request `request_id`, named in the object's log line.
+/// repeating it, or the cron within a minute, publishes it). The publish is
+/// made for the request `request_id`, named in the object's log line.
 ///
 /// When the call fails with an error the runtime marks as one to try again
 /// (`retryable`, and not `overloaded`: the object was reset meanwhile, say),
 /// it is made once more; when that fails so too, the change is published
 /// from here, as it was before the object existed, rather than left to the
-/// cron: a monitor's report whose publish failed is
-/// not published by its retry, which finds nothing to change. The object
+/// cron: a monitor's report whose publish failed is not published by its
+/// retry, which finds nothing to change. The object
 /// may have published it already; a second publish of the same catalogue
 /// only costs the work. An overloaded object, a publish the object made and
 /// that failed (424), and any other failure are a 503, not a publish from

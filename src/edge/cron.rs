@@ -302,8 +302,7 @@ async fn publish_run(env: &Env) {
         // The run always writes (`Write::Always`). Should this isolate's copy
         // be older than what it wrote, it routes by what it wrote from the
         // next request on, as the publisher object's does after an admin
-        // change, rather than by the old
-        // one for up to its reuse time.
+        // change, rather than by the old one for up to its reuse time.
         Ok((snapshot, _)) => {
             log::event(
                 Level::Info,

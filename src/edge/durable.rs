@@ -293,9 +293,11 @@ pub async fn fence(
     fault: Option<&str>,
 ) -> std::result::Result<u32, String> {
     let timer = time::Timer::new();
+    let armed =
+        fault::at(&fault.map(str::to_owned), fault::GATE_UNFENCED).map_err(|e| e.to_string());
     let call = |shard: u32| -> js_sys::Promise {
-        let called = fault::at(&fault.map(str::to_owned), fault::GATE_UNFENCED)
-            .map_err(|e| e.to_string())
+        let called = armed
+            .clone()
             .and_then(|()| {
                 stub(
                     env,
