@@ -407,42 +407,49 @@ pub const FULL_MEMO_MS: i64 = 1_000;
 /// connect, where a hash map cost the module 4.3 KB gzipped.)
 pub const FULL_MEMO_SHARDS: usize = 1_024;
 
-/// What one isolate heard shards say, and when: `(gate, rate, heard_ms)`, at
-/// most [`FULL_MEMO_SHARDS`]. Each memory lasts a moment (`ttl_ms`).
+/// What one isolate heard shards say, and when: `(gate, rate, heard_ms,
+/// what)`, at most [`FULL_MEMO_SHARDS`]. Each memory lasts a moment
+/// (`ttl_ms`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Heard(Vec<(String, u32, i64)>);
+struct Heard(Vec<(String, u32, i64, Admit)>);
 
 impl Heard {
-    /// Whether `(gate, rate)` was heard within the `ttl_ms` before `now_ms`
-    /// (never for a `now_ms` before it: a clock stepped back asks again).
-    fn holds(&self, gate: &str, rate: u32, now_ms: i64, ttl_ms: i64) -> bool {
-        self.0.iter().any(|(g, r, heard)| {
-            g == gate && *r == rate && (0..ttl_ms).contains(&now_ms.saturating_sub(*heard))
-        })
+    /// What `(gate, rate)` was heard to say within the `ttl_ms` before
+    /// `now_ms` (never for a `now_ms` before it: a clock stepped back asks
+    /// again).
+    fn holds(&self, gate: &str, rate: u32, now_ms: i64, ttl_ms: i64) -> Option<Admit> {
+        self.0
+            .iter()
+            .find(|(g, r, heard, _)| {
+                g == gate && *r == rate && (0..ttl_ms).contains(&now_ms.saturating_sub(*heard))
+            })
+            .map(|(_, _, _, what)| *what)
     }
 
     fn forget(&mut self, gate: &str) {
-        self.0.retain(|(g, _, _)| g != gate);
+        self.0.retain(|(g, _, _, _)| g != gate);
     }
 
-    /// Remembers `(gate, rate)` from `now_ms`. When [`FULL_MEMO_SHARDS`] are
-    /// already remembered, the expired ones go first, then the oldest.
-    fn remember(&mut self, gate: &str, rate: u32, now_ms: i64, ttl_ms: i64) {
+    /// Remembers that `(gate, rate)` said `what` at `now_ms`. When
+    /// [`FULL_MEMO_SHARDS`] are already remembered, the expired ones go
+    /// first, then the oldest.
+    fn remember(&mut self, (gate, rate): (&str, u32), now_ms: i64, ttl_ms: i64, what: Admit) {
         self.forget(gate);
         if self.0.len() >= FULL_MEMO_SHARDS {
             self.0
-                .retain(|(_, _, heard)| (0..ttl_ms).contains(&now_ms.saturating_sub(*heard)));
+                .retain(|(_, _, heard, _)| (0..ttl_ms).contains(&now_ms.saturating_sub(*heard)));
         }
         if self.0.len() >= FULL_MEMO_SHARDS
             && let Some(oldest) = (0..self.0.len()).min_by_key(|&i| self.0[i].2)
         {
             self.0.swap_remove(oldest);
         }
-        self.0.push((gate.to_owned(), rate, now_ms));
+        self.0.push((gate.to_owned(), rate, now_ms, what));
     }
 }
 
-/// The shards one isolate last heard say their queue was full, and when.
+/// The shards one isolate last heard refuse everyone: say their queue was
+/// full, or that their region is closed ([`Gate::fence`]); and when.
 ///
 /// In a surge a region's clients are refused far faster than it admits
 /// them, and each refusal would otherwise be a call to the one object that
@@ -450,30 +457,39 @@ impl Heard {
 /// moment is the same "full", so each isolate asks at most once per
 /// [`FULL_MEMO_MS`] per shard and answers the rest itself: the object's
 /// load during an outage is bounded by the number of isolates, not of
-/// clients. A memory is for one `(gate, rate)`: a change of rate asks
+/// clients. The same holds for a shard told its region is closed: until
+/// KV carries the catalogue that says so, copies that still list the
+/// region up send it every new client it would have had, and each would be
+/// a call. A memory is for one `(gate, rate)`: a change of rate asks
 /// again. Soft state like the gate's own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FullShards {
+pub struct RefusingShards {
     heard: Heard,
 }
 
-impl FullShards {
-    /// Whether `gate`, asked at `rate`, said its queue was full within the
-    /// last [`FULL_MEMO_MS`] before `now_ms` (never for a `now_ms` before
-    /// the answer: a clock stepped back asks again).
-    pub fn is_full(&self, gate: &str, rate: u32, now_ms: i64) -> bool {
+impl RefusingShards {
+    /// How `gate`, asked at `rate`, refused everyone within the last
+    /// [`FULL_MEMO_MS`] before `now_ms`: a full queue's wait
+    /// ([`QUEUE_FULL_MS`]) or [`Admit::Closed`]. `None` if it did not, or
+    /// only before `now_ms`'s moment (or after it: a clock stepped back
+    /// asks again).
+    pub fn refusal(&self, gate: &str, rate: u32, now_ms: i64) -> Option<Admit> {
         self.heard.holds(gate, rate, now_ms, FULL_MEMO_MS)
     }
 
-    /// Takes in the gate's `verdict` heard at `now_ms`: a full queue is
-    /// remembered, any other answer forgets the gate. When
+    /// Takes in the gate's `verdict` heard at `now_ms`: a full queue or a
+    /// closed region is remembered, any other answer forgets the gate. When
     /// [`FULL_MEMO_SHARDS`] are already remembered, the expired ones go
     /// first, then the oldest.
     pub fn note(&mut self, gate: &str, rate: u32, now_ms: i64, verdict: Admit) {
-        let full =
-            matches!(verdict, Admit::Wait { retry_after_ms } if retry_after_ms >= QUEUE_FULL_MS);
-        if full {
-            self.heard.remember(gate, rate, now_ms, FULL_MEMO_MS);
+        let refuses = match verdict {
+            Admit::Wait { retry_after_ms } => retry_after_ms >= QUEUE_FULL_MS,
+            Admit::Closed => true,
+            Admit::Admitted => false,
+        };
+        if refuses {
+            self.heard
+                .remember((gate, rate), now_ms, FULL_MEMO_MS, verdict);
         } else {
             self.heard.forget(gate);
         }
@@ -505,7 +521,7 @@ impl FailedShards {
     /// Whether a call to `gate` failed within the last [`FAILED_MEMO_MS`]
     /// before `now_ms` (never for a `now_ms` before it).
     pub fn has_failed(&self, gate: &str, now_ms: i64) -> bool {
-        self.heard.holds(gate, 0, now_ms, FAILED_MEMO_MS)
+        self.heard.holds(gate, 0, now_ms, FAILED_MEMO_MS).is_some()
     }
 
     /// Takes in how a call to `gate` ended at `now_ms`: `answered` or not.
@@ -513,7 +529,9 @@ impl FailedShards {
         if answered {
             self.heard.forget(gate);
         } else {
-            self.heard.remember(gate, 0, now_ms, FAILED_MEMO_MS);
+            // What a failed call said is nothing; the memory is the failure.
+            self.heard
+                .remember((gate, 0), now_ms, FAILED_MEMO_MS, Admit::Closed);
         }
     }
 }
@@ -1123,45 +1141,72 @@ mod tests {
 
     #[test]
     fn a_full_queue_is_remembered_for_its_gate_and_rate_for_a_moment() {
-        let mut memo = FullShards::default();
-        assert!(!memo.is_full("eu-west#0", 200, T0));
+        let mut memo = RefusingShards::default();
+        assert_eq!(memo.refusal("eu-west#0", 200, T0), None);
         memo.note("eu-west#0", 200, T0, FULL);
-        assert!(memo.is_full("eu-west#0", 200, T0));
-        assert!(memo.is_full("eu-west#0", 200, T0 + FULL_MEMO_MS - 1));
-        assert!(!memo.is_full("eu-west#0", 200, T0 + FULL_MEMO_MS));
+        assert_eq!(memo.refusal("eu-west#0", 200, T0), Some(FULL));
+        assert_eq!(
+            memo.refusal("eu-west#0", 200, T0 + FULL_MEMO_MS - 1),
+            Some(FULL)
+        );
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 + FULL_MEMO_MS), None);
         // Another shard, another rate, or a clock stepped back: ask.
-        assert!(!memo.is_full("eu-west#1", 200, T0));
-        assert!(!memo.is_full("eu-west#0", 199, T0));
-        assert!(!memo.is_full("eu-west#0", 200, T0 - 1));
+        assert_eq!(memo.refusal("eu-west#1", 200, T0), None);
+        assert_eq!(memo.refusal("eu-west#0", 199, T0), None);
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 - 1), None);
     }
 
     #[test]
-    fn only_a_full_queue_is_remembered_and_any_other_answer_forgets_it() {
-        let mut memo = FullShards::default();
+    fn a_closed_region_is_remembered_as_closed_for_a_moment() {
+        let mut memo = RefusingShards::default();
+        memo.note("eu-west#0", 200, T0, Admit::Closed);
+        assert_eq!(memo.refusal("eu-west#0", 200, T0), Some(Admit::Closed));
+        assert_eq!(
+            memo.refusal("eu-west#0", 200, T0 + FULL_MEMO_MS - 1),
+            Some(Admit::Closed)
+        );
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 + FULL_MEMO_MS), None);
+        assert_eq!(memo.refusal("eu-west#0", 400, T0), None);
+        // The shard's latest word is the one remembered.
+        memo.note("eu-west#0", 200, T0 + 10, FULL);
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 + 10), Some(FULL));
+        memo.note("eu-west#0", 200, T0 + 20, Admit::Closed);
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 + 20), Some(Admit::Closed));
+        memo.note("eu-west#0", 200, T0 + 30, Admit::Admitted);
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 + 30), None);
+    }
+
+    #[test]
+    fn only_refusing_everyone_is_remembered_and_any_other_answer_forgets_it() {
+        let mut memo = RefusingShards::default();
         // A turn in the queue, however long, is not "full".
         for verdict in [
             Admit::Admitted,
-            Admit::Closed,
             Admit::Wait { retry_after_ms: 1 },
             Admit::Wait {
                 retry_after_ms: QUEUE_FULL_MS - 1,
             },
         ] {
             memo.note("eu-west#0", 200, T0, verdict);
-            assert!(!memo.is_full("eu-west#0", 200, T0), "{verdict:?}");
+            assert_eq!(memo.refusal("eu-west#0", 200, T0), None, "{verdict:?}");
         }
         memo.note("eu-west#0", 200, T0, FULL);
         memo.note("eu-west#0", 200, T0 + 10, Admit::Admitted);
-        assert!(!memo.is_full("eu-west#0", 200, T0 + 10));
+        assert_eq!(memo.refusal("eu-west#0", 200, T0 + 10), None);
         // A full answer again starts a new moment.
         memo.note("eu-west#0", 200, T0 + 20, FULL);
         memo.note("eu-west#0", 200, T0 + 900, FULL);
-        assert!(memo.is_full("eu-west#0", 200, T0 + 900 + FULL_MEMO_MS - 1));
+        assert_eq!(
+            memo.refusal("eu-west#0", 200, T0 + 900 + FULL_MEMO_MS - 1),
+            Some(FULL)
+        );
     }
 
     #[test]
     fn the_memory_is_bounded_dropping_expired_then_oldest() {
-        let mut memo = FullShards::default();
+        let mut memo = RefusingShards::default();
+        let full =
+            |memo: &RefusingShards, gate: &str, now| memo.refusal(gate, 10, now) == Some(FULL);
         // The first heard a moment before the others.
         for i in 0..FULL_MEMO_SHARDS as i64 {
             memo.note(&format!("r{i}#0"), 10, T0 + i.min(1), FULL);
@@ -1169,20 +1214,21 @@ mod tests {
         // Every one of them is remembered (the bound was 64: a large outage
         // has more shards full at once).
         let now = T0 + 2;
-        assert!((0..FULL_MEMO_SHARDS as i64).all(|i| memo.is_full(&format!("r{i}#0"), 10, now)));
+        assert!((0..FULL_MEMO_SHARDS as i64).all(|i| full(&memo, &format!("r{i}#0"), now)));
         // Full: the oldest goes.
         memo.note("new#0", 10, now, FULL);
         assert_eq!(memo.heard.0.len(), FULL_MEMO_SHARDS);
-        assert!(!memo.is_full("r0#0", 10, now));
-        assert!(memo.is_full("r1#0", 10, now));
-        assert!(memo.is_full("new#0", 10, now));
+        assert!(!full(&memo, "r0#0", now));
+        assert!(full(&memo, "r1#0", now));
+        assert!(full(&memo, "new#0", now));
         // Later, every old one has expired: they all go at once.
         let later = now + FULL_MEMO_MS - 1;
         memo.note("newer#0", 10, later, FULL);
         assert_eq!(memo.heard.0.len(), 2, "{:?}", memo.heard);
-        assert!(memo.is_full("new#0", 10, later));
-        assert!(memo.is_full("newer#0", 10, later));
+        assert!(full(&memo, "new#0", later));
+        assert!(full(&memo, "newer#0", later));
     }
+
     #[test]
     fn a_failed_shard_is_remembered_for_a_moment_and_forgotten_when_it_answers() {
         let mut memo = FailedShards::default();

@@ -9,8 +9,9 @@
 //!    - the region catalogue (KV, parsed once per isolate every few seconds);
 //! 2. a region and a server: pure placement rules (`domain::placement`);
 //! 3. admission: one RPC call to the region's `RegionGate` shard, unless
-//!    the shard said a moment ago that its queue is full
-//!    (`admission::FullShards`: the isolate then refuses as the shard would);
+//!    the shard said a moment ago that its queue is full or its region closed
+//!    (`admission::RefusingShards`: the isolate then refuses as the shard
+//!    would);
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
 //!    the answer (a refusal's with the isolate's other refusals:
 //!    `domain::outbox`).
@@ -23,7 +24,7 @@ use super::time::{self, Timer};
 use super::user_session::{DeviceMirror, devices_key};
 use super::{Fail, bindings, catalogue, fault, kv, random, secrets, store, webcrypto};
 use crate::api::{AssignedServer, Assignment, ConnectRequest, RegionList, RegionSummary};
-use crate::domain::admission::{self, Admit, FailedShards, FullShards};
+use crate::domain::admission::{self, Admit, FailedShards, RefusingShards};
 use crate::domain::catalogue::Snapshot;
 use crate::domain::geo::Point;
 use crate::domain::placement::{self, ClientLocation, PlacementError};
@@ -56,15 +57,17 @@ thread_local! {
     /// request's CPU.
     static REGIONS_REPLY: RefCell<Option<(String, Reply)>> = const { RefCell::new(None) };
 
-    /// The gate shards this isolate last heard say their queue was full.
-    static FULL_SHARDS: RefCell<FullShards> = RefCell::new(FullShards::default());
+    /// The gate shards this isolate last heard say their queue was full, or
+    /// their region closed.
+    static REFUSING_SHARDS: RefCell<RefusingShards> = RefCell::new(RefusingShards::default());
 
     /// The gate shards whose last call from this isolate failed.
     static FAILED_SHARDS: RefCell<FailedShards> = RefCell::new(FailedShards::default());
 }
 
 /// Asks the gate `gate` for one admission at `rate`, or answers as it did a
-/// moment ago if it said its queue was full (`FullShards`) or a call to it
+/// moment ago if it said its queue was full or its region closed
+/// (`RefusingShards`) or a call to it
 /// found it in trouble (`FailedShards`: a 503, as that failure was).
 ///
 /// A failure caused by a development fault point is remembered apart from
@@ -81,10 +84,8 @@ async fn admit(
         Some(f) => std::borrow::Cow::Owned(format!("{gate}!{f}")),
         None => std::borrow::Cow::Borrowed(gate),
     };
-    if FULL_SHARDS.with(|m| m.borrow().is_full(gate, rate, now)) {
-        return Ok(Admit::Wait {
-            retry_after_ms: admission::QUEUE_FULL_MS,
-        });
+    if let Some(refusal) = REFUSING_SHARDS.with(|m| m.borrow().refusal(gate, rate, now)) {
+        return Ok(refusal);
     }
     if FAILED_SHARDS.with(|m| m.borrow().has_failed(&failed_as, now)) {
         return Err(Fail::unavailable(format!(
@@ -113,7 +114,7 @@ async fn admit(
         Some(false) => {}
     }
     let verdict = verdict?;
-    FULL_SHARDS.with(|m| m.borrow_mut().note(gate, rate, now, verdict));
+    REFUSING_SHARDS.with(|m| m.borrow_mut().note(gate, rate, now, verdict));
     Ok(verdict)
 }
 

@@ -1526,12 +1526,22 @@ fn closed_at_the_gate(r: &Resp) {
     assert_eq!(got, (503, Some("region_closed")), "{}", r.body);
 }
 
+/// Waits out an isolate's memory of a shard that refused everyone
+/// (`admission::FULL_MEMO_MS`): for that long after a shard said its region
+/// is closed, the isolate refuses the shard's clients without asking it.
+async fn past_the_refusal_memo() {
+    let memo = keenvpn_edge::domain::admission::FULL_MEMO_MS as u64;
+    tokio::time::sleep(Duration::from_millis(memo + 100)).await;
+}
+
 /// An operator's change that closes a region reaches its `RegionGate`
 /// shards at once, whatever becomes of the catalogue's publish: with the
 /// publish failed (the development-only fault point `catalogue.unstored`),
 /// the catalogue still lists eu-west up, and a connect from London, placed
 /// there by it, is refused by the gate, 503 `region_closed` with the
-/// failover regions. Putting the region back up opens the gate at once.
+/// failover regions, and so is the next (from the isolate's memory of the
+/// refusal, or from the gate). Putting the region back up opens the gate at
+/// once; an isolate that heard it refuse asks it again a second later.
 /// A shard that cannot be told (`gate.unfenced`) is logged with the
 /// request's id, and the change is answered and published all the same.
 fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
@@ -1544,7 +1554,9 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         let drained = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
         let listed = send(ctx, "GET", "/v1/regions", None, None).await;
         let closed = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        let refused_again = connect_from(ctx, &plus, &dev, LONDON, None).await;
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
+        past_the_refusal_memo().await;
         let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
         assert_eq!(drained.status, 503, "the publish failed: {}", drained.body);
         assert_eq!(
@@ -1553,6 +1565,8 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
             "the catalogue does not carry the drain"
         );
         closed_at_the_gate(&closed);
+        closed_at_the_gate(&refused_again);
+        assert_eq!(closed.body["failover"], refused_again.body["failover"]);
         let failover = closed.body["failover"].as_array().unwrap();
         assert_eq!(failover.first(), Some(&json!("eu-central")), "{failover:?}");
         assert!(!failover.contains(&json!("eu-west")), "{failover:?}");
@@ -1592,6 +1606,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         let closed = connect_from(ctx, &user, &dev, LONDON, None).await;
         // Both shards opened again, then the usual rate.
         set_region(ctx, "eu-west", json!({"admission_rate": 400})).await;
+        past_the_refusal_memo().await;
         let reopened = connect_from(ctx, &user, &dev, LONDON, None).await;
         set_region(ctx, "eu-west", json!({"admission_rate": 200})).await;
         admitted_in(&admitted, "eu-west");
@@ -1646,6 +1661,7 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
             &[],
         )
         .await?;
+        past_the_refusal_memo().await;
         let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
         assert_eq!(hung.status, 503, "the publish hung: {}", hung.body);
         closed_at_the_gate(&closed);
