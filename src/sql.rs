@@ -111,6 +111,11 @@ pub const DEVICE_JSON: &str =
     'ipv4_address', host(d.ipv4_address), 'ipv6_address', host(d.ipv6_address),
     'created_at', extract(epoch FROM d.created_at)::bigint)";
 
+/// The advisory-lock class (the first key of PostgreSQL's two-key form)
+/// under which registrations are serialised per public key
+/// ([`insert_device`]); the second key is the key's `hashtext`.
+pub const DEVICE_KEY_LOCKS: i32 = 0x6b65_7931;
+
 /// Registers the device `name` with the WireGuard key `key` for the user
 /// `user` ([`literal`]s, and a [`uuid`]) unless they have `limit` devices,
 /// in one transaction that locks the user's row; its one row is a JSON
@@ -119,6 +124,7 @@ pub const DEVICE_JSON: &str =
 /// - `existing`: the user's device with this key from before the statement
 ///   (an earlier attempt committed and its answer was lost), or `null`;
 /// - `taken`: whether another user's device has the key;
+/// - `gone`: whether the user's row is gone;
 /// - `devices`: the user's devices after the statement, oldest first.
 ///
 /// The tunnel address number is taken only for a device that is added: the
@@ -133,7 +139,11 @@ pub const DEVICE_JSON: &str =
 /// registration in flight had drawn) is passed over. The
 /// addresses are the ranges' bases ([`tunnel_bases`]) plus that number, as
 /// [`tunnel_addresses`] computes them. Two users adding one key at the same
-/// moment still meet the key's unique constraint.
+/// moment are serialised on the key (a transaction-scoped advisory lock in
+/// the [`DEVICE_KEY_LOCKS`] class, after the user's row): the second sees
+/// the first's device and draws no number. A user whose row is gone (the
+/// account deleted while one of its tokens still passes) adds nothing and
+/// draws nothing, and comes back as `gone`.
 ///
 /// [`tunnel_bases`]: crate::domain::device::tunnel_bases
 /// [`tunnel_addresses`]: crate::domain::device::tunnel_addresses
@@ -142,8 +152,10 @@ pub fn insert_device(user: &str, name: &str, key: &str, limit: u32) -> String {
     format!(
         "BEGIN;
          SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
+         SELECT pg_advisory_xact_lock({DEVICE_KEY_LOCKS}, hashtext({key}));
          WITH ok AS (
-             SELECT WHERE (SELECT count(*) FROM devices WHERE user_id = {user}) < {limit}
+             SELECT WHERE EXISTS (SELECT 1 FROM users WHERE id = {user})
+               AND (SELECT count(*) FROM devices WHERE user_id = {user}) < {limit}
                AND NOT EXISTS (SELECT 1 FROM devices WHERE public_key = {key})),
          reused AS (
              DELETE FROM freed_tunnel_addresses WHERE n = (
@@ -165,6 +177,7 @@ pub fn insert_device(user: &str, name: &str, key: &str, limit: u32) -> String {
              'existing', (SELECT {DEVICE_JSON} FROM devices d
                           WHERE d.user_id = {user} AND d.public_key = {key}),
              'taken', EXISTS (SELECT 1 FROM devices WHERE public_key = {key} AND user_id <> {user}),
+             'gone', NOT EXISTS (SELECT 1 FROM users WHERE id = {user}),
              'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json)
                          FROM (SELECT * FROM devices WHERE user_id = {user}
                                UNION ALL SELECT * FROM ins) d))::text;

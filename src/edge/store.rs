@@ -247,6 +247,9 @@ pub struct Inserted {
     /// Whether another user's device has this key.
     #[serde(default)]
     pub taken: bool,
+    /// Whether the user's row is gone (the account was deleted).
+    #[serde(default)]
+    pub gone: bool,
     /// The user's devices after the statement, oldest first.
     pub devices: Vec<Device>,
 }
@@ -255,7 +258,8 @@ pub struct Inserted {
 /// the limit ([`sql::insert_device`]): the Durable Object's ledger decides
 /// first, this is the backstop that keeps PostgreSQL right even if the ledger
 /// ever drifts. A key the user already registered inserts nothing and comes
-/// back as `existing`; another user's key is 409.
+/// back as `existing`; another user's key is 409, and a deleted user 401
+/// `session_revoked`.
 pub async fn insert_device(
     client: &Client,
     user_id: &str,
@@ -272,6 +276,13 @@ pub async fn insert_device(
     let inserted: Inserted = json_row_or(client, &q, key_taken_meanwhile)
         .await?
         .ok_or_else(|| Fail::internal("insert returned no row".into()))?;
+    if inserted.gone {
+        return Err(ApiError::new(
+            ProblemCode::SessionRevoked,
+            "This account no longer exists.",
+        )
+        .into());
+    }
     if inserted.taken && inserted.device.is_none() && inserted.existing.is_none() {
         return Err(key_in_use());
     }

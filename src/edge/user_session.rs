@@ -1256,6 +1256,16 @@ impl UserSession {
         if !stored.claim(&r.user_id) {
             return refuse(400, "wrong_object", None);
         }
+        // The account went, or is going: its access tokens still pass at the
+        // edge for a moment (until the session mirror says otherwise), but
+        // no device is added to it. (PostgreSQL refuses one too, drawing no
+        // tunnel address, should the deletion begin meanwhile.)
+        if stored.closed {
+            return refuse(401, "session_revoked", None);
+        }
+        if stored.deleting {
+            return refuse(503, "service_unavailable", Some(5));
+        }
         // Records this instance has not seen settled (it is fresh, or a device
         // operation failed part-way: a delete or a key rotation PostgreSQL
         // committed and the records missed) may still hold a device PostgreSQL

@@ -55,6 +55,10 @@ pub const TESTS: &[(&str, Test)] = &[
         Box::pin(only_an_added_device_draws_an_address(pg))
     }),
     (
+        "store::a_registration_for_a_deleted_account_or_a_key_being_added_draws_no_address",
+        |pg| Box::pin(no_address_for_a_gone_user_or_a_key_in_flight(pg)),
+    ),
+    (
         "store::a_deleted_devices_tunnel_address_is_given_again_after_its_quarantine",
         |pg| Box::pin(a_deleted_devices_address_is_given_again(pg)),
     ),
@@ -494,6 +498,32 @@ async fn undo_keeps_a_device_committed_meanwhile(pg: &Postgres) -> Result<(), Fa
     let removal = tokio::spawn(async move { undo.simple_query(&statement).await });
     // Until the removal waits for the user's row.
     let observer = db::connect(&url).await?;
+    one_waits_for_a_lock(&observer, "the removal never waited for the row").await?;
+    registration.batch_execute("COMMIT").await?;
+
+    let answer = removal.await??;
+    assert_eq!(
+        last_row(&answer),
+        Some("false"),
+        "the user was removed: {answer:?}"
+    );
+    let devices: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM devices WHERE user_id = $1::text::uuid",
+            &[&user],
+        )
+        .await?
+        .get(0);
+    assert_eq!(devices, 1, "the committed device is gone");
+    Ok(())
+}
+
+/// Waits (up to 10 s, else fails with `never`) until one session of the
+/// database `observer` is connected to waits for a lock.
+async fn one_waits_for_a_lock(
+    observer: &tokio_postgres::Client,
+    never: &str,
+) -> Result<(), Failed> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let waiting: i64 = observer
@@ -505,38 +535,22 @@ async fn undo_keeps_a_device_committed_meanwhile(pg: &Postgres) -> Result<(), Fa
             .await?
             .get(0);
         if waiting == 1 {
-            break;
+            return Ok(());
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the removal never waited for the row"
-        );
+        assert!(std::time::Instant::now() < deadline, "{never}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    registration.batch_execute("COMMIT").await?;
+}
 
-    let answer = removal.await??;
-    let removed: Vec<&str> = answer
+/// The first column of the last row of a simple query's answer.
+fn last_row(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<&str> {
+    messages
         .iter()
         .filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0),
             _ => None,
         })
-        .collect();
-    assert_eq!(
-        removed.last(),
-        Some(&"false"),
-        "the user was removed: {removed:?}"
-    );
-    let devices: i64 = observer
-        .query_one(
-            "SELECT count(*) FROM devices WHERE user_id = $1::text::uuid",
-            &[&user],
-        )
-        .await?
-        .get(0);
-    assert_eq!(devices, 1, "the committed device is gone");
-    Ok(())
+        .last()
 }
 
 /// `sql::insert_device` of a device with the key `key` for the user `user`.
@@ -556,17 +570,9 @@ async fn register(
     key: &str,
     limit: u32,
 ) -> Result<serde_json::Value, Failed> {
-    let text = client
-        .simple_query(&registration(user, key, limit))
-        .await?
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .last()
-        .ok_or("the registration returned no row")?;
-    Ok(serde_json::from_str(&text)?)
+    let answer = client.simple_query(&registration(user, key, limit)).await?;
+    let text = last_row(&answer).ok_or("the registration returned no row")?;
+    Ok(serde_json::from_str(text)?)
 }
 
 /// The number `device_address_seq` last gave out.
@@ -709,6 +715,81 @@ async fn only_an_added_device_draws_an_address(pg: &Postgres) -> Result<(), Fail
         .await?
         .get(0);
     assert_eq!(devices, 2);
+    Ok(())
+}
+
+/// Two more ways a registration could lose a number for good, neither
+/// drawing one:
+/// - the user's row is gone (the account deleted while one of its access
+///   tokens still passes at the edge): nothing is added, and the answer
+///   says `gone`;
+/// - another user's registration of the same key is in flight: the second
+///   waits for the first (both take the key's advisory lock after their
+///   user's row), then sees its device and is refused for the key. Without
+///   the lock, it drew a number, then met the key's unique constraint.
+async fn no_address_for_a_gone_user_or_a_key_in_flight(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    let url = pg.url(&current_database(&client).await?);
+    let users = new_users(&client, &["a@example.test", "b@example.test"]).await?;
+    let (a, b) = (&users[0], &users[1]);
+    let key = |c: char| format!("{}=", c.to_string().repeat(43));
+    let added = register(&client, a, &key('A'), 5).await?;
+    assert!(added["device"].is_object(), "{added}");
+    let drawn = last_drawn(&client).await?;
+
+    let gone = register(
+        &client,
+        "00000000-0000-4000-8000-000000000001",
+        &key('B'),
+        5,
+    )
+    .await?;
+    assert_eq!(
+        (gone["gone"].as_bool(), gone["device"].is_null()),
+        (Some(true), true),
+        "{gone}"
+    );
+    assert_eq!(added["gone"], false, "{added}");
+    assert_eq!(
+        last_drawn(&client).await?,
+        drawn,
+        "a gone user drew a number"
+    );
+
+    // The first registration, held open with its device inserted.
+    let first = db::connect(&url).await?;
+    first
+        .batch_execute(&format!(
+            "BEGIN;
+             SELECT 1 FROM users WHERE id = '{a}' FOR UPDATE;
+             SELECT pg_advisory_xact_lock({locks}, hashtext('{k}'));
+             INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
+             VALUES ('{a}', 'Laptop', '{k}', '10.64.0.200', 'fd00:64::200');",
+            locks = sql::DEVICE_KEY_LOCKS,
+            k = key('C'),
+        ))
+        .await?;
+    let second = db::connect(&url).await?;
+    let statement = registration(b, &key('C'), 5);
+    let racing = tokio::spawn(async move { second.simple_query(&statement).await });
+    one_waits_for_a_lock(&client, "the second registration never waited").await?;
+    first.batch_execute("COMMIT").await?;
+    let answer = racing
+        .await?
+        .map_err(|e| format!("the second registration failed: {e}"))?;
+    let text = last_row(&answer).ok_or("the registration returned no row")?;
+    let refused: serde_json::Value = serde_json::from_str(text)?;
+    assert_eq!(
+        (refused["taken"].as_bool(), refused["device"].is_null()),
+        (Some(true), true),
+        "{refused}"
+    );
+    assert_eq!(
+        last_drawn(&client).await?,
+        drawn,
+        "the registration refused for its key drew a number"
+    );
     Ok(())
 }
 

@@ -830,6 +830,8 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(r.status, 401, "{}", r.body);
         assert_eq!(device_count(ctx, &user.id).await, 1);
 
+        let sessions_key = format!("sessions/{}", user.id);
+        let live_copy = ctx.stack().wrangler.kv_get(&sessions_key);
         let r = delete(user.access.clone()).await;
         assert_eq!(r.status, 204, "{}", r.body);
         let left: i64 = db
@@ -871,6 +873,21 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
             let r = send(ctx, method, path, None, Some(&user.access)).await;
             assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
         }
+        // Where the session copy is still the one from before the deletion
+        // (KV carries the change to other locations within a minute), the
+        // token passes at the edge; its registration adds no device and
+        // draws no tunnel address, and says why.
+        let revoked_copy = ctx.stack().wrangler.kv_get(&sessions_key);
+        let live_copy = live_copy.expect("a session copy before the deletion");
+        ctx.stack().wrangler.kv_put(&sessions_key, &live_copy);
+        let late = create(ctx, &user, "tablet", &wg_key()).await;
+        match &revoked_copy {
+            Some(copy) => ctx.stack().wrangler.kv_put(&sessions_key, copy),
+            None => ctx.stack().wrangler.kv_delete(&sessions_key),
+        }
+        assert_eq!(late.status, 401, "{}", late.body);
+        assert_eq!(late.body["code"], "session_revoked", "{}", late.body);
+        assert_eq!(device_count(ctx, &user.id).await, 0);
 
         let cut = new_user(ctx).await;
         let fault = [("x-keenvpn-fault", "account.marked")];
