@@ -413,6 +413,10 @@ pub struct DeleteAccountReq {
 /// meet (they may: the second finds the account gone, and closes again).
 const DELETION_RETRY_MS: u64 = 5_000;
 
+/// How often the alarm tries a deletion again while PostgreSQL fails it,
+/// after the first retry ([`DELETION_RETRY_MS`]).
+const DELETION_RETRY_AGAIN_MS: u64 = 30_000;
+
 /// Which sessions a revocation ends (see `UserSession::revoke`).
 #[derive(Clone, Copy)]
 enum Ending {
@@ -1763,7 +1767,7 @@ impl UserSession {
                 Response::from_json(&serde_json::json!({ "deleted": true }))
             }
             Err(fail) => {
-                self.arm(DELETION_RETRY_MS * 30, origin).await;
+                self.arm(DELETION_RETRY_AGAIN_MS, origin).await;
                 refuse_fail(&fail, origin)
             }
         }
