@@ -214,18 +214,47 @@ async fn constraints(pg: &Postgres) -> Result<(), Failed> {
     db::seed_dev(&mut client)
         .await
         .map_err(|e| format!("{e:?}"))?;
+    // Each with the error it must meet: a check violation (23514), or the
+    // generated column's refusal of a value (428C9); not just any error (a
+    // typo in the statement would pass as one).
     let bad = [
-        "INSERT INTO users (email, password_hash) VALUES ('Mixed@Example.com', '$argon2id$x')",
-        "INSERT INTO users (email, password_hash) VALUES ('a@example.com', 'plaintext')",
-        "INSERT INTO regions (id, name, country, latitude, longitude, tier) VALUES ('xx-1', 'X', 'XX', 91, 0, 'free')",
-        "INSERT INTO regions (id, name, country, latitude, longitude, tier, reported_health) VALUES ('xx-2', 'X', 'XX', 0, 0, 'free', 'sideways')",
-        "INSERT INTO regions (id, name, country, latitude, longitude, tier, operator_health) VALUES ('xx-3', 'X', 'XX', 0, 0, 'free', 'up')",
-        "UPDATE regions SET health = 'down' WHERE id = 'eu-central'",
-        "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-x', 'eu-central', 'h', 70000, 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', 1)",
-        "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-y', 'eu-central', 'h', 51820, 'not-a-key', 1)",
+        (
+            "INSERT INTO users (email, password_hash) VALUES ('Mixed@Example.com', '$argon2id$x')",
+            "23514",
+        ),
+        (
+            "INSERT INTO users (email, password_hash) VALUES ('a@example.com', 'plaintext')",
+            "23514",
+        ),
+        (
+            "INSERT INTO regions (id, name, country, latitude, longitude, tier) VALUES ('xx-1', 'X', 'XX', 91, 0, 'free')",
+            "23514",
+        ),
+        (
+            "INSERT INTO regions (id, name, country, latitude, longitude, tier, reported_health) VALUES ('xx-2', 'X', 'XX', 0, 0, 'free', 'sideways')",
+            "23514",
+        ),
+        (
+            "INSERT INTO regions (id, name, country, latitude, longitude, tier, operator_health) VALUES ('xx-3', 'X', 'XX', 0, 0, 'free', 'up')",
+            "23514",
+        ),
+        (
+            "UPDATE regions SET health = 'down' WHERE id = 'eu-central'",
+            "428C9",
+        ),
+        (
+            "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-x', 'eu-central', 'h', 70000, 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=', 1)",
+            "23514",
+        ),
+        (
+            "INSERT INTO servers (id, region_id, hostname, port, public_key, capacity) VALUES ('s-y', 'eu-central', 'h', 51820, 'not-a-key', 1)",
+            "23514",
+        ),
     ];
-    for sql in bad {
-        assert!(client.batch_execute(sql).await.is_err(), "accepted: {sql}");
+    for (sql, code) in bad {
+        let refused = client.batch_execute(sql).await.err();
+        let got = refused.as_ref().and_then(|e| e.code()).map(|c| c.code());
+        assert_eq!(got, Some(code), "{sql}: {refused:?}");
     }
     Ok(())
 }

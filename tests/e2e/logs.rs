@@ -35,6 +35,16 @@ fn configured_secrets() -> Vec<(String, String)> {
         "the database password".into(),
         crate::support::DB_PASSWORD.into(),
     ));
+    // The Worker only ever sees it in a URL, percent-encoded, and its client
+    // prepares it for the handshake.
+    out.push((
+        "the database password, percent-encoded".into(),
+        crate::support::db_password_in_url(),
+    ));
+    out.push((
+        "the database password, prepared (NFKC)".into(),
+        crate::support::DB_PASSWORD_PREPARED.into(),
+    ));
     out
 }
 

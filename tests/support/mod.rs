@@ -37,6 +37,23 @@ pub const DB_USER: &str = "keenvpn";
 pub const DB_PASSWORD: &str = "keenvpn-\u{FF54}\u{FF45}\u{FF53}\u{FF54}";
 pub const DB_NAME: &str = "keenvpn";
 
+/// [`DB_PASSWORD`] as the URLs the Worker is given carry it: percent-encoded,
+/// since a URL's userinfo is ASCII.
+pub fn db_password_in_url() -> String {
+    DB_PASSWORD
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// [`DB_PASSWORD`] as SASLprep maps it (NFKC): what the server checks.
+pub const DB_PASSWORD_PREPARED: &str = "keenvpn-test";
+
 /// The repository root (where Cargo.toml is).
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -359,18 +376,9 @@ impl Postgres {
 
     /// The URL the application uses (password auth over TCP).
     pub fn url(&self, db: &str) -> String {
-        // Percent-encoded: a URL's userinfo is ASCII.
-        let password: String = DB_PASSWORD
-            .bytes()
-            .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    char::from(b).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect();
         format!(
-            "postgres://{DB_USER}:{password}@127.0.0.1:{}/{db}",
+            "postgres://{DB_USER}:{}@127.0.0.1:{}/{db}",
+            db_password_in_url(),
             self.port
         )
     }
