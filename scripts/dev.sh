@@ -82,7 +82,9 @@ else
     || die "PostgreSQL did not start; see $PGDIR/postgres.log (is port $PG_PORT free? set DEV_PG_PORT)"
   note "started"
 fi
+ticker=
 stop_pg() {
+  [ -z "$ticker" ] || kill "$ticker" 2>/dev/null || true
   [ -n "$started_pg" ] || return 0
   step "stopping PostgreSQL"
   pg "$bindir/pg_ctl" -D "$PGDIR/data" -m fast stop >/dev/null 2>&1 || true
@@ -130,5 +132,14 @@ INFO
 
 export CLOUDFLARE_HYPERDRIVE_LOCAL_CONNECTION_STRING_HYPERDRIVE="$DB_URL"
 export WRANGLER_SEND_METRICS=false
+# `wrangler dev` runs no cron trigger by itself: tick the schedule once a
+# minute, as a deployment's trigger does (the catalogue's publish, regions
+# whose monitor went silent, retention), while this shell lives.
+(
+  while sleep 60 && kill -0 $$ 2>/dev/null; do
+    curl -fsS -o /dev/null "http://127.0.0.1:$WORKER_PORT/__scheduled?cron=*+*+*+*+*" || true
+  done
+) &
+ticker=$!
 step "wrangler dev"
-wrangler dev --ip 127.0.0.1 --port "$WORKER_PORT" --persist-to "$STATE/wrangler" "$@"
+wrangler dev --ip 127.0.0.1 --port "$WORKER_PORT" --persist-to "$STATE/wrangler" --test-scheduled "$@"

@@ -99,18 +99,21 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
 fi
 
 step "Schemathesis (the OpenAPI contract fuzzer the tests run), in .venv/"
-# Pinned: the contract tests use a fixed seed, which reproduces only with the same version.
+# Pinned, with Hypothesis, which generates its cases: the contract tests use
+# a fixed seed, which reproduces only with the same versions of both.
 SCHEMATHESIS_VERSION=4.32.5
+HYPOTHESIS_VERSION=6.170.17
 have=$(.venv/bin/schemathesis --version 2>/dev/null | awk '{print $NF}' || true)
-if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
-  note "schemathesis $have"
+have_hypothesis=$(.venv/bin/python -c 'import hypothesis; print(hypothesis.__version__)' 2>/dev/null || true)
+if [ "$have" = "$SCHEMATHESIS_VERSION" ] && [ "$have_hypothesis" = "$HYPOTHESIS_VERSION" ]; then
+  note "schemathesis $have, hypothesis $have_hypothesis"
 else
   if ! command -v python3 >/dev/null 2>&1; then
     note "installing python3 from the Debian packages"
     apt_install python3 python3-venv \
       || die "python3 not found, and apt-get could not install it: install Python (>= 3.10) with venv"
   fi
-  note "installing schemathesis $SCHEMATHESIS_VERSION from PyPI (have: ${have:-none})"
+  note "installing schemathesis $SCHEMATHESIS_VERSION and hypothesis $HYPOTHESIS_VERSION from PyPI (have: ${have:-none}, ${have_hypothesis:-none})"
   if [ ! -x .venv/bin/pip ] && ! python3 -m venv .venv; then
     # Debian and Ubuntu ship the venv module apart from python3.
     rm -rf .venv
@@ -118,8 +121,9 @@ else
     apt_install python3-venv || die "could not create .venv, and apt-get could not install python3-venv"
     python3 -m venv .venv || die "could not create .venv"
   fi
-  .venv/bin/pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" \
-    || die "could not install schemathesis $SCHEMATHESIS_VERSION"
+  .venv/bin/pip install --quiet --disable-pip-version-check \
+    "schemathesis==$SCHEMATHESIS_VERSION" "hypothesis==$HYPOTHESIS_VERSION" \
+    || die "could not install schemathesis $SCHEMATHESIS_VERSION with hypothesis $HYPOTHESIS_VERSION"
 fi
 
 step "development secrets (.dev.vars)"
