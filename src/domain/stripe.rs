@@ -300,11 +300,14 @@ pub struct SubscriptionState {
     /// `cancel_at_period_end`, or a `cancel_at` no later than the period end
     /// (newer dashboards schedule end-of-period cancellations that way).
     pub cancel_at_period_end: bool,
-    /// The plan ids the subscription names, in precedence order: the price's
-    /// `lookup_key`, then `metadata.plan_id` (each once, odd values dropped).
-    /// The first that names one of our plans is the subscription's plan, so a
-    /// price whose lookup key is not a plan id still finds its plan through
-    /// the metadata our checkout sets.
+    /// The plan ids the subscription names, in precedence order (each once,
+    /// odd values dropped): the price's `lookup_key`, the price's
+    /// `metadata.plan_id`, the lookup key's part before its first `_` (so
+    /// `plus_eur_2026` names `plus`), then the subscription's
+    /// `metadata.plan_id`. The first that names one of our plans is the
+    /// subscription's plan. What the price says comes first: it changes with
+    /// the price when the customer moves to another plan, where the
+    /// subscription's metadata is set once at checkout and stays.
     pub plan_ids: Vec<String>,
     /// `metadata.user_id`, set by our checkout; `None` unless it is a
     /// lowercase hyphenated UUID.
@@ -471,13 +474,24 @@ fn subscription_state(
     let cancel_at = field_timestamp(sub.get("cancel_at"), "data.object.cancel_at")?;
     let cancel_at_period_end = cancel_flag || cancel_at.is_some_and(|at| at <= current_period_end);
 
-    let mut plan_ids = Vec::with_capacity(2);
+    let lookup_key = bounded_id(sub.pointer("/items/data/0/price/lookup_key"));
+    let key_prefix = lookup_key
+        .as_deref()
+        .and_then(|key| key.split_once('_'))
+        .map(|(prefix, _)| prefix.to_owned())
+        .filter(|prefix| !prefix.is_empty());
+    let mut plan_ids = Vec::with_capacity(4);
     for candidate in [
-        sub.pointer("/items/data/0/price/lookup_key"),
-        sub.pointer("/metadata/plan_id"),
-    ] {
-        if let Some(id) = bounded_id(candidate).filter(|id| !plan_ids.contains(id)) {
-            plan_ids.push(id);
+        lookup_key,
+        bounded_id(sub.pointer("/items/data/0/price/metadata/plan_id")),
+        key_prefix,
+        bounded_id(sub.pointer("/metadata/plan_id")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !plan_ids.contains(&candidate) {
+            plan_ids.push(candidate);
         }
     }
     let user_id = sub
@@ -1446,7 +1460,29 @@ mod tests {
         assert!(plans(&body).is_empty());
 
         body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!("plus_eur_2026");
-        assert_eq!(plans(&body), ["plus_eur_2026"]);
+        assert_eq!(plans(&body), ["plus_eur_2026", "plus"]);
+        body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!("_eur");
+        assert_eq!(plans(&body), ["_eur"], "no empty prefix");
+    }
+
+    /// A customer who bought Family at checkout (the subscription's metadata
+    /// says `family`, and keeps saying it) moves to a Plus price: the price
+    /// decides, by its lookup key, its key's prefix, or its own metadata.
+    #[test]
+    fn a_change_of_price_is_not_overruled_by_the_checkouts_metadata() {
+        let mut body = fixture(BASIL_SUBSCRIPTION_UPDATED);
+        let plans = |body: &Value| {
+            subscription_of(&parse_value(body).unwrap())
+                .plan_ids
+                .clone()
+        };
+        let price = "/data/object/items/data/0/price";
+        body["data"]["object"]["metadata"]["plan_id"] = json!("family");
+        *body.pointer_mut(&format!("{price}/lookup_key")).unwrap() = json!("plus_eur_2026");
+        assert_eq!(plans(&body), ["plus_eur_2026", "plus", "family"]);
+        *body.pointer_mut(&format!("{price}/lookup_key")).unwrap() = json!("vpn_monthly");
+        body.pointer_mut(price).unwrap()["metadata"] = json!({"plan_id": "plus"});
+        assert_eq!(plans(&body), ["vpn_monthly", "plus", "vpn", "family"]);
     }
 
     #[test]

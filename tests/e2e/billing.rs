@@ -56,7 +56,7 @@ pub const TESTS: &[(&str, Test)] = &[
         second_subscription_ends,
     ),
     (
-        "billing::a_price_whose_lookup_key_is_no_plan_falls_back_to_metadata_or_is_retried",
+        "billing::a_price_names_its_plan_by_its_key_or_its_prefix_before_the_checkouts_metadata",
         unknown_lookup_key,
     ),
     (
@@ -650,8 +650,11 @@ async fn deliver_priced(
     deliver_signed(ctx, &serde_json::to_vec(&body).unwrap()).await
 }
 
-/// Prices are often looked up by keys such as `plus_eur_2026`, which name no
-/// plan: the plan id our checkout puts in the metadata then decides. An event
+/// Prices are often looked up by keys such as `plus_eur_2026`: the key's
+/// part before its first `_` names the plan, ahead of the plan id our
+/// checkout put in the subscription's metadata, which stays when the customer
+/// moves to another price. A key that names no plan leaves it to the
+/// metadata. An event
 /// that names no plan of ours for a new subscription is refused unrecorded,
 /// so that the provider's retry applies it once the plan exists; one for a
 /// subscription we know still applies, and the plan stays.
@@ -663,6 +666,20 @@ fn unknown_lookup_key(ctx: &Ctx) -> Result<(), Failed> {
             deliver_priced(ctx, "customer.subscription.created", &s, "plus_eur_2026", "plus").await;
         assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
         assert_eq!(plan_after_refresh(ctx, &mut user).await, "plus");
+
+        // Bought as Family at checkout, moved to a Plus price: the
+        // metadata still says `family`, the price decides.
+        let mut moved = new_user(ctx).await;
+        let bought = sub_for(&moved, "family");
+        let kind = "customer.subscription.created";
+        let (status, json) = deliver_priced(ctx, kind, &bought, "family_eur_2026", "family").await;
+        assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
+        assert_eq!(plan_after_refresh(ctx, &mut moved).await, "family");
+        let switched = next(&bought, bought.created + 60);
+        let kind = "customer.subscription.updated";
+        let (status, json) = deliver_priced(ctx, kind, &switched, "plus_eur_2026", "family").await;
+        assert_eq!((status, &json["applied"]), (200, &json!(true)), "{json}");
+        assert_eq!(plan_after_refresh(ctx, &mut moved).await, "plus");
 
         // A later change whose price names no plan at all: the status applies,
         // the plan stays.
