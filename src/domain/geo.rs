@@ -48,6 +48,52 @@ impl Point {
     }
 }
 
+/// Where Cloudflare may place a Durable Object (its `locationHint`s), each
+/// with a few of the cities its data centres serve: a region's objects are
+/// hinted to the hint of the city nearest it ([`location_hint`]).
+const LOCATION_HINTS: &[(&str, f64, f64)] = &[
+    ("wnam", 37.34, -121.89), // San Jose
+    ("wnam", 47.61, -122.33), // Seattle
+    ("wnam", 34.05, -118.24), // Los Angeles
+    ("enam", 38.95, -77.45),  // Ashburn
+    ("enam", 41.88, -87.63),  // Chicago
+    ("enam", 40.71, -74.01),  // New York
+    ("enam", 25.76, -80.19),  // Miami
+    ("sam", -23.55, -46.63),  // São Paulo
+    ("sam", -33.45, -70.67),  // Santiago
+    ("sam", -12.05, -77.04),  // Lima
+    ("weur", 51.51, -0.13),   // London
+    ("weur", 48.86, 2.35),    // Paris
+    ("weur", 50.11, 8.68),    // Frankfurt
+    ("eeur", 52.23, 21.01),   // Warsaw
+    ("eeur", 44.43, 26.10),   // Bucharest
+    ("apac", 1.35, 103.82),   // Singapore
+    ("apac", 35.68, 139.69),  // Tokyo
+    ("apac", 19.08, 72.88),   // Mumbai
+    ("apac", 22.32, 114.17),  // Hong Kong
+    ("oc", -33.87, 151.21),   // Sydney
+    ("oc", -36.85, 174.76),   // Auckland
+    ("afr", -26.20, 28.05),   // Johannesburg
+    ("afr", 6.52, 3.38),      // Lagos
+    ("afr", -1.29, 36.82),    // Nairobi
+    ("me", 25.20, 55.27),     // Dubai
+    ("me", 32.09, 34.78),     // Tel Aviv
+];
+
+/// The Durable Object `locationHint` for objects that serve a region at `p`:
+/// the hint of the listed city nearest it. An object is placed when it is
+/// first called, near its caller unless hinted; a region's admission gates
+/// first called by an operator's change or the cron, from anywhere, would
+/// otherwise stay far from the region's clients for good.
+pub fn location_hint(p: Point) -> &'static str {
+    let from = Origin::new(p);
+    LOCATION_HINTS
+        .iter()
+        .map(|&(hint, lat, lon)| (hint, from.distance_km(Point { lat, lon })))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or("weur", |(hint, _)| hint)
+}
+
 /// The mean earth radius (IUGG), in kilometres.
 pub const EARTH_RADIUS_KM: f64 = 6371.0088;
 
@@ -299,6 +345,32 @@ mod tests {
 
     fn p(lat: f64, lon: f64) -> Point {
         Point::new(lat, lon).unwrap()
+    }
+
+    #[test]
+    fn a_region_is_hinted_to_the_nearest_location_its_objects_may_have() {
+        for (place, lat, lon, hint) in [
+            ("Dublin", 53.35, -6.26, "weur"),
+            ("Amsterdam", 52.37, 4.90, "weur"),
+            ("Stockholm", 59.33, 18.07, "eeur"),
+            ("Kyiv", 50.45, 30.52, "eeur"),
+            ("Toronto", 43.65, -79.38, "enam"),
+            ("Dallas", 32.78, -96.80, "enam"),
+            ("Denver", 39.74, -104.99, "wnam"),
+            ("Vancouver", 49.28, -123.12, "wnam"),
+            ("Bogotá", 4.71, -74.07, "sam"),
+            ("Buenos Aires", -34.60, -58.38, "sam"),
+            ("Cape Town", -33.92, 18.42, "afr"),
+            ("Cairo", 30.04, 31.24, "me"),
+            ("Riyadh", 24.71, 46.68, "me"),
+            ("Delhi", 28.61, 77.21, "apac"),
+            ("Seoul", 37.57, 126.98, "apac"),
+            ("Jakarta", -6.21, 106.85, "apac"),
+            ("Melbourne", -37.81, 144.96, "oc"),
+            ("Perth", -31.95, 115.86, "oc"),
+        ] {
+            assert_eq!(location_hint(p(lat, lon)), hint, "{place}");
+        }
     }
 
     const LONDON: (f64, f64) = (51.5074, -0.1278);

@@ -27,6 +27,7 @@ use crate::api::{
     SetRegion, SetServer, is_server_id, unit_load,
 };
 use crate::domain::catalogue::Health;
+use crate::domain::geo::{self, Point};
 use crate::domain::problem::ProblemCode;
 use crate::http::{ApiError, Reply};
 use crate::sql;
@@ -177,12 +178,15 @@ async fn update_region(
                                                   'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint) AS state,
                                 (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed,
                                 before.admission_rate AS previous_rate,
-                                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version)
+                                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version,
+                                r.latitude, r.longitude)
          SELECT json_build_object(
              'region', (SELECT state FROM region),
              'region_changed', coalesce((SELECT changed FROM region), false),
              'previous_rate', (SELECT previous_rate FROM region),
              'version', (SELECT version FROM region),
+             'latitude', (SELECT latitude FROM region),
+             'longitude', (SELECT longitude FROM region),
              'unknown', (SELECT coalesce(json_agg(l.id ORDER BY l.id), '[]') FROM loads l
                           WHERE NOT EXISTS (SELECT 1 FROM known k WHERE k.id = l.id)),
              'flipped', EXISTS (SELECT 1 FROM loaded WHERE flipped))::text",
@@ -201,6 +205,9 @@ async fn update_region(
         /// exist.
         previous_rate: Option<u32>,
         version: Option<i64>,
+        /// Where the region is: where its gates belong.
+        latitude: Option<f64>,
+        longitude: Option<f64>,
     }
     let row: Option<Updated> = store::json_value(&db, &q).await?;
     let Some(Updated {
@@ -210,6 +217,8 @@ async fn update_region(
         flipped,
         previous_rate: Some(previous_rate),
         version: Some(version),
+        latitude,
+        longitude,
     }) = row
     else {
         return Err(not_found());
@@ -224,8 +233,11 @@ async fn update_region(
             let fault = fault.as_deref().filter(|f| *f == fault::GATE_UNFENCED);
             let closed = region.health != Health::Up || region.admission_rate == 0;
             let rates = (region.admission_rate, previous_rate);
+            let at = latitude
+                .zip(longitude)
+                .and_then(|(lat, lon)| Point::new(lat, lon));
             let (id, told) = (region.id.as_str(), (version, closed));
-            tell_gates(env, Some(request_id), (id, rates), told, fault).await;
+            tell_gates(env, Some(request_id), (id, at, rates), told, fault).await;
         }
     }
     .boxed_local();
@@ -251,17 +263,21 @@ async fn update_region(
 /// shard not reached is left to the catalogue, as before: the change stands
 /// and is published either way. One told a region is closed refuses everyone for
 /// `admission::FENCE_MS` at most, unless told it admits again. The cron
-/// tells the shards of the regions it marks down too.
+/// tells the shards of the regions it marks down too. A shard that did not
+/// exist is made by the telling: near the region `at`
+/// (`geo::location_hint`), not near the operator or the cron.
 pub(super) async fn tell_gates(
     env: &Env,
     request_id: Option<&str>,
-    (region, rates): (&str, (u32, u32)),
+    (region, at, rates): (&str, Option<Point>, (u32, u32)),
     (version, closed): (i64, bool),
     fault: Option<&str>,
 ) {
     let shards = crate::domain::admission::shard_count(rates.0.max(rates.1));
-    let told = durable::fence(env, (region, shards), (version, closed), fault).await;
-    let mut fields = json!({"region": region, "closed": closed, "shards": shards});
+    let hint = at.map(geo::location_hint);
+    let told = durable::fence(env, (region, shards, hint), (version, closed), fault).await;
+    let mut fields =
+        json!({"region": region, "closed": closed, "shards": shards, "location_hint": hint});
     match told {
         Ok(taken) => {
             fields["taken"] = taken.into();

@@ -90,13 +90,14 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                 AND (SELECT now() >= marks_down_from
                             OR health_reported_at < gap_started_at - interval '3 minutes' FROM run)
                 AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
-             RETURNING id, admission_rate, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version)
+             RETURNING id, admission_rate, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version,
+                       latitude, longitude)
          SELECT 'none of the ' || monitored || ' monitored regions reported in 3 minutes: '
-                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL
+                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL, NULL, NULL
            FROM monitors, run
           WHERE monitored >= 2 AND heard = 0 AND now() >= run.marks_down_from
          UNION ALL
-         SELECT NULL, id, admission_rate::text, version::text FROM marked",
+         SELECT NULL, id, admission_rate::text, version::text, latitude::text, longitude::text FROM marked",
     ),
     (
         "create connection event partitions",
@@ -109,7 +110,7 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 enum Lines {
     /// A failure in the first column, logged at error level; or, from the
     /// marking step, a null there and a region it marked down ([`Marked`])
-    /// in the next three.
+    /// in the next five.
     Failures,
     /// Two columns: a level (`info`, `warn`, `error`) and what happened.
     Leveled,
@@ -208,7 +209,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         let done = std::cell::Cell::new(0);
         let told = async {
             for m in &marked {
-                let region = (m.id.as_str(), (m.rate, m.rate));
+                let region = (m.id.as_str(), m.at, (m.rate, m.rate));
                 super::admin::tell_gates(env, None, region, (m.version, true), None).await;
                 done.set(done.get() + 1);
             }
@@ -327,6 +328,8 @@ struct Marked {
     id: String,
     rate: u32,
     version: i64,
+    /// Where the region is: where its gates belong.
+    at: Option<crate::domain::geo::Point>,
 }
 
 /// Logs the rows a maintenance step answered with; the regions it marked
@@ -350,6 +353,7 @@ fn report(
                             id: id.to_owned(),
                             rate,
                             version,
+                            at: crate::domain::geo::Point::parse(column(4), column(5)),
                         }),
                         _ => log_step(step, Level::Error, &format!("{id}: unreadable line")),
                     }

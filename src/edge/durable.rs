@@ -281,29 +281,38 @@ pub const MAX_FENCED_SHARDS: u32 = 256;
 
 /// Tells the first `shards` `RegionGate` shards of `region` (at most
 /// [`MAX_FENCED_SHARDS`]) whether it admits anyone, as of its change
-/// `version` (`Gate::fence`), all at once. A call that fails or takes
+/// `version` (`Gate::fence`), all at once; a shard this makes is placed by
+/// the `locationHint` `hint` (`geo::location_hint`), if there is one. A call that fails or takes
 /// longer than [`ADMIT_TIMEOUT_MS`] is made once more. How many shards took
 /// the word (one no newer than a shard's last is not taken); the error
 /// counts the shards no call reached and gives the last failure. `fault`: the
 /// development-only [`fault::GATE_UNFENCED`] point, where every call fails.
 pub async fn fence(
     env: &Env,
-    (region, shards): (&str, u32),
+    (region, shards, hint): (&str, u32, Option<&str>),
     (version, closed): (i64, bool),
     fault: Option<&str>,
 ) -> std::result::Result<u32, String> {
     let timer = time::Timer::new();
     let armed =
         fault::at(&fault.map(str::to_owned), fault::GATE_UNFENCED).map_err(|e| e.to_string());
+    // A shard that does not exist yet is made by this call, wherever it
+    // runs (an operator's change, the cron): placed by the hint, not here.
+    let options = js_sys::Object::new();
+    if let Some(hint) = hint {
+        let _ = js_sys::Reflect::set(&options, &"locationHint".into(), &hint.into());
+    }
+    let namespace = super::bindings::object::<worker_sys::DurableObjectNamespace>(
+        env,
+        super::bindings::REGION_GATES,
+    );
     let call = |shard: u32| -> js_sys::Promise {
         let called = armed
             .clone()
-            .and_then(|()| {
-                stub(
-                    env,
-                    super::bindings::REGION_GATES,
-                    &format!("{region}#{shard}"),
-                )
+            .and_then(|()| namespace.clone())
+            .and_then(|ns| {
+                ns.get_by_name_with_options(&format!("{region}#{shard}"), &options)
+                    .map_err(|e| js_error(&e))
             })
             .map_err(|e| JsValue::from_str(&e))
             .and_then(|stub| fence_call(&stub.into(), version as f64, closed));

@@ -1574,6 +1574,20 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(failover.first(), Some(&json!("eu-central")), "{failover:?}");
         assert!(!failover.contains(&json!("eu-west")), "{failover:?}");
         admitted_in(&reopened, "eu-west");
+        // A shard the telling made is placed by the region, not by the
+        // operator: London's objects go to Western Europe.
+        let id = drained.headers["x-request-id"].to_str()?.to_owned();
+        let told = ctx.stack().wrangler.log();
+        let told = told
+            .lines()
+            .find(|l| l.contains(&id) && l.contains("region gates told"))
+            .and_then(|l| l.find('{').map(|at| &l[at..]));
+        let told: Value = serde_json::from_str(told.unwrap_or("null"))?;
+        assert_eq!(
+            (&told["closed"], &told["location_hint"]),
+            (&json!(true), &json!("weur")),
+            "{told}"
+        );
 
         let untold = drain_eu_west_at_fault(ctx, "gate.unfenced").await;
         let listed = send(ctx, "GET", "/v1/regions", None, None).await;

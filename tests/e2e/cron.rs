@@ -216,7 +216,7 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(reported(&db, "sa-east").await, "up");
         // ...a report older than three minutes marks it down, and the run
         // tells the region's gates it is closed: its one shard takes the
-        // word.
+        // word, and would be placed in South America were it made by it.
         let closed_told = || {
             let log = ctx.stack().wrangler.log();
             log.lines()
@@ -225,6 +225,7 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
                         && l.contains(r#""region":"sa-east""#)
                         && l.contains(r#""closed":true"#)
                         && l.contains(r#""taken":1"#)
+                        && l.contains(r#""location_hint":"sam""#)
                 })
                 .count()
         };
