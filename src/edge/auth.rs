@@ -12,7 +12,7 @@ use super::incoming::Incoming;
 use super::log::{self, Level};
 use super::login_throttle::{Admitted, AttemptReq, Scope, SucceededReq};
 use super::user_session::{
-    self, CloseReq, CreateReq, DeleteAccountReq, IssuedResp, Mirror, RefreshReq, RevokeReq,
+    self, CloseReq, CreateReq, DeleteAccountReq, IssuedResp, Mirror, RefreshReq, RevokeReq, UndoReq,
 };
 use super::{Fail, bindings, fault, kv, random, secrets, store, time, webcrypto};
 use crate::api::{Credentials, EntitlementView, Me, RefreshRequest, SessionSummary, TokenPair};
@@ -403,20 +403,25 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
     }
     // A keyed retry may have been answered 201 with the session this
     // request opened (before its own answer failed): that client holds the
-    // account, which stays. (Should the object not answer, the undo goes
-    // on, as before.)
-    let close = CloseReq {
+    // account, which stays. If none was, the object hands out none until
+    // the undo ends: the check and that hold are one step. (Should the
+    // object not answer, the undo goes on, as before.)
+    let undo = |keep| UndoReq {
         user_id: user_id.to_owned(),
+        keep,
     };
     let asked = call(
         env,
         req.request_id(),
         bindings::USER_SESSIONS,
         user_id,
-        "/handed-out",
-        &close,
+        "/undo",
+        &undo(false),
     )
     .await;
+    if fault::requested(env, req, fault::UNDO_HELD) {
+        time::sleep(fault::KV_SLOW_MS).await;
+    }
     if let Ok((200, answer)) = &asked
         && answer["handed_out"] == true
     {
@@ -427,25 +432,37 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
             json!({"user_id": user_id}),
         );
     }
-    match store::delete_new_user(db, user_id).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return log::event(
-                Level::Warn,
-                Some(req.request_id()),
-                "sign-up not undone: the account has a device or subscription",
-                json!({"user_id": user_id}),
-            );
-        }
-        Err(e) => {
-            return log::event(
-                Level::Error,
-                Some(req.request_id()),
-                "sign-up not undone",
-                json!({"user_id": user_id, "error": e.cause}),
-            );
-        }
+    let kept = match store::delete_new_user(db, user_id).await {
+        Ok(true) => None,
+        Ok(false) => Some((
+            Level::Warn,
+            "sign-up not undone: the account has a device or subscription",
+            json!({"user_id": user_id}),
+        )),
+        Err(e) => Some((
+            Level::Error,
+            "sign-up not undone",
+            json!({"user_id": user_id, "error": e.cause}),
+        )),
+    };
+    if let Some((level, what, fields)) = kept {
+        log::event(level, Some(req.request_id()), what, fields);
+        // The account stays: the object takes sign-ins again now rather
+        // than when its hold ends.
+        let ended = call(
+            env,
+            req.request_id(),
+            bindings::USER_SESSIONS,
+            user_id,
+            "/undo",
+            &undo(true),
+        )
+        .await;
+        return log_unless_done(req, ended, "kept account's object still held", user_id);
     }
+    let close = CloseReq {
+        user_id: user_id.to_owned(),
+    };
     let closed = call(
         env,
         req.request_id(),

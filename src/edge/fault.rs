@@ -61,6 +61,12 @@ pub const TOKEN_UNSIGNED: &str = "token.unsigned";
 /// and the sign-up's undo then starts [`KV_SLOW_MS`] late, as behind a slow
 /// database: a window in which the new account can be signed in to.
 pub const UNDO_SLOW: &str = "signup.undo_slow";
+/// The point, on `POST /v1/auth/signup`, at which the new user's
+/// `UserSession` throws after storing the session (as at [`SESSION_CREATE`])
+/// and the sign-up's undo, once it holds the user's object, removes the
+/// account [`KV_SLOW_MS`] late: a window in which a keyed retry meets the
+/// hold.
+pub const UNDO_HELD: &str = "signup.undo_held";
 /// The point, on `POST /v1/auth/signup`, at which the sign-up stops right
 /// after PostgreSQL has stored the account, before its session is opened,
 /// and undoes nothing: as when the runtime cancels a request whose client
@@ -171,10 +177,13 @@ pub fn send_hangs(armed: &Option<String>, n: usize) -> bool {
 }
 
 /// Throws (returns the error a crash would surface as) when `armed` names
-/// `point`, or [`UNDO_SLOW`], which includes [`SESSION_CREATE`].
+/// `point`, or [`UNDO_SLOW`] or [`UNDO_HELD`], which include
+/// [`SESSION_CREATE`].
 pub fn at(armed: &Option<String>, point: &str) -> Result<()> {
     match armed.as_deref() {
-        Some(p) if p == point || (p == UNDO_SLOW && point == SESSION_CREATE) => {
+        Some(p)
+            if p == point || ((p == UNDO_SLOW || p == UNDO_HELD) && point == SESSION_CREATE) =>
+        {
             Err(Error::RustError(format!("injected fault at {p}")))
         }
         _ => Ok(()),

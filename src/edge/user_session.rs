@@ -179,6 +179,13 @@ struct Stored {
     /// should the object go before it ends, its alarm ends it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     deleting: bool,
+    /// Until when (unix seconds) a failed sign-up's undo holds the object
+    /// (`/undo`): no session is opened or handed out again meanwhile, so the
+    /// undo cannot remove an account whose session a retry was just given.
+    /// It ends with the undo (`/close`, or `/undo` with `keep`), or by
+    /// itself ([`UNDO_HOLD_SECS`]), should the undo's request go first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    undoing_until: Option<i64>,
 }
 
 /// The KV key of a user's device mirror.
@@ -397,6 +404,20 @@ pub struct RevokeReq {
 pub struct CloseReq {
     pub user_id: String,
 }
+
+/// `/undo`: a failed sign-up's undo begins (and learns whether a retry was
+/// given the session), or, with `keep`, ends with the account kept.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UndoReq {
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+}
+
+/// How long a sign-up's undo holds the object at most: longer than its
+/// removal of the account in PostgreSQL can take (a connection and a
+/// statement, each bounded by 5 s).
+const UNDO_HOLD_SECS: i64 = 15;
 
 /// `/delete-account`: the owner's session asks.
 #[derive(Debug, Serialize, Deserialize)]
@@ -1073,6 +1094,11 @@ impl UserSession {
             self.arm(DELETION_RETRY_MS, &origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
+        if stored.undoing_until.is_some_and(|until| now < until) {
+            // A failed sign-up is being undone: the account may be gone in
+            // a moment (then a retry signs up again) or kept.
+            return refuse(503, "service_unavailable", Some(2));
+        }
         if let Some((key, fingerprint)) = &r.idempotency {
             let reopen =
                 stored
@@ -1207,6 +1233,7 @@ impl UserSession {
                 return refuse(400, "wrong_object", None);
             }
             stored.closed = true;
+            stored.undoing_until = None;
         }
         let revoked = match (&sid, ending) {
             (Some(sid), Ending::All) => {
@@ -1773,11 +1800,25 @@ impl UserSession {
         }
     }
 
-    /// Whether a session of the user's was handed out again to a retry (a
-    /// sign-up's undo then keeps the account: a client may hold it).
-    async fn handed_out(&self) -> Result<Response> {
-        let stored = self.load().await?;
-        let handed_out = stored.sessions.handed_out_again(time::now_secs());
+    /// A failed sign-up's undo begins: whether a session of the user's was
+    /// handed out again to a retry (the undo then keeps the account: a
+    /// client may hold it), and if not, the object is held
+    /// (`undoing_until`) until the undo ends, in the same step, so that no
+    /// retry is handed one before the account is removed. With `keep`, the
+    /// undo ends with the account kept.
+    async fn undo(&self, mut req: Request) -> Result<Response> {
+        let r: UndoReq = match body(&mut req).await {
+            Ok(r) => r,
+            Err(resp) => return Ok(resp),
+        };
+        let now = time::now_secs();
+        let mut stored = self.load().await?;
+        if !stored.claim(&r.user_id) {
+            return refuse(400, "wrong_object", None);
+        }
+        let handed_out = !r.keep && stored.sessions.handed_out_again(now);
+        stored.undoing_until = (!r.keep && !handed_out).then_some(now + UNDO_HOLD_SECS);
+        self.persist(&mut stored, now).await?;
         Response::from_json(&serde_json::json!({ "handed_out": handed_out }))
     }
 
@@ -1881,7 +1922,7 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/delete") => self.delete_device(req, origin).boxed_local(),
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
             (Method::Post, "/devices/list") => self.list_devices(req, origin).boxed_local(),
-            (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
+            (Method::Post, "/undo") => self.undo(req).boxed_local(),
             (Method::Post, "/delete-account") => self.delete_account(req, origin).boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),
             _ => return Response::error("unknown durable object route", 404),

@@ -60,6 +60,10 @@ pub const TESTS: &[(&str, Test)] = &[
         retry_answered_before_undo,
     ),
     (
+        "auth::a_keyed_retry_while_a_failed_sign_up_is_undone_is_refused_then_signs_up_again",
+        retry_during_undo,
+    ),
+    (
         "auth::refused_signing_keys_leave_no_account_and_count_no_attempt",
         keys_refused,
     ),
@@ -884,6 +888,64 @@ fn retry_answered_before_undo(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(accounts_with(ctx, &email).await?, 1, "the account stays");
         let r = refresh(ctx, s(&retried.body["refresh_token"])).await;
         assert_eq!(r.status, 200, "the retry's session works: {}", r.body);
+        Ok(())
+    })
+}
+
+/// A keyed sign-up whose session was stored but whose own answer failed is
+/// undone (`signup.undo_held`: the object throws after storing the session,
+/// and the undo removes the account 5 s after it began to hold the user's
+/// object). A retry under its key in that window is refused with 503: were
+/// it handed the session, the undo would remove the account it was told it
+/// has. Once the undo has removed it, the retry signs up again.
+fn retry_during_undo(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let key = unique("signup-key-");
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let ip = fresh_ip();
+        let headers = [
+            ("cf-connecting-ip", ip.as_str()),
+            ("idempotency-key", key.as_str()),
+            ("x-keenvpn-fault", "signup.undo_held"),
+        ];
+        let first = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/signup",
+            Some(body.clone()),
+            None,
+            &headers,
+        );
+        let retry = async {
+            eventually(Duration::from_secs(4), "the account to be made", || async {
+                accounts_with(ctx, &email).await.ok().filter(|n| *n == 1)
+            })
+            .await;
+            // The object stores the session and throws; the undo holds it.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let during = keyed(ctx, "/v1/auth/signup", &body, &key).await;
+            let still_there = accounts_with(ctx, &email).await;
+            (during, still_there)
+        };
+        let (first, (during, still_there)) = tokio::join!(first, retry);
+        assert_eq!(first.status, 503, "{}", first.body);
+        assert_eq!(still_there?, 1, "the retry came before the removal");
+        assert_eq!(
+            (during.status, during.body["code"].as_str()),
+            (503, Some("service_unavailable")),
+            "a retry during the undo: {}",
+            during.body
+        );
+        assert_eq!(
+            accounts_with(ctx, &email).await?,
+            0,
+            "the sign-up was undone"
+        );
+        let again = keyed(ctx, "/v1/auth/signup", &body, &key).await;
+        assert_eq!(again.status, 201, "{}", again.body);
+        let r = refresh(ctx, s(&again.body["refresh_token"])).await;
+        assert_eq!(r.status, 200, "the new account's session works: {}", r.body);
         Ok(())
     })
 }
