@@ -135,11 +135,17 @@ export WRANGLER_SEND_METRICS=false
 # `wrangler dev` runs no cron trigger by itself: tick the schedule once a
 # minute, as a deployment's trigger does (the catalogue's publish, regions
 # whose monitor went silent, retention), while this shell lives.
+# Quiet, and holding none of this shell's output open: a pipe reading it
+# (`make dev | tee`) ends when the shell does.
 (
-  while sleep 60 && kill -0 $$ 2>/dev/null; do
-    curl -fsS -o /dev/null "http://127.0.0.1:$WORKER_PORT/__scheduled?cron=*+*+*+*+*" || true
+  trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+  while kill -0 $$ 2>/dev/null; do
+    sleep 60 &
+    nap=$!
+    wait "$nap"
+    curl -fs -o /dev/null "http://127.0.0.1:$WORKER_PORT/__scheduled?cron=*+*+*+*+*" || true
   done
-) &
+) </dev/null >/dev/null 2>&1 &
 ticker=$!
 step "wrangler dev"
 wrangler dev --ip 127.0.0.1 --port "$WORKER_PORT" --persist-to "$STATE/wrangler" --test-scheduled "$@"

@@ -302,8 +302,8 @@ pub struct SubscriptionState {
     pub cancel_at_period_end: bool,
     /// The plan ids the subscription names, in precedence order (each once,
     /// odd values dropped): the price's `lookup_key`, the price's
-    /// `metadata.plan_id`, the lookup key's part before its first `_` (so
-    /// `plus_eur_2026` names `plus`), then the subscription's
+    /// `metadata.plan_id`, the plan a key shaped `<plan>_<currency>_<year>`
+    /// names (`plus_eur_2026`: `plus`; never `free`), then the subscription's
     /// `metadata.plan_id`. The first that names one of our plans is the
     /// subscription's plan. What the price says comes first: it changes with
     /// the price when the customer moves to another plan, where the
@@ -475,11 +475,7 @@ fn subscription_state(
     let cancel_at_period_end = cancel_flag || cancel_at.is_some_and(|at| at <= current_period_end);
 
     let lookup_key = bounded_id(sub.pointer("/items/data/0/price/lookup_key"));
-    let key_prefix = lookup_key
-        .as_deref()
-        .and_then(|key| key.split_once('_'))
-        .map(|(prefix, _)| prefix.to_owned())
-        .filter(|prefix| !prefix.is_empty());
+    let key_prefix = lookup_key.as_deref().and_then(plan_of_priced_key);
     let mut plan_ids = Vec::with_capacity(4);
     for candidate in [
         lookup_key,
@@ -549,6 +545,21 @@ fn expect_object_type(object: &Value, expected: &str) -> Result<(), EventError> 
 
 /// A non-empty string of at most [`MAX_ID_LEN`] visible ASCII characters:
 /// Stripe's ids and lookup keys fit, control characters and spaces do not.
+/// The plan a lookup key of the shape `<plan>_<currency>_<year>` names
+/// (`plus_eur_2026`: `plus`), where the currency is three lowercase
+/// letters and the year four digits; `None` for any other key (an add-on's
+/// `plus_extra_seat`, a promotion's `free_trial_eur`) and for the free plan,
+/// which no paid price is.
+fn plan_of_priced_key(key: &str) -> Option<String> {
+    let mut parts = key.rsplitn(3, '_');
+    let (year, currency, plan) = (parts.next()?, parts.next()?, parts.next()?);
+    let shaped = year.len() == 4
+        && year.bytes().all(|b| b.is_ascii_digit())
+        && currency.len() == 3
+        && currency.bytes().all(|b| b.is_ascii_lowercase());
+    (shaped && !plan.is_empty() && plan != "free").then(|| plan.to_owned())
+}
+
 fn bounded_id(value: Option<&Value>) -> Option<String> {
     let s = value?.as_str()?;
     let ok = !s.is_empty() && s.len() <= MAX_ID_LEN && s.bytes().all(|b| b.is_ascii_graphic());
@@ -1461,13 +1472,24 @@ mod tests {
 
         body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!("plus_eur_2026");
         assert_eq!(plans(&body), ["plus_eur_2026", "plus"]);
-        body["data"]["object"]["items"]["data"][0]["price"]["lookup_key"] = json!("_eur");
-        assert_eq!(plans(&body), ["_eur"], "no empty prefix");
+        for (key, named) in [
+            ("_eur_2026", None),
+            ("family_usd_2027", Some("family")),
+            ("e2e_plan_x_eur_2026", Some("e2e_plan_x")),
+            ("plus_extra_seat", None),
+            ("plus_EUR_2026", None),
+            ("plus_eur_26", None),
+            ("free_eur_2026", None),
+            ("free_trial_eur", None),
+        ] {
+            assert_eq!(plan_of_priced_key(key).as_deref(), named, "{key}");
+        }
     }
 
     /// A customer who bought Family at checkout (the subscription's metadata
     /// says `family`, and keeps saying it) moves to a Plus price: the price
-    /// decides, by its lookup key, its key's prefix, or its own metadata.
+    /// decides, by its lookup key (its plan, or a `<plan>_<currency>_<year>`
+    /// key's plan) or its own metadata.
     #[test]
     fn a_change_of_price_is_not_overruled_by_the_checkouts_metadata() {
         let mut body = fixture(BASIL_SUBSCRIPTION_UPDATED);
@@ -1482,7 +1504,12 @@ mod tests {
         assert_eq!(plans(&body), ["plus_eur_2026", "plus", "family"]);
         *body.pointer_mut(&format!("{price}/lookup_key")).unwrap() = json!("vpn_monthly");
         body.pointer_mut(price).unwrap()["metadata"] = json!({"plan_id": "plus"});
-        assert_eq!(plans(&body), ["vpn_monthly", "plus", "vpn", "family"]);
+        assert_eq!(plans(&body), ["vpn_monthly", "plus", "family"]);
+        // A key of another shape names no plan: the metadata decides.
+        body.pointer_mut(price).unwrap()["metadata"] = json!({});
+        *body.pointer_mut(&format!("{price}/lookup_key")).unwrap() = json!("free_trial_eur");
+        body["data"]["object"]["metadata"]["plan_id"] = json!("plus");
+        assert_eq!(plans(&body), ["free_trial_eur", "plus"]);
     }
 
     #[test]

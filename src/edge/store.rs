@@ -341,14 +341,22 @@ pub async fn rotate_key(
 ) -> Result<Rotated, Fail> {
     let u = user_literal(user_id)?;
     let d = sql::uuid(device_id).ok_or_else(|| Fail::internal("non-canonical device id".into()))?;
+    // Under the key's lock, as a registration takes it (`sql::insert_device`):
+    // a registration of the same key by another user then waits for this
+    // one and is refused for the key, drawing no address, rather than meet
+    // the unique constraint after drawing one.
     let q = format!(
-        "WITH upd AS (UPDATE devices SET public_key = {k}, updated_at = now()
+        "BEGIN;
+         SELECT pg_advisory_xact_lock({locks}, hashtext({k}));
+         WITH upd AS (UPDATE devices SET public_key = {k}, updated_at = now()
                       WHERE id = {d} AND user_id = {u} RETURNING *)
          SELECT json_build_object(
              'device', (SELECT {DEVICE_JSON} FROM upd d),
              'devices', (SELECT coalesce(json_agg({DEVICE_JSON} ORDER BY d.created_at, d.id), '[]'::json) FROM
                             (SELECT * FROM devices WHERE user_id = {u} AND id NOT IN (SELECT id FROM upd)
-                             UNION ALL SELECT * FROM upd) d))::text",
+                             UNION ALL SELECT * FROM upd) d))::text;
+         COMMIT;",
+        locks = sql::DEVICE_KEY_LOCKS,
         k = quoted(key.as_str())?
     );
     json_row_or(client, &q, key_taken_meanwhile)

@@ -819,18 +819,25 @@ impl UserSession {
             // PostgreSQL failed): its answer went to no one, or was a 503.
             self.finish_deletion(&origin).await?;
         }
-        if self.load().await?.closed {
+        let now_stored = self.load().await?;
+        if now_stored.closed {
             // Nothing left to settle: write the (empty) copies and stop.
             self.mirror(&[Mirrored::Sessions, Mirrored::Devices], &origin)
                 .await;
             return Ok(());
         }
-        match self.settle_devices(&origin).await? {
-            Settle::Settled => self.mirrors.borrow_mut().resync_failures = 0,
-            Settle::Busy => self.arm(MIRROR_CHECK_MS, &origin).await,
-            Settle::Failed(cause) => {
-                self.retry_later(Retry::Resync, "device list", &cause, &origin)
-                    .await;
+        // A deletion that failed again has armed its own retry (every 30 s);
+        // the device list, which the deletion makes moot, is not read
+        // meanwhile (its retries, from 1 s, would bring the deletion's
+        // sooner, against the same failing database).
+        if !now_stored.deleting {
+            match self.settle_devices(&origin).await? {
+                Settle::Settled => self.mirrors.borrow_mut().resync_failures = 0,
+                Settle::Busy => self.arm(MIRROR_CHECK_MS, &origin).await,
+                Settle::Failed(cause) => {
+                    self.retry_later(Retry::Resync, "device list", &cause, &origin)
+                        .await;
+                }
             }
         }
         // A writer already under way takes the copies over (`mirror`). It
@@ -1295,6 +1302,7 @@ impl UserSession {
             return refuse(401, "session_revoked", None);
         }
         if stored.deleting {
+            self.arm(DELETION_RETRY_MS, &origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
         // Records this instance has not seen settled (it is fresh, or a device

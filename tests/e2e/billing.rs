@@ -650,8 +650,8 @@ async fn deliver_priced(
     deliver_signed(ctx, &serde_json::to_vec(&body).unwrap()).await
 }
 
-/// Prices are often looked up by keys such as `plus_eur_2026`: the key's
-/// part before its first `_` names the plan, ahead of the plan id our
+/// Prices are often looked up by keys such as `plus_eur_2026`: a key of
+/// that shape (`<plan>_<currency>_<year>`) names the plan, ahead of the plan id our
 /// checkout put in the subscription's metadata, which stays when the customer
 /// moves to another price. A key that names no plan leaves it to the
 /// metadata. An event

@@ -832,6 +832,7 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
 
         let sessions_key = format!("sessions/{}", user.id);
         let live_copy = ctx.stack().wrangler.kv_get(&sessions_key);
+        let deleted_at = std::time::Instant::now();
         let r = delete(user.access.clone()).await;
         assert_eq!(r.status, 204, "{}", r.body);
         let left: i64 = db
@@ -877,6 +878,10 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
         // (KV carries the change to other locations within a minute), the
         // token passes at the edge; its registration adds no device and
         // draws no tunnel address, and says why.
+        // After the alarm the deletion armed (5 s) has written the revoked
+        // copy again, so that it cannot overwrite the stale one meanwhile.
+        let alarm = std::time::Duration::from_secs(6);
+        tokio::time::sleep(alarm.saturating_sub(deleted_at.elapsed())).await;
         let revoked_copy = ctx.stack().wrangler.kv_get(&sessions_key);
         let live_copy = live_copy.expect("a session copy before the deletion");
         ctx.stack().wrangler.kv_put(&sessions_key, &live_copy);
@@ -887,6 +892,12 @@ fn account_deleted(ctx: &Ctx) -> Result<(), Failed> {
         }
         assert_eq!(late.status, 401, "{}", late.body);
         assert_eq!(late.body["code"], "session_revoked", "{}", late.body);
+        // Refused by the user's object, past the edge's check of the copy
+        // (which says the session "has been signed out").
+        assert_ne!(
+            late.body["detail"], "This session has been signed out.",
+            "refused at the edge, not by the object"
+        );
         assert_eq!(device_count(ctx, &user.id).await, 0);
 
         let cut = new_user(ctx).await;
