@@ -5,7 +5,11 @@
 //!   down then: it needs it too, and refused the reports), or every one of
 //!   several monitored regions went silent (the monitoring failed); and
 //!   tells their `RegionGate` shards as soon as it has marked them, while
-//!   the other steps and the publish run (`admin::tell_gates`);
+//!   the other steps and the publish run (`admin::tell_gates`), with the
+//!   shards of every region whose gates' word changed in the last 5 minutes
+//!   (migration V19): told again each run, a shard that missed the word
+//!   (or was restarted since) has it within a minute, and a closed region
+//!   stays closed at its gates until every copy of the catalogue says so;
 //! - makes sure the monthly partitions of `connection_events` exist ahead;
 //! - expires connection events and processed billing events past their
 //!   retention (`domain::retention`);
@@ -91,13 +95,23 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                             OR health_reported_at < gap_started_at - interval '3 minutes' FROM run)
                 AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
              RETURNING id, admission_rate, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version,
-                       latitude, longitude)
+                       latitude, longitude),
+         recent AS (
+             SELECT id, admission_rate, region_admits(reported_health, operator_health, admission_rate) AS admits,
+                    latitude, longitude
+               FROM regions
+              WHERE gates_changed_at > now() - interval '5 minutes' AND id NOT IN (SELECT id FROM marked)
+              ORDER BY id FOR SHARE)
          SELECT 'none of the ' || monitored || ' monitored regions reported in 3 minutes: '
-                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL, NULL, NULL
+                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL, NULL, NULL, NULL
            FROM monitors, run
           WHERE monitored >= 2 AND heard = 0 AND now() >= run.marks_down_from
          UNION ALL
-         SELECT NULL, id, admission_rate::text, version::text, latitude::text, longitude::text FROM marked",
+         SELECT NULL, id, admission_rate::text, 'true', version::text, latitude::text, longitude::text FROM marked
+         UNION ALL
+         SELECT NULL, id, admission_rate::text, (NOT admits)::text,
+                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text, latitude::text, longitude::text
+           FROM recent",
     ),
     (
         "create connection event partitions",
@@ -109,8 +123,8 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 #[derive(Clone, Copy)]
 enum Lines {
     /// A failure in the first column, logged at error level; or, from the
-    /// marking step, a null there and a region it marked down ([`Marked`])
-    /// in the next five.
+    /// marking step, a null there and a region whose gates the run tells
+    /// ([`Marked`]) in the next six.
     Failures,
     /// Two columns: a level (`info`, `warn`, `error`) and what happened.
     Leveled,
@@ -197,8 +211,9 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         )
         .collect();
     // The marking step first, alone. The gates of the regions it marked
-    // down are told as soon as it has answered, in turn, while the other
-    // steps and the publish run: the catalogue takes up to a minute to
+    // down, and of those whose gates' word changed in the last 5 minutes
+    // (told again), are told as soon as it has answered, in turn, while the
+    // other steps and the publish run: the catalogue takes up to a minute to
     // reach every location, the gates a moment. Bounded as a step is.
     let (marked, go_on) = match &client {
         Some(client) => maintain(client, began, &steps[..1]).await,
@@ -210,13 +225,13 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         let told = async {
             for m in &marked {
                 let region = (m.id.as_str(), m.at, (m.rate, m.rate));
-                super::admin::tell_gates(env, None, region, (m.version, true), None).await;
+                super::admin::tell_gates(env, None, region, (m.version, m.closed), None).await;
                 done.set(done.get() + 1);
             }
         };
         if time::timeout(STEP_LIMIT_MS, told).await.is_none() {
             let untold: Vec<&str> = marked[done.get()..].iter().map(|m| m.id.as_str()).collect();
-            let step = "tell the gates of regions marked down";
+            let step = "tell the gates of regions marked down or changed";
             let why = format!("{}; not told: {}", late(), untold.join(", "));
             log_step(step, Level::Error, &why);
         }
@@ -322,11 +337,14 @@ async fn publish_run(env: &Env) {
     }
 }
 
-/// A region the marking step marked down, and its change's version (see
-/// `admin::tell_gates`).
+/// A region whose gates the run tells (see `admin::tell_gates`): one the
+/// marking step marked down, or one whose gates' word changed in the last 5
+/// minutes (migration V19), told again; whether it is closed, and the
+/// word's version.
 struct Marked {
     id: String,
     rate: u32,
+    closed: bool,
     version: i64,
     /// Where the region is: where its gates belong.
     at: Option<crate::domain::geo::Point>,
@@ -348,12 +366,13 @@ fn report(
             Lines::Failures => match (row.get(0), row.try_get(1).ok().flatten()) {
                 (None, Some(id)) => {
                     let column = |n| row.try_get(n).ok().flatten().unwrap_or_default();
-                    match (column(2).parse(), column(3).parse()) {
+                    match (column(2).parse(), column(4).parse()) {
                         (Ok(rate), Ok(version)) => marked.push(Marked {
                             id: id.to_owned(),
                             rate,
+                            closed: column(3) == "true",
                             version,
-                            at: crate::domain::geo::Point::parse(column(4), column(5)),
+                            at: crate::domain::geo::Point::parse(column(5), column(6)),
                         }),
                         _ => log_step(step, Level::Error, &format!("{id}: unreadable line")),
                     }

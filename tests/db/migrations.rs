@@ -40,6 +40,10 @@ pub const TESTS: &[(&str, Test)] = &[
         |pg| Box::pin(operator_and_reported_health(pg)),
     ),
     (
+        "migrations::a_regions_gates_change_is_noted_when_it_starts_or_stops_admitting_or_its_rate_moves",
+        |pg| Box::pin(gates_changed_at(pg)),
+    ),
+    (
         "migrations::event_partitions_are_utc_months_made_once_or_skipped_with_a_reason",
         |pg| Box::pin(event_partitions(pg)),
     ),
@@ -488,6 +492,52 @@ async fn operator_and_reported_health(pg: &Postgres) -> Result<(), Failed> {
             "r-up: up draining -> draining"
         ]
     );
+    Ok(())
+}
+
+/// V19 notes when a region's gates are told something new: it starts or
+/// stops admitting anyone (its health, or a rate of 0), or its rate moves.
+/// A report that changes nothing for the gates (a load, `down` after
+/// `draining`) leaves the time alone.
+async fn gates_changed_at(pg: &Postgres) -> Result<(), Failed> {
+    let mut client = fresh(pg).await?;
+    db::migrate(&mut client).await?;
+    client
+        .batch_execute(
+            "INSERT INTO regions (id, name, country, latitude, longitude, tier) VALUES
+                 ('r-1', 'A', 'DE', 0, 0, 'free')",
+        )
+        .await?;
+    // Whether each update (on a region whose time is cleared first) notes
+    // a change.
+    let cases = [
+        ("SET health_reported_at = now()", false),
+        ("SET reported_health = 'draining'", true),
+        ("SET reported_health = 'down'", false),
+        ("SET operator_health = 'draining'", false),
+        ("SET reported_health = 'up'", false),
+        ("SET operator_health = NULL", true),
+        ("SET admission_rate = 400", true),
+        ("SET admission_rate = 0", true),
+        ("SET reported_health = 'down'", false),
+        ("SET admission_rate = 0, updated_at = now()", false),
+    ];
+    for (update, noted) in cases {
+        client
+            .batch_execute("UPDATE regions SET gates_changed_at = NULL WHERE id = 'r-1'")
+            .await?;
+        client
+            .batch_execute(&format!("UPDATE regions {update} WHERE id = 'r-1'"))
+            .await?;
+        let got: bool = client
+            .query_one(
+                "SELECT gates_changed_at IS NOT NULL FROM regions WHERE id = 'r-1'",
+                &[],
+            )
+            .await?
+            .get(0);
+        assert_eq!(got, noted, "{update}");
+    }
     Ok(())
 }
 

@@ -239,6 +239,28 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
             (closed_told() > told_before).then_some(())
         })
         .await;
+        // The next run tells them again (a newer word, which the shard
+        // takes): the region changed within 5 minutes. One whose change is
+        // older is left to its gates' memory and the catalogue.
+        let told_once = closed_told();
+        trigger(ctx).await?;
+        crate::support::eventually(within, "the next run telling sa-east's gates again", || async {
+            (closed_told() > told_once).then_some(())
+        })
+        .await;
+        db.execute("UPDATE regions SET gates_changed_at = now() - interval '6 minutes' WHERE id = 'sa-east'", &[])
+            .await?;
+        let told_twice = closed_told();
+        trigger(ctx).await?;
+        // The run ended before its trigger was answered; a request after it
+        // logs after every line of the run.
+        let after = ctx.http.get(ctx.url("/healthz")).send().await?;
+        let id = after.headers()["x-request-id"].to_str()?.to_owned();
+        crate::support::eventually(within, "a request after the run, logged", || async {
+            ctx.stack().wrangler.log().contains(&id).then_some(())
+        })
+        .await;
+        assert_eq!(closed_told(), told_twice, "a change 6 minutes old told again");
         // Isolates reuse a parsed catalogue for up to 5 s.
         let within = std::time::Duration::from_secs(15);
         crate::support::eventually(within, "sa-east down", || async { (health().await == "down").then_some(()) }).await;
