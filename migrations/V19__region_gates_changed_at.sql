@@ -5,7 +5,11 @@
 -- call that failed, a shard restarted since) has it within a minute, and a
 -- closed gate stays closed until every copy of the catalogue says so.
 -- Changes made in SQL directly count too.
-ALTER TABLE regions ADD COLUMN gates_changed_at timestamptz;
+-- `gates_rate_before` is the highest rate the region had in the 5 minutes
+-- before that change: isolates whose catalogue predates it still ask that
+-- rate's shards, which are told too.
+ALTER TABLE regions ADD COLUMN gates_changed_at timestamptz,
+                    ADD COLUMN gates_rate_before integer;
 
 -- Whether a region with these health reports and rate admits anyone: as the
 -- generated `health` column reads them (V10), and a rate above 0.
@@ -21,6 +25,10 @@ BEGIN
     IF region_admits(NEW.reported_health, NEW.operator_health, NEW.admission_rate)
            IS DISTINCT FROM region_admits(OLD.reported_health, OLD.operator_health, OLD.admission_rate)
        OR NEW.admission_rate IS DISTINCT FROM OLD.admission_rate THEN
+        NEW.gates_rate_before := CASE
+            WHEN OLD.gates_changed_at > clock_timestamp() - interval '5 minutes'
+                THEN greatest(OLD.gates_rate_before, OLD.admission_rate)
+            ELSE OLD.admission_rate END;
         NEW.gates_changed_at := clock_timestamp();
     END IF;
     RETURN NEW;

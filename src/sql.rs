@@ -56,10 +56,15 @@ pub const SERVER_ENDPOINT: &str = "CASE WHEN strpos(s.hostname, ':') > 0 \
 /// statement the `NOT EXISTS` checks would read a snapshot from before it
 /// committed, and then delete the user (cascading to the device or
 /// subscription just acknowledged) once the lock was released. The second
-/// statement's snapshot is taken after the lock, so it sees them.
+/// statement's snapshot is taken after the lock, so it sees them. Each
+/// statement is bounded in the database ([`UNDO_STATEMENT_LIMIT_MS`]): the
+/// undo holds the user's object while it runs, and a removal still running
+/// in the database after the Worker gave up on it could commit after the
+/// hold ended.
 pub fn delete_new_user(user: &str) -> String {
     format!(
         "BEGIN;
+         SET LOCAL statement_timeout = {UNDO_STATEMENT_LIMIT_MS};
          SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
          WITH del AS (DELETE FROM users WHERE id = {user}
                         AND NOT EXISTS (SELECT 1 FROM devices WHERE user_id = {user})
@@ -110,6 +115,11 @@ pub const DEVICE_JSON: &str =
     "json_build_object('id', d.id, 'name', d.name, 'public_key', d.public_key,
     'ipv4_address', host(d.ipv4_address), 'ipv6_address', host(d.ipv6_address),
     'created_at', extract(epoch FROM d.created_at)::bigint)";
+
+/// How long each statement of [`delete_new_user`] may run in the database:
+/// under the Worker's own bound on the query (5 s), so that a removal the
+/// Worker gave up on has ended in the database by then too.
+pub const UNDO_STATEMENT_LIMIT_MS: u32 = 4_000;
 
 /// The advisory-lock class (the first key of PostgreSQL's two-key form)
 /// under which registrations are serialised per public key

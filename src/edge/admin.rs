@@ -263,7 +263,8 @@ async fn update_region(
 /// shard not reached is left to the catalogue, as before: the change stands
 /// and is published either way. One told a region is closed refuses everyone for
 /// `admission::FENCE_MS` at most, unless told it admits again. The cron
-/// tells the shards of the regions it marks down too. A shard that did not
+/// tells the shards of the regions it marks down too, and, for 5 minutes
+/// after a region's change, tells them again on each run. A shard that did not
 /// exist is made by the telling: near the region `at`
 /// (`geo::location_hint`), not near the operator or the cron.
 pub(super) async fn tell_gates(

@@ -405,22 +405,46 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
     // request opened (before its own answer failed): that client holds the
     // account, which stays. If none was, the object hands out none until
     // the undo ends: the check and that hold are one step. (Should the
-    // object not answer, the undo goes on, as before.)
+    // object not answer, the undo goes on, as before: it hands out nothing
+    // either. One that does not know the route, of the release before it
+    // during a deploy, could hand the session out meanwhile: the account
+    // stays, and a keyed retry opens its session.)
     let undo = |keep| UndoReq {
         user_id: user_id.to_owned(),
         keep,
+    };
+    let route = if fault::requested(env, req, fault::UNDO_UNKNOWN) {
+        "/no-such-route"
+    } else {
+        "/undo"
     };
     let asked = call(
         env,
         req.request_id(),
         bindings::USER_SESSIONS,
         user_id,
-        "/undo",
+        route,
         &undo(false),
     )
     .await;
     if fault::requested(env, req, fault::UNDO_HELD) {
         time::sleep(fault::KV_SLOW_MS).await;
+    }
+    // (Its answer, plain text, reaches here as a failure naming the status.)
+    let unknown_route = match &asked {
+        Ok((status, _)) => *status == 404,
+        Err(fail) => fail
+            .cause
+            .as_deref()
+            .is_some_and(|c| c.contains(": status 404: ")),
+    };
+    if unknown_route {
+        return log::event(
+            Level::Warn,
+            Some(req.request_id()),
+            "sign-up not undone: the user's object could not hold it",
+            json!({"user_id": user_id}),
+        );
     }
     if let Ok((200, answer)) = &asked
         && answer["handed_out"] == true
@@ -432,33 +456,39 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
             json!({"user_id": user_id}),
         );
     }
-    let kept = match store::delete_new_user(db, user_id).await {
-        Ok(true) => None,
-        Ok(false) => Some((
-            Level::Warn,
-            "sign-up not undone: the account has a device or subscription",
-            json!({"user_id": user_id}),
-        )),
-        Err(e) => Some((
-            Level::Error,
-            "sign-up not undone",
-            json!({"user_id": user_id, "error": e.cause}),
-        )),
-    };
-    if let Some((level, what, fields)) = kept {
-        log::event(level, Some(req.request_id()), what, fields);
-        // The account stays: the object takes sign-ins again now rather
-        // than when its hold ends.
-        let ended = call(
-            env,
-            req.request_id(),
-            bindings::USER_SESSIONS,
-            user_id,
-            "/undo",
-            &undo(true),
-        )
-        .await;
-        return log_unless_done(req, ended, "kept account's object still held", user_id);
+    match store::delete_new_user(db, user_id).await {
+        Ok(true) => {}
+        Ok(false) => {
+            log::event(
+                Level::Warn,
+                Some(req.request_id()),
+                "sign-up not undone: the account has a device or subscription",
+                json!({"user_id": user_id}),
+            );
+            // The account stays: the object takes sign-ins again now rather
+            // than when its hold ends.
+            let ended = call(
+                env,
+                req.request_id(),
+                bindings::USER_SESSIONS,
+                user_id,
+                "/undo",
+                &undo(true),
+            )
+            .await;
+            return log_unless_done(req, ended, "kept account's object still held", user_id);
+        }
+        Err(e) => {
+            // Whether the removal committed is not known: the hold is left
+            // to end by itself, after the database has ended the removal
+            // (`sql::UNDO_STATEMENT_LIMIT_MS`).
+            return log::event(
+                Level::Error,
+                Some(req.request_id()),
+                "sign-up not undone",
+                json!({"user_id": user_id, "error": e.cause}),
+            );
+        }
     }
     let close = CloseReq {
         user_id: user_id.to_owned(),

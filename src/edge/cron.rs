@@ -43,13 +43,14 @@ SELECT coalesce(json_agg(json_build_object(
 
 /// The cron's maintenance, each step sent as a query of its own (the
 /// marking step must stay first: the run tells the gates of the regions it
-/// marked down as soon as it has answered, `scheduled`): statements
+/// marked down, and of those changed in the last 5 minutes, as soon as it
+/// has answered, `scheduled`): statements
 /// sent together run as one transaction, and a failure to create a partition
 /// must not undo marking silent regions down. Each is sent after a limit on
 /// its run time in the database (`STEP_STATEMENT_LIMIT_MS`). Each line these
 /// two answer with is a failure (its first column), except the marking
-/// step's lines for the regions it marked down (their first column null,
-/// then the region as [`Marked`]); the retention steps
+/// step's lines for the regions whose gates the run tells (their first
+/// column null, then the region as [`Marked`]); the retention steps
 /// ([`retention_steps`]) follow them.
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // A run more than 90 s after the last one (the cron runs every minute)
@@ -95,22 +96,25 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                             OR health_reported_at < gap_started_at - interval '3 minutes' FROM run)
                 AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
              RETURNING id, admission_rate, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version,
-                       latitude, longitude),
+                       latitude, longitude, greatest(admission_rate, gates_rate_before) AS shard_rate),
          recent AS (
              SELECT id, admission_rate, region_admits(reported_health, operator_health, admission_rate) AS admits,
-                    latitude, longitude
+                    latitude, longitude, greatest(admission_rate, gates_rate_before) AS shard_rate
                FROM regions
               WHERE gates_changed_at > now() - interval '5 minutes' AND id NOT IN (SELECT id FROM marked)
-              ORDER BY id FOR SHARE)
+              ORDER BY id FOR SHARE SKIP LOCKED)
          SELECT 'none of the ' || monitored || ' monitored regions reported in 3 minutes: '
-                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL, NULL, NULL, NULL
+                || 'read as the monitoring failing, so none is marked down', NULL, NULL, NULL, NULL, NULL, NULL, NULL
            FROM monitors, run
           WHERE monitored >= 2 AND heard = 0 AND now() >= run.marks_down_from
          UNION ALL
-         SELECT NULL, id, admission_rate::text, 'true', version::text, latitude::text, longitude::text FROM marked
+         SELECT NULL, id, admission_rate::text, 'true', version::text, latitude::text, longitude::text,
+                shard_rate::text
+           FROM marked
          UNION ALL
          SELECT NULL, id, admission_rate::text, (NOT admits)::text,
-                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text, latitude::text, longitude::text
+                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text, latitude::text, longitude::text,
+                shard_rate::text
            FROM recent",
     ),
     (
@@ -124,7 +128,7 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 enum Lines {
     /// A failure in the first column, logged at error level; or, from the
     /// marking step, a null there and a region whose gates the run tells
-    /// ([`Marked`]) in the next six.
+    /// ([`Marked`]) in the next seven.
     Failures,
     /// Two columns: a level (`info`, `warn`, `error`) and what happened.
     Leveled,
@@ -212,8 +216,8 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         .collect();
     // The marking step first, alone. The gates of the regions it marked
     // down, and of those whose gates' word changed in the last 5 minutes
-    // (told again), are told as soon as it has answered, in turn, while the
-    // other steps and the publish run: the catalogue takes up to a minute to
+    // (told again), are told as soon as it has answered, all at once, while
+    // the other steps and the publish run: the catalogue takes up to a minute to
     // reach every location, the gates a moment. Bounded as a step is.
     let (marked, go_on) = match &client {
         Some(client) => maintain(client, began, &steps[..1]).await,
@@ -221,16 +225,25 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     };
     let (env, steps) = (&env, &steps);
     let gates = async {
-        let done = std::cell::Cell::new(0);
-        let told = async {
-            for m in &marked {
-                let region = (m.id.as_str(), m.at, (m.rate, m.rate));
+        // All at once: one region whose shards are slow to answer (2 s a
+        // call, twice) holds up no other.
+        let done = std::cell::RefCell::new(vec![false; marked.len()]);
+        let told = futures::future::join_all(marked.iter().enumerate().map(|(i, m)| {
+            let done = &done;
+            async move {
+                let region = (m.id.as_str(), m.at, (m.rate, m.shard_rate));
                 super::admin::tell_gates(env, None, region, (m.version, m.closed), None).await;
-                done.set(done.get() + 1);
+                done.borrow_mut()[i] = true;
             }
-        };
+        }));
         if time::timeout(STEP_LIMIT_MS, told).await.is_none() {
-            let untold: Vec<&str> = marked[done.get()..].iter().map(|m| m.id.as_str()).collect();
+            let done = done.borrow();
+            let untold: Vec<&str> = marked
+                .iter()
+                .zip(done.iter())
+                .filter(|(_, told)| !**told)
+                .map(|(m, _)| m.id.as_str())
+                .collect();
             let step = "tell the gates of regions marked down or changed";
             let why = format!("{}; not told: {}", late(), untold.join(", "));
             log_step(step, Level::Error, &why);
@@ -251,7 +264,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
 type Step = (&'static str, Result<String, String>, Lines);
 
 /// Runs `steps` in order, from a run that began at `began`; the regions
-/// they marked down, and whether the connection is free for more steps
+/// whose gates the run tells, and whether the connection is free for more steps
 /// (not when a step was given up on while it ran).
 async fn maintain(
     client: &tokio_postgres::Client,
@@ -344,6 +357,9 @@ async fn publish_run(env: &Env) {
 struct Marked {
     id: String,
     rate: u32,
+    /// The highest rate it had in the 5 minutes before its change, or its
+    /// rate: whose shards are told.
+    shard_rate: u32,
     closed: bool,
     version: i64,
     /// Where the region is: where its gates belong.
@@ -366,10 +382,11 @@ fn report(
             Lines::Failures => match (row.get(0), row.try_get(1).ok().flatten()) {
                 (None, Some(id)) => {
                     let column = |n| row.try_get(n).ok().flatten().unwrap_or_default();
-                    match (column(2).parse(), column(4).parse()) {
-                        (Ok(rate), Ok(version)) => marked.push(Marked {
+                    match (column(2).parse(), column(4).parse(), column(7).parse()) {
+                        (Ok(rate), Ok(version), Ok(shard_rate)) => marked.push(Marked {
                             id: id.to_owned(),
                             rate,
+                            shard_rate,
                             closed: column(3) == "true",
                             version,
                             at: crate::domain::geo::Point::parse(column(5), column(6)),

@@ -67,6 +67,11 @@ pub const UNDO_SLOW: &str = "signup.undo_slow";
 /// account [`KV_SLOW_MS`] late: a window in which a keyed retry meets the
 /// hold.
 pub const UNDO_HELD: &str = "signup.undo_held";
+/// The point, on `POST /v1/auth/signup`, at which the new user's
+/// `UserSession` throws after storing the session (as at [`SESSION_CREATE`])
+/// and the sign-up's undo asks the object a route it does not know, as an
+/// object of the release before `/undo` would answer during a deploy.
+pub const UNDO_UNKNOWN: &str = "signup.undo_unknown";
 /// The point, on `POST /v1/auth/signup`, at which the sign-up stops right
 /// after PostgreSQL has stored the account, before its session is opened,
 /// and undoes nothing: as when the runtime cancels a request whose client
@@ -177,12 +182,14 @@ pub fn send_hangs(armed: &Option<String>, n: usize) -> bool {
 }
 
 /// Throws (returns the error a crash would surface as) when `armed` names
-/// `point`, or [`UNDO_SLOW`] or [`UNDO_HELD`], which include
-/// [`SESSION_CREATE`].
+/// `point`, or [`UNDO_SLOW`], [`UNDO_HELD`] or [`UNDO_UNKNOWN`], which
+/// include [`SESSION_CREATE`].
 pub fn at(armed: &Option<String>, point: &str) -> Result<()> {
     match armed.as_deref() {
         Some(p)
-            if p == point || ((p == UNDO_SLOW || p == UNDO_HELD) && point == SESSION_CREATE) =>
+            if p == point
+                || ([UNDO_SLOW, UNDO_HELD, UNDO_UNKNOWN].contains(&p)
+                    && point == SESSION_CREATE) =>
         {
             Err(Error::RustError(format!("injected fault at {p}")))
         }

@@ -631,10 +631,24 @@ impl UserSession {
 
     /// Makes sure the alarm fires within `in_ms` (an earlier one stays).
     async fn arm(&self, in_ms: u64, origin: &Origin) {
+        self.arm_unless((in_ms, false), origin).await;
+    }
+
+    /// Makes sure a pending deletion's alarm is set (should an earlier one
+    /// have failed to be set), without bringing one that is set sooner: a
+    /// deletion PostgreSQL keeps failing is tried every 30 s
+    /// ([`DELETION_RETRY_AGAIN_MS`]), however often its client asks.
+    async fn arm_deletion(&self, origin: &Origin) {
+        self.arm_unless((DELETION_RETRY_MS, true), origin).await;
+    }
+
+    /// Arms the alarm `in_ms` from now unless one is set sooner, or, with
+    /// `any`, unless one is set at all.
+    async fn arm_unless(&self, (in_ms, any): (u64, bool), origin: &Origin) {
         let storage = self.state.storage();
         let due = time::now_ms() + in_ms;
         if let Ok(Some(at)) = storage.get_alarm().await
-            && u64::try_from(at).is_ok_and(|at| at <= due)
+            && (any || u64::try_from(at).is_ok_and(|at| at <= due))
         {
             return;
         }
@@ -1098,7 +1112,7 @@ impl UserSession {
             return refuse(401, "invalid_credentials", None);
         }
         if stored.deleting {
-            self.arm(DELETION_RETRY_MS, &origin).await;
+            self.arm_deletion(&origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
         if stored.undoing_until.is_some_and(|until| now < until) {
@@ -1190,7 +1204,7 @@ impl UserSession {
             // The account may be gone in a moment, or kept (a subscription
             // holds it): ask again then. The alarm is made sure of, should
             // an earlier one have failed to be set.
-            self.arm(DELETION_RETRY_MS, &origin).await;
+            self.arm_deletion(&origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
         let outcome = stored.sessions.refresh(&token, now, pepper);
@@ -1302,7 +1316,7 @@ impl UserSession {
             return refuse(401, "session_revoked", None);
         }
         if stored.deleting {
-            self.arm(DELETION_RETRY_MS, &origin).await;
+            self.arm_deletion(&origin).await;
             return refuse(503, "service_unavailable", Some(5));
         }
         // Records this instance has not seen settled (it is fresh, or a device
@@ -1808,6 +1822,12 @@ impl UserSession {
         }
     }
 
+    async fn handed_out(&self) -> Result<Response> {
+        let stored = self.load().await?;
+        let handed_out = stored.sessions.handed_out_again(time::now_secs());
+        Response::from_json(&serde_json::json!({ "handed_out": handed_out }))
+    }
+
     /// A failed sign-up's undo begins: whether a session of the user's was
     /// handed out again to a retry (the undo then keeps the account: a
     /// client may hold it), and if not, the object is held
@@ -1931,6 +1951,9 @@ impl DurableObject for UserSession {
             (Method::Post, "/devices/rotate") => self.rotate_key(req, origin).boxed_local(),
             (Method::Post, "/devices/list") => self.list_devices(req, origin).boxed_local(),
             (Method::Post, "/undo") => self.undo(req).boxed_local(),
+            // What the Workers of the release before `/undo` ask, during a
+            // deploy: whether a retry was handed a session (no hold).
+            (Method::Post, "/handed-out") => self.handed_out().boxed_local(),
             (Method::Post, "/delete-account") => self.delete_account(req, origin).boxed_local(),
             (Method::Post, "/inputs") => self.set_inputs(req, origin).boxed_local(),
             _ => return Response::error("unknown durable object route", 404),

@@ -538,6 +538,30 @@ async fn gates_changed_at(pg: &Postgres) -> Result<(), Failed> {
             .get(0);
         assert_eq!(got, noted, "{update}");
     }
+    // The highest rate in the 5 minutes before a change is kept, for the
+    // shards isolates with an older catalogue still ask.
+    let rate_before = |update: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .batch_execute(&format!("UPDATE regions {update} WHERE id = 'r-1'"))
+                .await?;
+            let row = client
+                .query_one(
+                    "SELECT gates_rate_before FROM regions WHERE id = 'r-1'",
+                    &[],
+                )
+                .await?;
+            Ok::<Option<i32>, Failed>(row.get(0))
+        }
+    };
+    rate_before("SET admission_rate = 200, gates_changed_at = NULL").await?;
+    assert_eq!(rate_before("SET admission_rate = 800").await?, Some(200));
+    assert_eq!(rate_before("SET admission_rate = 100").await?, Some(800));
+    assert_eq!(rate_before("SET admission_rate = 0").await?, Some(800));
+    // A change more than 5 minutes after the last starts afresh.
+    rate_before("SET gates_changed_at = now() - interval '6 minutes'").await?;
+    assert_eq!(rate_before("SET admission_rate = 300").await?, Some(0));
     Ok(())
 }
 

@@ -64,6 +64,10 @@ pub const TESTS: &[(&str, Test)] = &[
         retry_during_undo,
     ),
     (
+        "auth::a_sign_ups_undo_that_its_object_cannot_hold_keeps_the_account",
+        undo_unknown_to_the_object,
+    ),
+    (
         "auth::refused_signing_keys_leave_no_account_and_count_no_attempt",
         keys_refused,
     ),
@@ -946,6 +950,48 @@ fn retry_during_undo(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(again.status, 201, "{}", again.body);
         let r = refresh(ctx, s(&again.body["refresh_token"])).await;
         assert_eq!(r.status, 200, "the new account's session works: {}", r.body);
+        Ok(())
+    })
+}
+
+/// A user's object of the release before `/undo` (during a deploy) does not
+/// know the route (`signup.undo_unknown`), so it cannot hold itself while
+/// the account is removed, and might hand a keyed retry the session
+/// meanwhile: the undo keeps the account, and says so. The retry under the
+/// sign-up's key then opens its session.
+fn undo_unknown_to_the_object(ctx: &Ctx) -> Result<(), Failed> {
+    ctx.rt.block_on(async {
+        let email = unique_email();
+        let key = unique("signup-key-");
+        let body = json!({"email": email, "password": "correct horse battery"});
+        let ip = fresh_ip();
+        let headers = [
+            ("cf-connecting-ip", ip.as_str()),
+            ("idempotency-key", key.as_str()),
+            ("x-keenvpn-fault", "signup.undo_unknown"),
+        ];
+        let first = send_with(
+            ctx,
+            "POST",
+            "/v1/auth/signup",
+            Some(body.clone()),
+            None,
+            &headers,
+        )
+        .await;
+        assert_eq!(first.status, 503, "{}", first.body);
+        let id = first.headers["x-request-id"].to_str()?.to_owned();
+        let what = "the undo, not made for want of a hold";
+        crate::common::logged_with(
+            ctx,
+            &id,
+            "sign-up not undone: the user's object could not hold it",
+            what,
+        )
+        .await;
+        assert_eq!(accounts_with(ctx, &email).await?, 1, "the account stays");
+        let retried = keyed(ctx, "/v1/auth/signup", &body, &key).await;
+        assert_eq!(retried.status, 201, "{}", retried.body);
         Ok(())
     })
 }
