@@ -19,6 +19,13 @@ CREATE FUNCTION region_admits(reported text, operator text, rate integer) RETURN
        AND NOT coalesce('down' IN (reported, operator) OR 'draining' IN (reported, operator), false)
 $$;
 
+-- The version of a word to a region's gates: the database's clock, in
+-- microseconds. A gate takes a word only if it is newer than the last.
+CREATE FUNCTION gate_word_version() RETURNS bigint
+    LANGUAGE sql VOLATILE AS $$
+    SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+$$;
+
 CREATE FUNCTION note_region_gates_change() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN

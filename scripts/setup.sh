@@ -86,7 +86,7 @@ else
   [ -n "$bindir" ] || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
   note "$bindir"
 fi
-step "curl and ps (the make dev check in scripts/test.sh)"
+step "curl and ps (the make dev check in scripts/test.sh, and make dev's cron ticker)"
 if command -v curl >/dev/null 2>&1 && command -v ps >/dev/null 2>&1; then
   note "present"
 else

@@ -117,14 +117,21 @@ pub const DEVICE_JSON: &str =
     'created_at', extract(epoch FROM d.created_at)::bigint)";
 
 /// How long each statement of [`delete_new_user`] may run in the database:
-/// under the Worker's own bound on the query (5 s), so that a removal the
-/// Worker gave up on has ended in the database by then too.
-pub const UNDO_STATEMENT_LIMIT_MS: u32 = 4_000;
+/// its two together under the Worker's own bound on the query (5 s), so
+/// that a removal the Worker gave up on has ended in the database by then
+/// too.
+pub const UNDO_STATEMENT_LIMIT_MS: u32 = 2_000;
 
 /// The advisory-lock class (the first key of PostgreSQL's two-key form)
-/// under which registrations are serialised per public key
-/// ([`insert_device`]); the second key is the key's `hashtext`.
+/// under which registrations and key rotations are serialised per public
+/// key ([`lock_device_key`]); the second key is the key's `hashtext`.
 pub const DEVICE_KEY_LOCKS: i32 = 0x6b65_7931;
+
+/// The statement that takes the transaction-scoped lock on the public key
+/// `key` (a [`literal`]) that registrations and key rotations of it take.
+pub fn lock_device_key(key: &str) -> String {
+    format!("SELECT pg_advisory_xact_lock({DEVICE_KEY_LOCKS}, hashtext({key}));")
+}
 
 /// Registers the device `name` with the WireGuard key `key` for the user
 /// `user` ([`literal`]s, and a [`uuid`]) unless they have `limit` devices,
@@ -159,10 +166,11 @@ pub const DEVICE_KEY_LOCKS: i32 = 0x6b65_7931;
 /// [`tunnel_addresses`]: crate::domain::device::tunnel_addresses
 pub fn insert_device(user: &str, name: &str, key: &str, limit: u32) -> String {
     let (v4, v6) = crate::domain::device::tunnel_bases();
+    let lock = lock_device_key(key);
     format!(
         "BEGIN;
          SELECT 1 FROM users WHERE id = {user} FOR UPDATE;
-         SELECT pg_advisory_xact_lock({DEVICE_KEY_LOCKS}, hashtext({key}));
+         {lock}
          WITH ok AS (
              SELECT WHERE EXISTS (SELECT 1 FROM users WHERE id = {user})
                AND (SELECT count(*) FROM devices WHERE user_id = {user}) < {limit}

@@ -391,15 +391,16 @@ pub fn retry_after_secs(retry_after_ms: u64, random: u32) -> u32 {
     (base + random % (base + 1)).min(MAX_RETRY_AFTER_SECS)
 }
 
-/// How long an isolate takes a shard's word that its queue is full: for
-/// this long after hearing it, the isolate refuses that shard's clients
-/// itself, as the shard would ([`QUEUE_FULL_MS`]), without asking it. No
-/// longer than the shortest wait a full queue hands out (1 s), so a client
-/// refused from memory comes back to an answer no staler than the one it
-/// would have had.
+/// How long an isolate takes a shard's word that its queue is full, or
+/// that its region is closed: for this long after hearing it, the isolate
+/// refuses that shard's clients itself, as the shard would
+/// ([`QUEUE_FULL_MS`], or [`Admit::Closed`]), without asking it. No longer
+/// than the shortest wait a full queue hands out (1 s), so a client refused
+/// from memory comes back to an answer no staler than the one it would have
+/// had.
 pub const FULL_MEMO_MS: i64 = 1_000;
 
-/// The most shards one isolate remembers as full at once: room for the
+/// The most shards one isolate remembers as full or closed at once: room for the
 /// shards of a large outage (the busiest regions and their failover
 /// neighbours, each split into shards of ~200 admissions/s), at about 40
 /// bytes each. Past it, the oldest memory goes, and that shard's next refusal

@@ -543,8 +543,6 @@ fn expect_object_type(object: &Value, expected: &str) -> Result<(), EventError> 
     }
 }
 
-/// A non-empty string of at most [`MAX_ID_LEN`] visible ASCII characters:
-/// Stripe's ids and lookup keys fit, control characters and spaces do not.
 /// The plan a lookup key of the shape `<plan>_<currency>_<year>` names
 /// (`plus_eur_2026`: `plus`), where the currency is three lowercase
 /// letters and the year four digits; `None` for any other key (an add-on's
@@ -560,6 +558,8 @@ fn plan_of_priced_key(key: &str) -> Option<String> {
     (shaped && !plan.is_empty() && plan != "free").then(|| plan.to_owned())
 }
 
+/// A non-empty string of at most [`MAX_ID_LEN`] visible ASCII characters:
+/// Stripe's ids and lookup keys fit, control characters and spaces do not.
 fn bounded_id(value: Option<&Value>) -> Option<String> {
     let s = value?.as_str()?;
     let ok = !s.is_empty() && s.len() <= MAX_ID_LEN && s.bytes().all(|b| b.is_ascii_graphic());

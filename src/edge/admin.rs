@@ -178,7 +178,7 @@ async fn update_region(
                                                   'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint) AS state,
                                 (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed,
                                 before.admission_rate AS previous_rate,
-                                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version,
+                                gate_word_version() AS version,
                                 r.latitude, r.longitude)
          SELECT json_build_object(
              'region', (SELECT state FROM region),
@@ -260,8 +260,9 @@ async fn update_region(
 /// rate after are told, as isolates still ask at the old one. Logged either
 /// way (with the number of shards that took the word: one no newer than a
 /// shard's last is not), for the request `request_id` if there is one; a
-/// shard not reached is left to the catalogue, as before: the change stands
-/// and is published either way. One told a region is closed refuses everyone for
+/// shard not reached is told again by the cron's runs of the next 5
+/// minutes, else learns of it from the catalogue: the change stands and is
+/// published either way. One told a region is closed refuses everyone for
 /// `admission::FENCE_MS` at most, unless told it admits again. The cron
 /// tells the shards of the regions it marks down too, and, for 5 minutes
 /// after a region's change, tells them again on each run. A shard that did not

@@ -404,11 +404,11 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
     // A keyed retry may have been answered 201 with the session this
     // request opened (before its own answer failed): that client holds the
     // account, which stays. If none was, the object hands out none until
-    // the undo ends: the check and that hold are one step. (Should the
-    // object not answer, the undo goes on, as before: it hands out nothing
-    // either. One that does not know the route, of the release before it
-    // during a deploy, could hand the session out meanwhile: the account
-    // stays, and a keyed retry opens its session.)
+    // the undo ends: the check and that hold are one step. The account is
+    // removed only once the object has said both; should it not answer so
+    // (it failed, or it is of the release before `/undo`, during a deploy,
+    // and does not know the route), the account stays, and a keyed retry
+    // opens its session.
     let undo = |keep| UndoReq {
         user_id: user_id.to_owned(),
         keep,
@@ -430,31 +430,21 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
     if fault::requested(env, req, fault::UNDO_HELD) {
         time::sleep(fault::KV_SLOW_MS).await;
     }
-    // (Its answer, plain text, reaches here as a failure naming the status.)
-    let unknown_route = match &asked {
-        Ok((status, _)) => *status == 404,
-        Err(fail) => fail
-            .cause
-            .as_deref()
-            .is_some_and(|c| c.contains(": status 404: ")),
+    let why_kept = match &asked {
+        Ok((200, answer)) if answer["handed_out"] == false => None,
+        Ok((200, _)) => Some("sign-up not undone: a retry was answered with its session"),
+        _ => Some("sign-up not undone: the user's object could not hold it"),
     };
-    if unknown_route {
-        return log::event(
-            Level::Warn,
-            Some(req.request_id()),
-            "sign-up not undone: the user's object could not hold it",
-            json!({"user_id": user_id}),
-        );
-    }
-    if let Ok((200, answer)) = &asked
-        && answer["handed_out"] == true
-    {
-        return log::event(
-            Level::Warn,
-            Some(req.request_id()),
-            "sign-up not undone: a retry was answered with its session",
-            json!({"user_id": user_id}),
-        );
+    if let Some(why) = why_kept {
+        let mut fields = json!({"user_id": user_id});
+        if let Err(fail) = &asked {
+            fields["error"] = fail.cause.clone().into();
+        } else if let Ok((status, _)) = &asked
+            && *status != 200
+        {
+            fields["status"] = (*status).into();
+        }
+        return log::event(Level::Warn, Some(req.request_id()), why, fields);
     }
     match store::delete_new_user(db, user_id).await {
         Ok(true) => {}

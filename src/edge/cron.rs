@@ -95,7 +95,7 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
                 AND (SELECT now() >= marks_down_from
                             OR health_reported_at < gap_started_at - interval '3 minutes' FROM run)
                 AND (SELECT heard > 0 OR monitored < 2 FROM monitors)
-             RETURNING id, admission_rate, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS version,
+             RETURNING id, admission_rate, gate_word_version() AS version,
                        latitude, longitude, greatest(admission_rate, gates_rate_before) AS shard_rate),
          recent AS (
              SELECT id, admission_rate, region_admits(reported_health, operator_health, admission_rate) AS admits,
@@ -113,7 +113,7 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
            FROM marked
          UNION ALL
          SELECT NULL, id, admission_rate::text, (NOT admits)::text,
-                (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text, latitude::text, longitude::text,
+                gate_word_version()::text, latitude::text, longitude::text,
                 shard_rate::text
            FROM recent",
     ),
@@ -164,7 +164,8 @@ fn retention_steps(env: &Env) -> [(&'static str, Result<String, String>); 2] {
 
 /// How long each of a run's waits on PostgreSQL (the connection, each
 /// maintenance step) and its publish may take, and telling the gates of the
-/// regions it marked down. Nothing else bounds a
+/// regions it marked down or that changed in the last 5 minutes. Nothing
+/// else bounds a
 /// scheduled run: without these, a database that accepted the connection and
 /// never answered (or a step waiting on a lock) held every run from then on,
 /// one more each minute, and the catalogue was never published. With the
@@ -366,8 +367,8 @@ struct Marked {
     at: Option<crate::domain::geo::Point>,
 }
 
-/// Logs the rows a maintenance step answered with; the regions it marked
-/// down.
+/// Logs the rows a maintenance step answered with; the regions whose gates
+/// the run tells.
 fn report(
     step: &str,
     lines: Lines,

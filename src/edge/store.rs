@@ -345,9 +345,10 @@ pub async fn rotate_key(
     // a registration of the same key by another user then waits for this
     // one and is refused for the key, drawing no address, rather than meet
     // the unique constraint after drawing one.
+    let k = quoted(key.as_str())?;
     let q = format!(
         "BEGIN;
-         SELECT pg_advisory_xact_lock({locks}, hashtext({k}));
+         {lock}
          WITH upd AS (UPDATE devices SET public_key = {k}, updated_at = now()
                       WHERE id = {d} AND user_id = {u} RETURNING *)
          SELECT json_build_object(
@@ -356,8 +357,7 @@ pub async fn rotate_key(
                             (SELECT * FROM devices WHERE user_id = {u} AND id NOT IN (SELECT id FROM upd)
                              UNION ALL SELECT * FROM upd) d))::text;
          COMMIT;",
-        locks = sql::DEVICE_KEY_LOCKS,
-        k = quoted(key.as_str())?
+        lock = sql::lock_device_key(&k),
     );
     json_row_or(client, &q, key_taken_meanwhile)
         .await?

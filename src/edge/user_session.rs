@@ -415,8 +415,9 @@ pub struct UndoReq {
 }
 
 /// How long a sign-up's undo holds the object at most: longer than its
-/// removal of the account in PostgreSQL can take (a connection and a
-/// statement, each bounded by 5 s).
+/// removal of the account in PostgreSQL can take (its query is bounded by
+/// 5 s in the Worker, and by less in the database,
+/// `sql::UNDO_STATEMENT_LIMIT_MS`).
 const UNDO_HOLD_SECS: i64 = 15;
 
 /// `/delete-account`: the owner's session asks.
@@ -640,6 +641,15 @@ impl UserSession {
     /// ([`DELETION_RETRY_AGAIN_MS`]), however often its client asks.
     async fn arm_deletion(&self, origin: &Origin) {
         self.arm_unless((DELETION_RETRY_MS, true), origin).await;
+    }
+
+    /// The answer to a request that would open, refresh or add something
+    /// while the account's deletion is under way: 503, ask again in 5 s (the
+    /// account may be gone then, or kept), with the deletion's alarm made
+    /// sure of.
+    async fn refuse_while_deleting(&self, origin: &Origin) -> Result<Response> {
+        self.arm_deletion(origin).await;
+        refuse(503, "service_unavailable", Some(5))
     }
 
     /// Arms the alarm `in_ms` from now unless one is set sooner, or, with
@@ -1112,8 +1122,7 @@ impl UserSession {
             return refuse(401, "invalid_credentials", None);
         }
         if stored.deleting {
-            self.arm_deletion(&origin).await;
-            return refuse(503, "service_unavailable", Some(5));
+            return self.refuse_while_deleting(&origin).await;
         }
         if stored.undoing_until.is_some_and(|until| now < until) {
             // A failed sign-up is being undone: the account may be gone in
@@ -1204,8 +1213,7 @@ impl UserSession {
             // The account may be gone in a moment, or kept (a subscription
             // holds it): ask again then. The alarm is made sure of, should
             // an earlier one have failed to be set.
-            self.arm_deletion(&origin).await;
-            return refuse(503, "service_unavailable", Some(5));
+            return self.refuse_while_deleting(&origin).await;
         }
         let outcome = stored.sessions.refresh(&token, now, pepper);
         // A rotation, a detected reuse and an expiry all change state (the last two
@@ -1316,8 +1324,7 @@ impl UserSession {
             return refuse(401, "session_revoked", None);
         }
         if stored.deleting {
-            self.arm_deletion(&origin).await;
-            return refuse(503, "service_unavailable", Some(5));
+            return self.refuse_while_deleting(&origin).await;
         }
         // Records this instance has not seen settled (it is fresh, or a device
         // operation failed part-way: a delete or a key rotation PostgreSQL
@@ -1822,6 +1829,8 @@ impl UserSession {
         }
     }
 
+    /// What the Workers of the release before `/undo` ask: whether a retry
+    /// was handed a session (no hold).
     async fn handed_out(&self) -> Result<Response> {
         let stored = self.load().await?;
         let handed_out = stored.sessions.handed_out_again(time::now_secs());

@@ -555,7 +555,7 @@ async fn gates_changed_at(pg: &Postgres) -> Result<(), Failed> {
             Ok::<Option<i32>, Failed>(row.get(0))
         }
     };
-    rate_before("SET admission_rate = 200, gates_changed_at = NULL").await?;
+    rate_before("SET admission_rate = 200").await?;
     assert_eq!(rate_before("SET admission_rate = 800").await?, Some(200));
     assert_eq!(rate_before("SET admission_rate = 100").await?, Some(800));
     assert_eq!(rate_before("SET admission_rate = 0").await?, Some(800));
@@ -866,10 +866,10 @@ async fn no_address_for_a_gone_user_or_a_key_in_flight(pg: &Postgres) -> Result<
         .batch_execute(&format!(
             "BEGIN;
              SELECT 1 FROM users WHERE id = '{a}' FOR UPDATE;
-             SELECT pg_advisory_xact_lock({locks}, hashtext('{k}'));
+             {lock}
              INSERT INTO devices (user_id, name, public_key, ipv4_address, ipv6_address)
              VALUES ('{a}', 'Laptop', '{k}', '10.64.0.200', 'fd00:64::200');",
-            locks = sql::DEVICE_KEY_LOCKS,
+            lock = sql::lock_device_key(&format!("'{}'", key('C'))),
             k = key('C'),
         ))
         .await?;

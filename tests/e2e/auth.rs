@@ -853,6 +853,34 @@ fn signin_during_undo(ctx: &Ctx) -> Result<(), Failed> {
     })
 }
 
+/// A new email, a new `Idempotency-Key` and the sign-up body for them.
+fn new_keyed_signup() -> (String, String, Value) {
+    let email = unique_email();
+    let key = unique("signup-key-");
+    let body = json!({"email": email, "password": "correct horse battery"});
+    (email, key, body)
+}
+
+/// `body` signed up under `key` from a fresh client network, with the
+/// development-only fault point `fault` armed.
+async fn keyed_signup_at_fault(ctx: &Ctx, (body, key): (&Value, &str), fault: &str) -> Resp {
+    let ip = fresh_ip();
+    let headers = [
+        ("cf-connecting-ip", ip.as_str()),
+        ("idempotency-key", key),
+        ("x-keenvpn-fault", fault),
+    ];
+    send_with(
+        ctx,
+        "POST",
+        "/v1/auth/signup",
+        Some(body.clone()),
+        None,
+        &headers,
+    )
+    .await
+}
+
 /// A keyed sign-up whose session was stored but whose own answer failed
 /// (`signup.undo_slow`: the object throws after storing it, and the undo
 /// starts 5 s late) is retried under its key meanwhile, and the retry is
@@ -860,23 +888,8 @@ fn signin_during_undo(ctx: &Ctx) -> Result<(), Failed> {
 /// to remove it, and the client held tokens of an account gone).
 fn retry_answered_before_undo(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let email = unique_email();
-        let key = unique("signup-key-");
-        let body = json!({"email": email, "password": "correct horse battery"});
-        let ip = fresh_ip();
-        let headers = [
-            ("cf-connecting-ip", ip.as_str()),
-            ("idempotency-key", key.as_str()),
-            ("x-keenvpn-fault", "signup.undo_slow"),
-        ];
-        let first = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/signup",
-            Some(body.clone()),
-            None,
-            &headers,
-        );
+        let (email, key, body) = new_keyed_signup();
+        let first = keyed_signup_at_fault(ctx, (&body, &key), "signup.undo_slow");
         let retry = async {
             eventually(Duration::from_secs(4), "the account to be made", || async {
                 accounts_with(ctx, &email).await.ok().filter(|n| *n == 1)
@@ -904,23 +917,8 @@ fn retry_answered_before_undo(ctx: &Ctx) -> Result<(), Failed> {
 /// has. Once the undo has removed it, the retry signs up again.
 fn retry_during_undo(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let email = unique_email();
-        let key = unique("signup-key-");
-        let body = json!({"email": email, "password": "correct horse battery"});
-        let ip = fresh_ip();
-        let headers = [
-            ("cf-connecting-ip", ip.as_str()),
-            ("idempotency-key", key.as_str()),
-            ("x-keenvpn-fault", "signup.undo_held"),
-        ];
-        let first = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/signup",
-            Some(body.clone()),
-            None,
-            &headers,
-        );
+        let (email, key, body) = new_keyed_signup();
+        let first = keyed_signup_at_fault(ctx, (&body, &key), "signup.undo_held");
         let retry = async {
             eventually(Duration::from_secs(4), "the account to be made", || async {
                 accounts_with(ctx, &email).await.ok().filter(|n| *n == 1)
@@ -961,24 +959,8 @@ fn retry_during_undo(ctx: &Ctx) -> Result<(), Failed> {
 /// sign-up's key then opens its session.
 fn undo_unknown_to_the_object(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
-        let email = unique_email();
-        let key = unique("signup-key-");
-        let body = json!({"email": email, "password": "correct horse battery"});
-        let ip = fresh_ip();
-        let headers = [
-            ("cf-connecting-ip", ip.as_str()),
-            ("idempotency-key", key.as_str()),
-            ("x-keenvpn-fault", "signup.undo_unknown"),
-        ];
-        let first = send_with(
-            ctx,
-            "POST",
-            "/v1/auth/signup",
-            Some(body.clone()),
-            None,
-            &headers,
-        )
-        .await;
+        let (email, key, body) = new_keyed_signup();
+        let first = keyed_signup_at_fault(ctx, (&body, &key), "signup.undo_unknown").await;
         assert_eq!(first.status, 503, "{}", first.body);
         let id = first.headers["x-request-id"].to_str()?.to_owned();
         let what = "the undo, not made for want of a hold";
