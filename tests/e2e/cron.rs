@@ -215,8 +215,15 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
         trigger(ctx).await?;
         assert_eq!(reported(&db, "sa-east").await, "up");
         // ...a report older than three minutes marks it down, and the run
-        // tells the region's gates it is closed: its one shard takes the
-        // word, and would be placed in South America were it made by it.
+        // tells the region's gates it is closed. Its rate was 400 a moment
+        // ago (two shards; isolates may still ask at it) and is 100 now
+        // (one): both shards take the word, and would be placed in South
+        // America were they made by it.
+        db.batch_execute(
+            "UPDATE regions SET admission_rate = 400 WHERE id = 'sa-east';
+             UPDATE regions SET admission_rate = 100 WHERE id = 'sa-east';",
+        )
+        .await?;
         let closed_told = || {
             let log = ctx.stack().wrangler.log();
             log.lines()
@@ -224,7 +231,8 @@ fn stale_monitor(ctx: &Ctx) -> Result<(), Failed> {
                     l.contains(r#""msg":"region gates told""#)
                         && l.contains(r#""region":"sa-east""#)
                         && l.contains(r#""closed":true"#)
-                        && l.contains(r#""taken":1"#)
+                        && l.contains(r#""shards":2"#)
+                        && l.contains(r#""taken":2"#)
                         && l.contains(r#""location_hint":"sam""#)
                 })
                 .count()
