@@ -436,14 +436,10 @@ async fn undo_signup(env: &Env, req: &Incoming, db: &tokio_postgres::Client, use
         _ => Some("sign-up not undone: the user's object could not hold it"),
     };
     if let Some(why) = why_kept {
-        let mut fields = json!({"user_id": user_id});
-        if let Err(fail) = &asked {
-            fields["error"] = fail.cause.clone().into();
-        } else if let Ok((status, _)) = &asked
-            && *status != 200
-        {
-            fields["status"] = (*status).into();
-        }
+        let fields = match &asked {
+            Ok((status, _)) => json!({"user_id": user_id, "status": status}),
+            Err(fail) => json!({"user_id": user_id, "error": fail.cause}),
+        };
         return log::event(Level::Warn, Some(req.request_id()), why, fields);
     }
     match store::delete_new_user(db, user_id).await {

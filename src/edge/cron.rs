@@ -50,7 +50,7 @@ SELECT coalesce(json_agg(json_build_object(
 /// its run time in the database (`STEP_STATEMENT_LIMIT_MS`). Each line these
 /// two answer with is a failure (its first column), except the marking
 /// step's lines for the regions whose gates the run tells (their first
-/// column null, then the region as [`Marked`]); the retention steps
+/// column null, then the region as [`GateWord`]); the retention steps
 /// ([`retention_steps`]) follow them.
 const MAINTENANCE_SQL: [(&str, &str); 2] = [
     // A run more than 90 s after the last one (the cron runs every minute)
@@ -128,7 +128,7 @@ const MAINTENANCE_SQL: [(&str, &str); 2] = [
 enum Lines {
     /// A failure in the first column, logged at error level; or, from the
     /// marking step, a null there and a region whose gates the run tells
-    /// ([`Marked`]) in the next seven.
+    /// ([`GateWord`]) in the next seven.
     Failures,
     /// Two columns: a level (`info`, `warn`, `error`) and what happened.
     Leveled,
@@ -220,7 +220,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     // (told again), are told as soon as it has answered, all at once, while
     // the other steps and the publish run: the catalogue takes up to a minute to
     // reach every location, the gates a moment. Bounded as a step is.
-    let (marked, go_on) = match &client {
+    let (words, go_on) = match &client {
         Some(client) => maintain(client, began, &steps[..1]).await,
         None => (Vec::new(), false),
     };
@@ -228,8 +228,8 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
     let gates = async {
         // All at once: one region whose shards are slow to answer (2 s a
         // call, twice) holds up no other.
-        let done = std::cell::RefCell::new(vec![false; marked.len()]);
-        let told = futures::future::join_all(marked.iter().enumerate().map(|(i, m)| {
+        let done = std::cell::RefCell::new(vec![false; words.len()]);
+        let told = futures::future::join_all(words.iter().enumerate().map(|(i, m)| {
             let done = &done;
             async move {
                 let region = (m.id.as_str(), m.at, (m.rate, m.shard_rate));
@@ -239,7 +239,7 @@ async fn scheduled(_event: ScheduledEvent, env: Env, _ctx: ScheduleContext) {
         }));
         if time::timeout(STEP_LIMIT_MS, told).await.is_none() {
             let done = done.borrow();
-            let untold: Vec<&str> = marked
+            let untold: Vec<&str> = words
                 .iter()
                 .zip(done.iter())
                 .filter(|(_, told)| !**told)
@@ -271,9 +271,9 @@ async fn maintain(
     client: &tokio_postgres::Client,
     began: u64,
     steps: &[Step],
-) -> (Vec<Marked>, bool) {
+) -> (Vec<GateWord>, bool) {
     let failed = |step: &str, e: &str| log_step(step, Level::Error, e);
-    let mut marked = Vec::new();
+    let mut words = Vec::new();
     for (step, sql, lines) in steps {
         let (step, lines) = (*step, *lines);
         // Retention can wait a minute; the publish, after it, should
@@ -307,17 +307,17 @@ async fn maintain(
             // monitoring as failing and one per region it marked
             // down; the retention steps with what they expired or
             // could not yet.
-            Some(Ok(messages)) => marked.extend(report(step, lines, &messages)),
+            Some(Ok(messages)) => words.extend(report(step, lines, &messages)),
             Some(Err(e)) => failed(step, &e.to_string()),
             // The connection is busy with the step: the others would
             // queue behind it.
             None => {
                 failed(step, &late());
-                return (marked, false);
+                return (words, false);
             }
         }
     }
-    (marked, true)
+    (words, true)
 }
 
 /// The run's publish of the catalogue, after the maintenance.
@@ -355,7 +355,7 @@ async fn publish_run(env: &Env) {
 /// marking step marked down, or one whose gates' word changed in the last 5
 /// minutes (migration V19), told again; whether it is closed, and the
 /// word's version.
-struct Marked {
+struct GateWord {
     id: String,
     rate: u32,
     /// The highest rate it had in the 5 minutes before its change, or its
@@ -373,8 +373,8 @@ fn report(
     step: &str,
     lines: Lines,
     messages: &[tokio_postgres::SimpleQueryMessage],
-) -> Vec<Marked> {
-    let mut marked = Vec::new();
+) -> Vec<GateWord> {
+    let mut words = Vec::new();
     for message in messages {
         let tokio_postgres::SimpleQueryMessage::Row(row) = message else {
             continue;
@@ -384,7 +384,7 @@ fn report(
                 (None, Some(id)) => {
                     let column = |n| row.try_get(n).ok().flatten().unwrap_or_default();
                     match (column(2).parse(), column(4).parse(), column(7).parse()) {
-                        (Ok(rate), Ok(version), Ok(shard_rate)) => marked.push(Marked {
+                        (Ok(rate), Ok(version), Ok(shard_rate)) => words.push(GateWord {
                             id: id.to_owned(),
                             rate,
                             shard_rate,
@@ -411,7 +411,7 @@ fn report(
             log_step(step, level, text);
         }
     }
-    marked
+    words
 }
 
 /// Logs what the maintenance step `step` did (`info`, `warn`), or why it
