@@ -94,6 +94,14 @@ pub const DEFAULT_REGION: &str = "eu-central";
 /// The longest failover list [`choose`] returns.
 pub const MAX_FAILOVER: usize = 5;
 
+/// How many regions whose admission gates refuse it as closed a connect
+/// steers past, each to the next region placement chooses without them,
+/// before it answers `region_closed`: a connect asks at most one gate more
+/// than this. (On the outage day such gates answer from the isolate's
+/// memory of their refusal, without a call, for all but one connect a
+/// second.)
+pub const MAX_CLOSED_STEPS: usize = 2;
+
 /// The reported load (a server's share of its capacity in use, 0 to 1) at
 /// which a server becomes full: it takes no new devices while another
 /// server has room, and a region whose servers are all full is left out of
@@ -260,14 +268,20 @@ impl Placer {
     /// catalogue says so). Should that leave no eligible region, the avoided
     /// ones are let back in: a region the client failed to reach is still
     /// better than none, though a full one it can reach comes first.
+    ///
+    /// `refused` are regions whose admission gates have just refused the
+    /// client as closed (the edge's copy of the catalogue still lists them
+    /// up): left out like the closed ones, and never let back in.
     pub fn choose_avoiding(
         &self,
         ent: &Entitlement,
         location: &ClientLocation,
         requested: Option<&str>,
         avoid: &[String],
+        refused: &[&str],
     ) -> Result<Choice<'_>, PlacementError> {
         let mut exclude: Vec<&str> = self.closed().collect();
+        exclude.extend_from_slice(refused);
         let closed = exclude.len();
         exclude.extend(avoid.iter().map(String::as_str));
         match self.choose(ent, location, requested, &exclude) {
@@ -876,7 +890,7 @@ mod tests {
         let placer = Placer::new(s);
         let avoid = ["eu-west".to_owned()];
         let choice = placer
-            .choose_avoiding(&plus(), &near(LONDON), None, &avoid)
+            .choose_avoiding(&plus(), &near(LONDON), None, &avoid, &[])
             .unwrap();
         assert_eq!(choice.region.id, "eu-central");
     }
@@ -1407,7 +1421,7 @@ mod tests {
         let placer = Placer::new(s);
         let place = |ent: &Entitlement, requested, avoid: &[&str]| {
             placer
-                .choose_avoiding(ent, &near(LONDON), requested, &ids(avoid))
+                .choose_avoiding(ent, &near(LONDON), requested, &ids(avoid), &[])
                 .map(|c| {
                     let failover: Vec<String> = c.failover.iter().map(|f| f.to_string()).collect();
                     (c.region.id.clone(), failover)
@@ -1434,6 +1448,55 @@ mod tests {
         assert_eq!(
             place(&free(), Some("eu-west"), &["eu-central"]),
             Err(PlacementError::RegionNotAllowed)
+        );
+    }
+
+    #[test]
+    fn regions_whose_gates_refused_are_left_out_and_never_let_back_in() {
+        let placer = Placer::new(seeds());
+        let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let place = |ent: &Entitlement, requested, avoid: &[&str], refused: &[&str]| {
+            placer
+                .choose_avoiding(ent, &near(LONDON), requested, &ids(avoid), refused)
+                .map(|c| {
+                    let failover: Vec<&str> = c.failover.clone();
+                    (c.region.id.as_str(), failover)
+                })
+        };
+        let (first, first_failover) = place(&plus(), None, &[], &[]).unwrap();
+        assert_eq!(first, "eu-west");
+        // Refused: the next region in the failover list, and no longer in it.
+        let (region, failover) = place(&plus(), None, &[], &["eu-west"]).unwrap();
+        assert_eq!(region, first_failover[0]);
+        assert!(!failover.contains(&"eu-west"), "{failover:?}");
+        // The rest of the list as before, one more region at its end.
+        assert_eq!(failover[..first_failover.len() - 1], first_failover[1..]);
+        assert_eq!(failover.len(), MAX_FAILOVER);
+        // Requested by name: steered as a region that is down.
+        assert_eq!(
+            place(&plus(), Some("eu-west"), &[], &["eu-west"])
+                .unwrap()
+                .0,
+            region
+        );
+        // A free plan has eu-central and us-east. Avoiding one and refused
+        // by the other: the avoided one is let back in, the refused one not.
+        assert_eq!(
+            place(&free(), None, &["us-east"], &["eu-central"])
+                .unwrap()
+                .0,
+            "us-east"
+        );
+        // Both refused: nowhere left.
+        assert_eq!(
+            place(&free(), None, &[], &["eu-central", "us-east"]),
+            Err(PlacementError::NoEligibleRegion)
+        );
+        assert_eq!(
+            place(&free(), None, &["eu-central"], &["us-east"])
+                .unwrap()
+                .0,
+            "eu-central"
         );
     }
 

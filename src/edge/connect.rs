@@ -11,7 +11,8 @@
 //! 3. admission: one RPC call to the region's `RegionGate` shard, unless
 //!    the shard said a moment ago that its queue is full or its region closed
 //!    (`admission::RefusingShards`: the isolate then refuses as the shard
-//!    would);
+//!    would). A region closed at its gate is steered past, to the next
+//!    region placement chooses, at most `placement::MAX_CLOSED_STEPS` times;
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
 //!    the answer (a refusal's with the isolate's other refusals:
 //!    `domain::outbox`).
@@ -230,6 +231,45 @@ async fn devices(
     Ok(m.devices)
 }
 
+/// `fail` (a 503 once a region is chosen) with the chosen region's
+/// failover list.
+fn with_failover(mut fail: Fail, failover: &[&str]) -> Fail {
+    fail.api = fail.api.with("failover", json!(failover));
+    fail
+}
+
+/// A connect's answer when a placement rule refuses it.
+fn placement_failure(e: PlacementError) -> Fail {
+    let (code, detail) = match e {
+        PlacementError::RegionNotAllowed => (
+            ProblemCode::RegionNotAllowed,
+            "Your plan does not include this region.",
+        ),
+        PlacementError::UnknownRegion => (ProblemCode::RegionNotFound, "No region with this id."),
+        PlacementError::NoEligibleRegion => {
+            // Nothing to fail over to; the default `Retry-After`, spread by
+            // the shell, says when to ask again.
+            return refused(
+                ProblemCode::NoRegionAvailable,
+                "No region your plan includes is up right now.",
+                &[],
+                None,
+            );
+        }
+    };
+    Fail::from(ApiError::new(code, detail))
+}
+
+/// A connect's answer when its region's gate refuses it as closed.
+fn refused_closed(failover: &[&str]) -> Fail {
+    refused(
+        ProblemCode::RegionClosed,
+        "The region is not accepting connections; use a failover region.",
+        failover,
+        Some(admission::retry_after_secs(1_000, random::u32())),
+    )
+}
+
 fn refused(code: ProblemCode, detail: &str, failover: &[&str], retry_after: Option<u32>) -> Fail {
     let err = ApiError::new(code, detail).with("failover", json!(failover));
     match retry_after {
@@ -303,51 +343,57 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     let device = &devices[rank];
 
     // Regions that admit no one are not offered at all, nor (if anything
-    // else is up) those the app could not reach.
-    let choice = placer
-        .choose_avoiding(&claims.ent, &location, b.region.as_deref(), &b.avoid)
-        .map_err(|e| {
-            let (code, detail) = match e {
-                PlacementError::RegionNotAllowed => (
-                    ProblemCode::RegionNotAllowed,
-                    "Your plan does not include this region.",
-                ),
-                PlacementError::UnknownRegion => {
-                    (ProblemCode::RegionNotFound, "No region with this id.")
-                }
-                PlacementError::NoEligibleRegion => {
-                    // Nothing to fail over to; the default `Retry-After`,
-                    // spread by the shell, says when to ask again.
-                    return refused(
-                        ProblemCode::NoRegionAvailable,
-                        "No region your plan includes is up right now.",
-                        &[],
-                        None,
-                    );
-                }
-            };
-            Fail::from(ApiError::new(code, detail))
-        })?;
+    // else is up) those the app could not reach. A region whose gate refuses
+    // as closed (the catalogue's copy here still lists it up) is steered
+    // past, to the region placement chooses without it, as many as
+    // `MAX_CLOSED_STEPS` times.
+    let mut closed_here: Vec<&str> = Vec::new();
+    let (choice, verdict) = loop {
+        let chosen = placer.choose_avoiding(
+            &claims.ent,
+            &location,
+            b.region.as_deref(),
+            &b.avoid,
+            &closed_here,
+        );
+        let choice = match chosen {
+            Ok(choice) => choice,
+            // Steered past a closed gate, to no other eligible region: the
+            // gate's refusal stands (with no failover, as there is none).
+            Err(PlacementError::NoEligibleRegion) if !closed_here.is_empty() => {
+                return Err(refused_closed(&[]));
+            }
+            Err(e) => return Err(placement_failure(e)),
+        };
+        let region = choice.region;
+        // Shards by the configured rate, so a device keeps its shard while
+        // servers fill up; each admits its share of the rate the servers
+        // with room can take.
+        let shards = admission::shard_count(region.admission_rate);
+        let shard = admission::shard_for(&device.id, shards);
+        let rate = admission::shard_rate(choice.admitting_rate, shards, shard);
+        let gate = format!("{}#{}", region.id, shard);
+        // A 503 from here on (a region is chosen) names the failover
+        // regions: as the README and the contract say, and another region's
+        // gate is another object.
+        let verdict = admit(env, (&gate, rate), fault.as_deref(), &timer)
+            .await
+            .map_err(|fail| with_failover(fail, &choice.failover))?;
+        if verdict != Admit::Closed {
+            break (choice, verdict);
+        }
+        events::collect(
+            env,
+            ctx,
+            ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
+        );
+        if closed_here.len() == placement::MAX_CLOSED_STEPS {
+            break (choice, verdict);
+        }
+        closed_here.push(&region.id);
+    };
     let region = choice.region;
     let failover = &choice.failover;
-
-    // Shards by the configured rate, so a device keeps its shard while
-    // servers fill up; each admits its share of the rate the servers with
-    // room can take.
-    let shards = admission::shard_count(region.admission_rate);
-    let shard = admission::shard_for(&device.id, shards);
-    let rate = admission::shard_rate(choice.admitting_rate, shards, shard);
-    let gate = format!("{}#{}", region.id, shard);
-    // A 503 from here on (a region is chosen) names the failover regions: as
-    // the README and the contract say, and another region's gate is another
-    // object.
-    let with_failover = |mut fail: Fail| {
-        fail.api = fail.api.with("failover", json!(failover));
-        fail
-    };
-    let verdict = admit(env, (&gate, rate), fault.as_deref(), &timer)
-        .await
-        .map_err(with_failover)?;
     match verdict {
         Admit::Admitted => {}
         Admit::Wait { retry_after_ms } => {
@@ -366,20 +412,9 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
                 )),
             ));
         }
-        Admit::Closed => {
-            events::collect(
-                env,
-                ctx,
-                ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
-            );
-            return Err(refused(
-                ProblemCode::RegionClosed,
-                "The region is not accepting connections; use a failover region.",
-                failover,
-                Some(admission::retry_after_secs(1_000, random::u32())),
-            ));
-        }
+        Admit::Closed => return Err(refused_closed(failover)),
     }
+    let with_failover = |fail: Fail| with_failover(fail, failover);
     let Some(server) = placement::choose_server(region, &device.id) else {
         // Admitted by the gate but refused all the same: a decision too.
         events::collect(

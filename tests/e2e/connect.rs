@@ -84,8 +84,12 @@ pub const TESTS: &[(&str, Test)] = &[
         admin_publisher_down,
     ),
     (
-        "connect::a_region_an_operator_closes_is_closed_at_its_gates_before_the_catalogue_says_so",
+        "connect::a_region_an_operator_closes_is_closed_at_its_gates_and_its_clients_steered_before_the_catalogue_says_so",
         gates_told,
+    ),
+    (
+        "connect::a_connect_steers_past_two_closed_gates_at_most",
+        closed_gates_steered_past,
     ),
     (
         "connect::a_monitors_report_of_a_region_down_closes_its_gates_while_the_catalogue_is_published",
@@ -1529,6 +1533,15 @@ fn closed_at_the_gate(r: &Resp) {
     assert_eq!(got, (503, Some("region_closed")), "{}", r.body);
 }
 
+/// Fails unless `r` lists none of `regions` as failover.
+fn failover_without(r: &Resp, regions: &[&str]) {
+    let failover = r.body["failover"].as_array().expect("a failover list");
+    assert!(
+        !failover.iter().any(|f| regions.iter().any(|r| f == r)),
+        "{failover:?} lists one of {regions:?}"
+    );
+}
+
 /// Waits out an isolate's memory of a shard that refused everyone
 /// (`admission::FULL_MEMO_MS`): for that long after a shard said its region
 /// is closed, the isolate refuses the shard's clients without asking it.
@@ -1541,11 +1554,10 @@ async fn past_the_refusal_memo() {
 /// shards at once, whatever becomes of the catalogue's publish: with the
 /// publish failed (the development-only fault point `catalogue.unstored`),
 /// the catalogue still lists eu-west up, and a connect from London, placed
-/// there by it, is refused by the gate, 503 `region_closed` with the
-/// failover regions, and so is the next, from the isolate's memory of the
-/// refusal, without a call to the gate. Putting the region back up opens the
-/// gate at once; an isolate that heard it refuse asks it again a second
-/// later.
+/// there by it, is refused by the gate and steered to the next region,
+/// eu-central; so is the next, from the isolate's memory of the refusal,
+/// without a call to the gate. Putting the region back up opens the gate at
+/// once; an isolate that heard it refuse asks it again a second later.
 /// A shard that cannot be told (`gate.unfenced`) is logged with the
 /// request's id, and the change is answered and published all the same.
 fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
@@ -1557,10 +1569,12 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
 
         let drained = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
         let listed = send(ctx, "GET", "/v1/regions", None, None).await;
-        let closed = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        let steered = connect_from(ctx, &plus, &dev, LONDON, None).await;
         // Within the second after, the isolate answers the shard's clients
-        // from its memory of the refusal: a call to the gate, failed here at
-        // `gate.admit`, would be a 503 `service_unavailable`.
+        // from its memory of the refusal. Every gate call fails here, at
+        // `gate.admit`: a call to eu-west's would be a 503 listing eu-central
+        // as failover; from memory, the connect is steered and eu-central's
+        // call fails, a 503 listing neither.
         let refused_again = connect_at_fault(ctx, &plus, &dev, "gate.admit").await;
         set_region(ctx, "eu-west", json!({"health": "up"})).await;
         past_the_refusal_memo().await;
@@ -1571,11 +1585,16 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
             "up",
             "the catalogue does not carry the drain"
         );
-        closed_at_the_gate(&closed);
-        closed_at_the_gate(&refused_again);
-        let failover = closed.body["failover"].as_array().unwrap();
-        assert_eq!(failover.first(), Some(&json!("eu-central")), "{failover:?}");
-        assert!(!failover.contains(&json!("eu-west")), "{failover:?}");
+        admitted_in(&steered, "eu-central");
+        failover_without(&steered, &["eu-west"]);
+        let got = (refused_again.status, refused_again.body["code"].as_str());
+        assert_eq!(
+            got,
+            (503, Some("service_unavailable")),
+            "{}",
+            refused_again.body
+        );
+        failover_without(&refused_again, &["eu-west", "eu-central"]);
         admitted_in(&reopened, "eu-west");
         // A shard the telling made is placed by the region, not by the
         // operator: London's objects go to Western Europe.
@@ -1625,7 +1644,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         let body = Some(json!({"admission_rate": 0}));
         let admitted = connect_from(ctx, &user, &dev, LONDON, None).await;
         let stopped = send_with(ctx, "PUT", path, body, None, &headers).await;
-        let closed = connect_from(ctx, &user, &dev, LONDON, None).await;
+        let steered = connect_from(ctx, &user, &dev, LONDON, None).await;
         // Both shards opened again, then the usual rate.
         set_region(ctx, "eu-west", json!({"admission_rate": 400})).await;
         past_the_refusal_memo().await;
@@ -1633,7 +1652,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         set_region(ctx, "eu-west", json!({"admission_rate": 200})).await;
         admitted_in(&admitted, "eu-west");
         assert_eq!(stopped.status, 503, "the publish failed: {}", stopped.body);
-        closed_at_the_gate(&closed);
+        admitted_in(&steered, "eu-central");
         admitted_in(&reopened, "eu-west");
         Ok(())
     })
@@ -1642,8 +1661,8 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
 /// A monitor's report that a region is down tells its gates at once too:
 /// with the report's publish hanging (the development-only fault point
 /// `kv.hang`: a 503 after 10 s), a connect made meanwhile, which the
-/// catalogue still places in eu-west, is refused by the gate; the monitor's
-/// report of `up` after it opens the gate again.
+/// catalogue still places in eu-west, is refused by the gate and steered to
+/// eu-central; the monitor's report of `up` after it opens the gate again.
 fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
     ctx.rt.block_on(async {
         let _write = ctx.regions.write().await;
@@ -1664,19 +1683,20 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
                 send_with(ctx, "POST", path, Some(body), None, &headers).await
             }
         };
-        // Connects until one is not admitted, for at most 8 s (the report's
-        // publish hangs for 10).
+        // Connects until one is not admitted into eu-west, for at most 8 s
+        // (the report's publish hangs for 10).
         let meanwhile = async {
             let started = std::time::Instant::now();
             loop {
                 let r = connect_from(ctx, &plus, &dev, LONDON, None).await;
-                if r.status != 200 || started.elapsed() > Duration::from_secs(8) {
+                let elsewhere = r.status != 200 || r.body["region"] != "eu-west";
+                if elsewhere || started.elapsed() > Duration::from_secs(8) {
                     return r;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
-        let (hung, closed) = tokio::join!(report("down", "kv.hang"), meanwhile);
+        let (hung, steered) = tokio::join!(report("down", "kv.hang"), meanwhile);
         let up = report("up", "").await;
         db.execute(
             "UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west'",
@@ -1686,9 +1706,68 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
         past_the_refusal_memo().await;
         let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
         assert_eq!(hung.status, 503, "the publish hung: {}", hung.body);
-        closed_at_the_gate(&closed);
+        admitted_in(&steered, "eu-central");
         assert_eq!(up.status, 200, "{}", up.body);
         admitted_in(&reopened, "eu-west");
+        Ok(())
+    })
+}
+
+/// A connect steers past at most `MAX_CLOSED_STEPS` (2) regions whose gates
+/// refuse it as closed. With the catalogue's publishes failed (the
+/// development-only fault point `catalogue.unstored`), the copy still lists
+/// every region up: London's nearest three closed at their gates, a connect
+/// asks three gates and is refused, 503 `region_closed`, with failover
+/// regions that are none of them; with the third put back up, the connect
+/// lands there.
+fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
+    assert_eq!(keenvpn_edge::domain::placement::MAX_CLOSED_STEPS, 2);
+    ctx.rt.block_on(async {
+        let _write = ctx.regions.write().await;
+        let (plus, dev) = user_with_device(ctx, true).await;
+        let before = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        admitted_in(&before, "eu-west");
+        let nearest = ["eu-west", "eu-central", "us-east"];
+        let auth = format!("Bearer {}", dev_var("ADMIN_TOKEN"));
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("x-keenvpn-fault", "catalogue.unstored"),
+        ];
+        let mut drains = Vec::new();
+        for id in nearest {
+            let path = format!("/v1/admin/regions/{id}");
+            let body = Some(json!({"health": "draining"}));
+            drains.push(send_with(ctx, "PUT", &path, body, None, &headers).await);
+        }
+        let listed = send(ctx, "GET", "/v1/regions", None, None).await;
+        let refused = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        // us-east's gate opened, the copy still as it was.
+        let path = "/v1/admin/regions/us-east";
+        let body = Some(json!({"health": "up"}));
+        let opened = send_with(ctx, "PUT", path, body, None, &headers).await;
+        past_the_refusal_memo().await;
+        let third = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        for id in nearest {
+            set_region(ctx, id, json!({"health": "up"})).await;
+        }
+        for (id, drained) in nearest.iter().zip(&drains) {
+            assert_eq!(
+                drained.status, 503,
+                "{id}'s publish failed: {}",
+                drained.body
+            );
+            assert_eq!(region_in(&listed.body, id)["health"], "up", "{id}");
+        }
+        assert_eq!(
+            opened.status, 503,
+            "us-east's publish failed: {}",
+            opened.body
+        );
+        closed_at_the_gate(&refused);
+        failover_without(&refused, &nearest);
+        assert!(!refused.body["failover"].as_array().unwrap().is_empty());
+        admitted_in(&third, "us-east");
+        failover_without(&third, &nearest[..2]);
         Ok(())
     })
 }
