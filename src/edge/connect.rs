@@ -346,8 +346,10 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     // else is up) those the app could not reach. A region whose gate refuses
     // as closed (the catalogue's copy here still lists it up) is steered
     // past, to the region placement chooses without it, as many as
-    // `MAX_CLOSED_STEPS` times.
+    // `MAX_CLOSED_STEPS` times, and while the gates asked have taken less
+    // than a gate call's bound: a connect waits for gates 4 s at most.
     let mut closed_here: Vec<&str> = Vec::new();
+    let asking_since = time::now_ms();
     let (choice, verdict) = loop {
         let chosen = placer.choose_avoiding(
             &claims.ent,
@@ -356,15 +358,10 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             &b.avoid,
             &closed_here,
         );
-        let choice = match chosen {
-            Ok(choice) => choice,
-            // Steered past a closed gate, to no other eligible region: the
-            // gate's refusal stands (with no failover, as there is none).
-            Err(PlacementError::NoEligibleRegion) if !closed_here.is_empty() => {
-                return Err(refused_closed(&[]));
-            }
-            Err(e) => return Err(placement_failure(e)),
-        };
+        // Steered past a closed gate to no other eligible region: no
+        // region the plan includes is up, as a catalogue saying so would
+        // have it.
+        let choice = chosen.map_err(placement_failure)?;
         let region = choice.region;
         // Shards by the configured rate, so a device keeps its shard while
         // servers fill up; each admits its share of the rate the servers
@@ -387,7 +384,10 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             ctx,
             ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
         );
-        if closed_here.len() == placement::MAX_CLOSED_STEPS {
+        let asked_ms = time::now_ms().saturating_sub(asking_since);
+        if closed_here.len() == placement::MAX_CLOSED_STEPS
+            || asked_ms >= u64::from(durable::ADMIT_TIMEOUT_MS)
+        {
             break (choice, verdict);
         }
         closed_here.push(&region.id);

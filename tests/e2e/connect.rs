@@ -1624,7 +1624,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
 
         // Two shards (400 a second), closed by a rate of 0, whose own shard
         // count is one: the shards of the rate before the change are told
-        // too, so a device on the second one is refused.
+        // too, so a device on the second one is refused there and steered.
         set_region(ctx, "eu-west", json!({"admission_rate": 400})).await;
         let mut on_second = None;
         for _ in 0..30 {
@@ -1697,6 +1697,8 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
             }
         };
         let (hung, steered) = tokio::join!(report("down", "kv.hang"), meanwhile);
+        // Steered by the gate: the catalogue did not carry the report.
+        let listed = send(ctx, "GET", "/v1/regions", None, None).await;
         let up = report("up", "").await;
         db.execute(
             "UPDATE regions SET health_reported_at = NULL WHERE id = 'eu-west'",
@@ -1707,6 +1709,7 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
         let reopened = connect_from(ctx, &plus, &dev, LONDON, None).await;
         assert_eq!(hung.status, 503, "the publish hung: {}", hung.body);
         admitted_in(&steered, "eu-central");
+        assert_eq!(region_in(&listed.body, "eu-west")["health"], "up");
         assert_eq!(up.status, 200, "{}", up.body);
         admitted_in(&reopened, "eu-west");
         Ok(())
@@ -1719,7 +1722,8 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
 /// every region up: London's nearest three closed at their gates, a connect
 /// asks three gates and is refused, 503 `region_closed`, with failover
 /// regions that are none of them; with the third put back up, the connect
-/// lands there.
+/// lands there, and so does one asking for the first by name. Each gate's
+/// refusal is one connection event.
 fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
     assert_eq!(keenvpn_edge::domain::placement::MAX_CLOSED_STEPS, 2);
     ctx.rt.block_on(async {
@@ -1747,9 +1751,11 @@ fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
         let opened = send_with(ctx, "PUT", path, body, None, &headers).await;
         past_the_refusal_memo().await;
         let third = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        let named = connect_from(ctx, &plus, &dev, LONDON, Some("eu-west")).await;
         for id in nearest {
             set_region(ctx, id, json!({"health": "up"})).await;
         }
+        past_the_refusal_memo().await;
         for (id, drained) in nearest.iter().zip(&drains) {
             assert_eq!(
                 drained.status, 503,
@@ -1768,6 +1774,9 @@ fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
         assert!(!refused.body["failover"].as_array().unwrap().is_empty());
         admitted_in(&third, "us-east");
         failover_without(&third, &nearest[..2]);
+        admitted_in(&named, "us-east");
+        // Three refusals, then two before each admission.
+        assert_eq!(events_reach(ctx, &dev, "closed", 7).await, 7);
         Ok(())
     })
 }
