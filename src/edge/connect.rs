@@ -74,13 +74,18 @@ thread_local! {
 /// A failure caused by a development fault point is remembered apart from
 /// the shard's real ones (under the fault's name too), so that it refuses
 /// only requests that arm the same fault.
+///
+/// `asked_at` is set to when the first of a request's calls began (its clock
+/// is read once per call anyway).
 async fn admit(
     env: &Env,
     (gate, rate): (&str, u32),
     fault: Option<&str>,
     timer: &Timer,
+    asked_at: &mut Option<i64>,
 ) -> Result<Admit, Fail> {
     let now = time::now_ms() as i64;
+    asked_at.get_or_insert(now);
     let failed_as = match fault {
         Some(f) => std::borrow::Cow::Owned(format!("{gate}!{f}")),
         None => std::borrow::Cow::Borrowed(gate),
@@ -349,7 +354,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     // `MAX_CLOSED_STEPS` times, and while the gates asked have taken less
     // than a gate call's bound: a connect waits for gates 4 s at most.
     let mut closed_here: Vec<&str> = Vec::new();
-    let asking_since = time::now_ms();
+    let mut asking_since = None;
     let (choice, verdict) = loop {
         let chosen = placer.choose_avoiding(
             &claims.ent,
@@ -373,9 +378,15 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         // A 503 from here on (a region is chosen) names the failover
         // regions: as the README and the contract say, and another region's
         // gate is another object.
-        let verdict = admit(env, (&gate, rate), fault.as_deref(), &timer)
-            .await
-            .map_err(|fail| with_failover(fail, &choice.failover))?;
+        let verdict = admit(
+            env,
+            (&gate, rate),
+            fault.as_deref(),
+            &timer,
+            &mut asking_since,
+        )
+        .await
+        .map_err(|fail| with_failover(fail, &choice.failover))?;
         if verdict != Admit::Closed {
             break (choice, verdict);
         }
@@ -384,9 +395,9 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             ctx,
             ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
         );
-        let asked_ms = time::now_ms().saturating_sub(asking_since);
+        let asked_ms = time::now_ms() as i64 - asking_since.unwrap_or(0);
         if closed_here.len() == placement::MAX_CLOSED_STEPS
-            || asked_ms >= u64::from(durable::ADMIT_TIMEOUT_MS)
+            || asked_ms >= i64::from(durable::ADMIT_TIMEOUT_MS)
         {
             break (choice, verdict);
         }
