@@ -95,11 +95,12 @@ pub const DEFAULT_REGION: &str = "eu-central";
 pub const MAX_FAILOVER: usize = 5;
 
 /// How many regions whose admission gates refuse it as closed a connect
-/// steers past, each to the next region placement chooses without them,
-/// before it answers `region_closed`: a connect asks at most one gate more
-/// than this. (On the outage day such gates answer from the isolate's
-/// memory of their refusal, without a call, for all but one connect a
-/// second.)
+/// steers past, each to the next region placement chooses without them: a
+/// connect asks at most one gate more than this, and answers `region_closed`
+/// if that one refuses too (`no_region_available` if no region is left).
+/// The Worker also stops once its gates have taken 2 s. (On the outage day
+/// such gates answer from the isolate's memory of their refusal, without a
+/// call, for all but one connect a second.)
 pub const MAX_CLOSED_STEPS: usize = 2;
 
 /// The reported load (a server's share of its capacity in use, 0 to 1) at

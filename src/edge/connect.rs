@@ -12,7 +12,8 @@
 //!    the shard said a moment ago that its queue is full or its region closed
 //!    (`admission::RefusingShards`: the isolate then refuses as the shard
 //!    would). A region closed at its gate is steered past, to the next
-//!    region placement chooses, at most `placement::MAX_CLOSED_STEPS` times;
+//!    region placement chooses, at most `placement::MAX_CLOSED_STEPS` times
+//!    and within 2 s of gates;
 //! 4. a signed connect ticket (WebCrypto); the connection event is queued after
 //!    the answer (a refusal's with the isolate's other refusals:
 //!    `domain::outbox`).
@@ -363,8 +364,8 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             &b.avoid,
             &closed_here,
         );
-        // Steered past a closed gate to no other eligible region: no
-        // region the plan includes is up, as a catalogue saying so would
+        // After a closed gate, no other eligible region is
+        // `no_region_available`, as a catalogue listing it closed would
         // have it.
         let choice = chosen.map_err(placement_failure)?;
         let region = choice.region;
@@ -395,10 +396,10 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
             ctx,
             ConnectionEvent::new(&claims.sub, &device.id, &region.id, None, "closed"),
         );
-        let asked_ms = time::now_ms() as i64 - asking_since.unwrap_or(0);
-        if closed_here.len() == placement::MAX_CLOSED_STEPS
-            || asked_ms >= i64::from(durable::ADMIT_TIMEOUT_MS)
-        {
+        // `admit` set when the first call began.
+        let in_time =
+            |since: i64| time::now_ms() as i64 - since < i64::from(durable::ADMIT_TIMEOUT_MS);
+        if closed_here.len() == placement::MAX_CLOSED_STEPS || !asking_since.is_some_and(in_time) {
             break (choice, verdict);
         }
         closed_here.push(&region.id);
@@ -425,7 +426,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
         }
         Admit::Closed => return Err(refused_closed(failover)),
     }
-    let with_failover = |fail: Fail| with_failover(fail, failover);
+    let fail_over = |fail: Fail| with_failover(fail, failover);
     let Some(server) = placement::choose_server(region, &device.id) else {
         // Admitted by the gate but refused all the same: a decision too.
         events::collect(
@@ -458,7 +459,7 @@ pub async fn connect(mut req: Incoming, env: &Env, ctx: &Context) -> Result<Repl
     } else {
         webcrypto::sign(keys, unsigned).await
     };
-    let (ticket, ticket_expires_in) = signed.map_err(with_failover)?;
+    let (ticket, ticket_expires_in) = signed.map_err(fail_over)?;
     events::enqueue(
         env,
         ctx,

@@ -59,7 +59,8 @@ extern "C" {
 /// (`tests/js/request-timer.test.mjs`).
 ///
 /// A connect makes three such waits (and one more for each region whose
-/// closed gate it is steered past); with a timer each, it armed and cleared
+/// closed gate it is steered past, unless the isolate answers for that gate
+/// from memory); with a timer each, it armed and cleared
 /// three, and `setTimeout` and `clearTimeout` took 60 µs of the 1,351 µs its
 /// isolate was busy per connect in a sampling profile
 /// (`bench/lib/profile.mjs`); on one timer, armed once and cleared once when

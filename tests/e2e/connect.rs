@@ -1722,7 +1722,8 @@ fn gates_told_by_a_report(ctx: &Ctx) -> Result<(), Failed> {
 /// every region up: London's nearest three closed at their gates, a connect
 /// asks three gates and is refused, 503 `region_closed`, with failover
 /// regions that are none of them; with the third put back up, the connect
-/// lands there, and so does one asking for the first by name. Each gate's
+/// lands there, and so does one asking for the first by name. A free plan
+/// refused by both its regions is 503 `no_region_available`. Each gate's
 /// refusal is one connection event.
 fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
     assert_eq!(keenvpn_edge::domain::placement::MAX_CLOSED_STEPS, 2);
@@ -1744,7 +1745,13 @@ fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
             drains.push(send_with(ctx, "PUT", &path, body, None, &headers).await);
         }
         let listed = send(ctx, "GET", "/v1/regions", None, None).await;
+        // (Each gate answers in milliseconds here, well within the 2 s of
+        // gates a connect steers for.)
         let refused = connect_from(ctx, &plus, &dev, LONDON, None).await;
+        // A free plan has eu-central and us-east: refused by both, it has
+        // nowhere else to go.
+        let (free, free_dev) = user_with_device(ctx, false).await;
+        let nowhere = connect_from(ctx, &free, &free_dev, LONDON, None).await;
         // us-east's gate opened, the copy still as it was.
         let path = "/v1/admin/regions/us-east";
         let body = Some(json!({"health": "up"}));
@@ -1775,8 +1782,15 @@ fn closed_gates_steered_past(ctx: &Ctx) -> Result<(), Failed> {
         admitted_in(&third, "us-east");
         failover_without(&third, &nearest[..2]);
         admitted_in(&named, "us-east");
-        // Three refusals, then two before each admission.
+        let got = (nowhere.status, nowhere.body["code"].as_str());
+        assert_eq!(got, (503, Some("no_region_available")), "{}", nowhere.body);
+        assert_eq!(nowhere.body["failover"], json!([]), "{}", nowhere.body);
+        // Three refusals, then two before each admission; a later batch
+        // (the queue's wait up to 5 s, `max_batch_timeout`) brings no more.
         assert_eq!(events_reach(ctx, &dev, "closed", 7).await, 7);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(events_reach(ctx, &dev, "closed", 7).await, 7);
+        assert_eq!(events_reach(ctx, &free_dev, "closed", 2).await, 2);
         Ok(())
     })
 }
