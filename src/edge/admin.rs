@@ -177,7 +177,9 @@ async fn update_region(
                                                   'reported_health', r.reported_health, 'operator_health', r.operator_health,
                                                   'health_reported_at', extract(epoch FROM r.health_reported_at)::bigint) AS state,
                                 (before.health, before.admission_rate) IS DISTINCT FROM (r.health, r.admission_rate) AS changed,
-                                before.admission_rate AS previous_rate,
+                                CASE WHEN r.gates_changed_at > now() - interval '5 minutes'
+                                     THEN greatest(before.admission_rate, r.gates_rate_before)
+                                     ELSE before.admission_rate END AS previous_rate,
                                 gate_word_version() AS version,
                                 r.latitude, r.longitude)
          SELECT json_build_object(
@@ -257,7 +259,10 @@ async fn update_region(
 /// a minute to reach every isolate (KV's propagation), and until then their
 /// copies would send new clients to a region that is down or draining, or
 /// whose rate is 0. The shards of both the rate before the change and the
-/// rate after are told, as isolates still ask at the old one. Logged either
+/// rate after are told, as isolates still ask at the old one; the rate
+/// before is the highest the region had in the 5 minutes before the change
+/// (`regions.gates_rate_before`, migration V19), as the cron's tellings
+/// take it, since copies that old may still ask at it. Logged either
 /// way (with the number of shards that took the word: one no newer than a
 /// shard's last is not), for the request `request_id` if there is one; a
 /// shard not reached is told again by the cron's runs of the next 5

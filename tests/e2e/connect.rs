@@ -1654,6 +1654,30 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         assert_eq!(stopped.status, 503, "the publish failed: {}", stopped.body);
         admitted_in(&steered, "eu-central");
         admitted_in(&reopened, "eu-west");
+
+        // A drain a moment after the rate fell from 200 to 100 (one shard)
+        // tells the shards of the highest rate of the 5 minutes before (at
+        // least 400, two shards, above): copies that old may still ask them.
+        set_region(ctx, "eu-west", json!({"admission_rate": 100})).await;
+        let drained = drain_eu_west_at_fault(ctx, "catalogue.unstored").await;
+        set_region(
+            ctx,
+            "eu-west",
+            json!({"health": "up", "admission_rate": 200}),
+        )
+        .await;
+        assert_eq!(drained.status, 503, "the publish failed: {}", drained.body);
+        let id = drained.headers["x-request-id"].to_str()?.to_owned();
+        let told = eventually(Duration::from_secs(10), "the drain's telling", || async {
+            let log = ctx.stack().wrangler.log();
+            log.lines()
+                .find(|l| l.contains(&id) && l.contains("region gates told"))
+                .and_then(|l| l.find('{').map(|at| l[at..].to_owned()))
+        })
+        .await;
+        let told: Value = serde_json::from_str(&told)?;
+        assert_eq!(told["closed"], json!(true), "{told}");
+        assert!(told["shards"].as_u64() >= Some(2), "{told}");
         Ok(())
     })
 }
