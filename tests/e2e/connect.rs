@@ -1550,6 +1550,19 @@ async fn past_the_refusal_memo() {
     tokio::time::sleep(Duration::from_millis(memo + 100)).await;
 }
 
+/// The `region gates told` log line of the change answered `r`, parsed.
+async fn gates_told_for(ctx: &Ctx, r: &Resp) -> Result<Value, Failed> {
+    let id = r.headers["x-request-id"].to_str()?.to_owned();
+    let told = eventually(Duration::from_secs(10), "the telling's line", || async {
+        let log = ctx.stack().wrangler.log();
+        log.lines()
+            .find(|l| l.contains(&id) && l.contains("region gates told"))
+            .and_then(|l| l.find('{').map(|at| l[at..].to_owned()))
+    })
+    .await;
+    Ok(serde_json::from_str(&told)?)
+}
+
 /// An operator's change that closes a region reaches its `RegionGate`
 /// shards at once, whatever becomes of the catalogue's publish: with the
 /// publish failed (the development-only fault point `catalogue.unstored`),
@@ -1598,15 +1611,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         admitted_in(&reopened, "eu-west");
         // A shard the telling made is placed by the region, not by the
         // operator: London's objects go to Western Europe.
-        let id = drained.headers["x-request-id"].to_str()?.to_owned();
-        let told = eventually(Duration::from_secs(10), "the telling's line", || async {
-            let log = ctx.stack().wrangler.log();
-            log.lines()
-                .find(|l| l.contains(&id) && l.contains("region gates told"))
-                .and_then(|l| l.find('{').map(|at| l[at..].to_owned()))
-        })
-        .await;
-        let told: Value = serde_json::from_str(&told)?;
+        let told = gates_told_for(ctx, &drained).await?;
         assert_eq!(
             (&told["closed"], &told["location_hint"]),
             (&json!(true), &json!("weur")),
@@ -1667,15 +1672,7 @@ fn gates_told(ctx: &Ctx) -> Result<(), Failed> {
         )
         .await;
         assert_eq!(drained.status, 503, "the publish failed: {}", drained.body);
-        let id = drained.headers["x-request-id"].to_str()?.to_owned();
-        let told = eventually(Duration::from_secs(10), "the drain's telling", || async {
-            let log = ctx.stack().wrangler.log();
-            log.lines()
-                .find(|l| l.contains(&id) && l.contains("region gates told"))
-                .and_then(|l| l.find('{').map(|at| l[at..].to_owned()))
-        })
-        .await;
-        let told: Value = serde_json::from_str(&told)?;
+        let told = gates_told_for(ctx, &drained).await?;
         assert_eq!(told["closed"], json!(true), "{told}");
         assert!(told["shards"].as_u64() >= Some(2), "{told}");
         Ok(())
